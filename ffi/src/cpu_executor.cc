@@ -1,0 +1,278 @@
+#include "jax_mpk/cpu_executor.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+#include "jax_mpk/plan.h"
+#include "jax_mpk/plan_registry.h"
+#include "jax_mpk/str_cat.h"
+#include "jax_mpk/tile_evaluator.h"
+
+#if defined(__x86_64__) || defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace jax_mpk {
+namespace {
+
+// Counters are fresh for every call, so every wait is for the first epoch.
+constexpr int64_t kEpoch = 1;
+// Most waits end within a few hundred polls; after that, yield so that workers outnumbering the cores
+// still make progress.
+constexpr int kSpinsBeforeYield = 256;
+// About 11 days: any longer wait is a hang, and the bound keeps the deadline arithmetic from overflowing.
+constexpr int64_t kMaxWatchdogMs = 1'000'000'000;
+
+// XLA runs CPU computations with subnormals flushed to zero, and this handler is called on such a thread.
+// The runtime promises IEEE arithmetic (a bfloat16 or float32 subnormal is loaded and stored unchanged), so
+// every worker switches to IEEE mode with round-to-nearest for the run and then restores the caller's mode.
+#if defined(__x86_64__) || defined(__SSE2__)
+// MXCSR: flush-to-zero (bit 15), denormals-are-zero (bit 6), rounding control (bits 13-14; 0 is nearest).
+using FpControl = unsigned;
+constexpr FpControl kNonIeeeFpBits = (1u << 15) | (1u << 6) | (3u << 13);
+FpControl ReadFpControl() { return _mm_getcsr(); }
+void WriteFpControl(FpControl control) { _mm_setcsr(control); }
+#elif defined(__aarch64__)
+// FPCR: flush-to-zero (bit 24), rounding mode (bits 22-23; 0 is nearest).
+using FpControl = uint64_t;
+constexpr FpControl kNonIeeeFpBits = (uint64_t{1} << 24) | (uint64_t{3} << 22);
+FpControl ReadFpControl() { return __builtin_aarch64_get_fpcr64(); }
+void WriteFpControl(FpControl control) { __builtin_aarch64_set_fpcr64(control); }
+#else
+using FpControl = int;  // another architecture: the mode is left as it is
+constexpr FpControl kNonIeeeFpBits = 0;
+FpControl ReadFpControl() { return 0; }
+void WriteFpControl(FpControl) {}
+#endif
+
+class ScopedIeeeArithmetic {
+ public:
+  ScopedIeeeArithmetic() : saved_(ReadFpControl()) { WriteFpControl(saved_ & ~kNonIeeeFpBits); }
+  ~ScopedIeeeArithmetic() { WriteFpControl(saved_); }
+  ScopedIeeeArithmetic(const ScopedIeeeArithmetic&) = delete;
+  ScopedIeeeArithmetic& operator=(const ScopedIeeeArithmetic&) = delete;
+
+ private:
+  const FpControl saved_;
+};
+
+std::optional<DType> FromFfiDataType(ffi::DataType type) {
+  switch (type) {
+    case ffi::DataType::F32: return DType::kF32;
+    case ffi::DataType::BF16: return DType::kBf16;
+    case ffi::DataType::F16: return DType::kF16;
+    case ffi::DataType::S32: return DType::kI32;
+    case ffi::DataType::U32: return DType::kU32;
+    case ffi::DataType::S8: return DType::kI8;
+    case ffi::DataType::U8: return DType::kU8;
+    case ffi::DataType::PRED: return DType::kBool;
+    default: return std::nullopt;
+  }
+}
+
+std::string DescribeBuffer(const ffi::AnyBuffer& buffer) {
+  const std::optional<DType> dtype = FromFfiDataType(buffer.element_type());
+  std::string description =
+      dtype ? DTypeName(*dtype) : StrCat("<XLA dtype ", static_cast<int>(buffer.element_type()), ">");
+  description += '[';
+  const auto dims = buffer.dimensions();
+  for (size_t d = 0; d < dims.size(); ++d) description += StrCat(d ? ", " : "", dims[d]);
+  return description + ']';
+}
+
+bool BufferMatches(const ffi::AnyBuffer& buffer, DType dtype, const Shape& shape) {
+  const auto dims = buffer.dimensions();
+  return FromFfiDataType(buffer.element_type()) == dtype && dims.size() == static_cast<size_t>(shape.rank) &&
+         std::equal(dims.begin(), dims.end(), shape.dims.begin());
+}
+
+ffi::Error CheckBuffer(const ffi::AnyBuffer& buffer, DType dtype, const Shape& shape, const std::string& what) {
+  if (BufferMatches(buffer, dtype, shape)) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(StrCat("jax_mpk: ", what, " is ", DescribeBuffer(buffer),
+                                            ", but the plan expects ", DTypeName(dtype), shape.ToString()));
+}
+
+// Checks the buffers XLA passed against the plan and returns the base address of every plan tensor.
+ffi::ErrorOr<std::vector<void*>> BindTensors(const Plan& plan, const ffi::RemainingArgs& args,
+                                             const ffi::RemainingRets& rets) {
+  if (args.size() != plan.inputs.size() || rets.size() != plan.outputs.size() + 1) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        StrCat("jax_mpk: the call has ", args.size(), " operands and ", rets.size(), " results; the plan takes ",
+               plan.inputs.size(), " operands and ", plan.outputs.size(), " results plus the workspace")));
+  }
+  std::vector<void*> input_data;
+  for (size_t i = 0; i < plan.inputs.size(); ++i) {
+    ffi::ErrorOr<ffi::AnyBuffer> buffer = args.get<ffi::AnyBuffer>(i);
+    if (!buffer) return ffi::Unexpected(buffer.error());
+    ffi::Error error = CheckBuffer(*buffer, plan.inputs[i].dtype, plan.inputs[i].shape, StrCat("operand ", i));
+    if (error.failure()) return ffi::Unexpected(std::move(error));
+    input_data.push_back(buffer->untyped_data());
+  }
+  std::vector<void*> output_data;
+  for (size_t o = 0; o <= plan.outputs.size(); ++o) {
+    ffi::ErrorOr<ffi::Result<ffi::AnyBuffer>> result = rets.get<ffi::AnyBuffer>(o);
+    if (!result) return ffi::Unexpected(result.error());
+    const ffi::AnyBuffer buffer = **result;
+    const bool is_workspace = o == plan.outputs.size();
+    Shape workspace_shape;
+    workspace_shape.rank = 1;
+    workspace_shape.dims[0] = std::max<int64_t>(plan.workspace_bytes, 1);
+    ffi::Error error = is_workspace
+                           ? CheckBuffer(buffer, DType::kU8, workspace_shape, "the workspace (last result)")
+                           : CheckBuffer(buffer, plan.outputs[o].dtype, plan.outputs[o].shape, StrCat("result ", o));
+    if (error.failure()) return ffi::Unexpected(std::move(error));
+    output_data.push_back(buffer.untyped_data());
+  }
+  for (const Alias& alias : plan.aliases) {
+    const bool empty = plan.inputs[alias.input].shape.NumElements() == 0;
+    if (!empty && input_data[alias.input] != output_data[alias.output]) {
+      return ffi::Unexpected(ffi::Error::InvalidArgument(
+          StrCat("jax_mpk: operand ", alias.input, " and result ", alias.output,
+                 " must be one buffer (input_output_aliases), but XLA passed two")));
+    }
+  }
+  std::vector<void*> tensor_data;
+  tensor_data.reserve(plan.tensors.size());
+  for (const Tensor& tensor : plan.tensors) {
+    switch (tensor.kind) {
+      case TensorKind::kInput: tensor_data.push_back(input_data[tensor.index]); break;
+      case TensorKind::kOutput: tensor_data.push_back(output_data[tensor.index]); break;
+      case TensorKind::kWorkspace:
+        tensor_data.push_back(static_cast<char*>(output_data.back()) + tensor.index);
+        break;
+    }
+  }
+  return tensor_data;
+}
+
+// One execution of a plan's task graph. The first failure (watchdog or task body) stops every worker at
+// its next wait and becomes the call's error.
+class TaskGraphRun {
+ public:
+  TaskGraphRun(const Plan& plan, const std::vector<void*>& tensor_data, std::chrono::milliseconds watchdog)
+      : plan_(plan), tensor_data_(tensor_data), watchdog_(watchdog), counters_(plan.num_events) {
+    for (std::atomic<int64_t>& counter : counters_) counter.store(0, std::memory_order_relaxed);
+  }
+
+  ffi::Error Run() {
+    std::vector<std::thread> threads;
+    for (size_t worker = 1; worker < plan_.workers.size(); ++worker) {
+      if (plan_.workers[worker].empty()) continue;
+      try {
+        threads.emplace_back(&TaskGraphRun::RunWorker, this, worker);
+      } catch (const std::system_error& error) {
+        Abort(ffi::ErrorCode::kResourceExhausted,
+              StrCat("jax_mpk: cannot start the thread of worker ", worker, ": ", error.what()));
+        break;
+      }
+    }
+    if (!plan_.workers.empty()) RunWorker(0);  // the calling thread is worker 0
+    for (std::thread& thread : threads) thread.join();
+    std::lock_guard<std::mutex> lock(error_mutex_);
+    return first_error_;
+  }
+
+ private:
+  void RunWorker(size_t worker) {
+    const ScopedIeeeArithmetic ieee_arithmetic;
+    TileEvaluator evaluator(plan_, tensor_data_);
+    for (const int task_id : plan_.workers[worker]) {
+      const Task& task = plan_.tasks[task_id];
+      if (!WaitForTask(task_id)) return;
+      try {
+        evaluator.RunTile(task);
+      } catch (const std::exception& error) {
+        Abort(ffi::ErrorCode::kInternal,
+              StrCat("jax_mpk: task ", task_id, " (kernel ", task.kernel, ") failed: ", error.what()));
+        return;
+      }
+      for (int64_t s = task.signal_begin; s < task.signal_begin + task.signal_count; ++s) {
+        counters_[plan_.signals[s]].fetch_add(1, std::memory_order_release);  // publishes the task's stores
+      }
+    }
+  }
+
+  // Returns false when the run is aborting, possibly by this wait's watchdog.
+  bool WaitForTask(int task_id) {
+    const Task& task = plan_.tasks[task_id];
+    if (aborted_.load(std::memory_order_relaxed)) return false;
+    if (task.wait_event < 0) return true;
+    const std::atomic<int64_t>& counter = counters_[task.wait_event];
+    const int64_t target = task.wait_count * kEpoch;
+    for (int spin = 0; spin < kSpinsBeforeYield; ++spin) {
+      if (counter.load(std::memory_order_acquire) >= target) return true;
+    }
+    const auto deadline = std::chrono::steady_clock::now() + watchdog_;
+    while (true) {
+      if (counter.load(std::memory_order_acquire) >= target) return true;
+      if (aborted_.load(std::memory_order_relaxed)) return false;
+      if (std::chrono::steady_clock::now() > deadline) {
+        Abort(ffi::ErrorCode::kDeadlineExceeded,
+              StrCat("jax_mpk watchdog: task ", task_id, " (kernel ", task.kernel, ") waited more than ",
+                     watchdog_.count(), " ms on event ", task.wait_event, ": counter ",
+                     counter.load(std::memory_order_relaxed), ", target ", target));
+        return false;
+      }
+      std::this_thread::yield();
+    }
+  }
+
+  void Abort(ffi::ErrorCode code, std::string message) {
+    {
+      std::lock_guard<std::mutex> lock(error_mutex_);
+      if (first_error_.success()) first_error_ = ffi::Error(code, std::move(message));
+    }
+    aborted_.store(true, std::memory_order_relaxed);
+  }
+
+  const Plan& plan_;
+  const std::vector<void*>& tensor_data_;
+  const std::chrono::milliseconds watchdog_;
+  std::vector<std::atomic<int64_t>> counters_;
+  std::atomic<bool> aborted_{false};
+  std::mutex error_mutex_;
+  ffi::Error first_error_;
+};
+
+ffi::Error MegakernelCpu(ffi::RemainingArgs args, ffi::RemainingRets rets, std::string_view plan_key,
+                         int64_t watchdog_ms) {
+  const std::shared_ptr<const Plan> plan = FindPlan(plan_key);
+  if (!plan) {
+    return ffi::Error(ffi::ErrorCode::kNotFound,
+                      StrCat("jax_mpk: plan not registered in this process: '", plan_key, "'"));
+  }
+  if (plan->platform != Platform::kCpu) {
+    return ffi::Error::InvalidArgument(
+        StrCat("jax_mpk: plan '", plan_key, "' was built for another platform; the CPU runtime runs CPU plans"));
+  }
+  if (watchdog_ms < 1 || watchdog_ms > kMaxWatchdogMs) {
+    return ffi::Error::InvalidArgument(
+        StrCat("jax_mpk: watchdog_ms = ", watchdog_ms, " is not in [1, ", kMaxWatchdogMs, "]"));
+  }
+  ffi::ErrorOr<std::vector<void*>> tensor_data = BindTensors(*plan, args, rets);
+  if (!tensor_data) return tensor_data.error();
+  return TaskGraphRun(*plan, *tensor_data, std::chrono::milliseconds(watchdog_ms)).Run();
+}
+
+}  // namespace
+}  // namespace jax_mpk
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMpkMegakernelCpu, jax_mpk::MegakernelCpu,
+                              xla::ffi::Ffi::Bind()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<std::string_view>("plan_key")
+                                  .Attr<int64_t>("watchdog_ms"));

@@ -1,0 +1,183 @@
+"""The public entry points: :func:`megakernelize` and :func:`compile`."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from . import config as config_module
+from .capture import Captured, capture
+from .errors import DependencyTimeoutError, GraphTooLargeError, SignatureMismatchError
+from .fusion import KernelGraph, fuse
+from .layout import Platform
+from .plan import plan_key, serialize
+from .runtime import emit_call, register_plan
+from .schedule import Schedule, schedule
+from .tasks import TaskGraph, build_task_graph
+from .validate import validate
+
+
+@dataclass(frozen=True)
+class _ArgSpec:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    weak_type: bool
+
+    @staticmethod
+    def of(x) -> _ArgSpec:
+        aval = jax.typeof(x)
+        return _ArgSpec(tuple(aval.shape), np.dtype(aval.dtype), bool(getattr(aval, "weak_type", False)))
+
+    def __str__(self) -> str:
+        return f"{self.dtype.name}{list(self.shape)}"
+
+
+class Megakernel:
+    """A function lowered, for one input signature, to a scheduled task graph run by one custom call.
+
+    Each pipeline stage's output is kept and printable: ``jaxpr``, ``graph`` (kernels), ``tasks``,
+    ``schedule``; ``dump(dir)`` writes them all.
+    """
+
+    def __init__(self, fn: Callable, in_tree, specs: tuple[_ArgSpec, ...], num_workers: int | None = None):
+        cfg = config_module.load()
+        self.fn, self.in_tree, self.specs = fn, in_tree, specs
+        self.num_workers = num_workers or cfg.num_workers
+        self.watchdog_ms = int(cfg.watchdog_seconds * 1000)
+        flat_fn = lambda *flat: fn(*jax.tree_util.tree_unflatten(in_tree, flat))  # noqa: E731
+        avals = [jax.ShapeDtypeStruct(s.shape, s.dtype, weak_type=s.weak_type) for s in specs]
+        closed, out_shapes = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
+        self.out_tree = jax.tree_util.tree_structure(out_shapes)
+        self.jaxpr = closed
+        self.captured: Captured = capture(closed)
+        self.graph: KernelGraph = fuse(self.captured)
+        if self.graph.workspace_bytes > cfg.max_workspace_bytes:
+            raise GraphTooLargeError(
+                f"the workspace for intermediates needs {self.graph.workspace_bytes} bytes, more than the "
+                f"{cfg.max_workspace_bytes} allowed (JAX_MPK_MAX_WORKSPACE_BYTES)"
+            )
+        self.tasks: TaskGraph = build_task_graph(self.graph, self.num_workers, cfg.min_task_work)
+        if len(self.tasks.tasks) > cfg.max_tasks:
+            raise GraphTooLargeError(
+                f"the task graph has {len(self.tasks.tasks)} tasks, more than the {cfg.max_tasks} allowed "
+                "(JAX_MPK_MAX_TASKS)"
+            )
+        self.schedule: Schedule = schedule(self.tasks, self.num_workers)
+        if cfg.validate:
+            validate(self.tasks, self.schedule)
+        self.words = serialize(self.tasks, self.schedule, Platform.CPU)
+        self.key = plan_key(self.words)
+        register_plan(self.key, self.words)
+        self.consts = [np.asarray(c) for c in self.captured.consts]
+        if cfg.dump_dir:
+            self.dump(os.path.join(cfg.dump_dir, self.key))
+
+    # ----------------------------------------------------------------------------------------- calling
+    def check_signature(self, flat_args: Sequence[Any], in_tree) -> None:
+        if in_tree != self.in_tree:
+            raise SignatureMismatchError(
+                f"argument structure {in_tree} does not match the traced structure {self.in_tree}"
+            )
+        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+            jax.tree_util.tree_unflatten(in_tree, list(flat_args)))[0]]
+        for path, arg, spec in zip(paths, flat_args, self.specs):
+            got = _ArgSpec.of(arg)
+            if (got.shape, got.dtype) != (spec.shape, spec.dtype):
+                raise SignatureMismatchError(f"argument {path or '0'}: expected {spec}, got {got}")
+
+    def emit(self, flat_args: Sequence[Any]) -> list:
+        """The custom call on flat arguments (inside a trace); returns flat results."""
+        return emit_call(
+            self.key,
+            list(flat_args) + self.consts,
+            self.graph.output_specs,
+            self.graph.aliases,
+            self.graph.workspace_bytes,
+            self.watchdog_ms,
+        )
+
+    def __call__(self, *args):
+        flat, in_tree = jax.tree_util.tree_flatten(args)
+        self.check_signature(flat, in_tree)
+        return _run_reporting_timeouts(lambda: jax.tree_util.tree_unflatten(self.out_tree, self._jitted(*flat)))
+
+    @functools.cached_property
+    def _jitted(self):
+        return jax.jit(lambda *flat: self.emit(flat))
+
+    # ----------------------------------------------------------------------------------------- looking
+    def __repr__(self) -> str:
+        return (
+            f"Megakernel({getattr(self.fn, '__name__', 'fn')}: {len(self.graph.kernels)} kernels, "
+            f"{len(self.tasks.tasks)} tasks, {self.tasks.num_events} events, {self.num_workers} workers, "
+            f"workspace {self.graph.workspace_bytes} B, plan {self.key})"
+        )
+
+    def dump(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        stages = {
+            "0_jaxpr.txt": str(self.jaxpr),
+            "1_kernels.txt": repr(self.graph),
+            "2_tasks.txt": repr(self.tasks),
+            "3_schedule.txt": repr(self.schedule),
+        }
+        for name, text in stages.items():
+            with open(os.path.join(directory, name), "w") as f:
+                f.write(text + "\n")
+        np.save(os.path.join(directory, "4_plan.npy"), self.words)
+
+
+def _run_reporting_timeouts(thunk):
+    """Run and wait for results, turning the runtime's watchdog failure into DependencyTimeoutError."""
+    try:
+        return jax.block_until_ready(thunk())
+    except Exception as exc:  # XLA wraps handler errors in its own runtime error type
+        if "jax_mpk watchdog" in str(exc):
+            raise DependencyTimeoutError(str(exc)) from exc
+        raise
+
+
+def compile(fn: Callable, *example_args, num_workers: int | None = None) -> Megakernel:  # noqa: A001
+    """Lower ``fn`` for the signature of ``example_args`` (arrays or ``jax.ShapeDtypeStruct``)."""
+    flat, in_tree = jax.tree_util.tree_flatten(example_args)
+    return Megakernel(fn, in_tree, tuple(_ArgSpec.of(x) for x in flat), num_workers)
+
+
+def megakernelize(
+    fn: Callable, *, donate_argnums: int | Sequence[int] = (), num_workers: int | None = None
+) -> Callable:
+    """Run ``fn`` as one persistent megakernel: one custom call in place of the whole function.
+
+    The result traces ``fn`` once per input signature (pytree structure, shapes, dtypes), caches the
+    compiled plan, and can be called directly or inside ``jax.jit``. Arguments listed in
+    ``donate_argnums`` are donated (use it for a KV cache updated in place: with donation, no copy is made).
+    """
+    plans: dict[tuple, Megakernel] = {}
+
+    def lookup(flat, in_tree) -> Megakernel:
+        specs = tuple(_ArgSpec.of(x) for x in flat)
+        key = (in_tree, specs)
+        if key not in plans:
+            plans[key] = Megakernel(fn, in_tree, specs, num_workers)
+        return plans[key]
+
+    def traced(*args):
+        flat, in_tree = jax.tree_util.tree_flatten(args)
+        megakernel = lookup(flat, in_tree)
+        return jax.tree_util.tree_unflatten(megakernel.out_tree, megakernel.emit(flat))
+
+    jitted = jax.jit(traced, donate_argnums=donate_argnums)
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args)):  # inside a trace
+            return jitted(*args)
+        return _run_reporting_timeouts(lambda: jitted(*args))
+
+    wrapper.plans = plans  # signature -> Megakernel, for inspection
+    return wrapper

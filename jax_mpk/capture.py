@@ -1,0 +1,150 @@
+"""Capture: trace a function to a jaxpr and lower it, equation by equation, into the op graph.
+
+Nested calls (jit, closed_call, custom_jvp/vjp, remat) are inlined; every other primitive goes through the
+lowering registry. Constants captured by the jaxpr become extra inputs of the custom call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.extend.core
+import numpy as np
+
+from .errors import UnsupportedDtypeError, UnsupportedPrimitiveError
+from .graph import Node, Source
+from .lowering import RULES, RuleContext, const
+
+SUPPORTED_DTYPES = tuple(
+    np.dtype(d) for d in ("float32", "bfloat16", "float16", "int32", "uint32", "int8", "uint8", "bool")
+)
+
+# primitive name -> the param holding the jaxpr to inline
+_CALL_PARAMS = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "remat": "jaxpr",
+    "remat2": "jaxpr",
+    "checkpoint": "jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+    "eval_jaxpr": "jaxpr",
+}
+
+
+@dataclass
+class Captured:
+    """The op graph of one traced function."""
+
+    jaxpr: object  # ClosedJaxpr, kept for dumps
+    inputs: list[Source]  # one per flat argument
+    consts: list[np.ndarray]  # values of the extra inputs that follow the arguments
+    outputs: list[Node]  # one per flat result
+
+
+def source_line(eqn) -> str:
+    try:
+        from jax._src import source_info_util
+
+        return source_info_util.summarize(eqn.source_info)
+    except Exception:  # source info is best-effort; jax internals move between versions
+        return ""
+
+
+def check_dtype(dtype, what: str) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(d.name for d in SUPPORTED_DTYPES)
+        raise UnsupportedDtypeError(f"{what} has dtype {dtype.name}; jax_mpk supports {names}")
+    return dtype
+
+
+def capture(closed_jaxpr) -> Captured:
+    jaxpr = closed_jaxpr.jaxpr
+    inputs = [
+        Source(shape=tuple(v.aval.shape), dtype=check_dtype(v.aval.dtype, f"argument {i}"), index=i)
+        for i, v in enumerate(jaxpr.invars)
+    ]
+    lowerer = _Lowerer(first_const_index=len(inputs))
+    outputs = lowerer.run(jaxpr, closed_jaxpr.consts, inputs)
+    for i, node in enumerate(outputs):
+        check_dtype(node.dtype, f"result {i}")
+    return Captured(jaxpr=closed_jaxpr, inputs=inputs, consts=lowerer.consts, outputs=outputs)
+
+
+class _Lowerer:
+    def __init__(self, first_const_index: int):
+        self.first_const_index = first_const_index
+        self.consts: list[np.ndarray] = []
+
+    def const_node(self, value) -> Node:
+        array = np.asarray(value)
+        dtype = check_dtype(array.dtype, "a constant captured by the function")
+        if array.shape == ():
+            return const(array.item(), dtype)
+        self.consts.append(array)
+        return Source(shape=array.shape, dtype=dtype, index=self.first_const_index + len(self.consts) - 1)
+
+    def run(self, jaxpr, consts, args: list[Node], caller_source: str = "") -> list[Node]:
+        """Lower ``jaxpr``; equations inlined from a library call without user frames of their own are
+        attributed to the user's line that made the call (``caller_source``)."""
+        env: dict = {}
+
+        def read(atom) -> Node:
+            if isinstance(atom, jax.extend.core.Literal):
+                return self.const_node(np.asarray(atom.val, dtype=atom.aval.dtype))
+            return env[atom]
+
+        for var, value in zip(jaxpr.constvars, consts):
+            env[var] = self.const_node(value)
+        for var, node in zip(jaxpr.invars, args):
+            env[var] = node
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            ins = [read(v) for v in eqn.invars]
+            source = source_line(eqn) or caller_source
+            if name in _CALL_PARAMS and _CALL_PARAMS[name] in eqn.params:
+                outs = self.inline(eqn.params[_CALL_PARAMS[name]], ins, source)
+            else:
+                outs = self.apply_rule(eqn, ins, source)
+            for var, node in zip(eqn.outvars, outs):
+                env[var] = node
+        return [read(v) for v in jaxpr.outvars]
+
+    def inline(self, sub, ins: list[Node], source: str) -> list[Node]:
+        if hasattr(sub, "jaxpr"):  # ClosedJaxpr
+            return self.run(sub.jaxpr, sub.consts, ins, source)
+        return self.run(sub, [], ins, source)
+
+    def apply_rule(self, eqn, ins: list[Node], source: str) -> list[Node]:
+        name = eqn.primitive.name
+        lower = RULES.get(name)
+        if lower is None:
+            raise UnsupportedPrimitiveError(name, source, "no lowering rule (see jax_mpk.supported_primitives())")
+        for i, v in enumerate(eqn.outvars):
+            check_dtype(v.aval.dtype, f"result {i} of '{name}' at {source}")
+        ctx = RuleContext(
+            primitive=name,
+            in_avals=tuple(v.aval for v in eqn.invars),
+            out_avals=tuple(v.aval for v in eqn.outvars),
+            source=source,
+        )
+        try:
+            result = lower(ctx, *ins, **eqn.params)
+        except UnsupportedPrimitiveError:
+            raise
+        except Exception as exc:
+            raise UnsupportedPrimitiveError(name, source, f"lowering failed: {exc!r}") from exc
+        outs = result if isinstance(result, list) else [result]
+        for node, var in zip(outs, eqn.outvars):
+            if tuple(node.shape) != tuple(var.aval.shape) or np.dtype(node.dtype) != np.dtype(var.aval.dtype):
+                raise UnsupportedPrimitiveError(
+                    name, source, f"rule produced {node.shape}/{node.dtype}, jaxpr says {var.aval.str_short()}"
+                )
+            if not node.source:
+                node.source = source
+        return outs

@@ -1,0 +1,38 @@
+"""Every error jax_mpk raises on purpose derives from :class:`MegakernelError`."""
+
+from __future__ import annotations
+
+
+class MegakernelError(Exception):
+    """Base class of jax_mpk's errors."""
+
+
+class UnsupportedPrimitiveError(MegakernelError, NotImplementedError):
+    """The traced function uses a primitive (or a form of one) that jax_mpk cannot lower."""
+
+    def __init__(self, primitive: str, source: str = "", detail: str = ""):
+        self.primitive = primitive
+        self.source = source
+        where = f" at {source}" if source else ""
+        why = f": {detail}" if detail else ""
+        super().__init__(f"jax_mpk cannot lower primitive '{primitive}'{where}{why}")
+
+
+class UnsupportedDtypeError(MegakernelError, TypeError):
+    """A value has a dtype the runtime does not implement."""
+
+
+class SignatureMismatchError(MegakernelError, TypeError):
+    """Arguments do not match the signature a compiled megakernel was traced for."""
+
+
+class GraphTooLargeError(MegakernelError, ValueError):
+    """The task graph or its workspace exceeds what the target can hold."""
+
+
+class DependencyTimeoutError(MegakernelError, RuntimeError):
+    """A task waited longer than the watchdog allows for a dependency that never completed."""
+
+
+class InvalidTaskGraphError(MegakernelError, AssertionError):
+    """The task-graph validator found a missing dependency, a write race or a deadlocking schedule."""

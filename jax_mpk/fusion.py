@@ -1,0 +1,558 @@
+"""Fusion: partition the op graph into kernels, assign buffers, and decide what is updated in place.
+
+Decisions, in order:
+1. What is stored ("materialized"): inputs, constants, results, every heavy node (dot, update-slice), the
+   operands that heavy nodes and dynamic loads address at random, and reductions that more than one kernel
+   would otherwise recompute. Everything else is inlined into the kernels that use it (elementwise chains,
+   views, concatenations, and reductions with the elementwise work around them: RMSNorm, softmax).
+2. In-place updates: a dynamic_update_slice writes into its operand's buffer when no kernel that still needs
+   the old value depends on it; a chain of updates from an input to a result aliases that input to the result
+   (zero-copy KV-cache update under donation). Otherwise the operand is copied first.
+3. Epilogues: an elementwise consumer that reads a dot's result at the same index (residual add) becomes that
+   dot kernel's epilogue.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .capture import Captured
+from .graph import (
+    HEAVY, Acc, Dot, DynLoad, Elementwise, Load, Node, Piecewise, Reduce, Reindex, Source, UpdateSlice,
+    consumers, topological,
+)  # fmt: skip
+from .indexmap import IndexMap, Reshape, Shape
+from .layout import KernelKind, NodeOp, TensorKind
+
+WORKSPACE_ALIGN = 256
+
+
+@dataclass(eq=False)
+class Buffer:
+    kind: TensorKind
+    index: int  # operand number, result number, or workspace byte offset
+    shape: Shape
+    dtype: np.dtype
+    name: str
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(eq=False)
+class Tensor:
+    """One version of a buffer's contents, seen with ``shape`` (a row-major reinterpretation)."""
+
+    buffer: Buffer
+    shape: Shape
+    version: int  # uid of the node whose value this is
+
+    @property
+    def name(self) -> str:
+        suffix = "" if tuple(self.shape) == tuple(self.buffer.shape) else f"{list(self.shape)}"
+        return f"{self.buffer.name}@{self.version}{suffix}"
+
+    def viewed_as(self, shape: Shape) -> Tensor:
+        return Tensor(self.buffer, tuple(shape), self.version)
+
+
+@dataclass(eq=False)
+class KernelOutput:
+    node: Node
+    tensor: Tensor
+    map: IndexMap  # domain index -> tensor index
+    dyn: tuple[tuple[int, Node, int], ...] = ()  # (tensor dim, index node, clamp hi)
+
+
+@dataclass(eq=False)
+class DotSpec:
+    k_shape: Shape
+    lhs: Tensor
+    lhs_map: IndexMap  # domain index ++ contraction index -> lhs index
+    rhs: Tensor
+    rhs_map: IndexMap
+    acc_dtype: np.dtype
+
+
+@dataclass(eq=False)
+class Kernel:
+    name: str
+    domain: Shape
+    outputs: list[KernelOutput]
+    dot: DotSpec | None = None
+    source: str = ""
+    index: int = -1
+
+    @property
+    def kind(self) -> KernelKind:
+        return KernelKind.DOT if self.dot is not None else KernelKind.FUSED
+
+    def nodes(self) -> list[Node]:
+        roots = [o.node for o in self.outputs] + [n for o in self.outputs for _, n, _ in o.dyn]
+        return topological(roots)
+
+    def loads(self) -> list[Load]:
+        return [n for n in self.nodes() if isinstance(n, Load)]
+
+    def read_tensors(self) -> list[Tensor]:
+        tensors = [n.tensor for n in self.loads()]
+        if self.dot is not None:
+            tensors += [self.dot.lhs, self.dot.rhs]
+        return tensors
+
+    def has_reduction(self) -> bool:
+        return any(isinstance(n, Reduce) for n in self.nodes())
+
+    def __repr__(self) -> str:
+        outs = ", ".join(o.tensor.name for o in self.outputs)
+        reads = ", ".join(sorted({t.name for t in self.read_tensors()}))
+        return f"kernel{self.index} {self.name} domain={list(self.domain)} -> {outs}  reads [{reads}]"
+
+
+@dataclass
+class KernelGraph:
+    kernels: list[Kernel]
+    buffers: list[Buffer]
+    input_specs: list[tuple[Shape, np.dtype]]  # arguments then consts
+    output_specs: list[tuple[Shape, np.dtype]]
+    aliases: dict[int, int] = field(default_factory=dict)  # input index -> output index
+    workspace_bytes: int = 0
+
+    def __repr__(self) -> str:
+        lines = [f"KernelGraph: {len(self.kernels)} kernels, workspace {self.workspace_bytes} B, aliases {self.aliases}"]
+        lines += [f"  {k!r}" for k in self.kernels]
+        return "\n".join(lines)
+
+
+def fuse(captured: Captured) -> KernelGraph:
+    return _Fuser(captured).run()
+
+
+class _Fuser:
+    def __init__(self, captured: Captured):
+        self.captured = captured
+        self.n_args = len(captured.inputs)
+        self.outputs = list(captured.outputs)
+
+    # ------------------------------------------------------------------------------------------ driver
+    def run(self) -> KernelGraph:
+        self._separate_outputs()
+        self.order = topological(self.outputs)
+        self.users = consumers(self.order)
+        self.materialized = self._choose_materialized()
+        self.chain_buffer_output = self._alias_update_chains()
+        self._make_updates_in_place()
+        self.order = topological(self.outputs)
+        self.users = consumers(self.order)
+        self.absorbed = self._choose_epilogues()
+        self.tensors: dict[int, Tensor] = {}
+        self.buffers: list[Buffer] = []
+        self._assign_buffers()
+        kernels = [self._build_kernel(n) for n in self.order if self._is_kernel_root(n)]
+        kernels = self._order_kernels(kernels)
+        for i, kernel in enumerate(kernels):
+            kernel.index = i
+        return KernelGraph(
+            kernels=kernels,
+            buffers=self.buffers,
+            input_specs=[(n.shape, np.dtype(n.dtype)) for n in self.captured.inputs]
+            + [(c.shape, np.dtype(c.dtype)) for c in self.captured.consts],
+            output_specs=[(n.shape, np.dtype(n.dtype)) for n in self.outputs],
+            aliases=dict(self.aliases),
+            workspace_bytes=self.workspace_bytes,
+        )
+
+    # ----------------------------------------------------------------------------- what gets stored
+    def _separate_outputs(self) -> None:
+        """Each result gets a node of its own that can own the result buffer (copies where needed)."""
+        seen = set()
+        for j, node in enumerate(self.outputs):
+            if isinstance(node, Source) or node.uid in seen:
+                node = _copy(node)
+                self.outputs[j] = node
+            seen.add(node.uid)
+
+    def _choose_materialized(self) -> set[int]:
+        keep = {n.uid for n in self.order if isinstance(n, (Source, *HEAVY))}
+        keep |= {n.uid for n in self.outputs}
+        for node in self.order:
+            if isinstance(node, Dot):
+                keep |= {_strip_views(c).uid for c in node.children}
+            if isinstance(node, (DynLoad, UpdateSlice)):
+                keep.add(node.children[0].uid)
+        while True:  # work that several kernels would recompute is stored once instead, unless it is cheap
+            shared = {n.uid for n in self._nodes_in_several_kernels(keep) if not self._cheap(n, keep)}
+            if shared <= keep:
+                return keep
+            keep |= shared
+
+    def _cheap(self, node: Node, keep: set[int]) -> bool:
+        """Recomputing ``node`` costs about what loading it would: no reduction, no gather, and at most
+        two stored values read."""
+        by_uid = {n.uid: n for n in self.order}
+        computed = [node] + [by_uid[uid] for uid in self._region(node, keep)]
+        if any(isinstance(n, (Reduce, DynLoad)) for n in computed):
+            return False
+        return len({c.uid for n in computed for c in n.children if c.uid in keep}) <= 2
+
+    def _nodes_in_several_kernels(self, keep: set[int]) -> list[Node]:
+        count: dict[int, int] = {}
+        by_uid = {n.uid: n for n in self.order}
+        for root in self.order:
+            if root.uid in keep and not isinstance(root, Source):
+                for uid in self._region(root, keep):
+                    count[uid] = count.get(uid, 0) + 1
+        return [by_uid[uid] for uid, c in count.items() if c > 1]
+
+    def _region(self, root: Node, keep: set[int]) -> set[int]:
+        """uids of the unstored nodes a kernel rooted at ``root`` computes inline."""
+        region, stack = set(), list(root.children)
+        while stack:
+            node = stack.pop()
+            if node.uid in keep or node.uid in region:
+                continue
+            region.add(node.uid)
+            stack.extend(node.children)
+        return region
+
+    # ----------------------------------------------------------------------------------- in place
+    def _alias_update_chains(self) -> dict[int, int]:
+        """Update chains input -> ... -> result j: write them in result j's buffer, aliased to the input."""
+        self.aliases: dict[int, int] = {}
+        self.in_place: set[int] = set()
+        chain_output: dict[int, int] = {}
+        for j, node in enumerate(self.outputs):
+            chain = []
+            while isinstance(node, UpdateSlice):
+                chain.append(node)
+                node = node.children[0]
+            if not chain or not isinstance(node, Source) or node.index >= self.n_args:
+                continue
+            root = node
+            if (root.shape, np.dtype(root.dtype)) != (self.outputs[j].shape, np.dtype(self.outputs[j].dtype)):
+                continue
+            if root.index in self.aliases or not all(self._can_update_in_place(u) for u in chain):
+                continue
+            self.aliases[root.index] = j
+            self.in_place |= {u.uid for u in chain}
+            chain_output[root.uid] = j
+        return chain_output
+
+    def _can_update_in_place(self, update: UpdateSlice) -> bool:
+        """No kernel that reads the old value may depend on the update, and the old value is no result."""
+        operand = update.children[0]
+        if operand.uid in {o.uid for o in self.outputs}:
+            return False
+        if any(isinstance(u, UpdateSlice) and u is not update and u.children[0] is operand for u in self.users[operand.uid]):
+            return False  # two updates of one value cannot both own its buffer
+        if any(operand.uid in self._region_with_leaves(c) for c in update.children[1:]):
+            return False  # the update's own tiles would read what other tiles of it overwrite
+        readers = self._kernel_readers().get(operand.uid, [])
+        return not any(root is not update and _depends_on(root, update) for root in readers)
+
+    def _region_with_leaves(self, node: Node) -> set[int]:
+        """uids computed inline for ``node`` plus the stored values they read."""
+        region = {node.uid} | self._region(node, self.materialized) if node.uid not in self.materialized else set()
+        by_uid = {n.uid: n for n in self.order}
+        stored = {c.uid for uid in region for c in by_uid[uid].children if c.uid in self.materialized}
+        return region | stored | ({node.uid} if node.uid in self.materialized else set())
+
+    def _kernel_readers(self) -> dict[int, list[Node]]:
+        """stored uid -> roots of the kernels that read it (computed once, after materialization is fixed)."""
+        if not hasattr(self, "_readers"):
+            self._readers: dict[int, list[Node]] = {}
+            by_uid = {n.uid: n for n in self.order}
+            for root in self.order:
+                if root.uid in self.materialized and not isinstance(root, Source):
+                    computed = [root] + [by_uid[uid] for uid in self._region(root, self.materialized)]
+                    stored = {c.uid for n in computed for c in n.children if c.uid in self.materialized}
+                    for uid in stored:
+                        self._readers.setdefault(uid, []).append(root)
+        return self._readers
+
+    def _make_updates_in_place(self) -> None:
+        for node in list(self.order):
+            if not isinstance(node, UpdateSlice) or node.uid in self.in_place:
+                continue
+            operand = node.children[0]
+            if isinstance(operand, Source) or not self._can_update_in_place(node):
+                copy = _copy(operand)
+                self.materialized.add(copy.uid)
+                node.children = (copy,) + node.children[1:]
+            self.in_place.add(node.uid)
+
+    # ------------------------------------------------------------------------------------- epilogues
+    def _choose_epilogues(self) -> dict[int, Dot]:
+        """root uid -> the dot whose accumulator the root's kernel computes itself."""
+        outputs = {o.uid for o in self.outputs}
+        absorbed: dict[int, Dot] = {}
+        taken: set[int] = set()
+        for root in self.order:
+            if root.uid not in self.materialized or isinstance(root, (Source, *HEAVY)):
+                continue
+            region = self._region(root, self.materialized)
+            for dot in self._dots_read_pointwise(root):
+                users = self.users[dot.uid]
+                if (
+                    dot.uid not in outputs
+                    and dot.uid not in taken
+                    and tuple(dot.shape) == tuple(root.shape)
+                    and all(u is root or u.uid in region for u in users)
+                ):
+                    absorbed[root.uid] = dot
+                    taken.add(dot.uid)
+                    break
+        for dot_uid in taken:
+            self.materialized.discard(dot_uid)
+        return absorbed
+
+    def _dots_read_pointwise(self, root: Node) -> list[Dot]:
+        """Stored dots reached from root through elementwise nodes only (read at the root's own index),
+        and nowhere through a view or reduction."""
+        pointwise, other, stack = [], set(), [(root, True)]
+        seen = set()
+        while stack:
+            node, same_index = stack.pop()
+            if (node.uid, same_index) in seen:
+                continue
+            seen.add((node.uid, same_index))
+            if node is not root and node.uid in self.materialized:
+                if isinstance(node, Dot) and same_index:
+                    pointwise.append(node)
+                elif isinstance(node, Dot):
+                    other.add(node.uid)
+                continue
+            keeps_index = same_index and isinstance(node, Elementwise)
+            stack.extend((c, keeps_index) for c in node.children)
+        return list({d.uid: d for d in pointwise if d.uid not in other}.values())
+
+    # --------------------------------------------------------------------------------------- buffers
+    def _assign_buffers(self) -> None:
+        offset = 0
+        result_of = {o.uid: j for j, o in enumerate(self.outputs)}
+        for node in self.order:
+            if node.uid not in self.materialized:
+                continue
+            if isinstance(node, UpdateSlice):
+                self.tensors[node.uid] = Tensor(self.tensors[node.children[0].uid].buffer, node.shape, node.uid)
+                continue
+            if isinstance(node, Source) and node.uid in self.chain_buffer_output:
+                j = self.chain_buffer_output[node.uid]
+                buffer = Buffer(TensorKind.OUTPUT, j, node.shape, node.dtype, f"out{j}")
+            elif isinstance(node, Source):
+                name = f"in{node.index}" if node.index < self.n_args else f"const{node.index - self.n_args}"
+                buffer = Buffer(TensorKind.INPUT, node.index, node.shape, node.dtype, name)
+            else:
+                j = result_of.get(self._chain_end(node).uid)
+                if j is not None:
+                    buffer = Buffer(TensorKind.OUTPUT, j, node.shape, node.dtype, f"out{j}")
+                else:
+                    buffer = Buffer(TensorKind.WORKSPACE, offset, node.shape, node.dtype, f"t{node.uid}")
+                    offset += -(-buffer.nbytes // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
+            self.buffers.append(buffer)
+            self.tensors[node.uid] = Tensor(buffer, node.shape, node.uid)
+        self.workspace_bytes = offset
+
+    def _chain_end(self, node: Node) -> Node:
+        """The last in-place update of ``node``'s buffer (node itself when it is never updated)."""
+        while True:
+            updates = [u for u in self.users[node.uid] if isinstance(u, UpdateSlice) and u.children[0] is node]
+            if not updates:
+                return node
+            node = updates[0]
+
+    # --------------------------------------------------------------------------------------- kernels
+    def _is_kernel_root(self, node: Node) -> bool:
+        return node.uid in self.materialized and not isinstance(node, Source)
+
+    def _build_kernel(self, root: Node) -> Kernel:
+        builder = _ExprBuilder(self.tensors, self.materialized, self.absorbed.get(root.uid))
+        tensor = self.tensors[root.uid]
+        if isinstance(root, UpdateSlice):
+            return self._update_kernel(root, builder)
+        if isinstance(root, Dot):
+            dot, expr = root, Acc(shape=root.shape, dtype=root.dtype)
+        else:
+            dot, expr = self.absorbed.get(root.uid), builder.value(root)
+        output = KernelOutput(expr, tensor, IndexMap.identity(root.shape))
+        spec = builder.dot_spec(dot) if dot is not None else None
+        return Kernel(_kernel_name(expr, dot), tuple(root.shape), [output], spec, root.source or (dot and dot.source) or "")
+
+    def _update_kernel(self, root: UpdateSlice, builder: _ExprBuilder) -> Kernel:
+        operand, update, *starts = root.children
+        domain = tuple(update.shape)
+        offset, dyn = [0] * len(domain), []
+        for dim, start in enumerate(starts):
+            hi = operand.shape[dim] - update.shape[dim]
+            value = start.params[0] if isinstance(start, Elementwise) and start.op == NodeOp.CONST else None
+            if value is not None:
+                offset[dim] = min(max(int(value), 0), hi)
+            else:
+                index = builder.expr(start)
+                index = Reindex(shape=domain, dtype=index.dtype, children=(index,), map=IndexMap.affine(domain, (), []))
+                dyn.append((dim, index, hi))
+        rank = len(domain)
+        out_map = IndexMap.affine(domain, operand.shape, [[int(r == c) for c in range(rank)] for r in range(rank)], offset)
+        output = KernelOutput(builder.expr(update), self.tensors[root.uid], out_map, tuple(dyn))
+        return Kernel("update_slice(" + _kernel_name(output.node, None) + ")", domain, [output], None, root.source)
+
+    def _order_kernels(self, kernels: list[Kernel]) -> list[Kernel]:
+        """Topological order over stored values, with every reader of an old version of a buffer placed
+        before the kernel that overwrites it in place. Ties keep the graph's own order."""
+        writes = {k.outputs[0].tensor.version: k for k in kernels}
+        position = {id(k): i for i, k in enumerate(kernels)}
+        after: dict[int, set[int]] = {id(k): set() for k in kernels}  # kernel -> kernels that must precede
+        for kernel in kernels:
+            for tensor in kernel.read_tensors():
+                producer = writes.get(tensor.version)
+                if producer is not None and producer is not kernel:
+                    after[id(kernel)].add(id(producer))
+        for kernel in kernels:
+            out = kernel.outputs[0]
+            if isinstance(self._node(out.tensor.version), UpdateSlice):
+                old = self._node(out.tensor.version).children[0].uid
+                for reader in kernels:
+                    if reader is not kernel and any(t.version == old for t in reader.read_tensors()):
+                        after[id(kernel)].add(id(reader))
+                producer = writes.get(old)
+                if producer is not None:
+                    after[id(kernel)].add(id(producer))
+        by_id = {id(k): k for k in kernels}
+        pending = {kid: len(deps) for kid, deps in after.items()}
+        followers: dict[int, list[int]] = {kid: [] for kid in after}
+        for kid, deps in after.items():
+            for dep in deps:
+                followers[dep].append(kid)
+        ready = [(position[kid], kid) for kid, n in pending.items() if n == 0]
+        heapq.heapify(ready)
+        ordered = []
+        while ready:
+            _, kid = heapq.heappop(ready)
+            ordered.append(by_id[kid])
+            for nxt in followers[kid]:
+                pending[nxt] -= 1
+                if pending[nxt] == 0:
+                    heapq.heappush(ready, (position[nxt], nxt))
+        assert len(ordered) == len(kernels), "cycle between in-place updates (jax_mpk bug)"
+        return ordered
+
+    def _node(self, uid: int) -> Node:
+        if not hasattr(self, "_by_uid"):
+            self._by_uid = {n.uid: n for n in self.order}
+        return self._by_uid[uid]
+
+
+class _ExprBuilder:
+    """Rewrites the unstored part of a kernel's graph into its expression; stored values become loads."""
+
+    def __init__(self, tensors: dict[int, Tensor], materialized: set[int], absorbed: Dot | None):
+        self.tensors, self.materialized, self.absorbed = tensors, materialized, absorbed
+        self.memo: dict[int, Node] = {}
+
+    def value(self, node: Node) -> Node:
+        """Expression computing ``node`` (even when node itself is stored: it is the kernel's root)."""
+        return self._rewrite(node, force_compute=True)
+
+    def expr(self, node: Node) -> Node:
+        """Expression for ``node`` as a kernel reads it: a load when it is stored."""
+        return self._rewrite(node)
+
+    def _rewrite(self, node: Node, force_compute: bool = False) -> Node:
+        key = (node.uid, force_compute)
+        if key in self.memo:
+            return self.memo[key]
+        if self.absorbed is not None and node is self.absorbed:
+            out: Node = Acc(shape=node.shape, dtype=node.dtype)
+        elif node.uid in self.materialized and not force_compute:
+            out = make_load(self.tensors[node.uid], IndexMap.identity(node.shape), node.dtype)
+        elif isinstance(node, Reindex):
+            child = self._rewrite(node.children[0])
+            if isinstance(child, Load) and not child.dims:
+                out = make_load(child.tensor, node.map.then(child.map), node.dtype)
+            else:
+                out = Reindex(shape=node.shape, dtype=node.dtype, children=(child,), map=node.map)
+        elif isinstance(node, DynLoad):
+            operand, *indices = node.children
+            out = Load(
+                shape=node.shape,
+                dtype=node.dtype,
+                children=tuple(self._rewrite(i) for i in indices),
+                tensor=self.tensors[operand.uid],
+                map=node.map,
+                dims=node.dims,
+                his=node.his,
+            )
+        elif isinstance(node, (Elementwise, Reduce, Piecewise)):
+            out = _clone(node, tuple(self._rewrite(c) for c in node.children))
+        else:
+            raise AssertionError(f"unstored heavy node {node!r} (jax_mpk bug)")
+        self.memo[key] = out
+        return out
+
+    def dot_spec(self, dot: Dot) -> DotSpec:
+        operands = []
+        for child, map_ in zip(dot.children, (dot.lhs_map, dot.rhs_map)):
+            base = child
+            while isinstance(base, Reindex) and base.uid not in self.materialized:
+                map_ = map_.then(base.map)
+                base = base.children[0]
+            load = make_load(self.tensors[base.uid], map_, base.dtype)
+            operands.append((load.tensor, load.map))
+        (lhs, lhs_map), (rhs, rhs_map) = operands
+        return DotSpec(tuple(dot.k_shape), lhs, lhs_map, rhs, rhs_map, np.dtype(dot.dtype))
+
+
+def make_load(tensor: Tensor, map_: IndexMap, dtype) -> Load:
+    """Load through ``map_``; a trailing reshape is absorbed by viewing the (dense) tensor in the shape
+    the reshape starts from, so that common reshapes cost no index arithmetic."""
+    stages = map_.stages
+    while stages and isinstance(stages[-1], Reshape):
+        stages = stages[:-1]
+        tensor = tensor.viewed_as(stages[-1].out_shape if stages else map_.in_shape)
+    return Load(shape=map_.in_shape, dtype=dtype, tensor=tensor, map=IndexMap(map_.in_shape, stages))
+
+
+def _copy(node: Node) -> Node:
+    return Reindex(shape=node.shape, dtype=node.dtype, children=(node,), map=IndexMap.identity(node.shape), source=node.source)
+
+
+def _clone(node: Node, children: tuple[Node, ...]) -> Node:
+    fields = {k: v for k, v in vars(node).items() if k not in ("children", "uid")}
+    return type(node)(children=children, **fields)
+
+
+def _strip_views(node: Node) -> Node:
+    while isinstance(node, Reindex):
+        node = node.children[0]
+    return node
+
+
+def _depends_on(node: Node, target: Node) -> bool:
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n is target:
+            return True
+        if n.uid in seen:
+            continue
+        seen.add(n.uid)
+        stack.extend(n.children)
+    return False
+
+
+def _kernel_name(expr: Node, dot: Dot | None) -> str:
+    labels = []
+    for node in topological([expr]):
+        if isinstance(node, (Load, Reindex, Acc)) or (isinstance(node, Elementwise) and node.op == NodeOp.CONST):
+            continue
+        label = node.describe().split("(")[0]
+        if label not in labels:
+            labels.append(label)
+    prefix = ["dot"] if dot is not None else []
+    body = prefix + labels
+    return "+".join(body[:6]) + ("+..." if len(body) > 6 else "") if body else "copy"

@@ -1,0 +1,270 @@
+"""Index maps: how one index space reads another (views, broadcasts, reshapes) without moving data.
+
+An :class:`IndexMap` takes an index of ``in_shape`` to an index of ``out_shape`` through a list of stages:
+an affine stage ``new = A @ cur + offset`` or a reshape stage (row-major linearize, then delinearize).
+Maps compose, and they propagate rectangles backwards (``rect_image``): the bounding box of the indices a
+rectangle of the input space reaches, which is how tile-level dependencies are derived.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .layout import StageKind
+
+Shape = tuple[int, ...]
+Rect = tuple[tuple[int, int], ...]  # per dim: [lo, hi)
+
+
+@dataclass(frozen=True)
+class Affine:
+    out_shape: Shape
+    matrix: tuple[tuple[int, ...], ...]  # out_rank rows of cur_rank ints
+    offset: tuple[int, ...]
+
+    kind = StageKind.AFFINE
+
+
+@dataclass(frozen=True)
+class Reshape:
+    out_shape: Shape
+
+    kind = StageKind.RESHAPE
+
+
+Stage = Affine | Reshape
+
+
+@dataclass(frozen=True)
+class IndexMap:
+    in_shape: Shape
+    stages: tuple[Stage, ...] = ()
+
+    @property
+    def out_shape(self) -> Shape:
+        return self.stages[-1].out_shape if self.stages else self.in_shape
+
+    @staticmethod
+    def identity(shape: Shape) -> IndexMap:
+        return IndexMap(tuple(shape))
+
+    @staticmethod
+    def affine(in_shape: Shape, out_shape: Shape, matrix, offset=None) -> IndexMap:
+        matrix = tuple(tuple(int(v) for v in row) for row in matrix)
+        offset = tuple(int(v) for v in (offset if offset is not None else [0] * len(out_shape)))
+        return IndexMap(tuple(in_shape)).then_stage(Affine(tuple(out_shape), matrix, offset))
+
+    @staticmethod
+    def reshape(in_shape: Shape, out_shape: Shape) -> IndexMap:
+        """Map from a reshaped array (``in_shape``) to the array it was reshaped from (``out_shape``)."""
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        matrix = _reshape_as_affine(in_shape, out_shape)
+        if matrix is not None:
+            return IndexMap.affine(in_shape, out_shape, matrix)
+        return IndexMap(in_shape).then_stage(Reshape(out_shape))
+
+    def then_stage(self, stage: Stage) -> IndexMap:
+        return IndexMap(self.in_shape, _simplify(self.in_shape, self.stages + (stage,)))
+
+    def then(self, other: IndexMap) -> IndexMap:
+        """This map followed by ``other`` (other.in_shape must equal self.out_shape)."""
+        assert tuple(other.in_shape) == tuple(self.out_shape), (other.in_shape, self.out_shape)
+        return IndexMap(self.in_shape, _simplify(self.in_shape, self.stages + other.stages))
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.stages
+
+    def apply(self, index) -> tuple[int, ...]:
+        cur, shape = tuple(int(i) for i in index), self.in_shape
+        for stage in self.stages:
+            if isinstance(stage, Affine):
+                cur = tuple(
+                    off + sum(a * c for a, c in zip(row, cur)) for row, off in zip(stage.matrix, stage.offset)
+                )
+            else:
+                cur = tuple(int(v) for v in np.unravel_index(np.ravel_multi_index(cur, shape), stage.out_shape))
+            shape = stage.out_shape
+        return cur
+
+    def rect_image(self, rect: Rect) -> Rect:
+        """Bounding rectangle (in out_shape) of the image of ``rect`` (in in_shape)."""
+        shape = self.in_shape
+        for stage in self.stages:
+            if isinstance(stage, Affine):
+                new = []
+                for row, off, size in zip(stage.matrix, stage.offset, stage.out_shape):
+                    lo = hi = off
+                    for a, (r_lo, r_hi) in zip(row, rect):
+                        if r_hi <= r_lo:
+                            return empty_rect(stage.out_shape)
+                        lo += min(a * r_lo, a * (r_hi - 1))
+                        hi += max(a * r_lo, a * (r_hi - 1))
+                    new.append((max(lo, 0), min(hi + 1, size)))
+                rect = tuple(new)
+            else:
+                rect = _reshape_rect(rect, shape, stage.out_shape)
+            shape = stage.out_shape
+        return rect
+
+    def to_words(self) -> list[int]:
+        words = [len(self.in_shape), *self.in_shape, len(self.stages)]
+        for stage in self.stages:
+            words += [int(stage.kind), len(stage.out_shape), *stage.out_shape]
+            if isinstance(stage, Affine):
+                words += [v for row in stage.matrix for v in row] + list(stage.offset)
+        return words
+
+    def __repr__(self) -> str:
+        if not self.stages:
+            return f"id{list(self.in_shape)}"
+        parts = []
+        for stage in self.stages:
+            if isinstance(stage, Affine):
+                parts.append(f"affine->{list(stage.out_shape)}")
+            else:
+                parts.append(f"reshape->{list(stage.out_shape)}")
+        return f"{list(self.in_shape)}:" + ",".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- rects
+
+
+def full_rect(shape: Shape) -> Rect:
+    return tuple((0, int(d)) for d in shape)
+
+
+def empty_rect(shape: Shape) -> Rect:
+    return tuple((0, 0) for _ in shape)
+
+
+def rect_volume(rect: Rect) -> int:
+    return math.prod(max(hi - lo, 0) for lo, hi in rect)
+
+
+def rects_overlap(a: Rect, b: Rect) -> bool:
+    return all(max(alo, blo) < min(ahi, bhi) for (alo, ahi), (blo, bhi) in zip(a, b))
+
+
+def rect_union(a: Rect, b: Rect) -> Rect:
+    if rect_volume(a) == 0:
+        return b
+    if rect_volume(b) == 0:
+        return a
+    return tuple((min(alo, blo), max(ahi, bhi)) for (alo, ahi), (blo, bhi) in zip(a, b))
+
+
+def _reshape_rect(rect: Rect, in_shape: Shape, out_shape: Shape) -> Rect:
+    """Bounding rect in out_shape of a rect in in_shape, group by group of dims with equal products."""
+    if rect_volume(rect) == 0:
+        return empty_rect(out_shape)
+    result: list[tuple[int, int]] = []
+    for in_dims, out_dims in _reshape_groups(in_shape, out_shape):
+        sizes = [in_shape[d] for d in in_dims]
+        strides = [math.prod(sizes[k + 1 :]) for k in range(len(sizes))]
+        lo = sum(rect[d][0] * s for d, s in zip(in_dims, strides))
+        hi = sum((rect[d][1] - 1) * s for d, s in zip(in_dims, strides)) + 1
+        result.extend(_interval_rect(lo, hi, [out_shape[d] for d in out_dims]))
+    return tuple(result)
+
+
+def _interval_rect(lo: int, hi: int, shape: list[int]) -> list[tuple[int, int]]:
+    """Tightest rect of ``shape`` holding the row-major linear interval [lo, hi)."""
+    if not shape:
+        return []
+    inner = math.prod(shape[1:])
+    first, last = lo // inner, (hi - 1) // inner
+    if first == last:
+        return [(first, first + 1)] + _interval_rect(lo - first * inner, hi - first * inner, shape[1:])
+    return [(first, last + 1)] + [(0, d) for d in shape[1:]]
+
+
+def _reshape_groups(in_shape: Shape, out_shape: Shape) -> list[tuple[list[int], list[int]]]:
+    """Pair up runs of dims of two shapes with equal element counts (size-1 dims form their own runs)."""
+    groups, i, j = [], 0, 0
+    while i < len(in_shape) or j < len(out_shape):
+        if i < len(in_shape) and in_shape[i] == 1 and (j >= len(out_shape) or out_shape[j] != 1):
+            groups.append(([i], []))
+            i += 1
+            continue
+        if j < len(out_shape) and out_shape[j] == 1 and (i >= len(in_shape) or in_shape[i] != 1):
+            groups.append(([], [j]))
+            j += 1
+            continue
+        gi, gj = [i], [j]
+        pi, pj = in_shape[i], out_shape[j]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                gi.append(i)
+                pi *= in_shape[i]
+                i += 1
+            else:
+                gj.append(j)
+                pj *= out_shape[j]
+                j += 1
+        groups.append((gi, gj))
+    return groups
+
+
+def _reshape_as_affine(in_shape: Shape, out_shape: Shape):
+    """Matrix of the reshape when every group maps onto at most one out dim (splits only), else None."""
+    if math.prod(in_shape) == 0:
+        return None
+    matrix = [[0] * len(in_shape) for _ in out_shape]
+    for in_dims, out_dims in _reshape_groups(in_shape, out_shape):
+        nontrivial = [d for d in out_dims if out_shape[d] != 1]
+        if len(nontrivial) > 1:
+            return None
+        if not nontrivial:
+            continue
+        stride = 1
+        for d in reversed(in_dims):
+            matrix[nontrivial[0]][d] = stride
+            stride *= in_shape[d]
+    return matrix
+
+
+def _simplify(in_shape: Shape, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
+    """Fuse adjacent affine stages, drop identities and reshapes that change nothing."""
+    out: list[Stage] = []
+    shape = tuple(in_shape)
+    for stage in stages:
+        if isinstance(stage, Reshape):
+            matrix = _reshape_as_affine(shape, stage.out_shape)
+            if matrix is not None:
+                stage = Affine(stage.out_shape, tuple(map(tuple, matrix)), (0,) * len(stage.out_shape))
+        if isinstance(stage, Affine) and out and isinstance(out[-1], Affine):
+            prev = out.pop()
+            shape = _shape_before(in_shape, out)
+            a2 = np.array(stage.matrix, dtype=np.int64).reshape(len(stage.out_shape), len(prev.out_shape))
+            a1 = np.array(prev.matrix, dtype=np.int64).reshape(len(prev.out_shape), len(shape))
+            offset = a2 @ np.array(prev.offset, dtype=np.int64).reshape(-1) + np.array(stage.offset, dtype=np.int64)
+            stage = Affine(stage.out_shape, tuple(map(tuple, (a2 @ a1).tolist())), tuple(offset.tolist()))
+        if isinstance(stage, Reshape) and out and isinstance(out[-1], Reshape):
+            out.pop()
+            shape = _shape_before(in_shape, out)
+        if _is_identity_stage(stage, shape):
+            shape = stage.out_shape
+            continue
+        out.append(stage)
+        shape = stage.out_shape
+    return tuple(out)
+
+
+def _shape_before(in_shape: Shape, stages: list[Stage]) -> Shape:
+    return stages[-1].out_shape if stages else tuple(in_shape)
+
+
+def _is_identity_stage(stage: Stage, shape: Shape) -> bool:
+    if tuple(stage.out_shape) != tuple(shape):
+        return False
+    if isinstance(stage, Reshape):
+        return True
+    n = len(shape)
+    return all(stage.matrix[r][c] == (1 if r == c else 0) for r in range(n) for c in range(n)) and not any(
+        stage.offset
+    )

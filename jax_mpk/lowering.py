@@ -1,0 +1,430 @@
+"""Lowering rules: one registry from jaxpr primitive name to a function that builds op-graph nodes.
+
+A rule gets a frozen :class:`RuleContext` (avals, source line), the input nodes and the equation's params,
+and returns the output node(s). Adding a primitive is one ``@rule`` here and one test.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .errors import UnsupportedPrimitiveError
+from .graph import Dot, DynLoad, Elementwise, Node, Piecewise, Reduce, Reindex, UpdateSlice
+from .indexmap import IndexMap
+from .layout import NodeOp, ReduceKind
+
+
+@dataclass(frozen=True)
+class RuleContext:
+    primitive: str
+    in_avals: tuple
+    out_avals: tuple
+    source: str
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.out_avals[0].shape)
+
+    @property
+    def out_dtype(self) -> np.dtype:
+        return np.dtype(self.out_avals[0].dtype)
+
+    def unsupported(self, detail: str) -> UnsupportedPrimitiveError:
+        return UnsupportedPrimitiveError(self.primitive, self.source, detail)
+
+
+Rule = Callable[..., "Node | list[Node]"]
+RULES: dict[str, Rule] = {}
+
+
+def rule(*names: str):
+    def register(fn: Rule) -> Rule:
+        for name in names:
+            RULES[name] = fn
+        return fn
+
+    return register
+
+
+def supported_primitives() -> list[str]:
+    return sorted(RULES)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def const(value, dtype, shape=(), source: str = "") -> Node:
+    node = Elementwise(shape=(), dtype=np.dtype(dtype), op=NodeOp.CONST, params=(float(value),), source=source)
+    return broadcast_to(node, tuple(shape))
+
+
+def broadcast_to(node: Node, shape: tuple[int, ...]) -> Node:
+    """Numpy-style broadcast of ``node`` to ``shape`` (lax ops accept scalars and size-1 dims)."""
+    shape = tuple(shape)
+    if tuple(node.shape) == shape:
+        return node
+    lead = len(shape) - len(node.shape)
+    matrix = [[0] * len(shape) for _ in node.shape]
+    for d, size in enumerate(node.shape):
+        if size == shape[lead + d]:
+            matrix[d][lead + d] = 1
+        elif size != 1:
+            raise ValueError(f"cannot broadcast {node.shape} to {shape}")
+    return reindex(node, shape, IndexMap.affine(shape, node.shape, matrix))
+
+
+def reindex(node: Node, shape, index_map: IndexMap) -> Node:
+    if index_map.is_identity and tuple(shape) == tuple(node.shape):
+        return node
+    if isinstance(node, Reindex):  # fold view-of-view into one map
+        return Reindex(
+            shape=tuple(shape), dtype=node.dtype, children=node.children, map=index_map.then(node.map), source=node.source
+        )
+    return Reindex(shape=tuple(shape), dtype=node.dtype, children=(node,), map=index_map, source=node.source)
+
+
+def transpose_map(out_shape, perm) -> IndexMap:
+    """Map for ``y = transpose(x, perm)``: y index -> x index (x dim perm[d] is y dim d)."""
+    rank = len(perm)
+    matrix = [[0] * rank for _ in range(rank)]
+    for d, p in enumerate(perm):
+        matrix[p][d] = 1
+    in_shape = [0] * rank
+    for d, p in enumerate(perm):
+        in_shape[p] = out_shape[d]
+    return IndexMap.affine(out_shape, in_shape, matrix)
+
+
+def constant_value(node: Node):
+    """The Python value of a scalar constant node, or None."""
+    if isinstance(node, Elementwise) and node.op == NodeOp.CONST and node.shape == ():
+        return node.params[0]
+    return None
+
+
+# -------------------------------------------------------------------------------------------- elementwise
+
+_UNARY = {
+    "neg": NodeOp.NEG, "abs": NodeOp.ABS, "sign": NodeOp.SIGN, "floor": NodeOp.FLOOR, "ceil": NodeOp.CEIL,
+    "exp": NodeOp.EXP, "exp2": NodeOp.EXP2, "log": NodeOp.LOG, "log1p": NodeOp.LOG1P, "expm1": NodeOp.EXPM1,
+    "tanh": NodeOp.TANH, "logistic": NodeOp.LOGISTIC, "sin": NodeOp.SIN, "cos": NodeOp.COS, "tan": NodeOp.TAN,
+    "sqrt": NodeOp.SQRT, "rsqrt": NodeOp.RSQRT, "cbrt": NodeOp.CBRT, "erf": NodeOp.ERF,
+    "is_finite": NodeOp.IS_FINITE, "square": NodeOp.SQUARE, "not": NodeOp.NOT,
+}  # fmt: skip
+_BINARY = {
+    "add": NodeOp.ADD, "add_any": NodeOp.ADD, "sub": NodeOp.SUB, "mul": NodeOp.MUL, "div": NodeOp.DIV,
+    "rem": NodeOp.REM, "pow": NodeOp.POW, "max": NodeOp.MAX, "min": NodeOp.MIN, "eq": NodeOp.EQ, "ne": NodeOp.NE,
+    "lt": NodeOp.LT, "le": NodeOp.LE, "gt": NodeOp.GT, "ge": NodeOp.GE, "and": NodeOp.AND, "or": NodeOp.OR,
+    "xor": NodeOp.XOR, "atan2": NodeOp.ATAN2,
+}  # fmt: skip
+
+# Scalar integer/bool arithmetic on constants is folded so that static indices stay static.
+_FOLD = {
+    NodeOp.ADD: np.add, NodeOp.SUB: np.subtract, NodeOp.MUL: np.multiply, NodeOp.MAX: np.maximum,
+    NodeOp.MIN: np.minimum, NodeOp.EQ: np.equal, NodeOp.NE: np.not_equal, NodeOp.LT: np.less,
+    NodeOp.LE: np.less_equal, NodeOp.GT: np.greater, NodeOp.GE: np.greater_equal, NodeOp.NEG: np.negative,
+    NodeOp.AND: np.logical_and, NodeOp.OR: np.logical_or, NodeOp.NOT: np.logical_not,
+}  # fmt: skip
+
+
+def elementwise(ctx: RuleContext, op: NodeOp, *inputs: Node, params=()) -> Node:
+    shape, dtype = ctx.out_shape, ctx.out_dtype
+    values = [constant_value(x) for x in inputs]
+    if shape == () and op in _FOLD and all(v is not None for v in values) and dtype.kind in "biu":
+        folded = _FOLD[op](*[np.asarray(v).astype(x.dtype) for v, x in zip(values, inputs)])
+        return const(np.asarray(folded).astype(dtype).item(), dtype, source=ctx.source)
+    children = tuple(broadcast_to(x, shape) for x in inputs)
+    return Elementwise(shape=shape, dtype=dtype, children=children, op=op, params=params, source=ctx.source)
+
+
+def _unary_rule(op: NodeOp) -> Rule:
+    return lambda ctx, x, **_: elementwise(ctx, op, x)
+
+
+def _binary_rule(op: NodeOp) -> Rule:
+    return lambda ctx, x, y, **_: elementwise(ctx, op, x, y)
+
+
+for _name, _op in _UNARY.items():
+    rule(_name)(_unary_rule(_op))
+for _name, _op in _BINARY.items():
+    rule(_name)(_binary_rule(_op))
+
+
+@rule("stop_gradient", "copy", "copy_p", "optimization_barrier")
+def _identity(ctx, *xs, **_):
+    return list(xs) if len(ctx.out_avals) > 1 else xs[0]
+
+
+@rule("convert_element_type")
+def _convert(ctx, x, **_):
+    if np.dtype(x.dtype) == ctx.out_dtype:
+        return x
+    value = constant_value(x)
+    if value is not None:
+        return const(np.asarray(value).astype(x.dtype).astype(ctx.out_dtype).item(), ctx.out_dtype, source=ctx.source)
+    return elementwise(ctx, NodeOp.CONVERT, x)
+
+
+@rule("integer_pow")
+def _integer_pow(ctx, x, *, y, **_):
+    return elementwise(ctx, NodeOp.INTEGER_POW, x, params=(int(y),))
+
+
+@rule("round")
+def _round(ctx, x, *, rounding_method=0, **_):
+    return elementwise(ctx, NodeOp.ROUND, x, params=(int(rounding_method),))
+
+
+@rule("select_n")
+def _select_n(ctx, pred, *cases, **_):
+    index = constant_value(pred)
+    if index is not None:
+        return broadcast_to(cases[int(index)], ctx.out_shape)
+    return elementwise(ctx, NodeOp.SELECT_N, pred, *cases)
+
+
+@rule("clamp")
+def _clamp(ctx, lo, x, hi, **_):
+    return elementwise(ctx, NodeOp.CLAMP, lo, x, hi)
+
+
+@rule("iota")
+def _iota(ctx, *, dimension, **_):
+    return Elementwise(
+        shape=ctx.out_shape, dtype=ctx.out_dtype, op=NodeOp.IOTA, params=(int(dimension),), source=ctx.source
+    )
+
+
+# ------------------------------------------------------------------------------------------------ views
+
+
+@rule("broadcast_in_dim")
+def _broadcast_in_dim(ctx, x, *, shape, broadcast_dimensions, **_):
+    matrix = [[0] * len(shape) for _ in x.shape]
+    for k, d in enumerate(broadcast_dimensions):
+        if x.shape[k] != 1 or shape[d] == 1:
+            matrix[k][d] = 1
+    return reindex(x, shape, IndexMap.affine(shape, x.shape, matrix))
+
+
+@rule("reshape")
+def _reshape(ctx, x, *, new_sizes, dimensions=None, **_):
+    if dimensions is not None and tuple(dimensions) != tuple(range(len(x.shape))):
+        x = reindex(x, [x.shape[d] for d in dimensions], transpose_map([x.shape[d] for d in dimensions], dimensions))
+    return reindex(x, new_sizes, IndexMap.reshape(tuple(new_sizes), tuple(x.shape)))
+
+
+@rule("squeeze")
+def _squeeze(ctx, x, *, dimensions, **_):
+    return reindex(x, ctx.out_shape, IndexMap.reshape(ctx.out_shape, tuple(x.shape)))
+
+
+@rule("expand_dims")
+def _expand_dims(ctx, x, **_):
+    return reindex(x, ctx.out_shape, IndexMap.reshape(ctx.out_shape, tuple(x.shape)))
+
+
+@rule("transpose")
+def _transpose(ctx, x, *, permutation, **_):
+    return reindex(x, ctx.out_shape, transpose_map(ctx.out_shape, permutation))
+
+
+@rule("slice")
+def _slice(ctx, x, *, start_indices, limit_indices, strides=None, **_):
+    strides = strides or (1,) * len(x.shape)
+    matrix = [[s if r == c else 0 for c in range(len(x.shape))] for r, s in enumerate(strides)]
+    return reindex(x, ctx.out_shape, IndexMap.affine(ctx.out_shape, x.shape, matrix, start_indices))
+
+
+@rule("rev")
+def _rev(ctx, x, *, dimensions, **_):
+    rank = len(x.shape)
+    matrix = [[(-1 if r in dimensions else 1) if r == c else 0 for c in range(rank)] for r in range(rank)]
+    offset = [x.shape[r] - 1 if r in dimensions else 0 for r in range(rank)]
+    return reindex(x, ctx.out_shape, IndexMap.affine(ctx.out_shape, x.shape, matrix, offset))
+
+
+@rule("split")
+def _split(ctx, x, *, sizes, axis, **_):
+    outs, start = [], 0
+    for size, aval in zip(sizes, ctx.out_avals):
+        offset = [start if d == axis else 0 for d in range(len(x.shape))]
+        identity = [[int(r == c) for c in range(len(x.shape))] for r in range(len(x.shape))]
+        outs.append(reindex(x, aval.shape, IndexMap.affine(aval.shape, x.shape, identity, offset)))
+        start += size
+    return outs
+
+
+@rule("concatenate")
+def _concatenate(ctx, *xs, dimension, **_):
+    los, start = [], 0
+    for x in xs:
+        los.append(start)
+        start += x.shape[dimension]
+    return Piecewise(
+        shape=ctx.out_shape, dtype=ctx.out_dtype, children=tuple(xs), axis=int(dimension), los=tuple(los), source=ctx.source
+    )
+
+
+# ------------------------------------------------------------------------------------------- reductions
+
+_REDUCE = {
+    "reduce_sum": ReduceKind.SUM, "reduce_max": ReduceKind.MAX, "reduce_min": ReduceKind.MIN,
+    "reduce_prod": ReduceKind.PROD, "reduce_and": ReduceKind.AND, "reduce_or": ReduceKind.OR,
+    "argmax": ReduceKind.ARGMAX, "argmin": ReduceKind.ARGMIN,
+}  # fmt: skip
+
+
+def _move_axes_last(x: Node, axes) -> Node:
+    axes = sorted(int(a) % max(len(x.shape), 1) for a in axes)
+    perm = [d for d in range(len(x.shape)) if d not in axes] + axes
+    if perm == list(range(len(x.shape))):
+        return x
+    return reindex(x, [x.shape[d] for d in perm], transpose_map([x.shape[d] for d in perm], perm))
+
+
+@rule(*_REDUCE)
+def _reduce(ctx, x, *, axes, **_):
+    if not axes:
+        return x
+    return Reduce(
+        shape=ctx.out_shape,
+        dtype=ctx.out_dtype,
+        children=(_move_axes_last(x, axes),),
+        kind=_REDUCE[ctx.primitive],
+        n_inner=len(axes),
+        source=ctx.source,
+    )
+
+
+# ------------------------------------------------------------------------------------------- contraction
+
+
+@rule("dot_general")
+def _dot_general(ctx, lhs, rhs, *, dimension_numbers, **_):
+    (lc, rc), (lb, rb) = dimension_numbers
+    lhs_free = [d for d in range(len(lhs.shape)) if d not in lc and d not in lb]
+    rhs_free = [d for d in range(len(rhs.shape)) if d not in rc and d not in rb]
+    out_shape = ctx.out_shape
+    k_shape = tuple(lhs.shape[d] for d in lc)
+    combined = tuple(out_shape) + k_shape
+    n_batch, n_lhs_free = len(lb), len(lhs_free)
+
+    def operand_map(shape, batch, free, contract, free_start):
+        matrix = [[0] * len(combined) for _ in shape]
+        for i, d in enumerate(batch):
+            matrix[d][i] = 1
+        for j, d in enumerate(free):
+            matrix[d][free_start + j] = 1
+        for t, d in enumerate(contract):
+            matrix[d][len(out_shape) + t] = 1
+        return IndexMap.affine(combined, shape, matrix)
+
+    return Dot(
+        shape=out_shape,
+        dtype=ctx.out_dtype,
+        children=(lhs, rhs),
+        k_shape=k_shape,
+        lhs_map=operand_map(lhs.shape, lb, lhs_free, lc, n_batch),
+        rhs_map=operand_map(rhs.shape, rb, rhs_free, rc, n_batch + n_lhs_free),
+        source=ctx.source,
+    )
+
+
+# ---------------------------------------------------------------------------------------- dynamic access
+
+
+def _dynamic_load(ctx, operand: Node, map_: IndexMap, starts: dict[int, Node], his: dict[int, int]) -> Node:
+    """operand[map(i) + clamp(starts)], folding constant starts into the map."""
+    offset = [0] * len(operand.shape)
+    dims, index_nodes = [], []
+    for dim, start in starts.items():
+        value = constant_value(start)
+        if value is not None:
+            offset[dim] = min(max(int(value), 0), his[dim])
+        else:
+            dims.append(dim)
+            index_nodes.append(broadcast_to(start, ctx.out_shape) if start.shape == () else start)
+    rank = len(operand.shape)
+    shift = IndexMap.affine(operand.shape, operand.shape, [[int(r == c) for c in range(rank)] for r in range(rank)], offset)
+    return DynLoad(
+        shape=ctx.out_shape,
+        dtype=operand.dtype,
+        children=(operand, *index_nodes),
+        map=map_.then(shift),
+        dims=tuple(dims),
+        his=tuple(his[d] for d in dims),
+        source=ctx.source,
+    )
+
+
+@rule("dynamic_slice")
+def _dynamic_slice(ctx, operand, *starts, slice_sizes, **_):
+    rank = len(operand.shape)
+    identity = IndexMap.affine(ctx.out_shape, operand.shape, [[int(r == c) for c in range(rank)] for r in range(rank)])
+    his = {d: operand.shape[d] - slice_sizes[d] for d in range(rank)}
+    return _dynamic_load(ctx, operand, identity, dict(enumerate(starts)), his)
+
+
+@rule("dynamic_update_slice")
+def _dynamic_update_slice(ctx, operand, update, *starts, **_):
+    return UpdateSlice(
+        shape=ctx.out_shape, dtype=ctx.out_dtype, children=(operand, update, *starts), source=ctx.source
+    )
+
+
+@rule("gather")
+def _gather(ctx, operand, indices, *, dimension_numbers, slice_sizes, mode, fill_value=None, **_):
+    dn = dimension_numbers
+    row_gather = (
+        tuple(dn.start_index_map) == (0,)
+        and tuple(dn.collapsed_slice_dims) == (0,)
+        and not tuple(getattr(dn, "operand_batching_dims", ()))
+        and tuple(slice_sizes) == (1, *operand.shape[1:])
+        and indices.shape[-1:] == (1,)
+        and tuple(dn.offset_dims) == tuple(range(len(indices.shape) - 1, len(ctx.out_shape)))
+    )
+    if not row_gather:
+        raise ctx.unsupported(f"only row gathers (x[idx] along axis 0) are supported, got {dn}")
+    n_batch = len(indices.shape) - 1
+    out_shape = ctx.out_shape
+    operand_matrix = [[0] * len(out_shape) for _ in operand.shape]
+    for d in range(1, len(operand.shape)):
+        operand_matrix[d][n_batch + d - 1] = 1
+    index_matrix = [[0] * len(out_shape) for _ in indices.shape]
+    for d in range(n_batch):
+        index_matrix[d][d] = 1
+    index = reindex(indices, out_shape, IndexMap.affine(out_shape, indices.shape, index_matrix))
+    loaded = _dynamic_load(
+        ctx, operand, IndexMap.affine(out_shape, operand.shape, operand_matrix), {0: index}, {0: operand.shape[0] - 1}
+    )
+    if "FILL" not in str(mode).upper():
+        return loaded
+    return _fill_out_of_bounds(ctx, loaded, index, operand.shape[0], fill_value)
+
+
+def _fill_out_of_bounds(ctx, loaded: Node, index: Node, size: int, fill_value) -> Node:
+    dtype = ctx.out_dtype
+    if fill_value is None:
+        if dtype.kind == "f" or dtype.name == "bfloat16":
+            fill_value = math.nan
+        elif dtype.kind == "i":
+            fill_value = np.iinfo(dtype).min
+        elif dtype.kind == "u":
+            fill_value = np.iinfo(dtype).max
+        else:
+            fill_value = True
+    shape = ctx.out_shape
+    boolean = np.dtype(bool)
+    index_dtype = np.dtype(index.dtype)
+    above = Elementwise(shape=shape, dtype=boolean, children=(index, const(-1, index_dtype, shape)), op=NodeOp.GT)
+    below = Elementwise(shape=shape, dtype=boolean, children=(index, const(size, index_dtype, shape)), op=NodeOp.LT)
+    inside = Elementwise(shape=shape, dtype=boolean, children=(above, below), op=NodeOp.AND)
+    return Elementwise(
+        shape=shape, dtype=dtype, children=(inside, const(fill_value, dtype, shape), loaded), op=NodeOp.SELECT_N
+    )

@@ -1,0 +1,155 @@
+"""Serialize a scheduled task graph into the flat int64 plan that the C++ runtime reads.
+
+The word order is specified in docs/plan_format.md; every code comes from :mod:`jax_mpk.layout`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import ml_dtypes
+import numpy as np
+
+from .fusion import Kernel, KernelOutput, Tensor
+from .graph import Acc, Elementwise, Load, Node, Piecewise, Reduce, Reindex
+from .indexmap import IndexMap
+from .layout import HEADER_WORDS, MAGIC, MAX_RANK, TASK_WORDS, VERSION, DType, Header, NodeOp, Platform, TaskField
+from .schedule import Schedule
+from .tasks import TaskGraph
+
+_DTYPES = {
+    np.dtype("float32"): DType.F32,
+    np.dtype(ml_dtypes.bfloat16): DType.BF16,
+    np.dtype("float16"): DType.F16,
+    np.dtype("int32"): DType.I32,
+    np.dtype("uint32"): DType.U32,
+    np.dtype("int8"): DType.I8,
+    np.dtype("uint8"): DType.U8,
+    np.dtype("bool"): DType.BOOL,
+}
+
+
+def dtype_code(dtype) -> DType:
+    return _DTYPES[np.dtype(dtype)]
+
+
+def double_bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+class _Interner:
+    """Numbers equal records (maps, tensors) once each."""
+
+    def __init__(self):
+        self.index: dict[tuple, int] = {}
+        self.records: list[list[int]] = []
+
+    def __call__(self, record: list[int]) -> int:
+        key = tuple(record)
+        if key not in self.index:
+            self.index[key] = len(self.records)
+            self.records.append(record)
+        return self.index[key]
+
+
+def serialize(graph: TaskGraph, sched: Schedule, platform: Platform = Platform.CPU) -> np.ndarray:
+    kg = graph.kernels
+    maps, tensors = _Interner(), _Interner()
+
+    def tensor_id(tensor: Tensor) -> int:
+        b = tensor.buffer
+        return tensors([int(b.kind), int(b.index), int(dtype_code(b.dtype)), len(tensor.shape), *tensor.shape])
+
+    def map_id(index_map: IndexMap) -> int:
+        assert len(index_map.in_shape) <= MAX_RANK and len(index_map.out_shape) <= MAX_RANK
+        return maps(index_map.to_words())
+
+    kernel_words: list[int] = []
+    for kernel in kg.kernels:
+        kernel_words += _kernel_words(kernel, tensor_id, map_id)
+
+    words = [0] * HEADER_WORDS
+    header = {
+        Header.MAGIC: MAGIC, Header.VERSION: VERSION, Header.PLATFORM: int(platform),
+        Header.NUM_INPUTS: len(kg.input_specs), Header.NUM_OUTPUTS: len(kg.output_specs),
+        Header.WORKSPACE_BYTES: kg.workspace_bytes, Header.NUM_TENSORS: len(tensors.records),
+        Header.NUM_MAPS: len(maps.records), Header.NUM_KERNELS: len(kg.kernels), Header.NUM_TASKS: len(graph.tasks),
+        Header.NUM_EVENTS: graph.num_events, Header.NUM_WORKERS: len(sched.workers),
+        Header.NUM_ALIASES: len(kg.aliases),
+    }  # fmt: skip
+    for field, value in header.items():
+        words[field] = int(value)
+    for shape, dtype in kg.input_specs + kg.output_specs:
+        words += [int(dtype_code(dtype)), len(shape), *shape]
+    for i, j in sorted(kg.aliases.items()):
+        words += [i, j]
+    for record in tensors.records:
+        words += record
+    for record in maps.records:
+        words += record
+    words += kernel_words
+    signals: list[int] = []
+    for task in graph.tasks:
+        record = [0] * TASK_WORDS
+        record[TaskField.KERNEL] = task.kernel
+        record[TaskField.WAIT_EVENT] = task.wait_event
+        record[TaskField.WAIT_COUNT] = task.wait_count
+        record[TaskField.SIGNAL_BEGIN] = len(signals)
+        record[TaskField.SIGNAL_COUNT] = len(task.signals)
+        record[TaskField.LO : TaskField.LO + len(task.lo)] = task.lo
+        record[TaskField.HI : TaskField.HI + len(task.hi)] = task.hi
+        signals += task.signals
+        words += record
+    words += [len(signals), *signals]
+    for worker in sched.workers:
+        words += [len(worker), *worker]
+    return np.asarray(words, dtype=np.int64)
+
+
+def plan_key(words: np.ndarray) -> str:
+    return hashlib.sha256(words.tobytes()).hexdigest()[:32]
+
+
+def _kernel_words(kernel: Kernel, tensor_id, map_id) -> list[int]:
+    words = [int(kernel.kind), len(kernel.domain), *kernel.domain]
+    if kernel.dot is not None:
+        d = kernel.dot
+        words += [len(d.k_shape), *d.k_shape, tensor_id(d.lhs), map_id(d.lhs_map), tensor_id(d.rhs), map_id(d.rhs_map)]
+        words += [int(dtype_code(d.acc_dtype))]
+    nodes = kernel.nodes()
+    position = {n.uid: i for i, n in enumerate(nodes)}
+    words.append(len(nodes))
+    for node in nodes:
+        op, params = _node_op_params(node, tensor_id, map_id)
+        words += [int(op), int(dtype_code(node.dtype)), len(node.shape), *node.shape]
+        words += [len(node.children), *(position[c.uid] for c in node.children)]
+        words += [len(params), *params]
+    words.append(len(kernel.outputs))
+    for out in kernel.outputs:
+        words += _output_words(out, position, tensor_id, map_id)
+    return words
+
+
+def _output_words(out: KernelOutput, position, tensor_id, map_id) -> list[int]:
+    words = [position[out.node.uid], tensor_id(out.tensor), map_id(out.map), len(out.dyn)]
+    for dim, node, hi in out.dyn:
+        words += [dim, position[node.uid], hi]
+    return words
+
+
+def _node_op_params(node: Node, tensor_id, map_id) -> tuple[NodeOp, list[int]]:
+    if isinstance(node, Load):
+        return NodeOp.LOAD, [tensor_id(node.tensor), map_id(node.map), len(node.dims), *node.dims, *node.his]
+    if isinstance(node, Reindex):
+        return NodeOp.REINDEX, [map_id(node.map)]
+    if isinstance(node, Reduce):
+        return NodeOp.REDUCE, [int(node.kind), node.n_inner]
+    if isinstance(node, Piecewise):
+        return NodeOp.PIECEWISE, [node.axis, *node.los]
+    if isinstance(node, Acc):
+        return NodeOp.ACC, []
+    assert isinstance(node, Elementwise), node
+    if node.op == NodeOp.CONST:
+        return node.op, [double_bits(node.params[0])]
+    return node.op, [int(p) for p in node.params]

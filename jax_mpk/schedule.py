@@ -1,0 +1,36 @@
+"""Schedule: give every worker (an SM on the GPU, a thread on the CPU) an ordered list of tasks.
+
+Tasks are taken in one global topological order and each goes to the worker that can start it first
+(list scheduling with the tasks' estimated costs). Every worker's list is then a subsequence of one
+topological order, which is what makes the static schedule deadlock-free: the earliest unfinished task
+of the global order always has its dependencies done and nothing unfinished ahead of it on its worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .tasks import TaskGraph
+
+
+@dataclass
+class Schedule:
+    workers: list[list[int]]  # per worker: task indices in execution order
+
+    def __repr__(self) -> str:
+        lines = [f"Schedule: {len(self.workers)} workers"]
+        lines += [f"  worker{w}: {tasks}" for w, tasks in enumerate(self.workers)]
+        return "\n".join(lines)
+
+
+def schedule(graph: TaskGraph, num_workers: int) -> Schedule:
+    free_at = [0.0] * num_workers
+    finish = [0.0] * len(graph.tasks)
+    workers: list[list[int]] = [[] for _ in range(num_workers)]
+    for task in graph.tasks:  # tasks are created in a topological order
+        ready = max((finish[d] for d in task.deps), default=0.0)
+        worker = min(range(num_workers), key=lambda w: (max(free_at[w], ready), w))
+        start = max(free_at[worker], ready)
+        finish[task.index] = free_at[worker] = start + task.cost
+        workers[worker].append(task.index)
+    return Schedule(workers)

@@ -1,0 +1,219 @@
+"""Tasks: split every kernel into tiles of its domain and derive tile-level dependencies as events.
+
+A task writes one tile of its kernel's outputs and reads the regions its expression reaches from that tile
+(propagated backwards through views, reductions and concatenations, bounded by rectangles). Dependencies
+follow the buffers in kernel order: a read waits for earlier overlapping writes; a write waits for earlier
+overlapping reads and writes (in-place updates). Redundant edges (implied by others) are dropped; the tasks
+that depend on exactly the same set of producers share one event, which each producer signals once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .fusion import Kernel, KernelGraph, Tensor
+from .graph import Acc, Load, Node, Piecewise, Reduce, Reindex
+from .indexmap import Rect, _reshape_rect, full_rect, rect_union, rect_volume, rects_overlap
+
+@dataclass
+class Access:
+    buffer_id: int  # index into KernelGraph.buffers
+    rect: Rect  # in the buffer's own shape
+
+
+@dataclass
+class Task:
+    index: int
+    kernel: int
+    lo: tuple[int, ...]
+    hi: tuple[int, ...]
+    cost: float
+    reads: list[Access] = field(default_factory=list)
+    writes: list[Access] = field(default_factory=list)
+    deps: list[int] = field(default_factory=list)  # tasks this one must follow (transitively reduced)
+    wait_event: int = -1
+    wait_count: int = 0
+    signals: list[int] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        tile = ",".join(f"{a}:{b}" for a, b in zip(self.lo, self.hi))
+        wait = f" wait e{self.wait_event}>={self.wait_count}" if self.wait_event >= 0 else ""
+        signal = f" signal {['e%d' % e for e in self.signals]}" if self.signals else ""
+        return f"task{self.index} k{self.kernel}[{tile}]{wait}{signal}"
+
+
+@dataclass
+class TaskGraph:
+    kernels: KernelGraph
+    tasks: list[Task]
+    num_events: int
+
+    def __repr__(self) -> str:
+        lines = [f"TaskGraph: {len(self.tasks)} tasks, {self.num_events} events"]
+        for kernel in self.kernels.kernels:
+            tasks = [t for t in self.tasks if t.kernel == kernel.index]
+            lines.append(f"  {kernel!r}")
+            lines += [f"    {t!r}" for t in tasks]
+        return "\n".join(lines)
+
+
+def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 1 << 14) -> TaskGraph:
+    """Tasks of every kernel; a kernel is split into at most 2 tasks per worker, each of at least
+    ``min_task_work`` (elements x estimated per-element cost)."""
+    buffer_ids = {id(b): i for i, b in enumerate(graph.buffers)}
+    tasks: list[Task] = []
+    for kernel in graph.kernels:
+        per_element = _cost_per_element(kernel)
+        for lo, hi in tile_domain(kernel, num_workers, per_element, min_task_work):
+            task = Task(len(tasks), kernel.index, lo, hi, cost=per_element * math.prod(h - l for l, h in zip(lo, hi)))
+            task.reads, task.writes = _accesses(kernel, lo, hi, buffer_ids)
+            tasks.append(task)
+    _derive_dependencies(tasks, len(graph.buffers))
+    num_events = _assign_events(tasks)
+    return TaskGraph(graph, tasks, num_events)
+
+
+# ------------------------------------------------------------------------------------------------ tiling
+
+
+def _cost_per_element(kernel: Kernel) -> float:
+    cost = 0.0
+    for node in kernel.nodes():
+        if isinstance(node, Reduce):
+            cost += math.prod(node.children[0].shape[len(node.shape) :])
+        else:
+            cost += 1
+    if kernel.dot is not None:
+        cost += 2 * math.prod(kernel.dot.k_shape)
+    return max(cost, 1.0)
+
+
+def tile_domain(kernel: Kernel, num_workers: int, per_element: float, min_task_work: int) -> list[tuple[tuple, tuple]]:
+    """Tiles as (lo, hi): single indices on leading dims, a range on one dim, whole trailing dims.
+    Kernels with reductions keep their last dim whole so that a row's reduction is computed once."""
+    domain = kernel.domain
+    if math.prod(domain) == 0:
+        return []
+    work = per_element * math.prod(domain)
+    wanted = int(min(max(work // max(min_task_work, 1), 1), 2 * num_workers))
+    splittable = len(domain) - 1 if kernel.has_reduction() and len(domain) > 1 else len(domain)
+    tiles: list[tuple[tuple, tuple]] = [((), ())]
+    dim = 0
+    while dim < len(domain):
+        size = domain[dim]
+        if dim >= splittable or wanted <= 1:
+            tiles = [(lo + (0,), hi + (size,)) for lo, hi in tiles]
+        elif size >= wanted:
+            step = -(-size // wanted)
+            tiles = [(lo + (s,), hi + (min(s + step, size),)) for lo, hi in tiles for s in range(0, size, step)]
+            wanted = 1
+        else:
+            tiles = [(lo + (s,), hi + (s + 1,)) for lo, hi in tiles for s in range(size)]
+            wanted = -(-wanted // size)
+        dim += 1
+    return tiles
+
+
+# ------------------------------------------------------------------------------------------------ regions
+
+
+def _accesses(kernel: Kernel, lo, hi, buffer_ids) -> tuple[list[Access], list[Access]]:
+    tile = tuple(zip(lo, hi))
+    region: dict[int, Rect] = {}
+
+    def need(node: Node, rect: Rect) -> None:
+        if rect_volume(rect) == 0:
+            return
+        region[node.uid] = rect_union(region[node.uid], rect) if node.uid in region else rect
+
+    for out in kernel.outputs:
+        need(out.node, tile)
+        for _, index, _ in out.dyn:
+            need(index, tile)
+    reads: list[Access] = []
+    for node in reversed(kernel.nodes()):
+        rect = region.get(node.uid)
+        if rect is None:
+            continue
+        if isinstance(node, Load):
+            tensor_rect = node.map.rect_image(rect)
+            tensor_rect = tuple((0, node.tensor.shape[d]) if d in node.dims else r for d, r in enumerate(tensor_rect))
+            reads.append(_access(node.tensor, tensor_rect, buffer_ids))
+            for child in node.children:
+                need(child, rect)
+        elif isinstance(node, Reindex):
+            need(node.children[0], node.map.rect_image(rect))
+        elif isinstance(node, Reduce):
+            child = node.children[0]
+            need(child, rect + full_rect(child.shape[len(node.shape) :]))
+        elif isinstance(node, Piecewise):
+            bounds = list(node.los) + [node.shape[node.axis]]
+            for k, child in enumerate(node.children):
+                a_lo, a_hi = rect[node.axis]
+                part = (max(a_lo, bounds[k]) - bounds[k], min(a_hi, bounds[k + 1]) - bounds[k])
+                if part[1] > part[0]:
+                    need(child, rect[: node.axis] + (part,) + rect[node.axis + 1 :])
+        elif not isinstance(node, Acc):
+            for child in node.children:
+                need(child, rect)
+    if kernel.dot is not None:
+        combined = tile + full_rect(kernel.dot.k_shape)
+        reads.append(_access(kernel.dot.lhs, kernel.dot.lhs_map.rect_image(combined), buffer_ids))
+        reads.append(_access(kernel.dot.rhs, kernel.dot.rhs_map.rect_image(combined), buffer_ids))
+    writes = []
+    for out in kernel.outputs:
+        rect = out.map.rect_image(tile)
+        dyn_dims = {d for d, _, _ in out.dyn}
+        rect = tuple((0, out.tensor.shape[d]) if d in dyn_dims else r for d, r in enumerate(rect))
+        writes.append(_access(out.tensor, rect, buffer_ids))
+    return reads, writes
+
+
+def _access(tensor: Tensor, rect: Rect, buffer_ids) -> Access:
+    buffer = tensor.buffer
+    if tuple(tensor.shape) != tuple(buffer.shape):
+        rect = _reshape_rect(rect, tuple(tensor.shape), tuple(buffer.shape))
+    return Access(buffer_ids[id(buffer)], rect)
+
+
+# ------------------------------------------------------------------------------------------- dependencies
+
+
+def _derive_dependencies(tasks: list[Task], num_buffers: int) -> None:
+    history: list[list[tuple[int, Rect, bool]]] = [[] for _ in range(num_buffers)]  # (task, rect, is_write)
+    ancestors: list[int] = []  # bitset of every task each task transitively follows
+    for task in tasks:
+        deps: set[int] = set()
+        for access in task.reads:
+            deps |= {t for t, r, w in history[access.buffer_id] if w and t != task.index and rects_overlap(r, access.rect)}
+        for access in task.writes:
+            deps |= {t for t, r, _ in history[access.buffer_id] if t != task.index and rects_overlap(r, access.rect)}
+        # drop tasks already implied by another dependency
+        implied = 0
+        for d in deps:
+            implied |= ancestors[d]
+        task.deps = sorted(d for d in deps if not (implied >> d) & 1)
+        bits = 0
+        for d in task.deps:
+            bits |= ancestors[d] | (1 << d)
+        ancestors.append(bits)
+        for access in task.reads:
+            history[access.buffer_id].append((task.index, access.rect, False))
+        for access in task.writes:
+            history[access.buffer_id].append((task.index, access.rect, True))
+
+
+def _assign_events(tasks: list[Task]) -> int:
+    """One event per distinct dependency set; its producers each signal it once."""
+    events: dict[tuple[int, ...], int] = {}
+    for task in tasks:
+        if not task.deps:
+            continue
+        key = tuple(task.deps)
+        if key not in events:
+            events[key] = len(events)
+            for producer in key:
+                tasks[producer].signals.append(events[key])
+        task.wait_event, task.wait_count = events[key], len(key)
+    return len(events)

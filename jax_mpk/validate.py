@@ -1,0 +1,124 @@
+"""The task-graph validator: checks a plan's own encoding (events, not the dependency lists it came from).
+
+1. Every kernel's tiles partition its domain.
+2. Every event is signalled exactly as often as its waiters expect.
+3. Every read follows every earlier overlapping write of its buffer (kernel order defines "earlier"), and
+   every later overlapping write follows the read.
+4. Tasks of different kernels that write overlapping regions are ordered.
+5. The per-worker lists run to completion (no deadlock) when simulated with the event protocol.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+from .errors import InvalidTaskGraphError
+from .indexmap import rect_volume, rects_overlap
+from .schedule import Schedule
+from .tasks import TaskGraph
+
+
+def validate(graph: TaskGraph, sched: Schedule) -> None:
+    tasks = graph.tasks
+    _check_partitions(graph)
+    signallers: dict[int, list[int]] = {}
+    for task in tasks:
+        for event in task.signals:
+            signallers.setdefault(event, []).append(task.index)
+    for task in tasks:
+        if task.wait_event >= 0 and len(signallers.get(task.wait_event, [])) != task.wait_count:
+            raise InvalidTaskGraphError(
+                f"{task!r} waits for {task.wait_count} signals of event {task.wait_event}, "
+                f"which {len(signallers.get(task.wait_event, []))} tasks signal"
+            )
+    ancestors = _ancestors(graph, signallers)
+
+    def follows(later: int, earlier: int) -> bool:
+        return bool((ancestors[later] >> earlier) & 1)
+
+    for buffer_id in range(len(graph.kernels.buffers)):
+        writes = [(t.index, t.kernel, a.rect) for t in tasks for a in t.writes if a.buffer_id == buffer_id]
+        reads = [(t.index, t.kernel, a.rect) for t in tasks for a in t.reads if a.buffer_id == buffer_id]
+        name = graph.kernels.buffers[buffer_id].name
+        for r_task, r_kernel, r_rect in reads:
+            for w_task, w_kernel, w_rect in writes:
+                if w_task == r_task or not rects_overlap(r_rect, w_rect):
+                    continue
+                if w_kernel < r_kernel and not follows(r_task, w_task):
+                    raise InvalidTaskGraphError(
+                        f"task{r_task} reads {name}{list(r_rect)} without waiting for task{w_task}, which writes it"
+                    )
+                if w_kernel > r_kernel and not follows(w_task, r_task):
+                    raise InvalidTaskGraphError(
+                        f"task{w_task} overwrites {name}{list(w_rect)} before task{r_task} has read it"
+                    )
+        for i, (a_task, a_kernel, a_rect) in enumerate(writes):
+            for b_task, b_kernel, b_rect in writes[i + 1 :]:
+                if a_kernel != b_kernel and rects_overlap(a_rect, b_rect):
+                    if not (follows(a_task, b_task) or follows(b_task, a_task)):
+                        raise InvalidTaskGraphError(f"task{a_task} and task{b_task} race writing {name}")
+    _check_schedule(graph, sched)
+
+
+def _check_partitions(graph: TaskGraph) -> None:
+    for kernel in graph.kernels.kernels:
+        tiles = [tuple(zip(t.lo, t.hi)) for t in graph.tasks if t.kernel == kernel.index]
+        if sum(rect_volume(t) for t in tiles) != math.prod(kernel.domain):
+            raise InvalidTaskGraphError(f"the tiles of kernel{kernel.index} do not cover its domain exactly")
+        for i, a in enumerate(tiles):
+            for b in tiles[i + 1 :]:
+                if rects_overlap(a, b):
+                    raise InvalidTaskGraphError(f"two tiles of kernel{kernel.index} overlap: {a} and {b}")
+
+
+def _ancestors(graph: TaskGraph, signallers: dict[int, list[int]]) -> list[int]:
+    """Bitset of transitive predecessors per task, following events; raises on a cycle."""
+    tasks = graph.tasks
+    preds = [signallers.get(t.wait_event, []) if t.wait_event >= 0 else [] for t in tasks]
+    result: list[int | None] = [None] * len(tasks)
+    state = [0] * len(tasks)  # 0 new, 1 on stack, 2 done
+    for start in range(len(tasks)):
+        stack = [start]
+        while stack:
+            node = stack[-1]
+            if state[node] == 0:
+                state[node] = 1
+                for p in preds[node]:
+                    if state[p] == 1:
+                        raise InvalidTaskGraphError(f"dependency cycle through task{p} and task{node}")
+                    if state[p] == 0:
+                        stack.append(p)
+                continue
+            stack.pop()
+            if state[node] == 1:
+                bits = 0
+                for p in preds[node]:
+                    bits |= result[p] | (1 << p)
+                result[node] = bits
+                state[node] = 2
+    return result
+
+
+def _check_schedule(graph: TaskGraph, sched: Schedule) -> None:
+    listed = Counter(i for worker in sched.workers for i in worker)
+    if sorted(listed) != list(range(len(graph.tasks))) or any(c != 1 for c in listed.values()):
+        raise InvalidTaskGraphError("the schedule does not list every task exactly once")
+    counters: Counter = Counter()
+    heads = [0] * len(sched.workers)
+    done = 0
+    progress = True
+    while progress:
+        progress = False
+        for w, worker in enumerate(sched.workers):
+            while heads[w] < len(worker):
+                task = graph.tasks[worker[heads[w]]]
+                if task.wait_event >= 0 and counters[task.wait_event] < task.wait_count:
+                    break
+                counters.update(task.signals)
+                heads[w] += 1
+                done += 1
+                progress = True
+    if done != len(graph.tasks):
+        stuck = [f"worker{w} at task{worker[heads[w]]}" for w, worker in enumerate(sched.workers) if heads[w] < len(worker)]
+        raise InvalidTaskGraphError("the schedule deadlocks: " + ", ".join(stuck))

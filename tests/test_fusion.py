@@ -1,0 +1,116 @@
+"""Fused patterns: elementwise chains, RMSNorm, softmax, RoPE, dot epilogues and in-place updates."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import check_against_jit, random_array
+
+import jax_mpk
+from jax_mpk.graph import Acc, Reduce
+
+
+def _rms_norm(x, w):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * w
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_rms_norm_is_one_kernel(dtype, rows, rng):
+    x, w = random_array(rng, (rows, 40), dtype), random_array(rng, (40,), dtype)
+    fast = check_against_jit(_rms_norm, x, w, dtype=dtype)
+    (mk,) = fast.plans.values()
+    assert len(mk.graph.kernels) == 1
+    assert any(isinstance(n, Reduce) for n in mk.graph.kernels[0].nodes())
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (2, 3, 33)])
+def test_softmax_is_one_kernel(shape, rng):
+    fast = check_against_jit(lambda s: jax.nn.softmax(s, axis=-1), random_array(rng, shape, "float32", -8, 8))
+    (mk,) = fast.plans.values()
+    assert len(mk.graph.kernels) == 1
+
+
+def test_elementwise_chain_is_one_kernel(rng):
+    f = lambda x, y: jnp.tanh(x * 2 + 1) * jax.nn.sigmoid(y) - jnp.exp(-x)  # noqa: E731
+    fast = check_against_jit(f, random_array(rng, (5, 9), "float32"), random_array(rng, (5, 9), "float32"))
+    assert len(next(iter(fast.plans.values())).graph.kernels) == 1
+
+
+def test_residual_add_becomes_dot_epilogue(rng):
+    f = lambda h, x, w: h + x @ w  # noqa: E731
+    args = [random_array(rng, s, "float32") for s in [(2, 24), (2, 16), (16, 24)]]
+    fast = check_against_jit(f, *args)
+    (mk,) = fast.plans.values()
+    assert len(mk.graph.kernels) == 1 and mk.graph.kernels[0].dot is not None
+    assert any(isinstance(n, Acc) for n in mk.graph.kernels[0].nodes())
+
+
+def test_rope_with_concatenate_fuses(rng):
+    def rope(x, cos, sin):
+        half = x.shape[-1] // 2
+        rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rotated * sin
+
+    args = [random_array(rng, s, "float32") for s in [(3, 4, 16), (16,), (16,)]]
+    fast = check_against_jit(rope, *args)
+    assert len(next(iter(fast.plans.values())).graph.kernels) == 1
+
+
+def test_norm_then_matmul_then_softmax(rng):
+    def f(x, w, v):
+        return jax.nn.softmax(_rms_norm(x, 1.0) @ w, axis=-1) @ v
+
+    args = [random_array(rng, s, "float32") for s in [(3, 32), (32, 20), (20, 8)]]
+    check_against_jit(f, *args)
+
+
+def test_shared_reduction_is_computed_once(rng):
+    def f(x):
+        m = jnp.max(x, axis=-1, keepdims=True)
+        return x - m, jnp.exp(x - m)
+
+    fast = check_against_jit(f, random_array(rng, (4, 10), "float32"))
+    (mk,) = fast.plans.values()
+    assert sum(isinstance(n, Reduce) for k in mk.graph.kernels for n in k.nodes()) == 1
+
+
+def test_chained_updates_alias_input_to_output(rng):
+    def f(cache, a, b, i):
+        cache = jax.lax.dynamic_update_slice(cache, a, (0, i))
+        cache = jax.lax.dynamic_update_slice(cache, b, (1, i))
+        return cache, cache[0].sum()
+
+    args = [random_array(rng, (2, 9), "float32"), random_array(rng, (1, 3), "float32"),
+            random_array(rng, (1, 3), "float32"), jnp.int32(4)]  # fmt: skip
+    fast = check_against_jit(f, *args)
+    (mk,) = fast.plans.values()
+    assert mk.graph.aliases == {0: 0}
+
+
+def test_reader_of_old_value_runs_before_in_place_update(rng):
+    def f(cache, a, i):
+        old_total = cache.sum()
+        return jax.lax.dynamic_update_slice(cache, a, (i, 0)), old_total
+
+    args = [random_array(rng, (6, 4), "float32"), random_array(rng, (2, 4), "float32"), jnp.int32(3)]
+    fast = check_against_jit(f, *args)
+    assert next(iter(fast.plans.values())).graph.aliases == {0: 0}
+
+
+def test_reader_that_needs_both_versions_forces_a_copy(rng):
+    def f(cache, a, i):
+        new = jax.lax.dynamic_update_slice(cache, a, (i, 0))
+        return new, new.sum() - cache.sum()
+
+    args = [random_array(rng, (6, 4), "float32"), random_array(rng, (2, 4), "float32"), jnp.int32(1)]
+    fast = check_against_jit(f, *args)
+    assert next(iter(fast.plans.values())).graph.aliases == {}
+
+
+def test_megakernel_of_jitted_and_custom_jvp_functions(rng):
+    inner = jax.jit(lambda x: jax.nn.gelu(x) * 2)
+    f = lambda x: inner(x) + jax.nn.relu(x) + jax.nn.softplus(x)  # noqa: E731
+    check_against_jit(f, random_array(rng, (4, 6), "float32"))
+    check_against_jit(jax.checkpoint(lambda x: jnp.sin(x) * x), random_array(rng, (5,), "float32"))

@@ -1,0 +1,146 @@
+"""The task graph: validator, worker-count independence, shuffled schedules, watchdog, layout header."""
+
+from __future__ import annotations
+
+import copy
+import os
+import pathlib
+import random
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_trees_close
+from tiny_models import TinyConfig, init_cache, init_params, make_decode_step, random_tokens
+
+import jax_mpk
+from jax_mpk import layout
+from jax_mpk.plan import plan_key, serialize
+from jax_mpk.runtime import emit_call, register_plan
+from jax_mpk.schedule import Schedule
+from jax_mpk.validate import validate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _decode_case(seed=0):
+    cfg = TinyConfig(qk_norm=True, batch=2)
+    params = init_params(cfg, jax.random.PRNGKey(seed))
+    cache = init_cache(cfg, jax.random.PRNGKey(seed + 1))
+    args = (params, random_tokens(cfg, seed), jnp.int32(5), *cache)
+    return make_decode_step(cfg), args
+
+
+def _run_plan(megakernel, words, *args, watchdog_ms=None):
+    """Run ``megakernel``'s function with another plan (same kernels, other tasks or schedule)."""
+    key = plan_key(words)
+    register_plan(key, words)
+    flat = jax.tree_util.tree_leaves(args)
+    run = jax.jit(
+        lambda *flat: emit_call(
+            key, list(flat) + megakernel.consts, megakernel.graph.output_specs, megakernel.graph.aliases,
+            megakernel.graph.workspace_bytes, watchdog_ms or megakernel.watchdog_ms,
+        )
+    )
+    return jax.tree_util.tree_unflatten(megakernel.out_tree, jax.block_until_ready(run(*flat)))
+
+
+def test_stages_are_printable():
+    step, args = _decode_case()
+    mk = jax_mpk.compile(step, *args, num_workers=3)
+    assert "kernel0" in repr(mk.graph) and "task0" in repr(mk.tasks) and "worker2" in repr(mk.schedule)
+    assert "kernels" in repr(mk)
+    # fusion keeps the step to a few dozen kernels per layer, not one per jaxpr equation
+    assert len(mk.graph.kernels) < len(mk.jaxpr.jaxpr.eqns) / 4
+
+
+@pytest.mark.parametrize("num_workers", [1, 2, 8])
+def test_results_do_not_depend_on_worker_count(num_workers):
+    step, args = _decode_case(seed=3)
+    expected = jax.jit(step)(*args)
+    mk = jax_mpk.compile(step, *args, num_workers=num_workers)
+    assert len(mk.schedule.workers) == num_workers
+    assert_trees_close(mk(*args), expected)
+
+
+def _shuffled_schedule(graph, num_workers, seed) -> Schedule:
+    """A random topological order dealt to workers at random: still deadlock-free by construction."""
+    rnd = random.Random(seed)
+    waiting = {t.index: len(t.deps) for t in graph.tasks}
+    followers = {t.index: [] for t in graph.tasks}
+    for t in graph.tasks:
+        for d in t.deps:
+            followers[d].append(t.index)
+    ready = [i for i, n in waiting.items() if n == 0]
+    workers = [[] for _ in range(num_workers)]
+    while ready:
+        task = ready.pop(rnd.randrange(len(ready)))
+        workers[rnd.randrange(num_workers)].append(task)
+        for f in followers[task]:
+            waiting[f] -= 1
+            if waiting[f] == 0:
+                ready.append(f)
+    return Schedule(workers)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_shuffled_topological_schedules_give_identical_results(seed):
+    step, args = _decode_case(seed=7)
+    mk = jax_mpk.compile(step, *args, num_workers=4)
+    baseline = mk(*args)
+    sched = _shuffled_schedule(mk.tasks, 4, seed)
+    validate(mk.tasks, sched)
+    shuffled = _run_plan(mk, serialize(mk.tasks, sched), *args)
+    for a, b in zip(jax.tree_util.tree_leaves(shuffled), jax.tree_util.tree_leaves(baseline)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_validator_rejects_a_removed_dependency():
+    step, args = _decode_case()
+    mk = jax_mpk.compile(step, *args, num_workers=2)
+    broken = copy.deepcopy(mk.tasks)
+    victim = next(t for t in broken.tasks if t.wait_event >= 0)
+    victim.wait_event, victim.wait_count = -1, 0
+    with pytest.raises(jax_mpk.InvalidTaskGraphError, match="without waiting|before task"):
+        validate(broken, mk.schedule)
+
+
+def test_validator_rejects_a_deadlocking_schedule():
+    step, args = _decode_case()
+    mk = jax_mpk.compile(step, *args, num_workers=2)
+    reversed_lists = Schedule([list(reversed(w)) for w in mk.schedule.workers])
+    with pytest.raises(jax_mpk.InvalidTaskGraphError, match="deadlock"):
+        validate(mk.tasks, reversed_lists)
+
+
+def test_watchdog_turns_a_dependency_that_never_completes_into_an_error():
+    step, args = _decode_case()
+    mk = jax_mpk.compile(step, *args, num_workers=2)
+    broken = copy.deepcopy(mk.tasks)
+    victim = next(t for t in broken.tasks if t.wait_event >= 0)
+    victim.wait_count += 1  # one more signal than will ever come
+    start = time.monotonic()
+    with pytest.raises(Exception, match="jax_mpk watchdog") as info:
+        _run_plan(mk, serialize(broken, mk.schedule), *args, watchdog_ms=300)
+    assert time.monotonic() - start < 30
+    assert f"task {victim.index}" in str(info.value) or f"task{victim.index}" in str(info.value)
+
+
+def test_watchdog_error_type_from_a_direct_call(monkeypatch):
+    monkeypatch.setenv("JAX_MPK_WATCHDOG_S", "0.3")
+    step, args = _decode_case()
+    mk = jax_mpk.compile(step, *args, num_workers=2)
+    broken = copy.deepcopy(mk.tasks)
+    next(t for t in broken.tasks if t.wait_event >= 0).wait_count += 1
+    mk.words = serialize(broken, mk.schedule)
+    mk.key = plan_key(mk.words)
+    register_plan(mk.key, mk.words)
+    with pytest.raises(jax_mpk.DependencyTimeoutError, match="waited more than"):
+        mk(*args)
+
+
+def test_generated_layout_header_is_up_to_date():
+    committed = (ROOT / "ffi" / "include" / "jax_mpk" / "layout.h").read_text()
+    assert committed == layout.render_header(), "run: python -m jax_mpk.layout > ffi/include/jax_mpk/layout.h"
