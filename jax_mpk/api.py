@@ -16,7 +16,7 @@ from .errors import DependencyTimeoutError, GraphTooLargeError, SignatureMismatc
 from .fusion import KernelGraph, fuse
 from .layout import Platform
 from .plan import plan_key, serialize
-from .runtime import emit_call, register_plan
+from .runtime import check_cuda_error, emit_call, register_cuda_plan, register_plan
 from .schedule import Schedule, schedule
 from .tasks import TaskGraph, build_task_graph
 from .validate import validate
@@ -44,10 +44,15 @@ class Megakernel:
     ``schedule``; ``dump(dir)`` writes them all.
     """
 
-    def __init__(self, fn: Callable, in_tree, specs: tuple[_ArgSpec, ...], num_workers: int | None = None):
+    def __init__(
+        self, fn: Callable, in_tree, specs: tuple[_ArgSpec, ...], num_workers: int | None = None, platform: str | None = None
+    ):
         cfg = config_module.load()
         self.fn, self.in_tree, self.specs = fn, in_tree, specs
-        self.num_workers = num_workers or cfg.num_workers
+        self.platform = platform or _default_platform()
+        self.device = jax.devices("gpu")[0] if self.platform == "cuda" else None
+        # On the GPU a worker is an SM: exactly one CTA per SM, all co-resident.
+        self.num_workers = self.device.core_count if self.device is not None else (num_workers or cfg.num_workers)
         self.watchdog_ms = int(cfg.watchdog_seconds * 1000)
         flat_fn = lambda *flat: fn(*jax.tree_util.tree_unflatten(in_tree, flat))  # noqa: E731
         avals = [jax.ShapeDtypeStruct(s.shape, s.dtype, weak_type=s.weak_type) for s in specs]
@@ -56,11 +61,7 @@ class Megakernel:
         self.jaxpr = closed
         self.captured: Captured = capture(closed)
         self.graph: KernelGraph = fuse(self.captured)
-        if self.graph.workspace_bytes > cfg.max_workspace_bytes:
-            raise GraphTooLargeError(
-                f"the workspace for intermediates needs {self.graph.workspace_bytes} bytes, more than the "
-                f"{cfg.max_workspace_bytes} allowed (JAX_MPK_MAX_WORKSPACE_BYTES)"
-            )
+        self._check_workspace(cfg)
         self.tasks: TaskGraph = build_task_graph(self.graph, self.num_workers, cfg.min_task_work)
         if len(self.tasks.tasks) > cfg.max_tasks:
             raise GraphTooLargeError(
@@ -70,12 +71,43 @@ class Megakernel:
         self.schedule: Schedule = schedule(self.tasks, self.num_workers)
         if cfg.validate:
             validate(self.tasks, self.schedule)
-        self.words = serialize(self.tasks, self.schedule, Platform.CPU)
+        target = Platform.CUDA if self.device is not None else Platform.CPU
+        self.words = serialize(self.tasks, self.schedule, target)
         self.key = plan_key(self.words)
-        register_plan(self.key, self.words)
+        self.source = None
+        if self.device is None:
+            register_plan(self.key, self.words)
+        else:
+            self._build_cuda()
         self.consts = [np.asarray(c) for c in self.captured.consts]
         if cfg.dump_dir:
             self.dump(os.path.join(cfg.dump_dir, self.key))
+
+    def _check_workspace(self, cfg) -> None:
+        limit = cfg.max_workspace_bytes
+        if self.device is not None:
+            stats = self.device.memory_stats() or {}
+            limit = min(limit, stats.get("bytes_limit", limit) - stats.get("bytes_in_use", 0))
+        if self.graph.workspace_bytes > limit:
+            raise GraphTooLargeError(
+                f"the workspace for intermediates needs {self.graph.workspace_bytes} bytes, more than the "
+                f"{limit} available (JAX_MPK_MAX_WORKSPACE_BYTES, device memory)"
+            )
+
+    def _build_cuda(self) -> None:
+        from .codegen import generate
+        from .toolchain import compile_cubin
+
+        self.source = generate(self.tasks, self.schedule)
+        cubin = compile_cubin(self.source.text, self.device.compute_capability)
+        kg = self.graph
+        arg_bytes = [_nbytes(shape, dtype) for shape, dtype in kg.input_specs]
+        ret_bytes = [_nbytes(shape, dtype) for shape, dtype in kg.output_specs] + [max(kg.workspace_bytes, 1)]
+        register_cuda_plan(
+            self.key, cubin, self.source.kernel_name, num_events=self.tasks.num_events,
+            threads=self.source.threads, smem_bytes=self.source.smem_bytes, arg_bytes=arg_bytes,
+            ret_bytes=ret_bytes, aliases=kg.aliases, num_ctas=self.num_workers,
+        )  # fmt: skip
 
     # ----------------------------------------------------------------------------------------- calling
     def check_signature(self, flat_args: Sequence[Any], in_tree) -> None:
@@ -104,7 +136,15 @@ class Megakernel:
     def __call__(self, *args):
         flat, in_tree = jax.tree_util.tree_flatten(args)
         self.check_signature(flat, in_tree)
-        return _run_reporting_timeouts(lambda: jax.tree_util.tree_unflatten(self.out_tree, self._jitted(*flat)))
+        return _run_reporting_timeouts(lambda: jax.tree_util.tree_unflatten(self.out_tree, self._jitted(*flat)), [self])
+
+    def raise_device_error(self) -> None:
+        """After the results are ready: a CUDA call's watchdog failure is reported here (the kernel cannot
+        fail the custom call that launched it without a synchronization per call)."""
+        if self.device is not None:
+            message = check_cuda_error(self.key, self.device.local_hardware_id)
+            if message:
+                raise DependencyTimeoutError(message)
 
     @functools.cached_property
     def _jitted(self):
@@ -132,18 +172,35 @@ class Megakernel:
         np.save(os.path.join(directory, "4_plan.npy"), self.words)
 
 
-def _run_reporting_timeouts(thunk):
+def _run_reporting_timeouts(thunk, megakernels: Sequence[Megakernel]):
     """Run and wait for results, turning the runtime's watchdog failure into DependencyTimeoutError."""
     try:
-        return jax.block_until_ready(thunk())
+        result = jax.block_until_ready(thunk())
     except Exception as exc:  # XLA wraps handler errors in its own runtime error type
         if "jax_mpk watchdog" in str(exc):
             raise DependencyTimeoutError(str(exc)) from exc
         raise
+    for megakernel in megakernels:
+        megakernel.raise_device_error()
+    return result
+
+
+def _default_platform() -> str:
+    chosen = config_module.load().platform
+    if chosen:
+        if chosen not in ("cpu", "cuda"):
+            raise ValueError(f"JAX_MPK_PLATFORM must be 'cpu' or 'cuda', not {chosen!r}")
+        return chosen
+    return "cuda" if jax.default_backend() == "gpu" else "cpu"
+
+
+def _nbytes(shape, dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
 def compile(fn: Callable, *example_args, num_workers: int | None = None) -> Megakernel:  # noqa: A001
-    """Lower ``fn`` for the signature of ``example_args`` (arrays or ``jax.ShapeDtypeStruct``)."""
+    """Lower ``fn`` for the signature of ``example_args`` (arrays or ``jax.ShapeDtypeStruct``) on the default
+    backend: the CPU executor, or one CUDA megakernel on a GPU (whose SM count sets the worker count)."""
     flat, in_tree = jax.tree_util.tree_flatten(example_args)
     return Megakernel(fn, in_tree, tuple(_ArgSpec.of(x) for x in flat), num_workers)
 
@@ -160,10 +217,9 @@ def megakernelize(
     plans: dict[tuple, Megakernel] = {}
 
     def lookup(flat, in_tree) -> Megakernel:
-        specs = tuple(_ArgSpec.of(x) for x in flat)
-        key = (in_tree, specs)
+        key = (in_tree, tuple(_ArgSpec.of(x) for x in flat))
         if key not in plans:
-            plans[key] = Megakernel(fn, in_tree, specs, num_workers)
+            plans[key] = Megakernel(fn, in_tree, key[1], num_workers)
         return plans[key]
 
     def traced(*args):
@@ -177,7 +233,12 @@ def megakernelize(
     def wrapper(*args):
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args)):  # inside a trace
             return jitted(*args)
-        return _run_reporting_timeouts(lambda: jitted(*args))
+        flat, in_tree = jax.tree_util.tree_flatten(args)
+        result = _run_reporting_timeouts(lambda: jitted(*args), [])
+        plan = plans.get((in_tree, tuple(_ArgSpec.of(x) for x in flat)))
+        if plan is not None:
+            plan.raise_device_error()
+        return result
 
     wrapper.plans = plans  # signature -> Megakernel, for inspection
     return wrapper

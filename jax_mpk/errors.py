@@ -36,3 +36,7 @@ class DependencyTimeoutError(MegakernelError, RuntimeError):
 
 class InvalidTaskGraphError(MegakernelError, AssertionError):
     """The task-graph validator found a missing dependency, a write race or a deadlocking schedule."""
+
+
+class CompileError(MegakernelError, RuntimeError):
+    """nvcc is missing or rejected a generated megakernel; the message holds the command to reproduce."""

@@ -24,11 +24,70 @@ def extension():
         ) from exc
     for name, capsule in _ext.registrations().items():
         jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    if _ext.has_cuda():
+        # Same target name: one jax.ffi.ffi_call lowers to whichever handler the platform has. On a jax without
+        # CUDA the registration is only queued.
+        for name, capsule in _ext.cuda_registrations().items():
+            jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
     return _ext
+
+
+def has_cuda() -> bool:
+    """Whether the extension was built with the CUDA backend."""
+    return extension().has_cuda()
 
 
 def register_plan(key: str, words: np.ndarray) -> None:
     extension().register_plan(key, np.ascontiguousarray(words, dtype=np.int64))
+
+
+def register_cuda_plan(
+    key: str,
+    cubin: bytes,
+    kernel_name: str,
+    *,
+    num_events: int,
+    threads: int,
+    smem_bytes: int,
+    arg_bytes: list[int],
+    ret_bytes: list[int],
+    aliases: dict[int, int] | list[tuple[int, int]] = (),
+    num_ctas: int = 0,
+) -> None:
+    """Register a compiled megakernel for the CUDA handler under ``key`` (the ``plan_key`` of :func:`emit_call`).
+
+    ``cubin`` is a cubin, fatbin or PTX image holding ``extern "C" __global__ void kernel_name(const
+    jax_mpk::MegakernelParams p)``. ``arg_bytes``/``ret_bytes`` are the byte sizes of the call's operands and
+    results (the workspace included), ``aliases`` the ``input_output_aliases`` pairs. The kernel is launched
+    cooperatively with ``num_ctas`` CTAs (0: one per SM) of ``threads`` threads and ``smem_bytes`` of dynamic
+    shared memory. Nothing touches the GPU here; the image is loaded on the first call on each device.
+    Raises ValueError for invalid arguments, RuntimeError when the extension has no CUDA backend.
+    """
+    pairs = sorted(aliases.items()) if isinstance(aliases, dict) else [tuple(p) for p in aliases]
+    extension().register_cuda_plan(
+        key,
+        bytes(cubin),
+        kernel_name,
+        int(num_events),
+        int(threads),
+        int(smem_bytes),
+        len(arg_bytes),
+        len(ret_bytes),
+        [int(b) for b in arg_bytes],
+        [int(b) for b in ret_bytes],
+        [(int(i), int(o)) for i, o in pairs],
+        int(num_ctas),
+    )
+
+
+def check_cuda_error(key: str, device: int = 0) -> str | None:
+    """After synchronizing (e.g. ``jax.block_until_ready``): the error of the last failed call of CUDA plan
+    ``key`` on device ordinal ``device``, or None. Reading an error also resets the plan's state on that device.
+
+    The CUDA handler does not wait for its kernel, so a kernel-side error (watchdog, index out of range) is
+    otherwise only reported by the next call of the plan on that device, which then does not run.
+    """
+    return extension().check_cuda_error(key, int(device))
 
 
 def emit_call(

@@ -12,9 +12,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .fusion import Kernel, KernelGraph, Tensor
 from .graph import Acc, Load, Node, Piecewise, Reduce, Reindex
 from .indexmap import Rect, _reshape_rect, full_rect, rect_union, rect_volume, rects_overlap
+
+# Output columns of a matrix product are tiled in multiples of this, so weight rows load as whole sectors.
+DOT_COLUMN_ALIGN = 16
 
 @dataclass
 class Access:
@@ -69,7 +74,7 @@ def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 
             task = Task(len(tasks), kernel.index, lo, hi, cost=per_element * math.prod(h - l for l, h in zip(lo, hi)))
             task.reads, task.writes = _accesses(kernel, lo, hi, buffer_ids)
             tasks.append(task)
-    _derive_dependencies(tasks, len(graph.buffers))
+    _derive_dependencies(tasks, [len(b.shape) for b in graph.buffers])
     num_events = _assign_events(tasks)
     return TaskGraph(graph, tasks, num_events)
 
@@ -106,6 +111,8 @@ def tile_domain(kernel: Kernel, num_workers: int, per_element: float, min_task_w
             tiles = [(lo + (0,), hi + (size,)) for lo, hi in tiles]
         elif size >= wanted:
             step = -(-size // wanted)
+            if kernel.dot is not None and dim == len(domain) - 1 and size % DOT_COLUMN_ALIGN == 0:
+                step = -(-step // DOT_COLUMN_ALIGN) * DOT_COLUMN_ALIGN  # whole 32-byte sectors of bf16 weights
             tiles = [(lo + (s,), hi + (min(s + step, size),)) for lo, hi in tiles for s in range(0, size, step)]
             wanted = 1
         else:
@@ -180,28 +187,74 @@ def _access(tensor: Tensor, rect: Rect, buffer_ids) -> Access:
 # ------------------------------------------------------------------------------------------- dependencies
 
 
-def _derive_dependencies(tasks: list[Task], num_buffers: int) -> None:
-    history: list[list[tuple[int, Rect, bool]]] = [[] for _ in range(num_buffers)]  # (task, rect, is_write)
+class _History:
+    """Every access made so far to one buffer, as arrays, so that overlap queries are vectorized."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.pending: list[tuple[int, Rect, bool]] = []
+        self.lo = np.zeros((0, rank), np.int64)
+        self.hi = np.zeros((0, rank), np.int64)
+        self.task = np.zeros((0,), np.int64)
+        self.is_write = np.zeros((0,), bool)
+
+    def add(self, task: int, rect: Rect, is_write: bool) -> None:
+        self.pending.append((task, rect, is_write))
+
+    def commit(self) -> None:
+        if not self.pending:
+            return
+        rects = np.array([r for _, r, _ in self.pending], np.int64).reshape(len(self.pending), self.rank, 2)
+        self.lo = np.concatenate([self.lo, rects[:, :, 0]])
+        self.hi = np.concatenate([self.hi, rects[:, :, 1]])
+        self.task = np.concatenate([self.task, [t for t, _, _ in self.pending]])
+        self.is_write = np.concatenate([self.is_write, [w for _, _, w in self.pending]])
+        self.pending = []
+
+    def overlapping(self, rect: Rect, writes_only: bool) -> np.ndarray:
+        r = np.array(rect, np.int64).reshape(self.rank, 2)
+        mask = np.all((self.lo < r[:, 1]) & (r[:, 0] < self.hi), axis=1)
+        if writes_only:
+            mask &= self.is_write
+        return self.task[mask]
+
+
+def _derive_dependencies(tasks: list[Task], buffer_ranks: list[int]) -> None:
+    """Tasks of one kernel never depend on each other (their writes are disjoint, and fusion keeps a kernel
+    from reading what it overwrites), so each kernel queries the history of the kernels before it."""
+    history = [_History(rank) for rank in buffer_ranks]
     ancestors: list[int] = []  # bitset of every task each task transitively follows
+    for kernel_tasks in _group_by_kernel(tasks):
+        for task in kernel_tasks:
+            deps: set[int] = set()
+            for access in task.reads:
+                deps.update(history[access.buffer_id].overlapping(access.rect, writes_only=True).tolist())
+            for access in task.writes:
+                deps.update(history[access.buffer_id].overlapping(access.rect, writes_only=False).tolist())
+            implied = 0  # drop dependencies already implied by another one
+            for d in deps:
+                implied |= ancestors[d]
+            task.deps = sorted(d for d in deps if not (implied >> d) & 1)
+            bits = 0
+            for d in task.deps:
+                bits |= ancestors[d] | (1 << d)
+            ancestors.append(bits)
+        for task in kernel_tasks:
+            for access in task.reads:
+                history[access.buffer_id].add(task.index, access.rect, False)
+            for access in task.writes:
+                history[access.buffer_id].add(task.index, access.rect, True)
+        for h in history:
+            h.commit()
+
+
+def _group_by_kernel(tasks: list[Task]) -> list[list[Task]]:
+    groups: list[list[Task]] = []
     for task in tasks:
-        deps: set[int] = set()
-        for access in task.reads:
-            deps |= {t for t, r, w in history[access.buffer_id] if w and t != task.index and rects_overlap(r, access.rect)}
-        for access in task.writes:
-            deps |= {t for t, r, _ in history[access.buffer_id] if t != task.index and rects_overlap(r, access.rect)}
-        # drop tasks already implied by another dependency
-        implied = 0
-        for d in deps:
-            implied |= ancestors[d]
-        task.deps = sorted(d for d in deps if not (implied >> d) & 1)
-        bits = 0
-        for d in task.deps:
-            bits |= ancestors[d] | (1 << d)
-        ancestors.append(bits)
-        for access in task.reads:
-            history[access.buffer_id].append((task.index, access.rect, False))
-        for access in task.writes:
-            history[access.buffer_id].append((task.index, access.rect, True))
+        if not groups or groups[-1][0].kernel != task.kernel:
+            groups.append([])
+        groups[-1].append(task)
+    return groups
 
 
 def _assign_events(tasks: list[Task]) -> int:

@@ -2,8 +2,8 @@
 
 1. Every kernel's tiles partition its domain.
 2. Every event is signalled exactly as often as its waiters expect.
-3. Every read follows every earlier overlapping write of its buffer (kernel order defines "earlier"), and
-   every later overlapping write follows the read.
+3. Every read follows every earlier overlapping write of its buffer (kernel order defines "earlier"),
+   every later overlapping write follows the read, and no tile reads what another tile of its kernel writes.
 4. Tasks of different kernels that write overlapping regions are ordered.
 5. The per-worker lists run to completion (no deadlock) when simulated with the event protocol.
 """
@@ -48,6 +48,10 @@ def validate(graph: TaskGraph, sched: Schedule) -> None:
                 if w_kernel < r_kernel and not follows(r_task, w_task):
                     raise InvalidTaskGraphError(
                         f"task{r_task} reads {name}{list(r_rect)} without waiting for task{w_task}, which writes it"
+                    )
+                if w_kernel == r_kernel:
+                    raise InvalidTaskGraphError(
+                        f"task{r_task} reads {name}{list(r_rect)}, which task{w_task} of the same kernel writes"
                     )
                 if w_kernel > r_kernel and not follows(w_task, r_task):
                     raise InvalidTaskGraphError(

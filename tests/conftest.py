@@ -44,6 +44,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def platform_of_test(request, monkeypatch):
+    """Tests without the `gpu` mark exercise the CPU executor, also on a machine with a GPU."""
+    if "gpu" in request.keywords:
+        monkeypatch.setenv("JAX_MPK_PLATFORM", "cuda")
+        yield
+        return
+    monkeypatch.setenv("JAX_MPK_PLATFORM", "cpu")
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 def random_array(rng: np.random.Generator, shape, dtype, low=-2.0, high=2.0):
     dtype = np.dtype(dtype)
     if dtype == np.dtype(bool):

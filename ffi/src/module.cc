@@ -1,13 +1,21 @@
 // The Python extension `jax_mpk._ext`: FFI handler capsules and the process-wide plan registry.
 #include <cstdint>
 #include <memory>
+#include <optional>
+#include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include "jax_mpk/cpu_executor.h"
+#include "jax_mpk/cuda_executor.h"
 #include "jax_mpk/plan.h"
 #include "jax_mpk/plan_registry.h"
 #include "jax_mpk/str_cat.h"
@@ -20,10 +28,83 @@ namespace {
 
 using PlanWords = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
+#ifdef JAX_MPK_WITH_CUDA
+constexpr bool kHasCuda = true;
+#else
+constexpr bool kHasCuda = false;
+#endif
+
 nb::dict Registrations() {
   nb::dict targets;
   targets["jax_mpk_megakernel"] = nb::capsule(reinterpret_cast<void*>(JaxMpkMegakernelCpu));
   return targets;
+}
+
+nb::dict CudaRegistrations() {
+  nb::dict targets;
+#ifdef JAX_MPK_WITH_CUDA
+  targets["jax_mpk_megakernel"] = nb::capsule(reinterpret_cast<void*>(JaxMpkMegakernelCuda));
+#endif
+  return targets;
+}
+
+void RequireCuda() {
+  if (!kHasCuda) {
+    throw std::runtime_error("jax_mpk: this build of jax_mpk._ext has no CUDA backend (built with JAX_MPK_CUDA=OFF "
+                             "or without a CUDA toolkit)");
+  }
+}
+
+void RegisterCudaPlanFromPython(std::string key, const nb::bytes& image, std::string kernel_name, int64_t num_events,
+                                int64_t threads, int64_t smem_bytes, int64_t num_args, int64_t num_rets,
+                                std::vector<int64_t> arg_bytes, std::vector<int64_t> ret_bytes,
+                                std::vector<std::pair<int64_t, int64_t>> aliases, int64_t num_ctas) {
+  RequireCuda();
+  if (num_args < 0 || static_cast<size_t>(num_args) != arg_bytes.size() || num_rets < 0 ||
+      static_cast<size_t>(num_rets) != ret_bytes.size()) {
+    throw std::invalid_argument(StrCat("jax_mpk: register_cuda_plan: num_args = ", num_args, " and num_rets = ",
+                                       num_rets, ", but arg_bytes has ", arg_bytes.size(), " entries and ret_bytes ",
+                                       ret_bytes.size()));
+  }
+  CudaPlanSpec spec;
+  spec.image.assign(image.c_str(), image.size());
+  spec.kernel_name = std::move(kernel_name);
+  spec.num_events = num_events;
+  spec.threads = threads;
+  spec.smem_bytes = smem_bytes;
+  spec.arg_bytes = std::move(arg_bytes);
+  spec.ret_bytes = std::move(ret_bytes);
+  spec.aliases = std::move(aliases);
+  spec.num_ctas = num_ctas;
+#ifdef JAX_MPK_WITH_CUDA
+  // RegisterCudaPlan's std::invalid_argument reaches Python as ValueError.
+  RegisterCudaPlan(std::move(key), std::move(spec));
+#endif
+}
+
+bool HasCudaPlanFromPython(const std::string& key) {
+#ifdef JAX_MPK_WITH_CUDA
+  return HasCudaPlan(key);
+#else
+  (void)key;
+  return false;
+#endif
+}
+
+std::optional<std::string> CheckCudaErrorFromPython(const std::string& key, int device) {
+  RequireCuda();
+#ifdef JAX_MPK_WITH_CUDA
+  try {
+    nb::gil_scoped_release no_gil;  // may wait for the device
+    return CheckCudaError(key, device);
+  } catch (const UnknownCudaPlanError& error) {
+    throw nb::key_error(error.what());
+  }
+#else
+  (void)key;
+  (void)device;
+  return std::nullopt;
+#endif
 }
 
 void RegisterPlanFromWords(std::string key, const PlanWords& words) {
@@ -56,6 +137,24 @@ NB_MODULE(_ext, m) {
   m.doc() = "C++ runtime of jax_mpk: FFI handlers and the process-wide plan registry.";
   m.def("registrations", &jax_mpk::Registrations,
         "FFI handler capsules by custom-call target name, for jax.ffi.register_ffi_target(..., platform='cpu').");
+  m.def("cuda_registrations", &jax_mpk::CudaRegistrations,
+        "FFI handler capsules of the CUDA backend by custom-call target name (the same names as registrations()), "
+        "for jax.ffi.register_ffi_target(..., platform='CUDA'); empty when built without CUDA.");
+  m.def(
+      "has_cuda", [] { return jax_mpk::kHasCuda; }, "Whether this build has the CUDA backend.");
+  m.def("register_cuda_plan", &jax_mpk::RegisterCudaPlanFromPython, "key"_a, "cubin"_a, "kernel_name"_a,
+        "num_events"_a, "threads"_a, "smem_bytes"_a, "num_args"_a, "num_rets"_a, "arg_bytes"_a, "ret_bytes"_a,
+        "aliases"_a, "num_ctas"_a = 0,
+        "Stores a compiled megakernel (cubin, fatbin or PTX bytes) and its calling convention under `key`, for "
+        "the CUDA handler. Nothing touches the GPU here: the image is loaded on the first call on each device. "
+        "An identical registration keeps the existing plan; a different one replaces it. num_ctas = 0 launches "
+        "one CTA per SM. Raises ValueError for invalid arguments, RuntimeError without CUDA.");
+  m.def("has_cuda_plan", &jax_mpk::HasCudaPlanFromPython, "key"_a,
+        "Whether a CUDA plan is registered under `key` in this process (always False without CUDA).");
+  m.def("check_cuda_error", &jax_mpk::CheckCudaErrorFromPython, "key"_a, "device"_a,
+        "After the caller synchronized the device: the error message of the last failed call of CUDA plan `key` "
+        "on device ordinal `device`, resetting the plan's state there, or None. Raises KeyError for an unknown "
+        "key.");
   m.def("register_plan", &jax_mpk::RegisterPlanFromWords, "key"_a, "words"_a,
         "Parses and validates a plan (1-D int64 array) and stores it under `key`, replacing any earlier plan "
         "with that key. Raises ValueError for an invalid plan.");

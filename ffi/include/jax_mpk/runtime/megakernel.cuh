@@ -1,0 +1,113 @@
+// The persistent-kernel runtime shared by every generated megakernel: the per-CTA task loop and the
+// wait/signal/watchdog protocol. A generated source defines the task tables and a Dispatch type with
+// `prefetch(task)` and `run(task, smem)`, then calls `run_worker`.
+//
+// Protocol (docs/plan_format.md): a task waits until counter[wait_event] >= wait_count * epoch, runs, and
+// adds 1 to each event in its signal list. Counters live in device memory and are never reset: the epoch
+// (calls completed so far, kept in Control) scales every target, and the last CTA to finish a call
+// advances it. All CTAs must be co-resident (one per SM, cooperative launch).
+#pragma once
+
+#include <cstdint>
+
+#include "jax_mpk/runtime/params.h"
+
+namespace jax_mpk {
+
+struct TaskRecord {
+  int32_t kernel;
+  int32_t wait_event;  // -1: no wait
+  int32_t wait_count;
+  int32_t signal_begin;
+  int32_t signal_count;
+  int32_t lo[8];
+  int32_t hi[8];
+};
+
+__device__ __forceinline__ uint64_t load_acquire(const uint64_t* address) {
+  uint64_t value;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
+  return value;
+}
+
+__device__ __forceinline__ void add_release(uint64_t* address, uint64_t value) {
+  asm volatile("red.release.gpu.global.add.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Records the first failure of this call and tells every other CTA to stop waiting.
+__device__ inline void report_failure(const MegakernelParams& p, int32_t code, int32_t task, int32_t kernel,
+                                      int32_t event, uint64_t counter, uint64_t target) {
+  if (atomicCAS(&p.control->abort, 0, 1) == 0) {
+    volatile ErrorRecord* record = p.error;
+    record->task = task;
+    record->kernel = kernel;
+    record->event = event;
+    record->cta = static_cast<int32_t>(blockIdx.x);
+    record->counter = counter;
+    record->target = target;
+    __threadfence_system();
+    record->code = code;
+    __threadfence_system();
+  }
+}
+
+// Thread 0 only. Returns false when the call is being aborted (watchdog here or elsewhere).
+__device__ inline bool wait_for_event(const MegakernelParams& p, const TaskRecord& task, int32_t task_index,
+                                      uint64_t epoch) {
+  const uint64_t* counter = p.counters + task.wait_event;
+  const uint64_t target = static_cast<uint64_t>(task.wait_count) * epoch;
+  if (load_acquire(counter) >= target) return true;
+  const uint64_t start = global_timer_ns();
+  unsigned sleep_ns = 16;  // short: a dependency usually completes within a few microseconds
+  while (true) {
+    const uint64_t value = load_acquire(counter);
+    if (value >= target) return true;
+    if (*reinterpret_cast<volatile int32_t*>(&p.control->abort)) return false;
+    if (global_timer_ns() - start > static_cast<uint64_t>(p.watchdog_ns)) {
+      report_failure(p, kErrorWatchdog, task_index, task.kernel, task.wait_event, value, target);
+      return false;
+    }
+    __nanosleep(sleep_ns);
+    if (sleep_ns < 128) sleep_ns *= 2;
+  }
+}
+
+template <class Dispatch>
+__device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, const int32_t* signals,
+                           const int32_t* worker_begin, const int32_t* worker_tasks, char* smem,
+                           Dispatch& dispatch) {
+  __shared__ uint64_t shared_epoch;
+  __shared__ int32_t shared_go;
+  if (threadIdx.x == 0) shared_epoch = load_acquire(&p.control->epoch) + 1;
+  __syncthreads();
+  const uint64_t epoch = shared_epoch;
+  for (int32_t i = worker_begin[blockIdx.x]; i < worker_begin[blockIdx.x + 1]; ++i) {
+    const int32_t task_index = worker_tasks[i];
+    const TaskRecord& task = tasks[task_index];
+    dispatch.prefetch(task);  // weights start streaming into L2 while we wait
+    if (threadIdx.x == 0) shared_go = task.wait_event < 0 || wait_for_event(p, task, task_index, epoch);
+    __syncthreads();
+    if (!shared_go) break;
+    dispatch.run(task, smem);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      for (int32_t s = 0; s < task.signal_count; ++s) add_release(p.counters + signals[task.signal_begin + s], 1);
+    }
+  }
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const uint64_t finished = atomicAdd(reinterpret_cast<unsigned long long*>(&p.control->ctas_done), 1ull) + 1;
+    if (finished == static_cast<uint64_t>(gridDim.x) * epoch) {
+      asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(&p.control->epoch), "l"(epoch) : "memory");
+    }
+  }
+}
+
+}  // namespace jax_mpk

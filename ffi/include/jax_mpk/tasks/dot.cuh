@@ -1,0 +1,148 @@
+// Skinny matrix products for decode: one output row (a few hundred columns at most) per call, weights
+// streamed once with 16-byte loads and float accumulation; the activation row is staged in shared memory
+// by the caller. Two weight layouts:
+//   columns: acc[n] = sum_k x[k] * w[k * k_stride + n]   (x @ W with W[K, N] row-major)
+//   rows:    acc[n] = sum_k x[k] * w[n * n_stride + k]   (x @ W.T, e.g. a tied LM head)
+// Vector paths need 16-byte alignment (checked by codegen); the scalar paths take any layout.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "jax_mpk/tasks/elementwise.cuh"
+
+namespace jax_mpk::dot {
+
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float out[8]) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __uint_as_float(words[i] << 16);
+    out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void load8(const __half* p, float out[8]) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(h[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void load8(const float* p, float out[8]) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+}
+template <class W> __device__ __forceinline__ float load1(const W* p) { return ops::to_value(__ldg(p)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Vector path of the columns layout: n_len % 8 == 0, w and k_stride 16-byte aligned.
+// scratch: blockDim.x * 8 floats.
+template <class W>
+__device__ void columns_vec(const float* x, const W* w, int64_t k_stride, int K, int n_len, float* acc, float* scratch) {
+  const int vectors = n_len / 8;
+  const int threads = blockDim.x;
+  if (vectors >= threads) {
+    for (int v = threadIdx.x; v < vectors; v += threads) {
+      float sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int k = 0; k < K; ++k) {
+        float wv[8];
+        load8(w + k * k_stride + v * 8, wv);
+        const float xk = x[k];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) sum[j] += xk * wv[j];
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[v * 8 + j] = sum[j];
+    }
+    return;
+  }
+  const int groups = threads / vectors;  // threads split K into this many interleaved groups
+  const int v = threadIdx.x % vectors, group = threadIdx.x / vectors;
+  float sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  if (group < groups) {
+    int k = group;
+    for (; k + 3 * groups < K; k += 4 * groups) {  // four independent 16-byte loads in flight
+      float a[8], b[8], c[8], d[8];
+      load8(w + k * k_stride + v * 8, a);
+      load8(w + (k + groups) * k_stride + v * 8, b);
+      load8(w + (k + 2 * groups) * k_stride + v * 8, c);
+      load8(w + (k + 3 * groups) * k_stride + v * 8, d);
+      const float xa = x[k], xb = x[k + groups], xc = x[k + 2 * groups], xd = x[k + 3 * groups];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sum[j] += xa * a[j] + xb * b[j] + xc * c[j] + xd * d[j];
+    }
+    for (; k < K; k += groups) {
+      float a[8];
+      load8(w + k * k_stride + v * 8, a);
+      const float xk = x[k];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sum[j] += xk * a[j];
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) scratch[group * n_len + v * 8 + j] = sum[j];
+  }
+  __syncthreads();
+  // one warp per output column folds the groups' partial sums
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = threads / 32;
+  for (int n = warp; n < n_len; n += warps) {
+    float total = 0.0f;
+    for (int g = lane; g < groups; g += 32) total += scratch[g * n_len + n];
+    total = warp_sum(total);
+    if (lane == 0) acc[n] = total;
+  }
+}
+
+// Scalar path of the columns layout: any strides.
+template <class W>
+__device__ void columns_scalar(const float* x, const W* w, int64_t k_stride, int64_t n_stride, int K, int n_len, float* acc) {
+  for (int n = threadIdx.x; n < n_len; n += blockDim.x) {
+    float sum = 0.0f;
+    for (int k = 0; k < K; ++k) sum += x[k] * load1(w + k * k_stride + n * n_stride);
+    acc[n] = sum;
+  }
+}
+
+// Rows layout: one warp per output; vector loads when K % 8 == 0 and rows are 16-byte aligned.
+template <class W>
+__device__ void rows(const float* x, const W* w, int64_t n_stride, int64_t k_stride, int K, int n_len, bool vectorized,
+                     float* acc) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  for (int n = warp; n < n_len; n += warps) {
+    const W* row = w + n * n_stride;
+    float sum = 0.0f;
+    if (vectorized) {
+      for (int k = lane * 8; k < K; k += 32 * 8) {
+        float wv[8];
+        load8(row + k, wv);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) sum += x[k + j] * wv[j];
+      }
+    } else {
+      for (int k = lane; k < K; k += 32) sum += x[k] * load1(row + k * k_stride);
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) acc[n] = sum;
+  }
+}
+
+// Ask L2 for [p, p + bytes) ahead of use; every thread of the block takes a share of the lines.
+__device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes, int64_t rows, int64_t row_stride_bytes) {
+  const int64_t lines_per_row = (bytes + 127) / 128;
+  for (int64_t i = threadIdx.x; i < rows * lines_per_row; i += blockDim.x) {
+    const char* line = static_cast<const char*>(p) + (i / lines_per_row) * row_stride_bytes + (i % lines_per_row) * 128;
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+  }
+}
+
+}  // namespace jax_mpk::dot

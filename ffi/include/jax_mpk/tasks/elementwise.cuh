@@ -1,0 +1,179 @@
+// Storage access and scalar ops of generated task bodies. Values of float dtypes (f32, bf16, f16) are
+// computed in float and rounded to their dtype after every node (round_to), integers in int/unsigned,
+// bool as bool: the same per-node semantics as the CPU executor (docs/plan_format.md).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace jax_mpk::ops {
+
+// ----------------------------------------------------------------------------------------- storage
+template <class T> struct Storage;
+template <> struct Storage<float> { using value = float; };
+template <> struct Storage<__nv_bfloat16> { using value = float; };
+template <> struct Storage<__half> { using value = float; };
+template <> struct Storage<int32_t> { using value = int32_t; };
+template <> struct Storage<int8_t> { using value = int32_t; };
+template <> struct Storage<uint32_t> { using value = uint32_t; };
+template <> struct Storage<uint8_t> { using value = uint32_t; };
+template <> struct Storage<bool> { using value = bool; };
+
+__device__ __forceinline__ float to_value(float x) { return x; }
+__device__ __forceinline__ float to_value(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_value(__half x) { return __half2float(x); }
+__device__ __forceinline__ int32_t to_value(int32_t x) { return x; }
+__device__ __forceinline__ int32_t to_value(int8_t x) { return x; }
+__device__ __forceinline__ uint32_t to_value(uint32_t x) { return x; }
+__device__ __forceinline__ uint32_t to_value(uint8_t x) { return x; }
+__device__ __forceinline__ bool to_value(bool x) { return x; }
+
+// Loads of buffers that some task writes go through the coherent path; read-only buffers (weights)
+// may use the non-coherent read-only cache.
+template <class T>
+__device__ __forceinline__ typename Storage<T>::value load(const char* base, int64_t index) {
+  return to_value(*(reinterpret_cast<const volatile T*>(base) + index));
+}
+template <>
+__device__ __forceinline__ float load<__nv_bfloat16>(const char* base, int64_t index) {
+  const uint16_t bits = *(reinterpret_cast<const volatile uint16_t*>(base) + index);
+  return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+}
+template <>
+__device__ __forceinline__ float load<__half>(const char* base, int64_t index) {
+  const uint16_t bits = *(reinterpret_cast<const volatile uint16_t*>(base) + index);
+  return __half2float(__ushort_as_half(bits));
+}
+template <class T>
+__device__ __forceinline__ typename Storage<T>::value load_readonly(const char* base, int64_t index) {
+  return to_value(__ldg(reinterpret_cast<const T*>(base) + index));
+}
+template <>
+__device__ __forceinline__ bool load_readonly<bool>(const char* base, int64_t index) {
+  return __ldg(reinterpret_cast<const uint8_t*>(base) + index) != 0;
+}
+
+template <class T, class V>
+__device__ __forceinline__ void store(char* base, int64_t index, V value);
+template <> __device__ __forceinline__ void store<float>(char* b, int64_t i, float v) { reinterpret_cast<float*>(b)[i] = v; }
+template <> __device__ __forceinline__ void store<__nv_bfloat16>(char* b, int64_t i, float v) {
+  reinterpret_cast<__nv_bfloat16*>(b)[i] = __float2bfloat16_rn(v);
+}
+template <> __device__ __forceinline__ void store<__half>(char* b, int64_t i, float v) {
+  reinterpret_cast<__half*>(b)[i] = __float2half_rn(v);
+}
+template <> __device__ __forceinline__ void store<int32_t>(char* b, int64_t i, int32_t v) { reinterpret_cast<int32_t*>(b)[i] = v; }
+template <> __device__ __forceinline__ void store<int8_t>(char* b, int64_t i, int32_t v) { reinterpret_cast<int8_t*>(b)[i] = static_cast<int8_t>(v); }
+template <> __device__ __forceinline__ void store<uint32_t>(char* b, int64_t i, uint32_t v) { reinterpret_cast<uint32_t*>(b)[i] = v; }
+template <> __device__ __forceinline__ void store<uint8_t>(char* b, int64_t i, uint32_t v) { reinterpret_cast<uint8_t*>(b)[i] = static_cast<uint8_t>(v); }
+template <> __device__ __forceinline__ void store<bool>(char* b, int64_t i, bool v) { reinterpret_cast<bool*>(b)[i] = v; }
+
+// --------------------------------------------------------------------------------------- rounding
+__device__ __forceinline__ float round_bf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+__device__ __forceinline__ float round_f16(float x) { return __half2float(__float2half_rn(x)); }
+__device__ __forceinline__ int32_t wrap_i8(int32_t x) { return static_cast<int8_t>(x); }
+__device__ __forceinline__ uint32_t wrap_u8(uint32_t x) { return static_cast<uint8_t>(x); }
+
+// ------------------------------------------------------------------------------------- conversion
+template <class To> __device__ __forceinline__ To convert(float x);
+template <> __device__ __forceinline__ float convert<float>(float x) { return x; }
+template <> __device__ __forceinline__ bool convert<bool>(float x) { return x != 0.0f; }
+template <> __device__ __forceinline__ int32_t convert<int32_t>(float x) {
+  if (x != x) return 0;
+  return x >= 2147483647.0f ? INT32_MAX : (x <= -2147483648.0f ? INT32_MIN : static_cast<int32_t>(x));
+}
+template <> __device__ __forceinline__ uint32_t convert<uint32_t>(float x) {
+  if (!(x > 0.0f)) return 0;
+  return x >= 4294967295.0f ? UINT32_MAX : static_cast<uint32_t>(x);
+}
+template <class To> __device__ __forceinline__ To convert(int32_t x) { return static_cast<To>(x); }
+template <class To> __device__ __forceinline__ To convert(uint32_t x) { return static_cast<To>(x); }
+template <class To> __device__ __forceinline__ To convert(bool x) { return static_cast<To>(x); }
+
+// ------------------------------------------------------------------------------------------- ops
+__device__ __forceinline__ float neg(float x) { return -x; }
+__device__ __forceinline__ int32_t neg(int32_t x) { return static_cast<int32_t>(0u - static_cast<uint32_t>(x)); }
+__device__ __forceinline__ uint32_t neg(uint32_t x) { return 0u - x; }
+__device__ __forceinline__ float abs_(float x) { return fabsf(x); }
+__device__ __forceinline__ int32_t abs_(int32_t x) { return x < 0 ? neg(x) : x; }
+__device__ __forceinline__ uint32_t abs_(uint32_t x) { return x; }
+__device__ __forceinline__ float sign(float x) { return x != x ? x : (x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x)); }
+__device__ __forceinline__ int32_t sign(int32_t x) { return (x > 0) - (x < 0); }
+__device__ __forceinline__ uint32_t sign(uint32_t x) { return x > 0; }
+__device__ __forceinline__ float logistic(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float square(float x) { return x * x; }
+__device__ __forceinline__ int32_t square(int32_t x) { return static_cast<int32_t>(static_cast<uint32_t>(x) * static_cast<uint32_t>(x)); }
+__device__ __forceinline__ uint32_t square(uint32_t x) { return x * x; }
+__device__ __forceinline__ bool is_finite(float x) { return isfinite(x); }
+__device__ __forceinline__ float round_half_away(float x) { return roundf(x); }
+__device__ __forceinline__ float round_half_even(float x) { return rintf(x); }
+__device__ __forceinline__ bool not_(bool x) { return !x; }
+__device__ __forceinline__ int32_t not_(int32_t x) { return ~x; }
+__device__ __forceinline__ uint32_t not_(uint32_t x) { return ~x; }
+
+__device__ __forceinline__ float add(float a, float b) { return a + b; }
+__device__ __forceinline__ int32_t add(int32_t a, int32_t b) { return static_cast<int32_t>(static_cast<uint32_t>(a) + static_cast<uint32_t>(b)); }
+__device__ __forceinline__ uint32_t add(uint32_t a, uint32_t b) { return a + b; }
+__device__ __forceinline__ float sub(float a, float b) { return a - b; }
+__device__ __forceinline__ int32_t sub(int32_t a, int32_t b) { return static_cast<int32_t>(static_cast<uint32_t>(a) - static_cast<uint32_t>(b)); }
+__device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) { return a - b; }
+__device__ __forceinline__ float mul(float a, float b) { return a * b; }
+__device__ __forceinline__ int32_t mul(int32_t a, int32_t b) { return static_cast<int32_t>(static_cast<uint32_t>(a) * static_cast<uint32_t>(b)); }
+__device__ __forceinline__ uint32_t mul(uint32_t a, uint32_t b) { return a * b; }
+__device__ __forceinline__ float div(float a, float b) { return a / b; }
+__device__ __forceinline__ int32_t div(int32_t a, int32_t b) {
+  if (b == 0) return -1;
+  if (a == INT32_MIN && b == -1) return INT32_MIN;
+  return a / b;
+}
+__device__ __forceinline__ uint32_t div(uint32_t a, uint32_t b) { return b == 0 ? UINT32_MAX : a / b; }
+__device__ __forceinline__ float rem(float a, float b) { return fmodf(a, b); }
+__device__ __forceinline__ int32_t rem(int32_t a, int32_t b) {
+  if (b == 0) return a;
+  if (b == -1) return 0;
+  return a % b;
+}
+__device__ __forceinline__ uint32_t rem(uint32_t a, uint32_t b) { return b == 0 ? a : a % b; }
+__device__ __forceinline__ float max_(float a, float b) { return (a != a || b != b) ? __int_as_float(0x7fc00000) : fmaxf(a, b); }
+__device__ __forceinline__ int32_t max_(int32_t a, int32_t b) { return a > b ? a : b; }
+__device__ __forceinline__ uint32_t max_(uint32_t a, uint32_t b) { return a > b ? a : b; }
+__device__ __forceinline__ bool max_(bool a, bool b) { return a || b; }
+__device__ __forceinline__ float min_(float a, float b) { return (a != a || b != b) ? __int_as_float(0x7fc00000) : fminf(a, b); }
+__device__ __forceinline__ int32_t min_(int32_t a, int32_t b) { return a < b ? a : b; }
+__device__ __forceinline__ uint32_t min_(uint32_t a, uint32_t b) { return a < b ? a : b; }
+__device__ __forceinline__ bool min_(bool a, bool b) { return a && b; }
+template <class T> __device__ __forceinline__ T and_(T a, T b) { return a & b; }
+template <class T> __device__ __forceinline__ T or_(T a, T b) { return a | b; }
+template <class T> __device__ __forceinline__ T xor_(T a, T b) { return a ^ b; }
+__device__ __forceinline__ bool and_(bool a, bool b) { return a && b; }
+__device__ __forceinline__ bool or_(bool a, bool b) { return a || b; }
+__device__ __forceinline__ bool xor_(bool a, bool b) { return a != b; }
+
+template <class T> __device__ __forceinline__ T clamp(T lo, T x, T hi) { return min_(max_(x, lo), hi); }
+template <class T> __device__ __forceinline__ T integer_pow(T x, int n) {
+  T result = static_cast<T>(1);
+  T base = x;
+  bool negative = n < 0;
+  unsigned e = negative ? -n : n;
+  while (e) {
+    if (e & 1) result = mul(result, base);
+    base = mul(base, base);
+    e >>= 1;
+  }
+  return negative ? div(static_cast<T>(1), result) : result;
+}
+
+// An index computed from a value: NaN counts as 0, then clamp to [0, hi].
+__device__ __forceinline__ int64_t dynamic_offset(float v, int64_t hi) {
+  if (!(v == v)) return 0;
+  const int64_t i = static_cast<int64_t>(v);
+  return i < 0 ? 0 : (i > hi ? hi : i);
+}
+__device__ __forceinline__ int64_t dynamic_offset(int32_t v, int64_t hi) { return v < 0 ? 0 : (v > hi ? hi : v); }
+__device__ __forceinline__ int64_t dynamic_offset(uint32_t v, int64_t hi) { return v > hi ? hi : v; }
+__device__ __forceinline__ int64_t dynamic_offset(bool v, int64_t hi) { return v && hi > 0 ? 1 : 0; }
+
+}  // namespace jax_mpk::ops

@@ -1,0 +1,170 @@
+"""The CUDA megakernel: the same equalities as the CPU suite, on the GPU (skipped without one)."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_model_outputs_close, assert_trees_close, check_against_jit, random_array
+from tiny_models import TinyConfig, init_cache, init_params, make_decode_step, random_tokens
+
+import jax_mpk
+from jax_mpk.codegen import generate
+from jax_mpk.toolchain import compile_cubin
+from jax_mpk.plan import plan_key, serialize
+from jax_mpk.runtime import emit_call, register_cuda_plan
+
+pytestmark = pytest.mark.gpu
+
+
+def _plan(fast):
+    (megakernel,) = fast.plans.values()
+    return megakernel
+
+
+@pytest.mark.parametrize(
+    "name,fn,shapes,dtype",
+    [
+        ("chain", lambda x, y: jnp.tanh(x * 2 + 1) * jax.nn.sigmoid(y) - jnp.exp(-x), [(5, 9), (5, 9)], "float32"),
+        ("rms_norm", lambda x, w: x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * w, [(3, 2048), (2048,)], "bfloat16"),
+        ("softmax", lambda s: jax.nn.softmax(s, axis=-1), [(2, 4, 1000)], "float32"),
+        ("gemv_columns", lambda x, w, h: h + x @ w, [(1, 512), (512, 1024), (1, 1024)], "bfloat16"),
+        ("gemv_rows", lambda x, e: x @ e.T, [(2, 256), (3000, 256)], "bfloat16"),
+        ("gemm_odd", lambda a, b: a @ b, [(5, 37), (37, 19)], "float32"),
+        ("attention", lambda q, k: jnp.einsum("bgrd,bsgd->bgrs", q, k), [(1, 2, 4, 64), (1, 96, 2, 64)], "bfloat16"),
+        ("argmax", lambda x: jnp.argmax(x, axis=-1), [(3, 5000)], "float32"),
+        ("concat_rope", lambda x: jnp.concatenate([-x[..., 8:], x[..., :8]], -1) * x, [(2, 3, 16)], "float32"),
+        ("integer", lambda a, b: (a * 3 - b) // 2, [(4, 33), (4, 33)], "int32"),
+    ],
+)
+def test_matches_jit(name, fn, shapes, dtype, rng):
+    args = [random_array(rng, s, dtype) for s in shapes]
+    with jax.default_matmul_precision("float32"):  # XLA's default on the GPU is TF32; ours is float32
+        expected = jax.jit(fn)(*args)
+    actual = jax_mpk.megakernelize(fn)(*args)
+    if dtype == "bfloat16":
+        # XLA keeps a fused epilogue in float32 where the graph rounds the product to bf16 first
+        assert_model_outputs_close(actual, expected, dtype)
+    else:
+        assert_trees_close(actual, expected, dtype)
+
+
+def test_gather_and_update(rng):
+    table = random_array(rng, (50, 64), "bfloat16")
+    cache = random_array(rng, (4, 16, 64), "bfloat16")
+
+    def f(table, tokens, cache, pos):
+        rows = table[tokens]
+        return jax.lax.dynamic_update_slice(cache, rows[None], (1, pos, 0)), rows.sum()
+
+    tokens = jnp.asarray([3, 49, 0], jnp.int32)
+    check_against_jit(f, table, tokens, cache, jnp.int32(7), dtype="bfloat16")
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [TinyConfig(), TinyConfig(qk_norm=True, dtype="bfloat16", batch=2)],
+    ids=["llama-f32", "qwen3-bf16-b2"],
+)
+def test_decode_steps_match_jit(cfg):
+    params = init_params(cfg, jax.random.PRNGKey(11))
+    cache_k, cache_v = init_cache(cfg, jax.random.PRNGKey(12))
+    step = make_decode_step(cfg)
+    fast = jax_mpk.megakernelize(step)
+
+    def reference(*args):
+        with jax.default_matmul_precision("float32"):
+            return jax.jit(step)(*args)
+
+    tokens = random_tokens(cfg, 11)
+    ref_k, ref_v, k, v = cache_k, cache_v, cache_k, cache_v
+    for pos in range(5):
+        expected = reference(params, tokens, jnp.int32(pos), ref_k, ref_v)
+        actual = fast(params, tokens, jnp.int32(pos), k, v)
+        assert_model_outputs_close(actual[1:], expected[1:], cfg.dtype)
+        tokens, ref_k, ref_v = expected[0], expected[2], expected[3]
+        k, v = actual[2], actual[3]
+
+
+def test_llama_1b_shaped_layers_bf16():
+    cfg = TinyConfig(layers=2, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=8192, vocab=128256,
+                     max_seq=1024, dtype="bfloat16", theta=500000.0)  # fmt: skip
+    params = init_params(cfg, jax.random.PRNGKey(3))
+    cache = init_cache(cfg, jax.random.PRNGKey(4))
+    step = make_decode_step(cfg)
+    args = (params, random_tokens(cfg, 3), jnp.int32(700), *cache)
+    with jax.default_matmul_precision("float32"):
+        expected = jax.jit(step)(*args)
+    actual = jax_mpk.megakernelize(step)(*args)
+    assert_model_outputs_close(actual[1:], expected[1:], cfg.dtype)
+
+
+def _entry_opcodes(hlo: str) -> list[str]:
+    """Opcodes of the compiled HLO's entry computation (each fusion, copy or custom call is a launch)."""
+    lines = hlo[hlo.index("\nENTRY") :].splitlines()[1:]
+    opcodes = []
+    for line in lines:
+        if line.startswith("}"):
+            break
+        if " = " not in line:
+            continue
+        rest = line.split(" = ", 1)[1]
+        if rest.startswith("("):  # tuple shape: skip to its closing parenthesis
+            depth, i = 0, 0
+            for i, ch in enumerate(rest):
+                depth += ch == "("
+                depth -= ch == ")"
+                if depth == 0:
+                    break
+            rest = rest[i + 1 :].strip()
+        else:
+            rest = rest.split(" ", 1)[1]
+        opcodes.append(rest.split("(", 1)[0])
+    return opcodes
+
+
+def test_one_launch_per_call():
+    cfg = TinyConfig(layers=1)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    cache = init_cache(cfg, jax.random.PRNGKey(1))
+    fast = jax_mpk.megakernelize(make_decode_step(cfg), donate_argnums=(3, 4))
+    compiled = jax.jit(fast, donate_argnums=(3, 4)).lower(params, random_tokens(cfg, 0), jnp.int32(0), *cache).compile()
+    opcodes = _entry_opcodes(compiled.as_text())
+    launches = [op for op in opcodes if op not in ("parameter", "tuple", "get-tuple-element", "constant", "bitcast")]
+    assert launches == ["custom-call"], opcodes
+
+
+def test_watchdog_raises_instead_of_hanging(monkeypatch):
+    monkeypatch.setenv("JAX_MPK_WATCHDOG_S", "0.5")
+    f = lambda x, w: jax.nn.relu(x @ w) @ w.T  # noqa: E731
+    x, w = jnp.ones((1, 256)), jnp.ones((256, 512)) * 0.01
+    mk = jax_mpk.compile(f, x, w)
+    broken = copy.deepcopy(mk.tasks)
+    next(t for t in broken.tasks if t.wait_event >= 0).wait_count += 1
+    source = generate(broken, mk.schedule)
+    mk.words = serialize(broken, mk.schedule)
+    mk.key = plan_key(mk.words) + "broken"
+    register_cuda_plan(
+        mk.key, compile_cubin(source.text, mk.device.compute_capability), source.kernel_name,
+        num_events=broken.num_events, threads=source.threads, smem_bytes=source.smem_bytes,
+        arg_bytes=[x.nbytes, w.nbytes], ret_bytes=[4 * 256, max(mk.graph.workspace_bytes, 1)],
+        num_ctas=mk.num_workers,
+    )  # fmt: skip
+    start = time.monotonic()
+    with pytest.raises(jax_mpk.DependencyTimeoutError, match="waited more than"):
+        mk(x, w)
+    assert time.monotonic() - start < 20
+    # the state is reset: a correct plan still runs afterwards
+    assert_trees_close(jax_mpk.megakernelize(f)(x, w), jax.jit(f)(x, w))
+
+
+def test_warm_cache_loads_fast():
+    f = lambda x: jnp.exp(x) * 2  # noqa: E731
+    jax_mpk.compile(f, jnp.ones((7, 3)))
+    start = time.monotonic()
+    jax_mpk.compile(f, jnp.ones((7, 3)))
+    assert time.monotonic() - start < 1.0
