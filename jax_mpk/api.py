@@ -75,6 +75,11 @@ class Megakernel:
         self.words = serialize(self.tasks, self.schedule, target)
         self.key = plan_key(self.words)
         self.source = None
+        self.workspace_bytes = self.graph.workspace_bytes
+        self.profile_offset = None
+        if self.device is not None and cfg.profile:
+            self.profile_offset = -(-self.workspace_bytes // 256) * 256
+            self.workspace_bytes = self.profile_offset + 24 * len(self.tasks.tasks)
         if self.device is None:
             register_plan(self.key, self.words)
         else:
@@ -98,11 +103,11 @@ class Megakernel:
         from .codegen import generate
         from .toolchain import compile_cubin
 
-        self.source = generate(self.tasks, self.schedule)
+        self.source = generate(self.tasks, self.schedule, self.profile_offset)
         cubin = compile_cubin(self.source.text, self.device.compute_capability)
         kg = self.graph
         arg_bytes = [_nbytes(shape, dtype) for shape, dtype in kg.input_specs]
-        ret_bytes = [_nbytes(shape, dtype) for shape, dtype in kg.output_specs] + [max(kg.workspace_bytes, 1)]
+        ret_bytes = [_nbytes(shape, dtype) for shape, dtype in kg.output_specs] + [max(self.workspace_bytes, 1)]
         register_cuda_plan(
             self.key, cubin, self.source.kernel_name, num_events=self.tasks.num_events,
             threads=self.source.threads, smem_bytes=self.source.smem_bytes, arg_bytes=arg_bytes,
@@ -122,25 +127,44 @@ class Megakernel:
             if (got.shape, got.dtype) != (spec.shape, spec.dtype):
                 raise SignatureMismatchError(f"argument {path or '0'}: expected {spec}, got {got}")
 
-    def emit(self, flat_args: Sequence[Any]) -> list:
+    def emit(self, flat_args: Sequence[Any], keep_workspace: bool = False) -> list:
         """The custom call on flat arguments (inside a trace); returns flat results."""
         return emit_call(
             self.key,
             list(flat_args) + self.consts,
             self.graph.output_specs,
             self.graph.aliases,
-            self.graph.workspace_bytes,
+            self.workspace_bytes,
             self.watchdog_ms,
+            keep_workspace,
         )
 
-    def __call__(self, *args):
+    def profile(self, *args) -> np.ndarray:
+        """Run once and return per-task [wait, start, end] times in microseconds from the first wait
+        (a plan compiled with JAX_MPK_PROFILE=1 on a GPU). Rows follow ``self.tasks.tasks``."""
+        if self.profile_offset is None:
+            raise ValueError("compile with JAX_MPK_PROFILE=1 on a GPU to profile")
         flat, in_tree = jax.tree_util.tree_flatten(args)
         self.check_signature(flat, in_tree)
-        return _run_reporting_timeouts(lambda: jax.tree_util.tree_unflatten(self.out_tree, self._jitted(*flat)), [self])
+        workspace = jax.jit(lambda *f: self.emit(f, keep_workspace=True)[-1])(*flat)
+        raw = np.asarray(workspace)[self.profile_offset :].view(np.uint64).reshape(-1, 3)
+        return (raw.astype(np.int64) - int(raw[:, 0].min())) / 1e3
+
+    def __call__(self, *args):
+        """Dispatch asynchronously (like any jitted function); see :meth:`check_errors`."""
+        flat, in_tree = jax.tree_util.tree_flatten(args)
+        self.check_signature(flat, in_tree)
+        self._last = _reporting_timeouts(lambda: jax.tree_util.tree_unflatten(self.out_tree, self._jitted(*flat)))
+        return self._last
+
+    def check_errors(self) -> None:
+        """Wait for the last call and raise :class:`DependencyTimeoutError` if any call of this plan hit the
+        watchdog. (A failed call is also reported by the next call; waiting here reports it now.)"""
+        _reporting_timeouts(lambda: jax.block_until_ready(getattr(self, "_last", None)))
+        self.raise_device_error()
 
     def raise_device_error(self) -> None:
-        """After the results are ready: a CUDA call's watchdog failure is reported here (the kernel cannot
-        fail the custom call that launched it without a synchronization per call)."""
+        """Raise the watchdog failure a finished CUDA call left behind, if any."""
         if self.device is not None:
             message = check_cuda_error(self.key, self.device.local_hardware_id)
             if message:
@@ -172,17 +196,14 @@ class Megakernel:
         np.save(os.path.join(directory, "4_plan.npy"), self.words)
 
 
-def _run_reporting_timeouts(thunk, megakernels: Sequence[Megakernel]):
-    """Run and wait for results, turning the runtime's watchdog failure into DependencyTimeoutError."""
+def _reporting_timeouts(thunk):
+    """Run, turning the runtime's watchdog failure (raised by XLA) into DependencyTimeoutError."""
     try:
-        result = jax.block_until_ready(thunk())
+        return thunk()
     except Exception as exc:  # XLA wraps handler errors in its own runtime error type
         if "jax_mpk watchdog" in str(exc):
             raise DependencyTimeoutError(str(exc)) from exc
         raise
-    for megakernel in megakernels:
-        megakernel.raise_device_error()
-    return result
 
 
 def _default_platform() -> str:
@@ -229,16 +250,19 @@ def megakernelize(
 
     jitted = jax.jit(traced, donate_argnums=donate_argnums)
 
+    last_result: list = [None]
+
     @functools.wraps(fn)
     def wrapper(*args):
-        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(args)):  # inside a trace
-            return jitted(*args)
-        flat, in_tree = jax.tree_util.tree_flatten(args)
-        result = _run_reporting_timeouts(lambda: jitted(*args), [])
-        plan = plans.get((in_tree, tuple(_ArgSpec.of(x) for x in flat)))
-        if plan is not None:
+        last_result[0] = _reporting_timeouts(lambda: jitted(*args))
+        return last_result[0]
+
+    def check_errors() -> None:
+        """Wait for the last call; raise DependencyTimeoutError if a call hit the watchdog."""
+        _reporting_timeouts(lambda: jax.block_until_ready(last_result[0]))
+        for plan in plans.values():
             plan.raise_device_error()
-        return result
 
     wrapper.plans = plans  # signature -> Megakernel, for inspection
+    wrapper.check_errors = check_errors
     return wrapper

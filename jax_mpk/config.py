@@ -25,6 +25,7 @@ class Config:
     max_workspace_bytes: int  # largest intermediate workspace accepted (JAX_MPK_MAX_WORKSPACE_BYTES)
     dump_dir: str  # when set, every compiled plan's stages are written there (JAX_MPK_DUMP_DIR)
     validate: bool  # run the task-graph validator on every plan (JAX_MPK_VALIDATE, default on)
+    profile: bool  # CUDA: record per-task timestamps, read with Megakernel.profile() (JAX_MPK_PROFILE)
     platform: str  # "cpu" or "cuda" to override the default backend's choice (JAX_MPK_PLATFORM)
     cache_dir: str  # compiled megakernels (JAX_MPK_CACHE_DIR, default ~/.cache/jax_mpk)
     force_compile: bool  # ignore the cache (JAX_MPK_FORCE_COMPILE)
@@ -40,6 +41,7 @@ def load() -> Config:
         max_workspace_bytes=_env_int("JAX_MPK_MAX_WORKSPACE_BYTES", 8 << 30),
         dump_dir=os.environ.get("JAX_MPK_DUMP_DIR", ""),
         validate=_env_int("JAX_MPK_VALIDATE", 1) != 0,
+        profile=_env_int("JAX_MPK_PROFILE", 0) != 0,
         platform=os.environ.get("JAX_MPK_PLATFORM", "").lower(),
         cache_dir=os.environ.get("JAX_MPK_CACHE_DIR")
         or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jax_mpk"),

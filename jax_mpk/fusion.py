@@ -26,7 +26,7 @@ from .graph import (
     consumers, topological,
 )  # fmt: skip
 from .indexmap import IndexMap, Reshape, Shape
-from .layout import KernelKind, NodeOp, TensorKind
+from .layout import KernelKind, NodeOp, ReduceKind, TensorKind
 
 WORKSPACE_ALIGN = 256
 
@@ -142,6 +142,8 @@ class _Fuser:
     # ------------------------------------------------------------------------------------------ driver
     def run(self) -> KernelGraph:
         self._separate_outputs()
+        self.forced: set[int] = set()  # nodes that must be stored whatever the heuristics say
+        self._split_long_reductions()
         self.order = topological(self.outputs)
         self.users = consumers(self.order)
         self.materialized = self._choose_materialized()
@@ -177,8 +179,26 @@ class _Fuser:
                 self.outputs[j] = node
             seen.add(node.uid)
 
+    def _split_long_reductions(self) -> None:
+        """A few rows of a very long reduction (argmax over a vocabulary) would run on a few SMs: reduce
+        chunks of each row in parallel into a stored partial result, then reduce the partials."""
+        order = topological(self.outputs)
+        users = consumers(order)
+        for node in order:
+            if not isinstance(node, Reduce):
+                continue
+            child = node.children[0]
+            length = math.prod(child.shape[len(node.shape) :])
+            chunk = _chunk_size(length)
+            if length < LONG_REDUCTION or math.prod(node.shape) > 64 or chunk is None:
+                continue
+            replacement = _split_reduction(node, chunk, self.forced)
+            for user in users[node.uid]:
+                user.children = tuple(replacement if c is node else c for c in user.children)
+            self.outputs = [replacement if o is node else o for o in self.outputs]
+
     def _choose_materialized(self) -> set[int]:
-        keep = {n.uid for n in self.order if isinstance(n, (Source, *HEAVY))}
+        keep = {n.uid for n in self.order if isinstance(n, (Source, *HEAVY))} | self.forced
         keep |= {n.uid for n in self.outputs}
         for node in self.order:
             if isinstance(node, Dot):
@@ -515,6 +535,52 @@ def make_load(tensor: Tensor, map_: IndexMap, dtype) -> Load:
         stages = stages[:-1]
         tensor = tensor.viewed_as(stages[-1].out_shape if stages else map_.in_shape)
     return Load(shape=map_.in_shape, dtype=dtype, tensor=tensor, map=IndexMap(map_.in_shape, stages))
+
+
+LONG_REDUCTION = 1 << 15  # reductions at least this long are split into chunks
+
+
+def _chunk_size(length: int) -> int | None:
+    """A divisor of ``length`` near 4096 (chunks of a split reduction), or None."""
+    divisors = [d for d in range(1024, 16385) if length % d == 0]
+    return min(divisors, key=lambda d: abs(d - 4096)) if divisors else None
+
+
+def _split_reduction(node: Reduce, chunk: int, forced: set[int]) -> Node:
+    """reduce(x) over [rows, L] as reduce(reduce(x over [rows, L/chunk, chunk])); for arg-reductions the
+    winning chunk's partial position is gathered back. Partial results are added to ``forced``."""
+    child = node.children[0]
+    outer = tuple(node.shape)
+    chunks = math.prod(child.shape[len(outer) :]) // chunk
+    split_shape = outer + (chunks, chunk)
+    split = Reindex(shape=split_shape, dtype=child.dtype, children=(child,),
+                    map=IndexMap.reshape(split_shape, tuple(child.shape)), source=node.source)  # fmt: skip
+    partial_shape = outer + (chunks,)
+
+    def reduce(kind, operand, shape, dtype):
+        return Reduce(shape=shape, dtype=dtype, children=(operand,), kind=kind, n_inner=1, source=node.source)
+
+    arg = {ReduceKind.ARGMAX: ReduceKind.MAX, ReduceKind.ARGMIN: ReduceKind.MIN}
+    if node.kind not in arg:
+        partial = reduce(node.kind, split, partial_shape, node.dtype)
+        forced.add(partial.uid)
+        return reduce(node.kind, partial, outer, node.dtype)
+    best = reduce(arg[node.kind], split, partial_shape, child.dtype)
+    position = reduce(node.kind, split, partial_shape, node.dtype)
+    forced |= {best.uid, position.uid}
+    winner = reduce(node.kind, best, outer, node.dtype)  # first chunk holding the extreme
+    rank = len(outer)
+    to_partial = [[int(r == c) for c in range(rank)] for r in range(rank)] + [[0] * rank]
+    within = DynLoad(shape=outer, dtype=node.dtype, children=(position, winner),
+                     map=IndexMap.affine(outer, partial_shape, to_partial), dims=(rank,), his=(chunks - 1,),
+                     source=node.source)  # fmt: skip
+    base = Elementwise(shape=outer, dtype=node.dtype, children=(winner, _constant(chunk, node)), op=NodeOp.MUL)
+    return Elementwise(shape=outer, dtype=node.dtype, children=(base, within), op=NodeOp.ADD, source=node.source)
+
+
+def _constant(value, like: Node) -> Node:
+    scalar = Elementwise(shape=(), dtype=like.dtype, op=NodeOp.CONST, params=(float(value),))
+    return Reindex(shape=like.shape, dtype=like.dtype, children=(scalar,), map=IndexMap.affine(like.shape, (), []))
 
 
 def _copy(node: Node) -> Node:

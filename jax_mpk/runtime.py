@@ -97,8 +97,9 @@ def emit_call(
     aliases: dict[int, int],
     workspace_bytes: int,
     watchdog_ms: int,
+    keep_workspace: bool = False,
 ) -> list:
-    """Emit the custom call; returns the results without the workspace."""
+    """Emit the custom call; returns the results, without the workspace unless ``keep_workspace``."""
     extension()
     result_types = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in out_specs]
     result_types.append(jax.ShapeDtypeStruct((max(workspace_bytes, 1),), jnp.uint8))
@@ -109,4 +110,4 @@ def emit_call(
         vmap_method=None,
     )
     results = call(*operands, plan_key=key, watchdog_ms=np.int64(watchdog_ms))
-    return list(results[:-1])
+    return list(results) if keep_workspace else list(results[:-1])

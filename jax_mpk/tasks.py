@@ -96,13 +96,15 @@ def _cost_per_element(kernel: Kernel) -> float:
 
 def tile_domain(kernel: Kernel, num_workers: int, per_element: float, min_task_work: int) -> list[tuple[tuple, tuple]]:
     """Tiles as (lo, hi): single indices on leading dims, a range on one dim, whole trailing dims.
-    Kernels with reductions keep their last dim whole so that a row's reduction is computed once."""
+    A reduction is computed once per row of the dims it is indexed by (its shape, a prefix of the domain);
+    the dims after that prefix, over which its value is broadcast, stay whole."""
     domain = kernel.domain
     if math.prod(domain) == 0:
         return []
     work = per_element * math.prod(domain)
     wanted = int(min(max(work // max(min_task_work, 1), 1), 2 * num_workers))
-    splittable = len(domain) - 1 if kernel.has_reduction() and len(domain) > 1 else len(domain)
+    reductions = [n for n in kernel.nodes() if isinstance(n, Reduce)]
+    splittable = min([len(r.shape) for r in reductions] + [len(domain)])
     tiles: list[tuple[tuple, tuple]] = [((), ())]
     dim = 0
     while dim < len(domain):

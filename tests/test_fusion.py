@@ -114,3 +114,14 @@ def test_megakernel_of_jitted_and_custom_jvp_functions(rng):
     f = lambda x: inner(x) + jax.nn.relu(x) + jax.nn.softplus(x)  # noqa: E731
     check_against_jit(f, random_array(rng, (4, 6), "float32"))
     check_against_jit(jax.checkpoint(lambda x: jnp.sin(x) * x), random_array(rng, (5,), "float32"))
+
+
+@pytest.mark.parametrize("reducer", ["argmax", "argmin", "max", "sum"])
+def test_long_reduction_is_split_into_chunks(reducer, rng):
+    x = random_array(rng, (2, 40000), "float32")
+    x = x.at[0, 39000].set(x[0].max() + 1).at[0, 123].set(x[0].max() + 1)  # a tie: the first one wins
+    # NaN counts as the extreme for arg-reductions (jnp's rule); XLA:CPU's own reduce_max may skip NaN
+    x = x.at[1, 777].set(jnp.nan) if reducer.startswith("arg") else x
+    fast = check_against_jit(lambda x: getattr(jnp, reducer)(x, axis=-1), x)
+    (mk,) = fast.plans.values()
+    assert len(mk.graph.kernels) >= 2  # partial reductions over chunks, then the final one

@@ -139,6 +139,7 @@ def test_watchdog_error_type_from_a_direct_call(monkeypatch):
     register_plan(mk.key, mk.words)
     with pytest.raises(jax_mpk.DependencyTimeoutError, match="waited more than"):
         mk(*args)
+        mk.check_errors()
 
 
 def test_generated_layout_header_is_up_to_date():

@@ -71,16 +71,18 @@ __device__ void columns_vec(const float* x, const W* w, int64_t k_stride, int K,
   const int v = threadIdx.x % vectors, group = threadIdx.x / vectors;
   float sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   if (group < groups) {
+    constexpr int kInFlight = 8;  // independent 16-byte loads per thread: one CTA per SM must cover latency
     int k = group;
-    for (; k + 3 * groups < K; k += 4 * groups) {  // four independent 16-byte loads in flight
-      float a[8], b[8], c[8], d[8];
-      load8(w + k * k_stride + v * 8, a);
-      load8(w + (k + groups) * k_stride + v * 8, b);
-      load8(w + (k + 2 * groups) * k_stride + v * 8, c);
-      load8(w + (k + 3 * groups) * k_stride + v * 8, d);
-      const float xa = x[k], xb = x[k + groups], xc = x[k + 2 * groups], xd = x[k + 3 * groups];
+    for (; k + (kInFlight - 1) * groups < K; k += kInFlight * groups) {
+      float loaded[kInFlight][8];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) sum[j] += xa * a[j] + xb * b[j] + xc * c[j] + xd * d[j];
+      for (int u = 0; u < kInFlight; ++u) load8(w + (k + u * groups) * k_stride + v * 8, loaded[u]);
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        const float xk = x[k + u * groups];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) sum[j] += xk * loaded[u][j];
+      }
     }
     for (; k < K; k += groups) {
       float a[8];
@@ -122,6 +124,7 @@ __device__ void rows(const float* x, const W* w, int64_t n_stride, int64_t k_str
     const W* row = w + n * n_stride;
     float sum = 0.0f;
     if (vectorized) {
+#pragma unroll 4
       for (int k = lane * 8; k < K; k += 32 * 8) {
         float wv[8];
         load8(row + k, wv);
