@@ -423,7 +423,9 @@ class _Fuser:
 
     def _order_kernels(self, kernels: list[Kernel]) -> list[Kernel]:
         """Topological order over stored values, with every reader of an old version of a buffer placed
-        before the kernel that overwrites it in place. Ties keep the graph's own order."""
+        before the kernel that overwrites it in place. Kernels are taken level by level (level: the longest
+        chain of kernels before it), so independent kernels such as the Q, K and V projections sit side by
+        side in the schedule and run concurrently; ties keep the graph's own order."""
         writes = {k.outputs[0].tensor.version: k for k in kernels}
         position = {id(k): i for i, k in enumerate(kernels)}
         after: dict[int, set[int]] = {id(k): set() for k in kernels}  # kernel -> kernels that must precede
@@ -448,16 +450,18 @@ class _Fuser:
         for kid, deps in after.items():
             for dep in deps:
                 followers[dep].append(kid)
-        ready = [(position[kid], kid) for kid, n in pending.items() if n == 0]
+        level = {kid: 0 for kid in after}
+        ready = [(0, position[kid], kid) for kid, n in pending.items() if n == 0]
         heapq.heapify(ready)
         ordered = []
         while ready:
-            _, kid = heapq.heappop(ready)
+            _, _, kid = heapq.heappop(ready)
             ordered.append(by_id[kid])
             for nxt in followers[kid]:
                 pending[nxt] -= 1
+                level[nxt] = max(level[nxt], level[kid] + 1)
                 if pending[nxt] == 0:
-                    heapq.heappush(ready, (position[nxt], nxt))
+                    heapq.heappush(ready, (level[nxt], position[nxt], nxt))
         assert len(ordered) == len(kernels), "cycle between in-place updates (jax_mpk bug)"
         return ordered
 

@@ -64,7 +64,7 @@ class TaskGraph:
 
 
 def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 1 << 14) -> TaskGraph:
-    """Tasks of every kernel; a kernel is split into at most 2 tasks per worker, each of at least
+    """Tasks of every kernel; a kernel is split into at most one task per worker, each of at least
     ``min_task_work`` (elements x estimated per-element cost)."""
     buffer_ids = {id(b): i for i, b in enumerate(graph.buffers)}
     tasks: list[Task] = []
@@ -102,7 +102,9 @@ def tile_domain(kernel: Kernel, num_workers: int, per_element: float, min_task_w
     if math.prod(domain) == 0:
         return []
     work = per_element * math.prod(domain)
-    wanted = int(min(max(work // max(min_task_work, 1), 1), 2 * num_workers))
+    # At most one round of tasks per kernel: a task has a fixed cost (wait, staging, signal) of a few
+    # microseconds, so fewer and larger tiles stream weights better; concurrent kernels fill the gaps.
+    wanted = int(min(max(work // max(min_task_work, 1), 1), num_workers))
     reductions = [n for n in kernel.nodes() if isinstance(n, Reduce)]
     splittable = min([len(r.shape) for r in reductions] + [len(domain)])
     tiles: list[tuple[tuple, tuple]] = [((), ())]
