@@ -95,7 +95,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
     profile = "nullptr"
     if profile_offset is not None:
         workspace = slots.num_inputs + slots.num_outputs
-        profile = f"reinterpret_cast<uindex_t*>(p.buffers[{workspace}] + {profile_offset})"
+        profile = f"reinterpret_cast<uint64_t*>(p.buffers[{workspace}] + {profile_offset})"
     # 32-bit index arithmetic (divisions are several times cheaper) unless a tensor is too large for it
     wide = max((b.nbytes for b in kg.buffers), default=0) >= 1 << 31
     lines = [
@@ -298,7 +298,8 @@ class _KernelBody:
         n_pad = -(-plan.max_n // 4) * 4
         em.emit("float* xs = reinterpret_cast<float*>(smem);")
         em.emit(f"float* acc = xs + {k_pad};")
-        em.emit(f"float* scratch = acc + {n_pad};")
+        if plan.layout == "columns_vec":
+            em.emit(f"float* scratch = acc + {n_pad};")
         em.emit(f"const index_t rows = {_tile_count(rank - 1)};")
         em.emit(f"const index_t n_lo = t.lo[{rank - 1}], n_len = t.hi[{rank - 1}] - n_lo;")
         em.emit("for (index_t row = 0; row < rows; ++row) {")

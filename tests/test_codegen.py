@@ -65,3 +65,13 @@ def test_small_functions_compile(fn, shapes, dtype, tmp_path, monkeypatch):
     tasks, source = _generate(fn, *avals, validate_graph=True)
     assert f"kTasks[] = {{" in source.text and len(tasks.tasks) >= 1
     compile_cubin(source.text, "9.0")
+
+
+def test_profiling_build_compiles(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
+    graph = fuse(capture(jax.make_jaxpr(lambda x, w: jnp.argmax(x @ w, -1))(
+        jax.ShapeDtypeStruct((1, 64), jnp.float32), jax.ShapeDtypeStruct((64, 64), jnp.float32))))  # fmt: skip
+    tasks = build_task_graph(graph, H100_SMS)
+    source = generate(tasks, schedule(tasks, H100_SMS), profile_offset=256)
+    assert "reinterpret_cast<uint64_t*>" in source.text
+    compile_cubin(source.text, "9.0")
