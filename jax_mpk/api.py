@@ -60,7 +60,7 @@ class Megakernel:
         self.out_tree = jax.tree_util.tree_structure(out_shapes)
         self.jaxpr = closed
         self.captured: Captured = capture(closed)
-        self.graph: KernelGraph = fuse(self.captured)
+        self.graph: KernelGraph = fuse(self.captured, self.num_workers if self.device is not None else None)
         self._check_workspace(cfg)
         self.tasks: TaskGraph = build_task_graph(self.graph, self.num_workers, cfg.min_task_work)
         if len(self.tasks.tasks) > cfg.max_tasks:

@@ -33,6 +33,7 @@ from .tasks import TaskGraph
 THREADS = 512
 KERNEL_NAME = "jax_mpk_megakernel"
 MAX_DOT_SMEM_BYTES = 160 * 1024
+ROW_REDUCTION = 256  # reductions at least this long are done by the whole block, row by row; shorter inline
 
 _STORAGE = {
     DType.F32: "float", DType.BF16: "__nv_bfloat16", DType.F16: "__half", DType.I32: "int32_t",
@@ -206,7 +207,10 @@ class _KernelBody:
             plan = _DotPlan.of(self.kernel, self.tasks)
             if plan is not None:
                 return self._render_dot(plan)
-        if self.kernel.has_reduction() and dot is None:
+        if dot is None and any(
+            isinstance(n, Reduce) and math.prod(n.children[0].shape[len(n.shape) :]) >= ROW_REDUCTION
+            for n in self.kernel.nodes()
+        ):
             try:
                 return self._render_rows()
             except _NotRowForm:

@@ -87,6 +87,7 @@ class Kernel:
     dot: DotSpec | None = None
     source: str = ""
     index: int = -1
+    level: int = 0  # longest chain of kernels before this one: kernels of one level can run together
 
     @property
     def kind(self) -> KernelKind:
@@ -129,13 +130,16 @@ class KernelGraph:
         return "\n".join(lines)
 
 
-def fuse(captured: Captured) -> KernelGraph:
-    return _Fuser(captured).run()
+def fuse(captured: Captured, num_workers: int | None = None) -> KernelGraph:
+    """Kernels for ``captured``. With ``num_workers`` (the GPU's SM count), matrix products too narrow to give
+    every SM a tile of whole cache lines are split along K (see _split_narrow_products)."""
+    return _Fuser(captured, num_workers).run()
 
 
 class _Fuser:
-    def __init__(self, captured: Captured):
+    def __init__(self, captured: Captured, num_workers: int | None):
         self.captured = captured
+        self.num_workers = num_workers
         self.n_args = len(captured.inputs)
         self.outputs = list(captured.outputs)
 
@@ -144,6 +148,8 @@ class _Fuser:
         self._separate_outputs()
         self.forced: set[int] = set()  # nodes that must be stored whatever the heuristics say
         self._split_long_reductions()
+        if self.num_workers:
+            self._split_narrow_products()
         self.order = topological(self.outputs)
         self.users = consumers(self.order)
         self.materialized = self._choose_materialized()
@@ -196,6 +202,46 @@ class _Fuser:
             for user in users[node.uid]:
                 user.children = tuple(replacement if c is node else c for c in user.children)
             self.outputs = [replacement if o is node else o for o in self.outputs]
+
+    def _split_narrow_products(self) -> None:
+        """x @ W with few rows and a row-major weight W[K, N]: a task must read whole cache lines of W rows
+        (SPLIT_K_COLUMNS columns at least) to stream at full bandwidth, and N / SPLIT_K_COLUMNS tiles leave
+        most SMs idle. Split K into S slices computed as a batched product of float32 partial sums, followed
+        by a sum over the slices that fuses into the consumer (RoPE, the residual add, the SwiGLU gate)."""
+        order = topological(self.outputs)
+        users = consumers(order)
+        for node in order:
+            slices = self._k_slices(node) if isinstance(node, Dot) else 1
+            if slices <= 1:
+                continue
+            replacement = _split_k(node, slices)
+            for user in users[node.uid]:
+                user.children = tuple(replacement if c is node else c for c in user.children)
+            self.outputs = [replacement if o is node else o for o in self.outputs]
+
+    def _k_slices(self, dot: Dot) -> int:
+        if len(dot.k_shape) != 1 or not dot.shape or math.prod(dot.shape[:-1]) > 16:
+            return 1
+        weight, weight_map = dot.children[1], dot.rhs_map
+        while isinstance(weight, Reindex):
+            weight_map, weight = weight_map.then(weight.map), weight.children[0]
+        if not isinstance(weight, Source):  # weights: an argument or a constant, never written by the graph
+            return 1
+        strides = [math.prod(weight.shape[d + 1 :]) for d in range(len(weight.shape))]
+        probe = [weight_map.apply([0] * len(weight_map.in_shape))]
+        for dim in (len(dot.shape) - 1, len(dot.shape)):  # one step along n, then along k
+            index = [0] * len(weight_map.in_shape)
+            index[dim] = 1
+            probe.append(weight_map.apply(index))
+        n_step, k_step = (sum(s * (a - b) for s, a, b in zip(strides, p, probe[0])) for p in probe[1:])
+        k, n = dot.k_shape[0], dot.shape[-1]
+        if n_step != 1 or k < 1024 or n % SPLIT_K_COLUMNS:
+            return 1
+        tiles = n // SPLIT_K_COLUMNS
+        slices = 1
+        while tiles * slices * 2 <= self.num_workers and k % (slices * 2) == 0 and k // (slices * 2) >= 256:
+            slices *= 2
+        return slices
 
     def _choose_materialized(self) -> set[int]:
         keep = {n.uid for n in self.order if isinstance(n, (Source, *HEAVY))} | self.forced
@@ -457,6 +503,7 @@ class _Fuser:
         while ready:
             _, _, kid = heapq.heappop(ready)
             ordered.append(by_id[kid])
+            by_id[kid].level = level[kid]
             for nxt in followers[kid]:
                 pending[nxt] -= 1
                 level[nxt] = max(level[nxt], level[kid] + 1)
@@ -542,6 +589,40 @@ def make_load(tensor: Tensor, map_: IndexMap, dtype) -> Load:
 
 
 LONG_REDUCTION = 1 << 15  # reductions at least this long are split into chunks
+SPLIT_K_COLUMNS = 64  # narrowest column tile of a bf16 weight that reads whole 128-byte lines
+
+
+def _split_k(dot: Dot, slices: int) -> Node:
+    """sum over s of dot(lhs, rhs) restricted to K slice s: a float32 batched product, then a reduction."""
+    k = dot.k_shape[0]
+    chunk = k // slices
+    rank = len(dot.shape)
+    partial_shape = (slices,) + tuple(dot.shape)
+    combined = partial_shape + (chunk,)
+    # (s, domain..., k') -> (domain..., s * chunk + k')
+    to_old = [[0] * (rank + 2) for _ in range(rank + 1)]
+    for d in range(rank):
+        to_old[d][1 + d] = 1
+    to_old[rank][0], to_old[rank][rank + 1] = chunk, 1
+    index_map = IndexMap.affine(combined, tuple(dot.shape) + (k,), to_old)
+    partial = Dot(shape=partial_shape, dtype=np.dtype("float32"), children=dot.children, k_shape=(chunk,),
+                  lhs_map=index_map.then(dot.lhs_map), rhs_map=index_map.then(dot.rhs_map), source=dot.source)  # fmt: skip
+    moved = Reindex(shape=tuple(dot.shape) + (slices,), dtype=partial.dtype, children=(partial,),
+                    map=IndexMap.affine(tuple(dot.shape) + (slices,), partial_shape, _rotate(rank)))  # fmt: skip
+    total = Reduce(shape=tuple(dot.shape), dtype=partial.dtype, children=(moved,), kind=ReduceKind.SUM, n_inner=1,
+                   source=dot.source)  # fmt: skip
+    if np.dtype(dot.dtype) == np.dtype("float32"):
+        return total
+    return Elementwise(shape=tuple(dot.shape), dtype=dot.dtype, children=(total,), op=NodeOp.CONVERT, source=dot.source)
+
+
+def _rotate(rank: int) -> list[list[int]]:
+    """Matrix taking (domain..., s) to (s, domain...)."""
+    matrix = [[0] * (rank + 1) for _ in range(rank + 1)]
+    matrix[0][rank] = 1
+    for d in range(rank):
+        matrix[1 + d][d] = 1
+    return matrix
 
 
 def _chunk_size(length: int) -> int | None:

@@ -68,10 +68,17 @@ def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 
     ``min_task_work`` (elements x estimated per-element cost)."""
     buffer_ids = {id(b): i for i, b in enumerate(graph.buffers)}
     tasks: list[Task] = []
+    per_element = {k.index: _cost_per_element(k) for k in graph.kernels}
+    level_work: dict[int, float] = {}
+    for k in graph.kernels:
+        level_work[k.level] = level_work.get(k.level, 0.0) + per_element[k.index] * math.prod(k.domain)
     for kernel in graph.kernels:
-        per_element = _cost_per_element(kernel)
-        for lo, hi in tile_domain(kernel, num_workers, per_element, min_task_work):
-            task = Task(len(tasks), kernel.index, lo, hi, cost=per_element * math.prod(h - l for l, h in zip(lo, hi)))
+        # kernels of one level run side by side: share the workers in proportion to their work
+        work = per_element[kernel.index] * math.prod(kernel.domain)
+        share = max(1, round(num_workers * work / level_work[kernel.level])) if work else 1
+        for lo, hi in tile_domain(kernel, share, per_element[kernel.index], min_task_work):
+            cost = per_element[kernel.index] * math.prod(h - l for l, h in zip(lo, hi))
+            task = Task(len(tasks), kernel.index, lo, hi, cost=cost)
             task.reads, task.writes = _accesses(kernel, lo, hi, buffer_ids)
             tasks.append(task)
     _derive_dependencies(tasks, [len(b.shape) for b in graph.buffers])
@@ -94,7 +101,7 @@ def _cost_per_element(kernel: Kernel) -> float:
     return max(cost, 1.0)
 
 
-def tile_domain(kernel: Kernel, num_workers: int, per_element: float, min_task_work: int) -> list[tuple[tuple, tuple]]:
+def tile_domain(kernel: Kernel, max_tiles: int, per_element: float, min_task_work: int) -> list[tuple[tuple, tuple]]:
     """Tiles as (lo, hi): single indices on leading dims, a range on one dim, whole trailing dims.
     A reduction is computed once per row of the dims it is indexed by (its shape, a prefix of the domain);
     the dims after that prefix, over which its value is broadcast, stay whole."""
@@ -102,9 +109,9 @@ def tile_domain(kernel: Kernel, num_workers: int, per_element: float, min_task_w
     if math.prod(domain) == 0:
         return []
     work = per_element * math.prod(domain)
-    # At most one round of tasks per kernel: a task has a fixed cost (wait, staging, signal) of a few
-    # microseconds, so fewer and larger tiles stream weights better; concurrent kernels fill the gaps.
-    wanted = int(min(max(work // max(min_task_work, 1), 1), num_workers))
+    # At most one round of tasks per kernel (max_tiles: its share of the workers): a task has a fixed cost
+    # (wait, staging, signal) of a few microseconds, so fewer and larger tiles stream weights better.
+    wanted = int(min(max(work // max(min_task_work, 1), 1), max_tiles))
     reductions = [n for n in kernel.nodes() if isinstance(n, Reduce)]
     splittable = min([len(r.shape) for r in reductions] + [len(domain)])
     tiles: list[tuple[tuple, tuple]] = [((), ())]

@@ -22,7 +22,7 @@ H100_SMS = 132
 
 
 def _generate(fn, *avals, validate_graph=False):
-    graph = fuse(capture(jax.make_jaxpr(fn)(*avals)))
+    graph = fuse(capture(jax.make_jaxpr(fn)(*avals)), H100_SMS)
     tasks = build_task_graph(graph, H100_SMS)
     sched = schedule(tasks, H100_SMS)
     if validate_graph:

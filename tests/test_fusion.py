@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import check_against_jit, random_array
+from conftest import assert_trees_close, check_against_jit, random_array
 
 import jax_mpk
 from jax_mpk.graph import Acc, Reduce
@@ -125,3 +125,33 @@ def test_long_reduction_is_split_into_chunks(reducer, rng):
     fast = check_against_jit(lambda x: getattr(jnp, reducer)(x, axis=-1), x)
     (mk,) = fast.plans.values()
     assert len(mk.graph.kernels) >= 2  # partial reductions over chunks, then the final one
+
+
+def test_narrow_products_split_along_k_on_many_workers(rng):
+    """With a GPU's worth of workers, x @ W with few output columns becomes float32 partial products over
+    K slices plus a sum fused into the consumer; the CPU executor runs that graph too."""
+    from jax_mpk.capture import capture
+    from jax_mpk.fusion import fuse
+    from jax_mpk.graph import Dot
+    from jax_mpk.plan import plan_key, serialize
+    from jax_mpk.runtime import emit_call, register_plan
+    from jax_mpk.schedule import schedule
+    from jax_mpk.tasks import build_task_graph
+    from jax_mpk.validate import validate
+
+    def f(h, x, w):
+        return h + (x @ w).astype(jnp.float32)
+
+    args = [random_array(rng, (1, 128), "float32"), random_array(rng, (1, 2048), "bfloat16"),
+            random_array(rng, (2048, 128), "bfloat16")]  # fmt: skip
+    graph = fuse(capture(jax.make_jaxpr(f)(*args)), num_workers=132)
+    dots = [k for k in graph.kernels if k.dot is not None]
+    assert len(dots) == 1 and dots[0].domain[0] > 1 and dots[0].dot.acc_dtype == jnp.float32
+    tasks = build_task_graph(graph, 4, 1)
+    sched = schedule(tasks, 4)
+    validate(tasks, sched)
+    words = serialize(tasks, sched)
+    register_plan(plan_key(words), words)
+    (out,) = jax.jit(lambda *a: emit_call(plan_key(words), list(a), graph.output_specs, {}, graph.workspace_bytes, 5000))(*args)
+    expected = f(*[a.astype(jnp.float32) for a in args])
+    assert_trees_close(out, expected, "bfloat16")
