@@ -207,10 +207,7 @@ class _KernelBody:
             plan = _DotPlan.of(self.kernel, self.tasks)
             if plan is not None:
                 return self._render_dot(plan)
-        if dot is None and any(
-            isinstance(n, Reduce) and math.prod(n.children[0].shape[len(n.shape) :]) >= ROW_REDUCTION
-            for n in self.kernel.nodes()
-        ):
+        if dot is None and any(_is_row_reduction(n) for n in self.kernel.nodes()):
             try:
                 return self._render_rows()
             except _NotRowForm:
@@ -263,7 +260,7 @@ class _KernelBody:
     # ------------------------------------------------------------------------------------------- rows
     def _render_rows(self):
         k = self.kernel
-        reduces = [n for n in k.nodes() if isinstance(n, Reduce)]
+        reduces = [n for n in k.nodes() if _is_row_reduction(n)]
         prefix = len(reduces[0].shape)
         if any(len(r.shape) != prefix for r in reduces) or prefix > len(k.domain):
             raise _NotRowForm
@@ -434,6 +431,11 @@ def _flatten_contraction(lcoef, rcoef, k_shape):
             if coefs[j] != coefs[j + 1] * k_shape[j + 1]:
                 return 0, 0, None
     return lcoef[-1], rcoef[-1], math.prod(k_shape)
+
+
+def _is_row_reduction(node: Node) -> bool:
+    """Long reductions are done by the whole block, row by row; short ones (split-K sums) inline."""
+    return isinstance(node, Reduce) and math.prod(node.children[0].shape[len(node.shape) :]) >= ROW_REDUCTION
 
 
 def _read_only(tensor: Tensor) -> bool:
@@ -625,7 +627,7 @@ class _Emitter:
 
     # ------------------------------------------------------------------------------------- reductions
     def _reduce(self, node: Reduce, idx: list[str]) -> str:
-        if self.rows_prefix is not None:
+        if self.rows_prefix is not None and _is_row_reduction(node):
             if list(idx) != self.rows_prefix[: len(node.shape)] or node.uid not in self.reductions:
                 raise _NotRowForm
             return self.reductions[node.uid]

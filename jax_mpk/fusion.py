@@ -163,6 +163,7 @@ class _Fuser:
         self._assign_buffers()
         kernels = [self._build_kernel(n) for n in self.order if self._is_kernel_root(n)]
         kernels = self._order_kernels(kernels)
+        kernels = self._order_kernels(_merge_into_consumers(kernels))
         for i, kernel in enumerate(kernels):
             kernel.index = i
         return KernelGraph(
@@ -253,9 +254,17 @@ class _Fuser:
                 keep.add(node.children[0].uid)
         while True:  # work that several kernels would recompute is stored once instead, unless it is cheap
             shared = {n.uid for n in self._nodes_in_several_kernels(keep) if not self._cheap(n, keep)}
-            if shared <= keep:
+            # store only the outermost shared values: what lies below them is then computed once, inside
+            # the kernel that stores them
+            frontier = {uid for uid in shared if any(u.uid not in shared for u in self._users_of(uid))}
+            if frontier <= keep:
                 return keep
-            keep |= shared
+            keep |= frontier
+
+    def _users_of(self, uid: int) -> list[Node]:
+        if not hasattr(self, "_users_now"):
+            self._users_now = consumers(self.order)
+        return self._users_now[uid]
 
     def _cheap(self, node: Node, keep: set[int]) -> bool:
         """Recomputing ``node`` costs about what loading it would: no reduction, no gather, and at most
@@ -472,7 +481,7 @@ class _Fuser:
         before the kernel that overwrites it in place. Kernels are taken level by level (level: the longest
         chain of kernels before it), so independent kernels such as the Q, K and V projections sit side by
         side in the schedule and run concurrently; ties keep the graph's own order."""
-        writes = {k.outputs[0].tensor.version: k for k in kernels}
+        writes = {out.tensor.version: k for k in kernels for out in k.outputs}
         position = {id(k): i for i, k in enumerate(kernels)}
         after: dict[int, set[int]] = {id(k): set() for k in kernels}  # kernel -> kernels that must precede
         for kernel in kernels:
@@ -666,6 +675,63 @@ def _split_reduction(node: Reduce, chunk: int, forced: set[int]) -> Node:
 def _constant(value, like: Node) -> Node:
     scalar = Elementwise(shape=(), dtype=like.dtype, op=NodeOp.CONST, params=(float(value),))
     return Reindex(shape=like.shape, dtype=like.dtype, children=(scalar,), map=IndexMap.affine(like.shape, (), []))
+
+
+def _merge_into_consumers(kernels: list[Kernel]) -> list[Kernel]:
+    """Multi-output fusion: a pointwise kernel A whose value T a later kernel B (same domain) reads is
+    folded into B, which computes T inline where it needs it and also stores T over its own tiles
+    (the residual sum stored by the RMSNorm that reads it). One dependency level less per merge."""
+    merged: list[Kernel] = list(kernels)
+    position = {id(k): i for i, k in enumerate(merged)}
+    removed: set[int] = set()
+    for a in kernels:
+        if not _mergeable_producer(a):
+            continue
+        out = a.outputs[0]
+        readers = [k for k in merged if id(k) not in removed and k is not a
+                   and any(t.version == out.tensor.version for t in k.read_tensors())]  # fmt: skip
+        if not readers:
+            continue
+        b = min(readers, key=lambda k: position[id(k)])
+        loads = [n for n in b.nodes() if isinstance(n, Load) and n.tensor.version == out.tensor.version]
+        if b.dot is not None or tuple(b.domain) != tuple(a.domain) or any(n.dims for n in loads):
+            continue
+        between = merged[position[id(a)] + 1 : position[id(b)]]
+        inputs = {id(t.buffer) for t in a.read_tensors()}
+        if any(id(o.tensor.buffer) in inputs for k in between for o in k.outputs):
+            continue  # A's inputs are overwritten in place before B would read them
+        inline = {
+            n.uid: out.node
+            if n.map.is_identity
+            else Reindex(shape=n.shape, dtype=n.dtype, children=(out.node,), map=n.map)
+            for n in loads
+        }
+        b.outputs = [KernelOutput(_substitute(o.node, inline), o.tensor, o.map,
+                                  tuple((d, _substitute(x, inline), hi) for d, x, hi in o.dyn)) for o in b.outputs]  # fmt: skip
+        b.outputs.append(KernelOutput(out.node, out.tensor, out.map))
+        b.name = f"{a.name}|{b.name}"
+        removed.add(id(a))
+    return [k for k in merged if id(k) not in removed]
+
+
+def _mergeable_producer(kernel: Kernel) -> bool:
+    if kernel.dot is not None or len(kernel.outputs) != 1:
+        return False
+    out = kernel.outputs[0]
+    return out.map.is_identity and not out.dyn and tuple(out.tensor.shape) == tuple(kernel.domain)
+
+
+def _substitute(root: Node, replace: dict[int, Node]) -> Node:
+    """Copy of the expression DAG under ``root`` with the nodes in ``replace`` (by uid) swapped out."""
+    memo: dict[int, Node] = {}
+    for node in topological([root]):
+        if node.uid in replace:
+            memo[node.uid] = replace[node.uid]
+        elif any(c.uid in memo and memo[c.uid] is not c for c in node.children):
+            memo[node.uid] = _clone(node, tuple(memo[c.uid] for c in node.children))
+        else:
+            memo[node.uid] = node
+    return memo[root.uid]
 
 
 def _copy(node: Node) -> Node:

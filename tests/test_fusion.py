@@ -155,3 +155,14 @@ def test_narrow_products_split_along_k_on_many_workers(rng):
     (out,) = jax.jit(lambda *a: emit_call(plan_key(words), list(a), graph.output_specs, {}, graph.workspace_bytes, 5000))(*args)
     expected = f(*[a.astype(jnp.float32) for a in args])
     assert_trees_close(out, expected, "bfloat16")
+
+
+def test_residual_sum_is_stored_by_the_norm_that_reads_it(rng):
+    def f(h, a, b, w):
+        h = h + a * b  # the residual stream: read by the norm and returned
+        return h, _rms_norm(h, w)
+
+    args = [random_array(rng, s, "float32") for s in [(3, 40), (3, 40), (3, 40), (40,)]]
+    fast = check_against_jit(f, *args)
+    (mk,) = fast.plans.values()
+    assert len(mk.graph.kernels) == 1 and len(mk.graph.kernels[0].outputs) == 2
