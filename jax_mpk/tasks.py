@@ -75,7 +75,7 @@ def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 
     for kernel in graph.kernels:
         # kernels of one level run side by side: share the workers in proportion to their work
         work = per_element[kernel.index] * math.prod(kernel.domain)
-        share = max(1, round(num_workers * work / level_work[kernel.level])) if work else 1
+        share = max(1, int(num_workers * work / level_work[kernel.level])) if work else 1
         for lo, hi in tile_domain(kernel, share, per_element[kernel.index], min_task_work):
             cost = per_element[kernel.index] * math.prod(h - l for l, h in zip(lo, hi))
             task = Task(len(tasks), kernel.index, lo, hi, cost=cost)
@@ -128,7 +128,7 @@ def tile_domain(kernel: Kernel, max_tiles: int, per_element: float, min_task_wor
             wanted = 1
         else:
             tiles = [(lo + (s,), hi + (s + 1,)) for lo, hi in tiles for s in range(size)]
-            wanted = -(-wanted // size)
+            wanted = max(1, wanted // size)  # never more tiles than asked for: a second round costs a task
         dim += 1
     return tiles
 
