@@ -10,22 +10,19 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "jax_mpk/tasks/elementwise.cuh"
 
 namespace jax_mpk::dot {
 
-__device__ __forceinline__ void unpack8(const uint4 v, float out[8]) {
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float out[8]) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
   const uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     out[2 * i] = __uint_as_float(words[i] << 16);
     out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
   }
-}
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float out[8]) {
-  unpack8(__ldg(reinterpret_cast<const uint4*>(p)), out);
 }
 __device__ __forceinline__ void load8(const __half* p, float out[8]) {
   const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
@@ -47,41 +44,6 @@ template <class W> __device__ __forceinline__ float load1(const W* p) { return o
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
-}
-
-// One thread's share of the columns layout for bf16 weights: rows group, group + groups, ... of one
-// 8-column vector. Raw 16-byte words are double-buffered: the next batch of loads is in flight while the
-// current one is multiplied, so a thread always has kBatch loads outstanding.
-__device__ __forceinline__ void columns_bf16_pipelined(const float* x, const __nv_bfloat16* w, int64_t k_stride,
-                                                       int K, int v, int group, int groups, float sum[8]) {
-  constexpr int kBatch = 8;
-  const uint4* base = reinterpret_cast<const uint4*>(w + v * 8);
-  const int64_t step = k_stride / 8;  // in uint4 units
-  const int rows = (K - group + groups - 1) / groups;  // rows of this thread
-  uint4 current[kBatch], next[kBatch];
-#pragma unroll
-  for (int u = 0; u < kBatch; ++u) {
-    if (u < rows) current[u] = __ldg(base + (group + u * groups) * step);
-  }
-  for (int first = 0; first < rows; first += kBatch) {
-    const int after = first + kBatch;
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      if (after + u < rows) next[u] = __ldg(base + (group + (after + u) * groups) * step);
-    }
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      if (first + u < rows) {
-        float wv[8];
-        unpack8(current[u], wv);
-        const float xk = x[group + (first + u) * groups];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) sum[j] += xk * wv[j];
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) current[u] = next[u];
-  }
 }
 
 // Vector path of the columns layout: n_len % 8 == 0, w and k_stride 16-byte aligned.
@@ -108,9 +70,7 @@ __device__ void columns_vec(const float* x, const W* w, int64_t k_stride, int K,
   const int groups = threads / vectors;  // threads split K into this many interleaved groups
   const int v = threadIdx.x % vectors, group = threadIdx.x / vectors;
   float sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  if constexpr (std::is_same_v<W, __nv_bfloat16>) {
-    if (group < groups) columns_bf16_pipelined(x, w, k_stride, K, v, group, groups, sum);
-  } else if (group < groups) {
+  if (group < groups) {
     constexpr int kInFlight = 8;  // independent 16-byte loads per thread: one CTA per SM must cover latency
     int k = group;
     for (; k + (kInFlight - 1) * groups < K; k += kInFlight * groups) {
@@ -131,8 +91,6 @@ __device__ void columns_vec(const float* x, const W* w, int64_t k_stride, int K,
 #pragma unroll
       for (int j = 0; j < 8; ++j) sum[j] += xk * a[j];
     }
-  }
-  if (group < groups) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) scratch[group * n_len + v * 8 + j] = sum[j];
   }
