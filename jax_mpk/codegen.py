@@ -33,6 +33,7 @@ from .tasks import TaskGraph
 THREADS = 512
 KERNEL_NAME = "jax_mpk_megakernel"
 MAX_DOT_SMEM_BYTES = 160 * 1024
+PREFETCH_BYTES = 64 * 1024  # weight bytes a task asks L2 for before it waits
 ROW_REDUCTION = 256  # reductions at least this long are done by the whole block, row by row; shorter inline
 
 _STORAGE = {
@@ -341,15 +342,19 @@ class _KernelBody:
         if not _read_only(dot.rhs) or plan.layout == "columns_scalar":
             return None
         elt = np.dtype(dot.rhs.buffer.dtype).itemsize
+        # Only the head of the tile: L2 holds ~50 MB for 132 SMs, and a prefetch larger than a task's share
+        # is evicted before use while it competes with the loads of the tasks running now.
         if plan.layout == "columns_vec":
-            row_bytes, rows, stride = f"n_len * {elt}", str(plan.K), plan.rhs_k * elt
+            row_bytes, stride = f"n_len * {elt}", plan.rhs_k * elt
+            rows = f"min((index_t){plan.K}, (index_t)({PREFETCH_BYTES} / (n_len * {elt})))"
         else:
-            row_bytes, rows, stride = str(plan.K * elt), "n_len", plan.rhs_n * elt
+            row_bytes, stride = str(plan.K * elt), plan.rhs_n * elt
+            rows = f"min(n_len, (index_t){max(1, PREFETCH_BYTES // (plan.K * elt))})"
         first = _linear(0, plan.rhs_coefs, [f"t.lo[{d}]" for d in range(rank)])
 
         def render(slots) -> str:
             return (
-                f"const index_t n_len = t.hi[{rank - 1}] - t.lo[{rank - 1}]; "
+                f"const index_t n_len = max(t.hi[{rank - 1}] - t.lo[{rank - 1}], 1); "
                 f"dot::prefetch_l2({slots.pointer(dot.rhs, plan.rhs_const)} + ({first}) * {elt}, "
                 f"{row_bytes}, {rows}, {stride});"
             )

@@ -115,11 +115,34 @@ __device__ void columns_scalar(const float* x, const W* w, int64_t k_stride, int
   }
 }
 
-// Rows layout: one warp per output; vector loads when K % 8 == 0 and rows are 16-byte aligned.
+// Rows layout: a group of lanes per output (a whole warp for long rows; for short ones, such as attention
+// scores over a 64-wide head, K/8 lanes, so that a warp works on several outputs at once); vector loads when
+// K % 8 == 0 and rows are 16-byte aligned.
 template <class W>
 __device__ void rows(const float* x, const W* w, int64_t n_stride, int64_t k_stride, int K, int n_len, bool vectorized,
                      float* acc) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (vectorized && K < 256) {
+    int group = 1;  // lanes per output: a power of two covering K / 8 vectors
+    while (group * 8 < K && group < 32) group *= 2;
+    const int per_warp = 32 / group, member = lane % group, slot = lane / group;
+    const int rounds = (n_len + warps * per_warp - 1) / (warps * per_warp);
+    for (int r = 0; r < rounds; ++r) {
+      const int n = (r * warps + warp) * per_warp + slot;
+      float sum = 0.0f;
+      if (n < n_len) {
+        for (int k = member * 8; k < K; k += group * 8) {
+          float wv[8];
+          load8(w + n * n_stride + k, wv);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) sum += x[k + j] * wv[j];
+        }
+      }
+      for (int offset = group / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+      if (n < n_len && member == 0) acc[n] = sum;
+    }
+    return;
+  }
   for (int n = warp; n < n_len; n += warps) {
     const W* row = w + n * n_stride;
     float sum = 0.0f;
