@@ -142,8 +142,8 @@ def test_narrow_products_split_along_k_on_many_workers(rng):
     def f(h, x, w):
         return h + (x @ w).astype(jnp.float32)
 
-    args = [random_array(rng, (1, 256), "float32"), random_array(rng, (1, 2048), "bfloat16"),
-            random_array(rng, (2048, 256), "bfloat16")]  # fmt: skip
+    args = [random_array(rng, (1, 128), "float32"), random_array(rng, (1, 2048), "bfloat16"),
+            random_array(rng, (2048, 128), "bfloat16")]  # fmt: skip
     graph = fuse(capture(jax.make_jaxpr(f)(*args)), num_workers=132)
     dots = [k for k in graph.kernels if k.dot is not None]
     assert len(dots) == 1 and dots[0].domain[0] > 1 and dots[0].dot.acc_dtype == jnp.float32
