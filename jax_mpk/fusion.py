@@ -240,8 +240,7 @@ class _Fuser:
             return 1
         tiles = n // SPLIT_K_COLUMNS
         slices = 1
-        while (tiles * slices * 2 <= self.num_workers and slices < SPLIT_K_MAX_SLICES and k % (slices * 2) == 0
-               and k // (slices * 2) >= 128):
+        while tiles * slices * 2 <= self.num_workers and k % (slices * 2) == 0 and k // (slices * 2) >= 256:
             slices *= 2
         return slices
 
@@ -599,8 +598,7 @@ def make_load(tensor: Tensor, map_: IndexMap, dtype) -> Load:
 
 
 LONG_REDUCTION = 1 << 15  # reductions at least this long are split into chunks
-SPLIT_K_COLUMNS = 256  # column tile of a bf16 weight: 512 contiguous bytes per row (DRAM-friendly)
-SPLIT_K_MAX_SLICES = 16  # a consumer sums this many partials per element
+SPLIT_K_COLUMNS = 64  # narrowest column tile of a bf16 weight that reads whole 128-byte lines
 
 
 def _split_k(dot: Dot, slices: int) -> Node:
