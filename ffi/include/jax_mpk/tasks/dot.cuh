@@ -10,22 +10,19 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "jax_mpk/tasks/elementwise.cuh"
 
 namespace jax_mpk::dot {
 
-__device__ __forceinline__ void unpack8(const uint4 v, float out[8]) {
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float out[8]) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
   const uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     out[2 * i] = __uint_as_float(words[i] << 16);
     out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
   }
-}
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float out[8]) {
-  unpack8(__ldg(reinterpret_cast<const uint4*>(p)), out);
 }
 __device__ __forceinline__ void load8(const __half* p, float out[8]) {
   const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
@@ -73,35 +70,7 @@ __device__ void columns_vec(const float* x, const W* w, int64_t k_stride, int K,
   const int groups = threads / vectors;  // threads split K into this many interleaved groups
   const int v = threadIdx.x % vectors, group = threadIdx.x / vectors;
   float sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  if constexpr (std::is_same_v<W, __nv_bfloat16>) {
-    // 16 raw 16-byte words in flight per thread (64 registers): one CTA per SM must cover HBM latency
-    constexpr int kInFlight = 16;
-    const uint4* base = reinterpret_cast<const uint4*>(w + v * 8);
-    const int64_t step = k_stride / 8;
-    int k = group;
-    if (group < groups) {
-      for (; k + (kInFlight - 1) * groups < K; k += kInFlight * groups) {
-        uint4 raw[kInFlight];
-#pragma unroll
-        for (int u = 0; u < kInFlight; ++u) raw[u] = __ldg(base + (k + u * groups) * step);
-#pragma unroll
-        for (int u = 0; u < kInFlight; ++u) {
-          float wv[8];
-          unpack8(raw[u], wv);
-          const float xk = x[k + u * groups];
-#pragma unroll
-          for (int j = 0; j < 8; ++j) sum[j] += xk * wv[j];
-        }
-      }
-      for (; k < K; k += groups) {
-        float wv[8];
-        unpack8(__ldg(base + k * step), wv);
-        const float xk = x[k];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) sum[j] += xk * wv[j];
-      }
-    }
-  } else if (group < groups) {
+  if (group < groups) {
     constexpr int kInFlight = 8;  // independent 16-byte loads per thread: one CTA per SM must cover latency
     int k = group;
     for (; k + (kInFlight - 1) * groups < K; k += kInFlight * groups) {
@@ -122,8 +91,6 @@ __device__ void columns_vec(const float* x, const W* w, int64_t k_stride, int K,
 #pragma unroll
       for (int j = 0; j < 8; ++j) sum[j] += xk * a[j];
     }
-  }
-  if (group < groups) {
 #pragma unroll
     for (int j = 0; j < 8; ++j) scratch[group * n_len + v * 8 + j] = sum[j];
   }
