@@ -186,6 +186,15 @@ def _task_tables(graph: TaskGraph, sched: Schedule) -> list[str]:
     ]
 
 
+@dataclass
+class _Fold:
+    acc: str  # accumulator variable
+    acc_t: str  # its value type (ArgBest's value type for arg-reductions)
+    reducer: str  # the reduce:: combiner type
+    arg: bool
+    result: str  # expression of the reduced value
+
+
 class _NotRowForm(Exception):
     """A reduction is read at an index that is not its row: fall back to the flat form."""
 
@@ -636,62 +645,45 @@ class _Emitter:
             if list(idx) != self.rows_prefix[: len(node.shape)] or node.uid not in self.reductions:
                 raise _NotRowForm
             return self.reductions[node.uid]
-        child = node.children[0]
-        inner = child.shape[len(node.shape) :]
-        code = dtype_code(child.dtype)
-        arg = node.kind in (ReduceKind.ARGMAX, ReduceKind.ARGMIN)
-        acc_t = "int32_t" if code == DType.BOOL else _VALUE[code]
-        acc = self.fresh("red")
-        if arg:
-            best = f"reduce::ArgBest<{str(node.kind == ReduceKind.ARGMAX).lower()}, {acc_t}>"
-            self.emit(f"{best} {acc} = {best}::init();")
-        else:
-            self.emit(f"{acc_t} {acc} = {_REDUCER[node.kind]}<{acc_t}>::init();")
-        self.emit(f"for (index_t j = 0; j < {math.prod(inner)}; ++j) {{")
-        self.push()
-        jidx = self.delinearize("j", [str(s) for s in inner], ["0"] * len(inner))
-        v = self.value(child, list(idx) + jidx)
-        if arg:
-            self.emit(f"{acc} = {best}::combine({acc}, {{static_cast<{acc_t}>({v}), static_cast<int32_t>(j)}});")
-        else:
-            self.emit(f"{acc} = {_REDUCER[node.kind]}<{acc_t}>::combine({acc}, static_cast<{acc_t}>({v}));")
-        self.pop()
-        self.emit("}")
-        result = f"{acc}.index" if arg else f"static_cast<{_VALUE[dtype_code(node.dtype)]}>({acc})"
-        return self.rounded(result, dtype_code(node.dtype))
+        fold = self._fold(node, idx, first="0", stride="1")  # short: each thread loops over it alone
+        return self.rounded(fold.result, dtype_code(node.dtype))
 
     def row_reduction(self, node: Reduce, row: list[str]) -> None:
         """Cooperative reduction of one row: every thread folds a strided share, then the block combines."""
+        fold = self._fold(node, row, first="threadIdx.x", stride="blockDim.x")
+        if fold.arg:
+            self.emit(f"{fold.acc} = reduce::block_arg_reduce({fold.acc}, reinterpret_cast<{fold.acc_t}*>(smem), "
+                      f"reinterpret_cast<int32_t*>(smem + 4 * {THREADS}));")
+        else:
+            self.emit(f"{fold.acc} = reduce::block_reduce<{fold.reducer}>({fold.acc}, "
+                      f"reinterpret_cast<{fold.acc_t}*>(smem));")
+        self.reductions[node.uid] = self.rounded(fold.result, dtype_code(node.dtype))
+
+    def _fold(self, node: Reduce, outer: list[str], first: str, stride: str) -> _Fold:
+        """Emit an accumulator and the loop folding ``node``'s child over inner positions first, first +
+        stride, ... (a thread's share of the row)."""
         child = node.children[0]
         inner = child.shape[len(node.shape) :]
         code = dtype_code(child.dtype)
         arg = node.kind in (ReduceKind.ARGMAX, ReduceKind.ARGMIN)
-        acc_t = "int32_t" if code == DType.BOOL else _VALUE[code]
+        acc_t = "int32_t" if code == DType.BOOL else _VALUE[code]  # shuffles take no bool
+        reducer = (
+            f"reduce::ArgBest<{str(node.kind == ReduceKind.ARGMAX).lower()}, {acc_t}>"
+            if arg
+            else f"{_REDUCER[node.kind]}<{acc_t}>"
+        )
         acc = self.fresh("red")
-        if arg:
-            best = f"reduce::ArgBest<{str(node.kind == ReduceKind.ARGMAX).lower()}, {acc_t}>"
-            self.emit(f"{best} {acc} = {best}::init();")
-        else:
-            reducer = f"{_REDUCER[node.kind]}<{acc_t}>"
-            self.emit(f"{acc_t} {acc} = {reducer}::init();")
-        self.emit(f"for (index_t j = threadIdx.x; j < {math.prod(inner)}; j += blockDim.x) {{")
+        self.emit(f"{reducer} {acc} = {reducer}::init();" if arg else f"{acc_t} {acc} = {reducer}::init();")
+        self.emit(f"for (index_t j = {first}; j < {math.prod(inner)}; j += {stride}) {{")
         self.push()
         jidx = self.delinearize("j", [str(s) for s in inner], ["0"] * len(inner))
-        v = self.value(child, list(row) + jidx)
-        if arg:
-            self.emit(f"{acc} = {best}::combine({acc}, {{static_cast<{acc_t}>({v}), static_cast<int32_t>(j)}});")
-        else:
-            self.emit(f"{acc} = {reducer}::combine({acc}, static_cast<{acc_t}>({v}));")
+        v = self.value(child, list(outer) + jidx)
+        item = f"{{static_cast<{acc_t}>({v}), static_cast<int32_t>(j)}}" if arg else f"static_cast<{acc_t}>({v})"
+        self.emit(f"{acc} = {reducer}::combine({acc}, {item});")
         self.pop()
         self.emit("}")
-        if arg:
-            self.emit(f"{acc} = reduce::block_arg_reduce({acc}, reinterpret_cast<{acc_t}*>(smem), "
-                      f"reinterpret_cast<int32_t*>(smem + 4 * {THREADS}));")
-            result = f"{acc}.index"
-        else:
-            self.emit(f"{acc} = reduce::block_reduce<{reducer}>({acc}, reinterpret_cast<{acc_t}*>(smem));")
-            result = f"static_cast<{_VALUE[dtype_code(node.dtype)]}>({acc})"
-        self.reductions[node.uid] = self.rounded(result, dtype_code(node.dtype))
+        result = f"{acc}.index" if arg else f"static_cast<{_VALUE[dtype_code(node.dtype)]}>({acc})"
+        return _Fold(acc, acc_t, reducer, arg, result)
 
     # ------------------------------------------------------------------------------------------ stores
     def store_outputs(self, idx: list[str]) -> None:

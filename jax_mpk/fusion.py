@@ -97,17 +97,11 @@ class Kernel:
         roots = [o.node for o in self.outputs] + [n for o in self.outputs for _, n, _ in o.dyn]
         return topological(roots)
 
-    def loads(self) -> list[Load]:
-        return [n for n in self.nodes() if isinstance(n, Load)]
-
     def read_tensors(self) -> list[Tensor]:
-        tensors = [n.tensor for n in self.loads()]
+        tensors = [n.tensor for n in self.nodes() if isinstance(n, Load)]
         if self.dot is not None:
             tensors += [self.dot.lhs, self.dot.rhs]
         return tensors
-
-    def has_reduction(self) -> bool:
-        return any(isinstance(n, Reduce) for n in self.nodes())
 
     def __repr__(self) -> str:
         outs = ", ".join(o.tensor.name for o in self.outputs)

@@ -16,7 +16,7 @@ import numpy as np
 
 from .fusion import Kernel, KernelGraph, Tensor
 from .graph import Acc, Load, Node, Piecewise, Reduce, Reindex
-from .indexmap import Rect, _reshape_rect, full_rect, rect_union, rect_volume, rects_overlap
+from .indexmap import Rect, _reshape_rect, full_rect, rect_union, rect_volume
 
 # Output columns of a matrix product are tiled in multiples of this, so weight rows load as whole sectors.
 DOT_COLUMN_ALIGN = 16

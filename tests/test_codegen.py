@@ -63,7 +63,7 @@ def test_small_functions_compile(fn, shapes, dtype, tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
     avals = [jax.ShapeDtypeStruct(s, jnp.int32 if s == () else dtype) for s in shapes]
     tasks, source = _generate(fn, *avals, validate_graph=True)
-    assert f"kTasks[] = {{" in source.text and len(tasks.tasks) >= 1
+    assert "kTasks[] = {" in source.text and len(tasks.tasks) >= 1
     compile_cubin(source.text, "9.0")
 
 

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import pytest
 from conftest import assert_trees_close, check_against_jit, random_array
 
-import jax_mpk
 from jax_mpk.graph import Acc, Reduce
 
 
@@ -132,7 +131,6 @@ def test_narrow_products_split_along_k_on_many_workers(rng):
     K slices plus a sum fused into the consumer; the CPU executor runs that graph too."""
     from jax_mpk.capture import capture
     from jax_mpk.fusion import fuse
-    from jax_mpk.graph import Dot
     from jax_mpk.plan import plan_key, serialize
     from jax_mpk.runtime import emit_call, register_plan
     from jax_mpk.schedule import schedule

@@ -7,7 +7,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from conftest import assert_model_outputs_close, assert_trees_close, check_against_jit, random_array
 from tiny_models import TinyConfig, init_cache, init_params, make_decode_step, random_tokens
@@ -16,7 +15,7 @@ import jax_mpk
 from jax_mpk.codegen import generate
 from jax_mpk.toolchain import compile_cubin
 from jax_mpk.plan import plan_key, serialize
-from jax_mpk.runtime import emit_call, register_cuda_plan
+from jax_mpk.runtime import register_cuda_plan
 
 pytestmark = pytest.mark.gpu
 
