@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session: build the extension, run the GPU tests, then benchmark. Logs go to $OUT.
-#   bash scripts/gpu_session.sh [tests|bench|all] [pytest -k expression]
+#   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [tests|bench|all] [pytest -k expression]
+# (the device machine gets the working tree without .git: pass the commit for the benchmark's JSON)
 set -uo pipefail
 what=${1:-all}
 select=${2:-}
