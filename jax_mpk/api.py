@@ -44,12 +44,10 @@ class Megakernel:
     ``schedule``; ``dump(dir)`` writes them all.
     """
 
-    def __init__(
-        self, fn: Callable, in_tree, specs: tuple[_ArgSpec, ...], num_workers: int | None = None, platform: str | None = None
-    ):
+    def __init__(self, fn: Callable, in_tree, specs: tuple[_ArgSpec, ...], num_workers: int | None = None):
         cfg = config_module.load()
         self.fn, self.in_tree, self.specs = fn, in_tree, specs
-        self.platform = platform or _default_platform()
+        self.platform = _default_platform()
         self.device = jax.devices("gpu")[0] if self.platform == "cuda" else None
         # On the GPU a worker is an SM: exactly one CTA per SM, all co-resident.
         self.num_workers = self.device.core_count if self.device is not None else (num_workers or cfg.num_workers)
@@ -232,8 +230,11 @@ def megakernelize(
     """Run ``fn`` as one persistent megakernel: one custom call in place of the whole function.
 
     The result traces ``fn`` once per input signature (pytree structure, shapes, dtypes), caches the
-    compiled plan, and can be called directly or inside ``jax.jit``. Arguments listed in
-    ``donate_argnums`` are donated (use it for a KV cache updated in place: with donation, no copy is made).
+    compiled plan (``.plans``: signature -> :class:`Megakernel`), and can be called directly or inside
+    ``jax.jit``. Calls dispatch asynchronously; ``.check_errors()`` waits for the last one and raises
+    :class:`DependencyTimeoutError` if a call hit the watchdog. Arguments listed in ``donate_argnums`` are
+    donated (use it for a KV cache updated in place: with donation, no copy is made). ``num_workers`` sets
+    the CPU executor's threads; on a GPU every SM is a worker.
     """
     plans: dict[tuple, Megakernel] = {}
 
