@@ -144,13 +144,11 @@ class _Fuser:
         self._split_long_reductions()
         if self.num_workers:
             self._split_narrow_products()
-        self.order = topological(self.outputs)
-        self.users = consumers(self.order)
+        self._index_graph()
         self.materialized = self._choose_materialized()
         self.chain_buffer_output = self._alias_update_chains()
         self._make_updates_in_place()
-        self.order = topological(self.outputs)
-        self.users = consumers(self.order)
+        self._index_graph()
         self.absorbed = self._choose_epilogues()
         self.tensors: dict[int, Tensor] = {}
         self.buffers: list[Buffer] = []
@@ -170,6 +168,24 @@ class _Fuser:
             workspace_bytes=self.workspace_bytes,
         )
 
+    def _index_graph(self) -> None:
+        """Topological order, users and uid lookup of the current graph (after every rewrite of it)."""
+        self.order = topological(self.outputs)
+        self.users = consumers(self.order)
+        self.by_uid = {n.uid: n for n in self.order}
+
+    def _replace_nodes(self, rewrite) -> None:
+        """Swap every node for which ``rewrite(node)`` returns a replacement, in its users and the results."""
+        order = topological(self.outputs)
+        users = consumers(order)
+        for node in order:
+            replacement = rewrite(node)
+            if replacement is None:
+                continue
+            for user in users[node.uid]:
+                user.children = tuple(replacement if c is node else c for c in user.children)
+            self.outputs = [replacement if o is node else o for o in self.outputs]
+
     # ----------------------------------------------------------------------------- what gets stored
     def _separate_outputs(self) -> None:
         """Each result gets a node of its own that can own the result buffer (copies where needed)."""
@@ -183,36 +199,29 @@ class _Fuser:
     def _split_long_reductions(self) -> None:
         """A few rows of a very long reduction (argmax over a vocabulary) would run on a few SMs: reduce
         chunks of each row in parallel into a stored partial result, then reduce the partials."""
-        order = topological(self.outputs)
-        users = consumers(order)
-        for node in order:
+
+        def rewrite(node: Node) -> Node | None:
             if not isinstance(node, Reduce):
-                continue
-            child = node.children[0]
-            length = math.prod(child.shape[len(node.shape) :])
+                return None
+            length = math.prod(node.children[0].shape[len(node.shape) :])
             chunk = _chunk_size(length)
             if length < LONG_REDUCTION or math.prod(node.shape) > 64 or chunk is None:
-                continue
-            replacement = _split_reduction(node, chunk, self.forced)
-            for user in users[node.uid]:
-                user.children = tuple(replacement if c is node else c for c in user.children)
-            self.outputs = [replacement if o is node else o for o in self.outputs]
+                return None
+            return _split_reduction(node, chunk, self.forced)
+
+        self._replace_nodes(rewrite)
 
     def _split_narrow_products(self) -> None:
         """x @ W with few rows and a row-major weight W[K, N]: a task must read whole cache lines of W rows
         (SPLIT_K_COLUMNS columns at least) to stream at full bandwidth, and N / SPLIT_K_COLUMNS tiles leave
         most SMs idle. Split K into S slices computed as a batched product of float32 partial sums, followed
         by a sum over the slices that fuses into the consumer (RoPE, the residual add, the SwiGLU gate)."""
-        order = topological(self.outputs)
-        users = consumers(order)
-        for node in order:
+
+        def rewrite(node: Node) -> Node | None:
             slices = self._k_slices(node) if isinstance(node, Dot) else 1
-            if slices <= 1:
-                continue
-            replacement = _split_k(node, slices)
-            for user in users[node.uid]:
-                user.children = tuple(replacement if c is node else c for c in user.children)
-            self.outputs = [replacement if o is node else o for o in self.outputs]
+            return _split_k(node, slices) if slices > 1 else None
+
+        self._replace_nodes(rewrite)
 
     def _k_slices(self, dot: Dot) -> int:
         if len(dot.k_shape) != 1 or not dot.shape or math.prod(dot.shape[:-1]) > 16:
@@ -223,12 +232,9 @@ class _Fuser:
         if not isinstance(weight, Source):  # weights: an argument or a constant, never written by the graph
             return 1
         strides = [math.prod(weight.shape[d + 1 :]) for d in range(len(weight.shape))]
-        probe = [weight_map.apply([0] * len(weight_map.in_shape))]
-        for dim in (len(dot.shape) - 1, len(dot.shape)):  # one step along n, then along k
-            index = [0] * len(weight_map.in_shape)
-            index[dim] = 1
-            probe.append(weight_map.apply(index))
-        n_step, k_step = (sum(s * (a - b) for s, a, b in zip(strides, p, probe[0])) for p in probe[1:])
+        origin = weight_map.apply([0] * len(weight_map.in_shape))
+        one_column = [int(d == len(dot.shape) - 1) for d in range(len(weight_map.in_shape))]
+        n_step = sum(s * (a - b) for s, a, b in zip(strides, weight_map.apply(one_column), origin))
         k, n = dot.k_shape[0], dot.shape[-1]
         if n_step != 1 or k < 1024 or n % SPLIT_K_COLUMNS:
             return 1
@@ -250,33 +256,26 @@ class _Fuser:
             shared = {n.uid for n in self._nodes_in_several_kernels(keep) if not self._cheap(n, keep)}
             # store only the outermost shared values: what lies below them is then computed once, inside
             # the kernel that stores them
-            frontier = {uid for uid in shared if any(u.uid not in shared for u in self._users_of(uid))}
+            frontier = {uid for uid in shared if any(u.uid not in shared for u in self.users[uid])}
             if frontier <= keep:
                 return keep
             keep |= frontier
 
-    def _users_of(self, uid: int) -> list[Node]:
-        if not hasattr(self, "_users_now"):
-            self._users_now = consumers(self.order)
-        return self._users_now[uid]
-
     def _cheap(self, node: Node, keep: set[int]) -> bool:
         """Recomputing ``node`` costs about what loading it would: no reduction, no gather, and at most
         two stored values read."""
-        by_uid = {n.uid: n for n in self.order}
-        computed = [node] + [by_uid[uid] for uid in self._region(node, keep)]
+        computed = [node] + [self.by_uid[uid] for uid in self._region(node, keep)]
         if any(isinstance(n, (Reduce, DynLoad)) for n in computed):
             return False
         return len({c.uid for n in computed for c in n.children if c.uid in keep}) <= 2
 
     def _nodes_in_several_kernels(self, keep: set[int]) -> list[Node]:
         count: dict[int, int] = {}
-        by_uid = {n.uid: n for n in self.order}
         for root in self.order:
             if root.uid in keep and not isinstance(root, Source):
                 for uid in self._region(root, keep):
                     count[uid] = count.get(uid, 0) + 1
-        return [by_uid[uid] for uid, c in count.items() if c > 1]
+        return [self.by_uid[uid] for uid, c in count.items() if c > 1]
 
     def _region(self, root: Node, keep: set[int]) -> set[int]:
         """uids of the unstored nodes a kernel rooted at ``root`` computes inline."""
@@ -327,18 +326,16 @@ class _Fuser:
     def _region_with_leaves(self, node: Node) -> set[int]:
         """uids computed inline for ``node`` plus the stored values they read."""
         region = {node.uid} | self._region(node, self.materialized) if node.uid not in self.materialized else set()
-        by_uid = {n.uid: n for n in self.order}
-        stored = {c.uid for uid in region for c in by_uid[uid].children if c.uid in self.materialized}
+        stored = {c.uid for uid in region for c in self.by_uid[uid].children if c.uid in self.materialized}
         return region | stored | ({node.uid} if node.uid in self.materialized else set())
 
     def _kernel_readers(self) -> dict[int, list[Node]]:
         """stored uid -> roots of the kernels that read it (computed once, after materialization is fixed)."""
         if not hasattr(self, "_readers"):
             self._readers: dict[int, list[Node]] = {}
-            by_uid = {n.uid: n for n in self.order}
             for root in self.order:
                 if root.uid in self.materialized and not isinstance(root, Source):
-                    computed = [root] + [by_uid[uid] for uid in self._region(root, self.materialized)]
+                    computed = [root] + [self.by_uid[uid] for uid in self._region(root, self.materialized)]
                     stored = {c.uid for n in computed for c in n.children if c.uid in self.materialized}
                     for uid in stored:
                         self._readers.setdefault(uid, []).append(root)
@@ -485,8 +482,8 @@ class _Fuser:
                     after[id(kernel)].add(id(producer))
         for kernel in kernels:
             out = kernel.outputs[0]
-            if isinstance(self._node(out.tensor.version), UpdateSlice):
-                old = self._node(out.tensor.version).children[0].uid
+            if isinstance(self.by_uid[out.tensor.version], UpdateSlice):
+                old = self.by_uid[out.tensor.version].children[0].uid
                 for reader in kernels:
                     if reader is not kernel and any(t.version == old for t in reader.read_tensors()):
                         after[id(kernel)].add(id(reader))
@@ -515,10 +512,6 @@ class _Fuser:
         assert len(ordered) == len(kernels), "cycle between in-place updates (jax_mpk bug)"
         return ordered
 
-    def _node(self, uid: int) -> Node:
-        if not hasattr(self, "_by_uid"):
-            self._by_uid = {n.uid: n for n in self.order}
-        return self._by_uid[uid]
 
 
 class _ExprBuilder:
