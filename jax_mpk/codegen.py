@@ -25,8 +25,8 @@ import numpy as np
 from .fusion import Kernel, Tensor
 from .graph import Acc, Elementwise, Load, Node, Piecewise, Reduce, Reindex
 from .indexmap import Affine, IndexMap
-from .layout import DType, NodeOp, ReduceKind, TensorKind
-from .plan import dtype_code
+from .layout import DType, NodeOp, ReduceKind, TaskField, TensorKind
+from .plan import dtype_code, task_records
 from .schedule import Schedule
 from .tasks import TaskGraph
 
@@ -82,8 +82,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
     variant_texts: list[str] = []
     calls, prefetches = [], []
     smem = 0
-    for kernel in kg.kernels:
-        tasks = [t for t in graph.tasks if t.kernel == kernel.index]
+    for kernel, tasks in zip(kg.kernels, graph.tasks_by_kernel()):
         body = _KernelBody(kernel, tasks)
         text, tensors, kernel_smem, prefetch = body.render()
         smem = max(smem, kernel_smem)
@@ -160,25 +159,23 @@ class _BufferSlots:
 
 
 def _task_tables(graph: TaskGraph, sched: Schedule) -> list[str]:
-    def record(t) -> str:
-        lo = list(t.lo) + [0] * (8 - len(t.lo))
-        hi = list(t.hi) + [0] * (8 - len(t.hi))
-        return (
-            f"{{{t.kernel},{t.wait_event},{t.wait_count},{t.signal_begin},{len(t.signals)},"
-            f"{{{','.join(map(str, lo))}}},{{{','.join(map(str, hi))}}}}}"
-        )
+    """The plan's task records as TaskRecord initializers (megakernel.cuh mirrors layout.TaskField)."""
 
-    signals: list[int] = []
-    for task in graph.tasks:
-        task.signal_begin = len(signals)
-        signals += task.signals
+    def record(words: list[int]) -> str:
+        def join(values):
+            return ",".join(map(str, values))
+
+        scalars, lo, hi = words[: TaskField.LO], words[TaskField.LO : TaskField.HI], words[TaskField.HI :]
+        return f"{{{join(scalars)},{{{join(lo)}}},{{{join(hi)}}}}}"
+
+    records, signals = task_records(graph.tasks)
     begin, flat = [0], []
     for worker in sched.workers:
         flat += worker
         begin.append(len(flat))
     return [
         "__device__ const TaskRecord kTasks[] = {",
-        *[f"  {record(t)}," for t in graph.tasks],
+        *[f"  {record(r)}," for r in records],
         "};",
         f"__device__ const int32_t kSignals[] = {{{','.join(map(str, signals or [0]))}}};",
         f"__device__ const int32_t kWorkerBegin[] = {{{','.join(map(str, begin))}}};",

@@ -89,8 +89,20 @@ def serialize(graph: TaskGraph, sched: Schedule, platform: Platform = Platform.C
     for record in maps.records:
         words += record
     words += kernel_words
-    signals: list[int] = []
-    for task in graph.tasks:
+    records, signals = task_records(graph.tasks)
+    for record in records:
+        words += record
+    words += [len(signals), *signals]
+    for worker in sched.workers:
+        words += [len(worker), *worker]
+    return np.asarray(words, dtype=np.int64)
+
+
+def task_records(tasks) -> tuple[list[list[int]], list[int]]:
+    """Each task's fixed record (layout.TaskField) and the signal list the records index: the layout of the
+    plan's task section and of the generated megakernel's task table alike."""
+    records, signals = [], []
+    for task in tasks:
         record = [0] * TASK_WORDS
         record[TaskField.KERNEL] = task.kernel
         record[TaskField.WAIT_EVENT] = task.wait_event
@@ -100,11 +112,8 @@ def serialize(graph: TaskGraph, sched: Schedule, platform: Platform = Platform.C
         record[TaskField.LO : TaskField.LO + len(task.lo)] = task.lo
         record[TaskField.HI : TaskField.HI + len(task.hi)] = task.hi
         signals += task.signals
-        words += record
-    words += [len(signals), *signals]
-    for worker in sched.workers:
-        words += [len(worker), *worker]
-    return np.asarray(words, dtype=np.int64)
+        records.append(record)
+    return records, signals
 
 
 def plan_key(words: np.ndarray) -> str:

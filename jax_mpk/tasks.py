@@ -54,10 +54,13 @@ class TaskGraph:
     tasks: list[Task]
     num_events: int
 
+    def tasks_by_kernel(self) -> list[list[Task]]:
+        """The tasks of kernel i at position i."""
+        return _group_by_kernel(self.tasks, len(self.kernels.kernels))
+
     def __repr__(self) -> str:
         lines = [f"TaskGraph: {len(self.tasks)} tasks, {self.num_events} events"]
-        for kernel in self.kernels.kernels:
-            tasks = [t for t in self.tasks if t.kernel == kernel.index]
+        for kernel, tasks in zip(self.kernels.kernels, self.tasks_by_kernel()):
             lines.append(f"  {kernel!r}")
             lines += [f"    {t!r}" for t in tasks]
         return "\n".join(lines)
@@ -69,13 +72,14 @@ def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 
     buffer_ids = {id(b): i for i, b in enumerate(graph.buffers)}
     tasks: list[Task] = []
     per_element = {k.index: _cost_per_element(k) for k in graph.kernels}
+    work = {k.index: per_element[k.index] * math.prod(k.domain) for k in graph.kernels}
     level_work: dict[int, float] = {}
     for k in graph.kernels:
-        level_work[k.level] = level_work.get(k.level, 0.0) + per_element[k.index] * math.prod(k.domain)
+        level_work[k.level] = level_work.get(k.level, 0.0) + work[k.index]
     for kernel in graph.kernels:
         # kernels of one level run side by side: share the workers in proportion to their work
-        work = per_element[kernel.index] * math.prod(kernel.domain)
-        share = max(1, int(num_workers * work / level_work[kernel.level])) if work else 1
+        kernel_work = work[kernel.index]
+        share = max(1, int(num_workers * kernel_work / level_work[kernel.level])) if kernel_work else 1
         for lo, hi in tile_domain(kernel, share, per_element[kernel.index], min_task_work):
             cost = per_element[kernel.index] * math.prod(h - l for l, h in zip(lo, hi))
             task = Task(len(tasks), kernel.index, lo, hi, cost=cost)
@@ -235,7 +239,7 @@ def _derive_dependencies(tasks: list[Task], buffer_ranks: list[int]) -> None:
     from reading what it overwrites), so each kernel queries the history of the kernels before it."""
     history = [_History(rank) for rank in buffer_ranks]
     ancestors: list[int] = []  # bitset of every task each task transitively follows
-    for kernel_tasks in _group_by_kernel(tasks):
+    for kernel_tasks in _group_by_kernel(tasks, max((t.kernel for t in tasks), default=-1) + 1):
         for task in kernel_tasks:
             deps: set[int] = set()
             for access in task.reads:
@@ -259,12 +263,10 @@ def _derive_dependencies(tasks: list[Task], buffer_ranks: list[int]) -> None:
             h.commit()
 
 
-def _group_by_kernel(tasks: list[Task]) -> list[list[Task]]:
-    groups: list[list[Task]] = []
+def _group_by_kernel(tasks: list[Task], num_kernels: int) -> list[list[Task]]:
+    groups: list[list[Task]] = [[] for _ in range(num_kernels)]
     for task in tasks:
-        if not groups or groups[-1][0].kernel != task.kernel:
-            groups.append([])
-        groups[-1].append(task)
+        groups[task.kernel].append(task)
     return groups
 
 

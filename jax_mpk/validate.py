@@ -66,8 +66,8 @@ def validate(graph: TaskGraph, sched: Schedule) -> None:
 
 
 def _check_partitions(graph: TaskGraph) -> None:
-    for kernel in graph.kernels.kernels:
-        tiles = [tuple(zip(t.lo, t.hi)) for t in graph.tasks if t.kernel == kernel.index]
+    for kernel, tasks in zip(graph.kernels.kernels, graph.tasks_by_kernel()):
+        tiles = [tuple(zip(t.lo, t.hi)) for t in tasks]
         if sum(rect_volume(t) for t in tiles) != math.prod(kernel.domain):
             raise InvalidTaskGraphError(f"the tiles of kernel{kernel.index} do not cover its domain exactly")
         for i, a in enumerate(tiles):
