@@ -240,7 +240,7 @@ class _KernelBody:
         em.emit(f"const index_t count = {_tile_count(rank)};")
         em.emit("for (index_t e = threadIdx.x; e < count; e += blockDim.x) {")
         em.push()
-        idx = em.delinearize("e", [f"(t.hi[{d}] - t.lo[{d}])" for d in range(rank)], [f"t.lo[{d}]" for d in range(rank)])
+        idx = em.tile_index("e", range(rank))
         if k.dot is not None:
             em.acc = self._generic_accumulator(em, idx)
         em.store_outputs(idx)
@@ -276,16 +276,16 @@ class _KernelBody:
         em.emit(f"const index_t rows = {_tile_count(prefix)};")
         em.emit("for (index_t row = 0; row < rows; ++row) {")
         em.push()
-        rows_idx = em.delinearize("row", [f"(t.hi[{d}] - t.lo[{d}])" for d in range(prefix)], [f"t.lo[{d}]" for d in range(prefix)])
+        rows_idx = em.tile_index("row", range(prefix))
         for d, name in enumerate(rows_idx):
             em.emit(f"const index_t r{d} = {name};")
         for r in reduces:
             em.row_reduction(r, [f"r{d}" for d in range(prefix)])
-        trailing = [f"(t.hi[{d}] - t.lo[{d}])" for d in range(prefix, rank)]
+        trailing = [_tile_size(d) for d in range(prefix, rank)]
         em.emit(f"const index_t count = {' * '.join(trailing) if trailing else '1'};")
         em.emit("for (index_t e = threadIdx.x; e < count; e += blockDim.x) {")
         em.push()
-        idx = [f"r{d}" for d in range(prefix)] + em.delinearize("e", trailing, [f"t.lo[{d}]" for d in range(prefix, rank)])
+        idx = [f"r{d}" for d in range(prefix)] + em.tile_index("e", range(prefix, rank))
         em.store_outputs(idx)
         em.pop()
         em.emit("}")
@@ -312,7 +312,7 @@ class _KernelBody:
         em.emit(f"const index_t n_lo = t.lo[{rank - 1}], n_len = t.hi[{rank - 1}] - n_lo;")
         em.emit("for (index_t row = 0; row < rows; ++row) {")
         em.push()
-        ridx = em.delinearize("row", [f"(t.hi[{d}] - t.lo[{d}])" for d in range(rank - 1)], [f"t.lo[{d}]" for d in range(rank - 1)])
+        ridx = em.tile_index("row", range(rank - 1))
         lhs_base = _linear(0, plan.lhs_coefs[: rank - 1], ridx)
         rhs_base = _linear(0, plan.rhs_coefs[: rank - 1], ridx)
         em.emit(f"const index_t lhs_base = {lhs_base};")
@@ -453,6 +453,10 @@ def _read_only(tensor: Tensor) -> bool:
     return tensor.buffer.kind == TensorKind.INPUT
 
 
+def _tile_size(dim: int) -> str:
+    return f"(t.hi[{dim}] - t.lo[{dim}])"
+
+
 def _tile_count(rank: int) -> str:
     return " * ".join(f"(index_t)(t.hi[{d}] - t.lo[{d}])" for d in range(rank)) or "1"
 
@@ -502,6 +506,11 @@ class _Emitter:
                       f"const index_t {name} = {offsets[d]} + ({rest}) / ({inner});")
             names.append(name)
         return names
+
+    def tile_index(self, flat: str, dims) -> list[str]:
+        """Domain indices of position ``flat`` of the task's tile restricted to ``dims`` (row-major)."""
+        dims = list(dims)
+        return self.delinearize(flat, [_tile_size(d) for d in dims], [f"t.lo[{d}]" for d in dims])
 
     def rounded(self, expr: str, code: DType) -> str:
         name = self.fresh("v")
