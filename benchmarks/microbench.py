@@ -54,12 +54,17 @@ def main() -> None:
         ),
     }
 
-    def chain(x):  # 16 dependency levels of one tiny task each: the cost of a level
-        for _ in range(16):
-            x = x + jnp.sum(x) * 1e-3
-        return x
+    def chain(levels):  # dependency levels of one task each (a reduction, then its use): the cost of a level
+        def fn(x):
+            for _ in range(levels):
+                x = x + jnp.sum(x) * 1e-3
+            return x
 
-    cases["16 dependent levels"] = (chain, (jnp.ones((1, 64), jnp.float32),), 0)
+        return fn
+
+    cases["16 dependent levels, 64 wide"] = (chain(16), (rnd(1, 64, dtype=jnp.float32),), 0)
+    cases["64 dependent levels, 64 wide"] = (chain(64), (rnd(1, 64, dtype=jnp.float32),), 0)
+    cases["64 dependent levels, 2048 wide"] = (chain(64), (rnd(1, 2048, dtype=jnp.float32),), 0)
     print(f"{'case':32s} {'jax.jit':>9s} {'mk':>9s}  {'mk GB/s':>8s}")
     for name, (fn, args, nbytes) in cases.items():
         xla = median_ms(jax.jit(fn), *args)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: build the extension, run the GPU tests, then benchmark. Logs go to $OUT.
-#   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [tests|bench|all] [pytest -k expression]
+#   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,bench,profile (any of them)] [pytest -k expression]
 # (the device machine gets the working tree without .git: pass the commit for the benchmark's JSON)
 set -uo pipefail
 what=${1:-all}
@@ -17,11 +17,15 @@ fi
 echo "build: $(( $(date +%s) - start )) s"
 python3 -c "import jax, jax_mpk._ext as e; print(jax.__version__, jax.devices(), 'cuda backend:', e.has_cuda())"
 status=0
-if [[ $what == tests || $what == all ]]; then
+has() { [[ $what == all || ,$what, == *,$1,* ]]; }
+if has tests; then
   python3 -m pytest -q -x -m gpu tests/ ${select:+-k "$select"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
   status=${PIPESTATUS[0]}
 fi
-if [[ $what == bench || $what == all ]]; then
+if has bench; then
   python3 benchmarks/decode_step.py --layers 16 --ctx 1024 --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -30
+fi
+if has profile; then
+  python3 benchmarks/profile_step.py --layers 2 --ctx 1024 2>&1 | tee "$OUT/profile.txt" | tail -45
 fi
 exit $status

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "jax_mpk/runtime/block.cuh"
 #include "jax_mpk/tasks/elementwise.cuh"
 
 namespace jax_mpk::dot {
@@ -46,12 +47,38 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Stage the activation row x[k] = base[offset + k * stride], k < K, in shared memory as float. Each thread
+// issues all its loads (up to 16 at a time) before its first shared store: `xs` is a generic pointer that
+// the compiler cannot tell from global memory, so interleaved loads and stores would serialize on it and
+// cost one memory round trip per element a thread stages instead of one per row.
+template <int K, class T, bool kReadOnly>
+__device__ __forceinline__ void stage_row(float* xs, const char* base, int64_t offset, int64_t stride) {
+  constexpr int kChunk = 16 * kBlockThreads;
+#pragma unroll 1
+  for (int k0 = 0; k0 < K; k0 += kChunk) {
+    constexpr int kPerThread = ((K < kChunk ? K : kChunk) + kBlockThreads - 1) / kBlockThreads;
+    float staged[kPerThread];
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int k = k0 + u * kBlockThreads + threadIdx.x;
+      if (k < K && k < k0 + kChunk) {
+        staged[u] = kReadOnly ? ops::load_readonly<T>(base, offset + k * stride) : ops::load<T>(base, offset + k * stride);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int k = k0 + u * kBlockThreads + threadIdx.x;
+      if (k < K && k < k0 + kChunk) xs[k] = staged[u];
+    }
+  }
+}
+
 // Vector path of the columns layout: n_len % 8 == 0, w and k_stride 16-byte aligned.
-// scratch: blockDim.x * 8 floats.
+// scratch: kBlockThreads * 8 floats.
 template <class W>
 __device__ void columns_vec(const float* x, const W* w, int64_t k_stride, int K, int n_len, float* acc, float* scratch) {
   const int vectors = n_len / 8;
-  const int threads = blockDim.x;
+  constexpr int threads = kBlockThreads;
   if (vectors >= threads) {
     for (int v = threadIdx.x; v < vectors; v += threads) {
       float sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -108,7 +135,7 @@ __device__ void columns_vec(const float* x, const W* w, int64_t k_stride, int K,
 // Scalar path of the columns layout: any strides.
 template <class W>
 __device__ void columns_scalar(const float* x, const W* w, int64_t k_stride, int64_t n_stride, int K, int n_len, float* acc) {
-  for (int n = threadIdx.x; n < n_len; n += blockDim.x) {
+  for (int n = threadIdx.x; n < n_len; n += kBlockThreads) {
     float sum = 0.0f;
     for (int k = 0; k < K; ++k) sum += x[k] * load1(w + k * k_stride + n * n_stride);
     acc[n] = sum;
@@ -121,7 +148,7 @@ __device__ void columns_scalar(const float* x, const W* w, int64_t k_stride, int
 template <class W>
 __device__ void rows(const float* x, const W* w, int64_t n_stride, int64_t k_stride, int K, int n_len, bool vectorized,
                      float* acc) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kBlockThreads / 32;
   if (vectorized && K < 256) {
     int group = 1;  // lanes per output: a power of two covering K / 8 vectors
     while (group * 8 < K && group < 32) group *= 2;
@@ -165,7 +192,10 @@ __device__ void rows(const float* x, const W* w, int64_t n_stride, int64_t k_str
 // Ask L2 for [p, p + bytes) ahead of use; every thread of the block takes a share of the lines.
 __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes, int64_t rows, int64_t row_stride_bytes) {
   const int64_t lines_per_row = (bytes + 127) / 128;
-  for (int64_t i = threadIdx.x; i < rows * lines_per_row; i += blockDim.x) {
+  // Not unrolled: this runs inlined in the task loop, and registers it holds there are taken from the
+  // task bodies (an unrolled loop here broke the GEMV variants' load schedule).
+#pragma unroll 1
+  for (int64_t i = threadIdx.x; i < rows * lines_per_row; i += kBlockThreads) {
     const char* line = static_cast<const char*>(p) + (i / lines_per_row) * row_stride_bytes + (i % lines_per_row) * 128;
     asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
   }

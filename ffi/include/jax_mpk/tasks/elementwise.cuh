@@ -31,21 +31,17 @@ __device__ __forceinline__ uint32_t to_value(uint32_t x) { return x; }
 __device__ __forceinline__ uint32_t to_value(uint8_t x) { return x; }
 __device__ __forceinline__ bool to_value(bool x) { return x; }
 
-// Loads of buffers that some task writes go through the coherent path; read-only buffers (weights)
-// may use the non-coherent read-only cache.
+// Loads of buffers that some task writes bypass L1 (ld.global.cg): another SM may have rewritten the line
+// since this SM last cached it. They are ordinary (weak) loads, so the compiler may batch them; the
+// acquire of the task's wait, followed by the block barrier, orders them after the producers' stores.
+// Read-only buffers (weights) may use the non-coherent read-only cache.
 template <class T>
 __device__ __forceinline__ typename Storage<T>::value load(const char* base, int64_t index) {
-  return to_value(*(reinterpret_cast<const volatile T*>(base) + index));
+  return to_value(__ldcg(reinterpret_cast<const T*>(base) + index));
 }
 template <>
-__device__ __forceinline__ float load<__nv_bfloat16>(const char* base, int64_t index) {
-  const uint16_t bits = *(reinterpret_cast<const volatile uint16_t*>(base) + index);
-  return __uint_as_float(static_cast<uint32_t>(bits) << 16);
-}
-template <>
-__device__ __forceinline__ float load<__half>(const char* base, int64_t index) {
-  const uint16_t bits = *(reinterpret_cast<const volatile uint16_t*>(base) + index);
-  return __half2float(__ushort_as_half(bits));
+__device__ __forceinline__ bool load<bool>(const char* base, int64_t index) {
+  return __ldcg(reinterpret_cast<const uint8_t*>(base) + index) != 0;
 }
 template <class T>
 __device__ __forceinline__ typename Storage<T>::value load_readonly(const char* base, int64_t index) {

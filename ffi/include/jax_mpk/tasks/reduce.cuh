@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "jax_mpk/runtime/block.cuh"
 #include "jax_mpk/tasks/elementwise.cuh"
 
 namespace jax_mpk::reduce {
@@ -25,11 +26,12 @@ template <class T> struct Or { __device__ static T init() { return T(0); } __dev
 template <class Op, class T>
 __device__ T block_reduce(T value, T* scratch) {
   for (int offset = 16; offset > 0; offset /= 2) value = Op::combine(value, __shfl_xor_sync(0xffffffffu, value, offset));
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = (blockDim.x + 31) / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kBlockThreads / 32;
   __syncthreads();  // scratch may still be read by a previous reduction
   if (lane == 0) scratch[warp] = value;
   __syncthreads();
   value = Op::init();
+#pragma unroll
   for (int w = 0; w < warps; ++w) value = Op::combine(value, scratch[w]);
   return value;
 }
@@ -58,7 +60,7 @@ __device__ ArgBest<kMax, T> block_arg_reduce(ArgBest<kMax, T> best, T* value_scr
     Best other{__shfl_xor_sync(0xffffffffu, best.value, offset), __shfl_xor_sync(0xffffffffu, best.index, offset)};
     best = Best::combine(best, other);
   }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = (blockDim.x + 31) / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kBlockThreads / 32;
   __syncthreads();
   if (lane == 0) {
     value_scratch[warp] = best.value;
@@ -66,6 +68,7 @@ __device__ ArgBest<kMax, T> block_arg_reduce(ArgBest<kMax, T> best, T* value_scr
   }
   __syncthreads();
   best = Best::init();
+#pragma unroll
   for (int w = 0; w < warps; ++w) best = Best::combine(best, Best{value_scratch[w], index_scratch[w]});
   return best;
 }
