@@ -1,0 +1,356 @@
+"""Decode latency of the Flax NNX models in examples/: jax.jit(step) against jax_mpk.megakernelize(step).
+
+For each model x batch x context, both variants run in this process on the default device (jax.devices()[0]):
+
+* compile: the first call of jax.jit(step); the first call of megakernelize(step) with an empty jax_mpk cache
+  (cold: trace, plan, nvcc on a GPU, load); the first call of a second megakernelize(step) on that now filled
+  cache (warm: trace and plan again, no nvcc). Each first call includes one step.
+* agreement: --check-steps steps from the same random cache, positions ctx - n .. ctx - 1; the relative L2
+  error of the megakernel's logits against jax.jit's on every step (tolerance: float32 1e-5, bfloat16 5e-2,
+  the bf16 noise of a deep model, see docs/notes/cuda_megakernel.md) and whether the greedy tokens are equal.
+  Both variants continue from jax.jit's tokens, so that one near-tie cannot fork the comparison.
+* time: --repeats rounds, alternating the variants; each round warms up, then times --steps chained steps,
+  each step on its own with device synchronization (ms/token = ms per step: every sequence of the batch gets
+  one token). Every step attends over the whole context (position ctx - 1). Reported: median, p10, p90.
+* floor: the bytes a step must read (every weight, but only the batch's rows of an untied embedding table;
+  keys and values of ctx positions for every layer and sequence) over the copy bandwidth measured on the same
+  device in this run.
+
+Results go to --out as decode_<device>.json (merged with the entries already there, so that configurations
+can be run in separate processes), a Markdown table (.md) and a chart (.png, when matplotlib is installed).
+
+    python benchmarks/decode.py                        # GPU: the three full models; CPU: their tiny stand-ins
+    python benchmarks/decode.py --models qwen3-8b --batch 1 --ctx 1024
+    python benchmarks/decode.py --quick                # a smoke run: one small configuration per model
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import jax_mpk  # noqa: E402
+import models  # noqa: E402
+from decode_step import copy_bandwidth  # noqa: E402
+
+TOLERANCE = {"float32": 1e-5, "bfloat16": 5e-2}
+QUICK = {"batch": [1], "ctx": [128], "steps": 10, "repeats": 1, "check_steps": 4}
+DEFAULTS = {"batch": [1, 8], "ctx": [1024, 4096], "steps": 100, "repeats": 2, "check_steps": 8}
+
+
+@contextlib.contextmanager
+def progress(label: str, every_s: float = 10.0) -> Iterator[None]:
+    """Print ``label``, then a heartbeat every ``every_s`` seconds while the body runs."""
+    print(f"  {label} ...", flush=True)
+    start = time.perf_counter()
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            print(f"    {label}: {time.perf_counter() - start:.0f} s", flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def first_call_s(fn: Callable, *args) -> float:
+    """Seconds of ``fn``'s first call (compilation and one step), until its results are ready."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def fresh_cache(config: models.ModelConfig, batch: int, ctx: int) -> models.KVCache:
+    return models.init_cache(config, batch, ctx, jax.random.PRNGKey(1))
+
+
+def time_steps(fn: Callable, weights, tokens, pos, cache, steps: int, warmup: int):
+    """Seconds of each of ``steps`` chained calls, each synchronized; returns them with the final state."""
+    for _ in range(warmup):
+        tokens, _, cache = fn(weights, tokens, pos, cache)
+    jax.block_until_ready((tokens, cache))
+    samples = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        tokens, _, cache = jax.block_until_ready(fn(weights, tokens, pos, cache))
+        samples.append(time.perf_counter() - start)
+    return samples, tokens, cache
+
+
+def agreement(xla: Callable, fast: Callable, weights, tokens, config: models.ModelConfig, batch: int, ctx: int,
+              steps: int) -> dict[str, Any]:  # fmt: skip
+    """Compare the two variants over ``steps`` steps at positions ctx - steps .. ctx - 1."""
+    # XLA's GPU default for float32 products is TF32; the megakernel computes them in float32
+    precision = jax.default_matmul_precision("float32") if config.dtype == "float32" else contextlib.nullcontext()
+    ref_cache, cache = fresh_cache(config, batch, ctx), fresh_cache(config, batch, ctx)
+    errors, tokens_equal = [], 0
+    for pos in range(ctx - steps, ctx):
+        with precision:
+            ref_tokens, ref_logits, ref_cache = xla(weights, tokens, jnp.int32(pos), ref_cache)
+        fast_tokens, logits, cache = fast(weights, tokens, jnp.int32(pos), cache)
+        expected, actual = np.asarray(ref_logits, np.float64), np.asarray(logits, np.float64)
+        errors.append(float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30)))
+        if not np.all(np.isfinite(actual)):
+            errors[-1] = float("inf")
+        tokens_equal += bool(np.array_equal(np.asarray(fast_tokens), np.asarray(ref_tokens)))
+        tokens = ref_tokens
+    tolerance = TOLERANCE[config.dtype]
+    return {"steps": steps, "logits_relative_error": errors, "max_logits_relative_error": max(errors),
+            "tolerance": tolerance, "steps_with_equal_tokens": tokens_equal,
+            "agree": max(errors) <= tolerance and (config.dtype != "float32" or tokens_equal == steps)}  # fmt: skip
+
+
+def stats(samples: Sequence[float]) -> dict[str, Any]:
+    ms = np.asarray(samples) * 1e3
+    return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
+            "p90_ms": float(np.percentile(ms, 90)), "min_ms": float(ms.min()), "max_ms": float(ms.max()),
+            "samples_ms": [round(float(x), 4) for x in ms]}  # fmt: skip
+
+
+def floor_bytes(config: models.ModelConfig, weights, batch: int, ctx: int) -> tuple[int, int]:
+    """(weight bytes, KV bytes) one decode step must read."""
+    itemsize = jnp.dtype(config.dtype).itemsize
+    weight_bytes = sum(w.nbytes for w in weights)
+    if not config.tied:  # the embedding table: only the batch's rows are read
+        weight_bytes -= (config.vocab - batch) * config.hidden * itemsize
+    kv_bytes = 2 * config.layers * batch * ctx * config.kv_heads * config.head_dim * itemsize
+    return weight_bytes, kv_bytes
+
+
+def run_config(name: str, config: models.ModelConfig, weights, merge, batch: int, ctx: int, args,
+               bandwidth: float) -> dict[str, Any]:  # fmt: skip
+    """Compile, check and time both variants for one configuration."""
+    weight_bytes, kv_bytes = floor_bytes(config, weights, batch, ctx)
+    floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
+    print(f"  weights {weight_bytes / 1e6:.1f} MB, KV {kv_bytes / 1e6:.1f} MB, floor {floor_ms:.3f} ms", flush=True)
+    step = models.make_decode_step(merge)
+    tokens = jnp.asarray(np.random.default_rng(batch).integers(0, config.vocab, batch), jnp.int32)
+    pos = jnp.int32(ctx - 1)
+
+    xla = jax.jit(step, donate_argnums=(3,))
+    with progress("jax.jit: first call"):
+        xla_compile = first_call_s(xla, weights, tokens, pos, fresh_cache(config, batch, ctx))
+    print(f"  jax.jit: first call {xla_compile:.1f} s", flush=True)
+    cache_dir = tempfile.mkdtemp(prefix="jax_mpk_cold_")
+    previous = os.environ.get("JAX_MPK_CACHE_DIR")
+    os.environ["JAX_MPK_CACHE_DIR"] = cache_dir
+    try:
+        with progress("megakernel: first call, empty cache"):
+            cold = first_call_s(jax_mpk.megakernelize(step, donate_argnums=(3,)), weights, tokens, pos,
+                                fresh_cache(config, batch, ctx))  # fmt: skip
+        fast = jax_mpk.megakernelize(step, donate_argnums=(3,))
+        with progress("megakernel: first call, warm cache"):
+            warm = first_call_s(fast, weights, tokens, pos, fresh_cache(config, batch, ctx))
+    finally:
+        if previous is None:
+            os.environ.pop("JAX_MPK_CACHE_DIR")
+        else:
+            os.environ["JAX_MPK_CACHE_DIR"] = previous
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    (plan,) = fast.plans.values()
+    print(f"  megakernel: first call {cold:.1f} s cold, {warm:.1f} s warm: {plan}", flush=True)
+
+    check = agreement(xla, fast, weights, tokens, config, batch, ctx, args.check_steps)
+    print(f"  agreement over {check['steps']} steps: max logits relative error "
+          f"{check['max_logits_relative_error']:.2e} (tolerance {check['tolerance']:.0e}), greedy tokens equal in "
+          f"{check['steps_with_equal_tokens']}/{check['steps']} steps{'' if check['agree'] else '  DISAGREE'}",
+          flush=True)  # fmt: skip
+
+    samples: dict[str, list[float]] = {"jax.jit": [], "megakernel": []}
+    cache = fresh_cache(config, batch, ctx)  # one chain of donated caches through both variants
+    for round_ in range(args.repeats):
+        for variant, fn in (("jax.jit", xla), ("megakernel", fast)):
+            times, tokens, cache = time_steps(fn, weights, tokens, pos, cache, args.steps, args.warmup)
+            samples[variant].extend(times)
+            print(f"  round {round_ + 1}/{args.repeats} {variant:10s} median {np.median(times) * 1e3:.3f} ms "
+                  f"[p10 {np.percentile(times, 10) * 1e3:.3f}, p90 {np.percentile(times, 90) * 1e3:.3f}]",
+                  flush=True)  # fmt: skip
+    xla_stats, fast_stats = stats(samples["jax.jit"]), stats(samples["megakernel"])
+    result = {
+        "model": name, "batch": batch, "ctx": ctx, "dtype": config.dtype, "layers": config.layers,
+        "weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "copy_bandwidth_Bps": bandwidth, "floor_ms": floor_ms,
+        "xla": {**xla_stats, "first_call_s": xla_compile, "pct_of_floor": 100 * floor_ms / xla_stats["median_ms"]},
+        "megakernel": {**fast_stats, "cold_first_call_s": cold, "warm_first_call_s": warm,
+                       "pct_of_floor": 100 * floor_ms / fast_stats["median_ms"], "kernels": len(plan.graph.kernels),
+                       "tasks": len(plan.tasks.tasks), "workers": plan.num_workers},
+        "speedup_over_xla": xla_stats["median_ms"] / fast_stats["median_ms"],
+        "agreement": check,
+    }  # fmt: skip
+    print(f"  => jax.jit {xla_stats['median_ms']:.3f} ms ({result['xla']['pct_of_floor']:.0f}% of floor), megakernel "
+          f"{fast_stats['median_ms']:.3f} ms ({result['megakernel']['pct_of_floor']:.0f}%), speedup over XLA "
+          f"{result['speedup_over_xla']:.2f}x", flush=True)  # fmt: skip
+    return result
+
+
+def git_commit() -> str:
+    """The commit benchmarked: $JAX_MPK_COMMIT (for a copy of the tree without .git), else git's HEAD."""
+    if os.environ.get("JAX_MPK_COMMIT"):
+        return os.environ["JAX_MPK_COMMIT"]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode:
+        return "unknown"
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def markdown(results: list[dict[str, Any]], device: str) -> str:
+    runs = sorted({f"commit {r['commit']}, jax {r['jax']}" for r in results})
+    lines = [
+        f"Decode step, {device}; {'; '.join(runs)}. ms/token = ms per decode step (median [p10, p90]); floor = bytes "
+        "read (weights + KV) / measured copy bandwidth; compile = first call (cold: empty jax_mpk cache).",
+        "",
+        "| model | batch | ctx | dtype | jax.jit ms | megakernel ms | floor ms | jit % floor | mk % floor | "
+        "speedup | jit compile s | mk cold s | mk warm s | max logits rel. err | equal tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        x, m, a = r["xla"], r["megakernel"], r["agreement"]
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['ctx']} | {r['dtype']} "
+            f"| {x['median_ms']:.3f} [{x['p10_ms']:.3f}, {x['p90_ms']:.3f}] "
+            f"| {m['median_ms']:.3f} [{m['p10_ms']:.3f}, {m['p90_ms']:.3f}] | {r['floor_ms']:.3f} "
+            f"| {x['pct_of_floor']:.0f}% | {m['pct_of_floor']:.0f}% | {r['speedup_over_xla']:.2f}x "
+            f"| {x['first_call_s']:.1f} | {m['cold_first_call_s']:.1f} | {m['warm_first_call_s']:.1f} "
+            f"| {a['max_logits_relative_error']:.1e}{'' if a['agree'] else ' (over tolerance)'} "
+            f"| {a['steps_with_equal_tokens']}/{a['steps']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: list[dict[str, Any]], device: str, path: pathlib.Path) -> bool:
+    """ms/token of jax.jit and the megakernel (median, p10-p90 whiskers) and the floor per configuration, one
+    panel per model; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = list(dict.fromkeys(r["model"] for r in results))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 4), squeeze=False)
+    series = (("jax.jit", lambda r: r["xla"]["median_ms"], "xla"),
+              ("megakernel", lambda r: r["megakernel"]["median_ms"], "megakernel"),
+              ("floor", lambda r: r["floor_ms"], None))  # fmt: skip
+    for ax, name in zip(axes[0], names):
+        rows = [r for r in results if r["model"] == name]
+        x = np.arange(len(rows))
+        for i, (label, value, spread) in enumerate(series):
+            heights = np.asarray([value(r) for r in rows])
+            yerr = None
+            if spread is not None:  # p10 .. p90
+                yerr = np.abs(np.asarray([[r[spread]["p10_ms"], r[spread]["p90_ms"]] for r in rows]).T - heights)
+            ax.bar(x + (i - 1) * 0.27, heights, width=0.27, yerr=yerr, capsize=2, label=label)
+        ax.set_xticks(x, [f"b{r['batch']}\nctx {r['ctx']}" for r in rows])
+        ax.set_xlim(-0.6, len(rows) - 0.4)
+        ax.set_title(f"{name} ({rows[0]['dtype']})")
+        ax.set_ylabel("ms / token")
+    axes[0][0].legend()
+    fig.suptitle(f"Decode step on {device}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(results: list[dict[str, Any]], device: str, out: pathlib.Path) -> None:
+    """Merge ``results`` into out/decode_<device>.json (a rerun of a configuration replaces it); write the
+    table and the chart of all of them."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"decode_{device.replace(' ', '_')}"
+    key = lambda r: (r["model"], r["batch"], r["ctx"], r["dtype"])  # noqa: E731
+    merged = {}
+    if stem.with_suffix(".json").exists():
+        merged = {key(r): r for r in json.loads(stem.with_suffix(".json").read_text())["results"]}
+    merged.update({key(r): r for r in results})
+    ordered = sorted(merged.values(), key=lambda r: (r["model"], r["batch"], r["ctx"], r["dtype"]))
+    stem.with_suffix(".json").write_text(json.dumps({"device": device, "results": ordered}, indent=1))
+    stem.with_suffix(".md").write_text(markdown(ordered, device))
+    drawn = chart(ordered, device, stem.with_suffix(".png"))
+    print(f"wrote {stem}.json, .md{', .png' if drawn else ' (no chart: matplotlib is not installed)'}")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    parser.add_argument("--models", type=lambda s: s.split(","), default=None,
+                        help="comma-separated presets (default: llama-3.2-1b,qwen3-0.6b,qwen3-8b; without a GPU, "
+                             "their tiny stand-ins)")  # fmt: skip
+    parser.add_argument("--batch", type=ints, help=f"comma-separated batch sizes (default {DEFAULTS['batch']})")
+    parser.add_argument("--ctx", type=ints, help=f"comma-separated context lengths (default {DEFAULTS['ctx']})")
+    parser.add_argument("--steps", type=int, help=f"timed steps per round and variant (default {DEFAULTS['steps']})")
+    parser.add_argument("--repeats", type=int, help=f"rounds per variant (default {DEFAULTS['repeats']})")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps before each round")
+    parser.add_argument("--check-steps", type=int, help=f"agreement steps (default {DEFAULTS['check_steps']})")
+    parser.add_argument("--dtype", help="override the presets' dtype (full presets: bfloat16, tiny: float32)")
+    parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK} unless given")
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    for field, default in DEFAULTS.items():
+        if getattr(args, field) is None:
+            setattr(args, field, QUICK[field] if args.quick else default)
+    if args.models is None:
+        full = ["llama-3.2-1b", "qwen3-0.6b", "qwen3-8b"]
+        args.models = full if jnp.zeros(()).device.platform == "gpu" else [models.TINY[m] for m in full]
+    unknown = [m for m in args.models if m not in models.PRESETS]
+    if unknown:
+        parser.error(f"unknown models {unknown}; presets: {sorted(models.PRESETS)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Run every configuration; returns their results (also written to --out)."""
+    args = parse_args(argv)
+    device = jnp.zeros(()).device  # the default device, where both variants run
+    on_gpu = device.platform == "gpu"
+    print(f"device {device.device_kind}, jax {jax.__version__}; models {args.models}, batch {args.batch}, "
+          f"ctx {args.ctx}, {args.repeats} x {args.steps} steps", flush=True)  # fmt: skip
+    bandwidth = copy_bandwidth(2 << 30 if on_gpu else 256 << 20)
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+    run = {"commit": git_commit(), "jax": jax.__version__, "device": device.device_kind,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup}  # fmt: skip
+    configs = [(b, c) for b in args.batch for c in args.ctx]
+    results, index, total = [], 0, len(args.models) * len(configs)
+    for name in args.models:
+        config = models.PRESETS[name]
+        config = dataclasses.replace(config, dtype=args.dtype or config.dtype)
+        with progress(f"{name}: random weights"):
+            weights, merge = models.split(models.create(config))
+        for batch, ctx in configs:
+            index += 1
+            print(f"[{index}/{total}] {name} batch {batch} ctx {ctx} ({config.dtype})", flush=True)
+            results.append({**run_config(name, config, weights, merge, batch, ctx, args, bandwidth), **run})
+        del weights, merge
+    write_outputs(results, device.device_kind, args.out)
+    if not all(r["agreement"]["agree"] for r in results):
+        raise SystemExit("the megakernel's logits disagree with jax.jit's beyond tolerance (see 'agreement')")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""The Flax NNX examples: megakernelized decode steps equal jax.jit, checkpoints load, the scripts run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import struct
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import assert_model_outputs_close
+from flax import nnx
+from tiny_models import TinyConfig, init_params
+from tiny_models import make_decode_step as reference_decode_step
+
+import jax_mpk
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import checkpoint  # noqa: E402
+import models  # noqa: E402
+
+
+def _seed(rng: np.random.Generator) -> int:
+    return int(rng.integers(1 << 30))
+
+
+def _prompt(rng: np.random.Generator, config: models.ModelConfig, batch: int, length: int) -> jax.Array:
+    return jnp.asarray(rng.integers(0, config.vocab, (batch, length)), jnp.int32)
+
+
+def _randomize(model: models.Decoder, rng: np.random.Generator) -> None:
+    """Give every parameter, norms included, random values, so that a swapped tensor shows."""
+    for _, param, _ in checkpoint.hf_parameters(model):
+        value = param.get_value()
+        param.set_value(jnp.asarray(rng.normal(size=value.shape) * 0.3 + 0.5, value.dtype))
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "qwen3-tiny"])
+def test_greedy_decode_matches_jit_for_32_steps(name, rng):
+    config = models.PRESETS[name]
+    batch, prompt_len, steps = 2, 5, 32
+    weights, merge = models.split(models.create(config, _seed(rng)))
+    prefill = jax.jit(models.make_prefill(merge))
+    step = models.make_decode_step(merge)
+    reference, fast = jax.jit(step), jax_mpk.megakernelize(step, donate_argnums=(3,))
+    cache = models.init_cache(config, batch, prompt_len + steps)
+    tokens, _, cache = prefill(weights, _prompt(rng, config, batch, prompt_len), jnp.int32(0), cache)
+    ref_tokens, ref_cache, fast_tokens, fast_cache = tokens, cache, tokens, cache
+    for i in range(steps):
+        pos = jnp.int32(prompt_len + i)
+        # the reference first: the megakernel donates the cache, which both get at step 0
+        ref_tokens, ref_logits, ref_cache = reference(weights, ref_tokens, pos, ref_cache)
+        fast_tokens, logits, fast_cache = fast(weights, fast_tokens, pos, fast_cache)
+        assert_model_outputs_close((logits, fast_cache), (ref_logits, ref_cache), "float32")
+        np.testing.assert_array_equal(fast_tokens, ref_tokens, err_msg=f"step {i}")
+    assert len(fast.plans) == 1
+
+
+def _relative_error(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def test_bf16_untied_decode_agrees_with_jit(rng):
+    """bf16 logits differ from jax.jit's by rounding only: within a whole-model bf16 tolerance of them, and
+    about as close as jax.jit's to the float32 computation with the same (bf16-valued) weights and cache."""
+    config32 = models.PRESETS["qwen3-tiny-untied"]
+    config = dataclasses.replace(config32, dtype="bfloat16")
+    batch, max_seq = 3, 19
+    weights, merge = models.split(models.create(config, _seed(rng)))
+    step = models.make_decode_step(merge)
+    step32 = jax.jit(models.make_decode_step(models.split(models.abstract(config32))[1]))
+    weights32 = [w.astype(jnp.float32) for w in weights]
+    fast = jax_mpk.megakernelize(step)
+    tokens = _prompt(rng, config, batch, 1)[:, 0]
+    ref_cache = cache = models.init_cache(config, batch, max_seq, jax.random.PRNGKey(_seed(rng)))
+    for pos in range(11, 15):
+        cache32 = models.KVCache(*(c.astype(jnp.float32) for c in ref_cache))
+        _, exact, _ = step32(weights32, tokens, jnp.int32(pos), cache32)
+        ref_tokens, ref_logits, ref_cache = jax.jit(step)(weights, tokens, jnp.int32(pos), ref_cache)
+        _, logits, cache = fast(weights, tokens, jnp.int32(pos), cache)
+        # measured over 160 random cases: at most 1.4e-2, and 1.45x jax.jit's own error
+        assert _relative_error(logits, ref_logits) < 3e-2
+        assert _relative_error(logits, exact) < 2 * _relative_error(ref_logits, exact)
+        new, ref_new = [c[:, :, pos] for c in cache], [c[:, :, pos] for c in ref_cache]  # this step's keys, values
+        assert_model_outputs_close(new, ref_new, "bfloat16")
+        tokens = ref_tokens  # both go on from the reference's tokens: a bf16 near-tie must not fork them
+
+
+def test_prefill_equals_token_by_token_decode(rng):
+    config = models.PRESETS["llama-tiny"]
+    batch, prompt_len, max_seq = 2, 6, 9
+    weights, merge = models.split(models.create(config, _seed(rng)))
+    prompt = _prompt(rng, config, batch, prompt_len)
+    tokens, logits, cache = jax.jit(models.make_prefill(merge))(
+        weights, prompt, jnp.int32(0), models.init_cache(config, batch, max_seq)
+    )
+    step = jax.jit(models.make_decode_step(merge))
+    step_cache = models.init_cache(config, batch, max_seq)
+    for pos in range(prompt_len):
+        step_tokens, step_logits, step_cache = step(weights, prompt[:, pos], jnp.int32(pos), step_cache)
+    assert_model_outputs_close((step_logits, step_cache), (logits, cache), "float32")
+    np.testing.assert_array_equal(step_tokens, tokens)
+
+
+def test_llama3_rope_scaling_regimes():
+    scaling = models.Llama3RopeScaling()
+    plain = models.rope_inverse_frequencies(64, 500000.0, None)
+    scaled = models.rope_inverse_frequencies(64, 500000.0, scaling)
+    wavelength = 2 * math.pi / plain
+    short = wavelength < scaling.original_max_position / scaling.high_freq_factor
+    long = wavelength > scaling.original_max_position / scaling.low_freq_factor
+    middle = ~short & ~long
+    assert short.any() and long.any() and middle.any()
+    np.testing.assert_allclose(scaled[short], plain[short], rtol=1e-6)
+    np.testing.assert_allclose(scaled[long], plain[long] / scaling.factor, rtol=1e-6)
+    assert np.all(scaled[middle] < plain[middle]) and np.all(scaled[middle] > plain[middle] / scaling.factor)
+    assert np.all(np.diff(scaled) < 0)  # still one frequency per pair, slower and slower
+
+
+def test_safetensors_reads_a_hand_written_file(tmp_path):
+    a = np.asarray([1.5, -2.0, 0.25], np.float32)
+    b_bits = [0x3F80, 0xC040]  # bfloat16 1.0 and -3.0
+    header = {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]},
+              "b": {"dtype": "BF16", "shape": [1, 2], "data_offsets": [12, 16]},
+              "__metadata__": {"format": "pt"}}  # fmt: skip
+    encoded = json.dumps(header).encode()
+    data = a.tobytes() + struct.pack("<2H", *b_bits)
+    (tmp_path / "x.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    tensors = checkpoint.read_safetensors(tmp_path / "x.safetensors")
+    assert sorted(tensors) == ["a", "b"]
+    np.testing.assert_array_equal(tensors["a"], a)
+    assert tensors["b"].dtype == ml_dtypes.bfloat16 and tensors["b"].shape == (1, 2)
+    np.testing.assert_array_equal(tensors["b"].astype(np.float32), [[1.0, -3.0]])
+
+
+def test_safetensors_interoperates_with_the_reference_library(tmp_path, rng):
+    st = pytest.importorskip("safetensors.numpy")
+    tensors = {"w": rng.normal(size=(3, 5)).astype(np.float32), "h": rng.normal(size=(7,)).astype(np.float16),
+               "i": rng.integers(-9, 9, size=(2, 2, 2)).astype(np.int32)}  # fmt: skip
+    checkpoint.write_safetensors(tmp_path / "ours.safetensors", tensors)
+    theirs = st.load_file(str(tmp_path / "ours.safetensors"))
+    st.save_file(tensors, str(tmp_path / "theirs.safetensors"))
+    ours = checkpoint.read_safetensors(tmp_path / "theirs.safetensors")
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(theirs[name], value)
+        np.testing.assert_array_equal(ours[name], value)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_hugging_face_checkpoint_matches_a_plain_jax_model(family, tmp_path, rng):
+    """A checkpoint written here with Hugging Face's names and [out, in] layout, from the weights of the plain
+    JAX model in tiny_models.py, loads into a Decoder whose logits equal that model's."""
+    qwen = family == "qwen3"
+    ref_config = TinyConfig(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=32 if qwen else 16, mlp=96,
+                            vocab=200, max_seq=12, batch=2, qk_norm=qwen, theta=1e6 if qwen else 5e5)  # fmt: skip
+    params = {k: np.asarray(v) for k, v in init_params(ref_config, jax.random.PRNGKey(_seed(rng))).items()}
+    tensors = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["final_norm"]}
+    for i in range(ref_config.layers):
+        layer = f"model.layers.{i}"
+        tensors[f"{layer}.input_layernorm.weight"] = params["attn_norm"][i]
+        tensors[f"{layer}.post_attention_layernorm.weight"] = params["mlp_norm"][i]
+        for ours, theirs in [("wq", "self_attn.q_proj"), ("wk", "self_attn.k_proj"), ("wv", "self_attn.v_proj"),
+                             ("wo", "self_attn.o_proj"), ("w_gate", "mlp.gate_proj"), ("w_up", "mlp.up_proj"),
+                             ("w_down", "mlp.down_proj")]:  # fmt: skip
+            tensors[f"{layer}.{theirs}.weight"] = params[ours][i].T  # Hugging Face: [out, in]
+        if qwen:
+            tensors[f"{layer}.self_attn.q_norm.weight"] = params["q_norm"][i]
+            tensors[f"{layer}.self_attn.k_norm.weight"] = params["k_norm"][i]
+    checkpoint.write_safetensors(tmp_path / "model.safetensors", tensors)
+    hf_config = {"architectures": ["Qwen3ForCausalLM" if qwen else "LlamaForCausalLM"], "model_type": family,
+                 "vocab_size": 200, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "intermediate_size": 96, "tie_word_embeddings": True,
+                 "rope_theta": ref_config.theta, "rms_norm_eps": 1e-6, "torch_dtype": "float32",
+                 "attention_bias": False}  # fmt: skip
+    if qwen:
+        hf_config["head_dim"] = 32  # Llama derives it: hidden / heads
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+
+    model = checkpoint.load(tmp_path)
+    assert (model.config.family, model.config.qk_norm, model.config.head_dim) == (family, qwen, ref_config.head_dim)
+    weights, merge = models.split(model)
+    step = jax.jit(models.make_decode_step(merge))
+    reference = jax.jit(reference_decode_step(ref_config))
+    cache = models.init_cache(model.config, 2, ref_config.max_seq, jax.random.PRNGKey(_seed(rng)))
+    tokens = _prompt(rng, model.config, 2, 1)[:, 0]
+    for pos in (0, 7):
+        expected = reference(params, tokens, jnp.int32(pos), *cache)
+        actual = step(weights, tokens, jnp.int32(pos), cache)
+        assert_model_outputs_close((actual[1], *actual[2]), expected[1:], "float32")
+        np.testing.assert_array_equal(actual[0], expected[0])
+
+
+def test_checkpoint_round_trip(tmp_path, rng):
+    config = dataclasses.replace(models.PRESETS["llama-tiny"], tied=False, dtype="bfloat16")
+    model = models.create(config, _seed(rng))
+    _randomize(model, rng)
+    checkpoint.save(model, tmp_path)
+    names = set(checkpoint.read_safetensors_header(tmp_path / "model.safetensors")[0])
+    assert names == {name for name, _, _ in checkpoint.hf_parameters(model)} and "lm_head.weight" in names
+    loaded = checkpoint.load(tmp_path)
+    assert loaded.config == config
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(loaded))):
+        assert a.get_value().dtype == b.get_value().dtype, path
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+    args = (_prompt(rng, config, 2, 1)[:, 0], jnp.int32(3), models.init_cache(config, 2, 8))
+    (w1, m1), (w2, m2) = models.split(model), models.split(loaded)
+    np.testing.assert_array_equal(jax.jit(models.make_decode_step(m1))(w1, *args)[1],
+                                  jax.jit(models.make_decode_step(m2))(w2, *args)[1])  # fmt: skip
+
+
+def test_generate_script(tmp_path, capsys):
+    import generate
+
+    out = generate.main(["--model", "llama-tiny", "--batch", "2", "--new-tokens", "6", "--check"])
+    assert out["megakernel"].shape == (2, 6)
+    np.testing.assert_array_equal(out["megakernel"], out["jax.jit"])
+    printed = capsys.readouterr().out
+    assert "tokens/s" in printed and "agree on all 6 tokens" in printed
+
+    checkpoint.save(models.create(models.PRESETS["qwen3-tiny"], 1), tmp_path)
+    out = generate.main(["--checkpoint", str(tmp_path), "--prompt-tokens", "5,17,3", "--new-tokens", "4", "--check"])
+    np.testing.assert_array_equal(out["megakernel"], out["jax.jit"])
+
+
+def test_benchmark_quick_run(tmp_path):
+    import decode
+
+    common = ["--quick", "--models", "qwen3-tiny-untied", "--steps", "3", "--warmup", "1", "--out", str(tmp_path)]
+    (result,) = decode.main(common)
+    assert result["agreement"]["agree"] and result["agreement"]["steps_with_equal_tokens"] == 4
+    assert len(result["xla"]["samples_ms"]) == len(result["megakernel"]["samples_ms"]) == 3
+    assert result["megakernel"]["cold_first_call_s"] > 0 and result["floor_ms"] > 0
+    decode.main([*common, "--ctx", "40"])  # a second run adds its configuration to the same files
+    (written,) = tmp_path.glob("decode_*.json")
+    assert [(r["batch"], r["ctx"]) for r in json.loads(written.read_text())["results"]] == [(1, 40), (1, 128)]
+    assert written.with_suffix(".md").read_text().count("| qwen3-tiny-untied |") == 2
