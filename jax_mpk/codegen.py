@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .fusion import Kernel, Tensor
-from .graph import Acc, Elementwise, Load, Node, Piecewise, Reduce, Reindex
+from .fusion import ROW_STAGING_MAX_INLINE, Kernel, Tensor
+from .graph import Acc, Elementwise, Load, Node, Piecewise, Reduce, Reindex, topological
 from .indexmap import Affine, IndexMap
 from .layout import DType, NodeOp, ReduceKind, TaskField, TensorKind
 from .plan import dtype_code, task_records
@@ -262,7 +262,10 @@ class _KernelBody:
         em.push()
         kidx = em.delinearize("kk", [str(s) for s in dot.k_shape], ["0"] * len(dot.k_shape))
         combined = list(idx) + kidx
-        a = em.load_value(dot.lhs, dot.lhs_map, combined, np.float32)
+        if dot.lhs_expr is None:
+            a = em.load_value(dot.lhs, dot.lhs_map, combined, np.float32)
+        else:
+            a = em.value(dot.lhs_expr, combined)
         b = em.load_value(dot.rhs, dot.rhs_map, combined, np.float32)
         em.emit(f"{acc} += static_cast<float>({a}) * static_cast<float>({b});")
         em.pop()
@@ -299,27 +302,29 @@ class _KernelBody:
         dot = k.dot
         rank = len(k.domain)
         em = _Emitter(self, rows_prefix=None)
-        lhs = self.pointer_name(dot.lhs, plan.lhs_const)
         rhs = self.pointer_name(dot.rhs, plan.rhs_const)
         w_type = _STORAGE[dtype_code(dot.rhs.buffer.dtype)]
         k_pad = -(-plan.K // 4) * 4
         n_pad = -(-plan.max_n // 4) * 4
         em.emit("float* xs = reinterpret_cast<float*>(smem);")
         em.emit(f"float* acc = xs + {k_pad};")
-        if plan.layout == "columns_vec":
+        if plan.layout == "columns_vec" or dot.lhs_expr is not None:
             em.emit(f"float* scratch = acc + {n_pad};")
         em.emit(f"const index_t rows = {_tile_count(rank - 1)};")
         em.emit(f"const index_t n_lo = t.lo[{rank - 1}], n_len = t.hi[{rank - 1}] - n_lo;")
         em.emit("for (index_t row = 0; row < rows; ++row) {")
         em.push()
         ridx = em.tile_index("row", range(rank - 1))
-        lhs_base = _linear(0, plan.lhs_coefs[: rank - 1], ridx)
         rhs_base = _linear(0, plan.rhs_coefs[: rank - 1], ridx)
-        em.emit(f"const index_t lhs_base = {lhs_base};")
         em.emit(f"const index_t rhs_base = {rhs_base} + n_lo * {plan.rhs_n};")
-        lhs_t = _STORAGE[dtype_code(dot.lhs.buffer.dtype)]
-        read_only = str(_read_only(dot.lhs)).lower()
-        em.emit(f"dot::stage_row<{plan.K}, {lhs_t}, {read_only}>(xs, {lhs}, lhs_base, {plan.lhs_k});")
+        if dot.lhs_expr is None:
+            lhs = self.pointer_name(dot.lhs, plan.lhs_const)
+            em.emit(f"const index_t lhs_base = {_linear(0, plan.lhs_coefs[: rank - 1], ridx)};")
+            lhs_t = _STORAGE[dtype_code(dot.lhs.buffer.dtype)]
+            read_only = str(_read_only(dot.lhs)).lower()
+            em.emit(f"dot::stage_row<{plan.K}, {lhs_t}, {read_only}>(xs, {lhs}, lhs_base, {plan.lhs_k});")
+        else:
+            self._stage_computed_row(em, ridx, plan.K)
         em.emit("__syncthreads();")
         w = f"reinterpret_cast<const {w_type}*>({rhs}) + rhs_base"
         if plan.layout == "columns_vec":
@@ -340,6 +345,26 @@ class _KernelBody:
         em.emit("}")
         smem = 4 * (k_pad + n_pad + 8 * THREADS)
         return self._finish(em, smem=smem, prefetch=self._weight_prefetch(plan))
+
+    def _stage_computed_row(self, em: _Emitter, ridx: list[str], K: int) -> None:
+        """xs[k] = the lhs expression at (row, k): the row's reductions block-cooperatively (scratch space
+        after the accumulators, xs is being filled), then each thread computes its share of the k's."""
+        dot = self.kernel.dot
+        value, lhs_map = dot.lhs_expr.children[0], dot.lhs_expr.map
+        prefix = len(value.shape) - len(dot.k_shape)
+        zeros = ["0"] * (1 + len(dot.k_shape))
+        rows = em.map_index(lhs_map, list(ridx) + zeros)[:prefix]
+        em.rows_prefix, em.scratch, em.row_reduction_min = rows, "reinterpret_cast<char*>(scratch)", ROW_STAGING_MAX_INLINE + 1
+        for node in topological([value]):
+            if em.is_row_reduction(node):
+                em.row_reduction(node, rows)
+        em.emit(f"for (index_t k = threadIdx.x; k < {K}; k += {THREADS}) {{")
+        em.push()
+        kidx = em.delinearize("k", [str(s) for s in dot.k_shape], ["0"] * len(dot.k_shape))
+        trailing = em.map_index(lhs_map, list(ridx) + ["0"] + kidx)[prefix:]
+        em.emit(f"xs[k] = static_cast<float>({em.value(value, rows + trailing)});")
+        em.pop()
+        em.emit("}")
 
     def _weight_prefetch(self, plan: _DotPlan):
         """Code that asks L2 for the weight tile of the task's first row before the task waits."""
@@ -394,7 +419,10 @@ class _DotPlan:
         rank = len(kernel.domain)
         if rank == 0 or not tasks:
             return None
-        lhs = _linear_form(dot.lhs_map, dot.lhs.shape)
+        if dot.lhs_expr is None:
+            lhs = _linear_form(dot.lhs_map, dot.lhs.shape)
+        else:  # computed while staged: only the contraction's nesting matters
+            lhs = 0, [0] * rank + [math.prod(dot.k_shape[d + 1 :]) for d in range(len(dot.k_shape))]
         rhs = _linear_form(dot.rhs_map, dot.rhs.shape)
         if lhs is None or rhs is None:
             return None
@@ -479,6 +507,12 @@ class _Emitter:
         self.counter = 0
         self.acc: str | None = None
         self.reductions: dict[int, str] = {}
+        self.scratch = "smem"  # char* to shared memory that block reductions may use
+        self.row_reduction_min = ROW_REDUCTION
+
+    def is_row_reduction(self, node: Node) -> bool:
+        """Reductions at least row_reduction_min long are done by the whole block, row by row."""
+        return isinstance(node, Reduce) and math.prod(node.children[0].shape[len(node.shape) :]) >= self.row_reduction_min
 
     # ---------------------------------------------------------------------------------------- output
     def emit(self, line: str) -> None:
@@ -646,7 +680,7 @@ class _Emitter:
 
     # ------------------------------------------------------------------------------------- reductions
     def _reduce(self, node: Reduce, idx: list[str]) -> str:
-        if self.rows_prefix is not None and _is_row_reduction(node):
+        if self.rows_prefix is not None and self.is_row_reduction(node):
             if list(idx) != self.rows_prefix[: len(node.shape)] or node.uid not in self.reductions:
                 raise _NotRowForm
             return self.reductions[node.uid]
@@ -657,11 +691,11 @@ class _Emitter:
         """Cooperative reduction of one row: every thread folds a strided share, then the block combines."""
         fold = self._fold(node, row, cooperative=True)
         if fold.arg:
-            self.emit(f"{fold.acc} = reduce::block_arg_reduce({fold.acc}, reinterpret_cast<{fold.acc_t}*>(smem), "
-                      f"reinterpret_cast<int32_t*>(smem + 4 * {THREADS}));")
+            self.emit(f"{fold.acc} = reduce::block_arg_reduce({fold.acc}, reinterpret_cast<{fold.acc_t}*>({self.scratch}), "
+                      f"reinterpret_cast<int32_t*>({self.scratch} + 4 * {THREADS}));")
         else:
             self.emit(f"{fold.acc} = reduce::block_reduce<{fold.reducer}>({fold.acc}, "
-                      f"reinterpret_cast<{fold.acc_t}*>(smem));")
+                      f"reinterpret_cast<{fold.acc_t}*>({self.scratch}));")
         self.reductions[node.uid] = self.rounded(fold.result, dtype_code(node.dtype))
 
     def _fold(self, node: Reduce, outer: list[str], cooperative: bool) -> _Fold:

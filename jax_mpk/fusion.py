@@ -25,7 +25,7 @@ from .graph import (
     HEAVY, Acc, Dot, DynLoad, Elementwise, Load, Node, Piecewise, Reduce, Reindex, Source, UpdateSlice,
     consumers, topological,
 )  # fmt: skip
-from .indexmap import IndexMap, Reshape, Shape
+from .indexmap import Affine, IndexMap, Reshape, Shape
 from .layout import KernelKind, NodeOp, ReduceKind, TensorKind
 
 WORKSPACE_ALIGN = 256
@@ -77,6 +77,10 @@ class DotSpec:
     rhs: Tensor
     rhs_map: IndexMap
     acc_dtype: np.dtype
+    # The lhs computed, not loaded: an expression over domain ++ k (a Reindex through lhs_map of the
+    # expression that used to produce ``lhs``), e.g. an RMSNorm or a softmax that each task recomputes
+    # for its row while staging it. ``lhs`` is then not stored by any kernel. GPU plans only.
+    lhs_expr: Node | None = None
 
 
 @dataclass(eq=False)
@@ -94,13 +98,21 @@ class Kernel:
         return KernelKind.DOT if self.dot is not None else KernelKind.FUSED
 
     def nodes(self) -> list[Node]:
-        roots = [o.node for o in self.outputs] + [n for o in self.outputs for _, n, _ in o.dyn]
-        return topological(roots)
+        """Every expression node, the computed lhs of a product included."""
+        lhs = [self.dot.lhs_expr] if self.dot is not None and self.dot.lhs_expr is not None else []
+        return topological(self._output_roots() + lhs)
+
+    def output_nodes(self) -> list[Node]:
+        """The nodes evaluated per element of the domain (the outputs and their dynamic offsets)."""
+        return topological(self._output_roots())
+
+    def _output_roots(self) -> list[Node]:
+        return [o.node for o in self.outputs] + [n for o in self.outputs for _, n, _ in o.dyn]
 
     def read_tensors(self) -> list[Tensor]:
         tensors = [n.tensor for n in self.nodes() if isinstance(n, Load)]
         if self.dot is not None:
-            tensors += [self.dot.lhs, self.dot.rhs]
+            tensors += [self.dot.rhs] if self.dot.lhs_expr is not None else [self.dot.lhs, self.dot.rhs]
         return tensors
 
     def __repr__(self) -> str:
@@ -156,6 +168,8 @@ class _Fuser:
         kernels = [self._build_kernel(n) for n in self.order if self._is_kernel_root(n)]
         kernels = self._order_kernels(kernels)
         kernels = self._order_kernels(_merge_into_consumers(kernels))
+        if self.num_workers:
+            kernels = self._order_kernels(_compute_rows_in_dot_staging(kernels))
         for i, kernel in enumerate(kernels):
             kernel.index = i
         return KernelGraph(
@@ -699,6 +713,94 @@ def _merge_into_consumers(kernels: list[Kernel]) -> list[Kernel]:
         b.name = f"{a.name}|{b.name}"
         removed.add(id(a))
     return [k for k in merged if id(k) not in removed]
+
+
+ROW_STAGING_MAX_INLINE = 64  # longest reduction a row-staging expression may recompute per element
+
+
+def _compute_rows_in_dot_staging(kernels: list[Kernel]) -> list[Kernel]:
+    """A matrix product whose activation operand is produced by a row kernel (RMSNorm, softmax: block
+    reductions over the row, then pointwise) computes that row itself while it stages the operand in shared
+    memory, instead of waiting for it to be stored: one dependency level less per such pair, for the
+    price of every task of the product recomputing its row (a few KB from L2). The producer keeps its
+    other outputs (the residual sum) and disappears when none is left."""
+    def key(tensor: Tensor) -> tuple[int, int]:
+        return id(tensor.buffer), tensor.version
+
+    writer = {key(o.tensor): (k, o) for k in kernels for o in k.outputs}
+    for b in kernels:
+        dot = b.dot
+        if dot is None or key(dot.lhs) not in writer:
+            continue
+        a, out = writer[key(dot.lhs)]
+        if a.dot is None and _stages_as_rows(out, dot, len(b.domain)):
+            dot.lhs_expr = Reindex(shape=tuple(b.domain) + tuple(dot.k_shape), dtype=out.node.dtype,
+                                   children=(out.node,), map=dot.lhs_map)  # fmt: skip
+    still_read = {key(t) for k in kernels for t in k.read_tensors()}
+    for a in kernels:
+        a.outputs = [o for o in a.outputs if key(o.tensor) in still_read or o.tensor.buffer.kind != TensorKind.WORKSPACE]
+    return [k for k in kernels if k.outputs]
+
+
+def _stages_as_rows(out: KernelOutput, dot: DotSpec, rank: int) -> bool:
+    """Whether the value ``out`` stores can be computed row by row in the product's staging: stored densely
+    (identity map, no dynamic offsets); read by the product along whole rows (the tensor's leading dims, all
+    but as many as the contraction has, depend only on the product's row dims); and every long reduction in
+    it a reduction of exactly those rows, indexed by the row itself (what the block-cooperative row code of
+    codegen evaluates)."""
+    tensor, k_rank = out.tensor, len(dot.k_shape)
+    prefix = len(tensor.shape) - k_rank
+    if not out.map.is_identity or out.dyn or prefix < 0:
+        return False
+    if not dot.lhs_map.is_identity:
+        stages = dot.lhs_map.stages
+        if len(stages) != 1 or not isinstance(stages[0], Affine):
+            return False
+        for r, row in enumerate(stages[0].matrix):
+            varies = range(rank - 1, rank + k_rank) if r < prefix else range(rank - 1, rank)
+            if any(row[c] for c in varies):
+                return False
+    return _rows_indexed_by_prefix(out.node, prefix)
+
+
+def _rows_indexed_by_prefix(root: Node, prefix: int) -> bool:
+    """Follow the index of ``root`` (dims 0..rank-1) through views the way codegen names it: a view dim that
+    copies one dim keeps its identity, anything else becomes a new value (None). Long reductions must be
+    reached with exactly the row dims (0..prefix-1) and reduce all the rest."""
+    seen: set[tuple] = set()
+    stack = [(root, tuple(range(len(root.shape))))]
+    while stack:
+        node, idx = stack.pop()
+        if (node.uid, idx) in seen:
+            continue
+        seen.add((node.uid, idx))
+        if isinstance(node, Reindex):
+            stages = node.map.stages
+            if len(stages) == 1 and isinstance(stages[0], Affine):
+                stage = stages[0]
+                new = []
+                for row, off in zip(stage.matrix, stage.offset):
+                    terms = [c for c, a in enumerate(row) if a]
+                    single = len(terms) == 1 and row[terms[0]] == 1 and off == 0
+                    new.append(idx[terms[0]] if single else None)
+                idx = tuple(new)
+            elif not node.map.is_identity:
+                idx = (None,) * len(node.children[0].shape)
+            stack.append((node.children[0], idx))
+        elif isinstance(node, Reduce):
+            child = node.children[0]
+            inner = math.prod(child.shape[len(node.shape) :])
+            if inner > ROW_STAGING_MAX_INLINE and idx != tuple(range(prefix)):
+                return False
+            stack.append((child, idx + (None,) * (len(child.shape) - len(node.shape))))
+        elif isinstance(node, Piecewise):
+            shifted = tuple(None if d == node.axis else i for d, i in enumerate(idx))
+            stack.extend((c, shifted) for c in node.children)
+        elif not isinstance(node, Load):
+            stack.extend((c, idx) for c in node.children)
+        else:
+            stack.extend((c, idx) for c in node.children)
+    return True
 
 
 def _mergeable_producer(kernel: Kernel) -> bool:

@@ -17,6 +17,9 @@ MAGIC = 0x4B504D58  # "XMPK"
 VERSION = 1
 MAX_RANK = 8
 HEADER_WORDS = 16
+# In a DOT record's lhs_tensor: the lhs is not loaded but computed by the kernel's expression node whose
+# position follows in place of lhs_map (CUDA plans only; the CPU executor rejects it).
+COMPUTED_OPERAND = -1
 
 
 class Platform(enum.IntEnum):
@@ -168,6 +171,7 @@ def render_header() -> str:
         f"inline constexpr int64_t kVersion = {VERSION};",
         f"inline constexpr int kMaxRank = {MAX_RANK};",
         f"inline constexpr int kHeaderWords = {HEADER_WORDS};",
+        f"inline constexpr int64_t kComputedOperand = {COMPUTED_OPERAND};",
         f"inline constexpr int kTaskWords = {TASK_WORDS};",
         "",
     ]

@@ -14,7 +14,9 @@ import numpy as np
 from .fusion import Kernel, KernelOutput, Tensor
 from .graph import Acc, Elementwise, Load, Node, Piecewise, Reduce, Reindex
 from .indexmap import IndexMap
-from .layout import HEADER_WORDS, MAGIC, MAX_RANK, TASK_WORDS, VERSION, DType, Header, NodeOp, Platform, TaskField
+from .layout import (
+    COMPUTED_OPERAND, HEADER_WORDS, MAGIC, MAX_RANK, TASK_WORDS, VERSION, DType, Header, NodeOp, Platform, TaskField,
+)  # fmt: skip
 from .schedule import Schedule
 from .tasks import TaskGraph
 
@@ -122,12 +124,13 @@ def plan_key(words: np.ndarray) -> str:
 
 def _kernel_words(kernel: Kernel, tensor_id, map_id) -> list[int]:
     words = [int(kernel.kind), len(kernel.domain), *kernel.domain]
-    if kernel.dot is not None:
-        d = kernel.dot
-        words += [len(d.k_shape), *d.k_shape, tensor_id(d.lhs), map_id(d.lhs_map), tensor_id(d.rhs), map_id(d.rhs_map)]
-        words += [int(dtype_code(d.acc_dtype))]
     nodes = kernel.nodes()
     position = {n.uid: i for i, n in enumerate(nodes)}
+    if kernel.dot is not None:
+        d = kernel.dot
+        lhs = [tensor_id(d.lhs), map_id(d.lhs_map)] if d.lhs_expr is None else [COMPUTED_OPERAND, position[d.lhs_expr.uid]]
+        words += [len(d.k_shape), *d.k_shape, *lhs, tensor_id(d.rhs), map_id(d.rhs_map)]
+        words += [int(dtype_code(d.acc_dtype))]
     words.append(len(nodes))
     for node in nodes:
         op, params = _node_op_params(node, tensor_id, map_id)

@@ -95,7 +95,7 @@ def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 
 
 def _cost_per_element(kernel: Kernel) -> float:
     cost = 0.0
-    for node in kernel.nodes():
+    for node in kernel.output_nodes():  # a computed lhs is per row of a product, small next to its K
         if isinstance(node, Reduce):
             cost += math.prod(node.children[0].shape[len(node.shape) :])
         else:
@@ -116,7 +116,7 @@ def tile_domain(kernel: Kernel, max_tiles: int, per_element: float, min_task_wor
     # At most one round of tasks per kernel (max_tiles: its share of the workers): a task has a fixed cost
     # (wait, staging, signal) of a few microseconds, so fewer and larger tiles stream weights better.
     wanted = int(min(max(work // max(min_task_work, 1), 1), max_tiles))
-    reductions = [n for n in kernel.nodes() if isinstance(n, Reduce)]
+    reductions = [n for n in kernel.output_nodes() if isinstance(n, Reduce)]
     splittable = min([len(r.shape) for r in reductions] + [len(domain)])
     tiles: list[tuple[tuple, tuple]] = [((), ())]
     dim = 0
@@ -153,6 +153,10 @@ def _accesses(kernel: Kernel, lo, hi, buffer_ids) -> tuple[list[Access], list[Ac
         need(out.node, tile)
         for _, index, _ in out.dyn:
             need(index, tile)
+    dot = kernel.dot
+    combined = tile + full_rect(dot.k_shape) if dot is not None else None
+    if dot is not None and dot.lhs_expr is not None:
+        need(dot.lhs_expr, combined)
     reads: list[Access] = []
     for node in reversed(kernel.nodes()):
         rect = region.get(node.uid)
@@ -179,10 +183,10 @@ def _accesses(kernel: Kernel, lo, hi, buffer_ids) -> tuple[list[Access], list[Ac
         elif not isinstance(node, Acc):
             for child in node.children:
                 need(child, rect)
-    if kernel.dot is not None:
-        combined = tile + full_rect(kernel.dot.k_shape)
-        reads.append(_access(kernel.dot.lhs, kernel.dot.lhs_map.rect_image(combined), buffer_ids))
-        reads.append(_access(kernel.dot.rhs, kernel.dot.rhs_map.rect_image(combined), buffer_ids))
+    if dot is not None:
+        if dot.lhs_expr is None:
+            reads.append(_access(dot.lhs, dot.lhs_map.rect_image(combined), buffer_ids))
+        reads.append(_access(dot.rhs, dot.rhs_map.rect_image(combined), buffer_ids))
     writes = []
     for out in kernel.outputs:
         rect = out.map.rect_image(tile)

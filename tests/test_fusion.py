@@ -164,3 +164,39 @@ def test_residual_sum_is_stored_by_the_norm_that_reads_it(rng):
     fast = check_against_jit(f, *args)
     (mk,) = fast.plans.values()
     assert len(mk.graph.kernels) == 1 and len(mk.graph.kernels[0].outputs) == 2
+
+
+def test_gpu_plans_compute_norm_and_softmax_rows_in_the_products_staging(rng):
+    """With a GPU's worth of workers, a product whose activation row is an RMSNorm (or a softmax) computes that
+    row while staging it: the row kernel is gone (or keeps only its other outputs), the product reads what the
+    row kernel read, and the validated task graph has one dependency level less per such pair. The CPU
+    executor refuses such a plan with a clear error."""
+    from jax_mpk.capture import capture
+    from jax_mpk.fusion import fuse
+    from jax_mpk.plan import plan_key, serialize
+    from jax_mpk.runtime import register_plan
+    from jax_mpk.schedule import schedule
+    from jax_mpk.tasks import build_task_graph
+    from jax_mpk.validate import validate
+
+    def f(h, a, w_norm, w, v):
+        h = h + a  # residual stream, returned: the norm kernel keeps storing it
+        scores = _rms_norm(h, w_norm).astype(jnp.bfloat16) @ w
+        return h, jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(jnp.bfloat16) @ v
+
+    args = [random_array(rng, (1, 512), "bfloat16"), random_array(rng, (1, 512), "bfloat16"),
+            random_array(rng, (512,), "bfloat16"), random_array(rng, (512, 256), "bfloat16"),
+            random_array(rng, (256, 64), "bfloat16")]  # fmt: skip
+    closed = jax.make_jaxpr(f)(*args)
+    plain, fused = fuse(capture(closed)), fuse(capture(closed), num_workers=132)
+    computed = [k for k in fused.kernels if k.dot is not None and k.dot.lhs_expr is not None]
+    assert len(computed) == 2 and all(k.dot.lhs_expr is None for k in plain.kernels if k.dot is not None)
+    assert len(fused.kernels) < len(plain.kernels)
+    row_reductions = [n for k in computed for n in k.nodes() if isinstance(n, Reduce)]
+    assert len(row_reductions) >= 3  # sum of squares; max and sum of exponentials
+    tasks = build_task_graph(fused, 8, 1)
+    sched = schedule(tasks, 8)
+    validate(tasks, sched)
+    words = serialize(tasks, sched)
+    with pytest.raises(ValueError, match="computed while it is staged"):
+        register_plan(plan_key(words), words)

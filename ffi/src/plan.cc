@@ -398,7 +398,12 @@ class PlanParser {
                   layout::kMaxRank));
     }
     const Shape operand_index_shape = Concatenate(kernel.domain, dot.k_shape);
-    dot.lhs_tensor = ReadId("lhs_tensor", num_tensors_);
+    const int64_t lhs_tensor = Next("lhs_tensor");
+    if (lhs_tensor == layout::kComputedOperand) {
+      Fail("the product's lhs is computed while it is staged (a fusion of GPU plans); the CPU executor does not "
+           "run such plans");
+    }
+    dot.lhs_tensor = CheckId(lhs_tensor, num_tensors_, "lhs_tensor");
     dot.lhs_map = ReadId("lhs_map", num_maps_);
     CheckTensorMap("lhs_map", dot.lhs_map, operand_index_shape, dot.lhs_tensor);
     dot.rhs_tensor = ReadId("rhs_tensor", num_tensors_);

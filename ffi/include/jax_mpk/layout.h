@@ -8,6 +8,7 @@ inline constexpr int64_t kMagic = 0x4B504D58;
 inline constexpr int64_t kVersion = 1;
 inline constexpr int kMaxRank = 8;
 inline constexpr int kHeaderWords = 16;
+inline constexpr int64_t kComputedOperand = -1;
 inline constexpr int kTaskWords = 21;
 
 enum class Platform : int64_t {
