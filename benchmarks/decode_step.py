@@ -105,11 +105,14 @@ def main() -> None:
             print(f"  round {round_} {name:10s} median {np.median(times) * 1e3:.3f} ms/step "
                   f"[{min(times) * 1e3:.3f}, {max(times) * 1e3:.3f}]", flush=True)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    # $JAX_MPK_COMMIT first: a copy of the tree on a GPU machine may carry a stale .git
+    commit = os.environ.get("JAX_MPK_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     summary = {
         "device": device.device_kind,
         "jax": jax.__version__,
-        "commit": commit or os.environ.get("JAX_MPK_COMMIT", "unknown"),
+        "commit": commit or "unknown",
         "config": {"layers": cfg.layers, "ctx": cfg.max_seq, "batch": cfg.batch, "dtype": cfg.dtype},
         "weight_bytes": weight_bytes,
         "kv_bytes": kv_bytes,

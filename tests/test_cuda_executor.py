@@ -187,7 +187,7 @@ def test_register_is_lazy_and_validates():
     with pytest.raises(KeyError, match="not registered"):
         runtime.check_cuda_error("reg-unknown", 0)
     bad = [dict(threads=0), dict(threads=1025), dict(smem_bytes=-1), dict(num_events=-1), dict(num_ctas=-1),
-           dict(aliases={0: 1}), dict(arg_bytes=[4]), dict(arg_bytes=[1] * 100, ret_bytes=[1] * 100)]
+           dict(aliases={0: 1}), dict(arg_bytes=[4]), dict(arg_bytes=[1] * 250, ret_bytes=[1] * 250)]
     for change in bad:
         args = dict(num_events=1, threads=32, smem_bytes=0, arg_bytes=[8], ret_bytes=[8, 1], aliases={0: 0})
         args.update(change)

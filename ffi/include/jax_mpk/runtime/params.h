@@ -5,8 +5,10 @@
 
 namespace jax_mpk {
 
-// Buffers are the custom call's operands, then its results (the last one is the workspace).
-inline constexpr int kMaxBuffers = 192;
+// Buffers are the custom call's operands, then its results (the last one is the workspace). A model passed
+// as one array per weight has ~11 per layer (400 for Qwen3-8B); the whole struct is the kernel's parameter
+// block, which must stay within the classic 4 KB limit.
+inline constexpr int kMaxBuffers = 480;
 
 enum ErrorCode : int32_t {
   kErrorNone = 0,
@@ -42,5 +44,6 @@ struct MegakernelParams {
   ErrorRecord* error;   // host-mapped
   int64_t watchdog_ns;
 };
+static_assert(sizeof(MegakernelParams) <= 4096, "kernel parameters are limited to 4 KB");
 
 }  // namespace jax_mpk
