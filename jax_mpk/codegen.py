@@ -471,9 +471,10 @@ def _flatten_contraction(lcoef, rcoef, k_shape):
     return lcoef[-1], rcoef[-1], math.prod(k_shape)
 
 
-def _is_row_reduction(node: Node) -> bool:
-    """Long reductions are done by the whole block, row by row; short ones (split-K sums) inline."""
-    return isinstance(node, Reduce) and math.prod(node.children[0].shape[len(node.shape) :]) >= ROW_REDUCTION
+def _is_row_reduction(node: Node, minimum: int = ROW_REDUCTION) -> bool:
+    """Reductions at least ``minimum`` long are done by the whole block, row by row; short ones (split-K
+    sums) inline."""
+    return isinstance(node, Reduce) and math.prod(node.children[0].shape[len(node.shape) :]) >= minimum
 
 
 def _read_only(tensor: Tensor) -> bool:
@@ -511,8 +512,7 @@ class _Emitter:
         self.row_reduction_min = ROW_REDUCTION
 
     def is_row_reduction(self, node: Node) -> bool:
-        """Reductions at least row_reduction_min long are done by the whole block, row by row."""
-        return isinstance(node, Reduce) and math.prod(node.children[0].shape[len(node.shape) :]) >= self.row_reduction_min
+        return _is_row_reduction(node, self.row_reduction_min)
 
     # ---------------------------------------------------------------------------------------- output
     def emit(self, line: str) -> None:

@@ -796,8 +796,6 @@ def _rows_indexed_by_prefix(root: Node, prefix: int) -> bool:
         elif isinstance(node, Piecewise):
             shifted = tuple(None if d == node.axis else i for d, i in enumerate(idx))
             stack.extend((c, shifted) for c in node.children)
-        elif not isinstance(node, Load):
-            stack.extend((c, idx) for c in node.children)
         else:
             stack.extend((c, idx) for c in node.children)
     return True

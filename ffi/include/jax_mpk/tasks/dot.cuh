@@ -42,6 +42,14 @@ __device__ __forceinline__ void load8(const float* p, float out[8]) {
 }
 template <class W> __device__ __forceinline__ float load1(const W* p) { return ops::to_value(__ldg(p)); }
 
+// sum[j] += xk * w[j] for the 8 weights at w (one 16-byte load).
+template <class W> __device__ __forceinline__ void add_scaled8(float sum[8], const W* w, float xk) {
+  float wv[8];
+  load8(w, wv);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) sum[j] += xk * wv[j];
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
@@ -82,13 +90,7 @@ __device__ void columns_vec(const float* x, const W* w, int64_t k_stride, int K,
   if (vectors >= threads) {
     for (int v = threadIdx.x; v < vectors; v += threads) {
       float sum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int k = 0; k < K; ++k) {
-        float wv[8];
-        load8(w + k * k_stride + v * 8, wv);
-        const float xk = x[k];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) sum[j] += xk * wv[j];
-      }
+      for (int k = 0; k < K; ++k) add_scaled8(sum, w + k * k_stride + v * 8, x[k]);
 #pragma unroll
       for (int j = 0; j < 8; ++j) acc[v * 8 + j] = sum[j];
     }
@@ -111,13 +113,7 @@ __device__ void columns_vec(const float* x, const W* w, int64_t k_stride, int K,
         for (int j = 0; j < 8; ++j) sum[j] += xk * loaded[u][j];
       }
     }
-    for (; k < K; k += groups) {
-      float a[8];
-      load8(w + k * k_stride + v * 8, a);
-      const float xk = x[k];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) sum[j] += xk * a[j];
-    }
+    for (; k < K; k += groups) add_scaled8(sum, w + k * k_stride + v * 8, x[k]);
 #pragma unroll
     for (int j = 0; j < 8; ++j) scratch[group * n_len + v * 8 + j] = sum[j];
   }
