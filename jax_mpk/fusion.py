@@ -9,7 +9,9 @@ Decisions, in order:
    the old value depends on it; a chain of updates from an input to a result aliases that input to the result
    (zero-copy KV-cache update under donation). Otherwise the operand is copied first.
 3. Epilogues: an elementwise consumer that reads a dot's result at the same index (residual add) becomes that
-   dot kernel's epilogue.
+   dot kernel's epilogue, unless (GPU plans) it reads two products that could run side by side (SwiGLU).
+4. GPU plans: a row kernel (RMSNorm, softmax, the SwiGLU product) that only a matrix product reads is
+   computed in that product's staging of its activation row instead of being stored.
 """
 
 from __future__ import annotations
@@ -376,7 +378,12 @@ class _Fuser:
             if root.uid not in self.materialized or isinstance(root, (Source, *HEAVY)):
                 continue
             region = self._region(root, self.materialized)
-            for dot in self._dots_read_pointwise(root):
+            dots = self._dots_read_pointwise(root)
+            if self.num_workers and _has_independent_pair(dots):
+                # silu(x @ Wg) * (x @ Wu): absorbing one product would make it wait for the other instead of
+                # running beside it; on the GPU the pointwise root is computed by its consumer's staging
+                continue
+            for dot in dots:
                 users = self.users[dot.uid]
                 if (
                     dot.uid not in outputs
@@ -834,6 +841,10 @@ def _strip_views(node: Node) -> Node:
     while isinstance(node, Reindex):
         node = node.children[0]
     return node
+
+
+def _has_independent_pair(dots: list[Dot]) -> bool:
+    return any(not _depends_on(a, b) and not _depends_on(b, a) for i, a in enumerate(dots) for b in dots[i + 1 :])
 
 
 def _depends_on(node: Node, target: Node) -> bool:

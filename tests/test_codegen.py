@@ -41,9 +41,11 @@ def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
     # the 16 identical layers share their device functions
     assert source.num_variants <= 24, source.num_variants
     text = source.text
-    assert "dot::columns_vec" in text  # x @ W streams weight rows with 16-byte loads
+    assert "dot::columns_ring<__nv_bfloat16, 1>" in text  # x @ W streams weight tiles through shared memory
+    assert "dot::ring_begin" in text  # ... whose first slots are issued before a task waits
+    assert "dot::columns_vec" in text  # P @ V streams the cache with 16-byte loads
     assert "dot::rows(" in text  # the tied LM head reads embedding rows
-    assert "dot::prefetch_l2" in text  # weights are prefetched before a task waits
+    assert "dot::prefetch_l2" in text  # ... asking L2 for their head before the task waits
     assert "block_reduce" in text  # norms and softmax reduce cooperatively per row
     cubin = compile_cubin(text, "9.0")
     assert len(cubin) > 10_000
@@ -74,4 +76,23 @@ def test_profiling_build_compiles(tmp_path, monkeypatch):
     tasks = build_task_graph(graph, H100_SMS)
     source = generate(tasks, schedule(tasks, H100_SMS), profile_offset=256)
     assert "reinterpret_cast<uint64_t*>" in source.text
+    compile_cubin(source.text, "9.0")
+
+
+def test_batched_weight_products_share_the_weight_tile(tmp_path, monkeypatch):
+    """At batch 8 a task multiplies all 8 rows with the weight tile it streams once (the rows stay whole
+    in every tile), for a loaded and for a computed (RMSNorm) activation."""
+    monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
+
+    def mlp(x, g, w1, w2):
+        h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * g
+        return x + jax.nn.silu(h @ w1) @ w2
+
+    shapes = [(8, 2048), (2048,), (2048, 1024), (1024, 2048)]
+    tasks, source = _generate(mlp, *[jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes], validate_graph=True)
+    for kernel, kernel_tasks in zip(tasks.kernels.kernels, tasks.tasks_by_kernel()):
+        if kernel.dot is not None:
+            rows = {t.hi[-2] - t.lo[-2] for t in kernel_tasks}
+            assert rows == {8}, (kernel, rows)
+    assert source.text.count("dot::columns_ring<__nv_bfloat16, 8>") == 2
     compile_cubin(source.text, "9.0")

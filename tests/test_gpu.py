@@ -33,6 +33,11 @@ def _plan(fast):
         ("softmax", lambda s: jax.nn.softmax(s, axis=-1), [(2, 4, 1000)], "float32"),
         ("gemv_columns", lambda x, w, h: h + x @ w, [(1, 512), (512, 1024), (1, 1024)], "bfloat16"),
         ("gemv_rows", lambda x, e: x @ e.T, [(2, 256), (3000, 256)], "bfloat16"),
+        # the weight ring: 8 and 3 rows per weight tile, float32 weights, a norm computed while staged
+        ("gemv_ring_b8", lambda x, w, h: h + x @ w, [(8, 2048), (2048, 1024), (8, 1024)], "bfloat16"),
+        ("gemv_ring_b3_f32", lambda x, w: jnp.tanh(x @ w), [(3, 2048), (2048, 512)], "float32"),
+        ("norm_gemv_b4", lambda x, g, w: (x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * g) @ w,
+         [(4, 2048), (2048,), (2048, 1536)], "bfloat16"),
         ("gemm_odd", lambda a, b: a @ b, [(5, 37), (37, 19)], "float32"),
         ("attention", lambda q, k: jnp.einsum("bgrd,bsgd->bgrs", q, k), [(1, 2, 4, 64), (1, 96, 2, 64)], "bfloat16"),
         ("argmax", lambda x: jnp.argmax(x, axis=-1), [(3, 5000)], "float32"),

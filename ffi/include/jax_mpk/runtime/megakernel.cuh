@@ -1,6 +1,7 @@
 // The persistent-kernel runtime shared by every generated megakernel: the per-CTA task loop and the
 // wait/signal/watchdog protocol. A generated source defines the task tables and a Dispatch type with
-// `prefetch(task)` and `run(task, smem)`, then calls `run_worker`.
+// `prefetch(task, smem)` (start loading the task's weights; every thread calls it before the wait) and
+// `run(task, smem)`, then calls `run_worker`.
 //
 // Protocol (docs/plan_format.md): a task waits until counter[wait_event] >= wait_count * epoch, runs, and
 // adds 1 to each event in its signal list. Counters live in device memory and are never reset: the epoch
@@ -96,7 +97,7 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
   for (int32_t i = worker_begin[blockIdx.x]; i < worker_begin[blockIdx.x + 1]; ++i) {
     const int32_t task_index = worker_tasks[i];
     const TaskRecord& task = tasks[task_index];
-    dispatch.prefetch(task);  // weights start streaming into L2 while we wait
+    dispatch.prefetch(task, smem);  // weights start streaming while we wait
     if (threadIdx.x == 0) {
       if (profile) profile[3 * task_index] = global_timer_ns();
       shared_go = task.wait_event < 0 || wait_for_event(p, task, task_index, epoch);
@@ -117,6 +118,8 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
       if (profile && threadIdx.x == 0) profile[3 * task_index + 2] = global_timer_ns();
     }
   }
+  // A task given up (watchdog, abort) may leave weight copies in flight into shared memory.
+  asm volatile("cp.async.wait_all;" ::: "memory");
   if (threadIdx.x == 0) {
     __threadfence();
     const uint64_t finished = atomicAdd(reinterpret_cast<unsigned long long*>(&p.control->ctas_done), 1ull) + 1;

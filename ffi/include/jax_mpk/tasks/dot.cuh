@@ -16,8 +16,8 @@
 
 namespace jax_mpk::dot {
 
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float out[8]) {
-  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+// 8 values from 16 bytes of 2-byte floats.
+__device__ __forceinline__ void unpack8(const uint4& v, const __nv_bfloat16*, float out[8]) {
   const uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -25,8 +25,7 @@ __device__ __forceinline__ void load8(const __nv_bfloat16* p, float out[8]) {
     out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
   }
 }
-__device__ __forceinline__ void load8(const __half* p, float out[8]) {
-  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+__device__ __forceinline__ void unpack8(const uint4& v, const __half*, float out[8]) {
   const __half2* h = reinterpret_cast<const __half2*>(&v);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -34,6 +33,10 @@ __device__ __forceinline__ void load8(const __half* p, float out[8]) {
     out[2 * i] = f.x;
     out[2 * i + 1] = f.y;
   }
+}
+
+template <class W> __device__ __forceinline__ void load8(const W* p, float out[8]) {
+  unpack8(__ldg(reinterpret_cast<const uint4*>(p)), p, out);
 }
 __device__ __forceinline__ void load8(const float* p, float out[8]) {
   const float4 a = __ldg(reinterpret_cast<const float4*>(p));
@@ -182,6 +185,144 @@ __device__ void rows(const float* x, const W* w, int64_t n_stride, int64_t k_str
     }
     sum = warp_sum(sum);
     if (lane == 0) acc[n] = sum;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Weight ring: the weight tile of a columns-layout product (W[K, N] row-major, tile = all K rows x n_len
+// columns) streams into a ring of shared-memory slots with cp.async, and the dot reads it from there.
+// The first kRingSlots - 1 slots are issued by `ring_begin` *before* the task waits for its dependencies
+// (weights are never written by the graph), so the stream is already running while the activation row is
+// produced; then every stage consumed frees a slot for the next. Nothing is held in registers while a copy
+// is in flight, so the ring does not compete with the task bodies for the kernel's one register budget.
+//
+// Protocol: every thread commits exactly one cp.async group per stage index (empty past the end of the
+// tile), so before stage s is read it has committed stages 0 .. s + kRingSlots - 2, and waiting until at
+// most kRingSlots - 2 groups are pending means its part of stage s has landed; the barrier that follows
+// publishes every thread's part and also tells that all threads are done with the slot stage s - 1 used,
+// which is refilled right after.
+//
+// The geometry comes from the generated source (codegen places the ring in shared memory).
+#if !defined(JAX_MPK_RING_SLOTS) || !defined(JAX_MPK_RING_SLOT_BYTES) || !defined(JAX_MPK_RING_MAX_ROWS)
+#error "define JAX_MPK_RING_SLOTS, JAX_MPK_RING_SLOT_BYTES and JAX_MPK_RING_MAX_ROWS before including dot.cuh"
+#endif
+inline constexpr int kRingSlots = JAX_MPK_RING_SLOTS;
+inline constexpr int kRingSlotBytes = JAX_MPK_RING_SLOT_BYTES;
+inline constexpr int kRingMaxRows = JAX_MPK_RING_MAX_ROWS;  // activation rows multiplied with one weight tile
+static_assert(kRingSlots >= 2 && kRingSlotBytes % 16 == 0, "ring geometry");
+static_assert(kRingMaxRows * kBlockThreads * 8 * 4 <= kRingSlots * kRingSlotBytes,
+              "the ring holds the partial sums of every row at the end");
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// k-rows of the weight tile held by one slot
+template <class W> __device__ __forceinline__ int ring_slot_rows(int n_len) {
+  return kRingSlotBytes / (n_len * static_cast<int>(sizeof(W)));
+}
+
+template <class W>
+__device__ __forceinline__ void ring_issue(char* ring, const W* w, int64_t k_stride, int K, int n_len, int stage) {
+  const int slot_rows = ring_slot_rows<W>(n_len);
+  const int k0 = stage * slot_rows;
+  const int rows = K - k0 < slot_rows ? K - k0 : slot_rows;  // <= 0 past the end: an empty group
+  const int chunks_per_row = n_len * static_cast<int>(sizeof(W)) / 16;
+  const uint32_t slot = shared_address(ring) + (stage % kRingSlots) * kRingSlotBytes;
+#pragma unroll 1
+  for (int c = threadIdx.x; c < rows * chunks_per_row; c += kBlockThreads) {
+    const int r = c / chunks_per_row;
+    const char* src = reinterpret_cast<const char*>(w + (k0 + r) * k_stride) + (c - r * chunks_per_row) * 16;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(slot + c * 16), "l"(src) : "memory");
+  }
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// Start streaming the tile: stages 0 .. kRingSlots - 2. Called by every thread of the block.
+template <class W>
+__device__ __forceinline__ void ring_begin(char* ring, const W* w, int64_t k_stride, int K, int n_len) {
+#pragma unroll 1
+  for (int s = 0; s < kRingSlots - 1; ++s) ring_issue(ring, w, k_stride, K, n_len, s);
+}
+
+__device__ __forceinline__ void load8_shared(uint32_t address, const float*, float out[8]) {
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(out[0]), "=f"(out[1]), "=f"(out[2]), "=f"(out[3]) : "r"(address));
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(out[4]), "=f"(out[5]), "=f"(out[6]), "=f"(out[7]) : "r"(address + 16));
+}
+template <class W> __device__ __forceinline__ void load8_shared(uint32_t address, const W* tag, float out[8]) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(address));
+  unpack8(v, tag, out);
+}
+
+// acc[r * acc_stride + n] = sum_k xs[r * x_stride + k] * w[k * k_stride + n] for r < R, n < n_len, after
+// ring_begin(ring, w, k_stride, K, n_len). n_len % 8 == 0, n_len / 8 <= kBlockThreads.
+// Thread (v, group) accumulates columns 8v .. 8v+7 over the k-rows group, group + groups, ... of every
+// stage (threads past groups * vectors idle); when a warp holds several groups of the same columns
+// (n_len / 8 a power of two below 32) they are summed with shuffles first; the partial sums, written over
+// the (by then idle) ring, are then added up per output.
+template <class W, int R>
+__device__ void columns_ring(const float* xs, int x_stride, char* ring, const W* w, int64_t k_stride, int K, int n_len,
+                             float* acc, int acc_stride) {
+  static_assert(R >= 1 && R <= kRingMaxRows, "rows per task");
+  const int vectors = n_len / 8;
+  const int groups = kBlockThreads / vectors;
+  const int v = threadIdx.x % vectors, group = threadIdx.x / vectors;
+  const int active_rows = group < groups ? 1 << 30 : 0;  // idle threads still take part in the barriers
+  const int slot_rows = ring_slot_rows<W>(n_len);
+  const int stages = (K + slot_rows - 1) / slot_rows;
+  const uint32_t ring_base = shared_address(ring);
+  const int row_bytes = n_len * static_cast<int>(sizeof(W));
+  float sum[R][8];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) sum[r][j] = 0.0f;
+#pragma unroll 1
+  for (int s = 0; s < stages; ++s) {
+    asm volatile("cp.async.wait_group %0;" ::"n"(kRingSlots - 2) : "memory");
+    __syncthreads();
+    ring_issue(ring, w, k_stride, K, n_len, s + kRingSlots - 1);  // into the slot stage s - 1 used
+    const int k0 = s * slot_rows;
+    const int rows = min(min(K - k0, slot_rows), active_rows);
+    const uint32_t slot = ring_base + (s % kRingSlots) * kRingSlotBytes + v * 8 * static_cast<int>(sizeof(W));
+#pragma unroll 4
+    for (int k = group; k < rows; k += groups) {
+      float wv[8];
+      load8_shared(slot + k * row_bytes, w, wv);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float xk = xs[r * x_stride + k0 + k];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) sum[r][j] += xk * wv[j];
+      }
+    }
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const bool shuffle = vectors < 32 && 32 % vectors == 0;  // a warp holds 32 / vectors whole groups
+  if (shuffle) {
+    for (int offset = 16; offset >= vectors; offset /= 2)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) sum[r][j] += __shfl_xor_sync(0xffffffffu, sum[r][j], offset);
+  }
+  const int partials = shuffle ? kBlockThreads / 32 : groups;
+  const int slot_of = shuffle ? warp : group;
+  __syncthreads();  // every thread is done reading the ring: it now holds the partial sums
+  float* part = reinterpret_cast<float*>(ring);
+  if (shuffle ? lane < vectors : group < groups) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) part[(r * partials + slot_of) * n_len + v * 8 + j] = sum[r][j];
+  }
+  __syncthreads();
+  for (int o = threadIdx.x; o < R * n_len; o += kBlockThreads) {
+    const int r = o / n_len, n = o - r * n_len;
+    float total = 0.0f;
+    for (int g = 0; g < partials; ++g) total += part[(r * partials + g) * n_len + n];
+    acc[r * acc_stride + n] = total;
   }
 }
 
