@@ -307,10 +307,34 @@ def _reduce(ctx, x, *, axes, **_):
 
 @rule("dot_general")
 def _dot_general(ctx, lhs, rhs, *, dimension_numbers, **_):
+    """A Dot over (batch, lhs free, rhs free): the last dims are the product's columns, which a task tiles and
+    streams its second operand along. When the first operand has more free elements (einsum may put the KV
+    cache first: ``bsgd,btgrd->bgsrt``), the operands are swapped so that the long side becomes the
+    columns, and the result is a transposing view of that product."""
     (lc, rc), (lb, rb) = dimension_numbers
     lhs_free = [d for d in range(len(lhs.shape)) if d not in lc and d not in lb]
     rhs_free = [d for d in range(len(rhs.shape)) if d not in rc and d not in rb]
-    out_shape = ctx.out_shape
+    if math.prod(lhs.shape[d] for d in lhs_free) > math.prod(rhs.shape[d] for d in rhs_free):
+        n_batch = len(lb)
+        swapped_shape = (
+            tuple(ctx.out_shape[:n_batch])
+            + tuple(rhs.shape[d] for d in rhs_free)
+            + tuple(lhs.shape[d] for d in lhs_free)
+        )
+        product = _dot(ctx, rhs, lhs, (rc, lc), (rb, lb), swapped_shape)
+        # out (batch, lhs free, rhs free) -> product (batch, rhs free, lhs free)
+        order = list(range(n_batch)) + [n_batch + len(lhs_free) + j for j in range(len(rhs_free))]
+        order += [n_batch + i for i in range(len(lhs_free))]
+        matrix = [[int(c == o) for c in range(len(order))] for o in order]
+        return Reindex(shape=ctx.out_shape, dtype=ctx.out_dtype, children=(product,),
+                       map=IndexMap.affine(ctx.out_shape, swapped_shape, matrix), source=ctx.source)  # fmt: skip
+    return _dot(ctx, lhs, rhs, (lc, rc), (lb, rb), ctx.out_shape)
+
+
+def _dot(ctx, lhs, rhs, contracting, batch, out_shape) -> Dot:
+    (lc, rc), (lb, rb) = contracting, batch
+    lhs_free = [d for d in range(len(lhs.shape)) if d not in lc and d not in lb]
+    rhs_free = [d for d in range(len(rhs.shape)) if d not in rc and d not in rb]
     k_shape = tuple(lhs.shape[d] for d in lc)
     combined = tuple(out_shape) + k_shape
     n_batch, n_lhs_free = len(lb), len(lhs_free)

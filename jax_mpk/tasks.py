@@ -121,6 +121,10 @@ def tile_domain(kernel: Kernel, max_tiles: int, per_element: float, min_task_wor
     wanted = int(min(max(work // max(min_task_work, 1), 1), max_tiles))
     reductions = [n for n in kernel.output_nodes() if isinstance(n, Reduce)]
     splittable = min([len(r.shape) for r in reductions] + [len(domain)])
+    if reductions:
+        # a task reduces its rows one after the other, each a chain of block-wide steps that latency, not
+        # bandwidth, bounds: rows spread over the workers (the chunks of a split argmax over a vocabulary)
+        wanted = max(wanted, min(math.prod(domain[:splittable]), max_tiles))
     whole = shared_weight_dims(kernel)
     tiles: list[tuple[tuple, tuple]] = [((), ())]
     dim = 0

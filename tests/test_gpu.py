@@ -40,6 +40,8 @@ def _plan(fast):
          [(4, 2048), (2048,), (2048, 1536)], "bfloat16"),
         ("gemm_odd", lambda a, b: a @ b, [(5, 37), (37, 19)], "float32"),
         ("attention", lambda q, k: jnp.einsum("bgrd,bsgd->bgrs", q, k), [(1, 2, 4, 64), (1, 96, 2, 64)], "bfloat16"),
+        ("attention_keys_first", lambda k, q: jax.lax.dot_general(k, q, (((3,), (4,)), ((0, 2), (0, 2)))),
+         [(1, 96, 2, 64), (1, 1, 2, 4, 64)], "bfloat16"),
         ("argmax", lambda x: jnp.argmax(x, axis=-1), [(3, 5000)], "float32"),
         ("concat_rope", lambda x: jnp.concatenate([-x[..., 8:], x[..., :8]], -1) * x, [(2, 3, 16)], "float32"),
         ("integer", lambda a, b: (a * 3 - b) // 2, [(4, 33), (4, 33)], "int32"),

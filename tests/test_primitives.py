@@ -125,12 +125,31 @@ def test_bool_reductions(rng):
         ("ij,kj->ik", (3, 8), (6, 8)),
         ("bhd,bshd->bhs", (2, 3, 8), (2, 5, 3, 8)),
         ("i,i->", (13,), (13,)),
+        # the first operand has more free elements: lowered as the swapped product, viewed transposed
+        ("ij,jk->ik", (33, 19), (19, 2)),
+        ("bsgd,btgrd->bgrts", (1, 40, 2, 8), (1, 1, 2, 3, 8)),
+        ("bgrts,bsgd->btgrd", (1, 2, 3, 1, 40), (1, 40, 2, 8)),
+        ("bsgd,btgrd->bgstr", (2, 40, 2, 8), (2, 1, 2, 3, 8)),
     ],
 )
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_dot_general(spec, lhs, rhs, dtype, rng):
     f = lambda a, b: jnp.einsum(spec, a, b)  # noqa: E731
     check_against_jit(f, random_array(rng, lhs, dtype), random_array(rng, rhs, dtype), dtype=dtype)
+
+
+def test_long_side_of_a_product_becomes_its_columns():
+    """Whichever operand einsum puts first, the product's last (column) dim is the long free dim: the one
+    a task tiles and streams along (the KV cache's positions of attention scores)."""
+    from jax_mpk.capture import capture
+    from jax_mpk.graph import Dot, topological
+
+    def scores(keys, queries):  # [b, s, g, d] . [b, t, g, r, d] -> [b, g, s, t, r]
+        return jax.lax.dot_general(keys, queries, (((3,), (4,)), ((0, 2), (0, 2))))
+
+    keys, queries = jnp.zeros((1, 40, 2, 8)), jnp.zeros((1, 1, 2, 3, 8))
+    (dot,) = [n for n in topological(capture(jax.make_jaxpr(scores)(keys, queries)).outputs) if isinstance(n, Dot)]
+    assert dot.shape == (1, 2, 1, 3, 40)
 
 
 def test_dot_preferred_float32(rng):
