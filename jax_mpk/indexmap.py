@@ -244,6 +244,8 @@ def _simplify(in_shape: Shape, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
             a1 = np.array(prev.matrix, dtype=np.int64).reshape(len(prev.out_shape), len(shape))
             offset = a2 @ np.array(prev.offset, dtype=np.int64).reshape(-1) + np.array(stage.offset, dtype=np.int64)
             stage = Affine(stage.out_shape, tuple(map(tuple, (a2 @ a1).tolist())), tuple(offset.tolist()))
+        if isinstance(stage, Affine) and out and isinstance(out[-1], Reshape) and _keeps_memory_order(stage, shape):
+            stage = Reshape(stage.out_shape)  # a reshape, then moving length-1 dims: one reshape
         if isinstance(stage, Reshape) and out and isinstance(out[-1], Reshape):
             out.pop()
             shape = _shape_before(in_shape, out)
@@ -253,6 +255,22 @@ def _simplify(in_shape: Shape, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
         out.append(stage)
         shape = stage.out_shape
     return tuple(out)
+
+
+def _keeps_memory_order(stage: Affine, shape: Shape) -> bool:
+    """A permutation without offset that moves only length-1 dims: row-major positions are unchanged."""
+    if any(stage.offset) or len(stage.out_shape) != len(shape):
+        return False
+    sources = []
+    for row in stage.matrix:
+        ones = [c for c, a in enumerate(row) if a]
+        if len(ones) != 1 or row[ones[0]] != 1:
+            return False
+        sources.append(ones[0])
+    if sorted(sources) != list(range(len(shape))):
+        return False
+    moved = [c for r, c in enumerate(sources) if stage.out_shape[r] != 1]
+    return moved == sorted(moved)
 
 
 def _shape_before(in_shape: Shape, stages: list[Stage]) -> Shape:

@@ -322,12 +322,11 @@ def _dot_general(ctx, lhs, rhs, *, dimension_numbers, **_):
             + tuple(lhs.shape[d] for d in lhs_free)
         )
         product = _dot(ctx, rhs, lhs, (rc, lc), (rb, lb), swapped_shape)
-        # out (batch, lhs free, rhs free) -> product (batch, rhs free, lhs free)
-        order = list(range(n_batch)) + [n_batch + len(lhs_free) + j for j in range(len(rhs_free))]
-        order += [n_batch + i for i in range(len(lhs_free))]
-        matrix = [[int(c == o) for c in range(len(order))] for o in order]
-        return Reindex(shape=ctx.out_shape, dtype=ctx.out_dtype, children=(product,),
-                       map=IndexMap.affine(ctx.out_shape, swapped_shape, matrix), source=ctx.source)  # fmt: skip
+        # out = transpose(product): out dims (batch, lhs free, rhs free) are product dims perm
+        perm = list(range(n_batch)) + [n_batch + len(rhs_free) + i for i in range(len(lhs_free))]
+        perm += [n_batch + j for j in range(len(rhs_free))]
+        view = transpose_map(ctx.out_shape, perm)
+        return Reindex(shape=ctx.out_shape, dtype=ctx.out_dtype, children=(product,), map=view, source=ctx.source)
     return _dot(ctx, lhs, rhs, (lc, rc), (lb, rb), ctx.out_shape)
 
 

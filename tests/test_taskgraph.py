@@ -144,3 +144,18 @@ def test_watchdog_error_type_from_a_direct_call(monkeypatch):
 def test_generated_layout_header_is_up_to_date():
     committed = (ROOT / "ffi" / "include" / "jax_mpk" / "layout.h").read_text()
     assert committed == layout.render_header(), "run: python -m jax_mpk.layout > ffi/include/jax_mpk/layout.h"
+
+
+def test_moving_length_one_dims_after_a_reshape_stays_one_reshape():
+    """Attention's output for one query, stored [b, g, r, t, d] (t == 1) and read as [b, t, hidden]: the read
+    is a reshape to [b, t, g, r, d], then a transpose moving only t. That is one reshape (the same row-major
+    order), which loads absorb by viewing the tensor, so the O projection takes the 16-byte path."""
+    from jax_mpk.indexmap import IndexMap, Reshape
+
+    hidden_to_heads = IndexMap.reshape((1, 1, 2048), (1, 1, 8, 4, 64))
+    to_stored = IndexMap.affine((1, 1, 8, 4, 64), (1, 8, 4, 1, 64), [[1, 0, 0, 0, 0], [0, 0, 1, 0, 0],
+                                [0, 0, 0, 1, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 1]])  # fmt: skip
+    composed = hidden_to_heads.then(to_stored)
+    assert [type(s) for s in composed.stages] == [Reshape]
+    for index in [(0, 0, 0), (0, 0, 17), (0, 0, 1000), (0, 0, 2047)]:
+        assert composed.apply(index) == to_stored.apply(hidden_to_heads.apply(index))
