@@ -22,13 +22,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .fusion import ROW_STAGING_MAX_INLINE, Kernel, Tensor
+from .fusion import MAX_SHARED_WEIGHT_ROWS, ROW_STAGING_MAX_INLINE, Kernel, Tensor
 from .graph import Acc, Elementwise, Load, Node, Piecewise, Reduce, Reindex, topological
 from .indexmap import Affine, IndexMap
 from .layout import DType, NodeOp, ReduceKind, TaskField, TensorKind
 from .plan import dtype_code, task_records
 from .schedule import Schedule
-from .tasks import MAX_SHARED_WEIGHT_ROWS, TaskGraph
+from .tasks import TaskGraph
 
 THREADS = 512
 KERNEL_NAME = "jax_mpk_megakernel"
@@ -369,13 +369,21 @@ class _KernelBody:
         em.emit(f"float* acc = xs + {R * k_pad};")
         em.emit(f"float* scratch = acc + {R * n_pad};")
         em.emit(f"const index_t n_lo = t.lo[{rank - 1}], n_len = t.hi[{rank - 1}] - n_lo;")
-        em.emit(f"for (index_t row = 0; row < {R}; ++row) {{")
-        em.push()
-        ridx = em.tile_index("row", range(rank - 1))
-        em.emit(f"float* x_row = xs + row * {k_pad};")
-        self._stage_lhs(em, plan, ridx, "x_row")
-        em.pop()
-        em.emit("}")
+        row_stride = self._uniform_row_stride(plan) if R > 1 else None
+        if row_stride is not None:  # one staging pass over all rows: all their loads in flight together
+            lhs = self.pointer_name(dot.lhs, plan.lhs_const)
+            first = _linear(0, plan.lhs_coefs[: rank - 1], [f"t.lo[{d}]" for d in range(rank - 1)])
+            lhs_t = _STORAGE[dtype_code(dot.lhs.buffer.dtype)]
+            em.emit(f"dot::stage_rows<{R}, {plan.K}, {lhs_t}, {str(_read_only(dot.lhs)).lower()}>("
+                    f"xs, {k_pad}, {lhs}, {first}, {row_stride}, {plan.lhs_k});")
+        else:
+            em.emit(f"for (index_t row = 0; row < {R}; ++row) {{")
+            em.push()
+            ridx = em.tile_index("row", range(rank - 1))
+            em.emit(f"float* x_row = xs + row * {k_pad};")
+            self._stage_lhs(em, plan, ridx, "x_row")
+            em.pop()
+            em.emit("}")
         em.emit("__syncthreads();")
         w = f"reinterpret_cast<const {w_type}*>({rhs}) + ({self._weight_tile_origin(plan)})"
         em.emit(f"dot::columns_ring<{w_type}, {R}>(xs, {k_pad}, smem + kRingOffset, {w}, {plan.rhs_k}, {plan.K}, "
@@ -391,6 +399,25 @@ class _KernelBody:
         em.emit("__syncthreads();")
         smem = 4 * (R * k_pad + R * n_pad + 8 * THREADS)
         return self._finish(em, smem=smem, prefetch=self._ring_prefetch(plan))
+
+    def _uniform_row_stride(self, plan: _DotPlan) -> int | None:
+        """The lhs offset between consecutive rows of the tile (in tile order) when it is one number (the
+        rows are an arithmetic progression in memory), else None. Needs a loaded lhs."""
+        rank = len(self.kernel.domain)
+        if self.kernel.dot.lhs_expr is not None:
+            return None
+        t = self.tasks[0]
+        extents = [t.hi[d] - t.lo[d] for d in range(rank - 1)]
+        varying = [d for d in range(rank - 1) if extents[d] > 1]
+        if not varying:
+            return None
+        row_stride = plan.lhs_coefs[varying[-1]]
+        stride = row_stride
+        for d in reversed(varying):
+            if plan.lhs_coefs[d] != stride:
+                return None
+            stride *= extents[d]
+        return row_stride
 
     def _weight_tile_origin(self, plan: _DotPlan) -> str:
         """Element offset of the task's weight tile (its first k-row, first column)."""
@@ -419,7 +446,7 @@ class _KernelBody:
             em.emit(f"const index_t lhs_base = {_linear(0, plan.lhs_coefs[: rank - 1], ridx)};")
             lhs_t = _STORAGE[dtype_code(dot.lhs.buffer.dtype)]
             read_only = str(_read_only(dot.lhs)).lower()
-            em.emit(f"dot::stage_row<{plan.K}, {lhs_t}, {read_only}>({xs}, {lhs}, lhs_base, {plan.lhs_k});")
+            em.emit(f"dot::stage_rows<1, {plan.K}, {lhs_t}, {read_only}>({xs}, 0, {lhs}, lhs_base, 0, {plan.lhs_k});")
         else:
             self._stage_computed_row(em, ridx, plan.K, xs)
 

@@ -27,7 +27,7 @@ from .graph import (
     HEAVY, Acc, Dot, DynLoad, Elementwise, Load, Node, Piecewise, Reduce, Reindex, Source, UpdateSlice,
     consumers, topological,
 )  # fmt: skip
-from .indexmap import Affine, IndexMap, Reshape, Shape
+from .indexmap import Affine, IndexMap, Reshape, Shape, rect_volume
 from .layout import KernelKind, NodeOp, ReduceKind, TensorKind
 
 WORKSPACE_ALIGN = 256
@@ -723,6 +723,25 @@ def _merge_into_consumers(kernels: list[Kernel]) -> list[Kernel]:
 
 
 ROW_STAGING_MAX_INLINE = 64  # longest reduction a row-staging expression may recompute per element
+# Rows (a batch) that one task of a weight product multiplies with the weight tile it streams once.
+MAX_SHARED_WEIGHT_ROWS = 8
+
+
+def shared_weight_dims(kernel: Kernel) -> set[int]:
+    """Leading dims of a product with a weight (an operand no kernel writes) that do not index the weight:
+    the rows of a batch. Tiles keep them whole, so that a task streams its weight tile once for all its rows
+    (up to MAX_SHARED_WEIGHT_ROWS of them) instead of each row's task streaming it again."""
+    dot, domain = kernel.dot, kernel.domain
+    if dot is None or dot.rhs.buffer.kind != TensorKind.INPUT or len(domain) < 2:
+        return set()
+    dims = set()
+    for d in range(len(domain) - 1):
+        probe = tuple((0, domain[i]) if i == d else (0, 1) for i in range(len(domain))) + tuple((0, 1) for _ in dot.k_shape)
+        if domain[d] > 1 and rect_volume(dot.rhs_map.rect_image(probe)) == 1:
+            dims.add(d)
+    return dims if math.prod(domain[d] for d in dims) <= MAX_SHARED_WEIGHT_ROWS else set()
+
+
 
 
 def _compute_rows_in_dot_staging(kernels: list[Kernel]) -> list[Kernel]:
@@ -740,6 +759,8 @@ def _compute_rows_in_dot_staging(kernels: list[Kernel]) -> list[Kernel]:
         if dot is None or key(dot.lhs) not in writer:
             continue
         a, out = writer[key(dot.lhs)]
+        if math.prod(b.domain[d] for d in shared_weight_dims(b)) > 1:
+            continue  # a task of it multiplies several rows: it would compute them one after the other
         if a.dot is None and _stages_as_rows(out, dot, len(b.domain)):
             dot.lhs_expr = Reindex(shape=tuple(b.domain) + tuple(dot.k_shape), dtype=out.node.dtype,
                                    children=(out.node,), map=dot.lhs_map)  # fmt: skip

@@ -14,15 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .fusion import Kernel, KernelGraph, Tensor
+from .fusion import Kernel, KernelGraph, Tensor, shared_weight_dims
 from .graph import Acc, Load, Node, Piecewise, Reduce, Reindex
 from .indexmap import Rect, _reshape_rect, full_rect, rect_union, rect_volume
-from .layout import TensorKind
 
 # Output columns of a matrix product are tiled in multiples of this, so weight rows load as whole sectors.
 DOT_COLUMN_ALIGN = 16
-# Rows (a batch) that one task of a weight product multiplies with the weight tile it streams once.
-MAX_SHARED_WEIGHT_ROWS = 8
 
 @dataclass
 class Access:
@@ -143,21 +140,6 @@ def tile_domain(kernel: Kernel, max_tiles: int, per_element: float, min_task_wor
             wanted = max(1, wanted // size)  # never more tiles than asked for: a second round costs a task
         dim += 1
     return tiles
-
-
-def shared_weight_dims(kernel: Kernel) -> set[int]:
-    """Leading dims of a product with a weight (an operand no kernel writes) that do not index the weight:
-    the rows of a batch. Tiles keep them whole, so that a task streams its weight tile once for all its rows
-    (up to MAX_SHARED_WEIGHT_ROWS of them) instead of each row's task streaming it again."""
-    dot, domain = kernel.dot, kernel.domain
-    if dot is None or dot.rhs.buffer.kind != TensorKind.INPUT or len(domain) < 2:
-        return set()
-    dims = set()
-    for d in range(len(domain) - 1):
-        probe = tuple((0, domain[i]) if i == d else (0, 1) for i in range(len(domain))) + tuple((0, 1) for _ in dot.k_shape)
-        if domain[d] > 1 and rect_volume(dot.rhs_map.rect_image(probe)) == 1:
-            dims.add(d)
-    return dims if math.prod(domain[d] for d in dims) <= MAX_SHARED_WEIGHT_ROWS else set()
 
 
 # ------------------------------------------------------------------------------------------------ regions

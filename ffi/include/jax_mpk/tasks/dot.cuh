@@ -58,28 +58,32 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Stage the activation row x[k] = base[offset + k * stride], k < K, in shared memory as float. Each thread
-// issues all its loads (up to 16 at a time) before its first shared store: `xs` is a generic pointer that
-// the compiler cannot tell from global memory, so interleaved loads and stores would serialize on it and
-// cost one memory round trip per element a thread stages instead of one per row.
-template <int K, class T, bool kReadOnly>
-__device__ __forceinline__ void stage_row(float* xs, const char* base, int64_t offset, int64_t stride) {
+// Stage R activation rows, xs[r * x_stride + k] = base[offset + r * row_stride + k * k_stride] (k < K), in
+// shared memory as float. Each thread issues all its loads (up to 16 at a time) before its first shared
+// store: `xs` is a generic pointer that the compiler cannot tell from global memory, so interleaved loads
+// and stores would serialize on it and cost one memory round trip per element a thread stages instead of
+// one per 16.
+template <int R, int K, class T, bool kReadOnly>
+__device__ __forceinline__ void stage_rows(float* xs, int x_stride, const char* base, int64_t offset,
+                                           int64_t row_stride, int64_t k_stride) {
+  constexpr int kTotal = R * K;
   constexpr int kChunk = 16 * kBlockThreads;
 #pragma unroll 1
-  for (int k0 = 0; k0 < K; k0 += kChunk) {
-    constexpr int kPerThread = ((K < kChunk ? K : kChunk) + kBlockThreads - 1) / kBlockThreads;
+  for (int e0 = 0; e0 < kTotal; e0 += kChunk) {
+    constexpr int kPerThread = ((kTotal < kChunk ? kTotal : kChunk) + kBlockThreads - 1) / kBlockThreads;
     float staged[kPerThread];
 #pragma unroll
     for (int u = 0; u < kPerThread; ++u) {
-      const int k = k0 + u * kBlockThreads + threadIdx.x;
-      if (k < K && k < k0 + kChunk) {
-        staged[u] = kReadOnly ? ops::load_readonly<T>(base, offset + k * stride) : ops::load<T>(base, offset + k * stride);
+      const int e = e0 + u * kBlockThreads + threadIdx.x, r = e / K, k = e - r * K;
+      if (e < kTotal && e < e0 + kChunk) {
+        const int64_t index = offset + r * row_stride + k * k_stride;
+        staged[u] = kReadOnly ? ops::load_readonly<T>(base, index) : ops::load<T>(base, index);
       }
     }
 #pragma unroll
     for (int u = 0; u < kPerThread; ++u) {
-      const int k = k0 + u * kBlockThreads + threadIdx.x;
-      if (k < K && k < k0 + kChunk) xs[k] = staged[u];
+      const int e = e0 + u * kBlockThreads + threadIdx.x, r = e / K;
+      if (e < kTotal && e < e0 + kChunk) xs[r * x_stride + e - r * K] = staged[u];
     }
   }
 }
