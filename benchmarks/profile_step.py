@@ -27,13 +27,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--ctx", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--show", type=int, default=40)
     args = parser.parse_args()
     cfg = TinyConfig(layers=args.layers, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=8192, vocab=128256,
-                     max_seq=args.ctx, dtype="bfloat16", theta=500000.0)  # fmt: skip
+                     max_seq=args.ctx, batch=args.batch, dtype="bfloat16", theta=500000.0)  # fmt: skip
     params = init_params(cfg, jax.random.PRNGKey(0))
     cache = init_cache(cfg, jax.random.PRNGKey(1))
-    call_args = (params, jnp.asarray([5], jnp.int32), jnp.int32(args.ctx - 10), *cache)
+    call_args = (params, jnp.arange(args.batch, dtype=jnp.int32) + 5, jnp.int32(args.ctx - 10), *cache)
     mk = jax_mpk.compile(make_decode_step(cfg), *call_args)
     for _ in range(5):
         jax.block_until_ready(mk(*call_args))
