@@ -321,11 +321,7 @@ class _KernelBody:
         em = _Emitter(self, rows_prefix=None)
         rhs = self.pointer_name(dot.rhs, plan.rhs_const)
         w_type = _STORAGE[dtype_code(dot.rhs.buffer.dtype)]
-        k_pad, n_pad = plan.k_pad, plan.n_pad
-        em.emit("float* xs = reinterpret_cast<float*>(smem);")
-        em.emit(f"float* acc = xs + {k_pad};")
-        if plan.layout == "columns_vec" or dot.lhs_expr is not None:
-            em.emit(f"float* scratch = acc + {n_pad};")
+        smem = _emit_dot_buffers(em, plan, 1, scratch=plan.layout == "columns_vec" or dot.lhs_expr is not None)
         em.emit(f"const index_t rows = {_tile_count(rank - 1)};")
         em.emit(f"const index_t n_lo = t.lo[{rank - 1}], n_len = t.hi[{rank - 1}] - n_lo;")
         em.emit("for (index_t row = 0; row < rows; ++row) {")
@@ -352,7 +348,6 @@ class _KernelBody:
         em.emit("__syncthreads();")
         em.pop()
         em.emit("}")
-        smem = 4 * (k_pad + n_pad + 8 * THREADS)
         return self._finish(em, smem=smem, prefetch=self._weight_prefetch(plan))
 
     def _render_dot_ring(self, plan: _DotPlan):
@@ -365,9 +360,7 @@ class _KernelBody:
         rhs = self.pointer_name(dot.rhs, plan.rhs_const)
         w_type = _STORAGE[dtype_code(dot.rhs.buffer.dtype)]
         k_pad, n_pad = plan.k_pad, plan.n_pad
-        em.emit("float* xs = reinterpret_cast<float*>(smem);")
-        em.emit(f"float* acc = xs + {R * k_pad};")
-        em.emit(f"float* scratch = acc + {R * n_pad};")
+        smem = _emit_dot_buffers(em, plan, R, scratch=True)
         em.emit(f"const index_t n_lo = t.lo[{rank - 1}], n_len = t.hi[{rank - 1}] - n_lo;")
         row_stride = self._uniform_row_stride(plan) if R > 1 else None
         if row_stride is not None:  # one staging pass over all rows: all their loads in flight together
@@ -397,7 +390,6 @@ class _KernelBody:
 
         em.elements(f"{R} * n_len", element)
         em.emit("__syncthreads();")
-        smem = 4 * (R * k_pad + R * n_pad + 8 * THREADS)
         return self._finish(em, smem=smem, prefetch=self._ring_prefetch(plan))
 
     def _uniform_row_stride(self, plan: _DotPlan) -> int | None:
@@ -484,7 +476,7 @@ class _KernelBody:
         else:
             row_bytes, stride = str(plan.K * elt), plan.rhs_n * elt
             rows = f"min(n_len, (index_t){max(1, PREFETCH_BYTES // (plan.K * elt))})"
-        first = _linear(0, plan.rhs_coefs, [f"t.lo[{d}]" for d in range(rank)])
+        first = self._weight_tile_origin(plan)
 
         def render(slots) -> str:
             return (
@@ -581,8 +573,23 @@ def _ring_rows(kernel: Kernel, tasks, plan: _DotPlan) -> int:
         n_len = t.hi[rank - 1] - t.lo[rank - 1]
         if n_len * itemsize > RING_SLOT_BYTES or n_len // 8 > THREADS:
             return 0
-    base = 4 * (rows * plan.k_pad + rows * plan.n_pad + 8 * THREADS)
+    base = _dot_smem_bytes(plan, rows)
     return rows if -(-base // 128) * 128 + RING_BYTES <= MAX_SMEM_BYTES else 0
+
+
+def _dot_smem_bytes(plan: _DotPlan, rows: int) -> int:
+    """Shared memory of a product task below the ring: xs[rows][k_pad], acc[rows][n_pad], then scratch for
+    block reductions and the columns GEMV's partial sums."""
+    return 4 * (rows * (plan.k_pad + plan.n_pad) + 8 * THREADS)
+
+
+def _emit_dot_buffers(em: _Emitter, plan: _DotPlan, rows: int, scratch: bool) -> int:
+    """Declares the pointers of that layout (scratch only when the body uses it); returns its bytes."""
+    em.emit("float* xs = reinterpret_cast<float*>(smem);")
+    em.emit(f"float* acc = xs + {rows * plan.k_pad};")
+    if scratch:
+        em.emit(f"float* scratch = acc + {rows * plan.n_pad};")
+    return _dot_smem_bytes(plan, rows)
 
 
 def _linear_form(index_map: IndexMap, tensor_shape) -> tuple[int, list[int]] | None:
