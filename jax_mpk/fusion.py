@@ -736,12 +736,10 @@ def shared_weight_dims(kernel: Kernel) -> set[int]:
         return set()
     dims = set()
     for d in range(len(domain) - 1):
-        probe = tuple((0, domain[i]) if i == d else (0, 1) for i in range(len(domain))) + tuple((0, 1) for _ in dot.k_shape)
-        if domain[d] > 1 and rect_volume(dot.rhs_map.rect_image(probe)) == 1:
+        probe = tuple((0, domain[i]) if i == d else (0, 1) for i in range(len(domain)))  # all of dim d
+        if domain[d] > 1 and rect_volume(dot.rhs_map.rect_image(probe + ((0, 1),) * len(dot.k_shape))) == 1:
             dims.add(d)
     return dims if math.prod(domain[d] for d in dims) <= MAX_SHARED_WEIGHT_ROWS else set()
-
-
 
 
 def _compute_rows_in_dot_staging(kernels: list[Kernel]) -> list[Kernel]:

@@ -312,8 +312,7 @@ def _dot_general(ctx, lhs, rhs, *, dimension_numbers, **_):
     cache first: ``bsgd,btgrd->bgsrt``), the operands are swapped so that the long side becomes the
     columns, and the result is a transposing view of that product."""
     (lc, rc), (lb, rb) = dimension_numbers
-    lhs_free = [d for d in range(len(lhs.shape)) if d not in lc and d not in lb]
-    rhs_free = [d for d in range(len(rhs.shape)) if d not in rc and d not in rb]
+    lhs_free, rhs_free = _free_dims(lhs, lc, lb), _free_dims(rhs, rc, rb)
     if math.prod(lhs.shape[d] for d in lhs_free) > math.prod(rhs.shape[d] for d in rhs_free):
         n_batch = len(lb)
         swapped_shape = (
@@ -330,10 +329,13 @@ def _dot_general(ctx, lhs, rhs, *, dimension_numbers, **_):
     return _dot(ctx, lhs, rhs, (lc, rc), (lb, rb), ctx.out_shape)
 
 
+def _free_dims(operand: Node, contracting, batch) -> list[int]:
+    return [d for d in range(len(operand.shape)) if d not in contracting and d not in batch]
+
+
 def _dot(ctx, lhs, rhs, contracting, batch, out_shape) -> Dot:
     (lc, rc), (lb, rb) = contracting, batch
-    lhs_free = [d for d in range(len(lhs.shape)) if d not in lc and d not in lb]
-    rhs_free = [d for d in range(len(rhs.shape)) if d not in rc and d not in rb]
+    lhs_free, rhs_free = _free_dims(lhs, lc, lb), _free_dims(rhs, rc, rb)
     k_shape = tuple(lhs.shape[d] for d in lc)
     combined = tuple(out_shape) + k_shape
     n_batch, n_lhs_free = len(lb), len(lhs_free)
