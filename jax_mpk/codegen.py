@@ -232,8 +232,8 @@ class _KernelBody:
         dot = self.kernel.dot
         if dot is not None:
             plan = _DotPlan.of(self.kernel, self.tasks)
-            if plan is not None and plan.ring_rows:
-                return self._render_dot_ring(plan)
+            if plan is not None and plan.together:
+                return self._render_dot_together(plan)
             if plan is not None:
                 return self._render_dot(plan)
         if dot is None and any(_is_row_reduction(n) for n in self.kernel.nodes()):
@@ -350,12 +350,12 @@ class _KernelBody:
         em.emit("}")
         return self._finish(em, smem=smem, prefetch=self._weight_prefetch(plan))
 
-    def _render_dot_ring(self, plan: _DotPlan):
-        """All the tile's rows staged (xs[r][k]), then one pass of the weight tile through the ring
-        (dot::columns_ring) for all of them, then the epilogue over rows x columns."""
-        self.uses_ring = True
+    def _render_dot_together(self, plan: _DotPlan):
+        """All the tile's rows staged (xs[r][k]), then one pass over the weight tile for all of them (through
+        the ring, dot::columns_ring, or dot::rows_shared), then the epilogue over rows x columns."""
+        self.uses_ring = plan.layout == "columns_vec"
         k = self.kernel
-        dot, rank, R = k.dot, len(k.domain), plan.ring_rows
+        dot, rank, R = k.dot, len(k.domain), plan.together
         em = _Emitter(self, rows_prefix=None)
         rhs = self.pointer_name(dot.rhs, plan.rhs_const)
         w_type = _STORAGE[dtype_code(dot.rhs.buffer.dtype)]
@@ -379,8 +379,12 @@ class _KernelBody:
             em.emit("}")
         em.emit("__syncthreads();")
         w = f"reinterpret_cast<const {w_type}*>({rhs}) + ({self._weight_tile_origin(plan)})"
-        em.emit(f"dot::columns_ring<{w_type}, {R}>(xs, {k_pad}, smem + kRingOffset, {w}, {plan.rhs_k}, {plan.K}, "
-                f"static_cast<int>(n_len), acc, {n_pad});")
+        if self.uses_ring:
+            em.emit(f"dot::columns_ring<{w_type}, {R}>(xs, {k_pad}, smem + kRingOffset, {w}, {plan.rhs_k}, {plan.K}, "
+                    f"static_cast<int>(n_len), acc, {n_pad});")
+        else:
+            em.emit(f"dot::rows_shared<{w_type}, {R}>(xs, {k_pad}, {w}, {plan.rhs_n}, {plan.K}, "
+                    f"static_cast<int>(n_len), acc, {n_pad});")
         em.emit("__syncthreads();")
 
         def element(e: str) -> list[str]:
@@ -390,7 +394,8 @@ class _KernelBody:
 
         em.elements(f"{R} * n_len", element)
         em.emit("__syncthreads();")
-        return self._finish(em, smem=smem, prefetch=self._ring_prefetch(plan))
+        prefetch = self._ring_prefetch(plan) if self.uses_ring else self._weight_prefetch(plan)
+        return self._finish(em, smem=smem, prefetch=prefetch)
 
     def _uniform_row_stride(self, plan: _DotPlan) -> int | None:
         """The lhs offset between consecutive rows of the tile (in tile order) when it is one number (the
@@ -508,7 +513,9 @@ class _DotPlan:
     rhs_k: int
     rhs_n: int
     vector_rows: bool
-    ring_rows: int = 0  # > 0: the weight ring path, multiplying this many rows per task
+    # > 0: the task's rows (this many) share one pass over the weight tile: the ring (columns_vec) or
+    # dot::rows_shared (rows)
+    together: int = 0
 
     @property
     def k_pad(self) -> int:
@@ -550,18 +557,18 @@ class _DotPlan:
             layout = "rows"
             vector_rows = elt_ok and aligned and K % 8 == 0 and rn % 8 == 0
         plan = _DotPlan(layout, K, max_n, lc, lcoef[:rank], lk, rc, rcoef[:rank], rk, rn, vector_rows)
-        plan.ring_rows = _ring_rows(kernel, tasks, plan)
+        plan.together = _rows_together(kernel, tasks, plan)
         return plan
 
 
-def _ring_rows(kernel: Kernel, tasks, plan: _DotPlan) -> int:
-    """Rows per task when the product streams its weight through the ring (0: it does not): a columns
-    product of a weight, tiles of one row count (at most MAX_SHARED_WEIGHT_ROWS) whose rows share the
-    weight tile, column tiles that fit a slot, and room for the ring above the task's shared memory."""
+def _rows_together(kernel: Kernel, tasks, plan: _DotPlan) -> int:
+    """Rows per task that share one pass over the weight tile (0: the task's rows go one by one): tiles of
+    one row count (at most MAX_SHARED_WEIGHT_ROWS) whose rows share the weight tile (the weight does not
+    vary along them), and
+    * columns_vec, a weight (never written): streamed through the ring, any row count; column tiles that fit
+      a slot and room for the ring above the task's shared memory;
+    * vector rows over K >= 256: dot::rows_shared, for two rows or more."""
     rank = len(kernel.domain)
-    if plan.layout != "columns_vec" or not _read_only(kernel.dot.rhs):
-        return 0
-    itemsize = np.dtype(kernel.dot.rhs.buffer.dtype).itemsize
     extents = {tuple(h - l for l, h in zip(t.lo[: rank - 1], t.hi[: rank - 1])) for t in tasks}
     if len(extents) != 1:
         return 0
@@ -569,11 +576,16 @@ def _ring_rows(kernel: Kernel, tasks, plan: _DotPlan) -> int:
     rows = math.prod(extent)
     if not 1 <= rows <= MAX_SHARED_WEIGHT_ROWS or any(c and e > 1 for c, e in zip(plan.rhs_coefs, extent)):
         return 0
+    base = _dot_smem_bytes(plan, rows)
+    if plan.layout == "rows":
+        return rows if plan.vector_rows and plan.K >= 256 and rows >= 2 and base <= MAX_SMEM_BYTES else 0
+    if plan.layout != "columns_vec" or not _read_only(kernel.dot.rhs):
+        return 0
+    itemsize = np.dtype(kernel.dot.rhs.buffer.dtype).itemsize
     for t in tasks:
         n_len = t.hi[rank - 1] - t.lo[rank - 1]
         if n_len * itemsize > RING_SLOT_BYTES or n_len // 8 > THREADS:
             return 0
-    base = _dot_smem_bytes(plan, rows)
     return rows if -(-base // 128) * 128 + RING_BYTES <= MAX_SMEM_BYTES else 0
 
 

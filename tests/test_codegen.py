@@ -96,3 +96,13 @@ def test_batched_weight_products_share_the_weight_tile(tmp_path, monkeypatch):
             assert rows == {8}, (kernel, rows)
     assert source.text.count("dot::columns_ring<__nv_bfloat16, 8>") == 2
     compile_cubin(source.text, "9.0")
+
+
+def test_batched_tied_head_reads_each_embedding_row_once(tmp_path, monkeypatch):
+    """x @ E.T at batch 8 (a tied LM head): each task multiplies all 8 rows with the embedding rows it reads."""
+    monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
+    shapes = [(8, 2048), (32000, 2048)]
+    tasks, source = _generate(lambda x, e: x @ e.T, *[jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes])
+    assert "dot::rows_shared<__nv_bfloat16, 8>" in source.text
+    assert "dot::prefetch_l2" in source.text
+    compile_cubin(source.text, "9.0")

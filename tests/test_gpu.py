@@ -32,7 +32,10 @@ def _plan(fast):
         ("rms_norm", lambda x, w: x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * w, [(3, 2048), (2048,)], "bfloat16"),
         ("softmax", lambda s: jax.nn.softmax(s, axis=-1), [(2, 4, 1000)], "float32"),
         ("gemv_columns", lambda x, w, h: h + x @ w, [(1, 512), (512, 1024), (1, 1024)], "bfloat16"),
+        # rows sharing the embedding rows (dot::rows_shared): 2, 8 and 5 rows (padded sums), a K tail
         ("gemv_rows", lambda x, e: x @ e.T, [(2, 256), (3000, 256)], "bfloat16"),
+        ("gemv_rows_b8", lambda x, e: x @ e.T, [(8, 2048), (5000, 2048)], "bfloat16"),
+        ("gemv_rows_b5_f32", lambda x, e: jnp.tanh((x @ e.T) * 0.05), [(5, 264), (1001, 264)], "float32"),
         # the weight ring: 8 and 3 rows per weight tile, float32 weights, a norm computed while staged
         ("gemv_ring_b8", lambda x, w, h: h + x @ w, [(8, 2048), (2048, 1024), (8, 1024)], "bfloat16"),
         # (scaled: float32 sums of 2048 terms in another order than XLA's differ by ~1e-4 at unit inputs)

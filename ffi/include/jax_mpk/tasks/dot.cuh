@@ -1,6 +1,6 @@
-// Skinny matrix products for decode: one output row (a few hundred columns at most) per call, weights
-// streamed once with 16-byte loads and float accumulation; the activation row is staged in shared memory
-// by the caller. Two weight layouts:
+// Skinny matrix products for decode: one output row (a few hundred columns at most) per call, or up to 8
+// rows that share the weight (rows_shared, columns_ring), weights streamed once with 16-byte loads and float
+// accumulation; the activation rows are staged in shared memory by the caller. Two weight layouts:
 //   columns: acc[n] = sum_k x[k] * w[k * k_stride + n]   (x @ W with W[K, N] row-major)
 //   rows:    acc[n] = sum_k x[k] * w[n * n_stride + k]   (x @ W.T, e.g. a tied LM head)
 // Vector paths need 16-byte alignment (checked by codegen); the scalar paths take any layout.
@@ -189,6 +189,83 @@ __device__ void rows(const float* x, const W* w, int64_t n_stride, int64_t k_str
     }
     sum = warp_sum(sum);
     if (lane == 0) acc[n] = sum;
+  }
+}
+
+// One step of transpose_sum: lanes pair up across bit S; each keeps one half of v[0 .. 2S) and adds its
+// partner's copy of that half.
+template <int S, int V>
+__device__ __forceinline__ void transpose_step(float (&v)[V], int lane) {
+  if constexpr (S >= 1) {
+    const bool upper = lane & S;  // keeps v[S .. 2S), its partner v[0 .. S)
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      const float keep = upper ? v[i + S] : v[i], send = upper ? v[i] : v[i + S];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, S);
+    }
+    transpose_step<S / 2>(v, lane);  // compile-time steps: v stays in registers
+  }
+}
+
+// Sum of 32 lanes' values v[i], transposed: returns, in lane L, the total of v[L % V] over all lanes
+// (V - 1 + log2(32 / V) shuffles, instead of 5 per value).
+template <int V>
+__device__ __forceinline__ float transpose_sum(float (&v)[V], int lane) {
+  static_assert(V >= 1 && V <= 32 && (V & (V - 1)) == 0, "a power of two up to a warp");
+  transpose_step<V / 2>(v, lane);
+  float total = v[0];
+  for (int offset = 16; offset >= V; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
+  return total;
+}
+
+// Rows layout for R activation rows that share the weight (a batch through a tied LM head): each weight row
+// is read once for all of them. acc[r * acc_stride + n] = sum_k xs[r * x_stride + k] * w[n * n_stride + k].
+// A warp takes kOuts outputs at a time (their loads in flight together), lanes striding K by 256 with
+// 16-byte loads. K % 8 == 0, rows 16-byte aligned, x_stride % 4 == 0.
+template <class W, int R>
+__device__ void rows_shared(const float* xs, int x_stride, const W* w, int64_t n_stride, int K, int n_len, float* acc,
+                            int acc_stride) {
+  static_assert(R >= 2 && R <= 8, "rows per task");
+  constexpr int kOuts = 4;
+  constexpr int kRowsPow2 = R <= 2 ? 2 : R <= 4 ? 4 : 8;
+  constexpr int V = kOuts * kRowsPow2;  // sums per lane: value o * kRowsPow2 + r
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kBlockThreads / 32;
+  // A quarter warp's 16-byte shared loads at a 32-byte lane stride would hit each bank twice: lanes of odd
+  // quads read their 8 x's upper half first (and swap their weights' halves to match).
+  const bool swap = (lane >> 2) & 1;
+  for (int n0 = warp * kOuts; n0 < n_len; n0 += warps * kOuts) {
+    float sum[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) sum[i] = 0.0f;
+#pragma unroll 2
+    for (int k = lane * 8; k < K; k += 256) {
+      float wv[kOuts][8];
+#pragma unroll
+      for (int o = 0; o < kOuts; ++o) load8(w + min(n0 + o, n_len - 1) * n_stride + k, wv[o]);  // past n_len: dropped
+#pragma unroll
+      for (int o = 0; o < kOuts; ++o)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float a = wv[o][j], b = wv[o][j + 4];
+          wv[o][j] = swap ? b : a;
+          wv[o][j + 4] = swap ? a : b;
+        }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float* x = xs + r * x_stride + k;
+        const float4 first = *reinterpret_cast<const float4*>(x + (swap ? 4 : 0));
+        const float4 second = *reinterpret_cast<const float4*>(x + (swap ? 0 : 4));
+#pragma unroll
+        for (int o = 0; o < kOuts; ++o) {
+          const float xv[8] = {first.x, first.y, first.z, first.w, second.x, second.y, second.z, second.w};
+#pragma unroll
+          for (int j = 0; j < 8; ++j) sum[o * kRowsPow2 + r] += xv[j] * wv[o][j];
+        }
+      }
+    }
+    const float total = transpose_sum<V>(sum, lane);
+    const int value = lane % V, o = value / kRowsPow2, r = value % kRowsPow2;
+    if (lane < V && r < R && n0 + o < n_len) acc[r * acc_stride + n0 + o] = total;
   }
 }
 
