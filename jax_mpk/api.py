@@ -11,8 +11,8 @@ import jax
 import numpy as np
 
 from . import config as config_module
-from .capture import Captured, capture
-from .errors import DependencyTimeoutError, GraphTooLargeError, SignatureMismatchError
+from .capture import Captured, ShardMap, capture, find_shard_map
+from .errors import DependencyTimeoutError, GraphTooLargeError, SignatureMismatchError, UnsupportedPrimitiveError
 from .fusion import KernelGraph, fuse
 from .layout import Platform
 from .plan import plan_key, serialize
@@ -57,7 +57,12 @@ class Megakernel:
         closed, out_shapes = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
         self.out_tree = jax.tree_util.tree_structure(out_shapes)
         self.jaxpr = closed
-        self.captured: Captured = capture(closed)
+        # a shard_map: the plan is one device's body, and every device of the mesh runs it on its shards
+        self.shard_map: ShardMap | None = find_shard_map(closed)
+        if self.shard_map is not None:
+            self.captured: Captured = capture(self.shard_map.body, self.shard_map.axis_sizes)
+        else:
+            self.captured = capture(closed)
         self.graph: KernelGraph = fuse(self.captured, self.num_workers if self.device is not None else None)
         self._check_workspace(cfg)
         self.tasks: TaskGraph = build_task_graph(self.graph, self.num_workers, cfg.min_task_work)
@@ -101,6 +106,11 @@ class Megakernel:
         from .codegen import generate
         from .toolchain import compile_cubin
 
+        if self.graph.num_ranks > 1:
+            raise UnsupportedPrimitiveError(
+                "shard_map", detail="collectives run on the CPU executor so far; the CUDA megakernel has no "
+                "communication buffers yet (set JAX_MPK_PLATFORM=cpu to run this function on the CPU)"
+            )
         self.source = generate(self.tasks, self.schedule, self.profile_offset)
         cubin = compile_cubin(self.source.text, self.device.compute_capability)
         kg = self.graph
@@ -126,7 +136,21 @@ class Megakernel:
                 raise SignatureMismatchError(f"argument {path or '0'}: expected {spec}, got {got}")
 
     def emit(self, flat_args: Sequence[Any], keep_workspace: bool = False) -> list:
-        """The custom call on flat arguments (inside a trace); returns flat results."""
+        """The custom call on flat arguments (inside a trace); returns flat results. For a shard_map, the call
+        runs inside the same shard_map: once per device, on its shards, with its rank as an extra operand."""
+        if self.shard_map is None:
+            return self._emit_local(list(flat_args), keep_workspace)
+        if keep_workspace:
+            raise ValueError("profiling a shard_map function is not supported")
+        sm = self.shard_map
+
+        def per_device(*local):
+            return tuple(self._emit_local([*local, _device_rank(sm.axis_sizes)], False))
+
+        run = jax.shard_map(per_device, mesh=sm.mesh, in_specs=sm.in_specs, out_specs=sm.out_specs, check_vma=False)
+        return list(run(*flat_args))
+
+    def _emit_local(self, flat_args: list, keep_workspace: bool) -> list:
         return emit_call(
             self.key,
             list(flat_args) + self.consts,
@@ -202,6 +226,14 @@ def _reporting_timeouts(thunk):
         if "jax_mpk watchdog" in str(exc):
             raise DependencyTimeoutError(str(exc)) from exc
         raise
+
+
+def _device_rank(axis_sizes) -> jax.Array:
+    """This device's row-major position in the mesh (inside shard_map)."""
+    rank = np.int32(0)
+    for name, size in axis_sizes:
+        rank = rank * np.int32(size) + jax.lax.axis_index(name).astype(np.int32)
+    return rank
 
 
 def _default_platform() -> str:

@@ -2,6 +2,10 @@
 
 Nested calls (jit, closed_call, custom_jvp/vjp, remat) are inlined; every other primitive goes through the
 lowering registry. Constants captured by the jaxpr become extra inputs of the custom call.
+
+A function that is one ``shard_map`` is captured as its body (one device's graph, on local shapes): its
+collectives lower to communication buffers, and the device's rank becomes an extra input after the
+arguments (see :func:`find_shard_map`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import numpy as np
 
 from .errors import UnsupportedDtypeError, UnsupportedPrimitiveError
 from .graph import Node, Source
-from .lowering import RULES, RuleContext, const
+from .lowering import RULES, Mesh, RuleContext, const
 
 SUPPORTED_DTYPES = tuple(
     np.dtype(d) for d in ("float32", "bfloat16", "float16", "int32", "uint32", "int8", "uint8", "bool")
@@ -44,6 +48,49 @@ class Captured:
     inputs: list[Source]  # one per flat argument
     consts: list[np.ndarray]  # values of the extra inputs that follow the arguments
     outputs: list[Node]  # one per flat result
+    mesh: Mesh | None = None  # a shard_map body: the mesh it runs on
+    rank_input: int = -1  # with a mesh: the input (after the arguments) holding the device's rank
+
+
+@dataclass(frozen=True)
+class ShardMap:
+    """A function that is one shard_map: its body and how the body's operands and results are sharded."""
+
+    body: object  # ClosedJaxpr over local (per-device) shapes
+    mesh: object  # jax.sharding.Mesh
+    in_specs: tuple
+    out_specs: tuple
+
+    @property
+    def axis_sizes(self) -> tuple[tuple[str, int], ...]:
+        return tuple((str(name), int(size)) for name, size in self.mesh.shape.items())
+
+
+def find_shard_map(closed_jaxpr) -> ShardMap | None:
+    """The shard_map ``closed_jaxpr`` consists of (possibly inside a jit), or None when it has none.
+    Raises UnsupportedPrimitiveError when a shard_map is only part of the function."""
+    jaxpr = closed_jaxpr.jaxpr
+    while len(jaxpr.eqns) == 1 and _passes_through(jaxpr):  # a jit around the shard_map
+        param = _CALL_PARAMS.get(jaxpr.eqns[0].primitive.name)
+        if param not in jaxpr.eqns[0].params:
+            break
+        inner = jaxpr.eqns[0].params[param]
+        jaxpr = getattr(inner, "jaxpr", inner)
+    calls = [e for e in jaxpr.eqns if e.primitive.name == "shard_map"]
+    if not calls:
+        return None
+    if len(jaxpr.eqns) != 1 or not _passes_through(jaxpr):
+        raise UnsupportedPrimitiveError("shard_map", source_line(calls[0]), "megakernelize takes a function that "
+                                        "is one shard_map, with all of its work inside the body")  # fmt: skip
+    params = calls[0].params
+    body = jax.extend.core.ClosedJaxpr(params["jaxpr"], ())
+    return ShardMap(body, params["mesh"], tuple(params["in_specs"]), tuple(params["out_specs"]))
+
+
+def _passes_through(jaxpr) -> bool:
+    """The single equation takes the jaxpr's inputs and gives its results, in order."""
+    (eqn,) = jaxpr.eqns
+    return list(eqn.invars) == list(jaxpr.invars) and list(eqn.outvars) == list(jaxpr.outvars)
 
 
 def source_line(eqn) -> str:
@@ -63,22 +110,30 @@ def check_dtype(dtype, what: str) -> np.dtype:
     return dtype
 
 
-def capture(closed_jaxpr) -> Captured:
+def capture(closed_jaxpr, axis_sizes: tuple[tuple[str, int], ...] | None = None) -> Captured:
+    """The op graph of ``closed_jaxpr``; with ``axis_sizes`` (a shard_map body's mesh), with its rank input."""
     jaxpr = closed_jaxpr.jaxpr
     inputs = [
         Source(shape=tuple(v.aval.shape), dtype=check_dtype(v.aval.dtype, f"argument {i}"), index=i)
         for i, v in enumerate(jaxpr.invars)
     ]
-    lowerer = _Lowerer(first_const_index=len(inputs))
-    outputs = lowerer.run(jaxpr, closed_jaxpr.consts, inputs)
+    mesh, rank_input = None, -1
+    if axis_sizes is not None:
+        rank_input = len(inputs)
+        mesh = Mesh(tuple(axis_sizes), Source(shape=(), dtype=np.dtype(np.int32), index=rank_input))
+        inputs.append(mesh.rank)
+    lowerer = _Lowerer(first_const_index=len(inputs), mesh=mesh)
+    outputs = lowerer.run(jaxpr, closed_jaxpr.consts, inputs[: len(jaxpr.invars)])
     for i, node in enumerate(outputs):
         check_dtype(node.dtype, f"result {i}")
-    return Captured(jaxpr=closed_jaxpr, inputs=inputs, consts=lowerer.consts, outputs=outputs)
+    return Captured(jaxpr=closed_jaxpr, inputs=inputs, consts=lowerer.consts, outputs=outputs, mesh=mesh,
+                    rank_input=rank_input)  # fmt: skip
 
 
 class _Lowerer:
-    def __init__(self, first_const_index: int):
+    def __init__(self, first_const_index: int, mesh: Mesh | None = None):
         self.first_const_index = first_const_index
+        self.mesh = mesh
         self.consts: list[np.ndarray] = []
 
     def const_node(self, value) -> Node:
@@ -123,6 +178,9 @@ class _Lowerer:
     def apply_rule(self, eqn, ins: list[Node], source: str) -> list[Node]:
         name = eqn.primitive.name
         lower = RULES.get(name)
+        if name == "shard_map":
+            raise UnsupportedPrimitiveError(name, source, "megakernelize takes a function that is one shard_map, "
+                                            "with all of its work inside the body (no nesting)")  # fmt: skip
         if lower is None:
             raise UnsupportedPrimitiveError(name, source, "no lowering rule (see jax_mpk.supported_primitives())")
         for i, v in enumerate(eqn.outvars):
@@ -132,6 +190,7 @@ class _Lowerer:
             in_avals=tuple(v.aval for v in eqn.invars),
             out_avals=tuple(v.aval for v in eqn.outvars),
             source=source,
+            mesh=self.mesh,
         )
         try:
             result = lower(ctx, *ins, **eqn.params)

@@ -184,10 +184,10 @@ def _task_tables(graph: TaskGraph, sched: Schedule) -> list[str]:
         def join(values):
             return ",".join(map(str, values))
 
-        scalars, lo, hi = words[: TaskField.LO], words[TaskField.LO : TaskField.HI], words[TaskField.HI :]
+        scalars, lo, hi = words[: TaskField.LO], words[TaskField.LO : TaskField.HI], words[TaskField.HI : TaskField.REMOTE_WAIT_EVENT]
         return f"{{{join(scalars)},{{{join(lo)}}},{{{join(hi)}}}}}"
 
-    records, signals = task_records(graph.tasks)
+    records, signals, _ = task_records(graph.tasks)
     begin, flat = [0], []
     for worker in sched.workers:
         flat += worker

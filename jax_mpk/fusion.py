@@ -24,7 +24,7 @@ import numpy as np
 
 from .capture import Captured
 from .graph import (
-    HEAVY, Acc, Dot, DynLoad, Elementwise, Load, Node, Piecewise, Reduce, Reindex, Source, UpdateSlice,
+    HEAVY, LEAVES, Acc, Comm, Dot, DynLoad, Elementwise, Load, Node, Piecewise, Reduce, Reindex, Source, UpdateSlice,
     consumers, topological,
 )  # fmt: skip
 from .indexmap import Affine, IndexMap, Reshape, Shape, rect_volume
@@ -131,9 +131,14 @@ class KernelGraph:
     output_specs: list[tuple[Shape, np.dtype]]
     aliases: dict[int, int] = field(default_factory=dict)  # input index -> output index
     workspace_bytes: int = 0
+    num_ranks: int = 1  # devices running the graph together (a shard_map body)
+    comm_bytes: int = 0  # one rank's share of the communication buffers (TensorKind.COMM)
+    rank_input: int = -1  # the input holding the device's rank, when num_ranks > 1
 
     def __repr__(self) -> str:
         lines = [f"KernelGraph: {len(self.kernels)} kernels, workspace {self.workspace_bytes} B, aliases {self.aliases}"]
+        if self.num_ranks > 1:
+            lines[0] += f", {self.num_ranks} ranks, comm {self.comm_bytes} B per rank (input {self.rank_input}: rank)"
         lines += [f"  {k!r}" for k in self.kernels]
         return "\n".join(lines)
 
@@ -182,6 +187,9 @@ class _Fuser:
             output_specs=[(n.shape, np.dtype(n.dtype)) for n in self.outputs],
             aliases=dict(self.aliases),
             workspace_bytes=self.workspace_bytes,
+            num_ranks=self.captured.mesh.num_ranks if self.captured.mesh else 1,
+            comm_bytes=self.comm_bytes,
+            rank_input=self.captured.rank_input,
         )
 
     def _index_graph(self) -> None:
@@ -207,7 +215,8 @@ class _Fuser:
         """Each result gets a node of its own that can own the result buffer (copies where needed)."""
         seen = set()
         for j, node in enumerate(self.outputs):
-            if isinstance(node, Source) or node.uid in seen:
+            in_comm = isinstance(node, UpdateSlice) and isinstance(node.children[0], Comm)
+            if isinstance(node, Source) or in_comm or node.uid in seen:
                 node = _copy(node)
                 self.outputs[j] = node
             seen.add(node.uid)
@@ -261,7 +270,7 @@ class _Fuser:
         return slices
 
     def _choose_materialized(self) -> set[int]:
-        keep = {n.uid for n in self.order if isinstance(n, (Source, *HEAVY))} | self.forced
+        keep = {n.uid for n in self.order if isinstance(n, (*LEAVES, *HEAVY))} | self.forced
         keep |= {n.uid for n in self.outputs}
         for node in self.order:
             if isinstance(node, Dot):
@@ -288,7 +297,7 @@ class _Fuser:
     def _nodes_in_several_kernels(self, keep: set[int]) -> list[Node]:
         count: dict[int, int] = {}
         for root in self.order:
-            if root.uid in keep and not isinstance(root, Source):
+            if root.uid in keep and not isinstance(root, LEAVES):
                 for uid in self._region(root, keep):
                     count[uid] = count.get(uid, 0) + 1
         return [self.by_uid[uid] for uid, c in count.items() if c > 1]
@@ -350,7 +359,7 @@ class _Fuser:
         if not hasattr(self, "_readers"):
             self._readers: dict[int, list[Node]] = {}
             for root in self.order:
-                if root.uid in self.materialized and not isinstance(root, Source):
+                if root.uid in self.materialized and not isinstance(root, LEAVES):
                     computed = [root] + [self.by_uid[uid] for uid in self._region(root, self.materialized)]
                     stored = {c.uid for n in computed for c in n.children if c.uid in self.materialized}
                     for uid in stored:
@@ -375,7 +384,7 @@ class _Fuser:
         absorbed: dict[int, Dot] = {}
         taken: set[int] = set()
         for root in self.order:
-            if root.uid not in self.materialized or isinstance(root, (Source, *HEAVY)):
+            if root.uid not in self.materialized or isinstance(root, (*LEAVES, *HEAVY)):
                 continue
             region = self._region(root, self.materialized)
             dots = self._dots_read_pointwise(root)
@@ -420,7 +429,7 @@ class _Fuser:
 
     # --------------------------------------------------------------------------------------- buffers
     def _assign_buffers(self) -> None:
-        offset = 0
+        offset = comm_offset = 0
         result_of = {o.uid: j for j, o in enumerate(self.outputs)}
         for node in self.order:
             if node.uid not in self.materialized:
@@ -434,6 +443,9 @@ class _Fuser:
             elif isinstance(node, Source):
                 name = f"in{node.index}" if node.index < self.n_args else f"const{node.index - self.n_args}"
                 buffer = Buffer(TensorKind.INPUT, node.index, node.shape, node.dtype, name)
+            elif isinstance(node, Comm):  # each value exchanged has a region of its own, never reused
+                buffer = Buffer(TensorKind.COMM, comm_offset, node.shape, node.dtype, f"comm{node.uid}")
+                comm_offset += -(-buffer.nbytes // node.shape[0] // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
             else:
                 j = result_of.get(self._chain_end(node).uid)
                 if j is not None:
@@ -444,6 +456,7 @@ class _Fuser:
             self.buffers.append(buffer)
             self.tensors[node.uid] = Tensor(buffer, node.shape, node.uid)
         self.workspace_bytes = offset
+        self.comm_bytes = comm_offset  # of one rank's slots
 
     def _chain_end(self, node: Node) -> Node:
         """The last in-place update of ``node``'s buffer (node itself when it is never updated)."""
@@ -455,7 +468,7 @@ class _Fuser:
 
     # --------------------------------------------------------------------------------------- kernels
     def _is_kernel_root(self, node: Node) -> bool:
-        return node.uid in self.materialized and not isinstance(node, Source)
+        return node.uid in self.materialized and not isinstance(node, LEAVES)
 
     def _build_kernel(self, root: Node) -> Kernel:
         builder = _ExprBuilder(self.tensors, self.materialized, self.absorbed.get(root.uid))

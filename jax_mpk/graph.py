@@ -1,6 +1,7 @@
 """The op graph: a DAG of tensor-valued nodes built from the jaxpr by the lowering rules.
 
-Leaves are :class:`Source` nodes (function inputs and constants). Elementwise work, views, reductions and
+Leaves are :class:`Source` nodes (function inputs and constants) and, in the body of a ``shard_map``,
+:class:`Comm` buffers that the devices exchange values through. Elementwise work, views, reductions and
 concatenation are light nodes that fusion may inline into a kernel; :class:`Dot` and :class:`UpdateSlice` are
 heavy nodes that always become their own kernels. Kernels refer to stored tensors through :class:`Load`
 (and a DOT kernel's accumulator through :class:`Acc`); those two kinds appear only after fusion.
@@ -46,6 +47,14 @@ class Source(Node):
 
     def describe(self) -> str:
         return f"source{self.index}"
+
+
+@dataclass(eq=False, repr=False)
+class Comm(Node):
+    """A communication buffer of shape [ranks, ...]: slot r lives on rank r, which alone writes it (an
+    update_slice at its own rank, the only use of this leaf), and every rank reads every slot."""
+
+    label = "comm"
 
 
 @dataclass(eq=False, repr=False)
@@ -146,6 +155,7 @@ class Acc(Node):
 
 
 HEAVY = (Dot, UpdateSlice)
+LEAVES = (Source, Comm)  # stored before any kernel runs; no kernel computes them
 
 
 def topological(roots) -> list[Node]:

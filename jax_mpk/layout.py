@@ -14,9 +14,9 @@ import enum
 import sys
 
 MAGIC = 0x4B504D58  # "XMPK"
-VERSION = 1
+VERSION = 2
 MAX_RANK = 8
-HEADER_WORDS = 16
+HEADER_WORDS = 17
 # In a DOT record's lhs_tensor: the lhs is not loaded but computed by the kernel's expression node whose
 # position follows in place of lhs_map (CUDA plans only; the CPU executor rejects it).
 COMPUTED_OPERAND = -1
@@ -42,6 +42,9 @@ class TensorKind(enum.IntEnum):
     INPUT = 0  # index = operand number of the custom call
     OUTPUT = 1  # index = result number of the custom call
     WORKSPACE = 2  # index = byte offset in the workspace result
+    # index = byte offset in each rank's communication buffer; shape [NUM_RANKS, ...]: slot r lives in rank
+    # r's buffer (written there by rank r only) and every rank reads every slot
+    COMM = 3
 
 
 class KernelKind(enum.IntEnum):
@@ -139,6 +142,10 @@ class Header(enum.IntEnum):
     NUM_EVENTS = 10
     NUM_WORKERS = 11
     NUM_ALIASES = 12
+    NUM_RANKS = 13  # devices running the plan together (1: no collectives)
+    COMM_BYTES = 14  # bytes of one rank's communication buffer (one of its two halves, see plan_format.md)
+    NUM_REMOTE_EVENTS = 15  # counters in every rank's communication buffer
+    RANK_INPUT = 16  # the operand holding the device's rank (int32 scalar); -1 when NUM_RANKS is 1
 
 
 class TaskField(enum.IntEnum):
@@ -151,9 +158,15 @@ class TaskField(enum.IntEnum):
     SIGNAL_COUNT = 4
     LO = 5  # MAX_RANK words: first domain index of the tile
     HI = 5 + MAX_RANK  # MAX_RANK words: one past the last domain index
+    # The same task on every rank has signalled REMOTE_WAIT_EVENT (a counter in each rank's communication
+    # buffer) REMOTE_WAIT_COUNT times per epoch: what a reader of COMM tensors waits for (-1: nothing).
+    REMOTE_WAIT_EVENT = 5 + 2 * MAX_RANK
+    REMOTE_WAIT_COUNT = 6 + 2 * MAX_RANK
+    REMOTE_SIGNAL_BEGIN = 7 + 2 * MAX_RANK  # first entry in the remote signal list
+    REMOTE_SIGNAL_COUNT = 8 + 2 * MAX_RANK
 
 
-TASK_WORDS = 5 + 2 * MAX_RANK
+TASK_WORDS = 9 + 2 * MAX_RANK
 
 _ENUMS = (Platform, DType, TensorKind, KernelKind, StageKind, ReduceKind, NodeOp, Header, TaskField)
 

@@ -13,9 +13,21 @@ from typing import Callable
 import numpy as np
 
 from .errors import UnsupportedPrimitiveError
-from .graph import Dot, DynLoad, Elementwise, Node, Piecewise, Reduce, Reindex, UpdateSlice
+from .graph import Comm, Dot, DynLoad, Elementwise, Node, Piecewise, Reduce, Reindex, UpdateSlice
 from .indexmap import IndexMap
 from .layout import NodeOp, ReduceKind
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """The devices a ``shard_map`` body runs on, as the collective rules see them."""
+
+    axis_sizes: tuple[tuple[str, int], ...]  # the mesh's axes, major to minor
+    rank: Node  # int32 scalar: this device's row-major position in the mesh
+
+    @property
+    def num_ranks(self) -> int:
+        return math.prod(size for _, size in self.axis_sizes)
 
 
 @dataclass(frozen=True)
@@ -24,6 +36,7 @@ class RuleContext:
     in_avals: tuple
     out_avals: tuple
     source: str
+    mesh: Mesh | None = None  # inside a shard_map body
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -453,3 +466,97 @@ def _fill_out_of_bounds(ctx, loaded: Node, index: Node, size: int, fill_value) -
     return Elementwise(
         shape=shape, dtype=dtype, children=(inside, const(fill_value, dtype, shape), loaded), op=NodeOp.SELECT_N
     )
+
+
+# ------------------------------------------------------------------------------------------- collectives
+# Inside a shard_map body every device runs the same graph on its shards. A collective stores each
+# device's operand in its slot of a communication buffer (Comm) and reads the slots of all devices; the
+# runtime makes a read of another device's slot wait until that device has written it.
+
+
+def _mesh_ranks(ctx: RuleContext, axes, axis_index_groups=None) -> int:
+    """The number of devices a collective over ``axes`` spans: the whole mesh (the supported case)."""
+    if ctx.mesh is None:
+        raise ctx.unsupported("a collective outside a shard_map body")
+    if axis_index_groups is not None:
+        raise ctx.unsupported("axis_index_groups")
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    mesh_names = [name for name, _ in ctx.mesh.axis_sizes]
+    if sorted(names) != sorted(mesh_names):
+        raise ctx.unsupported(f"a collective over axes {list(names)} of the mesh axes {mesh_names}: jax_mpk "
+                              "runs collectives over all of a mesh's axes")  # fmt: skip
+    return ctx.mesh.num_ranks
+
+
+def _all_slots(ctx: RuleContext, x: Node, ranks: int) -> Node:
+    """[ranks, *x.shape]: every device's ``x``, through a communication buffer."""
+    slots = Comm(shape=(ranks, *x.shape), dtype=x.dtype, source=ctx.source)
+    update = reindex(x, (1, *x.shape), IndexMap.reshape((1, *x.shape), tuple(x.shape)))
+    starts = [ctx.mesh.rank] + [const(0, np.int32) for _ in x.shape]
+    return UpdateSlice(shape=slots.shape, dtype=x.dtype, children=(slots, update, *starts), source=ctx.source)
+
+
+def _sum_slots(ctx: RuleContext, x: Node, ranks: int) -> Node:
+    stacked = _move_axes_last(_all_slots(ctx, x, ranks), [0])
+    return Reduce(shape=tuple(x.shape), dtype=x.dtype, children=(stacked,), kind=ReduceKind.SUM, n_inner=1,
+                  source=ctx.source)  # fmt: skip
+
+
+@rule("pvary")
+def _pvary(ctx, *xs, **_):
+    """Marks values as varying across devices (check_vma): no data movement."""
+    return list(xs) if len(ctx.out_avals) > 1 else xs[0]
+
+
+@rule("psum", "psum_invariant")
+def _psum(ctx, *xs, axes, axis_index_groups=None, **_):
+    ranks = _mesh_ranks(ctx, axes, axis_index_groups)
+    outs = [_sum_slots(ctx, x, ranks) for x in xs]
+    return outs if len(ctx.out_avals) > 1 else outs[0]
+
+
+@rule("all_gather")
+def _all_gather(ctx, x, *, all_gather_dimension, axis_name, axis_index_groups=None, tiled=False, **_):
+    ranks = _mesh_ranks(ctx, axis_name, axis_index_groups)
+    d = int(all_gather_dimension)
+    perm = list(range(1, d + 1)) + [0] + list(range(d + 1, len(x.shape) + 1))  # the device dim moves to d
+    stacked = _all_slots(ctx, x, ranks)
+    moved_shape = [stacked.shape[p] for p in perm]
+    moved = reindex(stacked, moved_shape, transpose_map(moved_shape, perm))
+    return reindex(moved, ctx.out_shape, IndexMap.reshape(ctx.out_shape, tuple(moved_shape)))
+
+
+@rule("reduce_scatter")
+def _reduce_scatter(ctx, x, *, scatter_dimension, axis_name, axis_index_groups=None, tiled=False, **_):
+    """psum_scatter: the sum over devices, of which this device keeps block ``rank`` along the dimension."""
+    ranks = _mesh_ranks(ctx, axis_name, axis_index_groups)
+    d = int(scatter_dimension)
+    total = _sum_slots(ctx, x, ranks)
+    block = x.shape[d] // ranks
+    blocked_shape = (*x.shape[:d], ranks, block, *x.shape[d + 1 :])
+    blocked = reindex(total, blocked_shape, IndexMap.reshape(blocked_shape, tuple(x.shape)))
+    # out index -> blocked index: the block dim (tiled) or nothing (untiled, block 1) at d, the device dim
+    # d at the rank
+    out_rank, skip = len(ctx.out_shape), 1 if tiled else 2
+    matrix = [[0] * out_rank for _ in blocked_shape]
+    for j in range(out_rank):
+        matrix[j if j < d else j + skip][j] = 1
+    pick = IndexMap.affine(ctx.out_shape, blocked_shape, matrix)
+    return _dynamic_load(ctx, blocked, pick, {d: ctx.mesh.rank}, {d: ranks - 1})
+
+
+@rule("axis_index")
+def _axis_index(ctx, *, axis_name, **_):
+    if ctx.mesh is None:
+        raise ctx.unsupported("axis_index outside a shard_map body")
+    sizes = dict(ctx.mesh.axis_sizes)
+    if axis_name not in sizes:
+        raise ctx.unsupported(f"axis {axis_name!r} is not an axis of the mesh {list(sizes)}")
+    names = [name for name, _ in ctx.mesh.axis_sizes]
+    stride = math.prod(sizes[n] for n in names[names.index(axis_name) + 1 :])
+    position = ctx.mesh.rank
+    if stride > 1:
+        position = elementwise(ctx, NodeOp.DIV, position, const(stride, np.int32))
+    if sizes[axis_name] < ctx.mesh.num_ranks // stride:
+        position = elementwise(ctx, NodeOp.REM, position, const(sizes[axis_name], np.int32))
+    return position

@@ -78,7 +78,8 @@ def serialize(graph: TaskGraph, sched: Schedule, platform: Platform = Platform.C
         Header.WORKSPACE_BYTES: kg.workspace_bytes, Header.NUM_TENSORS: len(tensors.records),
         Header.NUM_MAPS: len(maps.records), Header.NUM_KERNELS: len(kg.kernels), Header.NUM_TASKS: len(graph.tasks),
         Header.NUM_EVENTS: graph.num_events, Header.NUM_WORKERS: len(sched.workers),
-        Header.NUM_ALIASES: len(kg.aliases),
+        Header.NUM_ALIASES: len(kg.aliases), Header.NUM_RANKS: kg.num_ranks, Header.COMM_BYTES: kg.comm_bytes,
+        Header.NUM_REMOTE_EVENTS: graph.num_remote_events, Header.RANK_INPUT: kg.rank_input,
     }  # fmt: skip
     for field, value in header.items():
         words[field] = int(value)
@@ -91,19 +92,20 @@ def serialize(graph: TaskGraph, sched: Schedule, platform: Platform = Platform.C
     for record in maps.records:
         words += record
     words += kernel_words
-    records, signals = task_records(graph.tasks)
+    records, signals, remote_signals = task_records(graph.tasks)
     for record in records:
         words += record
     words += [len(signals), *signals]
+    words += [len(remote_signals), *remote_signals]
     for worker in sched.workers:
         words += [len(worker), *worker]
     return np.asarray(words, dtype=np.int64)
 
 
-def task_records(tasks) -> tuple[list[list[int]], list[int]]:
-    """Each task's fixed record (layout.TaskField) and the signal list the records index: the layout of the
-    plan's task section and of the generated megakernel's task table alike."""
-    records, signals = [], []
+def task_records(tasks) -> tuple[list[list[int]], list[int], list[int]]:
+    """Each task's fixed record (layout.TaskField) and the signal lists the records index (events, remote
+    events): the layout of the plan's task section and of the generated megakernel's task table alike."""
+    records, signals, remote_signals = [], [], []
     for task in tasks:
         record = [0] * TASK_WORDS
         record[TaskField.KERNEL] = task.kernel
@@ -113,9 +115,14 @@ def task_records(tasks) -> tuple[list[list[int]], list[int]]:
         record[TaskField.SIGNAL_COUNT] = len(task.signals)
         record[TaskField.LO : TaskField.LO + len(task.lo)] = task.lo
         record[TaskField.HI : TaskField.HI + len(task.hi)] = task.hi
+        record[TaskField.REMOTE_WAIT_EVENT] = task.remote_wait_event
+        record[TaskField.REMOTE_WAIT_COUNT] = task.remote_wait_count
+        record[TaskField.REMOTE_SIGNAL_BEGIN] = len(remote_signals)
+        record[TaskField.REMOTE_SIGNAL_COUNT] = len(task.remote_signals)
         signals += task.signals
+        remote_signals += task.remote_signals
         records.append(record)
-    return records, signals
+    return records, signals, remote_signals
 
 
 def plan_key(words: np.ndarray) -> str:

@@ -5,6 +5,10 @@ A task writes one tile of its kernel's outputs and reads the regions its express
 follow the buffers in kernel order: a read waits for earlier overlapping writes; a write waits for earlier
 overlapping reads and writes (in-place updates). Redundant edges (implied by others) are dropped; the tasks
 that depend on exactly the same set of producers share one event, which each producer signals once.
+
+In a shard_map body every device runs this same task graph. A read of a communication buffer (COMM)
+depends on the tasks that write its slots, on every device: such producers become *remote* dependencies,
+grouped into remote events the same way (counters in every device's communication buffer).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .fusion import Kernel, KernelGraph, Tensor, shared_weight_dims
+from .layout import TensorKind
 from .graph import Acc, Load, Node, Piecewise, Reduce, Reindex
 from .indexmap import Rect, _reshape_rect, full_rect, rect_union, rect_volume
 
@@ -40,11 +45,20 @@ class Task:
     wait_event: int = -1
     wait_count: int = 0
     signals: list[int] = field(default_factory=list)
+    # the same tasks on every device (reads of communication buffers)
+    remote_deps: list[int] = field(default_factory=list)
+    remote_wait_event: int = -1
+    remote_wait_count: int = 0
+    remote_signals: list[int] = field(default_factory=list)
 
     def __repr__(self) -> str:
         tile = ",".join(f"{a}:{b}" for a, b in zip(self.lo, self.hi))
         wait = f" wait e{self.wait_event}>={self.wait_count}" if self.wait_event >= 0 else ""
+        if self.remote_wait_event >= 0:
+            wait += f" wait all ranks' r{self.remote_wait_event}>={self.remote_wait_count}"
         signal = f" signal {['e%d' % e for e in self.signals]}" if self.signals else ""
+        if self.remote_signals:
+            signal += f" signal {['r%d' % e for e in self.remote_signals]}"
         return f"task{self.index} k{self.kernel}[{tile}]{wait}{signal}"
 
 
@@ -53,6 +67,7 @@ class TaskGraph:
     kernels: KernelGraph
     tasks: list[Task]
     num_events: int
+    num_remote_events: int = 0
 
     def tasks_by_kernel(self) -> list[list[Task]]:
         """The tasks of kernel i at position i."""
@@ -60,6 +75,8 @@ class TaskGraph:
 
     def __repr__(self) -> str:
         lines = [f"TaskGraph: {len(self.tasks)} tasks, {self.num_events} events"]
+        if self.num_remote_events:
+            lines[0] += f", {self.num_remote_events} remote events"
         for kernel, tasks in zip(self.kernels.kernels, self.tasks_by_kernel()):
             lines.append(f"  {kernel!r}")
             lines += [f"    {t!r}" for t in tasks]
@@ -85,9 +102,11 @@ def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 
             task = Task(len(tasks), kernel.index, lo, hi, cost=cost)
             task.reads, task.writes = _accesses(kernel, lo, hi, buffer_ids)
             tasks.append(task)
-    _derive_dependencies(tasks, [len(b.shape) for b in graph.buffers])
-    num_events = _assign_events(tasks)
-    return TaskGraph(graph, tasks, num_events)
+    comm = {i for i, b in enumerate(graph.buffers) if b.kind == TensorKind.COMM}
+    _derive_dependencies(tasks, [len(b.shape) for b in graph.buffers], comm)
+    num_events = _assign_events(tasks, "deps", "signals", "wait_event", "wait_count")
+    num_remote = _assign_events(tasks, "remote_deps", "remote_signals", "remote_wait_event", "remote_wait_count")
+    return TaskGraph(graph, tasks, num_events, num_remote)
 
 
 # ------------------------------------------------------------------------------------------------ tiling
@@ -243,24 +262,29 @@ class _History:
         return self.task[mask]
 
 
-def _derive_dependencies(tasks: list[Task], buffer_ranks: list[int]) -> None:
+def _derive_dependencies(tasks: list[Task], buffer_ranks: list[int], comm: set[int] = frozenset()) -> None:
     """Tasks of one kernel never depend on each other (their writes are disjoint, and fusion keeps a kernel
-    from reading what it overwrites), so each kernel queries the history of the kernels before it."""
+    from reading what it overwrites), so each kernel queries the history of the kernels before it.
+    Reads of the ``comm`` buffers make remote dependencies (not reduced: that a producer finished here says
+    nothing of the other devices); a remote dependency also orders the task after the local producer."""
     history = [_History(rank) for rank in buffer_ranks]
     ancestors: list[int] = []  # bitset of every task each task transitively follows
     for kernel_tasks in _group_by_kernel(tasks, max((t.kernel for t in tasks), default=-1) + 1):
         for task in kernel_tasks:
             deps: set[int] = set()
+            remote: set[int] = set()
             for access in task.reads:
-                deps.update(history[access.buffer_id].overlapping(access.rect, writes_only=True).tolist())
+                found = history[access.buffer_id].overlapping(access.rect, writes_only=True).tolist()
+                (remote if access.buffer_id in comm else deps).update(found)
             for access in task.writes:
                 deps.update(history[access.buffer_id].overlapping(access.rect, writes_only=False).tolist())
             implied = 0  # drop dependencies already implied by another one
             for d in deps:
                 implied |= ancestors[d]
-            task.deps = sorted(d for d in deps if not (implied >> d) & 1)
+            task.deps = sorted(d for d in deps - remote if not (implied >> d) & 1)
+            task.remote_deps = sorted(remote)
             bits = 0
-            for d in task.deps:
+            for d in [*task.deps, *task.remote_deps]:
                 bits |= ancestors[d] | (1 << d)
             ancestors.append(bits)
         for task in kernel_tasks:
@@ -279,16 +303,17 @@ def _group_by_kernel(tasks: list[Task], num_kernels: int) -> list[list[Task]]:
     return groups
 
 
-def _assign_events(tasks: list[Task]) -> int:
-    """One event per distinct dependency set; its producers each signal it once."""
+def _assign_events(tasks: list[Task], deps: str, signals: str, wait_event: str, wait_count: str) -> int:
+    """One event per distinct dependency set (the task field ``deps``); its producers each signal it once."""
     events: dict[tuple[int, ...], int] = {}
     for task in tasks:
-        if not task.deps:
+        key = tuple(getattr(task, deps))
+        if not key:
             continue
-        key = tuple(task.deps)
         if key not in events:
             events[key] = len(events)
             for producer in key:
-                tasks[producer].signals.append(events[key])
-        task.wait_event, task.wait_count = events[key], len(key)
+                getattr(tasks[producer], signals).append(events[key])
+        setattr(task, wait_event, events[key])
+        setattr(task, wait_count, len(key))
     return len(events)

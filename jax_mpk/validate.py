@@ -1,11 +1,14 @@
 """The task-graph validator: checks a plan's own encoding (events, not the dependency lists it came from).
 
 1. Every kernel's tiles partition its domain.
-2. Every event is signalled exactly as often as its waiters expect.
+2. Every event (and remote event) is signalled exactly as often as its waiters expect.
 3. Every read follows every earlier overlapping write of its buffer (kernel order defines "earlier"),
    every later overlapping write follows the read, and no tile reads what another tile of its kernel writes.
 4. Tasks of different kernels that write overlapping regions are ordered.
 5. The per-worker lists run to completion (no deadlock) when simulated with the event protocol.
+
+Every rank of a multi-rank plan runs the same lists, so one simulated rank stands for all of them, and a
+wait on a remote event (the producers on every rank) orders a task after its local producers too.
 """
 
 from __future__ import annotations
@@ -22,17 +25,9 @@ from .tasks import TaskGraph
 def validate(graph: TaskGraph, sched: Schedule) -> None:
     tasks = graph.tasks
     _check_partitions(graph)
-    signallers: dict[int, list[int]] = {}
-    for task in tasks:
-        for event in task.signals:
-            signallers.setdefault(event, []).append(task.index)
-    for task in tasks:
-        if task.wait_event >= 0 and len(signallers.get(task.wait_event, [])) != task.wait_count:
-            raise InvalidTaskGraphError(
-                f"{task!r} waits for {task.wait_count} signals of event {task.wait_event}, "
-                f"which {len(signallers.get(task.wait_event, []))} tasks signal"
-            )
-    ancestors = _ancestors(graph, signallers)
+    signallers = _signallers(graph, "signals", "wait_event", "wait_count", "event")
+    remote_signallers = _signallers(graph, "remote_signals", "remote_wait_event", "remote_wait_count", "remote event")
+    ancestors = _ancestors(graph, signallers, remote_signallers)
 
     def follows(later: int, earlier: int) -> bool:
         return bool((ancestors[later] >> earlier) & 1)
@@ -76,10 +71,30 @@ def _check_partitions(graph: TaskGraph) -> None:
                     raise InvalidTaskGraphError(f"two tiles of kernel{kernel.index} overlap: {a} and {b}")
 
 
-def _ancestors(graph: TaskGraph, signallers: dict[int, list[int]]) -> list[int]:
+def _signallers(graph: TaskGraph, signals: str, wait_event: str, wait_count: str, what: str) -> dict[int, list[int]]:
+    """event -> the tasks that signal it (the task fields named), checked against every waiter's count."""
+    signallers: dict[int, list[int]] = {}
+    for task in graph.tasks:
+        for event in getattr(task, signals):
+            signallers.setdefault(event, []).append(task.index)
+    for task in graph.tasks:
+        event, count = getattr(task, wait_event), getattr(task, wait_count)
+        if event >= 0 and len(signallers.get(event, [])) != count:
+            raise InvalidTaskGraphError(
+                f"{task!r} waits for {count} signals of {what} {event}, which {len(signallers.get(event, []))} "
+                "tasks signal"
+            )
+    return signallers
+
+
+def _ancestors(graph: TaskGraph, signallers: dict[int, list[int]], remote_signallers: dict[int, list[int]]) -> list[int]:
     """Bitset of transitive predecessors per task, following events; raises on a cycle."""
     tasks = graph.tasks
-    preds = [signallers.get(t.wait_event, []) if t.wait_event >= 0 else [] for t in tasks]
+    preds = [
+        (signallers.get(t.wait_event, []) if t.wait_event >= 0 else [])
+        + (remote_signallers.get(t.remote_wait_event, []) if t.remote_wait_event >= 0 else [])
+        for t in tasks
+    ]
     result: list[int | None] = [None] * len(tasks)
     state = [0] * len(tasks)  # 0 new, 1 on stack, 2 done
     for start in range(len(tasks)):
@@ -109,6 +124,7 @@ def _check_schedule(graph: TaskGraph, sched: Schedule) -> None:
     if sorted(listed) != list(range(len(graph.tasks))) or any(c != 1 for c in listed.values()):
         raise InvalidTaskGraphError("the schedule does not list every task exactly once")
     counters: Counter = Counter()
+    remote_counters: Counter = Counter()
     heads = [0] * len(sched.workers)
     done = 0
     progress = True
@@ -119,7 +135,10 @@ def _check_schedule(graph: TaskGraph, sched: Schedule) -> None:
                 task = graph.tasks[worker[heads[w]]]
                 if task.wait_event >= 0 and counters[task.wait_event] < task.wait_count:
                     break
+                if task.remote_wait_event >= 0 and remote_counters[task.remote_wait_event] < task.remote_wait_count:
+                    break
                 counters.update(task.signals)
+                remote_counters.update(task.remote_signals)
                 heads[w] += 1
                 done += 1
                 progress = True

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdint>
 #include <exception>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -153,18 +154,88 @@ ffi::ErrorOr<std::vector<void*>> BindTensors(const Plan& plan, const ffi::Remain
       case TensorKind::kWorkspace:
         tensor_data.push_back(static_cast<char*>(output_data.back()) + tensor.index);
         break;
+      case TensorKind::kComm: tensor_data.push_back(nullptr); break;  // in the ranks' buffers (CommGroup)
     }
   }
   return tensor_data;
 }
 
+// The communication buffers of a plan run by several ranks (the CPU devices of a shard_map, each calling
+// the handler on a thread of its own): per rank, two halves of COMM_BYTES (calls alternate between them,
+// so a rank that starts its next call cannot overwrite what a slower rank still reads) and the remote
+// event counters, which only grow: call e of a rank waits for count * e. Created by the first call of any
+// rank and kept for the process: the ranks' call counts must stay in step.
+class CommGroup {
+ public:
+  struct Rank {
+    std::unique_ptr<uint64_t[]> data;  // 2 * comm_bytes, 8-byte aligned
+    std::unique_ptr<std::atomic<int64_t>[]> counters;
+    int64_t calls = 0;  // touched by this rank's handler only
+    std::mutex running;  // one call of a rank at a time
+  };
+
+  explicit CommGroup(const Plan& plan) : ranks_(plan.num_ranks), comm_bytes_(plan.comm_bytes) {
+    for (Rank& rank : ranks_) {
+      rank.data = std::make_unique<uint64_t[]>((2 * plan.comm_bytes + 7) / 8);
+      rank.counters = std::make_unique<std::atomic<int64_t>[]>(plan.num_remote_events);
+      for (int64_t e = 0; e < plan.num_remote_events; ++e) rank.counters[e].store(0, std::memory_order_relaxed);
+    }
+  }
+
+  static std::shared_ptr<CommGroup> Of(const std::string& plan_key, const Plan& plan) {
+    std::lock_guard<std::mutex> lock(registry_mutex());
+    std::shared_ptr<CommGroup>& group = registry()[plan_key];
+    if (!group) group = std::make_shared<CommGroup>(plan);
+    return group;
+  }
+
+  // Drops `group` (unless another one has taken its place): ranks still in a call keep it until they end.
+  static void Forget(const std::string& plan_key, const std::shared_ptr<CommGroup>& group) {
+    std::lock_guard<std::mutex> lock(registry_mutex());
+    const auto found = registry().find(plan_key);
+    if (found != registry().end() && found->second == group) registry().erase(found);
+  }
+
+  Rank& rank(int64_t r) { return ranks_[r]; }
+  int64_t num_ranks() const { return static_cast<int64_t>(ranks_.size()); }
+
+  // Every rank's half for call `epoch`.
+  std::vector<char*> Bases(int64_t epoch) {
+    std::vector<char*> bases;
+    for (Rank& rank : ranks_) bases.push_back(reinterpret_cast<char*>(rank.data.get()) + (epoch % 2) * comm_bytes_);
+    return bases;
+  }
+
+ private:
+  static std::mutex& registry_mutex() {
+    static std::mutex mutex;
+    return mutex;
+  }
+  static std::map<std::string, std::shared_ptr<CommGroup>>& registry() {
+    static auto* groups = new std::map<std::string, std::shared_ptr<CommGroup>>();  // outlives XLA's threads
+    return *groups;
+  }
+
+  std::vector<Rank> ranks_;
+  int64_t comm_bytes_;
+};
+
+// What one rank's call of a multi-rank plan works with.
+struct CommCall {
+  CommGroup* group = nullptr;
+  int64_t rank = 0;
+  int64_t epoch = 0;  // this call's number on the rank, from 1
+};
+
 // One execution of a plan's task graph. The first failure (watchdog or task body) stops every worker at
 // its next wait and becomes the call's error.
 class TaskGraphRun {
  public:
-  TaskGraphRun(const Plan& plan, const std::vector<void*>& tensor_data, std::chrono::milliseconds watchdog)
-      : plan_(plan), tensor_data_(tensor_data), watchdog_(watchdog), counters_(plan.num_events) {
+  TaskGraphRun(const Plan& plan, const std::vector<void*>& tensor_data, std::chrono::milliseconds watchdog,
+               CommCall comm = {})
+      : plan_(plan), tensor_data_(tensor_data), watchdog_(watchdog), counters_(plan.num_events), comm_(comm) {
     for (std::atomic<int64_t>& counter : counters_) counter.store(0, std::memory_order_relaxed);
+    if (comm_.group) comm_bases_ = comm_.group->Bases(comm_.epoch);
   }
 
   ffi::Error Run() {
@@ -188,7 +259,7 @@ class TaskGraphRun {
  private:
   void RunWorker(size_t worker) {
     const ScopedIeeeArithmetic ieee_arithmetic;
-    TileEvaluator evaluator(plan_, tensor_data_);
+    TileEvaluator evaluator(plan_, tensor_data_, comm_bases_);
     for (const int task_id : plan_.workers[worker]) {
       const Task& task = plan_.tasks[task_id];
       if (!WaitForTask(task_id)) return;
@@ -202,6 +273,9 @@ class TaskGraphRun {
       for (int64_t s = task.signal_begin; s < task.signal_begin + task.signal_count; ++s) {
         counters_[plan_.signals[s]].fetch_add(1, std::memory_order_release);  // publishes the task's stores
       }
+      for (int64_t s = task.remote_signal_begin; s < task.remote_signal_begin + task.remote_signal_count; ++s) {
+        comm_.group->rank(comm_.rank).counters[plan_.remote_signals[s]].fetch_add(1, std::memory_order_release);
+      }
     }
   }
 
@@ -209,9 +283,26 @@ class TaskGraphRun {
   bool WaitForTask(int task_id) {
     const Task& task = plan_.tasks[task_id];
     if (aborted_.load(std::memory_order_relaxed)) return false;
-    if (task.wait_event < 0) return true;
-    const std::atomic<int64_t>& counter = counters_[task.wait_event];
-    const int64_t target = task.wait_count * kEpoch;
+    if (task.wait_event >= 0 &&
+        !WaitFor(counters_[task.wait_event], task.wait_count * kEpoch, task_id, [&] {
+          return StrCat("event ", task.wait_event);
+        })) {
+      return false;
+    }
+    for (int64_t r = 0; task.remote_wait_event >= 0 && r < comm_.group->num_ranks(); ++r) {
+      const std::atomic<int64_t>& counter = comm_.group->rank(r).counters[task.remote_wait_event];
+      if (!WaitFor(counter, task.remote_wait_count * comm_.epoch, task_id, [&] {
+            return StrCat("remote event ", task.remote_wait_event, " of rank ", r, " (this is rank ", comm_.rank,
+                          ", call ", comm_.epoch, "; did every rank of the mesh call the plan?)");
+          })) {
+        return false;
+      }
+    }
+    return true;
+  }
+
+  template <class Describe>
+  bool WaitFor(const std::atomic<int64_t>& counter, int64_t target, int task_id, Describe describe) {
     for (int spin = 0; spin < kSpinsBeforeYield; ++spin) {
       if (counter.load(std::memory_order_acquire) >= target) return true;
     }
@@ -220,10 +311,11 @@ class TaskGraphRun {
       if (counter.load(std::memory_order_acquire) >= target) return true;
       if (aborted_.load(std::memory_order_relaxed)) return false;
       if (std::chrono::steady_clock::now() > deadline) {
+        const Task& task = plan_.tasks[task_id];
         Abort(ffi::ErrorCode::kDeadlineExceeded,
               StrCat("jax_mpk watchdog: task ", task_id, " (kernel ", task.kernel, ") waited more than ",
-                     watchdog_.count(), " ms on event ", task.wait_event, ": counter ",
-                     counter.load(std::memory_order_relaxed), ", target ", target));
+                     watchdog_.count(), " ms on ", describe(), ": counter ", counter.load(std::memory_order_relaxed),
+                     ", target ", target));
         return false;
       }
       std::this_thread::yield();
@@ -242,6 +334,8 @@ class TaskGraphRun {
   const std::vector<void*>& tensor_data_;
   const std::chrono::milliseconds watchdog_;
   std::vector<std::atomic<int64_t>> counters_;
+  const CommCall comm_;
+  std::vector<char*> comm_bases_;
   std::atomic<bool> aborted_{false};
   std::mutex error_mutex_;
   ffi::Error first_error_;
@@ -264,7 +358,27 @@ ffi::Error MegakernelCpu(ffi::RemainingArgs args, ffi::RemainingRets rets, std::
   }
   ffi::ErrorOr<std::vector<void*>> tensor_data = BindTensors(*plan, args, rets);
   if (!tensor_data) return tensor_data.error();
-  return TaskGraphRun(*plan, *tensor_data, std::chrono::milliseconds(watchdog_ms)).Run();
+  const std::chrono::milliseconds watchdog(watchdog_ms);
+  if (plan->num_ranks == 1) return TaskGraphRun(*plan, *tensor_data, watchdog).Run();
+  ffi::ErrorOr<ffi::AnyBuffer> rank_operand = args.get<ffi::AnyBuffer>(plan->rank_input);
+  if (!rank_operand) return rank_operand.error();
+  const int32_t rank = *static_cast<const int32_t*>(rank_operand->untyped_data());  // checked by BindTensors
+  if (rank < 0 || rank >= plan->num_ranks) {
+    return ffi::Error::InvalidArgument(
+        StrCat("jax_mpk: the rank operand is ", rank, ", not a rank of the plan's ", plan->num_ranks));
+  }
+  const std::shared_ptr<CommGroup> group = CommGroup::Of(std::string(plan_key), *plan);
+  CommGroup::Rank& mine = group->rank(rank);
+  std::unique_lock<std::mutex> running(mine.running, std::try_to_lock);
+  if (!running.owns_lock()) {
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+        StrCat("jax_mpk: rank ", rank, " of plan '", plan_key, "' is already running (two devices with one rank?)"));
+  }
+  CommCall comm{group.get(), rank, ++mine.calls};
+  ffi::Error error = TaskGraphRun(*plan, *tensor_data, watchdog, comm).Run();
+  // A failed call leaves the remote counters short of their targets: the next calls start a fresh group.
+  if (error.failure()) CommGroup::Forget(std::string(plan_key), group);
+  return error;
 }
 
 }  // namespace

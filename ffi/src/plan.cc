@@ -19,6 +19,7 @@ using layout::TaskField;
 constexpr int64_t kMaxElements = int64_t{1} << 53;
 // The CPU runtime allocates one counter per event and call.
 constexpr int64_t kMaxEvents = int64_t{1} << 24;
+constexpr int64_t kMaxRanks = 1024;
 
 enum class OpClass { kInvalid, kStructural, kUnary, kBinary };
 
@@ -114,6 +115,11 @@ class PlanParser {
     ReadHeader();
     ReadBufferSpecs("input", num_inputs_, plan_.inputs);
     ReadBufferSpecs("output", num_outputs_, plan_.outputs);
+    if (plan_.rank_input >= 0) {
+      context_ = "header";
+      const BufferSpec& rank = plan_.inputs[plan_.rank_input];
+      Require(rank.dtype == DType::kI32 && rank.shape.rank == 0, "the rank operand must be an int32 scalar");
+    }
     ReadAliases();
     ReadTensors();
     ReadMaps();
@@ -224,7 +230,16 @@ class PlanParser {
     plan_.num_events = HeaderCount(Header::kNumEvents, "NUM_EVENTS", kMaxEvents);
     num_workers_ = HeaderCount(Header::kNumWorkers, "NUM_WORKERS", words);
     num_aliases_ = HeaderCount(Header::kNumAliases, "NUM_ALIASES", words);
-    for (int word = static_cast<int>(Header::kNumAliases) + 1; word < layout::kHeaderWords; ++word) {
+    plan_.num_ranks = HeaderCount(Header::kNumRanks, "NUM_RANKS", kMaxRanks);
+    if (plan_.num_ranks < 1) Fail("NUM_RANKS must be at least 1");
+    plan_.comm_bytes = HeaderCount(Header::kCommBytes, "COMM_BYTES", kMaxElements);
+    plan_.num_remote_events = HeaderCount(Header::kNumRemoteEvents, "NUM_REMOTE_EVENTS", kMaxEvents);
+    const int64_t rank_input = HeaderWord(Header::kRankInput);
+    if (plan_.num_ranks == 1 ? rank_input != -1 : rank_input < 0 || rank_input >= num_inputs_) {
+      Fail(StrCat("RANK_INPUT ", rank_input, " is not ", plan_.num_ranks == 1 ? "-1 (one rank)" : "an input"));
+    }
+    plan_.rank_input = static_cast<int>(rank_input);
+    for (int word = static_cast<int>(Header::kRankInput) + 1; word < layout::kHeaderWords; ++word) {
       if (words_[word] != 0) Fail(StrCat("unused header word ", word, " is ", words_[word], ", not 0"));
     }
     position_ = layout::kHeaderWords;
@@ -280,6 +295,16 @@ class PlanParser {
           if (tensor.index < 0 || tensor.index > plan_.workspace_bytes - bytes) {
             Fail(StrCat("bytes [", tensor.index, ", ", tensor.index + bytes, ") are not inside the ",
                         plan_.workspace_bytes, "-byte workspace"));
+          }
+          break;
+        }
+        case TensorKind::kComm: {  // [num_ranks, ...]: one slot in each rank's communication buffer
+          Require(tensor.shape.rank >= 1 && tensor.shape.dims[0] == plan_.num_ranks,
+                  "a COMM tensor's leading dim is the rank count");
+          const int64_t bytes = tensor.shape.NumElements() / plan_.num_ranks * ByteWidth(tensor.dtype);
+          if (tensor.index < 0 || tensor.index > plan_.comm_bytes - bytes) {
+            Fail(StrCat("bytes [", tensor.index, ", ", tensor.index + bytes, ") are not inside the ",
+                        plan_.comm_bytes, "-byte communication buffer"));
           }
           break;
         }
@@ -636,6 +661,14 @@ class PlanParser {
       task.signal_begin = field(TaskField::kSignalBegin);
       task.signal_count = field(TaskField::kSignalCount);
       Require(task.wait_count >= 0 && task.wait_count <= kMaxElements, "WAIT_COUNT is out of range");
+      const int64_t remote_wait_event = field(TaskField::kRemoteWaitEvent);
+      if (remote_wait_event != -1) CheckId(remote_wait_event, plan_.num_remote_events, "REMOTE_WAIT_EVENT");
+      task.remote_wait_event = static_cast<int>(remote_wait_event);
+      task.remote_wait_count = field(TaskField::kRemoteWaitCount);
+      task.remote_signal_begin = field(TaskField::kRemoteSignalBegin);
+      task.remote_signal_count = field(TaskField::kRemoteSignalCount);
+      Require(task.remote_wait_count >= 0 && task.remote_wait_count <= kMaxElements,
+              "REMOTE_WAIT_COUNT is out of range");
       const Shape& domain = plan_.kernels[task.kernel].domain;
       for (int d = 0; d < domain.rank; ++d) {
         task.lo[d] = field(TaskField::kLo, d);
@@ -650,16 +683,23 @@ class PlanParser {
   }
 
   void ReadSignals() {
-    context_ = "signals";
+    ReadSignalList("signals", plan_.num_events, plan_.signals, &Task::signal_begin, &Task::signal_count);
+    ReadSignalList("remote signals", plan_.num_remote_events, plan_.remote_signals, &Task::remote_signal_begin,
+                   &Task::remote_signal_count);
+  }
+
+  void ReadSignalList(const char* what, int64_t num_events, std::vector<int>& list, int64_t Task::*begin,
+                      int64_t Task::*count) {
+    context_ = what;
     const int64_t n_signals = ReadCount("n_signals");
-    plan_.signals.reserve(n_signals);
-    for (int64_t s = 0; s < n_signals; ++s) plan_.signals.push_back(ReadId("event", plan_.num_events));
+    list.reserve(n_signals);
+    for (int64_t s = 0; s < n_signals; ++s) list.push_back(ReadId("event", num_events));
     for (size_t t = 0; t < plan_.tasks.size(); ++t) {
       const Task& task = plan_.tasks[t];
-      if (task.signal_begin < 0 || task.signal_count < 0 || task.signal_begin > n_signals - task.signal_count) {
+      if (task.*begin < 0 || task.*count < 0 || task.*begin > n_signals - task.*count) {
         context_ = StrCat("task ", t);
-        Fail(StrCat("signal slice [", task.signal_begin, ", +", task.signal_count, ") is not inside the ",
-                    n_signals, "-entry signal list"));
+        Fail(StrCat(what, " slice [", task.*begin, ", +", task.*count, ") is not inside the ", n_signals,
+                    "-entry list"));
       }
     }
   }

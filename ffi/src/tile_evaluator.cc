@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 
 #include "jax_mpk/str_cat.h"
 
@@ -111,8 +112,22 @@ double Binary(NodeOp op, double a, double b, DType dtype) {
 
 }  // namespace
 
-TileEvaluator::TileEvaluator(const Plan& plan, const std::vector<void*>& tensor_data)
-    : plan_(plan), tensor_data_(tensor_data) {}
+TileEvaluator::TileEvaluator(const Plan& plan, const std::vector<void*>& tensor_data, std::vector<char*> comm_bases)
+    : plan_(plan), tensor_data_(tensor_data), comm_bases_(std::move(comm_bases)) {}
+
+double TileEvaluator::ReadTensor(int tensor_id, int64_t element) const {
+  const Tensor& tensor = plan_.tensors[tensor_id];
+  if (tensor.kind != TensorKind::kComm) return ReadElement(tensor.dtype, tensor_data_[tensor_id], element);
+  const int64_t slot_elements = tensor.strides[0];  // slot r: rank r's buffer
+  return ReadElement(tensor.dtype, comm_bases_[element / slot_elements] + tensor.index, element % slot_elements);
+}
+
+void TileEvaluator::WriteTensor(int tensor_id, int64_t element, double value) const {
+  const Tensor& tensor = plan_.tensors[tensor_id];
+  if (tensor.kind != TensorKind::kComm) return WriteElement(tensor.dtype, tensor_data_[tensor_id], element, value);
+  const int64_t slot_elements = tensor.strides[0];
+  WriteElement(tensor.dtype, comm_bases_[element / slot_elements] + tensor.index, element % slot_elements, value);
+}
 
 void TileEvaluator::RunTile(const Task& task) {
   kernel_ = &plan_.kernels[task.kernel];
@@ -143,8 +158,7 @@ void TileEvaluator::RunTile(const Task& task) {
       }
       for (size_t o = 0; o < outputs.size(); ++o) {
         const int tensor_id = outputs[o].tensor;
-        WriteElement(plan_.tensors[tensor_id].dtype, tensor_data_[tensor_id], output_elements_[o],
-                     output_values_[o]);
+        WriteTensor(tensor_id, output_elements_[o], output_values_[o]);
       }
     } catch (const TaskError& error) {
       throw TaskError(StrCat(error.what(), " at domain index ", IndexToString(index, rank)));
@@ -200,7 +214,7 @@ double TileEvaluator::Load(const Node& node, const Index& index) {
   AddDynOffsets(node.dyn, index, position);
   const int64_t element = CheckedElement(node.tensor, position, "LOAD");
   const DType stored = plan_.tensors[node.tensor].dtype;
-  return ConvertValue(ReadElement(stored, tensor_data_[node.tensor], element), stored, node.dtype);
+  return ConvertValue(ReadTensor(node.tensor, element), stored, node.dtype);
 }
 
 // A bool predicate picks case 0 or 1. An i32 predicate outside the cases is clamped to them, which is
@@ -369,7 +383,7 @@ double TileEvaluator::ReadDotOperand(const DotOperand& operand, int64_t affine_e
     for (int d = 0; d < kernel_->dot.k_shape.rank; ++d) full_index[domain_rank + d] = contraction_index[d];
     element = CheckedElement(operand.tensor_id, plan_.maps[operand.map_id].Apply(full_index), "DOT operand");
   }
-  return ReadElement(plan_.tensors[operand.tensor_id].dtype, tensor_data_[operand.tensor_id], element);
+  return ReadTensor(operand.tensor_id, element);
 }
 
 // acc(i) = sum over the contraction box of lhs * rhs, in double (modulo 2^32 for an integer accumulator),
@@ -423,10 +437,6 @@ void TileEvaluator::AccumulateRun(const Index& first, int64_t length) {
         run_accumulators_[j] += a * b;
       }
     };
-    const DType lhs_dtype = plan_.tensors[lhs_.tensor_id].dtype;
-    const DType rhs_dtype = plan_.tensors[rhs_.tensor_id].dtype;
-    const void* lhs_data = tensor_data_[lhs_.tensor_id];
-    const void* rhs_data = tensor_data_[rhs_.tensor_id];
     const Index zero{};
     Index k{};
     do {
@@ -434,8 +444,8 @@ void TileEvaluator::AccumulateRun(const Index& first, int64_t length) {
       const int64_t rhs_offset = ContractionOffset(rhs_, k);
       if (lhs_.affine && rhs_.affine) {  // the common case, without index vectors
         for (int64_t j = 0; j < length; ++j) {
-          add_product(j, ReadElement(lhs_dtype, lhs_data, run_lhs_bases_[j] + lhs_offset),
-                      ReadElement(rhs_dtype, rhs_data, run_rhs_bases_[j] + rhs_offset));
+          add_product(j, ReadTensor(lhs_.tensor_id, run_lhs_bases_[j] + lhs_offset),
+                      ReadTensor(rhs_.tensor_id, run_rhs_bases_[j] + rhs_offset));
         }
       } else {
         for (int64_t j = 0; j < length; ++j) {

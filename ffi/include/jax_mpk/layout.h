@@ -5,11 +5,11 @@
 namespace jax_mpk::layout {
 
 inline constexpr int64_t kMagic = 0x4B504D58;
-inline constexpr int64_t kVersion = 1;
+inline constexpr int64_t kVersion = 2;
 inline constexpr int kMaxRank = 8;
-inline constexpr int kHeaderWords = 16;
+inline constexpr int kHeaderWords = 17;
 inline constexpr int64_t kComputedOperand = -1;
-inline constexpr int kTaskWords = 21;
+inline constexpr int kTaskWords = 25;
 
 enum class Platform : int64_t {
   kCpu = 0,
@@ -31,6 +31,7 @@ enum class TensorKind : int64_t {
   kInput = 0,
   kOutput = 1,
   kWorkspace = 2,
+  kComm = 3,
 };
 
 enum class KernelKind : int64_t {
@@ -123,6 +124,10 @@ enum class Header : int64_t {
   kNumEvents = 10,
   kNumWorkers = 11,
   kNumAliases = 12,
+  kNumRanks = 13,
+  kCommBytes = 14,
+  kNumRemoteEvents = 15,
+  kRankInput = 16,
 };
 
 enum class TaskField : int64_t {
@@ -133,6 +138,10 @@ enum class TaskField : int64_t {
   kSignalCount = 4,
   kLo = 5,
   kHi = 13,
+  kRemoteWaitEvent = 21,
+  kRemoteWaitCount = 22,
+  kRemoteSignalBegin = 23,
+  kRemoteSignalCount = 24,
 };
 
 }  // namespace jax_mpk::layout

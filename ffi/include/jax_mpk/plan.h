@@ -136,12 +136,21 @@ struct Task {
   int64_t signal_count;
   Index lo{};
   Index hi{};
+  // Reads of communication buffers: the same tasks on every rank (counters in the communication buffers).
+  int remote_wait_event;  // -1: no wait
+  int64_t remote_wait_count;
+  int64_t remote_signal_begin;
+  int64_t remote_signal_count;
 };
 
 struct Plan {
   Platform platform;
   int64_t workspace_bytes;
   int64_t num_events;
+  int64_t num_ranks = 1;          // devices running this plan together (a shard_map body)
+  int64_t comm_bytes = 0;         // one rank's communication buffer (COMM tensors), per half
+  int64_t num_remote_events = 0;  // counters in every rank's communication buffer
+  int rank_input = -1;            // the int32 scalar operand holding the rank, when num_ranks > 1
   std::vector<BufferSpec> inputs;
   std::vector<BufferSpec> outputs;  // the workspace result excluded
   std::vector<Alias> aliases;
@@ -150,6 +159,7 @@ struct Plan {
   std::vector<Kernel> kernels;
   std::vector<Task> tasks;
   std::vector<int> signals;               // event ids; tasks own slices of it
+  std::vector<int> remote_signals;        // remote event ids; tasks own slices of it
   std::vector<std::vector<int>> workers;  // task ids, in execution order
 };
 

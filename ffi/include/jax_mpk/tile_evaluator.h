@@ -19,8 +19,9 @@ class TaskError : public std::runtime_error {
 // One per worker thread: it keeps per-task memos, so it must not be shared between threads.
 class TileEvaluator {
  public:
-  // `tensor_data[t]` is where tensor t of `plan` lives during this call.
-  TileEvaluator(const Plan& plan, const std::vector<void*>& tensor_data);
+  // `tensor_data[t]` is where tensor t of `plan` lives during this call; a COMM tensor's slot r lives at its
+  // byte offset in `comm_bases[r]` (rank r's communication buffer, the half of this call).
+  TileEvaluator(const Plan& plan, const std::vector<void*>& tensor_data, std::vector<char*> comm_bases = {});
 
   // Computes and stores every output of the task's kernel over the task's tile, row-major.
   // Throws TaskError.
@@ -58,6 +59,8 @@ class TileEvaluator {
   double Accumulate(const Index& domain_index);
   void AccumulateRun(const Index& first, int64_t length);
 
+  double ReadTensor(int tensor_id, int64_t element) const;
+  void WriteTensor(int tensor_id, int64_t element, double value) const;
   void AddDynOffsets(const std::vector<DynOffset>& dyn, const Index& index, Index& position);
   int64_t CheckedElement(int tensor_id, const Index& position, const char* access) const;
 
@@ -70,6 +73,7 @@ class TileEvaluator {
 
   const Plan& plan_;
   const std::vector<void*>& tensor_data_;
+  const std::vector<char*> comm_bases_;
   const Kernel* kernel_ = nullptr;
   std::vector<Memo> memos_;
   int prepared_dot_kernel_ = -1;
