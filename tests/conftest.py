@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 import sys
 
-import chex
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+# Four CPU devices (before jax starts) for the collective tests, which shard_map over 2 or 4 of them; every
+# other test runs on the first, as it would by default.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
+import chex  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -76,17 +76,23 @@ def rope(x, pos, theta):
     return x * jnp.concatenate([cos, cos]) + rotated * jnp.concatenate([sin, sin])
 
 
-def make_decode_step(cfg: TinyConfig):
+def make_decode_step(cfg: TinyConfig, tp_axis: str | None = None):
+    """With ``tp_axis``, the step of one device of a tensor-parallel group (inside shard_map, on its shards of
+    TP_SPECS): its heads and MLP columns, the partial sums of the O and down projections added up by psum."""
     rep = cfg.heads // cfg.kv_heads
+
+    def all_devices(x):
+        return jax.lax.psum(x, tp_axis) if tp_axis else x
 
     def step(params, tokens, pos, cache_k, cache_v):
         b = tokens.shape[0]
+        heads, kv_heads = params["wq"].shape[-1] // cfg.head_dim, params["wk"].shape[-1] // cfg.head_dim
         h = params["embed"][tokens]  # [b, hidden]
         for layer in range(cfg.layers):
             x = rms_norm(h, params["attn_norm"][layer])
-            q = (x @ params["wq"][layer]).reshape(b, cfg.heads, cfg.head_dim)
-            k = (x @ params["wk"][layer]).reshape(b, cfg.kv_heads, cfg.head_dim)
-            v = (x @ params["wv"][layer]).reshape(b, cfg.kv_heads, cfg.head_dim)
+            q = (x @ params["wq"][layer]).reshape(b, heads, cfg.head_dim)
+            k = (x @ params["wk"][layer]).reshape(b, kv_heads, cfg.head_dim)
+            v = (x @ params["wv"][layer]).reshape(b, kv_heads, cfg.head_dim)
             if cfg.qk_norm:
                 q = rms_norm(q, params["q_norm"][layer])
                 k = rms_norm(k, params["k_norm"][layer])
@@ -94,21 +100,31 @@ def make_decode_step(cfg: TinyConfig):
             cache_k = jax.lax.dynamic_update_slice(cache_k, k[None, :, None], (layer, 0, pos, 0, 0))
             cache_v = jax.lax.dynamic_update_slice(cache_v, v[None, :, None], (layer, 0, pos, 0, 0))
             keys, values = cache_k[layer], cache_v[layer]  # [b, seq, kv, d]
-            qg = q.reshape(b, cfg.kv_heads, rep, cfg.head_dim)
+            qg = q.reshape(b, kv_heads, rep, cfg.head_dim)
             scores = jnp.einsum("bgrd,bsgd->bgrs", qg, keys).astype(jnp.float32) * cfg.head_dim**-0.5
             mask = jnp.arange(cfg.max_seq) <= pos
             scores = jnp.where(mask, scores, -1e30)
             probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-            attn = jnp.einsum("bgrs,bsgd->bgrd", probs, values).reshape(b, cfg.heads * cfg.head_dim)
-            h = h + attn @ params["wo"][layer]
+            attn = jnp.einsum("bgrs,bsgd->bgrd", probs, values).reshape(b, heads * cfg.head_dim)
+            h = h + all_devices(attn @ params["wo"][layer])
             x = rms_norm(h, params["mlp_norm"][layer])
             gated = jax.nn.silu(x @ params["w_gate"][layer]) * (x @ params["w_up"][layer])
-            h = h + gated @ params["w_down"][layer]
+            h = h + all_devices(gated @ params["w_down"][layer])
         logits = (rms_norm(h, params["final_norm"]) @ params["embed"].T).astype(jnp.float32)
         next_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return next_tokens, logits, cache_k, cache_v
 
     return step
+
+
+def tp_specs(params: dict, axis: str) -> dict:
+    """How make_decode_step(cfg, axis) shards the weights: Q/K/V and gate/up by output column (whole heads),
+    O and down by input row; the rest replicated."""
+    from jax.sharding import PartitionSpec as P
+
+    by_column, by_row = {"wq", "wk", "wv", "w_gate", "w_up"}, {"wo", "w_down"}
+    return {name: P(None, None, axis) if name in by_column else P(None, axis, None) if name in by_row else P()
+            for name in params}  # fmt: skip
 
 
 def random_tokens(cfg: TinyConfig, seed: int) -> jax.Array:

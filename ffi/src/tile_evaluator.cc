@@ -118,15 +118,15 @@ TileEvaluator::TileEvaluator(const Plan& plan, const std::vector<void*>& tensor_
 double TileEvaluator::ReadTensor(int tensor_id, int64_t element) const {
   const Tensor& tensor = plan_.tensors[tensor_id];
   if (tensor.kind != TensorKind::kComm) return ReadElement(tensor.dtype, tensor_data_[tensor_id], element);
-  const int64_t slot_elements = tensor.strides[0];  // slot r: rank r's buffer
-  return ReadElement(tensor.dtype, comm_bases_[element / slot_elements] + tensor.index, element % slot_elements);
+  const int64_t slot = tensor.slot_elements;  // slot r: rank r's buffer
+  return ReadElement(tensor.dtype, comm_bases_[element / slot] + tensor.index, element % slot);
 }
 
 void TileEvaluator::WriteTensor(int tensor_id, int64_t element, double value) const {
   const Tensor& tensor = plan_.tensors[tensor_id];
   if (tensor.kind != TensorKind::kComm) return WriteElement(tensor.dtype, tensor_data_[tensor_id], element, value);
-  const int64_t slot_elements = tensor.strides[0];
-  WriteElement(tensor.dtype, comm_bases_[element / slot_elements] + tensor.index, element % slot_elements, value);
+  const int64_t slot = tensor.slot_elements;
+  WriteElement(tensor.dtype, comm_bases_[element / slot] + tensor.index, element % slot, value);
 }
 
 void TileEvaluator::RunTile(const Task& task) {

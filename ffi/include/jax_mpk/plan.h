@@ -58,6 +58,7 @@ struct Tensor {
   DType dtype;
   Shape shape;
   Index strides{};  // row-major, in elements
+  int64_t slot_elements = 0;  // COMM: elements of one rank's slot (element e lives in rank e / slot_elements)
 
   int64_t LinearOffset(const Index& position) const;
 };

@@ -1,0 +1,136 @@
+"""Collectives inside shard_map, on 2 and 4 CPU devices: megakernelize(f) equals jax.jit(f) (conftest gives
+the process 4 CPU devices)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_model_outputs_close, assert_trees_close, random_array
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+from tiny_models import TinyConfig, init_cache, init_params, make_decode_step, random_tokens, tp_specs
+
+import jax_mpk
+from jax_mpk.errors import UnsupportedPrimitiveError
+
+
+def mesh_of(n: int, names=("x",)) -> Mesh:
+    devices = jax.devices("cpu")
+    if len(devices) < n:
+        pytest.skip(f"needs {n} CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count={n})")
+    shape = (n,) if len(names) == 1 else (2, n // 2)
+    return Mesh(np.array(devices[:n]).reshape(shape), names)
+
+
+def check_calls(fn, make_args, calls=3, dtype=None):
+    """megakernelize(fn) equals jax.jit(fn) on fresh inputs for several calls (the communication buffers
+    alternate between two halves from call to call)."""
+    fast = jax_mpk.megakernelize(fn)
+    for _ in range(calls):
+        args = make_args()
+        if dtype == "bfloat16":  # partial sums that cancel: one bf16 rounding apart is a large error elementwise
+            assert_model_outputs_close(fast(*args), jax.jit(fn)(*args), dtype)
+        else:
+            assert_trees_close(fast(*args), jax.jit(fn)(*args), dtype)
+    return fast
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_psum_of_a_row_parallel_product(n, dtype, rng):
+    def body(x, w):
+        return jax.lax.psum(x @ w, "x")
+
+    f = jax.shard_map(body, mesh=mesh_of(n), in_specs=(P(None, "x"), P("x", None)), out_specs=P())
+    fast = check_calls(f, lambda: (random_array(rng, (3, 8 * n), dtype), random_array(rng, (8 * n, 20), dtype)),
+                       dtype=dtype)
+    (plan,) = fast.plans.values()
+    assert plan.graph.num_ranks == n and plan.tasks.num_remote_events >= 1
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("axis,tiled", [(0, True), (1, True), (1, False), (2, False)])
+def test_all_gather(n, axis, tiled, rng):
+    def body(x):
+        return jax.lax.all_gather(jnp.sin(x), "x", axis=axis, tiled=tiled)
+
+    # every device holds the whole gathered value (check_vma=False: jax marks all_gather's result varying;
+    # its collectives are then psum, not psum_invariant)
+    f = jax.shard_map(body, mesh=mesh_of(n), in_specs=P(None, "x"), out_specs=P(), check_vma=False)
+    check_calls(f, lambda: (random_array(rng, (3, 2 * n), "float32"),))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("dim,tiled", [(0, True), (1, True), (0, False)])
+def test_psum_scatter(n, dim, tiled, rng):
+    def body(x):
+        return jax.lax.psum_scatter(x * 2.0, "x", scatter_dimension=dim, tiled=tiled)
+
+    shape = (n * 3, 2 * n) if tiled else (n, 5)
+    out_spec = P("x") if tiled and dim == 0 else P(None, "x") if tiled else P("x")  # blocks side by side
+    f = jax.shard_map(body, mesh=mesh_of(n), in_specs=P(), out_specs=out_spec)
+    check_calls(f, lambda: (random_array(rng, shape, "float32"),))
+
+
+def test_axis_index_and_several_results(rng):
+    def body(x):
+        i = jax.lax.axis_index("x")
+        total = jax.lax.psum(x.sum(), "x")
+        return x * i.astype(x.dtype), total, jax.lax.psum(i, "x")
+
+    f = jax.shard_map(body, mesh=mesh_of(4), in_specs=P("x"), out_specs=(P("x"), P(), P()))
+    check_calls(f, lambda: (random_array(rng, (8, 3), "float32"),))
+
+
+def test_two_dimensional_mesh(rng):
+    mesh = mesh_of(4, ("a", "b"))
+
+    def body(x):
+        rank = jax.lax.axis_index("a") * 2 + jax.lax.axis_index("b")
+        return jax.lax.psum(x + rank.astype(x.dtype), ("a", "b"))
+
+    f = jax.shard_map(body, mesh=mesh, in_specs=P("a", "b"), out_specs=P())
+    check_calls(f, lambda: (random_array(rng, (4, 6), "float32"),))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_tensor_parallel_decode_steps(n, rng):
+    """A tiny Llama-style step with Q/K/V, gate/up split by column and O/down by row (psum after each), over
+    several steps: the megakernel equals jax.jit of the same shard_map and of the unsharded step."""
+    cfg = TinyConfig(layers=2, heads=4, kv_heads=4 if n == 4 else 2, mlp=96)
+    params = init_params(cfg, jax.random.PRNGKey(int(rng.integers(1 << 30))))
+    cache = init_cache(cfg, jax.random.PRNGKey(int(rng.integers(1 << 30))))
+    cache_spec = P(None, None, None, "x", None)
+    tp_step = jax.shard_map(
+        make_decode_step(cfg, "x"), mesh=mesh_of(n),
+        in_specs=(tp_specs(params, "x"), P(), P(), cache_spec, cache_spec),
+        out_specs=(P(), P(), cache_spec, cache_spec),
+    )  # fmt: skip
+    fast, reference, single = jax_mpk.megakernelize(tp_step), jax.jit(tp_step), jax.jit(make_decode_step(cfg))
+    tokens, expected_cache, actual_cache = random_tokens(cfg, 0), cache, cache
+    for pos in range(3, 7):
+        expected = reference(params, tokens, jnp.int32(pos), *expected_cache)
+        actual = fast(params, tokens, jnp.int32(pos), *actual_cache)
+        assert_trees_close(actual, expected, "float32")
+        assert_trees_close(single(params, tokens, jnp.int32(pos), *expected_cache), expected, "float32")
+        tokens, expected_cache, actual_cache = expected[0], expected[2:], actual[2:]
+
+
+def test_collective_over_part_of_the_mesh_is_refused(rng):
+    f = jax.shard_map(lambda x: jax.lax.psum(x, "a"), mesh=mesh_of(4, ("a", "b")), in_specs=P("a", "b"),
+                      out_specs=P(None, "b"))  # fmt: skip
+    with pytest.raises(UnsupportedPrimitiveError, match="over axes"):
+        jax_mpk.megakernelize(f)(random_array(rng, (4, 4), "float32"))
+
+
+def test_shard_map_inside_other_work_is_refused(rng):
+    inner = jax.shard_map(lambda x: jax.lax.psum(x, "x"), mesh=mesh_of(2), in_specs=P("x"), out_specs=P())
+    with pytest.raises(UnsupportedPrimitiveError, match="one shard_map"):
+        jax_mpk.megakernelize(lambda x: inner(x) + 1.0)(random_array(rng, (4,), "float32"))
+
+
+def test_collective_outside_shard_map_is_refused(rng):
+    with pytest.raises(Exception, match="axis name|unbound"):
+        jax_mpk.megakernelize(lambda x: jax.lax.psum(x, "x"))(random_array(rng, (4,), "float32"))
