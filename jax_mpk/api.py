@@ -12,7 +12,7 @@ import numpy as np
 
 from . import config as config_module
 from .capture import Captured, ShardMap, capture, find_shard_map
-from .errors import DependencyTimeoutError, GraphTooLargeError, SignatureMismatchError, UnsupportedPrimitiveError
+from .errors import DependencyTimeoutError, GraphTooLargeError, SignatureMismatchError
 from .fusion import KernelGraph, fuse
 from .layout import Platform
 from .plan import plan_key, serialize
@@ -106,11 +106,6 @@ class Megakernel:
         from .codegen import generate
         from .toolchain import compile_cubin
 
-        if self.graph.num_ranks > 1:
-            raise UnsupportedPrimitiveError(
-                "shard_map", detail="collectives run on the CPU executor so far; the CUDA megakernel has no "
-                "communication buffers yet (set JAX_MPK_PLATFORM=cpu to run this function on the CPU)"
-            )
         self.source = generate(self.tasks, self.schedule, self.profile_offset)
         cubin = compile_cubin(self.source.text, self.device.compute_capability)
         kg = self.graph
@@ -120,7 +115,15 @@ class Megakernel:
             self.key, cubin, self.source.kernel_name, num_events=self.tasks.num_events,
             threads=self.source.threads, smem_bytes=self.source.smem_bytes, arg_bytes=arg_bytes,
             ret_bytes=ret_bytes, aliases=kg.aliases, num_ctas=self.num_workers,
+            rank_devices=[d.local_hardware_id for d in self._devices()] if kg.num_ranks > 1 else (),
+            comm_bytes=kg.comm_bytes, num_remote_events=self.tasks.num_remote_events,
         )  # fmt: skip
+
+    def _devices(self) -> list:
+        """The devices that run the plan, in rank order."""
+        if self.shard_map is None:
+            return [self.device]
+        return list(self.shard_map.mesh.devices.flat)
 
     # ----------------------------------------------------------------------------------------- calling
     def check_signature(self, flat_args: Sequence[Any], in_tree) -> None:
@@ -188,9 +191,9 @@ class Megakernel:
     def raise_device_error(self) -> None:
         """Raise the watchdog failure a finished CUDA call left behind, if any."""
         if self.device is not None:
-            message = check_cuda_error(self.key, self.device.local_hardware_id)
-            if message:
-                raise DependencyTimeoutError(message)
+            messages = [check_cuda_error(self.key, d.local_hardware_id) for d in self._devices()]
+            if any(messages):
+                raise DependencyTimeoutError("; ".join(m for m in messages if m))
 
     @functools.cached_property
     def _jitted(self):

@@ -152,7 +152,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         f'extern "C" __global__ void __launch_bounds__({THREADS}, 1) {KERNEL_NAME}(const jax_mpk::MegakernelParams p) {{',
         "  extern __shared__ __align__(16) char smem[];",
         "  Dispatch dispatch{p};",
-        f"  run_worker(p, kTasks, kSignals, kWorkerBegin, kWorkerTasks, smem, dispatch, {profile});",
+        f"  run_worker(p, kTasks, kSignals, kRemoteSignals, kWorkerBegin, kWorkerTasks, smem, dispatch, {profile});",
         "}",
         "",
     ]
@@ -168,6 +168,8 @@ class _BufferSlots:
     def pointer(self, tensor: Tensor, element_offset: int = 0) -> str:
         b = tensor.buffer
         byte_offset = element_offset * np.dtype(b.dtype).itemsize
+        if b.kind == TensorKind.COMM:  # in rank 0's buffer, this call's half; codegen moves to other ranks
+            return f"(p.comm.peers[0] + comm::half_offset(p) + {b.index + byte_offset})"
         if b.kind == TensorKind.INPUT:
             slot = b.index
         elif b.kind == TensorKind.OUTPUT:
@@ -185,9 +187,10 @@ def _task_tables(graph: TaskGraph, sched: Schedule) -> list[str]:
             return ",".join(map(str, values))
 
         scalars, lo, hi = words[: TaskField.LO], words[TaskField.LO : TaskField.HI], words[TaskField.HI : TaskField.REMOTE_WAIT_EVENT]
-        return f"{{{join(scalars)},{{{join(lo)}}},{{{join(hi)}}}}}"
+        remote = words[TaskField.REMOTE_WAIT_EVENT :]
+        return f"{{{join(scalars)},{{{join(lo)}}},{{{join(hi)}}},{join(remote)}}}"
 
-    records, signals, _ = task_records(graph.tasks)
+    records, signals, remote_signals = task_records(graph.tasks)
     begin, flat = [0], []
     for worker in sched.workers:
         flat += worker
@@ -197,6 +200,7 @@ def _task_tables(graph: TaskGraph, sched: Schedule) -> list[str]:
         *[f"  {record(r)}," for r in records],
         "};",
         f"__device__ const int32_t kSignals[] = {{{','.join(map(str, signals or [0]))}}};",
+        f"__device__ const int32_t kRemoteSignals[] = {{{','.join(map(str, remote_signals or [0]))}}};",
         f"__device__ const int32_t kWorkerBegin[] = {{{','.join(map(str, begin))}}};",
         f"__device__ const int32_t kWorkerTasks[] = {{{','.join(map(str, flat or [0]))}}};",
     ]
@@ -529,8 +533,8 @@ class _DotPlan:
     def of(kernel: Kernel, tasks) -> _DotPlan | None:
         dot = kernel.dot
         rank = len(kernel.domain)
-        if rank == 0 or not tasks:
-            return None
+        if rank == 0 or not tasks or any(t.buffer.kind == TensorKind.COMM for t in kernel.read_tensors()):
+            return None  # communication buffers are read element by element (their slots are on other ranks)
         if dot.lhs_expr is None:
             lhs = _linear_form(dot.lhs_map, dot.lhs.shape)
         else:  # computed while staged: only the contraction's nesting matters
@@ -757,7 +761,13 @@ class _Emitter:
             offset = _linear(0, coefs, idx)
         for dim, value, hi in dyn:
             offset = f"{offset} + {strides[dim]} * static_cast<index_t>(ops::dynamic_offset({value}, {hi}))"
-        return self.body.pointer_name(tensor, const), offset
+        pointer = self.body.pointer_name(tensor, const)
+        if tensor.buffer.kind == TensorKind.COMM:  # slot r of the buffer lives on rank r
+            slot = math.prod(tensor.buffer.shape) // tensor.buffer.shape[0]
+            element = self.fresh("c")
+            self.emit(f"const index_t {element} = {offset};")
+            return f"comm::on_rank(p, {pointer}, {element} / {slot})", f"{element} % {slot}"
+        return pointer, offset
 
     def load_value(self, tensor: Tensor, index_map: IndexMap, idx: list[str], dtype, dyn=()) -> str:
         code = dtype_code(tensor.buffer.dtype)

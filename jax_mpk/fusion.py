@@ -772,7 +772,8 @@ def _compute_rows_in_dot_staging(kernels: list[Kernel]) -> list[Kernel]:
         a, out = writer[key(dot.lhs)]
         if math.prod(b.domain[d] for d in shared_weight_dims(b)) > 1:
             continue  # a task of it multiplies several rows: it would compute them one after the other
-        if a.dot is None and _stages_as_rows(out, dot, len(b.domain)):
+        reads_comm = any(t.buffer.kind == TensorKind.COMM for t in a.read_tensors())  # codegen: element by element
+        if a.dot is None and not reads_comm and _stages_as_rows(out, dot, len(b.domain)):
             dot.lhs_expr = Reindex(shape=tuple(b.domain) + tuple(dot.k_shape), dtype=out.node.dtype,
                                    children=(out.node,), map=dot.lhs_map)  # fmt: skip
     still_read = {key(t) for k in kernels for t in k.read_tensors()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,9 @@ def register_cuda_plan(
     ret_bytes: list[int],
     aliases: dict[int, int] | list[tuple[int, int]] = (),
     num_ctas: int = 0,
+    rank_devices: Sequence[int] = (),
+    comm_bytes: int = 0,
+    num_remote_events: int = 0,
 ) -> None:
     """Register a compiled megakernel for the CUDA handler under ``key`` (the ``plan_key`` of :func:`emit_call`).
 
@@ -60,7 +64,9 @@ def register_cuda_plan(
     jax_mpk::MegakernelParams p)``. ``arg_bytes``/``ret_bytes`` are the byte sizes of the call's operands and
     results (the workspace included), ``aliases`` the ``input_output_aliases`` pairs. The kernel is launched
     cooperatively with ``num_ctas`` CTAs (0: one per SM) of ``threads`` threads and ``smem_bytes`` of dynamic
-    shared memory. Nothing touches the GPU here; the image is loaded on the first call on each device.
+    shared memory. Nothing touches the GPU here; the image is loaded on the first call on each device. A plan
+    that several devices run together (a shard_map body) gives their ordinals in rank order (``rank_devices``),
+    the bytes of one rank's communication buffer and its number of remote events.
     Raises ValueError for invalid arguments, RuntimeError when the extension has no CUDA backend.
     """
     pairs = sorted(aliases.items()) if isinstance(aliases, dict) else [tuple(p) for p in aliases]
@@ -77,6 +83,9 @@ def register_cuda_plan(
         [int(b) for b in ret_bytes],
         [(int(i), int(o)) for i, o in pairs],
         int(num_ctas),
+        [int(d) for d in rank_devices],
+        int(comm_bytes),
+        int(num_remote_events),
     )
 
 

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -23,7 +25,9 @@ namespace jax_mpk {
 bool CudaPlanSpec::operator==(const CudaPlanSpec& other) const {
   return image == other.image && kernel_name == other.kernel_name && num_events == other.num_events &&
          threads == other.threads && smem_bytes == other.smem_bytes && arg_bytes == other.arg_bytes &&
-         ret_bytes == other.ret_bytes && aliases == other.aliases && num_ctas == other.num_ctas;
+         ret_bytes == other.ret_bytes && aliases == other.aliases && num_ctas == other.num_ctas &&
+         rank_devices == other.rank_devices && comm_bytes == other.comm_bytes &&
+         num_remote_events == other.num_remote_events;
 }
 
 namespace {
@@ -70,6 +74,10 @@ struct DeviceState {
   ErrorRecord* error_host = nullptr;    // host-mapped
   ErrorRecord* error_device = nullptr;  // its device address
   cudaStream_t side_stream = nullptr;   // ours, non-blocking: zeroing outside XLA's stream
+  // Several ranks: this device's rank and communication buffer (two halves, then the remote counters).
+  int rank = 0;
+  char* comm = nullptr;
+  size_t comm_block_bytes = 0;
   int64_t last_watchdog_ms = 0;         // of the last launch, for the watchdog message
   // Kernel errors taken from the record but not reported yet (a call being captured cannot report them).
   std::string unreported;
@@ -85,6 +93,12 @@ struct CudaPlan {
   cudaLibrary_t library = nullptr;  // loaded on first use, shared by all devices, never unloaded
   cudaKernel_t kernel = nullptr;
   std::map<int, std::unique_ptr<DeviceState>> states;  // by device ordinal
+  // Several ranks: every rank's communication buffer and remote counters, filled in as each device creates
+  // its state (a rank's first call waits until all are there).
+  std::vector<char*> comm_peers;
+  std::vector<uint64_t*> comm_counters;
+  int comm_registered = 0;
+  std::condition_variable comm_ready;
 };
 
 struct Registry {
@@ -178,6 +192,7 @@ ffi::Error DeviceAttribute(int* value, cudaDeviceAttr attribute, int device, con
 
 // Frees what a failed CreateState allocated.
 void ReleasePartialState(DeviceState& state) {
+  if (state.comm) cudaFree(state.comm);
   if (state.side_stream) cudaStreamDestroy(state.side_stream);
   if (state.error_host) cudaFreeHost(state.error_host);
   if (state.block) cudaFree(state.block);
@@ -207,6 +222,76 @@ ffi::Error AllocateState(const CudaPlan& plan, DeviceState& state) {
   JAX_MPK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(state.block, 0, state.block_bytes, state.side_stream),
                                StrCat("zeroing the event counters and control", where));
   JAX_MPK_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(state.side_stream), StrCat("cudaStreamSynchronize", where));
+  const CudaPlanSpec& spec = plan.spec;
+  if (spec.rank_devices.empty()) return ffi::Error::Success();
+  // Several ranks: the kernels of the other devices read this buffer and these counters directly.
+  const int64_t num_ranks = static_cast<int64_t>(spec.rank_devices.size());
+  state.rank = static_cast<int>(std::find(spec.rank_devices.begin(), spec.rank_devices.end(), state.device) -
+                                spec.rank_devices.begin());
+  if (state.rank == num_ranks) {
+    std::string devices;
+    for (const int64_t d : spec.rank_devices) devices += StrCat(devices.empty() ? "" : ", ", d);
+    return ffi::Error::InvalidArgument(StrCat("jax_mpk: device ", state.device, " is not one of the devices of plan '",
+                                              plan.key, "' (a shard_map over devices ", devices, ")"));
+  }
+  for (const int64_t peer : spec.rank_devices) {
+    if (peer == state.device) continue;
+    int can_access = 0;
+    JAX_MPK_RETURN_IF_CUDA_ERROR(cudaDeviceCanAccessPeer(&can_access, state.device, static_cast<int>(peer)),
+                                 StrCat("cudaDeviceCanAccessPeer(", state.device, ", ", peer, ")"));
+    if (!can_access) {
+      return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                        StrCat("jax_mpk: device ", state.device, " cannot access the memory of device ", peer,
+                               ", which the collectives of plan '", plan.key, "' need (peer access)"));
+    }
+    const cudaError_t status = cudaDeviceEnablePeerAccess(static_cast<int>(peer), 0);  // XLA has usually done it
+    if (status == cudaErrorPeerAccessAlreadyEnabled) {
+      cudaGetLastError();
+    } else if (status != cudaSuccess) {
+      return CudaFailure(status, StrCat("cudaDeviceEnablePeerAccess(", peer, ")", where));
+    }
+  }
+  state.comm_block_bytes = static_cast<size_t>(2 * spec.comm_bytes + 8 * spec.num_remote_events);
+  JAX_MPK_RETURN_IF_CUDA_ERROR(cudaMalloc(reinterpret_cast<void**>(&state.comm), std::max<size_t>(state.comm_block_bytes, 8)),
+                               StrCat("cudaMalloc of ", state.comm_block_bytes, " bytes of communication buffer", where));
+  JAX_MPK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(state.comm, 0, state.comm_block_bytes, state.side_stream),
+                               StrCat("zeroing the communication buffer", where));
+  JAX_MPK_RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(state.side_stream), StrCat("cudaStreamSynchronize", where));
+  return ffi::Error::Success();
+}
+
+// Publishes this device's communication buffer to the plan's other ranks. Caller holds plan.mutex.
+void RegisterComm(CudaPlan& plan, const DeviceState& state) {
+  const size_t num_ranks = plan.spec.rank_devices.size();
+  if (num_ranks == 0) return;
+  plan.comm_peers.resize(num_ranks, nullptr);
+  plan.comm_counters.resize(num_ranks, nullptr);
+  plan.comm_peers[state.rank] = state.comm;
+  plan.comm_counters[state.rank] = reinterpret_cast<uint64_t*>(state.comm + 2 * plan.spec.comm_bytes);
+  ++plan.comm_registered;
+  plan.comm_ready.notify_all();
+}
+
+// Fills params.comm once every rank has its buffer; waits up to `timeout` for the other ranks' first calls.
+ffi::Error BindComm(CudaPlan& plan, const DeviceState& state, std::chrono::milliseconds timeout,
+                    MegakernelParams& params) {
+  const int num_ranks = static_cast<int>(plan.spec.rank_devices.size());
+  params.comm.num_ranks = std::max(num_ranks, 1);
+  if (num_ranks == 0) return ffi::Error::Success();
+  std::unique_lock<std::mutex> lock(plan.mutex);
+  if (!plan.comm_ready.wait_for(lock, timeout, [&] { return plan.comm_registered == num_ranks; })) {
+    return ffi::Error(ffi::ErrorCode::kDeadlineExceeded,
+                      StrCat("jax_mpk watchdog: device ", state.device, " (rank ", state.rank, " of plan '", plan.key,
+                             "') waited more than ", timeout.count(), " ms for the other ranks' first call (",
+                             plan.comm_registered, " of ", num_ranks,
+                             " ranks arrived; does every device of the mesh call the plan?)"));
+  }
+  for (int r = 0; r < num_ranks; ++r) {
+    params.comm.peers[r] = plan.comm_peers[r];
+    params.comm.counters[r] = plan.comm_counters[r];
+  }
+  params.comm.half_bytes = plan.spec.comm_bytes;
+  params.comm.rank = state.rank;
   return ffi::Error::Success();
 }
 
@@ -320,6 +405,7 @@ ffi::ErrorOr<DeviceState*> GetOrCreateState(CudaPlan& plan, int device, bool cap
   if (!state) return ffi::Unexpected(state.error());
   DeviceState* created = state->get();
   plan.states.emplace(device, std::move(*state));
+  RegisterComm(plan, *created);
   return created;
 }
 
@@ -390,6 +476,10 @@ ffi::Error TakeDeferredError(const CudaPlan& plan, DeviceState& state, cudaStrea
   if (capturing || state.unreported.empty()) return ffi::Error::Success();
   JAX_MPK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(state.block, 0, state.block_bytes, stream),
                                "resetting the event counters and control after a failed call");
+  if (state.comm) {  // epochs restart at 1: so do this rank's remote counters (the other ranks failed as well)
+    JAX_MPK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(state.comm, 0, state.comm_block_bytes, stream),
+                                 "resetting the communication buffer after a failed call");
+  }
   std::string message = std::exchange(state.unreported, std::string());
   return ffi::Error(state.unreported_code,
                     StrCat(message, ". Reported by a later call of plan '", plan.key,
@@ -471,6 +561,12 @@ ffi::Error MegakernelCuda(cudaStream_t stream, int32_t device, ffi::RemainingArg
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   JAX_MPK_RETURN_IF_CUDA_ERROR(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
   const bool capturing = capture != cudaStreamCaptureStatusNone;
+  if (capturing && !plan->spec.rank_devices.empty()) {
+    // A replay restarts at epoch 1 (the captured reset), which the other ranks' counters do not follow.
+    return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                      StrCat("jax_mpk: plan '", plan_key, "' runs on several devices and cannot be captured into a "
+                             "CUDA graph (XLA command buffers) yet"));
+  }
 
   ffi::ErrorOr<DeviceState*> found = GetOrCreateState(*plan, device, capturing);
   if (!found) return found.error();
@@ -484,6 +580,9 @@ ffi::Error MegakernelCuda(cudaStream_t stream, int32_t device, ffi::RemainingArg
   params.control = state.control;
   params.error = state.error_device;
   params.watchdog_ns = watchdog_ms * 1'000'000;
+  if (ffi::Error error = BindComm(*plan, state, std::chrono::milliseconds(watchdog_ms), params); error.failure()) {
+    return error;
+  }
   if (capturing) {
     // A graph replays this launch without this function, so no host check can reset a state that a failed
     // call left; and XLA updates a re-captured graph in place, which CUDA allows only if every capture has the
@@ -515,6 +614,20 @@ void CheckSpec(const CudaPlanSpec& spec) {
   }
   if (spec.num_ctas < 0 || spec.num_ctas > kMaxCtas) {
     fail(StrCat("num_ctas = ", spec.num_ctas, " is not in [0, ", kMaxCtas, "] (0: one CTA per SM)"));
+  }
+  if (spec.rank_devices.size() == 1 || spec.rank_devices.size() > static_cast<size_t>(kMaxRanks)) {
+    fail(StrCat(spec.rank_devices.size(), " rank devices: a plan runs on one device (none listed) or on 2 to ",
+                kMaxRanks, " (kMaxRanks in runtime/params.h)"));
+  }
+  for (size_t r = 0; r < spec.rank_devices.size(); ++r) {
+    if (std::count(spec.rank_devices.begin(), spec.rank_devices.end(), spec.rank_devices[r]) != 1) {
+      fail(StrCat("device ", spec.rank_devices[r], " is listed for more than one rank"));
+    }
+  }
+  if (spec.comm_bytes < 0 || spec.comm_bytes > kMaxBufferBytes || spec.num_remote_events < 0 ||
+      spec.num_remote_events > kMaxEvents) {
+    fail(StrCat("comm_bytes = ", spec.comm_bytes, " or num_remote_events = ", spec.num_remote_events,
+                " is out of range"));
   }
   const size_t num_buffers = spec.arg_bytes.size() + spec.ret_bytes.size();
   if (num_buffers > static_cast<size_t>(kMaxBuffers)) {
@@ -581,6 +694,10 @@ std::optional<std::string> CheckCudaError(std::string_view key, int device) {
   // The caller synchronized, so no kernel of this plan runs on the device: reset on our own stream.
   check(cudaMemsetAsync(state->block, 0, state->block_bytes, state->side_stream),
         "resetting the event counters and control");
+  if (state->comm) {
+    check(cudaMemsetAsync(state->comm, 0, state->comm_block_bytes, state->side_stream),
+          "resetting the communication buffer");
+  }
   check(cudaStreamSynchronize(state->side_stream), "cudaStreamSynchronize");
   std::string message = std::exchange(state->unreported, std::string());
   return message;

@@ -58,7 +58,8 @@ void RequireCuda() {
 void RegisterCudaPlanFromPython(std::string key, const nb::bytes& image, std::string kernel_name, int64_t num_events,
                                 int64_t threads, int64_t smem_bytes, int64_t num_args, int64_t num_rets,
                                 std::vector<int64_t> arg_bytes, std::vector<int64_t> ret_bytes,
-                                std::vector<std::pair<int64_t, int64_t>> aliases, int64_t num_ctas) {
+                                std::vector<std::pair<int64_t, int64_t>> aliases, int64_t num_ctas,
+                                std::vector<int64_t> rank_devices, int64_t comm_bytes, int64_t num_remote_events) {
   RequireCuda();
   if (num_args < 0 || static_cast<size_t>(num_args) != arg_bytes.size() || num_rets < 0 ||
       static_cast<size_t>(num_rets) != ret_bytes.size()) {
@@ -76,6 +77,9 @@ void RegisterCudaPlanFromPython(std::string key, const nb::bytes& image, std::st
   spec.ret_bytes = std::move(ret_bytes);
   spec.aliases = std::move(aliases);
   spec.num_ctas = num_ctas;
+  spec.rank_devices = std::move(rank_devices);
+  spec.comm_bytes = comm_bytes;
+  spec.num_remote_events = num_remote_events;
 #ifdef JAX_MPK_WITH_CUDA
   // RegisterCudaPlan's std::invalid_argument reaches Python as ValueError.
   RegisterCudaPlan(std::move(key), std::move(spec));
@@ -144,11 +148,14 @@ NB_MODULE(_ext, m) {
       "has_cuda", [] { return jax_mpk::kHasCuda; }, "Whether this build has the CUDA backend.");
   m.def("register_cuda_plan", &jax_mpk::RegisterCudaPlanFromPython, "key"_a, "cubin"_a, "kernel_name"_a,
         "num_events"_a, "threads"_a, "smem_bytes"_a, "num_args"_a, "num_rets"_a, "arg_bytes"_a, "ret_bytes"_a,
-        "aliases"_a, "num_ctas"_a = 0,
+        "aliases"_a, "num_ctas"_a = 0, "rank_devices"_a = std::vector<int64_t>(), "comm_bytes"_a = 0,
+        "num_remote_events"_a = 0,
         "Stores a compiled megakernel (cubin, fatbin or PTX bytes) and its calling convention under `key`, for "
         "the CUDA handler. Nothing touches the GPU here: the image is loaded on the first call on each device. "
         "An identical registration keeps the existing plan; a different one replaces it. num_ctas = 0 launches "
-        "one CTA per SM. Raises ValueError for invalid arguments, RuntimeError without CUDA.");
+        "one CTA per SM. A plan that several devices run together (a shard_map body) lists their ordinals in rank "
+        "order in rank_devices, with the bytes of one rank's communication buffer and its remote event count. "
+        "Raises ValueError for invalid arguments, RuntimeError without CUDA.");
   m.def("has_cuda_plan", &jax_mpk::HasCudaPlanFromPython, "key"_a,
         "Whether a CUDA plan is registered under `key` in this process (always False without CUDA).");
   m.def("check_cuda_error", &jax_mpk::CheckCudaErrorFromPython, "key"_a, "device"_a,

@@ -49,6 +49,12 @@ struct CudaPlanSpec {
   std::vector<int64_t> ret_bytes;  // byte size of each result
   std::vector<std::pair<int64_t, int64_t>> aliases;  // (operand, result) pairs that must be one buffer
   int64_t num_ctas = 0;       // grid size; 0: the device's SM count
+  // Several devices running the plan together (a shard_map body; empty: one device). Device ordinals in rank
+  // order; each rank allocates a communication buffer of 2 * comm_bytes and num_remote_events counters, and
+  // every rank's kernel gets every rank's addresses (runtime/params.h, CommParams).
+  std::vector<int64_t> rank_devices;
+  int64_t comm_bytes = 0;
+  int64_t num_remote_events = 0;
 
   bool operator==(const CudaPlanSpec& other) const;
 };

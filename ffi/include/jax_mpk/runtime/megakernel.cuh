@@ -7,6 +7,11 @@
 // adds 1 to each event in its signal list. Counters live in device memory and are never reset: the epoch
 // (calls completed so far, kept in Control) scales every target, and the last CTA to finish a call
 // advances it. All CTAs must be co-resident (one per SM, cooperative launch).
+//
+// Several devices (a shard_map): a task that reads communication buffers also waits until every rank's
+// remote counter[remote_wait_event] >= remote_wait_count * epoch (system scope: the counters of the other
+// ranks are in their memory), and a task whose stores other ranks read adds to its own rank's remote
+// counters after a system-scope release. Every rank runs the same graph with its epochs in step.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +28,10 @@ struct TaskRecord {
   int32_t signal_count;
   int32_t lo[8];
   int32_t hi[8];
+  int32_t remote_wait_event;  // -1: no wait
+  int32_t remote_wait_count;
+  int32_t remote_signal_begin;
+  int32_t remote_signal_count;
 };
 
 __device__ __forceinline__ uint64_t load_acquire(const uint64_t* address) {
@@ -34,6 +43,28 @@ __device__ __forceinline__ uint64_t load_acquire(const uint64_t* address) {
 __device__ __forceinline__ void add_relaxed(uint64_t* address, uint64_t value) {
   asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
 }
+
+__device__ __forceinline__ uint64_t load_acquire_system(const uint64_t* address) {
+  uint64_t value;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
+  return value;
+}
+
+__device__ __forceinline__ void add_relaxed_system(uint64_t* address, uint64_t value) {
+  asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
+}
+
+namespace comm {
+// Byte offset of this call's half of every communication buffer (call e, counted from 1, uses half e % 2).
+// Control::epoch holds the calls completed, and changes only once every task of the call has run.
+__device__ __forceinline__ int64_t half_offset(const MegakernelParams& p) {
+  return static_cast<int64_t>((p.control->epoch + 1) & 1) * p.comm.half_bytes;
+}
+// `base` is an address in rank 0's buffer; the same place in rank `rank`'s buffer.
+__device__ __forceinline__ char* on_rank(const MegakernelParams& p, char* base, int64_t rank) {
+  return p.comm.peers[rank] + (base - p.comm.peers[0]);
+}
+}  // namespace comm
 
 // Release fence at GPU scope. __threadfence() is fence.sc (sequentially consistent), which the signal does
 // not need and which costs more on every task.
@@ -62,20 +93,22 @@ __device__ inline void report_failure(const MegakernelParams& p, int32_t code, i
   }
 }
 
-// Thread 0 only. Returns false when the call is being aborted (watchdog here or elsewhere).
-__device__ inline bool wait_for_event(const MegakernelParams& p, const TaskRecord& task, int32_t task_index,
-                                      uint64_t epoch) {
-  const uint64_t* counter = p.counters + task.wait_event;
-  const uint64_t target = static_cast<uint64_t>(task.wait_count) * epoch;
-  if (load_acquire(counter) >= target) return true;
+// Thread 0 only: waits until `*counter >= target` (an acquire at system scope for another rank's counter).
+// Returns false when the call is being aborted (watchdog here or elsewhere); `event` names the counter in
+// the error record.
+template <bool kSystem>
+__device__ inline bool wait_until(const MegakernelParams& p, const uint64_t* counter, uint64_t target,
+                                  int32_t task_index, int32_t kernel, int32_t event) {
+  const auto load = [](const uint64_t* c) { return kSystem ? load_acquire_system(c) : load_acquire(c); };
+  if (load(counter) >= target) return true;
   const uint64_t start = global_timer_ns();
   unsigned sleep_ns = 16;  // short: a dependency usually completes within a few microseconds
   while (true) {
-    const uint64_t value = load_acquire(counter);
+    const uint64_t value = load(counter);
     if (value >= target) return true;
     if (*reinterpret_cast<volatile int32_t*>(&p.control->abort)) return false;
     if (global_timer_ns() - start > static_cast<uint64_t>(p.watchdog_ns)) {
-      report_failure(p, kErrorWatchdog, task_index, task.kernel, task.wait_event, value, target);
+      report_failure(p, kErrorWatchdog, task_index, kernel, event, value, target);
       return false;
     }
     __nanosleep(sleep_ns);
@@ -83,12 +116,31 @@ __device__ inline bool wait_for_event(const MegakernelParams& p, const TaskRecor
   }
 }
 
+// Thread 0 only: the task's local event, then its remote event on every rank. In the error record a
+// remote event r of rank k is event -(1 + r * kMaxRanks + k).
+__device__ inline bool wait_for_task(const MegakernelParams& p, const TaskRecord& task, int32_t task_index,
+                                     uint64_t epoch) {
+  if (task.wait_event >= 0 &&
+      !wait_until<false>(p, p.counters + task.wait_event, static_cast<uint64_t>(task.wait_count) * epoch,
+                         task_index, task.kernel, task.wait_event)) {
+    return false;
+  }
+  for (int32_t rank = 0; task.remote_wait_event >= 0 && rank < p.comm.num_ranks; ++rank) {
+    if (!wait_until<true>(p, p.comm.counters[rank] + task.remote_wait_event,
+                          static_cast<uint64_t>(task.remote_wait_count) * epoch, task_index, task.kernel,
+                          -(1 + task.remote_wait_event * kMaxRanks + rank))) {
+      return false;
+    }
+  }
+  return true;
+}
+
 // When `profile` is not null (JAX_MPK_PROFILE builds), thread 0 records for every task the global timer
 // when it starts waiting, when it starts running and when it has signalled: 3 x uint64 per task.
 template <class Dispatch>
 __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, const int32_t* signals,
-                           const int32_t* worker_begin, const int32_t* worker_tasks, char* smem,
-                           Dispatch& dispatch, uint64_t* profile) {
+                           const int32_t* remote_signals, const int32_t* worker_begin, const int32_t* worker_tasks,
+                           char* smem, Dispatch& dispatch, uint64_t* profile) {
   __shared__ uint64_t shared_epoch;
   __shared__ int32_t shared_go;
   if (threadIdx.x == 0) shared_epoch = load_acquire(&p.control->epoch) + 1;
@@ -100,7 +152,7 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
     dispatch.prefetch(task, smem);  // weights start streaming while we wait
     if (threadIdx.x == 0) {
       if (profile) profile[3 * task_index] = global_timer_ns();
-      shared_go = task.wait_event < 0 || wait_for_event(p, task, task_index, epoch);
+      shared_go = wait_for_task(p, task, task_index, epoch);
       if (profile) profile[3 * task_index + 1] = global_timer_ns();
     }
     __syncthreads();
@@ -114,6 +166,12 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
       fence_release();
       for (int32_t s = threadIdx.x; s < task.signal_count; s += 32) {
         add_relaxed(p.counters + signals[task.signal_begin + s], 1);
+      }
+      if (task.remote_signal_count > 0) {  // other ranks read what this task stored
+        asm volatile("fence.acq_rel.sys;" ::: "memory");
+        for (int32_t s = threadIdx.x; s < task.remote_signal_count; s += 32) {
+          add_relaxed_system(p.comm.counters[p.comm.rank] + remote_signals[task.remote_signal_begin + s], 1);
+        }
       }
       if (profile && threadIdx.x == 0) profile[3 * task_index + 2] = global_timer_ns();
     }

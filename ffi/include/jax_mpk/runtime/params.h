@@ -9,6 +9,8 @@ namespace jax_mpk {
 // as one array per weight has ~11 per layer (400 for Qwen3-8B); the whole struct is the kernel's parameter
 // block, which must stay within the classic 4 KB limit.
 inline constexpr int kMaxBuffers = 480;
+// Devices of one host that can run a plan together (a shard_map over them).
+inline constexpr int kMaxRanks = 8;
 
 enum ErrorCode : int32_t {
   kErrorNone = 0,
@@ -37,12 +39,24 @@ struct Control {
   int32_t pad;
 };
 
+// The communication buffers of a plan that several devices run together (docs/plan_format.md, COMM tensors):
+// every rank's buffer, two halves of `half_bytes` (call e uses half e % 2), and every rank's remote event
+// counters; all in device memory that every rank's kernel can reach (peer access).
+struct CommParams {
+  char* peers[kMaxRanks];
+  uint64_t* counters[kMaxRanks];
+  int64_t half_bytes;
+  int32_t rank;
+  int32_t num_ranks;  // 1: no collectives, the rest is unused
+};
+
 struct MegakernelParams {
   char* buffers[kMaxBuffers];
   uint64_t* counters;   // one per event
   Control* control;
   ErrorRecord* error;   // host-mapped
   int64_t watchdog_ns;
+  CommParams comm;
 };
 static_assert(sizeof(MegakernelParams) <= 4096, "kernel parameters are limited to 4 KB");
 
