@@ -162,6 +162,7 @@ class Megakernel:
             self.workspace_bytes,
             self.watchdog_ms,
             keep_workspace,
+            several_devices=self.graph.num_ranks > 1,
         )
 
     def profile(self, *args) -> np.ndarray:

@@ -12,6 +12,8 @@ import numpy as np
 from .errors import MegakernelError
 
 TARGET = "jax_mpk_megakernel"
+# The same handlers for plans that several devices run together; on the GPU without CUDA-graph capture.
+RANKS_TARGET = "jax_mpk_megakernel_ranks"
 
 
 @functools.cache
@@ -107,13 +109,15 @@ def emit_call(
     workspace_bytes: int,
     watchdog_ms: int,
     keep_workspace: bool = False,
+    several_devices: bool = False,
 ) -> list:
-    """Emit the custom call; returns the results, without the workspace unless ``keep_workspace``."""
+    """Emit the custom call; returns the results, without the workspace unless ``keep_workspace``.
+    ``several_devices``: the plan is a shard_map body (its call may not be captured into a CUDA graph)."""
     extension()
     result_types = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in out_specs]
     result_types.append(jax.ShapeDtypeStruct((max(workspace_bytes, 1),), jnp.uint8))
     call = jax.ffi.ffi_call(
-        TARGET,
+        RANKS_TARGET if several_devices else TARGET,
         result_types,
         input_output_aliases=dict(aliases) or None,
         vmap_method=None,

@@ -565,7 +565,7 @@ ffi::Error MegakernelCuda(cudaStream_t stream, int32_t device, ffi::RemainingArg
     // A replay restarts at epoch 1 (the captured reset), which the other ranks' counters do not follow.
     return ffi::Error(ffi::ErrorCode::kUnimplemented,
                       StrCat("jax_mpk: plan '", plan_key, "' runs on several devices and cannot be captured into a "
-                             "CUDA graph (XLA command buffers) yet"));
+                             "CUDA graph (call it through the target jax_mpk_megakernel_ranks)"));
   }
 
   ffi::ErrorOr<DeviceState*> found = GetOrCreateState(*plan, device, capturing);
@@ -727,3 +727,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMpkMegakernelCuda, jax_mpk::MegakernelCuda,
                                   .Attr<std::string_view>("plan_key")
                                   .Attr<int64_t>("watchdog_ms"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
+
+// The same handler for plans that several devices run together, without kCmdBufferCompatible: a captured
+// launch would restart at epoch 1 on every replay (the reset above), which the other ranks' remote counters
+// and the alternating halves of the communication buffers do not follow. XLA then launches it directly.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMpkMegakernelCudaRanks, jax_mpk::MegakernelCuda,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<xla::ffi::DeviceOrdinal>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<std::string_view>("plan_key")
+                                  .Attr<int64_t>("watchdog_ms"));

@@ -37,6 +37,7 @@ constexpr bool kHasCuda = false;
 nb::dict Registrations() {
   nb::dict targets;
   targets["jax_mpk_megakernel"] = nb::capsule(reinterpret_cast<void*>(JaxMpkMegakernelCpu));
+  targets["jax_mpk_megakernel_ranks"] = nb::capsule(reinterpret_cast<void*>(JaxMpkMegakernelCpu));
   return targets;
 }
 
@@ -44,6 +45,7 @@ nb::dict CudaRegistrations() {
   nb::dict targets;
 #ifdef JAX_MPK_WITH_CUDA
   targets["jax_mpk_megakernel"] = nb::capsule(reinterpret_cast<void*>(JaxMpkMegakernelCuda));
+  targets["jax_mpk_megakernel_ranks"] = nb::capsule(reinterpret_cast<void*>(JaxMpkMegakernelCudaRanks));
 #endif
   return targets;
 }

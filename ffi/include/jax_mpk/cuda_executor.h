@@ -24,6 +24,9 @@
 // fail for a pending error (XLA would only log the message) but leave it to the next call that is not
 // captured, or to CheckCudaError.
 //
+// Plans that several devices run together (a shard_map body) are called through the target
+// "jax_mpk_megakernel_ranks", whose handler XLA never captures into a CUDA graph.
+//
 // This header needs no CUDA header: module.cc includes it in every build.
 #pragma once
 
@@ -82,3 +85,5 @@ std::optional<std::string> CheckCudaError(std::string_view key, int device);
 }  // namespace jax_mpk
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMpkMegakernelCuda);
+// The same handler, not command-buffer compatible: the target of plans that several devices run together.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMpkMegakernelCudaRanks);
