@@ -17,6 +17,13 @@ For each model x batch x context, both variants run in this process on the defau
 * floor: the bytes a step must read (every weight, but only the batch's rows of an untied embedding table;
   keys and values of ctx positions for every layer and sequence) over the copy bandwidth measured on the same
   device in this run.
+* --tp N: the tensor-parallel step (models.make_tp_decode_step) over the first N devices of the default
+  device's platform, weights and cache placed on them once; both variants run it (the megakernel: one per
+  device, with collectives inside it). The floor is then bytes per device / bandwidth
+  of one device (the devices read in parallel): the weights and KV divided by N, except that the replicated
+  weights (embedding, norms, output head) are read whole by every device. On the CPU, N devices need
+  XLA_FLAGS=--xla_force_host_platform_device_count=N (they share the host's memory bandwidth, so a CPU floor
+  for N > 1 is optimistic).
 
 Results go to --out as decode_<device>.json (merged with the entries already there, so that configurations
 can be run in separate processes), a Markdown table (.md) and a chart (.png, when matplotlib is installed).
@@ -24,6 +31,7 @@ can be run in separate processes), a Markdown table (.md) and a chart (.png, whe
     python benchmarks/decode.py                        # GPU: the three full models; CPU: their tiny stand-ins
     python benchmarks/decode.py --models qwen3-8b --batch 1 --ctx 1024
     python benchmarks/decode.py --quick                # a smoke run: one small configuration per model
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/decode.py --quick --tp 2
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -87,8 +96,10 @@ def first_call_s(fn: Callable, *args) -> float:
     return time.perf_counter() - start
 
 
-def fresh_cache(config: models.ModelConfig, batch: int, ctx: int) -> models.KVCache:
-    return models.init_cache(config, batch, ctx, jax.random.PRNGKey(1))
+def fresh_cache(config: models.ModelConfig, batch: int, ctx: int, mesh=None) -> models.KVCache:
+    """The same random cache every time; with a TP ``mesh``, placed on it (each device its KV heads)."""
+    cache = models.init_cache(config, batch, ctx, jax.random.PRNGKey(1))
+    return cache if mesh is None else models.tp_shard(mesh, config, cache=cache)[1]
 
 
 def time_steps(fn: Callable, weights, tokens, pos, cache, steps: int, warmup: int):
@@ -105,7 +116,7 @@ def time_steps(fn: Callable, weights, tokens, pos, cache, steps: int, warmup: in
 
 
 def agreement(xla: Callable, fast: Callable, weights, tokens, config: models.ModelConfig, batch: int, ctx: int,
-              steps: int) -> dict[str, Any]:  # fmt: skip
+              steps: int, mesh=None) -> dict[str, Any]:  # fmt: skip
     """Compare the two variants over ``steps`` steps at positions ctx - steps .. ctx - 1.
 
     For bfloat16 models both are also compared with a float32 run of the same weights and cache (XLA,
@@ -114,11 +125,11 @@ def agreement(xla: Callable, fast: Callable, weights, tokens, config: models.Mod
     XLA's own."""
     # XLA's GPU default for float32 products is TF32; the megakernel computes them in float32
     precision = jax.default_matmul_precision("float32") if config.dtype == "float32" else contextlib.nullcontext()
-    ref_cache, cache = fresh_cache(config, batch, ctx), fresh_cache(config, batch, ctx)
+    ref_cache, cache = fresh_cache(config, batch, ctx, mesh), fresh_cache(config, batch, ctx, mesh)
     exact = None
     if config.dtype != "float32":
         exact_weights = [w.astype(jnp.float32) for w in weights]
-        exact_cache = jax.tree.map(lambda a: a.astype(jnp.float32), fresh_cache(config, batch, ctx))
+        exact_cache = jax.tree.map(lambda a: a.astype(jnp.float32), fresh_cache(config, batch, ctx, mesh))
         exact = {"xla": [], "megakernel": []}
     errors, tokens_equal = [], 0
     for pos in range(ctx - steps, ctx):
@@ -159,40 +170,48 @@ def stats(samples: Sequence[float]) -> dict[str, Any]:
             "samples_ms": [round(float(x), 4) for x in ms]}  # fmt: skip
 
 
-def floor_bytes(config: models.ModelConfig, weights, batch: int, ctx: int) -> tuple[int, int]:
-    """(weight bytes, KV bytes) one decode step must read."""
+def floor_bytes(config: models.ModelConfig, weights, batch: int, ctx: int, tp: int = 1) -> tuple[int, int]:
+    """(weight bytes, KV bytes) one decode step must read; tensor parallel over ``tp`` devices, those of one
+    device: 1/tp of each split weight and of the KV cache, every replicated weight whole."""
     itemsize = jnp.dtype(config.dtype).itemsize
-    weight_bytes = sum(w.nbytes for w in weights)
-    if not config.tied:  # the embedding table: only the batch's rows are read
+    split = [any(spec) for spec in models.tp_weight_specs(config)] if tp > 1 else [False] * len(weights)
+    weight_bytes = sum(w.nbytes // (tp if s else 1) for w, s in zip(weights, split))
+    if not config.tied:  # the embedding table (replicated): only the batch's rows are read
         weight_bytes -= (config.vocab - batch) * config.hidden * itemsize
-    kv_bytes = 2 * config.layers * batch * ctx * config.kv_heads * config.head_dim * itemsize
+    kv_bytes = 2 * config.layers * batch * ctx * config.kv_heads * config.head_dim * itemsize // tp
     return weight_bytes, kv_bytes
 
 
 def run_config(name: str, config: models.ModelConfig, weights, merge, batch: int, ctx: int, args,
-               bandwidth: float) -> dict[str, Any]:  # fmt: skip
-    """Compile, check and time both variants for one configuration."""
-    weight_bytes, kv_bytes = floor_bytes(config, weights, batch, ctx)
+               bandwidth: float, mesh=None) -> dict[str, Any]:  # fmt: skip
+    """Compile, check and time both variants for one configuration (tensor parallel over ``mesh`` when given:
+    ``weights`` are then already placed on it, and ``merge`` is unused)."""
+    tp = 1 if mesh is None else mesh.size
+    weight_bytes, kv_bytes = floor_bytes(config, weights, batch, ctx, tp)
     floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
-    print(f"  weights {weight_bytes / 1e6:.1f} MB, KV {kv_bytes / 1e6:.1f} MB, floor {floor_ms:.3f} ms", flush=True)
-    step = models.make_decode_step(merge)
+    per_device = " per device" if tp > 1 else ""
+    print(f"  weights {weight_bytes / 1e6:.1f} MB, KV {kv_bytes / 1e6:.1f} MB{per_device}, floor {floor_ms:.3f} ms",
+          flush=True)  # fmt: skip
+    step = models.make_decode_step(merge) if mesh is None else models.make_tp_decode_step(config, mesh)
+    fresh = lambda: fresh_cache(config, batch, ctx, mesh)  # noqa: E731
     tokens = jnp.asarray(np.random.default_rng(batch).integers(0, config.vocab, batch), jnp.int32)
+    if mesh is not None:  # replicated on the mesh, as the step returns them (else the second call compiles again)
+        tokens = jax.device_put(tokens, NamedSharding(mesh, PartitionSpec()))
     pos = jnp.int32(ctx - 1)
 
     xla = jax.jit(step, donate_argnums=(3,))
     with progress("jax.jit: first call"):
-        xla_compile = first_call_s(xla, weights, tokens, pos, fresh_cache(config, batch, ctx))
+        xla_compile = first_call_s(xla, weights, tokens, pos, fresh())
     print(f"  jax.jit: first call {xla_compile:.1f} s", flush=True)
     cache_dir = tempfile.mkdtemp(prefix="jax_mpk_cold_")
     previous = os.environ.get("JAX_MPK_CACHE_DIR")
     os.environ["JAX_MPK_CACHE_DIR"] = cache_dir
     try:
         with progress("megakernel: first call, empty cache"):
-            cold = first_call_s(jax_mpk.megakernelize(step, donate_argnums=(3,)), weights, tokens, pos,
-                                fresh_cache(config, batch, ctx))  # fmt: skip
+            cold = first_call_s(jax_mpk.megakernelize(step, donate_argnums=(3,)), weights, tokens, pos, fresh())
         fast = jax_mpk.megakernelize(step, donate_argnums=(3,))
         with progress("megakernel: first call, warm cache"):
-            warm = first_call_s(fast, weights, tokens, pos, fresh_cache(config, batch, ctx))
+            warm = first_call_s(fast, weights, tokens, pos, fresh())
     finally:
         if previous is None:
             os.environ.pop("JAX_MPK_CACHE_DIR")
@@ -202,7 +221,7 @@ def run_config(name: str, config: models.ModelConfig, weights, merge, batch: int
     (plan,) = fast.plans.values()
     print(f"  megakernel: first call {cold:.1f} s cold, {warm:.1f} s warm: {plan}", flush=True)
 
-    check = agreement(xla, fast, weights, tokens, config, batch, ctx, args.check_steps)
+    check = agreement(xla, fast, weights, tokens, config, batch, ctx, args.check_steps, mesh)
     print(f"  agreement over {check['steps']} steps: max logits relative error "
           f"{check['max_logits_relative_error']:.2e} (tolerance {check['tolerance']:.0e}; against float32, jax.jit / "
           f"megakernel: {versus_float32(check)}), greedy tokens equal in "
@@ -210,7 +229,7 @@ def run_config(name: str, config: models.ModelConfig, weights, merge, batch: int
           flush=True)  # fmt: skip
 
     samples: dict[str, list[float]] = {"jax.jit": [], "megakernel": []}
-    cache = fresh_cache(config, batch, ctx)  # one chain of donated caches through both variants
+    cache = fresh()  # one chain of donated caches through both variants
     for round_ in range(args.repeats):
         for variant, fn in (("jax.jit", xla), ("megakernel", fast)):
             times, tokens, cache = time_steps(fn, weights, tokens, pos, cache, args.steps, args.warmup)
@@ -220,7 +239,7 @@ def run_config(name: str, config: models.ModelConfig, weights, merge, batch: int
                   flush=True)  # fmt: skip
     xla_stats, fast_stats = stats(samples["jax.jit"]), stats(samples["megakernel"])
     result = {
-        "model": name, "batch": batch, "ctx": ctx, "dtype": config.dtype, "layers": config.layers,
+        "model": name, "tp": tp, "batch": batch, "ctx": ctx, "dtype": config.dtype, "layers": config.layers,
         "weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "copy_bandwidth_Bps": bandwidth, "floor_ms": floor_ms,
         "xla": {**xla_stats, "first_call_s": xla_compile, "pct_of_floor": 100 * floor_ms / xla_stats["median_ms"]},
         "megakernel": {**fast_stats, "cold_first_call_s": cold, "warm_first_call_s": warm,
@@ -250,16 +269,17 @@ def markdown(results: list[dict[str, Any]], device: str) -> str:
     runs = sorted({f"commit {r['commit']}, jax {r['jax']}" for r in results})
     lines = [
         f"Decode step, {device}; {'; '.join(runs)}. ms/token = ms per decode step (median [p10, p90]); floor = bytes "
-        "read (weights + KV) / measured copy bandwidth; compile = first call (cold: empty jax_mpk cache).",
+        "read (weights + KV) / measured copy bandwidth (tp > 1: tensor parallel, the bytes of one device); compile = "
+        "first call (cold: empty jax_mpk cache).",
         "",
-        "| model | batch | ctx | dtype | jax.jit ms | megakernel ms | floor ms | jit % floor | mk % floor | "
+        "| model | tp | batch | ctx | dtype | jax.jit ms | megakernel ms | floor ms | jit % floor | mk % floor | "
         "speedup | jit compile s | mk cold s | mk warm s | max logits rel. err | vs float32: jit / mk | equal tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         x, m, a = r["xla"], r["megakernel"], r["agreement"]
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['ctx']} | {r['dtype']} "
+            f"| {r['model']} | {r.get('tp', 1)} | {r['batch']} | {r['ctx']} | {r['dtype']} "
             f"| {x['median_ms']:.3f} [{x['p10_ms']:.3f}, {x['p90_ms']:.3f}] "
             f"| {m['median_ms']:.3f} [{m['p10_ms']:.3f}, {m['p90_ms']:.3f}] | {r['floor_ms']:.3f} "
             f"| {x['pct_of_floor']:.0f}% | {m['pct_of_floor']:.0f}% | {r['speedup_over_xla']:.2f}x "
@@ -300,7 +320,7 @@ def chart(results: list[dict[str, Any]], device: str, path: pathlib.Path) -> boo
             if spread is not None:  # p10 .. p90
                 yerr = np.abs(np.asarray([[r[spread]["p10_ms"], r[spread]["p90_ms"]] for r in rows]).T - heights)
             ax.bar(x + (i - 1) * 0.27, heights, width=0.27, yerr=yerr, capsize=2, label=label)
-        ax.set_xticks(x, [f"b{r['batch']}\nctx {r['ctx']}" for r in rows])
+        ax.set_xticks(x, [f"{_tp_label(r)}b{r['batch']}\nctx {r['ctx']}" for r in rows])
         ax.set_xlim(-0.6, len(rows) - 0.4)
         ax.set_title(f"{name} ({rows[0]['dtype']})")
         ax.set_ylabel("ms / token")
@@ -312,17 +332,21 @@ def chart(results: list[dict[str, Any]], device: str, path: pathlib.Path) -> boo
     return True
 
 
+def _tp_label(result: dict[str, Any]) -> str:
+    return f"tp{result['tp']} " if result.get("tp", 1) > 1 else ""
+
+
 def write_outputs(results: list[dict[str, Any]], device: str, out: pathlib.Path) -> None:
     """Merge ``results`` into out/decode_<device>.json (a rerun of a configuration replaces it); write the
     table and the chart of all of them."""
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"decode_{device.replace(' ', '_')}"
-    key = lambda r: (r["model"], r["batch"], r["ctx"], r["dtype"])  # noqa: E731
+    key = lambda r: (r["model"], r.get("tp", 1), r["batch"], r["ctx"], r["dtype"])  # noqa: E731
     merged = {}
     if stem.with_suffix(".json").exists():
         merged = {key(r): r for r in json.loads(stem.with_suffix(".json").read_text())["results"]}
     merged.update({key(r): r for r in results})
-    ordered = sorted(merged.values(), key=lambda r: (r["model"], r["batch"], r["ctx"], r["dtype"]))
+    ordered = sorted(merged.values(), key=key)
     stem.with_suffix(".json").write_text(json.dumps({"device": device, "results": ordered}, indent=1))
     stem.with_suffix(".md").write_text(markdown(ordered, device))
     drawn = chart(ordered, device, stem.with_suffix(".png"))
@@ -343,27 +367,49 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--check-steps", type=int, help=f"agreement steps (default {DEFAULTS['check_steps']})")
     parser.add_argument("--dtype", help="override the presets' dtype (full presets: bfloat16, tiny: float32)")
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK} unless given")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor parallel over the first TP devices (default 1: one device, no shard_map)")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     for field, default in DEFAULTS.items():
         if getattr(args, field) is None:
             setattr(args, field, QUICK[field] if args.quick else default)
-    if args.models is None:
+    defaulted = args.models is None
+    if defaulted:
         full = ["llama-3.2-1b", "qwen3-0.6b", "qwen3-8b"]
         args.models = full if jnp.zeros(()).device.platform == "gpu" else [models.TINY[m] for m in full]
     unknown = [m for m in args.models if m not in models.PRESETS]
     if unknown:
         parser.error(f"unknown models {unknown}; presets: {sorted(models.PRESETS)}")
+    if args.tp < 1:
+        parser.error("--tp must be at least 1")
+    for name in list(args.models):
+        try:
+            models.tp_local_config(models.PRESETS[name], args.tp)
+        except ValueError as error:
+            if not defaulted:
+                parser.error(f"--tp {args.tp}, {name}: {error}")
+            print(f"skipping {name}: {error}")  # of the default models, those that split
+            args.models.remove(name)
+    if not args.models:
+        parser.error(f"no default model splits over --tp {args.tp}; name some with --models")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Run every configuration; returns their results (also written to --out)."""
     args = parse_args(argv)
-    device = jnp.zeros(()).device  # the default device, where both variants run
+    device = jnp.zeros(()).device  # the default device, where both variants run (tp = 1)
     on_gpu = device.platform == "gpu"
-    print(f"device {device.device_kind}, jax {jax.__version__}; models {args.models}, batch {args.batch}, "
-          f"ctx {args.ctx}, {args.repeats} x {args.steps} steps", flush=True)  # fmt: skip
+    mesh = None
+    if args.tp > 1:
+        try:
+            mesh = models.tp_mesh(args.tp, jax.devices(device.platform))
+        except ValueError as error:
+            raise SystemExit(f"--tp {args.tp}: {error}") from error
+    print(f"device {device.device_kind}{f' x {args.tp} (tensor parallel)' if mesh else ''}, jax {jax.__version__}; "
+          f"models {args.models}, batch {args.batch}, ctx {args.ctx}, {args.repeats} x {args.steps} steps",
+          flush=True)  # fmt: skip
     bandwidth = copy_bandwidth(2 << 30 if on_gpu else 256 << 20)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
     run = {"commit": git_commit(), "jax": jax.__version__, "device": device.device_kind,
@@ -376,10 +422,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         config = dataclasses.replace(config, dtype=args.dtype or config.dtype)
         with progress(f"{name}: random weights"):
             weights, merge = models.split(models.create(config))
+            if mesh is not None:
+                weights, _ = models.tp_shard(mesh, config, weights)
         for batch, ctx in configs:
             index += 1
-            print(f"[{index}/{total}] {name} batch {batch} ctx {ctx} ({config.dtype})", flush=True)
-            results.append({**run_config(name, config, weights, merge, batch, ctx, args, bandwidth), **run})
+            tp = f" tp {args.tp}" if mesh else ""
+            print(f"[{index}/{total}] {name}{tp} batch {batch} ctx {ctx} ({config.dtype})", flush=True)
+            results.append({**run_config(name, config, weights, merge, batch, ctx, args, bandwidth, mesh), **run})
         del weights, merge
     write_outputs(results, device.device_kind, args.out)
     if not all(r["agreement"]["agree"] for r in results):

@@ -4,8 +4,15 @@ The decode step is the Flax model's own code (examples/models.py) wrapped in ``j
 custom call per generated token. Without a GPU, a full-size preset is replaced by its tiny stand-in (``--full``
 keeps it); weights are random unless ``--checkpoint`` names a local Hugging Face checkpoint directory.
 
+``--tp N`` runs the model tensor parallel over the first N devices of the default device's platform
+(models.make_tp_decode_step: heads and MLP features split across them, jax.lax.psum after the row-parallel
+projections), prefill and decode alike; the megakernel is then one per device, the devices exchanging their
+partial sums through its collectives (GPUs: peer memory; CPU: host memory). On the CPU, N devices need
+XLA_FLAGS=--xla_force_host_platform_device_count=N.
+
     python examples/generate.py --model qwen3-0.6b
     python examples/generate.py --checkpoint ~/models/Qwen3-0.6B --prompt-tokens 9707,11,1879 --check
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python examples/generate.py --tp 2 --check
 """
 
 from __future__ import annotations
@@ -64,9 +71,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0, help="of the random weights and prompt")
     parser.add_argument("--check", action="store_true", help="also decode with jax.jit and compare the tokens")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel over the first TP devices (default 1)")
     args = parser.parse_args(argv)
     if args.new_tokens < 3:
         parser.error("--new-tokens must be at least 3 (one from the prefill, one compiling step, one timed)")
+    if args.tp < 1:
+        parser.error("--tp must be at least 1")
     return args
 
 
@@ -87,7 +97,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         model = models.create(dataclasses.replace(config, dtype=args.dtype or config.dtype), args.seed)
     config = model.config
     print(f"{name}: {config}")
-    print(f"device: {device.device_kind}, jax {jax.__version__}")
+    mesh = None
+    if args.tp > 1:
+        try:
+            mesh = models.tp_mesh(args.tp, jax.devices(device.platform))
+            local = models.tp_local_config(config, args.tp)
+        except ValueError as error:
+            raise SystemExit(f"--tp {args.tp}: {error}") from error
+        print(f"tensor parallel over {args.tp} devices, each: {local.heads} query heads, {local.kv_heads} KV "
+              f"heads, {local.mlp} MLP features")  # fmt: skip
+    print(f"device: {f'{args.tp} x ' if mesh else ''}{device.device_kind}, jax {jax.__version__}")
 
     if args.prompt_tokens:
         prompt = np.tile(np.asarray([int(t) for t in args.prompt_tokens.split(",")], np.int32), (args.batch, 1))
@@ -96,8 +115,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     prompt_len = prompt.shape[1]
     max_seq = prompt_len + args.new_tokens
     weights, merge = models.split(model)
-    prefill = jax.jit(models.make_prefill(merge), donate_argnums=(3,))
-    step = models.make_decode_step(merge)
+    if mesh is None:
+        prefill, step = models.make_prefill(merge), models.make_decode_step(merge)
+    else:  # the global weights and cache, each device holding its share
+        prefill, step = models.make_tp_prefill(config, mesh), models.make_tp_decode_step(config, mesh)
+        weights, _ = models.tp_shard(mesh, config, weights)
+        del model, merge
+    prefill = jax.jit(prefill, donate_argnums=(3,))
     variants = {"megakernel": jax_mpk.megakernelize(step, donate_argnums=(3,))}
     if args.check:
         variants["jax.jit"] = jax.jit(step, donate_argnums=(3,))
@@ -106,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     for variant, fn in variants.items():
         start = time.perf_counter()
         cache = models.init_cache(config, args.batch, max_seq)
+        if mesh is not None:
+            _, cache = models.tp_shard(mesh, config, cache=cache)
         first, _, cache = prefill(weights, jnp.asarray(prompt), jnp.int32(0), cache)
         jax.block_until_ready(first)
         compiling = " (compilation included)" if not results else ""

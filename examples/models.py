@@ -10,6 +10,14 @@ greedy decode step, ``step(weights, tokens, pos, cache) -> (next_tokens, logits,
 The KV cache is a pair of arrays ``[layers, batch, max_seq, kv_heads, head_dim]``; a step writes its keys
 and values with ``dynamic_update_slice`` at ``pos`` and attends over the whole cache with positions after
 the query masked out, so its cost does not depend on ``pos``.
+
+Tensor parallelism (Megatron style, over a 1-D mesh axis): :func:`make_tp_decode_step` runs the same model
+as ``jax.shard_map`` over ``tp`` devices. Each device holds its share of the query and KV heads (column-parallel
+q/k/v projections, the KV cache split along its kv_heads axis) and of the MLP's intermediate features
+(column-parallel gate/up); the row-parallel o_proj and down_proj give partial sums that ``jax.lax.psum``
+adds up. The embedding, the norms and the output head are replicated. The per-device model is the ordinary
+:class:`Decoder` of a smaller config (:func:`tp_local_config`) whose ``tp_axis`` makes attention and MLP sum
+their outputs over the mesh.
 """
 
 from __future__ import annotations
@@ -17,12 +25,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +63,9 @@ class ModelConfig:
     rope_scaling: Llama3RopeScaling | None = None
     norm_eps: float = 1e-6
     dtype: str = "bfloat16"  # of the weights, the activations and the KV cache
+    # Tensor parallelism: the shard_map axis over which attention and MLP sum their (partial) outputs; set by
+    # tp_local_config on the per-device config, whose heads, kv_heads and mlp are then the device's share.
+    tp_axis: str | None = None
 
     def __post_init__(self) -> None:
         if self.heads % self.kv_heads:
@@ -196,19 +208,26 @@ class Attention(nnx.Module):
         visible = jnp.arange(keys.shape[1], dtype=jnp.int32)[None, :] <= positions[:, None]  # [T, max_seq]
         probs = jax.nn.softmax(jnp.where(visible, scores, -1e30), axis=-1).astype(values.dtype)
         out = jnp.einsum("bgrts,bsgd->btgrd", probs, values).reshape(b, t, c.heads * c.head_dim)
-        return self.o_proj(out), cache
+        out = self.o_proj(out)
+        if c.tp_axis is not None:  # this device's heads' share of the projection
+            out = jax.lax.psum(out, c.tp_axis)
+        return out, cache
 
 
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.tp_axis = config.tp_axis
         self.gate_proj = _linear(config.hidden, config.mlp, config, rngs)
         self.up_proj = _linear(config.hidden, config.mlp, config, rngs)
         self.down_proj = _linear(config.mlp, config.hidden, config, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        out = self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.tp_axis is not None:  # this device's intermediate features' share
+            out = jax.lax.psum(out, self.tp_axis)
+        return out
 
 
 class DecoderLayer(nnx.Module):
@@ -305,3 +324,102 @@ def make_prefill(merge: Callable[[Weights], Decoder]) -> DecodeStep:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, cache
 
     return prefill
+
+
+# ----------------------------------------------------------------------------------------- tensor parallelism
+TP_AXIS = "tp"
+# The layers whose output features (columns of the [in, out] kernel) are split across devices, and those
+# whose input features (rows) are; every other weight is replicated.
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def tp_mesh(tp: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh (axis :data:`TP_AXIS`) of the first ``tp`` of ``devices`` (default ``jax.devices()``)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if tp < 1:
+        raise ValueError(f"tensor parallelism needs tp >= 1, got {tp}")
+    if len(devices) < tp:
+        hint = ""
+        if devices and devices[0].platform == "cpu":
+            hint = (f"; on the CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={tp} (before jax starts) "
+                    "for that many CPU devices")
+        raise ValueError(f"tp={tp} needs {tp} devices, but only {len(devices)} are present{hint}")
+    return Mesh(np.asarray(devices[:tp]), (TP_AXIS,))
+
+
+def tp_local_config(config: ModelConfig, tp: int, axis: str = TP_AXIS) -> ModelConfig:
+    """The config of one device's share of ``config`` split ``tp`` ways: heads / tp query heads, kv_heads / tp
+    KV heads, mlp / tp intermediate features, outputs summed over ``axis``."""
+    if config.tp_axis is not None:
+        raise ValueError(f"the config is already one device's share (tp_axis={config.tp_axis!r})")
+    if tp < 1:
+        raise ValueError(f"tensor parallelism needs tp >= 1, got {tp}")
+    uneven = [f"{name}={getattr(config, name)}" for name in ("heads", "kv_heads", "mlp") if getattr(config, name) % tp]
+    if uneven:
+        raise ValueError(f"tensor parallelism over {tp} devices needs heads, kv_heads and mlp divisible by {tp}; "
+                         f"this model has {', '.join(uneven)}")  # fmt: skip
+    return dataclasses.replace(
+        config, heads=config.heads // tp, kv_heads=config.kv_heads // tp, mlp=config.mlp // tp, tp_axis=axis
+    )
+
+
+def _weight_spec(path: tuple, axis: str) -> PartitionSpec:
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    if "kernel" in names:
+        layer = names[names.index("kernel") - 1]
+        if layer in COLUMN_PARALLEL:
+            return PartitionSpec(None, axis)  # nnx.Linear's kernel is [in, out]
+        if layer in ROW_PARALLEL:
+            return PartitionSpec(axis, None)
+    return PartitionSpec()
+
+
+def tp_weight_specs(config: ModelConfig, axis: str = TP_AXIS) -> list[PartitionSpec]:
+    """The PartitionSpec of every weight of :func:`split`'s flat list, in its order."""
+    _, state = nnx.split(abstract(config))
+    return [_weight_spec(path, axis) for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+
+
+def tp_cache_spec(axis: str = TP_AXIS) -> KVCache:
+    """The PartitionSpecs of the KV cache: split along its kv_heads axis."""
+    spec = PartitionSpec(None, None, None, axis, None)
+    return KVCache(spec, spec)
+
+
+def tp_shard(mesh: Mesh, config: ModelConfig, weights: Weights | None = None, cache: KVCache | None = None):
+    """``weights`` and ``cache`` (global arrays) placed on ``mesh`` as the TP step takes them: each device
+    holds only its share. Returns the pair (None where not given)."""
+    axis = mesh.axis_names[0]
+    place = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    if weights is not None:
+        weights = [place(w, s) for w, s in zip(weights, tp_weight_specs(config, axis))]
+    if cache is not None:
+        cache = KVCache(*(place(c, s) for c, s in zip(cache, tp_cache_spec(axis))))
+    return weights, cache
+
+
+def _tensor_parallel(make: Callable[[Callable[[Weights], Decoder]], DecodeStep], config: ModelConfig,
+                     mesh: Mesh) -> DecodeStep:  # fmt: skip
+    if len(mesh.axis_names) != 1:
+        raise ValueError(f"tensor parallelism takes a 1-D mesh, got axes {mesh.axis_names}")
+    (axis,) = mesh.axis_names
+    local = tp_local_config(config, mesh.shape[axis], axis)
+    _, merge_local = split(abstract(local))
+    replicated = PartitionSpec()
+    in_specs = (tp_weight_specs(config, axis), replicated, replicated, tp_cache_spec(axis))
+    out_specs = (replicated, replicated, tp_cache_spec(axis))
+    return jax.shard_map(make(merge_local), mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+def make_tp_decode_step(config: ModelConfig, mesh: Mesh) -> DecodeStep:
+    """:func:`make_decode_step` of the model ``config`` describes, tensor parallel over the 1-D ``mesh``:
+    ``step(weights, tokens, pos, cache) -> (next_tokens, logits, cache)`` with the same global (full-size)
+    weights (:func:`split`'s list) and cache; inside, one ``jax.shard_map`` whose body is the decode step of
+    each device's share (:func:`tp_local_config`). :func:`tp_shard` places the arguments on the mesh ahead."""
+    return _tensor_parallel(make_decode_step, config, mesh)
+
+
+def make_tp_prefill(config: ModelConfig, mesh: Mesh) -> DecodeStep:
+    """:func:`make_prefill`, tensor parallel over ``mesh`` like :func:`make_tp_decode_step`."""
+    return _tensor_parallel(make_prefill, config, mesh)

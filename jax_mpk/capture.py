@@ -68,29 +68,43 @@ class ShardMap:
 
 def find_shard_map(closed_jaxpr) -> ShardMap | None:
     """The shard_map ``closed_jaxpr`` consists of (possibly inside a jit), or None when it has none.
-    Raises UnsupportedPrimitiveError when a shard_map is only part of the function."""
-    jaxpr = closed_jaxpr.jaxpr
-    while len(jaxpr.eqns) == 1 and _passes_through(jaxpr):  # a jit around the shard_map
+    Constants the function closes over reach the shard_map as replicated operands; they become constants
+    of the body. Raises UnsupportedPrimitiveError when a shard_map is only part of the function."""
+    jaxpr, consts = closed_jaxpr.jaxpr, dict(zip(closed_jaxpr.jaxpr.constvars, closed_jaxpr.consts))
+    while len(jaxpr.eqns) == 1 and _passes_through(jaxpr, consts):  # a jit around the shard_map
         param = _CALL_PARAMS.get(jaxpr.eqns[0].primitive.name)
         if param not in jaxpr.eqns[0].params:
             break
         inner = jaxpr.eqns[0].params[param]
+        outer_args = [consts.get(v, v) for v in jaxpr.eqns[0].invars]
         jaxpr = getattr(inner, "jaxpr", inner)
+        consts = dict(zip(jaxpr.constvars, getattr(inner, "consts", ())))
+        consts.update({v: a for v, a in zip(jaxpr.invars, outer_args) if not isinstance(a, jax.extend.core.Var)})
     calls = [e for e in jaxpr.eqns if e.primitive.name == "shard_map"]
     if not calls:
         return None
-    if len(jaxpr.eqns) != 1 or not _passes_through(jaxpr):
+    if len(jaxpr.eqns) != 1 or not _passes_through(jaxpr, consts):
         raise UnsupportedPrimitiveError("shard_map", source_line(calls[0]), "megakernelize takes a function that "
                                         "is one shard_map, with all of its work inside the body")  # fmt: skip
     params = calls[0].params
-    body = jax.extend.core.ClosedJaxpr(params["jaxpr"], ())
-    return ShardMap(body, params["mesh"], tuple(params["in_specs"]), tuple(params["out_specs"]))
+    body, in_specs = params["jaxpr"], tuple(params["in_specs"])
+    fixed = [i for i, v in enumerate(calls[0].invars) if v in consts]
+    for i in fixed:
+        if any(axis is not None for axis in in_specs[i]):
+            raise UnsupportedPrimitiveError("shard_map", source_line(calls[0]), "a constant the function closes "
+                                            "over is sharded; pass it as an argument instead")  # fmt: skip
+    body = body.replace(constvars=[body.invars[i] for i in fixed],
+                        invars=[v for i, v in enumerate(body.invars) if i not in fixed])  # fmt: skip
+    values = [np.asarray(consts[calls[0].invars[i]]) for i in fixed]
+    in_specs = tuple(spec for i, spec in enumerate(in_specs) if i not in fixed)
+    return ShardMap(jax.extend.core.ClosedJaxpr(body, values), params["mesh"], in_specs, tuple(params["out_specs"]))
 
 
-def _passes_through(jaxpr) -> bool:
-    """The single equation takes the jaxpr's inputs and gives its results, in order."""
+def _passes_through(jaxpr, consts) -> bool:
+    """The single equation takes the jaxpr's inputs (after constants, if any) and gives its results, in order."""
     (eqn,) = jaxpr.eqns
-    return list(eqn.invars) == list(jaxpr.invars) and list(eqn.outvars) == list(jaxpr.outvars)
+    args = [v for v in eqn.invars if v not in consts]
+    return args == list(jaxpr.invars) and list(eqn.outvars) == list(jaxpr.outvars)
 
 
 def source_line(eqn) -> str:

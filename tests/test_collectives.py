@@ -97,6 +97,15 @@ def test_axis_index_and_several_results(rng):
     check_calls(f, lambda: (random_array(rng, (8, 3), "float32"),))
 
 
+def test_constants_of_the_body(platform, rng):
+    """Arrays the function closes over reach the shard_map as replicated operands (jax hoists them)."""
+    table = np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(4, 3)
+    f = jax.shard_map(lambda x: jax.lax.psum(x * table, "x"), mesh=mesh_of(2, platform=platform), in_specs=P(),
+                      out_specs=P())  # fmt: skip
+    check_calls(f, lambda: (random_array(rng, (4, 3), "float32"),))
+    check_calls(jax.jit(f), lambda: (random_array(rng, (4, 3), "float32"),))
+
+
 def test_two_dimensional_mesh(rng):
     mesh = mesh_of(4, ("a", "b"))
 
@@ -124,7 +133,15 @@ def test_tensor_parallel_decode_steps(n, dtype, platform, rng):
     )  # fmt: skip
     fast, reference, single = jax_mpk.megakernelize(tp_step), jax.jit(tp_step), jax.jit(make_decode_step(cfg))
     tokens, expected_cache, actual_cache = random_tokens(cfg, 0), cache, cache
-    close = assert_trees_close if dtype == "float32" else assert_model_outputs_close
+    def close(actual, expected, dtype):
+        if dtype == "float32":
+            return assert_trees_close(actual, expected, dtype)
+        # bf16: both round every partial product and sum, but at different points (XLA keeps fused
+        # epilogues in float32); over two layers of random weights that is ~1e-2 of the logits
+        for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected)):
+            a64, e64 = np.asarray(a, np.float64), np.asarray(e, np.float64)
+            assert np.linalg.norm(a64 - e64) <= 3e-2 * np.linalg.norm(e64)
+
     for pos in range(3, 7):
         with jax.default_matmul_precision("float32"):
             expected = reference(params, tokens, jnp.int32(pos), *expected_cache)

@@ -244,3 +244,100 @@ def test_benchmark_quick_run(tmp_path):
     (written,) = tmp_path.glob("decode_*.json")
     assert [(r["batch"], r["ctx"]) for r in json.loads(written.read_text())["results"]] == [(1, 40), (1, 128)]
     assert written.with_suffix(".md").read_text().count("| qwen3-tiny-untied |") == 2
+
+
+# ----------------------------------------------------------------------------------------- tensor parallelism
+# Configs whose heads, KV heads and MLP features split over tp devices; tiny, float32.
+TP_CASES = {
+    "llama-tiny-tp2": ("llama-tiny", 2, {}),
+    "qwen3-tiny-untied-tp2": ("qwen3-tiny-untied", 2, dict(kv_heads=2)),
+    "qwen3-tiny-tp4": ("qwen3-tiny", 4, dict(heads=8, kv_heads=4, head_dim=16)),
+}
+
+def _tp_case(case: str):
+    name, tp, changes = TP_CASES[case]
+    config = dataclasses.replace(models.PRESETS[name], **changes)
+    return config, models.tp_mesh(tp, jax.devices("cpu"))
+
+
+@pytest.mark.parametrize("case", sorted(TP_CASES))
+def test_tensor_parallel_step_equals_the_single_device_step(case, rng):
+    config, mesh = _tp_case(case)
+    batch, max_seq = 2, 12
+    weights, merge = models.split(models.create(config, _seed(rng)))
+    single = jax.jit(models.make_decode_step(merge))
+    tp_step = jax.jit(models.make_tp_decode_step(config, mesh))
+    tokens = tp_tokens = _prompt(rng, config, batch, 1)[:, 0]
+    cache = tp_cache = models.init_cache(config, batch, max_seq, jax.random.PRNGKey(_seed(rng)))
+    for pos in range(5, 9):
+        tokens, logits, cache = single(weights, tokens, jnp.int32(pos), cache)
+        tp_tokens, tp_logits, tp_cache = tp_step(weights, tp_tokens, jnp.int32(pos), tp_cache)
+        assert_model_outputs_close((tp_logits, tp_cache), (logits, cache), "float32")
+        np.testing.assert_array_equal(tp_tokens, tokens, err_msg=f"position {pos}")
+    each_its_kv_heads = jax.sharding.NamedSharding(mesh, models.tp_cache_spec().k)
+    assert tp_cache.k.sharding.is_equivalent_to(each_its_kv_heads, tp_cache.k.ndim)
+
+
+@pytest.mark.parametrize("case", ["llama-tiny-tp2", "qwen3-tiny-tp4"])
+def test_tensor_parallel_megakernel_equals_jit(case, rng):
+    """The megakernel of the shard_map step (one per device, partial sums exchanged by the CPU executor's
+    collectives) equals jax.jit of the same step, on weights and cache already placed on the mesh."""
+    config, mesh = _tp_case(case)
+    batch, max_seq = 2, 12
+    weights, _ = models.split(models.create(config, _seed(rng)))
+    cache = models.init_cache(config, batch, max_seq, jax.random.PRNGKey(_seed(rng)))
+    weights, cache = models.tp_shard(mesh, config, weights, cache)
+    step = models.make_tp_decode_step(config, mesh)
+    reference, fast = jax.jit(step), jax_mpk.megakernelize(step, donate_argnums=(3,))
+    tokens = ref_tokens = _prompt(rng, config, batch, 1)[:, 0]
+    ref_cache = cache
+    for pos in range(5, 9):
+        # the reference first: the megakernel donates the cache, which both get at the first step
+        ref_tokens, ref_logits, ref_cache = reference(weights, ref_tokens, jnp.int32(pos), ref_cache)
+        tokens, logits, cache = fast(weights, tokens, jnp.int32(pos), cache)
+        assert_model_outputs_close((logits, cache), (ref_logits, ref_cache), "float32")
+        np.testing.assert_array_equal(tokens, ref_tokens, err_msg=f"position {pos}")
+    assert len(fast.plans) == 1 and next(iter(fast.plans.values())).graph.num_ranks == mesh.size
+
+
+def test_tensor_parallel_weight_specs_and_refusals():
+    config = models.PRESETS["qwen3-tiny-untied"]
+    weights, _ = models.split(models.abstract(config))
+    specs = models.tp_weight_specs(config)
+    assert len(specs) == len(weights)
+    split = [(w.shape, s) for w, s in zip(weights, specs) if any(s)]
+    assert len(split) == 7 * config.layers  # q, k, v, o, gate, up, down of every layer; the rest replicated
+    assert sum(s == jax.sharding.PartitionSpec("tp", None) for _, s in split) == 2 * config.layers  # o, down
+    with pytest.raises(ValueError, match="divisible by 2; this model has kv_heads=1"):
+        models.tp_local_config(config, 2)
+    local = models.tp_local_config(dataclasses.replace(config, kv_heads=2), 2)
+    assert (local.heads, local.kv_heads, local.mlp, local.tp_axis) == (2, 1, 64, "tp")
+    many = len(jax.devices("cpu")) + 1
+    with pytest.raises(ValueError, match=f"xla_force_host_platform_device_count={many}"):
+        models.tp_mesh(many, jax.devices("cpu"))
+
+
+def test_scripts_with_tensor_parallelism(tmp_path, capsys):
+    import decode
+    import generate
+
+    out = generate.main(["--model", "llama-tiny", "--tp", "2", "--batch", "2", "--new-tokens", "5", "--check"])
+    np.testing.assert_array_equal(out["megakernel"], out["jax.jit"])
+    assert "tensor parallel over 2 devices" in capsys.readouterr().out
+    (result,) = decode.main(["--quick", "--tp", "2", "--models", "llama-tiny", "--steps", "2", "--warmup", "1",
+                             "--check-steps", "2", "--out", str(tmp_path)])  # fmt: skip
+    assert result["tp"] == 2 and result["agreement"]["agree"]
+    config = models.PRESETS["llama-tiny"]
+    single = decode.floor_bytes(config, models.split(models.create(config))[0], 1, 128)
+    assert result["kv_bytes"] == single[1] // 2 and result["weight_bytes"] < single[0]
+    assert "| llama-tiny | 2 | 1 | 128 |" in (tmp_path / "decode_cpu.md").read_text()
+
+
+def test_scripts_refuse_a_tensor_parallel_split_that_does_not_fit():
+    import generate
+
+    with pytest.raises(SystemExit, match="kv_heads=1"):
+        generate.main(["--model", "qwen3-tiny-untied", "--tp", "2"])
+    many = len(jax.devices()) + 1
+    with pytest.raises(SystemExit, match="devices"):
+        generate.main(["--model", "llama-tiny", "--tp", str(many)])
