@@ -148,6 +148,7 @@ class _Lowerer:
     def __init__(self, first_const_index: int, mesh: Mesh | None = None):
         self.first_const_index = first_const_index
         self.mesh = mesh
+        self.const_sources: dict[tuple, Source] = {}
         self.consts: list[np.ndarray] = []
 
     def const_node(self, value) -> Node:
@@ -155,8 +156,14 @@ class _Lowerer:
         dtype = check_dtype(array.dtype, "a constant captured by the function")
         if array.shape == ():
             return const(array.item(), dtype)
-        self.consts.append(array)
-        return Source(shape=array.shape, dtype=dtype, index=self.first_const_index + len(self.consts) - 1)
+        # equal arrays become one input (each layer of a model may close over its own copy of a table), since
+        # a megakernel takes a bounded number of buffers
+        key = (dtype.str, array.shape, array.tobytes())
+        if key not in self.const_sources:
+            self.consts.append(array)
+            index = self.first_const_index + len(self.consts) - 1
+            self.const_sources[key] = Source(shape=array.shape, dtype=dtype, index=index)
+        return self.const_sources[key]
 
     def run(self, jaxpr, consts, args: list[Node], caller_source: str = "") -> list[Node]:
         """Lower ``jaxpr``; equations inlined from a library call without user frames of their own are
