@@ -718,24 +718,22 @@ std::optional<std::string> CheckCudaError(std::string_view key, int device) {
 // state may be created while XLA captures: CreateState relaxes the thread's capture mode and puts nothing on
 // the captured stream. A replayed graph keeps the kernel it was captured with, also after its key was
 // registered again with another plan, until XLA re-captures it: a key should name its plan's content.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMpkMegakernelCuda, jax_mpk::MegakernelCuda,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<xla::ffi::DeviceOrdinal>()
-                                  .RemainingArgs()
-                                  .RemainingRets()
-                                  .Attr<std::string_view>("plan_key")
-                                  .Attr<int64_t>("watchdog_ms"),
+namespace {
+auto MegakernelBinding() {
+  return xla::ffi::Ffi::Bind()
+      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+      .Ctx<xla::ffi::DeviceOrdinal>()
+      .RemainingArgs()
+      .RemainingRets()
+      .Attr<std::string_view>("plan_key")
+      .Attr<int64_t>("watchdog_ms");
+}
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMpkMegakernelCuda, jax_mpk::MegakernelCuda, MegakernelBinding(),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 // The same handler for plans that several devices run together, without kCmdBufferCompatible: a captured
 // launch would restart at epoch 1 on every replay (the reset above), which the other ranks' remote counters
 // and the alternating halves of the communication buffers do not follow. XLA then launches it directly.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMpkMegakernelCudaRanks, jax_mpk::MegakernelCuda,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<xla::ffi::DeviceOrdinal>()
-                                  .RemainingArgs()
-                                  .RemainingRets()
-                                  .Attr<std::string_view>("plan_key")
-                                  .Attr<int64_t>("watchdog_ms"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMpkMegakernelCudaRanks, jax_mpk::MegakernelCuda, MegakernelBinding());

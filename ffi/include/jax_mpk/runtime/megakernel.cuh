@@ -34,24 +34,23 @@ struct TaskRecord {
   int32_t remote_signal_count;
 };
 
-__device__ __forceinline__ uint64_t load_acquire(const uint64_t* address) {
+// kSystem: system scope, for counters another device writes or reads (a rank's remote events).
+template <bool kSystem = false> __device__ __forceinline__ uint64_t load_acquire(const uint64_t* address) {
   uint64_t value;
-  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
+  if constexpr (kSystem) {
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
+  } else {
+    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
+  }
   return value;
 }
 
-__device__ __forceinline__ void add_relaxed(uint64_t* address, uint64_t value) {
-  asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
-}
-
-__device__ __forceinline__ uint64_t load_acquire_system(const uint64_t* address) {
-  uint64_t value;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
-  return value;
-}
-
-__device__ __forceinline__ void add_relaxed_system(uint64_t* address, uint64_t value) {
-  asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
+template <bool kSystem = false> __device__ __forceinline__ void add_relaxed(uint64_t* address, uint64_t value) {
+  if constexpr (kSystem) {
+    asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
+  } else {
+    asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
+  }
 }
 
 namespace comm {
@@ -99,12 +98,11 @@ __device__ inline void report_failure(const MegakernelParams& p, int32_t code, i
 template <bool kSystem>
 __device__ inline bool wait_until(const MegakernelParams& p, const uint64_t* counter, uint64_t target,
                                   int32_t task_index, int32_t kernel, int32_t event) {
-  const auto load = [](const uint64_t* c) { return kSystem ? load_acquire_system(c) : load_acquire(c); };
-  if (load(counter) >= target) return true;
+  if (load_acquire<kSystem>(counter) >= target) return true;
   const uint64_t start = global_timer_ns();
   unsigned sleep_ns = 16;  // short: a dependency usually completes within a few microseconds
   while (true) {
-    const uint64_t value = load(counter);
+    const uint64_t value = load_acquire<kSystem>(counter);
     if (value >= target) return true;
     if (*reinterpret_cast<volatile int32_t*>(&p.control->abort)) return false;
     if (global_timer_ns() - start > static_cast<uint64_t>(p.watchdog_ns)) {
@@ -170,7 +168,7 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
       if (task.remote_signal_count > 0) {  // other ranks read what this task stored
         asm volatile("fence.acq_rel.sys;" ::: "memory");
         for (int32_t s = threadIdx.x; s < task.remote_signal_count; s += 32) {
-          add_relaxed_system(p.comm.counters[p.comm.rank] + remote_signals[task.remote_signal_begin + s], 1);
+          add_relaxed<true>(p.comm.counters[p.comm.rank] + remote_signals[task.remote_signal_begin + s], 1);
         }
       }
       if (profile && threadIdx.x == 0) profile[3 * task_index + 2] = global_timer_ns();
