@@ -76,7 +76,7 @@ def find_shard_map(closed_jaxpr) -> ShardMap | None:
         if param not in jaxpr.eqns[0].params:
             break
         inner = jaxpr.eqns[0].params[param]
-        outer_args = [consts.get(v, v) for v in jaxpr.eqns[0].invars]
+        outer_args = [consts[v] if _is_const(v, consts) else v for v in jaxpr.eqns[0].invars]
         jaxpr = getattr(inner, "jaxpr", inner)
         consts = dict(zip(jaxpr.constvars, getattr(inner, "consts", ())))
         consts.update({v: a for v, a in zip(jaxpr.invars, outer_args) if not isinstance(a, jax.extend.core.Var)})
@@ -88,7 +88,7 @@ def find_shard_map(closed_jaxpr) -> ShardMap | None:
                                         "is one shard_map, with all of its work inside the body")  # fmt: skip
     params = calls[0].params
     body, in_specs = params["jaxpr"], tuple(params["in_specs"])
-    fixed = [i for i, v in enumerate(calls[0].invars) if v in consts]
+    fixed = [i for i, v in enumerate(calls[0].invars) if _is_const(v, consts)]
     for i in fixed:
         if any(axis is not None for axis in in_specs[i]):
             raise UnsupportedPrimitiveError("shard_map", source_line(calls[0]), "a constant the function closes "
@@ -103,8 +103,12 @@ def find_shard_map(closed_jaxpr) -> ShardMap | None:
 def _passes_through(jaxpr, consts) -> bool:
     """The single equation takes the jaxpr's inputs (after constants, if any) and gives its results, in order."""
     (eqn,) = jaxpr.eqns
-    args = [v for v in eqn.invars if v not in consts]
+    args = [v for v in eqn.invars if not _is_const(v, consts)]
     return args == list(jaxpr.invars) and list(eqn.outvars) == list(jaxpr.outvars)
+
+
+def _is_const(atom, consts) -> bool:
+    return isinstance(atom, jax.extend.core.Var) and atom in consts
 
 
 def source_line(eqn) -> str:
