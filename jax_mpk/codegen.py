@@ -533,8 +533,8 @@ class _DotPlan:
     def of(kernel: Kernel, tasks) -> _DotPlan | None:
         dot = kernel.dot
         rank = len(kernel.domain)
-        if rank == 0 or not tasks or any(t.buffer.kind == TensorKind.COMM for t in kernel.read_tensors()):
-            return None  # communication buffers are read element by element (their slots are on other ranks)
+        if rank == 0 or not tasks or kernel.reads_comm():
+            return None
         if dot.lhs_expr is None:
             lhs = _linear_form(dot.lhs_map, dot.lhs.shape)
         else:  # computed while staged: only the contraction's nesting matters

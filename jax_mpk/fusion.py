@@ -117,6 +117,11 @@ class Kernel:
             tensors += [self.dot.rhs] if self.dot.lhs_expr is not None else [self.dot.lhs, self.dot.rhs]
         return tensors
 
+    def reads_comm(self) -> bool:
+        """Whether it reads a communication buffer (codegen reads those element by element: their slots are
+        on other ranks)."""
+        return any(t.buffer.kind == TensorKind.COMM for t in self.read_tensors())
+
     def __repr__(self) -> str:
         outs = ", ".join(o.tensor.name for o in self.outputs)
         reads = ", ".join(sorted({t.name for t in self.read_tensors()}))
@@ -772,8 +777,7 @@ def _compute_rows_in_dot_staging(kernels: list[Kernel]) -> list[Kernel]:
         a, out = writer[key(dot.lhs)]
         if math.prod(b.domain[d] for d in shared_weight_dims(b)) > 1:
             continue  # a task of it multiplies several rows: it would compute them one after the other
-        reads_comm = any(t.buffer.kind == TensorKind.COMM for t in a.read_tensors())  # codegen: element by element
-        if a.dot is None and not reads_comm and _stages_as_rows(out, dot, len(b.domain)):
+        if a.dot is None and not a.reads_comm() and _stages_as_rows(out, dot, len(b.domain)):
             dot.lhs_expr = Reindex(shape=tuple(b.domain) + tuple(dot.k_shape), dtype=out.node.dtype,
                                    children=(out.node,), map=dot.lhs_map)  # fmt: skip
     still_read = {key(t) for k in kernels for t in k.read_tensors()}

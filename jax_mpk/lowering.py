@@ -168,7 +168,7 @@ for _name, _op in _BINARY.items():
     rule(_name)(_binary_rule(_op))
 
 
-@rule("stop_gradient", "copy", "copy_p", "optimization_barrier")
+@rule("stop_gradient", "copy", "copy_p", "optimization_barrier", "pvary")  # pvary: check_vma's marking only
 def _identity(ctx, *xs, **_):
     return list(xs) if len(ctx.out_avals) > 1 else xs[0]
 
@@ -500,12 +500,6 @@ def _sum_slots(ctx: RuleContext, x: Node, ranks: int) -> Node:
     stacked = _move_axes_last(_all_slots(ctx, x, ranks), [0])
     return Reduce(shape=tuple(x.shape), dtype=x.dtype, children=(stacked,), kind=ReduceKind.SUM, n_inner=1,
                   source=ctx.source)  # fmt: skip
-
-
-@rule("pvary")
-def _pvary(ctx, *xs, **_):
-    """Marks values as varying across devices (check_vma): no data movement."""
-    return list(xs) if len(ctx.out_avals) > 1 else xs[0]
 
 
 @rule("psum", "psum_invariant")

@@ -115,18 +115,21 @@ double Binary(NodeOp op, double a, double b, DType dtype) {
 TileEvaluator::TileEvaluator(const Plan& plan, const std::vector<void*>& tensor_data, std::vector<char*> comm_bases)
     : plan_(plan), tensor_data_(tensor_data), comm_bases_(std::move(comm_bases)) {}
 
-double TileEvaluator::ReadTensor(int tensor_id, int64_t element) const {
+std::pair<void*, int64_t> TileEvaluator::Locate(int tensor_id, int64_t element) const {
   const Tensor& tensor = plan_.tensors[tensor_id];
-  if (tensor.kind != TensorKind::kComm) return ReadElement(tensor.dtype, tensor_data_[tensor_id], element);
+  if (tensor.kind != TensorKind::kComm) return {tensor_data_[tensor_id], element};
   const int64_t slot = tensor.slot_elements;  // slot r: rank r's buffer
-  return ReadElement(tensor.dtype, comm_bases_[element / slot] + tensor.index, element % slot);
+  return {comm_bases_[element / slot] + tensor.index, element % slot};
+}
+
+double TileEvaluator::ReadTensor(int tensor_id, int64_t element) const {
+  const auto [base, at] = Locate(tensor_id, element);
+  return ReadElement(plan_.tensors[tensor_id].dtype, base, at);
 }
 
 void TileEvaluator::WriteTensor(int tensor_id, int64_t element, double value) const {
-  const Tensor& tensor = plan_.tensors[tensor_id];
-  if (tensor.kind != TensorKind::kComm) return WriteElement(tensor.dtype, tensor_data_[tensor_id], element, value);
-  const int64_t slot = tensor.slot_elements;
-  WriteElement(tensor.dtype, comm_bases_[element / slot] + tensor.index, element % slot, value);
+  const auto [base, at] = Locate(tensor_id, element);
+  WriteElement(plan_.tensors[tensor_id].dtype, base, at, value);
 }
 
 void TileEvaluator::RunTile(const Task& task) {

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "jax_mpk/plan.h"
@@ -59,6 +60,8 @@ class TileEvaluator {
   double Accumulate(const Index& domain_index);
   void AccumulateRun(const Index& first, int64_t length);
 
+  // Where element `element` of tensor `tensor_id` lives: a base address and the element's index from it.
+  std::pair<void*, int64_t> Locate(int tensor_id, int64_t element) const;
   double ReadTensor(int tensor_id, int64_t element) const;
   void WriteTensor(int tensor_id, int64_t element, double value) const;
   void AddDynOffsets(const std::vector<DynOffset>& dyn, const Index& index, Index& position);
