@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per variant, interleaved, each with a fresh cache")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
 
@@ -97,7 +98,7 @@ def main() -> None:
     actual = fast(params, tokens, pos, *[jnp.copy(c) for c in cache])
     logits_error = float(jnp.linalg.norm(actual[1] - expected[1]) / jnp.linalg.norm(expected[1]))
     print(f"logits relative error vs jax.jit: {logits_error:.2e}", flush=True)
-    for round_ in range(2):  # each variant timed twice, interleaved
+    for round_ in range(args.rounds):  # the variants take turns
         for name, fn in (("jax.jit", xla), ("megakernel", fast)):
             cache = init_cache(cfg, jax.random.PRNGKey(1))
             times = time_steps(fn, params, cache, tokens, pos, args.steps, args.repeats)

@@ -89,15 +89,9 @@ def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 
     buffer_ids = {id(b): i for i, b in enumerate(graph.buffers)}
     tasks: list[Task] = []
     per_element = {k.index: _cost_per_element(k) for k in graph.kernels}
-    work = {k.index: per_element[k.index] * math.prod(k.domain) for k in graph.kernels}
-    level_work: dict[int, float] = {}
-    for k in graph.kernels:
-        level_work[k.level] = level_work.get(k.level, 0.0) + work[k.index]
+    tilings = _level_tilings(graph.kernels, per_element, num_workers, min_task_work)
     for kernel in graph.kernels:
-        # kernels of one level run side by side: share the workers in proportion to their work
-        kernel_work = work[kernel.index]
-        share = max(1, int(num_workers * kernel_work / level_work[kernel.level])) if kernel_work else 1
-        for lo, hi in tile_domain(kernel, share, per_element[kernel.index], min_task_work):
+        for lo, hi in tilings[kernel.index]:
             cost = per_element[kernel.index] * math.prod(h - l for l, h in zip(lo, hi))
             task = Task(len(tasks), kernel.index, lo, hi, cost=cost)
             task.reads, task.writes = _accesses(kernel, lo, hi, buffer_ids)
@@ -110,6 +104,34 @@ def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 
 
 
 # ------------------------------------------------------------------------------------------------ tiling
+
+
+def _level_tilings(kernels: list[Kernel], per_element: dict[int, float], num_workers: int,
+                   min_task_work: int) -> dict[int, list[tuple[tuple, tuple]]]:
+    """The tiles of every kernel. Kernels of one level run side by side: they share the workers in proportion
+    to their work; then the workers their tilings leave idle (a split-K product tiles in whole slices) go,
+    one kernel at a time, to the kernel with the most work per task whose tiling grows with them."""
+    levels: dict[int, list[Kernel]] = {}
+    for k in kernels:
+        levels.setdefault(k.level, []).append(k)
+    tilings: dict[int, list[tuple[tuple, tuple]]] = {}
+    for level_kernels in levels.values():
+        work = {k.index: per_element[k.index] * math.prod(k.domain) for k in level_kernels}
+        total = sum(work.values())
+        share = {i: max(1, int(num_workers * w / total)) if w else 1 for i, w in work.items()}
+        tiles = {k.index: tile_domain(k, share[k.index], per_element[k.index], min_task_work) for k in level_kernels}
+        grown = True
+        while grown:
+            grown = False
+            free = num_workers - sum(len(t) for t in tiles.values())
+            by_task_work = sorted(level_kernels, key=lambda k: -work[k.index] / max(len(tiles[k.index]), 1))
+            for k in by_task_work if free > 0 else []:
+                wider = tile_domain(k, len(tiles[k.index]) + free, per_element[k.index], min_task_work)
+                if len(wider) > len(tiles[k.index]):
+                    tiles[k.index], grown = wider, True
+                    break
+        tilings.update(tiles)
+    return tilings
 
 
 def _cost_per_element(kernel: Kernel) -> float:
@@ -149,10 +171,12 @@ def tile_domain(kernel: Kernel, max_tiles: int, per_element: float, min_task_wor
         if dim >= splittable or wanted <= 1 or dim in whole:
             tiles = [(lo + (0,), hi + (size,)) for lo, hi in tiles]
         elif size >= wanted:
-            step = -(-size // wanted)
+            unit = 1  # ranges as even as whole units allow: the largest tile sets the kernel's time
             if kernel.dot is not None and dim == len(domain) - 1 and size % DOT_COLUMN_ALIGN == 0:
-                step = -(-step // DOT_COLUMN_ALIGN) * DOT_COLUMN_ALIGN  # whole 32-byte sectors of bf16 weights
-            tiles = [(lo + (s,), hi + (min(s + step, size),)) for lo, hi in tiles for s in range(0, size, step)]
+                unit = DOT_COLUMN_ALIGN  # whole 32-byte sectors of bf16 weights
+            count = min(wanted, size // unit)
+            bounds = [size // unit * i // count * unit for i in range(count)] + [size]
+            tiles = [(lo + (a,), hi + (b,)) for lo, hi in tiles for a, b in zip(bounds, bounds[1:])]
             wanted = 1
         else:
             tiles = [(lo + (s,), hi + (s + 1,)) for lo, hi in tiles for s in range(size)]

@@ -135,19 +135,38 @@ __device__ inline bool wait_for_task(const MegakernelParams& p, const TaskRecord
 
 // When `profile` is not null (JAX_MPK_PROFILE builds), thread 0 records for every task the global timer
 // when it starts waiting, when it starts running and when it has signalled: 3 x uint64 per task.
+// Copies a task record into shared memory: lanes 0 .. 24 of the calling warp, one word each.
+__device__ __forceinline__ void copy_record(TaskRecord* to, const TaskRecord* from, int lane) {
+  constexpr int kWords = sizeof(TaskRecord) / sizeof(int32_t);
+  if (lane < kWords) reinterpret_cast<int32_t*>(to)[lane] = __ldg(reinterpret_cast<const int32_t*>(from) + lane);
+}
+
 template <class Dispatch>
 __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, const int32_t* signals,
                            const int32_t* remote_signals, const int32_t* worker_begin, const int32_t* worker_tasks,
                            char* smem, Dispatch& dispatch, uint64_t* profile) {
+  static_assert(sizeof(TaskRecord) % sizeof(int32_t) == 0 && sizeof(TaskRecord) / sizeof(int32_t) <= 32);
+  // The tables are read once per call, and the weights streamed in between evict them from L2: a table read
+  // after a task's wait is a DRAM round trip (~1 us) on the dependency chain, at every level. So while
+  // thread 0 waits for task i, warp 1 copies the record of task i + 1 into shared memory (three slots:
+  // warp 0 still reads record i while it signals, after the other warps may have moved on to i + 1), and
+  // warp 0's lanes load the first events task i will signal.
+  __shared__ TaskRecord records[3];
   __shared__ uint64_t shared_epoch;
   __shared__ int32_t shared_go;
+  const int32_t begin = worker_begin[blockIdx.x], end = worker_begin[blockIdx.x + 1];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) shared_epoch = load_acquire(&p.control->epoch) + 1;
+  if (warp == 1 && begin < end) copy_record(&records[0], tasks + worker_tasks[begin], lane);
   __syncthreads();
   const uint64_t epoch = shared_epoch;
-  for (int32_t i = worker_begin[blockIdx.x]; i < worker_begin[blockIdx.x + 1]; ++i) {
+  for (int32_t i = begin, slot = 0; i < end; ++i, slot = slot == 2 ? 0 : slot + 1) {
     const int32_t task_index = worker_tasks[i];
-    const TaskRecord& task = tasks[task_index];
+    const TaskRecord& task = records[slot];
     dispatch.prefetch(task, smem);  // weights start streaming while we wait
+    const int32_t first_signal =
+        warp == 0 && lane < task.signal_count ? __ldg(signals + task.signal_begin + lane) : -1;
+    if (warp == 1 && i + 1 < end) copy_record(&records[slot == 2 ? 0 : slot + 1], tasks + worker_tasks[i + 1], lane);
     if (threadIdx.x == 0) {
       if (profile) profile[3 * task_index] = global_timer_ns();
       shared_go = wait_for_task(p, task, task_index, epoch);
@@ -162,7 +181,8 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
     // serialize a fence per event, and a task can feed a hundred events.
     if (threadIdx.x < 32) {
       fence_release();
-      for (int32_t s = threadIdx.x; s < task.signal_count; s += 32) {
+      if (first_signal >= 0) add_relaxed(p.counters + first_signal, 1);
+      for (int32_t s = threadIdx.x + 32; s < task.signal_count; s += 32) {
         add_relaxed(p.counters + signals[task.signal_begin + s], 1);
       }
       if (task.remote_signal_count > 0) {  // other ranks read what this task stored
