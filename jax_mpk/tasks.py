@@ -120,16 +120,14 @@ def _level_tilings(kernels: list[Kernel], per_element: dict[int, float], num_wor
         total = sum(work.values())
         share = {i: max(1, int(num_workers * w / total)) if w else 1 for i, w in work.items()}
         tiles = {k.index: tile_domain(k, share[k.index], per_element[k.index], min_task_work) for k in level_kernels}
-        grown = True
-        while grown:
-            grown = False
-            free = num_workers - sum(len(t) for t in tiles.values())
-            by_task_work = sorted(level_kernels, key=lambda k: -work[k.index] / max(len(tiles[k.index]), 1))
-            for k in by_task_work if free > 0 else []:
+        while (free := num_workers - sum(len(t) for t in tiles.values())) > 0:
+            for k in sorted(level_kernels, key=lambda k: -work[k.index] / max(len(tiles[k.index]), 1)):
                 wider = tile_domain(k, len(tiles[k.index]) + free, per_element[k.index], min_task_work)
                 if len(wider) > len(tiles[k.index]):
-                    tiles[k.index], grown = wider, True
+                    tiles[k.index] = wider
                     break
+            else:
+                break  # no kernel's tiling grows with the idle workers
         tilings.update(tiles)
     return tilings
 

@@ -133,14 +133,14 @@ __device__ inline bool wait_for_task(const MegakernelParams& p, const TaskRecord
   return true;
 }
 
-// When `profile` is not null (JAX_MPK_PROFILE builds), thread 0 records for every task the global timer
-// when it starts waiting, when it starts running and when it has signalled: 3 x uint64 per task.
 // Copies a task record into shared memory: lanes 0 .. 24 of the calling warp, one word each.
 __device__ __forceinline__ void copy_record(TaskRecord* to, const TaskRecord* from, int lane) {
   constexpr int kWords = sizeof(TaskRecord) / sizeof(int32_t);
   if (lane < kWords) reinterpret_cast<int32_t*>(to)[lane] = __ldg(reinterpret_cast<const int32_t*>(from) + lane);
 }
 
+// When `profile` is not null (JAX_MPK_PROFILE builds), thread 0 records for every task the global timer
+// when it starts waiting, when it starts running and when it has signalled: 3 x uint64 per task.
 template <class Dispatch>
 __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, const int32_t* signals,
                            const int32_t* remote_signals, const int32_t* worker_begin, const int32_t* worker_tasks,
@@ -160,13 +160,13 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
   if (warp == 1 && begin < end) copy_record(&records[0], tasks + worker_tasks[begin], lane);
   __syncthreads();
   const uint64_t epoch = shared_epoch;
-  for (int32_t i = begin, slot = 0; i < end; ++i, slot = slot == 2 ? 0 : slot + 1) {
-    const int32_t task_index = worker_tasks[i];
+  for (int32_t i = begin, slot = 0; i < end; ++i) {
+    const int32_t task_index = worker_tasks[i], next_slot = slot == 2 ? 0 : slot + 1;
     const TaskRecord& task = records[slot];
     dispatch.prefetch(task, smem);  // weights start streaming while we wait
     const int32_t first_signal =
         warp == 0 && lane < task.signal_count ? __ldg(signals + task.signal_begin + lane) : -1;
-    if (warp == 1 && i + 1 < end) copy_record(&records[slot == 2 ? 0 : slot + 1], tasks + worker_tasks[i + 1], lane);
+    if (warp == 1 && i + 1 < end) copy_record(&records[next_slot], tasks + worker_tasks[i + 1], lane);
     if (threadIdx.x == 0) {
       if (profile) profile[3 * task_index] = global_timer_ns();
       shared_go = wait_for_task(p, task, task_index, epoch);
@@ -193,6 +193,7 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
       }
       if (profile && threadIdx.x == 0) profile[3 * task_index + 2] = global_timer_ns();
     }
+    slot = next_slot;
   }
   // A task given up (watchdog, abort) may leave weight copies in flight into shared memory.
   asm volatile("cp.async.wait_all;" ::: "memory");
