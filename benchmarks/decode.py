@@ -11,12 +11,17 @@ For each model x batch x context, both variants run in this process on the defau
   bfloat16 models also run in float32 (same weights and cache, upcast; XLA): both variants' errors against it
   are reported, and the megakernel agrees as well when its error is at most 1.5 times XLA's.
   Both variants continue from jax.jit's tokens, so that one near-tie cannot fork the comparison.
-* time: --repeats rounds, alternating the variants; each round warms up, then times --steps chained steps,
-  each step on its own with device synchronization (ms/token = ms per step: every sequence of the batch gets
-  one token). Every step attends over the whole context (position ctx - 1). Reported: median, p10, p90.
+* time: --repeats rounds; in each, every variant runs --chains chains of --steps chained steps (each step feeds
+  the next its tokens and donated cache; one device synchronization per chain: the latency of a decode loop whose
+  host runs ahead), --chains calls of a jitted `lax.fori_loop` over --steps steps (`jax.jit_fori`,
+  `megakernel_fori`: no host work between steps), and --steps steps each synchronized on its own (which adds the
+  per-call host work). Every step attends over the whole context (position ctx - 1). `ms` holds the medians of the
+  chained and fori forms; all samples are kept with p10/p90.
 * floor: the bytes a step must read (every weight, but only the batch's rows of an untied embedding table;
-  keys and values of ctx positions for every layer and sequence) over the copy bandwidth measured on the same
-  device in this run.
+  keys and values of ctx positions for every layer and sequence) over the read bandwidth measured on the same
+  device in this run (benchmarks/bandwidth.py: streaming reductions over 4 GiB, best of 10; the better of XLA's
+  and, when present, PyTorch's). Reported with it: % of floor and the overhead per layer,
+  (step - floor) / layers.
 * --tp N: the tensor-parallel step (models.make_tp_decode_step) over the first N devices of the default
   device's platform, weights and cache placed on them once; both variants run it (the megakernel: one per
   device, with collectives inside it). The floor is then bytes per device / bandwidth
@@ -61,7 +66,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import jax_mpk  # noqa: E402
 import models  # noqa: E402
-from decode_step import copy_bandwidth  # noqa: E402
+from bandwidth import read_bandwidth  # noqa: E402
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 5e-2}
 FLOAT32_SLACK = 1.5  # bf16: the megakernel's logits error against float32, at most this times XLA's
@@ -102,6 +107,35 @@ def fresh_cache(config: models.ModelConfig, batch: int, ctx: int, mesh=None) -> 
     return cache if mesh is None else models.tp_shard(mesh, config, cache=cache)[1]
 
 
+def time_chained(fn: Callable, weights, tokens, pos, cache, steps: int, warmup: int):
+    """Seconds per step of ``steps`` chained calls (each feeds the next its tokens and donated cache) with one
+    device synchronization at the end: the latency a decode loop sees when the host runs ahead."""
+    for _ in range(warmup):
+        tokens, _, cache = fn(weights, tokens, pos, cache)
+    jax.block_until_ready((tokens, cache))
+    start = time.perf_counter()
+    for _ in range(steps):
+        tokens, _, cache = fn(weights, tokens, pos, cache)
+    jax.block_until_ready((tokens, cache))
+    return (time.perf_counter() - start) / steps, tokens, cache
+
+
+def fori_steps(step: Callable, steps: int) -> Callable:
+    """One jitted call that runs ``steps`` decode steps in a ``lax.fori_loop`` (no host work between steps),
+    with the same signature as ``step`` and the cache donated."""
+
+    def run(weights, tokens, pos, cache):
+        def body(_, carry):
+            tokens, cache = carry
+            tokens, _, cache = step(weights, tokens, pos, cache)
+            return tokens, cache
+
+        tokens, cache = jax.lax.fori_loop(0, steps, body, (tokens, cache))
+        return tokens, None, cache
+
+    return jax.jit(run, donate_argnums=(3,))
+
+
 def time_steps(fn: Callable, weights, tokens, pos, cache, steps: int, warmup: int):
     """Seconds of each of ``steps`` chained calls, each synchronized; returns them with the final state."""
     for _ in range(warmup):
@@ -113,6 +147,30 @@ def time_steps(fn: Callable, weights, tokens, pos, cache, steps: int, warmup: in
         tokens, _, cache = jax.block_until_ready(fn(weights, tokens, pos, cache))
         samples.append(time.perf_counter() - start)
     return samples, tokens, cache
+
+
+def megakernel_first_calls(step: Callable, weights, tokens, pos, fresh: Callable, warm_too: bool):
+    """The megakernelized step and the seconds of its first call with an empty jax_mpk cache (trace, plan,
+    nvcc, load), and, with ``warm_too``, of a second wrapper's first call on that filled cache (no nvcc)."""
+    cache_dir = tempfile.mkdtemp(prefix="jax_mpk_cold_")
+    previous = os.environ.get("JAX_MPK_CACHE_DIR")
+    os.environ["JAX_MPK_CACHE_DIR"] = cache_dir
+    try:
+        fast = jax_mpk.megakernelize(step, donate_argnums=(3,))
+        with progress("megakernel: first call, empty cache"):
+            cold = first_call_s(fast, weights, tokens, pos, fresh())
+        warm = None
+        if warm_too:
+            fast = jax_mpk.megakernelize(step, donate_argnums=(3,))
+            with progress("megakernel: first call, warm cache"):
+                warm = first_call_s(fast, weights, tokens, pos, fresh())
+    finally:
+        if previous is None:
+            os.environ.pop("JAX_MPK_CACHE_DIR")
+        else:
+            os.environ["JAX_MPK_CACHE_DIR"] = previous
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return fast, cold, warm
 
 
 def agreement(xla: Callable, fast: Callable, weights, tokens, config: models.ModelConfig, batch: int, ctx: int,
@@ -182,7 +240,7 @@ def floor_bytes(config: models.ModelConfig, weights, batch: int, ctx: int, tp: i
     return weight_bytes, kv_bytes
 
 
-def run_config(name: str, config: models.ModelConfig, weights, merge, batch: int, ctx: int, args,
+def run_config(model: str, config: models.ModelConfig, weights, merge, batch: int, ctx: int, args,
                bandwidth: float, mesh=None) -> dict[str, Any]:  # fmt: skip
     """Compile, check and time both variants for one configuration (tensor parallel over ``mesh`` when given:
     ``weights`` are then already placed on it, and ``merge`` is unused)."""
@@ -203,23 +261,9 @@ def run_config(name: str, config: models.ModelConfig, weights, merge, batch: int
     with progress("jax.jit: first call"):
         xla_compile = first_call_s(xla, weights, tokens, pos, fresh())
     print(f"  jax.jit: first call {xla_compile:.1f} s", flush=True)
-    cache_dir = tempfile.mkdtemp(prefix="jax_mpk_cold_")
-    previous = os.environ.get("JAX_MPK_CACHE_DIR")
-    os.environ["JAX_MPK_CACHE_DIR"] = cache_dir
-    try:
-        with progress("megakernel: first call, empty cache"):
-            cold = first_call_s(jax_mpk.megakernelize(step, donate_argnums=(3,)), weights, tokens, pos, fresh())
-        fast = jax_mpk.megakernelize(step, donate_argnums=(3,))
-        with progress("megakernel: first call, warm cache"):
-            warm = first_call_s(fast, weights, tokens, pos, fresh())
-    finally:
-        if previous is None:
-            os.environ.pop("JAX_MPK_CACHE_DIR")
-        else:
-            os.environ["JAX_MPK_CACHE_DIR"] = previous
-        shutil.rmtree(cache_dir, ignore_errors=True)
+    fast, cold, warm = megakernel_first_calls(step, weights, tokens, pos, fresh, args.compile_times)
     (plan,) = fast.plans.values()
-    print(f"  megakernel: first call {cold:.1f} s cold, {warm:.1f} s warm: {plan}", flush=True)
+    print(f"  megakernel: first call {cold:.1f} s cold{f', {warm:.1f} s warm' if warm else ''}: {plan}", flush=True)
 
     check = agreement(xla, fast, weights, tokens, config, batch, ctx, args.check_steps, mesh)
     print(f"  agreement over {check['steps']} steps: max logits relative error "
@@ -228,29 +272,49 @@ def run_config(name: str, config: models.ModelConfig, weights, merge, batch: int
           f"{check['steps_with_equal_tokens']}/{check['steps']} steps{'' if check['agree'] else '  DISAGREE'}",
           flush=True)  # fmt: skip
 
-    samples: dict[str, list[float]] = {"jax.jit": [], "megakernel": []}
-    cache = fresh()  # one chain of donated caches through both variants
+    variants = {"jax.jit": xla, "megakernel": fast}
+    fori = {f"{name}_fori": fori_steps(fn, args.steps) for name, fn in variants.items()}
+    chained: dict[str, list[float]] = {name: [] for name in [*variants, *fori]}
+    synced: dict[str, list[float]] = {name: [] for name in variants}
+    cache = fresh()  # one chain of donated caches through every variant
+    for name, fn in fori.items():
+        with progress(f"{name}: first call"):
+            tokens, _, cache = jax.block_until_ready(fn(weights, tokens, pos, cache))
     for round_ in range(args.repeats):
-        for variant, fn in (("jax.jit", xla), ("megakernel", fast)):
+        for name, fn in variants.items():
+            for _ in range(args.chains):
+                per_step, tokens, cache = time_chained(fn, weights, tokens, pos, cache, args.steps, args.warmup)
+                chained[name].append(per_step)
+            for _ in range(args.chains):
+                start = time.perf_counter()
+                tokens, _, cache = jax.block_until_ready(fori[f"{name}_fori"](weights, tokens, pos, cache))
+                chained[f"{name}_fori"].append((time.perf_counter() - start) / args.steps)
             times, tokens, cache = time_steps(fn, weights, tokens, pos, cache, args.steps, args.warmup)
-            samples[variant].extend(times)
-            print(f"  round {round_ + 1}/{args.repeats} {variant:10s} median {np.median(times) * 1e3:.3f} ms "
-                  f"[p10 {np.percentile(times, 10) * 1e3:.3f}, p90 {np.percentile(times, 90) * 1e3:.3f}]",
-                  flush=True)  # fmt: skip
-    xla_stats, fast_stats = stats(samples["jax.jit"]), stats(samples["megakernel"])
+            synced[name].extend(times)
+        print(f"  round {round_ + 1}/{args.repeats}: " + ", ".join(
+            f"{name} {np.median(v[-args.chains:]) * 1e3:.3f}" for name, v in chained.items()) + " ms/step (chained); "
+            + ", ".join(f"{name} {np.median(v[-args.steps:]) * 1e3:.3f}" for name, v in synced.items())
+            + " ms (each step synchronized)", flush=True)  # fmt: skip
+    ms = {name: float(np.median(v)) * 1e3 for name, v in chained.items()}
+    best_xla = min(ms["jax.jit"], ms["jax.jit_fori"])
+    best_mk = min(ms["megakernel"], ms["megakernel_fori"])
     result = {
-        "model": name, "tp": tp, "batch": batch, "ctx": ctx, "dtype": config.dtype, "layers": config.layers,
-        "weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "copy_bandwidth_Bps": bandwidth, "floor_ms": floor_ms,
-        "xla": {**xla_stats, "first_call_s": xla_compile, "pct_of_floor": 100 * floor_ms / xla_stats["median_ms"]},
-        "megakernel": {**fast_stats, "cold_first_call_s": cold, "warm_first_call_s": warm,
-                       "pct_of_floor": 100 * floor_ms / fast_stats["median_ms"], "kernels": len(plan.graph.kernels),
-                       "tasks": len(plan.tasks.tasks), "workers": plan.num_workers},
-        "speedup_over_xla": xla_stats["median_ms"] / fast_stats["median_ms"],
+        "model": model, "tp": tp, "batch": batch, "ctx": ctx, "dtype": config.dtype, "layers": config.layers,
+        "weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "read_bandwidth_Bps": bandwidth, "floor_ms": floor_ms,
+        "ms": ms,
+        "chained": {name: stats(v) for name, v in chained.items()},
+        "synced": {name: stats(v) for name, v in synced.items()},
+        "pct_of_floor": {name: 100 * floor_ms / v for name, v in ms.items()},
+        "per_layer_overhead_us": {name: (v - floor_ms) * 1e3 / config.layers for name, v in ms.items()},
+        "speedup_over_best_xla": best_xla / best_mk,
+        "first_call_s": {"jax.jit": xla_compile, "megakernel_cold": cold, "megakernel_warm": warm},
+        "megakernel_plan": {"kernels": len(plan.graph.kernels), "tasks": len(plan.tasks.tasks),
+                            "workers": plan.num_workers},
         "agreement": check,
     }  # fmt: skip
-    print(f"  => jax.jit {xla_stats['median_ms']:.3f} ms ({result['xla']['pct_of_floor']:.0f}% of floor), megakernel "
-          f"{fast_stats['median_ms']:.3f} ms ({result['megakernel']['pct_of_floor']:.0f}%), speedup over XLA "
-          f"{result['speedup_over_xla']:.2f}x", flush=True)  # fmt: skip
+    print(f"  => floor {floor_ms:.3f} ms; " + ", ".join(
+        f"{name} {v:.3f} ms ({result['pct_of_floor'][name]:.0f}%)" for name, v in ms.items())
+        + f"; megakernel over the better jax.jit: {result['speedup_over_best_xla']:.2f}x", flush=True)  # fmt: skip
     return result
 
 
@@ -268,24 +332,26 @@ def git_commit() -> str:
 def markdown(results: list[dict[str, Any]], device: str) -> str:
     runs = sorted({f"commit {r['commit']}, jax {r['jax']}" for r in results})
     lines = [
-        f"Decode step, {device}; {'; '.join(runs)}. ms/token = ms per decode step (median [p10, p90]); floor = bytes "
-        "read (weights + KV) / measured copy bandwidth (tp > 1: tensor parallel, the bytes of one device); compile = "
-        "first call (cold: empty jax_mpk cache).",
+        f"Decode step, {device}; {'; '.join(runs)}. ms = ms per decode step (every sequence of the batch gets a "
+        "token), median over repetitions of chained steps (one synchronization per chain); `_fori`: the steps in a "
+        "`lax.fori_loop` inside one jit. floor = bytes read (weights + KV) / read bandwidth measured in the same run "
+        "(a streaming reduction; tp > 1: the bytes of one device). overhead = (megakernel - floor) / layers. "
+        "first calls: jax.jit, megakernel with an empty jax_mpk cache.",
         "",
-        "| model | tp | batch | ctx | dtype | jax.jit ms | megakernel ms | floor ms | jit % floor | mk % floor | "
-        "speedup | jit compile s | mk cold s | mk warm s | max logits rel. err | vs float32: jit / mk | equal tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | tp | batch | ctx | read TB/s | floor ms | jax.jit | jax.jit_fori | megakernel | megakernel_fori | "
+        "mk % floor | overhead µs/layer | mk vs better jit | first call s: jit / mk | logits err vs float32: jit / mk "
+        "| equal tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        x, m, a = r["xla"], r["megakernel"], r["agreement"]
+        ms, a, first = r["ms"], r["agreement"], r["first_call_s"]
         lines.append(
-            f"| {r['model']} | {r.get('tp', 1)} | {r['batch']} | {r['ctx']} | {r['dtype']} "
-            f"| {x['median_ms']:.3f} [{x['p10_ms']:.3f}, {x['p90_ms']:.3f}] "
-            f"| {m['median_ms']:.3f} [{m['p10_ms']:.3f}, {m['p90_ms']:.3f}] | {r['floor_ms']:.3f} "
-            f"| {x['pct_of_floor']:.0f}% | {m['pct_of_floor']:.0f}% | {r['speedup_over_xla']:.2f}x "
-            f"| {x['first_call_s']:.1f} | {m['cold_first_call_s']:.1f} | {m['warm_first_call_s']:.1f} "
-            f"| {a['max_logits_relative_error']:.1e}{'' if a['agree'] else ' (over tolerance)'} "
-            f"| {versus_float32(a)} | {a['steps_with_equal_tokens']}/{a['steps']} |"
+            f"| {r['model']} | {r.get('tp', 1)} | {r['batch']} | {r['ctx']} | {r['read_bandwidth_Bps'] / 1e12:.2f} "
+            f"| {r['floor_ms']:.3f} | {ms['jax.jit']:.3f} | {ms['jax.jit_fori']:.3f} | {ms['megakernel']:.3f} "
+            f"| {ms['megakernel_fori']:.3f} | {r['pct_of_floor']['megakernel']:.0f}% "
+            f"| {r['per_layer_overhead_us']['megakernel']:.1f} | {r['speedup_over_best_xla']:.2f}x "
+            f"| {first['jax.jit']:.1f} / {first['megakernel_cold']:.1f} "
+            f"| {versus_float32(a)}{'' if a['agree'] else ' (DISAGREE)'} | {a['steps_with_equal_tokens']}/{a['steps']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -308,9 +374,8 @@ def chart(results: list[dict[str, Any]], device: str, path: pathlib.Path) -> boo
         return False
     names = list(dict.fromkeys(r["model"] for r in results))
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 4), squeeze=False)
-    series = (("jax.jit", lambda r: r["xla"]["median_ms"], "xla"),
-              ("megakernel", lambda r: r["megakernel"]["median_ms"], "megakernel"),
-              ("floor", lambda r: r["floor_ms"], None))  # fmt: skip
+    series = [(name, lambda r, name=name: r["ms"][name], name) for name in ("jax.jit", "jax.jit_fori", "megakernel")]
+    series.append(("floor", lambda r: r["floor_ms"], None))
     for ax, name in zip(axes[0], names):
         rows = [r for r in results if r["model"] == name]
         x = np.arange(len(rows))
@@ -318,8 +383,9 @@ def chart(results: list[dict[str, Any]], device: str, path: pathlib.Path) -> boo
             heights = np.asarray([value(r) for r in rows])
             yerr = None
             if spread is not None:  # p10 .. p90
-                yerr = np.abs(np.asarray([[r[spread]["p10_ms"], r[spread]["p90_ms"]] for r in rows]).T - heights)
-            ax.bar(x + (i - 1) * 0.27, heights, width=0.27, yerr=yerr, capsize=2, label=label)
+                yerr = np.abs(np.asarray([[r["chained"][spread]["p10_ms"], r["chained"][spread]["p90_ms"]]
+                                          for r in rows]).T - heights)  # fmt: skip
+            ax.bar(x + (i - 1.5) * 0.2, heights, width=0.2, yerr=yerr, capsize=2, label=label)
         ax.set_xticks(x, [f"{_tp_label(r)}b{r['batch']}\nctx {r['ctx']}" for r in rows])
         ax.set_xlim(-0.6, len(rows) - 0.4)
         ax.set_title(f"{name} ({rows[0]['dtype']})")
@@ -344,7 +410,11 @@ def write_outputs(results: list[dict[str, Any]], device: str, out: pathlib.Path)
     key = lambda r: (r["model"], r.get("tp", 1), r["batch"], r["ctx"], r["dtype"])  # noqa: E731
     merged = {}
     if stem.with_suffix(".json").exists():
-        merged = {key(r): r for r in json.loads(stem.with_suffix(".json").read_text())["results"]}
+        previous = json.loads(stem.with_suffix(".json").read_text())["results"]
+        # entries of the format before the read-bandwidth floor (no "ms") stay in git history only
+        merged = {key(r): r for r in previous if "ms" in r}
+        if len(merged) < len(previous):
+            print(f"dropped {len(previous) - len(merged)} entries of the old format (copy-bandwidth floor) from {stem}.json")
     merged.update({key(r): r for r in results})
     ordered = sorted(merged.values(), key=key)
     stem.with_suffix(".json").write_text(json.dumps({"device": device, "results": ordered}, indent=1))
@@ -363,7 +433,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ctx", type=ints, help=f"comma-separated context lengths (default {DEFAULTS['ctx']})")
     parser.add_argument("--steps", type=int, help=f"timed steps per round and variant (default {DEFAULTS['steps']})")
     parser.add_argument("--repeats", type=int, help=f"rounds per variant (default {DEFAULTS['repeats']})")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps before each round")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps before each timed chain")
+    parser.add_argument("--chains", type=int, default=5, help="timed chains (and fori_loop calls) per round and variant")
+    parser.add_argument("--compile-times", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time a second megakernelize's first call on the filled cache (warm start)")
     parser.add_argument("--check-steps", type=int, help=f"agreement steps (default {DEFAULTS['check_steps']})")
     parser.add_argument("--dtype", help="override the presets' dtype (full presets: bfloat16, tiny: float32)")
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK} unless given")
@@ -410,11 +483,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     print(f"device {device.device_kind}{f' x {args.tp} (tensor parallel)' if mesh else ''}, jax {jax.__version__}; "
           f"models {args.models}, batch {args.batch}, ctx {args.ctx}, {args.repeats} x {args.steps} steps",
           flush=True)  # fmt: skip
-    bandwidth = copy_bandwidth(2 << 30 if on_gpu else 256 << 20)
-    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+    rates = read_bandwidth(4 << 30 if on_gpu else 256 << 20)
+    bandwidth = rates["best"]
+    print("read bandwidth " + ", ".join(f"{k} {v / 1e9:.0f} GB/s" for k, v in rates.items()), flush=True)
     run = {"commit": git_commit(), "jax": jax.__version__, "device": device.device_kind,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup}  # fmt: skip
+           "steps": args.steps, "repeats": args.repeats, "chains": args.chains, "warmup": args.warmup,
+           "read_bandwidths_Bps": rates}  # fmt: skip
     configs = [(b, c) for b in args.batch for c in args.ctx]
     results, index, total = [], 0, len(args.models) * len(configs)
     for name in args.models:

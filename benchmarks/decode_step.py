@@ -4,7 +4,7 @@ The step is a Llama-3.2-1B-shaped decode step in bf16 with random weights (tests
 KV cache of --ctx positions. Each variant is warmed up, then timed as R repetitions of N chained steps (each
 step feeds the next its cache, donated), with device synchronization at the end of each repetition; we
 report the median and spread of the per-step time. The floor is the bytes a step must read (weights + KV)
-over the copy bandwidth measured on the same GPU.
+over the read bandwidth measured on the same GPU (benchmarks/bandwidth.py).
 
     python benchmarks/decode_step.py --layers 16 --ctx 1024 --out benchmarks/results/
 """
@@ -25,22 +25,11 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import jax_mpk  # noqa: E402
+from bandwidth import read_bandwidth  # noqa: E402
 from tiny_models import TinyConfig, init_cache, init_params, make_decode_step  # noqa: E402
-
-
-def copy_bandwidth(nbytes: int = 2 << 30) -> float:
-    """Bytes read + written per second by a large device-to-device copy (median of 10)."""
-    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    copy = jax.jit(lambda a: a * 1)  # not elided by XLA, unlike a plain copy
-    jax.block_until_ready(copy(x))
-    times = []
-    for _ in range(10):
-        start = time.perf_counter()
-        jax.block_until_ready(copy(x))
-        times.append(time.perf_counter() - start)
-    return 2 * nbytes / float(np.median(times))
 
 
 def time_steps(step, params, cache, tokens, pos, steps: int, repeats: int) -> list[float]:
@@ -79,9 +68,9 @@ def main() -> None:
     step = make_decode_step(cfg)
     weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     kv_bytes = 2 * cfg.layers * cfg.batch * cfg.max_seq * cfg.kv_heads * cfg.head_dim * 2
-    bandwidth = copy_bandwidth()
+    bandwidth = read_bandwidth()["best"]
     floor_s = (weight_bytes + kv_bytes) / bandwidth
-    print(f"weights {weight_bytes / 1e9:.3f} GB, KV {kv_bytes / 1e6:.1f} MB, copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
+    print(f"weights {weight_bytes / 1e9:.3f} GB, KV {kv_bytes / 1e6:.1f} MB, read bandwidth {bandwidth / 1e12:.2f} TB/s, "
           f"floor {floor_s * 1e3:.3f} ms", flush=True)
 
     results = {}
@@ -117,7 +106,7 @@ def main() -> None:
         "config": {"layers": cfg.layers, "ctx": cfg.max_seq, "batch": cfg.batch, "dtype": cfg.dtype},
         "weight_bytes": weight_bytes,
         "kv_bytes": kv_bytes,
-        "copy_bandwidth_Bps": bandwidth,
+        "read_bandwidth_Bps": bandwidth,
         "floor_ms": floor_s * 1e3,
         "megakernel": {"kernels": len(megakernel.graph.kernels), "tasks": len(megakernel.tasks.tasks),
                        "first_call_s": cold, "logits_relative_error": logits_error},  # fmt: skip
@@ -128,7 +117,7 @@ def main() -> None:
     for name, t in results.items():
         med = float(np.median(t))
         table.append(f"| {name} | {med * 1e3:.3f} | {min(t) * 1e3:.3f} | {max(t) * 1e3:.3f} | {100 * floor_s / med:.0f}% |")
-    table.append(f"| HBM floor | {floor_s * 1e3:.3f} | | | 100% |")
+    table.append(f"| floor (bytes / read bandwidth) | {floor_s * 1e3:.3f} | | | 100% |")
     print("\n".join(table))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,20 @@
-"""Where a megakernel's time goes: per-task timestamps (JAX_MPK_PROFILE=1) summarized per kernel.
+"""Where a megakernel's time goes: per-task timestamps (JAX_MPK_PROFILE=1) per kernel, the dependency hop, and a
+per-SM trace of one call.
 
-    python benchmarks/profile_step.py --layers 2
+    python benchmarks/profile_step.py --layers 2                          # tests/tiny_models.py, Llama-3.2-1B shape
+    python benchmarks/profile_step.py --model qwen3-0.6b --layers 4 --trace /tmp/q.json --png /tmp/q.png
+
 Prints, per kernel of the first layers: tasks, the kernel's span (first start to last end), the mean time a task
-runs (start to signalled) and waits; then the whole call's span.
+runs (start to signalled) and waits; the dependency hop (a task's start after its last dependency signalled,
+over every task that was already waiting: median and p90); then the whole call's span. ``--trace`` writes a
+Chrome/Perfetto JSON trace (one track per SM; https://ui.perfetto.dev), ``--png`` a picture of it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import pathlib
 import sys
@@ -18,30 +25,94 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "examples"))
 import jax_mpk  # noqa: E402
-from tiny_models import TinyConfig, init_cache, init_params, make_decode_step  # noqa: E402
+from jax_mpk.trace import dependency_hops  # noqa: E402
+
+
+def tiny_models_step(layers: int, ctx: int, batch: int):
+    from tiny_models import TinyConfig, init_cache, init_params, make_decode_step
+
+    cfg = TinyConfig(layers=layers, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=8192, vocab=128256,
+                     max_seq=ctx, batch=batch, dtype="bfloat16", theta=500000.0)  # fmt: skip
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    cache = init_cache(cfg, jax.random.PRNGKey(1))
+    return make_decode_step(cfg), (params, jnp.arange(batch, dtype=jnp.int32) + 5, jnp.int32(ctx - 10), *cache)
+
+
+def flax_step(name: str, layers: int, ctx: int, batch: int):
+    import models
+
+    config = dataclasses.replace(models.PRESETS[name], layers=layers)
+    weights, merge = models.split(models.create(config))
+    cache = models.init_cache(config, batch, ctx, jax.random.PRNGKey(1))
+    tokens = jnp.arange(batch, dtype=jnp.int32) + 5
+    return models.make_decode_step(merge), (weights, tokens, jnp.int32(ctx - 1), cache)
+
+
+def kernel_kind(label: str) -> str:
+    """A colour class for a trace slice named "k<index> <kernel name>"."""
+    name = label.split(" ", 1)[1]
+    for kind in ("dot", "update_slice", "reduce"):
+        if name.startswith(kind) or f"|{kind}" in name or f"+{kind}" in name:
+            return kind
+    return "other"
+
+
+def render(trace_path: str, png_path: str, title: str) -> None:
+    """A picture of a trace: one row per SM, a bar per task (colour per kernel kind), waits left blank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    events = [e for e in json.load(open(trace_path))["traceEvents"] if e.get("ph") == "X" and e["cat"] == "run"]
+    colours = {"dot": "tab:blue", "update_slice": "tab:green", "reduce": "tab:orange", "other": "tab:gray"}
+    bars: dict[tuple[str, int], list] = {}
+    for e in events:
+        bars.setdefault((kernel_kind(e["name"]), e["tid"]), []).append((e["ts"], e["dur"]))
+    fig, ax = plt.subplots(figsize=(16, 7))
+    labelled = set()
+    for (kind, worker), spans in sorted(bars.items()):
+        ax.broken_barh(spans, (worker - 0.4, 0.8), color=colours[kind], label=None if kind in labelled else kind)
+        labelled.add(kind)
+    ax.set_xlabel("µs from the first wait")
+    ax.set_ylabel("SM")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="tiny-llama-1b",
+                        help="a preset of examples/models.py, or tiny-llama-1b (tests/tiny_models.py, the default)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--show", type=int, default=40)
+    parser.add_argument("--trace", help="write a Chrome/Perfetto trace of the last profiled call here")
+    parser.add_argument("--png", help="and a picture of it here")
     args = parser.parse_args()
-    cfg = TinyConfig(layers=args.layers, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=8192, vocab=128256,
-                     max_seq=args.ctx, batch=args.batch, dtype="bfloat16", theta=500000.0)  # fmt: skip
-    params = init_params(cfg, jax.random.PRNGKey(0))
-    cache = init_cache(cfg, jax.random.PRNGKey(1))
-    call_args = (params, jnp.arange(args.batch, dtype=jnp.int32) + 5, jnp.int32(args.ctx - 10), *cache)
-    mk = jax_mpk.compile(make_decode_step(cfg), *call_args)
+    if args.model == "tiny-llama-1b":
+        step, call_args = tiny_models_step(args.layers, args.ctx, args.batch)
+    else:
+        step, call_args = flax_step(args.model, args.layers, args.ctx, args.batch)
+    mk = jax_mpk.compile(step, *call_args)
     for _ in range(5):
         jax.block_until_ready(mk(*call_args))
-    runs = [mk.profile(*call_args) for _ in range(3)]
+    runs = [mk.profile(*call_args, trace=args.trace) for _ in range(3)]
     times = runs[-1]
     tasks = mk.tasks.tasks
     print(f"{mk}\ncall span {times[:, 2].max():.1f} us (runs: {[round(float(r[:, 2].max()), 1) for r in runs]})")
+    hops = dependency_hops(times, [t.deps for t in tasks])
+    if len(hops):
+        print(f"dependency hop (start after the last dependency signalled, {len(hops)} waiting tasks): median "
+              f"{np.median(hops):.2f} us, p10 {np.percentile(hops, 10):.2f}, p90 {np.percentile(hops, 90):.2f}")
     print(f"{'kernel':55s} {'tasks':>5s} {'first':>8s} {'last':>8s} {'span':>7s} {'run':>6s} {'wait':>6s}")
     for kernel in mk.graph.kernels[: args.show]:
         rows = np.array([t.index for t in tasks if t.kernel == kernel.index])
@@ -50,6 +121,9 @@ def main() -> None:
         t = times[rows]
         print(f"{kernel.index:3d} {kernel.name[:50]:51s} {len(rows):5d} {t[:, 1].min():8.1f} {t[:, 2].max():8.1f} "
               f"{t[:, 2].max() - t[:, 1].min():7.1f} {np.mean(t[:, 2] - t[:, 1]):6.2f} {np.mean(t[:, 1] - t[:, 0]):6.2f}")
+    if args.trace and args.png:
+        render(args.trace, args.png, f"{args.model}, {args.layers} layers, batch {args.batch}, ctx {args.ctx}: {mk}")
+        print(f"wrote {args.trace} and {args.png}")
 
 
 if __name__ == "__main__":

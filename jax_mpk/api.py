@@ -165,16 +165,25 @@ class Megakernel:
             several_devices=self.graph.num_ranks > 1,
         )
 
-    def profile(self, *args) -> np.ndarray:
+    def profile(self, *args, trace: str | None = None) -> np.ndarray:
         """Run once and return per-task [wait, start, end] times in microseconds from the first wait
-        (a plan compiled with JAX_MPK_PROFILE=1 on a GPU). Rows follow ``self.tasks.tasks``."""
+        (a plan compiled with JAX_MPK_PROFILE=1 on a GPU). Rows follow ``self.tasks.tasks``. With ``trace``,
+        also write the call as a Chrome/Perfetto trace there: one track per SM, a slice per task named by its
+        kernel, the wait before it apart (:mod:`jax_mpk.trace`)."""
         if self.profile_offset is None:
             raise ValueError("compile with JAX_MPK_PROFILE=1 on a GPU to profile")
         flat, in_tree = jax.tree_util.tree_flatten(args)
         self.check_signature(flat, in_tree)
         workspace = jax.jit(lambda *f: self.emit(f, keep_workspace=True)[-1])(*flat)
         raw = np.asarray(workspace)[self.profile_offset :].view(np.uint64).reshape(-1, 3)
-        return (raw.astype(np.int64) - int(raw[:, 0].min())) / 1e3
+        times = (raw.astype(np.int64) - int(raw[:, 0].min())) / 1e3
+        if trace is not None:
+            from . import trace as trace_module
+
+            kernels = [t.kernel for t in self.tasks.tasks]
+            names = [k.name for k in self.graph.kernels]
+            trace_module.save(trace_module.chrome_trace(times, self.schedule.workers, kernels, names, repr(self)), trace)
+        return times
 
     def __call__(self, *args):
         """Dispatch asynchronously (like any jitted function); see :meth:`check_errors`."""

@@ -235,12 +235,16 @@ def test_generate_script(tmp_path, capsys):
 def test_benchmark_quick_run(tmp_path):
     import decode
 
-    common = ["--quick", "--models", "qwen3-tiny-untied", "--steps", "3", "--warmup", "1", "--out", str(tmp_path)]
+    common = ["--quick", "--models", "qwen3-tiny-untied", "--steps", "3", "--warmup", "1", "--chains", "2",
+              "--out", str(tmp_path)]  # fmt: skip
     (result,) = decode.main(common)
     assert result["agreement"]["agree"] and result["agreement"]["steps_with_equal_tokens"] == 4
-    assert len(result["xla"]["samples_ms"]) == len(result["megakernel"]["samples_ms"]) == 3
-    assert result["megakernel"]["cold_first_call_s"] > 0 and result["floor_ms"] > 0
-    decode.main([*common, "--ctx", "40"])  # a second run adds its configuration to the same files
+    assert set(result["ms"]) == {"jax.jit", "jax.jit_fori", "megakernel", "megakernel_fori"}
+    assert all(len(result["chained"][name]["samples_ms"]) == 2 for name in result["ms"])
+    assert len(result["synced"]["jax.jit"]["samples_ms"]) == len(result["synced"]["megakernel"]["samples_ms"]) == 3
+    assert result["first_call_s"]["megakernel_cold"] > 0 and result["first_call_s"]["megakernel_warm"] > 0
+    assert result["read_bandwidth_Bps"] > 0 and result["floor_ms"] > 0
+    decode.main([*common, "--ctx", "40", "--no-compile-times"])  # a second run adds its configuration to the files
     (written,) = tmp_path.glob("decode_*.json")
     assert [(r["batch"], r["ctx"]) for r in json.loads(written.read_text())["results"]] == [(1, 40), (1, 128)]
     assert written.with_suffix(".md").read_text().count("| qwen3-tiny-untied |") == 2

@@ -1,0 +1,59 @@
+"""Per-SM timelines of one megakernel call, as a Chrome/Perfetto trace (https://ui.perfetto.dev).
+
+A profiled plan (``JAX_MPK_PROFILE=1``) records, for every task, when its worker began waiting for the task's
+dependencies, when it started running it and when it had signalled. :func:`chrome_trace` turns those times
+into one track per worker (an SM on the GPU) with a slice per task, named by its kernel, and the wait before
+it as a slice of its own, so that the gaps where a worker (and the memory system) idles are visible.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def chrome_trace(times_us: np.ndarray, workers: Sequence[Sequence[int]], task_kernels: Sequence[int],
+                 kernel_names: Sequence[str], title: str = "megakernel") -> dict[str, Any]:  # fmt: skip
+    """The Trace Event Format document of one call.
+
+    ``times_us[t] = (wait, start, end)`` of task ``t`` in microseconds; ``workers[w]`` lists the tasks worker
+    ``w`` ran, in order; ``task_kernels[t]`` is the kernel of task ``t``, named ``kernel_names[k]``.
+    """
+    events: list[dict[str, Any]] = [{"ph": "M", "pid": 0, "name": "process_name", "args": {"name": title}}]
+    for worker, tasks in enumerate(workers):
+        events.append({"ph": "M", "pid": 0, "tid": worker, "name": "thread_name", "args": {"name": f"SM {worker}"}})
+        for task in tasks:
+            wait, start, end = (float(x) for x in times_us[task])
+            kernel = task_kernels[task]
+            label = f"k{kernel} {kernel_names[kernel]}"
+            args = {"task": int(task), "kernel": int(kernel)}
+            if start > wait:
+                events.append({"ph": "X", "pid": 0, "tid": worker, "name": "wait", "cat": "wait", "ts": wait,
+                               "dur": start - wait, "args": {**args, "for": label}})  # fmt: skip
+            events.append({"ph": "X", "pid": 0, "tid": worker, "name": label, "cat": "run", "ts": start,
+                           "dur": max(end - start, 0.0), "args": args})  # fmt: skip
+    return {"traceEvents": events, "displayTimeUnit": "ns"}
+
+
+def save(trace: dict[str, Any], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(trace, f)
+
+
+
+def dependency_hops(times_us: np.ndarray, task_deps: Sequence[Sequence[int]]) -> np.ndarray:
+    """For every task that was already waiting when its last dependency signalled (or began to wait at that
+    moment): how long after that signal it started running (µs). This is the cost of one dependency hop (the
+    producer's fence and counter add, the consumer's poll seeing it, its barrier), measured on the real
+    schedule."""
+    hops = []
+    for task, deps in enumerate(task_deps):
+        if not deps:
+            continue
+        ready = max(times_us[d, 2] for d in deps)
+        wait, start, _ = times_us[task]
+        if wait <= ready:
+            hops.append(start - ready)
+    return np.asarray(hops)
