@@ -18,7 +18,7 @@ Kernel bodies take one of three forms:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -40,6 +40,7 @@ RING_SLOTS = 4
 RING_SLOT_BYTES = 32 * 1024
 RING_BYTES = RING_SLOTS * RING_SLOT_BYTES
 MAX_SMEM_BYTES = 227 * 1024  # dynamic shared memory a Hopper CTA may opt in to
+MMA_MAX_COLUMNS = 512  # the widest column tile of the tensor-core dot (its accumulators are registers)
 # Strided positions of a row that a thread folds per unrolled step of a cooperative reduction (their loads
 # are issued together). Output loops are not unrolled: batching 2-4 positions' values before their stores
 # raised the kernel's register count and broke the load schedule of the GEMV variants, which share it.
@@ -119,6 +120,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         f"#define JAX_MPK_RING_SLOTS {RING_SLOTS}",
         f"#define JAX_MPK_RING_SLOT_BYTES {RING_SLOT_BYTES}",
         f"#define JAX_MPK_RING_MAX_ROWS {MAX_SHARED_WEIGHT_ROWS}",
+        f"#define JAX_MPK_MMA_MAX_COLUMNS {MMA_MAX_COLUMNS}",
         '#include "jax_mpk/runtime/megakernel.cuh"',
         '#include "jax_mpk/tasks/dot.cuh"',
         '#include "jax_mpk/tasks/elementwise.cuh"',
@@ -363,7 +365,7 @@ class _KernelBody:
         em = _Emitter(self, rows_prefix=None)
         rhs = self.pointer_name(dot.rhs, plan.rhs_const)
         w_type = _STORAGE[dtype_code(dot.rhs.buffer.dtype)]
-        k_pad, n_pad = plan.k_pad, plan.n_pad
+        x_stride, n_pad = plan.x_stride, plan.n_pad
         smem = _emit_dot_buffers(em, plan, R, scratch=True)
         em.emit(f"const index_t n_lo = t.lo[{rank - 1}], n_len = t.hi[{rank - 1}] - n_lo;")
         row_stride = self._uniform_row_stride(plan) if R > 1 else None
@@ -372,22 +374,23 @@ class _KernelBody:
             first = _linear(0, plan.lhs_coefs[: rank - 1], [f"t.lo[{d}]" for d in range(rank - 1)])
             lhs_t = _STORAGE[dtype_code(dot.lhs.buffer.dtype)]
             em.emit(f"dot::stage_rows<{R}, {plan.K}, {lhs_t}, {str(_read_only(dot.lhs)).lower()}>("
-                    f"xs, {k_pad}, {lhs}, {first}, {row_stride}, {plan.lhs_k});")
+                    f"xs, {x_stride}, {lhs}, {first}, {row_stride}, {plan.lhs_k});")
         else:
             em.emit(f"for (index_t row = 0; row < {R}; ++row) {{")
             em.push()
             ridx = em.tile_index("row", range(rank - 1))
-            em.emit(f"float* x_row = xs + row * {k_pad};")
+            em.emit(f"float* x_row = xs + row * {x_stride};")
             self._stage_lhs(em, plan, ridx, "x_row")
             em.pop()
             em.emit("}")
         em.emit("__syncthreads();")
         w = f"reinterpret_cast<const {w_type}*>({rhs}) + ({self._weight_tile_origin(plan)})"
         if self.uses_ring:
-            em.emit(f"dot::columns_ring<{w_type}, {R}>(xs, {k_pad}, smem + kRingOffset, {w}, {plan.rhs_k}, {plan.K}, "
+            ring_dot = "columns_ring_mma" if plan.mma else "columns_ring"
+            em.emit(f"dot::{ring_dot}<{w_type}, {R}>(xs, {x_stride}, smem + kRingOffset, {w}, {plan.rhs_k}, {plan.K}, "
                     f"static_cast<int>(n_len), acc, {n_pad});")
         else:
-            em.emit(f"dot::rows_shared<{w_type}, {R}>(xs, {k_pad}, {w}, {plan.rhs_n}, {plan.K}, "
+            em.emit(f"dot::rows_shared<{w_type}, {R}>(xs, {x_stride}, {w}, {plan.rhs_n}, {plan.K}, "
                     f"static_cast<int>(n_len), acc, {n_pad});")
         em.emit("__syncthreads();")
 
@@ -432,7 +435,7 @@ class _KernelBody:
 
         def render(slots) -> str:
             return (
-                f"dot::ring_begin(smem + kRingOffset, reinterpret_cast<const {w_type}*>("
+                f"dot::ring_begin<{w_type}, {str(plan.mma).lower()}>(smem + kRingOffset, reinterpret_cast<const {w_type}*>("
                 f"{slots.pointer(dot.rhs, plan.rhs_const)}) + ({origin}), {plan.rhs_k}, {plan.K}, "
                 f"t.hi[{rank - 1}] - t.lo[{rank - 1}]);"
             )
@@ -520,10 +523,18 @@ class _DotPlan:
     # > 0: the task's rows (this many) share one pass over the weight tile: the ring (columns_vec) or
     # dot::rows_shared (rows)
     together: int = 0
+    # the ring's rows multiply on tensor cores (dot::columns_ring_mma), see _tensor_core_rows
+    mma: bool = False
 
     @property
     def k_pad(self) -> int:
         return -(-self.K // 4) * 4
+
+    @property
+    def x_stride(self) -> int:
+        """Floats from one staged row to the next: k_pad, and for the tensor-core dot 8 more than a multiple of
+        32 (its B loads read 8 rows at one k: 8 different banks)."""
+        return self.k_pad + (8 - self.k_pad) % 32 if self.mma else self.k_pad
 
     @property
     def n_pad(self) -> int:
@@ -562,6 +573,7 @@ class _DotPlan:
             vector_rows = elt_ok and aligned and K % 8 == 0 and rn % 8 == 0
         plan = _DotPlan(layout, K, max_n, lc, lcoef[:rank], lk, rc, rcoef[:rank], rk, rn, vector_rows)
         plan.together = _rows_together(kernel, tasks, plan)
+        plan.mma = _tensor_core_rows(kernel, tasks, plan)
         return plan
 
 
@@ -593,16 +605,33 @@ def _rows_together(kernel: Kernel, tasks, plan: _DotPlan) -> int:
     return rows if -(-base // 128) * 128 + RING_BYTES <= MAX_SMEM_BYTES else 0
 
 
+def _tensor_core_rows(kernel: Kernel, tasks, plan: _DotPlan) -> bool:
+    """Whether the ring's rows multiply on tensor cores (dot::columns_ring_mma): 2 rows or more of bf16/f16
+    values times a weight of the same type (so that the staged rows convert to it exactly), whole 16-column
+    blocks of at most MMA_MAX_COLUMNS, K in whole 16-row steps, and room for the padded staged rows."""
+    dot, rank = kernel.dot, len(kernel.domain)
+    if plan.layout != "columns_vec" or plan.together < 2:
+        return False
+    w_dtype = np.dtype(dot.rhs.buffer.dtype)
+    x_dtype = np.dtype(dot.lhs_expr.dtype if dot.lhs_expr is not None else dot.lhs.buffer.dtype)
+    if dtype_code(w_dtype) not in (DType.BF16, DType.F16) or x_dtype != w_dtype or plan.K % 16:
+        return False
+    if any((t.hi[rank - 1] - t.lo[rank - 1]) % 16 or t.hi[rank - 1] - t.lo[rank - 1] > MMA_MAX_COLUMNS for t in tasks):
+        return False
+    padded = replace(plan, mma=True)
+    return -(-_dot_smem_bytes(padded, plan.together) // 128) * 128 + RING_BYTES <= MAX_SMEM_BYTES
+
+
 def _dot_smem_bytes(plan: _DotPlan, rows: int) -> int:
-    """Shared memory of a product task below the ring: xs[rows][k_pad], acc[rows][n_pad], then scratch for
+    """Shared memory of a product task below the ring: xs[rows][x_stride], acc[rows][n_pad], then scratch for
     block reductions and the columns GEMV's partial sums."""
-    return 4 * (rows * (plan.k_pad + plan.n_pad) + 8 * THREADS)
+    return 4 * (rows * (plan.x_stride + plan.n_pad) + 8 * THREADS)
 
 
 def _emit_dot_buffers(em: _Emitter, plan: _DotPlan, rows: int, scratch: bool) -> int:
     """Declares the pointers of that layout (scratch only when the body uses it); returns its bytes."""
     em.emit("float* xs = reinterpret_cast<float*>(smem);")
-    em.emit(f"float* acc = xs + {rows * plan.k_pad};")
+    em.emit(f"float* acc = xs + {rows * plan.x_stride};")
     if scratch:
         em.emit(f"float* scratch = acc + {rows * plan.n_pad};")
     return _dot_smem_bytes(plan, rows)

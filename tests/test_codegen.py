@@ -81,7 +81,8 @@ def test_profiling_build_compiles(tmp_path, monkeypatch):
 
 def test_batched_weight_products_share_the_weight_tile(tmp_path, monkeypatch):
     """At batch 8 a task multiplies all 8 rows with the weight tile it streams once (the rows stay whole
-    in every tile), for a loaded and for a computed (RMSNorm) activation."""
+    in every tile), for a loaded and for a computed (RMSNorm) activation; bf16 rows times bf16 weights on
+    tensor cores."""
     monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
 
     def mlp(x, g, w1, w2):
@@ -94,7 +95,26 @@ def test_batched_weight_products_share_the_weight_tile(tmp_path, monkeypatch):
         if kernel.dot is not None:
             rows = {t.hi[-2] - t.lo[-2] for t in kernel_tasks}
             assert rows == {8}, (kernel, rows)
-    assert source.text.count("dot::columns_ring<__nv_bfloat16, 8>") == 2
+    assert source.text.count("dot::columns_ring_mma<__nv_bfloat16, 8>") == 2
+    assert source.text.count("dot::ring_begin<__nv_bfloat16, true>") == 2  # the ring laid out for ldmatrix
+    compile_cubin(source.text, "9.0")
+
+
+@pytest.mark.parametrize(
+    "shapes,dtypes,dot",
+    [
+        ([(8, 256), (256, 512)], ("float32", "float32"), "dot::columns_ring<float, 8>"),  # no float32 tensor cores
+        ([(8, 256), (256, 512)], ("float32", "bfloat16"), "dot::columns_ring<__nv_bfloat16, 8>"),  # f32 rows
+        ([(3, 256), (256, 512)], ("float16", "float16"), "dot::columns_ring_mma<__half, 3>"),
+    ],
+)
+def test_tensor_core_rows_only_where_exact(shapes, dtypes, dot, tmp_path, monkeypatch):
+    """The tensor-core ring takes rows whose values are the weight's type (their conversion is exact); float32
+    weights or rows stay on the CUDA-core ring."""
+    monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
+    avals = [jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes)]
+    _, source = _generate(lambda x, w: jnp.tanh(jnp.dot(x, w, preferred_element_type=jnp.float32)), *avals)
+    assert dot in source.text
     compile_cubin(source.text, "9.0")
 
 

@@ -38,6 +38,10 @@ def _plan(fast):
         ("gemv_rows_b5_f32", lambda x, e: jnp.tanh((x @ e.T) * 0.05), [(5, 264), (1001, 264)], "float32"),
         # the weight ring: 8 and 3 rows per weight tile, float32 weights, a norm computed while staged
         ("gemv_ring_b8", lambda x, w, h: h + x @ w, [(8, 2048), (2048, 1024), (8, 1024)], "bfloat16"),
+        # ... on tensor cores: f16, 5 rows, 48 columns (3 blocks of 16: warps in 5 k-groups, one idle); 2 rows of
+        # wide tiles
+        ("gemv_ring_mma_b5_f16", lambda x, w: x @ w, [(5, 1024), (1024, 48)], "float16"),
+        ("gemv_ring_mma_b2", lambda x, w, h: h + x @ w, [(2, 512), (512, 4096), (2, 4096)], "bfloat16"),
         # (scaled: float32 sums of 2048 terms in another order than XLA's differ by ~1e-4 at unit inputs)
         ("gemv_ring_b3_f32", lambda x, w: jnp.tanh((x @ w) * 0.02), [(3, 2048), (2048, 512)], "float32"),
         ("norm_gemv_b4", lambda x, g, w: (x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * g) @ w,

@@ -284,8 +284,9 @@ __device__ void rows_shared(const float* xs, int x_stride, const W* w, int64_t n
 // which is refilled right after.
 //
 // The geometry comes from the generated source (codegen places the ring in shared memory).
-#if !defined(JAX_MPK_RING_SLOTS) || !defined(JAX_MPK_RING_SLOT_BYTES) || !defined(JAX_MPK_RING_MAX_ROWS)
-#error "define JAX_MPK_RING_SLOTS, JAX_MPK_RING_SLOT_BYTES and JAX_MPK_RING_MAX_ROWS before including dot.cuh"
+#if !defined(JAX_MPK_RING_SLOTS) || !defined(JAX_MPK_RING_SLOT_BYTES) || !defined(JAX_MPK_RING_MAX_ROWS) || \
+    !defined(JAX_MPK_MMA_MAX_COLUMNS)
+#error "define JAX_MPK_RING_SLOTS, _SLOT_BYTES, _MAX_ROWS and JAX_MPK_MMA_MAX_COLUMNS before including dot.cuh"
 #endif
 inline constexpr int kRingSlots = JAX_MPK_RING_SLOTS;
 inline constexpr int kRingSlotBytes = JAX_MPK_RING_SLOT_BYTES;
@@ -298,32 +299,40 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// k-rows of the weight tile held by one slot
-template <class W> __device__ __forceinline__ int ring_slot_rows(int n_len) {
-  return kRingSlotBytes / (n_len * static_cast<int>(sizeof(W)));
-}
+// How a slot holds k-rows of the weight tile. The CUDA-core dot reads rows packed back to back. The tensor-core
+// dot (kMma) reads 8 consecutive k-rows at the same columns with one ldmatrix; packed rows whose length is a
+// multiple of 128 bytes would put all 8 in the same banks (an 8-way conflict), so its rows are 16 bytes apart
+// more than their length, and a slot holds a whole number of 16-row k-steps.
+template <class W, bool kMma> struct RingRows {
+  static __device__ __forceinline__ int stride_bytes(int n_len) { return n_len * static_cast<int>(sizeof(W)) + (kMma ? 16 : 0); }
+  static __device__ __forceinline__ int per_slot(int n_len) {
+    const int rows = kRingSlotBytes / stride_bytes(n_len);
+    return kMma ? rows / 16 * 16 : rows;
+  }
+};
 
-template <class W>
+template <class W, bool kMma>
 __device__ __forceinline__ void ring_issue(char* ring, const W* w, int64_t k_stride, int K, int n_len, int stage) {
-  const int slot_rows = ring_slot_rows<W>(n_len);
+  const int slot_rows = RingRows<W, kMma>::per_slot(n_len), row_stride = RingRows<W, kMma>::stride_bytes(n_len);
   const int k0 = stage * slot_rows;
   const int rows = K - k0 < slot_rows ? K - k0 : slot_rows;  // <= 0 past the end: an empty group
   const int chunks_per_row = n_len * static_cast<int>(sizeof(W)) / 16;
   const uint32_t slot = shared_address(ring) + (stage % kRingSlots) * kRingSlotBytes;
 #pragma unroll 1
   for (int c = threadIdx.x; c < rows * chunks_per_row; c += kBlockThreads) {
-    const int r = c / chunks_per_row;
-    const char* src = reinterpret_cast<const char*>(w + (k0 + r) * k_stride) + (c - r * chunks_per_row) * 16;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(slot + c * 16), "l"(src) : "memory");
+    const int r = c / chunks_per_row, chunk = c - r * chunks_per_row;
+    const char* src = reinterpret_cast<const char*>(w + (k0 + r) * k_stride) + chunk * 16;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(slot + r * row_stride + chunk * 16), "l"(src) : "memory");
   }
   asm volatile("cp.async.commit_group;" ::: "memory");
 }
 
-// Start streaming the tile: stages 0 .. kRingSlots - 2. Called by every thread of the block.
-template <class W>
+// Start streaming the tile: stages 0 .. kRingSlots - 2. Called by every thread of the block; kMma must be the
+// same as the dot that consumes the ring (columns_ring_mma: true, columns_ring: false).
+template <class W, bool kMma = false>
 __device__ __forceinline__ void ring_begin(char* ring, const W* w, int64_t k_stride, int K, int n_len) {
 #pragma unroll 1
-  for (int s = 0; s < kRingSlots - 1; ++s) ring_issue(ring, w, k_stride, K, n_len, s);
+  for (int s = 0; s < kRingSlots - 1; ++s) ring_issue<W, kMma>(ring, w, k_stride, K, n_len, s);
 }
 
 __device__ __forceinline__ void load8_shared(uint32_t address, const float*, float out[8]) {
@@ -350,7 +359,7 @@ __device__ void columns_ring(const float* xs, int x_stride, char* ring, const W*
   const int groups = kBlockThreads / vectors;
   const int v = threadIdx.x % vectors, group = threadIdx.x / vectors;
   const int active_rows = group < groups ? 1 << 30 : 0;  // idle threads still take part in the barriers
-  const int slot_rows = ring_slot_rows<W>(n_len);
+  const int slot_rows = RingRows<W, false>::per_slot(n_len);
   const int stages = (K + slot_rows - 1) / slot_rows;
   const uint32_t ring_base = shared_address(ring);
   const int row_bytes = n_len * static_cast<int>(sizeof(W));
@@ -363,7 +372,7 @@ __device__ void columns_ring(const float* xs, int x_stride, char* ring, const W*
   for (int s = 0; s < stages; ++s) {
     asm volatile("cp.async.wait_group %0;" ::"n"(kRingSlots - 2) : "memory");
     __syncthreads();
-    ring_issue(ring, w, k_stride, K, n_len, s + kRingSlots - 1);  // into the slot stage s - 1 used
+    ring_issue<W, false>(ring, w, k_stride, K, n_len, s + kRingSlots - 1);  // into the slot stage s - 1 used
     const int k0 = s * slot_rows;
     const int rows = min(min(K - k0, slot_rows), active_rows);
     const uint32_t slot = ring_base + (s % kRingSlots) * kRingSlotBytes + v * 8 * static_cast<int>(sizeof(W));
@@ -404,6 +413,114 @@ __device__ void columns_ring(const float* xs, int x_stride, char* ring, const W*
     float total = 0.0f;
     for (int g = 0; g < partials; ++g) total += part[(r * partials + g) * n_len + n];
     acc[r * acc_stride + n] = total;
+  }
+}
+
+// The tensor-core form of columns_ring, for 2 .. 8 rows whose staged values are exactly W's values (a bf16 or f16
+// activation times a weight of the same type; CUDA-core FMAs cannot keep up with the weight stream at 8 rows: 64
+// FMAs per 16 bytes). One mma.sync m16n8k16 per 16 output columns x 16 k: the weight tile is A (read from the ring
+// with ldmatrix.trans, the ring's k-rows being A's columns), the rows are B (k x 8, rows past R zero), float
+// accumulation. Warps take 16-column blocks; when there are fewer blocks than warps, kWarps / blocks warps share a
+// block and split its k-steps, and their sums are added through shared memory (over the idle ring) at the end.
+// After ring_begin<W, true>(ring, w, k_stride, K, n_len). n_len % 16 == 0, n_len <= kMmaMaxColumns, K % 16 == 0;
+// x_stride % 32 == 8 keeps the B loads (8 rows at one k) free of bank conflicts.
+inline constexpr int kMmaMaxColumns = JAX_MPK_MMA_MAX_COLUMNS;  // its accumulators are registers
+static_assert(kMmaMaxColumns % 16 == 0, "whole 16-column blocks");
+
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, const __nv_bfloat16*) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, const __half*) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                                            const __nv_bfloat16*) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                                            const __half*) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <class W, int R>
+__device__ void columns_ring_mma(const float* xs, int x_stride, char* ring, const W* w, int64_t k_stride, int K,
+                                 int n_len, float* acc, int acc_stride) {
+  static_assert(R >= 2 && R <= 8, "rows per task: the 8 columns of B");
+  constexpr int kWarps = kBlockThreads / 32;
+  constexpr int kBlocksPerWarp = (kMmaMaxColumns / 16 + kWarps - 1) / kWarps;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int blocks = n_len / 16;
+  const int k_groups = blocks >= kWarps ? 1 : kWarps / blocks;  // warps sharing a block
+  const int first_block = warp % blocks, k_group = warp / blocks;  // (k_group >= k_groups: idle)
+  const int block_step = blocks >= kWarps ? kWarps : blocks;      // a warp's blocks: first, first + step, ...
+  const int slot_rows = RingRows<W, true>::per_slot(n_len), row_stride = RingRows<W, true>::stride_bytes(n_len);
+  const int stages = (K + slot_rows - 1) / slot_rows;
+  // ldmatrix: lane L gives the address of k-row (L % 8) + 8 * (L / 16), columns 8 * ((L / 8) % 2) of the step's
+  // 16 x 16 block: the four 8 x 8 matrices a0 .. a3 of the A fragment, transposed
+  const uint32_t lane_offset = ((lane % 8) + (lane / 16) * 8) * row_stride + ((lane / 8) % 2) * 8 * static_cast<int>(sizeof(W));
+  // B fragment: row g = lane / 4 (zero past R), k-pairs 2q and 2q + 8 of the step
+  const int g = lane / 4, q = lane % 4;
+  const float* x_lane = xs + (g < R ? g : 0) * x_stride + 2 * q;
+  float c[kBlocksPerWarp][4];
+#pragma unroll
+  for (int j = 0; j < kBlocksPerWarp; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.0f;
+#pragma unroll 1
+  for (int s = 0; s < stages; ++s) {
+    asm volatile("cp.async.wait_group %0;" ::"n"(kRingSlots - 2) : "memory");
+    __syncthreads();
+    ring_issue<W, true>(ring, w, k_stride, K, n_len, s + kRingSlots - 1);  // into the slot stage s - 1 used
+    const int k0 = s * slot_rows;
+    const int steps = k_group < k_groups ? min(K - k0, slot_rows) / 16 : 0;
+    const uint32_t slot = shared_address(ring) + (s % kRingSlots) * kRingSlotBytes + lane_offset;
+#pragma unroll 2
+    for (int step = k_group; step < steps; step += k_groups) {
+      const float2 lo = *reinterpret_cast<const float2*>(x_lane + k0 + step * 16);
+      const float2 hi = *reinterpret_cast<const float2*>(x_lane + k0 + step * 16 + 8);
+      const uint32_t b0 = g < R ? pack2(lo.x, lo.y, w) : 0u, b1 = g < R ? pack2(hi.x, hi.y, w) : 0u;
+#pragma unroll
+      for (int j = 0; j < kBlocksPerWarp; ++j) {
+        const int block = first_block + j * block_step;
+        if (block < blocks && (j == 0 || blocks >= kWarps)) {
+          uint32_t a[4];
+          asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                       : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                       : "r"(slot + step * 16 * row_stride + block * 16 * static_cast<int>(sizeof(W))));
+          mma_16x8x16(c[j], a, b0, b1, w);
+        }
+      }
+    }
+  }
+  // c[j]: columns 16 * block + g (c[j][0..1]) and + 8 (c[j][2..3]), rows 2q and 2q + 1
+  __syncthreads();  // every warp is done reading the ring: it now holds the k-groups' partial sums
+  float* part = reinterpret_cast<float*>(ring);  // part[(k_group * R + row) * n_len + column]
+  if (k_group < k_groups) {
+#pragma unroll
+    for (int j = 0; j < kBlocksPerWarp; ++j) {
+      const int block = first_block + j * block_step;
+      if (block < blocks && (j == 0 || blocks >= kWarps)) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int row = 2 * q + (i & 1), column = 16 * block + g + (i >> 1) * 8;
+          if (row < R) part[(k_group * R + row) * n_len + column] = c[j][i];
+        }
+      }
+    }
+  }
+  __syncthreads();
+  for (int o = threadIdx.x; o < R * n_len; o += kBlockThreads) {
+    const int row = o / n_len, column = o - row * n_len;
+    float total = 0.0f;
+    for (int group = 0; group < k_groups; ++group) total += part[(group * R + row) * n_len + column];
+    acc[row * acc_stride + column] = total;
   }
 }
 
