@@ -153,23 +153,32 @@ __device__ void rows(const float* x, const W* w, int64_t n_stride, int64_t k_str
                      float* acc) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kBlockThreads / 32;
   if (vectorized && K < 256) {
-    int group = 1;  // lanes per output: a power of two covering K / 8 vectors
+    int group = 1;  // lanes per output: a power of two covering K / 8 vectors (K <= 8 * group: one vector each)
     while (group * 8 < K && group < 32) group *= 2;
     const int per_warp = 32 / group, member = lane % group, slot = lane / group;
     const int rounds = (n_len + warps * per_warp - 1) / (warps * per_warp);
-    for (int r = 0; r < rounds; ++r) {
-      const int n = (r * warps + warp) * per_warp + slot;
-      float sum = 0.0f;
-      if (n < n_len) {
-        for (int k = member * 8; k < K; k += group * 8) {
-          float wv[8];
-          load8(w + n * n_stride + k, wv);
+    // kInFlight rounds' loads are issued before any is used: one round's 16 bytes per lane are too few bytes in
+    // flight to cover a memory round trip (attention scores over a cache are this loop)
+    constexpr int kInFlight = 4;
+#pragma unroll 1
+    for (int r0 = 0; r0 < rounds; r0 += kInFlight) {
+      float wv[kInFlight][8];
 #pragma unroll
-          for (int j = 0; j < 8; ++j) sum += x[k + j] * wv[j];
-        }
+      for (int u = 0; u < kInFlight; ++u) {
+        const int n = ((r0 + u) * warps + warp) * per_warp + slot;
+        if (n < n_len && member * 8 < K) load8(w + n * n_stride + member * 8, wv[u]);
       }
-      for (int offset = group / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-      if (n < n_len && member == 0) acc[n] = sum;
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        const int n = ((r0 + u) * warps + warp) * per_warp + slot;
+        float sum = 0.0f;
+        if (n < n_len && member * 8 < K) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) sum += x[member * 8 + j] * wv[u][j];
+        }
+        for (int offset = group / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+        if (n < n_len && member == 0) acc[n] = sum;
+      }
     }
     return;
   }
