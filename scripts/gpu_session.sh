@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# One device-machine session: build the extension, run the GPU tests, then benchmark. Logs go to $OUT.
-#   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,bench,profile (any of them)] [pytest -k expression]
-# (the device machine gets the working tree without .git: pass the commit for the benchmark's JSON)
+# One device-machine session: build the extension, then any of: the GPU tests, the decode benchmark of the Flax
+# examples, a per-SM trace of one step, the Llama-shaped decode_step benchmark. Logs and results go to $OUT.
+#   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench (any of them)] [pytest -k expression]
+# decode: DECODE_MODELS (default llama-3.2-1b,qwen3-0.6b,qwen3-8b), DECODE_BATCH (1,8), DECODE_CTX (1024),
+# DECODE_ARGS (extra arguments). The device machine gets the working tree without .git: pass the commit.
 set -uo pipefail
 what=${1:-all}
 select=${2:-}
 OUT=${OUT:-/tmp/jax_mpk_out}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 JAX_MPK_CACHE_DIR=/tmp/jax_mpk_cache
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv > "$OUT/nvidia-smi.txt" 2>&1
+export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 JAX_MPK_CACHE_DIR=${JAX_MPK_CACHE_DIR:-/tmp/jax_mpk_cache}
 start=$(date +%s)
 if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
   tail -60 "$OUT/build.log"
@@ -19,13 +20,23 @@ python3 -c "import jax, jax_mpk._ext as e; print(jax.__version__, jax.devices(),
 status=0
 has() { [[ $what == all || ,$what, == *,$1,* ]]; }
 if has tests; then
-  python3 -m pytest -q -x -m gpu tests/ ${select:+-k "$select"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
-  status=${PIPESTATUS[0]}
+  python3 -m pytest -q -m gpu tests/ -p no:cacheprovider ${select:+-k "$select"} > "$OUT/gpu_tests.log" 2>&1
+  status=$?
+  tail -15 "$OUT/gpu_tests.log"
+fi
+if has decode; then
+  # shellcheck disable=SC2086
+  python3 benchmarks/decode.py --models "${DECODE_MODELS:-llama-3.2-1b,qwen3-0.6b,qwen3-8b}" \
+    --batch "${DECODE_BATCH:-1,8}" --ctx "${DECODE_CTX:-1024}" --out "$OUT" ${DECODE_ARGS:-} > "$OUT/decode.log" 2>&1
+  grep -E "read bandwidth|^\[|agreement|=>" "$OUT/decode.log"
+fi
+if has trace; then
+  python3 benchmarks/profile_step.py --layers 2 --trace "$OUT/trace.json" --png "$OUT/trace.png" > "$OUT/profile.txt" 2>&1
+  head -12 "$OUT/profile.txt"
 fi
 if has bench; then
-  python3 benchmarks/decode_step.py --layers 16 --ctx 1024 --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -30
+  python3 benchmarks/decode_step.py --layers 16 --ctx 1024 --out "$OUT" > "$OUT/bench.log" 2>&1
+  tail -8 "$OUT/bench.log"
 fi
-if has profile; then
-  python3 benchmarks/profile_step.py --layers 2 --ctx 1024 2>&1 | tee "$OUT/profile.txt" | tail -45
-fi
+echo "session: $(( $(date +%s) - start )) s"
 exit $status
