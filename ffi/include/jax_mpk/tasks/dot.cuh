@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "jax_mpk/runtime/block.cuh"
 #include "jax_mpk/tasks/elementwise.cuh"
@@ -445,20 +446,22 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi, const __half*) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
-                                            const __nv_bfloat16*) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-               "{%0, %1, %2, %3};"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+// c += a * b on tensor cores; the instruction names the operands' type, hence the macro.
+#define JAX_MPK_MMA_16X8X16(TYPE)                                                                              \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 {%0, %1, %2, %3}, "                 \
+               "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"                                                 \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                                \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+template <class W>
+__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  static_assert(std::is_same_v<W, __half> || std::is_same_v<W, __nv_bfloat16>, "2-byte float operands");
+  if constexpr (std::is_same_v<W, __half>) {
+    JAX_MPK_MMA_16X8X16("f16");
+  } else {
+    JAX_MPK_MMA_16X8X16("bf16");
+  }
 }
-__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
-                                            const __half*) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-               "{%0, %1, %2, %3};"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+#undef JAX_MPK_MMA_16X8X16
 
 template <class W, int R>
 __device__ void columns_ring_mma(const float* xs, int x_stride, char* ring, const W* w, int64_t k_stride, int K,
@@ -503,7 +506,7 @@ __device__ void columns_ring_mma(const float* xs, int x_stride, char* ring, cons
           asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                        : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
                        : "r"(slot + step * 16 * row_stride + block * 16 * static_cast<int>(sizeof(W))));
-          mma_16x8x16(c[j], a, b0, b1, w);
+          mma_16x8x16<W>(c[j], a, b0, b1);
         }
       }
     }
