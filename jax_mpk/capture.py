@@ -18,11 +18,10 @@ import numpy as np
 
 from .errors import UnsupportedDtypeError, UnsupportedPrimitiveError
 from .graph import Node, Source
+from .layout import DTYPES
 from .lowering import RULES, Mesh, RuleContext, const
 
-SUPPORTED_DTYPES = tuple(
-    np.dtype(d) for d in ("float32", "bfloat16", "float16", "int32", "uint32", "int8", "uint8", "bool")
-)
+SUPPORTED_DTYPES = tuple(np.dtype(info.numpy_name) for info in DTYPES.values())
 
 # primitive name -> the param holding the jaxpr to inline
 _CALL_PARAMS = {

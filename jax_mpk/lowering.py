@@ -12,10 +12,11 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import UnsupportedPrimitiveError
+from .errors import UnsupportedDtypeError, UnsupportedPrimitiveError
 from .graph import Comm, Dot, DynLoad, Elementwise, Node, Piecewise, Reduce, Reindex, UpdateSlice
 from .indexmap import IndexMap
-from .layout import NodeOp, ReduceKind
+from .layout import DTYPES, DType, NodeOp, ReduceKind
+from .scalar_ops import SCALAR_OPS, ScalarOp
 
 
 @dataclass(frozen=True)
@@ -121,27 +122,8 @@ def constant_value(node: Node):
 
 # -------------------------------------------------------------------------------------------- elementwise
 
-_UNARY = {
-    "neg": NodeOp.NEG, "abs": NodeOp.ABS, "sign": NodeOp.SIGN, "floor": NodeOp.FLOOR, "ceil": NodeOp.CEIL,
-    "exp": NodeOp.EXP, "exp2": NodeOp.EXP2, "log": NodeOp.LOG, "log1p": NodeOp.LOG1P, "expm1": NodeOp.EXPM1,
-    "tanh": NodeOp.TANH, "logistic": NodeOp.LOGISTIC, "sin": NodeOp.SIN, "cos": NodeOp.COS, "tan": NodeOp.TAN,
-    "sqrt": NodeOp.SQRT, "rsqrt": NodeOp.RSQRT, "cbrt": NodeOp.CBRT, "erf": NodeOp.ERF,
-    "is_finite": NodeOp.IS_FINITE, "square": NodeOp.SQUARE, "not": NodeOp.NOT,
-}  # fmt: skip
-_BINARY = {
-    "add": NodeOp.ADD, "add_any": NodeOp.ADD, "sub": NodeOp.SUB, "mul": NodeOp.MUL, "div": NodeOp.DIV,
-    "rem": NodeOp.REM, "pow": NodeOp.POW, "max": NodeOp.MAX, "min": NodeOp.MIN, "eq": NodeOp.EQ, "ne": NodeOp.NE,
-    "lt": NodeOp.LT, "le": NodeOp.LE, "gt": NodeOp.GT, "ge": NodeOp.GE, "and": NodeOp.AND, "or": NodeOp.OR,
-    "xor": NodeOp.XOR, "atan2": NodeOp.ATAN2,
-}  # fmt: skip
-
 # Scalar integer/bool arithmetic on constants is folded so that static indices stay static.
-_FOLD = {
-    NodeOp.ADD: np.add, NodeOp.SUB: np.subtract, NodeOp.MUL: np.multiply, NodeOp.MAX: np.maximum,
-    NodeOp.MIN: np.minimum, NodeOp.EQ: np.equal, NodeOp.NE: np.not_equal, NodeOp.LT: np.less,
-    NodeOp.LE: np.less_equal, NodeOp.GT: np.greater, NodeOp.GE: np.greater_equal, NodeOp.NEG: np.negative,
-    NodeOp.AND: np.logical_and, NodeOp.OR: np.logical_or, NodeOp.NOT: np.logical_not,
-}  # fmt: skip
+_FOLD = {NodeOp[op.name]: op.fold for op in SCALAR_OPS if op.fold is not None}
 
 
 def elementwise(ctx: RuleContext, op: NodeOp, *inputs: Node, params=()) -> Node:
@@ -154,18 +136,22 @@ def elementwise(ctx: RuleContext, op: NodeOp, *inputs: Node, params=()) -> Node:
     return Elementwise(shape=shape, dtype=dtype, children=children, op=op, params=params, source=ctx.source)
 
 
-def _unary_rule(op: NodeOp) -> Rule:
-    return lambda ctx, x, **_: elementwise(ctx, op, x)
+def _scalar_rule(op: ScalarOp) -> Rule:
+    node_op = NodeOp[op.name]
+    accepted = {np.dtype(DTYPES[DType[name]].numpy_name) for name in op.operand_dtypes}
+
+    def lower(ctx, *xs, **_):
+        dtype = np.dtype(ctx.in_avals[0].dtype)
+        if dtype not in accepted:
+            raise UnsupportedDtypeError(f"'{ctx.primitive}' at {ctx.source} on {dtype.name} operands: jax_mpk "
+                                        f"defines it on {', '.join(op.operand_dtypes).lower()}")  # fmt: skip
+        return elementwise(ctx, node_op, *xs)
+
+    return lower
 
 
-def _binary_rule(op: NodeOp) -> Rule:
-    return lambda ctx, x, y, **_: elementwise(ctx, op, x, y)
-
-
-for _name, _op in _UNARY.items():
-    rule(_name)(_unary_rule(_op))
-for _name, _op in _BINARY.items():
-    rule(_name)(_binary_rule(_op))
+for _op in SCALAR_OPS:
+    rule(*_op.primitives)(_scalar_rule(_op))
 
 
 @rule("stop_gradient", "copy", "copy_p", "optimization_barrier", "pvary")  # pvary: check_vma's marking only
