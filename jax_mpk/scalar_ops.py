@@ -108,6 +108,7 @@ SCALAR_OPS: tuple[ScalarOp, ...] = (
     ScalarOp("IS_FINITE", 39, ("is_finite",), 1, "f", "std::isfinite(x)"),
     ScalarOp("SQUARE", 40, ("square",), 1, "fiu",
              "if constexpr (kIsFloat<T>) return x * x; else return T(u32(x) * u32(x));"),
+    ScalarOp("ERFC", 42, ("erfc",), 1, "f", _float("erfc")),
     ScalarOp("NOT", 41, ("not",), 1, "iub",
              "if constexpr (std::is_same_v<T, bool>) return !x; else return T(~x);", fold=np.invert),
     # ----------------------------------------------------------------------------------------- binary

@@ -15,7 +15,8 @@ UNARY = {
     "exp": jnp.exp, "exp2": jnp.exp2, "tanh": jnp.tanh, "logistic": jax.nn.sigmoid, "sin": jnp.sin,
     "cos": jnp.cos, "tan": lambda x: jnp.tan(x * 0.5), "square": jnp.square, "erf": jax.scipy.special.erf,
     "expm1": jnp.expm1, "cube": lambda x: x**3, "round": jnp.round, "is_finite": jnp.isfinite,
-    "silu": jax.nn.silu, "gelu_tanh": jax.nn.gelu,
+    "silu": jax.nn.silu, "gelu_tanh": jax.nn.gelu, "erfc": jax.scipy.special.erfc,
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
 }  # fmt: skip
 POSITIVE = {
     "log": jnp.log, "log1p": jnp.log1p, "sqrt": jnp.sqrt, "rsqrt": jax.lax.rsqrt, "cbrt": jnp.cbrt,

@@ -91,6 +91,7 @@ enum class NodeOp : int64_t {
   kErf = 38,
   kIsFinite = 39,
   kSquare = 40,
+  kErfc = 42,
   kNot = 41,
   kAdd = 60,
   kSub = 61,

@@ -119,6 +119,11 @@ template <class T> JAX_MPK_HD auto square(T x) {
   if constexpr (kIsFloat<T>) return x * x; else return T(u32(x) * u32(x));
 }
 
+// ERFC: erfc; operands f32 bf16 f16
+template <class T> JAX_MPK_HD auto erfc(T x) {
+  return std::erfc(x);
+}
+
 // NOT: not; operands i32 i8 u32 u8 bool
 template <class T> JAX_MPK_HD auto not_(T x) {
   if constexpr (std::is_same_v<T, bool>) return !x; else return T(~x);
@@ -248,6 +253,7 @@ inline int ScalarOpArity(layout::NodeOp op) {
     case layout::NodeOp::kErf: return 1;
     case layout::NodeOp::kIsFinite: return 1;
     case layout::NodeOp::kSquare: return 1;
+    case layout::NodeOp::kErfc: return 1;
     case layout::NodeOp::kNot: return 1;
     case layout::NodeOp::kAdd: return 2;
     case layout::NodeOp::kSub: return 2;
@@ -295,6 +301,7 @@ inline bool AcceptsOperand(layout::NodeOp op, layout::DType dtype) {
     case layout::NodeOp::kErf: return dtype == layout::DType::kF32 || dtype == layout::DType::kBf16 || dtype == layout::DType::kF16;
     case layout::NodeOp::kIsFinite: return dtype == layout::DType::kF32 || dtype == layout::DType::kBf16 || dtype == layout::DType::kF16;
     case layout::NodeOp::kSquare: return dtype == layout::DType::kF32 || dtype == layout::DType::kBf16 || dtype == layout::DType::kF16 || dtype == layout::DType::kI32 || dtype == layout::DType::kI8 || dtype == layout::DType::kU32 || dtype == layout::DType::kU8;
+    case layout::NodeOp::kErfc: return dtype == layout::DType::kF32 || dtype == layout::DType::kBf16 || dtype == layout::DType::kF16;
     case layout::NodeOp::kNot: return dtype == layout::DType::kI32 || dtype == layout::DType::kI8 || dtype == layout::DType::kU32 || dtype == layout::DType::kU8 || dtype == layout::DType::kBool;
     case layout::NodeOp::kAdd: return dtype == layout::DType::kF32 || dtype == layout::DType::kBf16 || dtype == layout::DType::kF16 || dtype == layout::DType::kI32 || dtype == layout::DType::kI8 || dtype == layout::DType::kU32 || dtype == layout::DType::kU8;
     case layout::NodeOp::kSub: return dtype == layout::DType::kF32 || dtype == layout::DType::kBf16 || dtype == layout::DType::kF16 || dtype == layout::DType::kI32 || dtype == layout::DType::kI8 || dtype == layout::DType::kU32 || dtype == layout::DType::kU8;
@@ -455,6 +462,12 @@ inline double EvaluateScalarOp(layout::NodeOp op, layout::DType dtype, const dou
         case layout::ValueClass::kFloat: return static_cast<double>(square(static_cast<double>(args[0])));
         case layout::ValueClass::kSigned: return static_cast<double>(square(static_cast<int32_t>(args[0])));
         case layout::ValueClass::kUnsigned: return static_cast<double>(square(static_cast<uint32_t>(args[0])));
+        default: break;
+      }
+      break;
+    case layout::NodeOp::kErfc:
+      switch (value_class) {
+        case layout::ValueClass::kFloat: return static_cast<double>(erfc(static_cast<double>(args[0])));
         default: break;
       }
       break;
