@@ -12,10 +12,11 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import UnsupportedDtypeError, UnsupportedPrimitiveError
+from .errors import UnsupportedPrimitiveError
 from .graph import Comm, Dot, DynLoad, Elementwise, Node, Piecewise, Reduce, Reindex, UpdateSlice
 from .indexmap import IndexMap
 from .layout import DTYPES, DType, NodeOp, ReduceKind
+from .scalar_ops import BY_NAME as SCALAR_OP_BY_NAME
 from .scalar_ops import SCALAR_OPS, ScalarOp
 
 
@@ -143,8 +144,8 @@ def _scalar_rule(op: ScalarOp) -> Rule:
     def lower(ctx, *xs, **_):
         dtype = np.dtype(ctx.in_avals[0].dtype)
         if dtype not in accepted:
-            raise UnsupportedDtypeError(f"'{ctx.primitive}' at {ctx.source} on {dtype.name} operands: jax_mpk "
-                                        f"defines it on {', '.join(op.operand_dtypes).lower()}")  # fmt: skip
+            raise ctx.unsupported(f"on {dtype.name} operands: jax_mpk defines it on "
+                                  f"{', '.join(op.operand_dtypes).lower()}")  # fmt: skip
         return elementwise(ctx, node_op, *xs)
 
     return lower
@@ -152,6 +153,19 @@ def _scalar_rule(op: ScalarOp) -> Rule:
 
 for _op in SCALAR_OPS:
     rule(*_op.primitives)(_scalar_rule(_op))
+
+
+@rule("bitcast_convert_type")
+def _bitcast_convert_type(ctx, x, *, new_dtype, **_):
+    """Same width only: one scalar op per result dtype (BITCAST_TO_<dtype>)."""
+    out = np.dtype(new_dtype)
+    if out == np.dtype(x.dtype):
+        return x
+    name = next((f"BITCAST_TO_{d.name}" for d, info in DTYPES.items() if np.dtype(info.numpy_name) == out), None)
+    if name not in SCALAR_OP_BY_NAME or out.itemsize != np.dtype(x.dtype).itemsize:
+        raise ctx.unsupported(f"a bitcast from {np.dtype(x.dtype).name} to {out.name}: jax_mpk bitcasts between "
+                              "f32, i32 and u32, and between i8 and u8")  # fmt: skip
+    return _scalar_rule(SCALAR_OP_BY_NAME[name])(ctx, x)
 
 
 @rule("stop_gradient", "copy", "copy_p", "optimization_barrier", "pvary")  # pvary: check_vma's marking only

@@ -27,10 +27,10 @@ from typing import Callable
 import numpy as np
 
 # Operand dtype classes an op accepts, as letters: f = f32, bf16, f16; i = i32, i8; u = u32, u8; b = bool;
-# I = i32 only; U = u32 only (ops whose result depends on the bit width).
+# F = f32 only; I = i32 only; U = u32 only (ops whose result depends on the bit width).
 DTYPE_CLASSES = {
     "f": ("F32", "BF16", "F16"), "i": ("I32", "I8"), "u": ("U32", "U8"), "b": ("BOOL",), "I": ("I32",),
-    "U": ("U32",),
+    "U": ("U32",), "F": ("F32",),
 }  # fmt: skip
 # C++ names that are keywords, alternative tokens or standard functions get a trailing underscore.
 _RESERVED = {"abs", "and", "max", "min", "not", "or", "xor"}
@@ -109,6 +109,15 @@ SCALAR_OPS: tuple[ScalarOp, ...] = (
     ScalarOp("SQUARE", 40, ("square",), 1, "fiu",
              "if constexpr (kIsFloat<T>) return x * x; else return T(u32(x) * u32(x));"),
     ScalarOp("ERFC", 42, ("erfc",), 1, "f", _float("erfc")),
+    ScalarOp("ERF_INV", 43, ("erf_inv",), 1, "f", "erf_inverse(x)", device_float="erfinvf(x)"),
+    ScalarOp("POPULATION_COUNT", 44, ("population_count",), 1, "IU",
+             "uint32_t v = u32(x), n = 0; for (; v != 0; v &= v - 1) ++n; return T(n);"),
+    # bitcast_convert_type to each 32-bit dtype; 8-bit ints keep their low byte (i8 <-> u8)
+    ScalarOp("BITCAST_TO_F32", 45, (), 1, "FIU", "bit_cast<float>(x)"),
+    ScalarOp("BITCAST_TO_I32", 46, (), 1, "FIU", "bit_cast<int32_t>(x)"),
+    ScalarOp("BITCAST_TO_U32", 47, (), 1, "FIU", "bit_cast<uint32_t>(x)"),
+    ScalarOp("BITCAST_TO_I8", 48, (), 1, "u", "int32_t(int8_t(u32(x) & 0xFFu))"),
+    ScalarOp("BITCAST_TO_U8", 49, (), 1, "i", "uint32_t(u32(x) & 0xFFu)"),
     ScalarOp("NOT", 41, ("not",), 1, "iub",
              "if constexpr (std::is_same_v<T, bool>) return !x; else return T(~x);", fold=np.invert),
     # ----------------------------------------------------------------------------------------- binary
@@ -137,6 +146,12 @@ SCALAR_OPS: tuple[ScalarOp, ...] = (
     ScalarOp("OR", 75, ("or",), 2, "iub", "T(a | b)", fold=np.bitwise_or),
     ScalarOp("XOR", 76, ("xor",), 2, "iub", "T(a ^ b)", fold=np.bitwise_xor),
     ScalarOp("ATAN2", 77, ("atan2",), 2, "f", _float("atan2", 2)),
+    # shifts by an amount (the second operand, read as unsigned) of 32 or more give 0 (logical) or the sign
+    ScalarOp("SHIFT_LEFT", 78, ("shift_left",), 2, "IU", "return u32(b) < 32u ? T(u32(a) << u32(b)) : T(0);"),
+    ScalarOp("SHIFT_RIGHT_LOGICAL", 79, ("shift_right_logical",), 2, "IU",
+             "return u32(b) < 32u ? T(u32(a) >> u32(b)) : T(0);"),
+    ScalarOp("SHIFT_RIGHT_ARITHMETIC", 80, ("shift_right_arithmetic",), 2, "IU",
+             "return T(static_cast<int32_t>(u32(a)) >> (u32(b) < 32u ? u32(b) : 31u));"),
 )  # fmt: skip
 
 BY_NAME = {op.name: op for op in SCALAR_OPS}

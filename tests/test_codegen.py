@@ -51,6 +51,15 @@ def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
     assert len(cubin) > 10_000
 
 
+def _bits_and_special_functions(x):
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    unit = jax.lax.bitcast_convert_type(jax.lax.shift_right_logical(bits, jnp.uint32(9)) | jnp.uint32(0x3F800000),
+                                        jnp.float32)  # fmt: skip
+    ints = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return (unit - 1.0, jax.scipy.special.erfinv(unit - 1.5), jax.scipy.special.erfc(x),
+            jax.lax.population_count(bits), jax.lax.shift_right_arithmetic(ints, jnp.int32(3)) << 2)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "fn,shapes,dtype",
     [
@@ -59,6 +68,7 @@ def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
         (lambda x, i: jax.lax.dynamic_update_slice(x, x[:1] * 2, (i, 0)), [(5, 8), ()], "int32"),
         (lambda a, b: jnp.einsum("bij,bkj->bik", a, b), [(2, 5, 7), (2, 3, 7)], "bfloat16"),
         (lambda x: (jnp.all(x > 0, axis=1), jnp.where(x > 0, x, -x).min()), [(4, 9)], "float32"),
+        (_bits_and_special_functions, [(3, 21)], "float32"),
     ],
 )
 def test_small_functions_compile(fn, shapes, dtype, tmp_path, monkeypatch):

@@ -92,6 +92,13 @@ enum class NodeOp : int64_t {
   kIsFinite = 39,
   kSquare = 40,
   kErfc = 42,
+  kErfInv = 43,
+  kPopulationCount = 44,
+  kBitcastToF32 = 45,
+  kBitcastToI32 = 46,
+  kBitcastToU32 = 47,
+  kBitcastToI8 = 48,
+  kBitcastToU8 = 49,
   kNot = 41,
   kAdd = 60,
   kSub = 61,
@@ -111,6 +118,9 @@ enum class NodeOp : int64_t {
   kOr = 75,
   kXor = 76,
   kAtan2 = 77,
+  kShiftLeft = 78,
+  kShiftRightLogical = 79,
+  kShiftRightArithmetic = 80,
 };
 
 enum class Header : int64_t {

@@ -124,6 +124,46 @@ template <class T> JAX_MPK_HD auto erfc(T x) {
   return std::erfc(x);
 }
 
+// ERF_INV: erf_inv; operands f32 bf16 f16
+template <class T> JAX_MPK_HD auto erf_inv(T x) {
+#ifdef __CUDA_ARCH__
+  if constexpr (std::is_same_v<T, float>) return erfinvf(x);
+  else { return erf_inverse(x); }
+#else
+  return erf_inverse(x);
+#endif
+}
+
+// POPULATION_COUNT: population_count; operands i32 u32
+template <class T> JAX_MPK_HD auto population_count(T x) {
+  uint32_t v = u32(x), n = 0; for (; v != 0; v &= v - 1) ++n; return T(n);
+}
+
+// BITCAST_TO_F32: ; operands f32 i32 u32
+template <class T> JAX_MPK_HD auto bitcast_to_f32(T x) {
+  return bit_cast<float>(x);
+}
+
+// BITCAST_TO_I32: ; operands f32 i32 u32
+template <class T> JAX_MPK_HD auto bitcast_to_i32(T x) {
+  return bit_cast<int32_t>(x);
+}
+
+// BITCAST_TO_U32: ; operands f32 i32 u32
+template <class T> JAX_MPK_HD auto bitcast_to_u32(T x) {
+  return bit_cast<uint32_t>(x);
+}
+
+// BITCAST_TO_I8: ; operands u32 u8
+template <class T> JAX_MPK_HD auto bitcast_to_i8(T x) {
+  return int32_t(int8_t(u32(x) & 0xFFu));
+}
+
+// BITCAST_TO_U8: ; operands i32 i8
+template <class T> JAX_MPK_HD auto bitcast_to_u8(T x) {
+  return uint32_t(u32(x) & 0xFFu);
+}
+
 // NOT: not; operands i32 i8 u32 u8 bool
 template <class T> JAX_MPK_HD auto not_(T x) {
   if constexpr (std::is_same_v<T, bool>) return !x; else return T(~x);
@@ -229,6 +269,21 @@ template <class T> JAX_MPK_HD auto atan2(T a, T b) {
   return std::atan2(a, b);
 }
 
+// SHIFT_LEFT: shift_left; operands i32 u32
+template <class T> JAX_MPK_HD auto shift_left(T a, T b) {
+  return u32(b) < 32u ? T(u32(a) << u32(b)) : T(0);
+}
+
+// SHIFT_RIGHT_LOGICAL: shift_right_logical; operands i32 u32
+template <class T> JAX_MPK_HD auto shift_right_logical(T a, T b) {
+  return u32(b) < 32u ? T(u32(a) >> u32(b)) : T(0);
+}
+
+// SHIFT_RIGHT_ARITHMETIC: shift_right_arithmetic; operands i32 u32
+template <class T> JAX_MPK_HD auto shift_right_arithmetic(T a, T b) {
+  return T(static_cast<int32_t>(u32(a)) >> (u32(b) < 32u ? u32(b) : 31u));
+}
+
 // Children of a scalar op (0: not a scalar op).
 inline int ScalarOpArity(layout::NodeOp op) {
   switch (op) {
@@ -254,6 +309,13 @@ inline int ScalarOpArity(layout::NodeOp op) {
     case layout::NodeOp::kIsFinite: return 1;
     case layout::NodeOp::kSquare: return 1;
     case layout::NodeOp::kErfc: return 1;
+    case layout::NodeOp::kErfInv: return 1;
+    case layout::NodeOp::kPopulationCount: return 1;
+    case layout::NodeOp::kBitcastToF32: return 1;
+    case layout::NodeOp::kBitcastToI32: return 1;
+    case layout::NodeOp::kBitcastToU32: return 1;
+    case layout::NodeOp::kBitcastToI8: return 1;
+    case layout::NodeOp::kBitcastToU8: return 1;
     case layout::NodeOp::kNot: return 1;
     case layout::NodeOp::kAdd: return 2;
     case layout::NodeOp::kSub: return 2;
@@ -273,6 +335,9 @@ inline int ScalarOpArity(layout::NodeOp op) {
     case layout::NodeOp::kOr: return 2;
     case layout::NodeOp::kXor: return 2;
     case layout::NodeOp::kAtan2: return 2;
+    case layout::NodeOp::kShiftLeft: return 2;
+    case layout::NodeOp::kShiftRightLogical: return 2;
+    case layout::NodeOp::kShiftRightArithmetic: return 2;
     default: return 0;
   }
 }
@@ -302,6 +367,13 @@ inline bool AcceptsOperand(layout::NodeOp op, layout::DType dtype) {
     case layout::NodeOp::kIsFinite: return dtype == layout::DType::kF32 || dtype == layout::DType::kBf16 || dtype == layout::DType::kF16;
     case layout::NodeOp::kSquare: return dtype == layout::DType::kF32 || dtype == layout::DType::kBf16 || dtype == layout::DType::kF16 || dtype == layout::DType::kI32 || dtype == layout::DType::kI8 || dtype == layout::DType::kU32 || dtype == layout::DType::kU8;
     case layout::NodeOp::kErfc: return dtype == layout::DType::kF32 || dtype == layout::DType::kBf16 || dtype == layout::DType::kF16;
+    case layout::NodeOp::kErfInv: return dtype == layout::DType::kF32 || dtype == layout::DType::kBf16 || dtype == layout::DType::kF16;
+    case layout::NodeOp::kPopulationCount: return dtype == layout::DType::kI32 || dtype == layout::DType::kU32;
+    case layout::NodeOp::kBitcastToF32: return dtype == layout::DType::kF32 || dtype == layout::DType::kI32 || dtype == layout::DType::kU32;
+    case layout::NodeOp::kBitcastToI32: return dtype == layout::DType::kF32 || dtype == layout::DType::kI32 || dtype == layout::DType::kU32;
+    case layout::NodeOp::kBitcastToU32: return dtype == layout::DType::kF32 || dtype == layout::DType::kI32 || dtype == layout::DType::kU32;
+    case layout::NodeOp::kBitcastToI8: return dtype == layout::DType::kU32 || dtype == layout::DType::kU8;
+    case layout::NodeOp::kBitcastToU8: return dtype == layout::DType::kI32 || dtype == layout::DType::kI8;
     case layout::NodeOp::kNot: return dtype == layout::DType::kI32 || dtype == layout::DType::kI8 || dtype == layout::DType::kU32 || dtype == layout::DType::kU8 || dtype == layout::DType::kBool;
     case layout::NodeOp::kAdd: return dtype == layout::DType::kF32 || dtype == layout::DType::kBf16 || dtype == layout::DType::kF16 || dtype == layout::DType::kI32 || dtype == layout::DType::kI8 || dtype == layout::DType::kU32 || dtype == layout::DType::kU8;
     case layout::NodeOp::kSub: return dtype == layout::DType::kF32 || dtype == layout::DType::kBf16 || dtype == layout::DType::kF16 || dtype == layout::DType::kI32 || dtype == layout::DType::kI8 || dtype == layout::DType::kU32 || dtype == layout::DType::kU8;
@@ -321,6 +393,9 @@ inline bool AcceptsOperand(layout::NodeOp op, layout::DType dtype) {
     case layout::NodeOp::kOr: return dtype == layout::DType::kI32 || dtype == layout::DType::kI8 || dtype == layout::DType::kU32 || dtype == layout::DType::kU8 || dtype == layout::DType::kBool;
     case layout::NodeOp::kXor: return dtype == layout::DType::kI32 || dtype == layout::DType::kI8 || dtype == layout::DType::kU32 || dtype == layout::DType::kU8 || dtype == layout::DType::kBool;
     case layout::NodeOp::kAtan2: return dtype == layout::DType::kF32 || dtype == layout::DType::kBf16 || dtype == layout::DType::kF16;
+    case layout::NodeOp::kShiftLeft: return dtype == layout::DType::kI32 || dtype == layout::DType::kU32;
+    case layout::NodeOp::kShiftRightLogical: return dtype == layout::DType::kI32 || dtype == layout::DType::kU32;
+    case layout::NodeOp::kShiftRightArithmetic: return dtype == layout::DType::kI32 || dtype == layout::DType::kU32;
     default: return false;
   }
 }
@@ -468,6 +543,55 @@ inline double EvaluateScalarOp(layout::NodeOp op, layout::DType dtype, const dou
     case layout::NodeOp::kErfc:
       switch (value_class) {
         case layout::ValueClass::kFloat: return static_cast<double>(erfc(static_cast<double>(args[0])));
+        default: break;
+      }
+      break;
+    case layout::NodeOp::kErfInv:
+      switch (value_class) {
+        case layout::ValueClass::kFloat: return static_cast<double>(erf_inv(static_cast<double>(args[0])));
+        default: break;
+      }
+      break;
+    case layout::NodeOp::kPopulationCount:
+      switch (value_class) {
+        case layout::ValueClass::kSigned: return static_cast<double>(population_count(static_cast<int32_t>(args[0])));
+        case layout::ValueClass::kUnsigned: return static_cast<double>(population_count(static_cast<uint32_t>(args[0])));
+        default: break;
+      }
+      break;
+    case layout::NodeOp::kBitcastToF32:
+      switch (value_class) {
+        case layout::ValueClass::kFloat: return static_cast<double>(bitcast_to_f32(static_cast<double>(args[0])));
+        case layout::ValueClass::kSigned: return static_cast<double>(bitcast_to_f32(static_cast<int32_t>(args[0])));
+        case layout::ValueClass::kUnsigned: return static_cast<double>(bitcast_to_f32(static_cast<uint32_t>(args[0])));
+        default: break;
+      }
+      break;
+    case layout::NodeOp::kBitcastToI32:
+      switch (value_class) {
+        case layout::ValueClass::kFloat: return static_cast<double>(bitcast_to_i32(static_cast<double>(args[0])));
+        case layout::ValueClass::kSigned: return static_cast<double>(bitcast_to_i32(static_cast<int32_t>(args[0])));
+        case layout::ValueClass::kUnsigned: return static_cast<double>(bitcast_to_i32(static_cast<uint32_t>(args[0])));
+        default: break;
+      }
+      break;
+    case layout::NodeOp::kBitcastToU32:
+      switch (value_class) {
+        case layout::ValueClass::kFloat: return static_cast<double>(bitcast_to_u32(static_cast<double>(args[0])));
+        case layout::ValueClass::kSigned: return static_cast<double>(bitcast_to_u32(static_cast<int32_t>(args[0])));
+        case layout::ValueClass::kUnsigned: return static_cast<double>(bitcast_to_u32(static_cast<uint32_t>(args[0])));
+        default: break;
+      }
+      break;
+    case layout::NodeOp::kBitcastToI8:
+      switch (value_class) {
+        case layout::ValueClass::kUnsigned: return static_cast<double>(bitcast_to_i8(static_cast<uint32_t>(args[0])));
+        default: break;
+      }
+      break;
+    case layout::NodeOp::kBitcastToU8:
+      switch (value_class) {
+        case layout::ValueClass::kSigned: return static_cast<double>(bitcast_to_u8(static_cast<int32_t>(args[0])));
         default: break;
       }
       break;
@@ -626,6 +750,27 @@ inline double EvaluateScalarOp(layout::NodeOp op, layout::DType dtype, const dou
     case layout::NodeOp::kAtan2:
       switch (value_class) {
         case layout::ValueClass::kFloat: return static_cast<double>(atan2(static_cast<double>(args[0]), static_cast<double>(args[1])));
+        default: break;
+      }
+      break;
+    case layout::NodeOp::kShiftLeft:
+      switch (value_class) {
+        case layout::ValueClass::kSigned: return static_cast<double>(shift_left(static_cast<int32_t>(args[0]), static_cast<int32_t>(args[1])));
+        case layout::ValueClass::kUnsigned: return static_cast<double>(shift_left(static_cast<uint32_t>(args[0]), static_cast<uint32_t>(args[1])));
+        default: break;
+      }
+      break;
+    case layout::NodeOp::kShiftRightLogical:
+      switch (value_class) {
+        case layout::ValueClass::kSigned: return static_cast<double>(shift_right_logical(static_cast<int32_t>(args[0]), static_cast<int32_t>(args[1])));
+        case layout::ValueClass::kUnsigned: return static_cast<double>(shift_right_logical(static_cast<uint32_t>(args[0]), static_cast<uint32_t>(args[1])));
+        default: break;
+      }
+      break;
+    case layout::NodeOp::kShiftRightArithmetic:
+      switch (value_class) {
+        case layout::ValueClass::kSigned: return static_cast<double>(shift_right_arithmetic(static_cast<int32_t>(args[0]), static_cast<int32_t>(args[1])));
+        case layout::ValueClass::kUnsigned: return static_cast<double>(shift_right_arithmetic(static_cast<uint32_t>(args[0]), static_cast<uint32_t>(args[1])));
         default: break;
       }
       break;
