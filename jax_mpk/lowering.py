@@ -213,6 +213,57 @@ def _iota(ctx, *, dimension, **_):
     )
 
 
+# ------------------------------------------------------------------------------------------------ random
+# What jax.random's threefry keys expand to (see prng.py): the Threefry-2x32 hash (20 rounds, Salmon et al.
+# 2011, as jax._src.random.threefry2x32 computes it) and the 64-bit counters it hashes, as uint32 scalar ops.
+
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _u32(op: str, *xs: Node, shape) -> Node:
+    children = tuple(broadcast_to(x, shape) for x in xs)
+    return Elementwise(shape=shape, dtype=np.dtype(np.uint32), children=children, op=NodeOp[op])
+
+
+@rule("threefry2x32")
+def _threefry2x32(ctx, key1, key2, x1, x2, **_):
+    shape = ctx.out_shape
+
+    def add(a, b):
+        return _u32("ADD", a, b, shape=shape)
+
+    def u32(value):
+        return const(value, np.uint32, source=ctx.source)
+
+    def rotate_left(v, r):
+        return _u32("OR", _u32("SHIFT_LEFT", v, u32(r), shape=shape), _u32("SHIFT_RIGHT_LOGICAL", v, u32(32 - r),
+                                                                           shape=shape), shape=shape)  # fmt: skip
+
+    ks = [key1, key2, _u32("XOR", _u32("XOR", key1, key2, shape=key1.shape), u32(0x1BD11BDA), shape=key1.shape)]
+    x = [add(x1, ks[0]), add(x2, ks[1])]
+    for i in range(5):
+        for r in _ROTATIONS[i % 2]:
+            x[0] = add(x[0], x[1])
+            x[1] = _u32("XOR", x[0], rotate_left(x[1], r), shape=shape)
+        x = [add(x[0], ks[(i + 1) % 3]), add(add(x[1], ks[(i + 2) % 3]), u32(i + 1))]
+    return x
+
+
+@rule("iota_2x32_shape")
+def _iota_2x32_shape(ctx, *, shape, **_):
+    """The row-major position of each element as a 64-bit count in two uint32 words (high, low)."""
+    shape = tuple(shape)
+    if math.prod(shape) >= 1 << 32:
+        raise ctx.unsupported(f"{math.prod(shape)} counters: jax_mpk draws fewer than 2^32 values at once")
+    u32 = np.dtype(np.uint32)
+    low = const(0, u32, shape)
+    for d in range(len(shape)):
+        iota = Elementwise(shape=shape, dtype=u32, op=NodeOp.IOTA, params=(d,), source=ctx.source)
+        stride = const(math.prod(shape[d + 1 :]), u32, shape)
+        low = _u32("ADD", low, _u32("MUL", iota, stride, shape=shape), shape=shape)
+    return [const(0, u32, shape, source=ctx.source), low]
+
+
 # ------------------------------------------------------------------------------------------------ views
 
 
@@ -284,6 +335,18 @@ def _concatenate(ctx, *xs, dimension, **_):
     )
 
 
+@rule("stack")
+def _stack(ctx, *xs, axis, **_):
+    """Concatenation of the operands, each with a new dim of size 1 at ``axis``."""
+    axis = int(axis)
+    parts = []
+    for x in xs:
+        shape = (*x.shape[:axis], 1, *x.shape[axis:])
+        parts.append(reindex(x, shape, IndexMap.reshape(shape, tuple(x.shape))))
+    return Piecewise(shape=ctx.out_shape, dtype=ctx.out_dtype, children=tuple(parts), axis=axis,
+                     los=tuple(range(len(xs))), source=ctx.source)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------- reductions
 
 _REDUCE = {
@@ -313,6 +376,114 @@ def _reduce(ctx, x, *, axes, **_):
         n_inner=len(axes),
         source=ctx.source,
     )
+
+
+# --------------------------------------------------------------------------------- top_k and scans
+# Both are composed of the nodes above, so the CPU executor and the CUDA megakernel run them with their
+# existing bodies (row reductions, split when long): top_k as k rounds of (max, argmax) over the row, each
+# excluding what earlier rounds took; a scan as a reduction over a masked [n, n] view, so it is limited to
+# short axes (MAX_SCAN_LENGTH).
+
+MAX_SCAN_LENGTH = 4096
+
+
+def _spread(node: Node, shape) -> Node:
+    """``node`` [...] as [..., n]: constant along the new last dim."""
+    rank = len(node.shape)
+    matrix = [[int(r == c) for c in range(len(shape))] for r in range(rank)]
+    return reindex(node, tuple(shape), IndexMap.affine(tuple(shape), node.shape, matrix))
+
+
+def _node(op: str, *children: Node, shape, dtype) -> Node:
+    return Elementwise(shape=tuple(shape), dtype=np.dtype(dtype), children=tuple(children), op=NodeOp[op])
+
+
+def _lowest(dtype) -> float:
+    dtype = np.dtype(dtype)
+    return -math.inf if dtype.kind == "f" or dtype.name == "bfloat16" else float(np.iinfo(dtype).min)
+
+
+def _reduce_last(x: Node, kind: ReduceKind, dtype=None) -> Node:
+    return Reduce(shape=tuple(x.shape[:-1]), dtype=np.dtype(dtype or x.dtype), children=(x,), kind=kind, n_inner=1)
+
+
+def _stack_last(parts: list[Node], dtype) -> Node:
+    """[...] nodes as one [..., len(parts)]."""
+    shaped = [reindex(p, (*p.shape, 1), IndexMap.reshape((*p.shape, 1), tuple(p.shape))) for p in parts]
+    shape = (*parts[0].shape, len(parts))
+    return Piecewise(shape=shape, dtype=np.dtype(dtype), children=tuple(shaped), axis=len(shape) - 1,
+                     los=tuple(range(len(parts))))  # fmt: skip
+
+
+@rule("top_k")
+def _top_k(ctx, x, *, k, axis=-1, **_):
+    """The k largest entries of each row, largest first, the lower position first among equal ones. Round j
+    takes the largest entry below round j-1's (value, position) in that order; when all it may take are
+    -inf, the first of them. Rows holding NaN are not supported (jax.lax.top_k orders NaN first)."""
+    n, last = x.shape[-1], len(x.shape) - 1
+    if int(axis) % len(x.shape) != last:
+        raise ctx.unsupported("top_k along another axis than the last")
+    shape, boolean, i32 = tuple(x.shape), np.dtype(bool), np.dtype(np.int32)
+    iota = Elementwise(shape=shape, dtype=i32, op=NodeOp.IOTA, params=(last,))
+    floor = const(_lowest(x.dtype), x.dtype, shape)
+    values, indices, candidates = [], [], x
+    for _ in range(int(k)):
+        best = _reduce_last(candidates, ReduceKind.MAX)
+        position = _reduce_last(candidates, ReduceKind.ARGMAX, i32)
+        if values:  # when the best is the floor, the first position that may still be taken
+            allowed_iota = _node("SELECT_N", allowed, const(n, i32, shape), iota, shape=shape, dtype=i32)
+            first = _reduce_last(allowed_iota, ReduceKind.MIN)
+            at_floor = _node("EQ", best, const(_lowest(x.dtype), x.dtype, best.shape), shape=best.shape, dtype=boolean)
+            position = _node("SELECT_N", at_floor, position, first, shape=best.shape, dtype=i32)
+        values.append(best)
+        indices.append(position)
+        v, p = _spread(best, shape), _spread(position, shape)
+        below = _node("LT", x, v, shape=shape, dtype=boolean)
+        tie_after = _node("AND", _node("EQ", x, v, shape=shape, dtype=boolean),
+                          _node("GT", iota, p, shape=shape, dtype=boolean), shape=shape, dtype=boolean)  # fmt: skip
+        allowed = _node("OR", below, tie_after, shape=shape, dtype=boolean)
+        candidates = _node("SELECT_N", allowed, floor, x, shape=shape, dtype=x.dtype)
+    return [_stack_last(values, x.dtype), _stack_last(indices, i32)]
+
+
+_SCANS = {"cumsum": ReduceKind.SUM, "cumprod": ReduceKind.PROD, "cummax": ReduceKind.MAX, "cummin": ReduceKind.MIN}
+
+
+@rule(*_SCANS, "cumlogsumexp")
+def _scan(ctx, x, *, axis, reverse=False, **_):
+    """out[i] = reduce(x[j] for j <= i) along ``axis`` (j >= i reversed), as a reduction of the [.., n, n] view
+    whose entries past i are the reduction's identity."""
+    axis, n = int(axis), x.shape[int(axis)]
+    if n > MAX_SCAN_LENGTH:
+        raise ctx.unsupported(f"a scan over {n} entries: jax_mpk scans at most {MAX_SCAN_LENGTH} (it reduces a "
+                              "masked n x n view; a scan task body is not written yet)")  # fmt: skip
+    moved = _move_axes_last(x, [axis])
+    rows = tuple(moved.shape)  # [..., n]: out[..., i]
+    square = (*rows, n)  # [..., i, j]
+    r = len(square)
+    matrix = [[int(c == a) for c in range(r)] for a in range(r - 2)] + [[int(c == r - 1) for c in range(r)]]
+    entries = reindex(moved, square, IndexMap.affine(square, rows, matrix))  # x[..., j]
+    i32, boolean = np.dtype(np.int32), np.dtype(bool)
+    i = Elementwise(shape=square, dtype=i32, op=NodeOp.IOTA, params=(r - 2,))
+    j = Elementwise(shape=square, dtype=i32, op=NodeOp.IOTA, params=(r - 1,))
+    inside = _node("GE" if reverse else "LE", j, i, shape=square, dtype=boolean)
+    if ctx.primitive == "cumlogsumexp":
+        floor = const(-math.inf, x.dtype, square)
+        masked = _node("SELECT_N", inside, floor, entries, shape=square, dtype=x.dtype)
+        top = _reduce_last(masked, ReduceKind.MAX)
+        shifted = _node("EXP", _node("SUB", masked, _spread(top, square), shape=square, dtype=x.dtype),
+                        shape=square, dtype=x.dtype)  # fmt: skip
+        total = _node("LOG", _reduce_last(shifted, ReduceKind.SUM), shape=rows, dtype=x.dtype)
+        result = _node("ADD", top, total, shape=rows, dtype=x.dtype)
+    else:
+        kind = _SCANS[ctx.primitive]
+        identity = {ReduceKind.SUM: 0, ReduceKind.PROD: 1, ReduceKind.MAX: _lowest(x.dtype),
+                    ReduceKind.MIN: -_lowest(x.dtype) if np.dtype(x.dtype).kind == "f" or x.dtype.name == "bfloat16"
+                    else float(np.iinfo(x.dtype).max)}[kind]  # fmt: skip
+        masked = _node("SELECT_N", inside, const(identity, x.dtype, square), entries, shape=square, dtype=x.dtype)
+        result = _reduce_last(masked, kind)
+    perm = list(range(axis)) + [len(rows) - 1] + list(range(axis, len(rows) - 1))  # the scanned dim back
+    return reindex(result, ctx.out_shape, transpose_map(ctx.out_shape, perm))
 
 
 # ------------------------------------------------------------------------------------------- contraction
