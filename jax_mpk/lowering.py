@@ -379,12 +379,13 @@ def _reduce(ctx, x, *, axes, **_):
 
 
 # --------------------------------------------------------------------------------- top_k and scans
-# Both are composed of the nodes above, so the CPU executor and the CUDA megakernel run them with their
+# All are composed of the nodes above, so the CPU executor and the CUDA megakernel run them with their
 # existing bodies (row reductions, split when long): top_k as k rounds of (max, argmax) over the row, each
-# excluding what earlier rounds took; a scan as a reduction over a masked [n, n] view, so it is limited to
-# short axes (MAX_SCAN_LENGTH).
+# excluding what earlier rounds took; a scan as a reduction over a masked [n, n] view, and a sort as each
+# entry's rank (a count over an [n, n] view) and a pick per output position (another); so scans and sorts are
+# limited to short axes (MAX_SQUARE_LENGTH).
 
-MAX_SCAN_LENGTH = 4096
+MAX_SQUARE_LENGTH = 4096
 
 
 def _spread(node: Node, shape) -> Node:
@@ -453,19 +454,13 @@ _SCANS = {"cumsum": ReduceKind.SUM, "cumprod": ReduceKind.PROD, "cummax": Reduce
 def _scan(ctx, x, *, axis, reverse=False, **_):
     """out[i] = reduce(x[j] for j <= i) along ``axis`` (j >= i reversed), as a reduction of the [.., n, n] view
     whose entries past i are the reduction's identity."""
-    axis, n = int(axis), x.shape[int(axis)]
-    if n > MAX_SCAN_LENGTH:
-        raise ctx.unsupported(f"a scan over {n} entries: jax_mpk scans at most {MAX_SCAN_LENGTH} (it reduces a "
-                              "masked n x n view; a scan task body is not written yet)")  # fmt: skip
+    axis = int(axis)
+    _check_square_length(ctx, x.shape[axis], "a scan")
     moved = _move_axes_last(x, [axis])
     rows = tuple(moved.shape)  # [..., n]: out[..., i]
-    square = (*rows, n)  # [..., i, j]
-    r = len(square)
-    matrix = [[int(c == a) for c in range(r)] for a in range(r - 2)] + [[int(c == r - 1) for c in range(r)]]
-    entries = reindex(moved, square, IndexMap.affine(square, rows, matrix))  # x[..., j]
+    square = (*rows, rows[-1])  # [..., i, j]
+    entries, i, j = _square(moved)
     i32, boolean = np.dtype(np.int32), np.dtype(bool)
-    i = Elementwise(shape=square, dtype=i32, op=NodeOp.IOTA, params=(r - 2,))
-    j = Elementwise(shape=square, dtype=i32, op=NodeOp.IOTA, params=(r - 1,))
     inside = _node("GE" if reverse else "LE", j, i, shape=square, dtype=boolean)
     if ctx.primitive == "cumlogsumexp":
         floor = const(-math.inf, x.dtype, square)
@@ -482,8 +477,72 @@ def _scan(ctx, x, *, axis, reverse=False, **_):
                     else float(np.iinfo(x.dtype).max)}[kind]  # fmt: skip
         masked = _node("SELECT_N", inside, const(identity, x.dtype, square), entries, shape=square, dtype=x.dtype)
         result = _reduce_last(masked, kind)
-    perm = list(range(axis)) + [len(rows) - 1] + list(range(axis, len(rows) - 1))  # the scanned dim back
-    return reindex(result, ctx.out_shape, transpose_map(ctx.out_shape, perm))
+    return _move_last_back(result, axis, ctx.out_shape)
+
+
+def _check_square_length(ctx, n: int, what: str) -> None:
+    if n > MAX_SQUARE_LENGTH:
+        raise ctx.unsupported(f"{what} over {n} entries: jax_mpk does at most {MAX_SQUARE_LENGTH} (it reduces an "
+                              "n x n view; a scan/sort task body is not written yet)")  # fmt: skip
+
+
+def _square(x: Node) -> tuple[Node, Node, Node]:
+    """For x [..., n]: x[..., j] as [..., i, j], and the iotas of i and j."""
+    rows = tuple(x.shape)
+    square = (*rows, rows[-1])
+    r = len(square)
+    matrix = [[int(c == a) for c in range(r)] for a in range(r - 2)] + [[int(c == r - 1) for c in range(r)]]
+    i32 = np.dtype(np.int32)
+    return (reindex(x, square, IndexMap.affine(square, rows, matrix)),
+            Elementwise(shape=square, dtype=i32, op=NodeOp.IOTA, params=(r - 2,)),
+            Elementwise(shape=square, dtype=i32, op=NodeOp.IOTA, params=(r - 1,)))  # fmt: skip
+
+
+def _move_last_back(x: Node, axis: int, out_shape) -> Node:
+    """The inverse of _move_axes_last(x, [axis])."""
+    rank = len(out_shape)
+    perm = list(range(axis)) + [rank - 1] + list(range(axis, rank - 1))
+    return reindex(x, out_shape, transpose_map(out_shape, perm))
+
+
+@rule("sort")
+def _sort(ctx, *operands, dimension, is_stable=True, num_keys=1, **_):
+    """Ascending along ``dimension`` by the first operand (NaN last, equal keys in their order, -0 equal to 0),
+    the other operands permuted alike: entry i goes to position rank(i) = #{j: key_j < key_i, or equal and
+    j < i}, and output p picks (a max over i of) the entry whose rank is p."""
+    if int(num_keys) != 1:
+        raise ctx.unsupported(f"num_keys={num_keys}: jax_mpk sorts by one key operand")
+    axis, boolean, i32 = int(dimension), np.dtype(bool), np.dtype(np.int32)
+    _check_square_length(ctx, operands[0].shape[axis], "a sort")
+    keys = _move_axes_last(operands[0], [axis])
+    rows = tuple(keys.shape)
+    square = (*rows, rows[-1])
+    key_j, i, j = _square(keys)
+    key_i = _spread(keys, square)
+
+    def node(op, *xs):
+        return _node(op, *xs, shape=square, dtype=boolean)
+
+    if np.dtype(keys.dtype).kind in "biu":
+        before = node("LT", key_j, key_i)
+        tie = node("EQ", key_j, key_i)
+    else:  # NaN after everything, and equal to NaN
+        nan_i, nan_j = node("NE", key_i, key_i), node("NE", key_j, key_j)
+        before = node("OR", node("LT", key_j, key_i), node("AND", nan_i, node("NOT", nan_j)))
+        tie = node("OR", node("EQ", key_j, key_i), node("AND", nan_i, nan_j))
+    earlier = node("OR", before, node("AND", tie, node("LT", j, i)))
+    counted = _node("CONVERT", earlier, shape=square, dtype=i32)
+    rank = _reduce_last(counted, ReduceKind.SUM)  # [..., n]
+    rank.store = True
+    rank_at_i, p = _square(rank)[0], _square(rank)[1]  # rank of entry i (the last dim), output position p
+    chosen = node("EQ", rank_at_i, p)
+    outs = []
+    for x in operands:
+        values = _square(_move_axes_last(x, [axis]))[0]
+        floor = const(_lowest(x.dtype) if x.dtype != boolean else 0, x.dtype, square)
+        picked = _reduce_last(_node("SELECT_N", chosen, floor, values, shape=square, dtype=x.dtype), ReduceKind.MAX)
+        outs.append(_move_last_back(picked, axis, tuple(x.shape)))
+    return outs
 
 
 # ------------------------------------------------------------------------------------------- contraction

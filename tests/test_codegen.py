@@ -79,6 +79,17 @@ def test_small_functions_compile(fn, shapes, dtype, tmp_path, monkeypatch):
     compile_cubin(source.text, "9.0")
 
 
+def test_sampling_over_a_vocabulary_compiles(tmp_path, monkeypatch):
+    """temperature + top-k + top-p + categorical over Qwen3's 151,936 logits, with a key passed in."""
+    from test_sampling import sample
+
+    monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
+    logits = jax.ShapeDtypeStruct((2, 151_936), jnp.float32)
+    tasks, source = _generate(sample, logits, jax.ShapeDtypeStruct((2,), jnp.uint32), validate_graph=True)
+    assert "ops::shift_right_logical" in source.text and "ops::bitcast_to_f32" in source.text
+    compile_cubin(source.text, "9.0")
+
+
 def test_profiling_build_compiles(tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
     graph = fuse(capture(jax.make_jaxpr(lambda x, w: jnp.argmax(x @ w, -1))(

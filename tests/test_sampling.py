@@ -11,6 +11,7 @@ from conftest import check_against_jit, random_array
 from tiny_models import TinyConfig, init_cache, init_params, make_decode_step
 
 import jax_mpk
+from jax_mpk.layout import NodeOp
 
 
 def _key(rng) -> jax.Array:
@@ -59,6 +60,32 @@ def test_scans(name, axis, reverse, rng):
 
 def test_integer_cumsum_and_jnp_cumsum(rng):
     check_against_jit(lambda x: (jnp.cumsum(x, axis=1), jnp.cumsum(x)), random_array(rng, (4, 9), "int32", -9, 9))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int32", "bfloat16"])
+def test_sort_and_argsort(dtype, rng):
+    x = random_array(rng, (3, 41), dtype, -9, 9)  # few distinct values: many ties, kept in their order
+    if dtype == "float32":
+        x = x.at[1, 3].set(jnp.nan).at[2, 7].set(-jnp.inf)  # NaN sorts last
+
+    def f(x):
+        return (jnp.sort(x, axis=1), jnp.argsort(x, axis=1), jnp.sort(x, axis=0, descending=True),
+                jax.lax.sort_key_val(x.T, jnp.arange(x.size, dtype=jnp.int32).reshape(x.T.shape), dimension=0))  # fmt: skip
+
+    check_against_jit(f, x)
+
+
+def test_sort_stores_the_ranks_once():
+    """Each entry's rank is computed once and stored; the kernel picking the outputs reads it (inlining it there
+    would recount a row for every (position, entry) pair)."""
+    kernels = jax_mpk.compile(lambda x: jnp.sort(x, axis=1), jnp.ones((3, 50))).graph.kernels
+    assert len(kernels) == 2
+    assert all(node.op != NodeOp.LT for node in kernels[1].nodes() if hasattr(node, "op"))
+
+
+def test_sort_with_several_keys_is_refused():
+    with pytest.raises(jax_mpk.UnsupportedPrimitiveError, match="num_keys=2"):
+        jax_mpk.megakernelize(lambda a, b: jax.lax.sort((a, b), num_keys=2))(jnp.ones(4), jnp.ones(4))
 
 
 def test_a_long_scan_is_refused():
