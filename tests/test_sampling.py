@@ -141,3 +141,29 @@ def test_sampled_decode_equals_jit(rng):
 @pytest.mark.gpu
 def test_sampled_decode_equals_jit_on_gpu(rng):
     _check_sampled_decode(TinyConfig(batch=2, vocab=1024), steps=8, rng=rng)
+
+
+def _gpu_cases(rng):
+    logits = random_array(rng, (2, 151_936), "float32", -8, 8)
+    small = random_array(rng, (3, 37), "float32", -3, 3)
+    return {
+        "random": (lambda k, x: (jax.random.categorical(k, x), jax.random.bits(k, (5, 3)), jax.random.split(k, 3)),
+                   _key(rng), small),
+        "top_k_vocabulary": (lambda x: jax.lax.top_k(x, 8), logits),
+        "sampling_vocabulary": (sample, logits, _key(rng)),
+        "scans": (lambda x: (jnp.cumsum(x, 1), jax.lax.cummax(x, 0, reverse=True), jax.lax.cumlogsumexp(x, 1)), small),
+        "sort": (lambda x: (jnp.sort(x, 1), jnp.argsort(x, 0)), small),
+        "bits_and_special": (lambda x: (jax.scipy.special.erfc(x), jax.scipy.special.erfinv(x / 4),
+                                        jax.lax.population_count(jax.lax.bitcast_convert_type(x, jnp.uint32)),
+                                        jax.lax.shift_right_arithmetic(jax.lax.bitcast_convert_type(x, jnp.int32),
+                                                                       jnp.int32(7))), small),
+    }  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "name", ["random", "top_k_vocabulary", "sampling_vocabulary", "scans", "sort", "bits_and_special"]
+)
+def test_sampling_primitives_on_gpu(name, rng):
+    fn, *args = _gpu_cases(rng)[name]
+    check_against_jit(fn, *args)
