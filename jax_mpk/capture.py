@@ -16,7 +16,7 @@ import jax
 import jax.extend.core
 import numpy as np
 
-from . import prng
+from . import ordering, prng  # noqa: F401  (ordering's rules register on import)
 from .errors import UnsupportedDtypeError, UnsupportedPrimitiveError
 from .graph import Node, Source
 from .layout import DTYPES

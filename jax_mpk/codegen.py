@@ -1,7 +1,8 @@
 """Codegen: render a scheduled task graph as ONE persistent CUDA kernel.
 
 The generated source only instantiates what lives in headers: the task loop and wait/signal protocol
-(``ffi/include/jax_mpk/runtime/megakernel.cuh``), storage access and scalar ops (``tasks/elementwise.cuh``),
+(``ffi/include/jax_mpk/runtime/megakernel.cuh``), storage access (``tasks/elementwise.cuh``), the scalar ops
+(``scalar_ops.h``, generated from ``jax_mpk/scalar_ops.py``),
 block reductions (``tasks/reduce.cuh``) and the skinny matrix products (``tasks/dot.cuh``). What is rendered
 here is each kernel's expression (its index arithmetic with compile-time shapes) and the task tables.
 Kernels whose bodies differ only in the buffers they touch (the same layer repeated) share one device

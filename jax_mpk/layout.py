@@ -17,7 +17,7 @@ import pathlib
 import sys
 from dataclasses import dataclass
 
-from .scalar_ops import DTYPE_CLASSES, SCALAR_OPS, ScalarOp
+from .scalar_ops import SCALAR_OPS, ScalarOp
 
 MAGIC = 0x4B504D58  # "XMPK"
 VERSION = 2
@@ -267,6 +267,8 @@ def render_scalar_ops_header() -> str:
     for op in SCALAR_OPS:
         lines += _render_scalar_function(op)
     lines += [
+        f"inline constexpr int kMaxScalarOpArity = {max(op.arity for op in SCALAR_OPS)};",
+        "",
         "// Children of a scalar op (0: not a scalar op).",
         "inline int ScalarOpArity(layout::NodeOp op) {",
         "  switch (op) {",

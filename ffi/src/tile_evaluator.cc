@@ -151,7 +151,7 @@ double TileEvaluator::Compute(const Node& node, const Index& index) {
       return node.round_half_to_even ? RoundHalfToEven(x) : std::round(x);
     }
     default: {  // a scalar op (jax_mpk/scalar_ops.py): computed in its operands' type
-      double args[2];
+      double args[ops::kMaxScalarOpArity];
       for (size_t c = 0; c < children.size(); ++c) args[c] = Eval(children[c], index);
       return ops::EvaluateScalarOp(node.op, kernel_->nodes[children[0]].dtype, args);
     }

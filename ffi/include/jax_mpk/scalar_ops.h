@@ -284,6 +284,8 @@ template <class T> JAX_MPK_HD auto shift_right_arithmetic(T a, T b) {
   return T(static_cast<int32_t>(u32(a)) >> (u32(b) < 32u ? u32(b) : 31u));
 }
 
+inline constexpr int kMaxScalarOpArity = 2;
+
 // Children of a scalar op (0: not a scalar op).
 inline int ScalarOpArity(layout::NodeOp op) {
   switch (op) {
