@@ -16,13 +16,13 @@ import jax
 import jax.extend.core
 import numpy as np
 
+from . import ordering, prng  # noqa: F401  (ordering's rules register on import)
 from .errors import UnsupportedDtypeError, UnsupportedPrimitiveError
 from .graph import Node, Source
+from .layout import DTYPES
 from .lowering import RULES, Mesh, RuleContext, const
 
-SUPPORTED_DTYPES = tuple(
-    np.dtype(d) for d in ("float32", "bfloat16", "float16", "int32", "uint32", "int8", "uint8", "bool")
-)
+SUPPORTED_DTYPES = tuple(np.dtype(info.numpy_name) for info in DTYPES.values())
 
 # primitive name -> the param holding the jaxpr to inline
 _CALL_PARAMS = {
@@ -121,6 +121,9 @@ def source_line(eqn) -> str:
 
 
 def check_dtype(dtype, what: str) -> np.dtype:
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        raise UnsupportedDtypeError(f"{what} is a typed PRNG key ({dtype}); pass or return its data "
+                                    "(jax.random.key_data, jax.random.wrap_key_data) or a jax.random.PRNGKey")
     dtype = np.dtype(dtype)
     if dtype not in SUPPORTED_DTYPES:
         names = ", ".join(d.name for d in SUPPORTED_DTYPES)
@@ -189,6 +192,14 @@ class _Lowerer:
             source = source_line(eqn) or caller_source
             if name in _CALL_PARAMS and _CALL_PARAMS[name] in eqn.params:
                 outs = self.inline(eqn.params[_CALL_PARAMS[name]], ins, source)
+            elif name in prng.PASS_THROUGH:  # a key is carried as its data
+                outs = ins
+            elif (expanded := prng.expansion(eqn, source)) is not None:
+                outs = self.inline(expanded, ins, source)
+            elif any(prng.is_key(v.aval) for v in (*eqn.invars, *eqn.outvars)):
+                raise UnsupportedPrimitiveError(name, source, "on typed PRNG keys: jax_mpk draws with one key at a "
+                                                "time; index or reshape the key data (jax.random.key_data) "
+                                                "instead")  # fmt: skip
             else:
                 outs = self.apply_rule(eqn, ins, source)
             for var, node in zip(eqn.outvars, outs):

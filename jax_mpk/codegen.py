@@ -1,7 +1,8 @@
 """Codegen: render a scheduled task graph as ONE persistent CUDA kernel.
 
 The generated source only instantiates what lives in headers: the task loop and wait/signal protocol
-(``ffi/include/jax_mpk/runtime/megakernel.cuh``), storage access and scalar ops (``tasks/elementwise.cuh``),
+(``ffi/include/jax_mpk/runtime/megakernel.cuh``), storage access (``tasks/elementwise.cuh``), the scalar ops
+(``scalar_ops.h``, generated from ``jax_mpk/scalar_ops.py``),
 block reductions (``tasks/reduce.cuh``) and the skinny matrix products (``tasks/dot.cuh``). What is rendered
 here is each kernel's expression (its index arithmetic with compile-time shapes) and the task tables.
 Kernels whose bodies differ only in the buffers they touch (the same layer repeated) share one device
@@ -25,7 +26,7 @@ import numpy as np
 from .fusion import MAX_SHARED_WEIGHT_ROWS, ROW_STAGING_MAX_INLINE, Kernel, Tensor
 from .graph import Acc, Elementwise, Load, Node, Piecewise, Reduce, Reindex, topological
 from .indexmap import Affine, IndexMap
-from .layout import DType, NodeOp, ReduceKind, TaskField, TensorKind
+from .layout import DTYPES, SCALAR_OP_OF, DType, NodeOp, ReduceKind, TaskField, TensorKind
 from .plan import dtype_code, task_records
 from .schedule import Schedule
 from .tasks import TaskGraph
@@ -47,28 +48,9 @@ MMA_MAX_COLUMNS = 512  # the widest column tile of the tensor-core dot (its accu
 FOLD_UNROLL = 4
 ROW_REDUCTION = 256  # reductions at least this long are done by the whole block, row by row; shorter inline
 
-_STORAGE = {
-    DType.F32: "float", DType.BF16: "__nv_bfloat16", DType.F16: "__half", DType.I32: "int32_t",
-    DType.U32: "uint32_t", DType.I8: "int8_t", DType.U8: "uint8_t", DType.BOOL: "bool",
-}  # fmt: skip
-_VALUE = {
-    DType.F32: "float", DType.BF16: "float", DType.F16: "float", DType.I32: "int32_t", DType.U32: "uint32_t",
-    DType.I8: "int32_t", DType.U8: "uint32_t", DType.BOOL: "bool",
-}  # fmt: skip
-_ROUND = {DType.BF16: "ops::round_bf16", DType.F16: "ops::round_f16", DType.I8: "ops::wrap_i8", DType.U8: "ops::wrap_u8"}
-_UNARY = {
-    NodeOp.NEG: "ops::neg", NodeOp.ABS: "ops::abs_", NodeOp.SIGN: "ops::sign", NodeOp.FLOOR: "floorf",
-    NodeOp.CEIL: "ceilf", NodeOp.EXP: "expf", NodeOp.EXP2: "exp2f", NodeOp.LOG: "logf", NodeOp.LOG1P: "log1pf",
-    NodeOp.EXPM1: "expm1f", NodeOp.TANH: "tanhf", NodeOp.LOGISTIC: "ops::logistic", NodeOp.SIN: "sinf",
-    NodeOp.COS: "cosf", NodeOp.TAN: "tanf", NodeOp.SQRT: "sqrtf", NodeOp.RSQRT: "rsqrtf", NodeOp.CBRT: "cbrtf",
-    NodeOp.ERF: "erff", NodeOp.IS_FINITE: "ops::is_finite", NodeOp.SQUARE: "ops::square", NodeOp.NOT: "ops::not_",
-}  # fmt: skip
-_BINARY = {
-    NodeOp.ADD: "ops::add", NodeOp.SUB: "ops::sub", NodeOp.MUL: "ops::mul", NodeOp.DIV: "ops::div",
-    NodeOp.REM: "ops::rem", NodeOp.POW: "powf", NodeOp.MAX: "ops::max_", NodeOp.MIN: "ops::min_",
-    NodeOp.AND: "ops::and_", NodeOp.OR: "ops::or_", NodeOp.XOR: "ops::xor_", NodeOp.ATAN2: "atan2f",
-}  # fmt: skip
-_COMPARE = {NodeOp.EQ: "==", NodeOp.NE: "!=", NodeOp.LT: "<", NodeOp.LE: "<=", NodeOp.GT: ">", NodeOp.GE: ">="}
+_STORAGE = {code: info.cuda_storage for code, info in DTYPES.items()}
+_VALUE = {code: info.cuda_value for code, info in DTYPES.items()}
+_ROUND = {code: info.cuda_round for code, info in DTYPES.items() if info.cuda_round}
 _REDUCER = {
     ReduceKind.SUM: "reduce::Sum", ReduceKind.PROD: "reduce::Prod", ReduceKind.MAX: "reduce::Max",
     ReduceKind.MIN: "reduce::Min", ReduceKind.AND: "reduce::And", ReduceKind.OR: "reduce::Or",
@@ -832,12 +814,8 @@ class _Emitter:
         args = [self.value(c, idx) for c in node.children]
         if op == NodeOp.CONVERT:
             return self.rounded(f"ops::convert<{vt}>({args[0]})", code)
-        if op in _UNARY:
-            return self.rounded(f"{_UNARY[op]}({args[0]})", code)
-        if op in _BINARY:
-            return self.rounded(f"{_BINARY[op]}({args[0]}, {args[1]})", code)
-        if op in _COMPARE:
-            return self.rounded(f"({args[0]} {_COMPARE[op]} {args[1]})", code)
+        if op in SCALAR_OP_OF:
+            return self.rounded(f"ops::{SCALAR_OP_OF[op].cpp_name}({', '.join(args)})", code)
         if op == NodeOp.SELECT_N:
             pred, cases = args[0], args[1:]
             if dtype_code(node.children[0].dtype) == DType.BOOL:

@@ -275,7 +275,7 @@ class _Fuser:
         return slices
 
     def _choose_materialized(self) -> set[int]:
-        keep = {n.uid for n in self.order if isinstance(n, (*LEAVES, *HEAVY))} | self.forced
+        keep = {n.uid for n in self.order if isinstance(n, (*LEAVES, *HEAVY)) or n.store} | self.forced
         keep |= {n.uid for n in self.outputs}
         for node in self.order:
             if isinstance(node, Dot):
@@ -722,6 +722,8 @@ def _merge_into_consumers(kernels: list[Kernel]) -> list[Kernel]:
         loads = [n for n in b.nodes() if isinstance(n, Load) and n.tensor.version == out.tensor.version]
         if b.dot is not None or tuple(b.domain) != tuple(a.domain) or any(n.dims for n in loads):
             continue
+        if any(not n.map.is_identity for n in loads) and any(isinstance(n, Reduce) for n in a.nodes()):
+            continue  # B would redo A's reduction at every position it reads (a sort's ranks)
         between = merged[position[id(a)] + 1 : position[id(b)]]
         inputs = {id(t.buffer) for t in a.read_tensors()}
         if any(id(o.tensor.buffer) in inputs for k in between for o in k.outputs):

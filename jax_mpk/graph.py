@@ -27,6 +27,9 @@ class Node:
     dtype: np.dtype
     children: tuple[Node, ...] = ()
     source: str = ""  # the user's source line that produced this node, for messages
+    # a rule asks fusion to store this value: one that a reduction reads at other positions than its own
+    # (a sort's ranks), which inlining would recompute for every position
+    store: bool = False
     uid: int = field(default_factory=lambda: next(_ids))
 
     label = "node"

@@ -1,25 +1,36 @@
-"""The plan layout: the ONE definition of every code and record shared by Python and C++.
+"""The plan layout: the ONE definition of every code, record and limit shared by Python and C++.
 
 A compiled plan travels to the C++ runtime as a flat little-endian array of int64 words.
-This module names every enum value and fixed record offset in it; ``ffi/include/jax_mpk/layout.h``
-is generated from it (``python -m jax_mpk.layout > ffi/include/jax_mpk/layout.h``) and a test
-checks that the committed header is up to date.  Word order of the variable-length sections
-is documented in ``docs/plan_format.md`` and implemented by ``jax_mpk.plan`` (writer) and
-``ffi/src/plan.cc`` (reader).
+This module names every enum value and fixed record offset in it, the dtypes with what each part of jax_mpk
+needs to know about them, the limits both sides check, and the task record the CUDA megakernel reads. The
+elementwise ops and their scalar semantics come from ``jax_mpk.scalar_ops``. The generated headers
+(:data:`GENERATED`: ``ffi/include/jax_mpk/layout.h`` and ``scalar_ops.h``) are written by
+``python -m jax_mpk.layout`` and a test checks that the committed ones are up to date. Word order of the
+variable-length sections is documented in ``docs/plan_format.md`` and implemented by ``jax_mpk.plan``
+(writer) and ``ffi/src/plan.cc`` (reader).
 """
 
 from __future__ import annotations
 
 import enum
+import pathlib
 import sys
+from dataclasses import dataclass
+
+from .scalar_ops import SCALAR_OPS, ScalarOp
 
 MAGIC = 0x4B504D58  # "XMPK"
 VERSION = 2
-MAX_RANK = 8
+MAX_RANK = 8  # dims of a tensor, a kernel domain, or a domain followed by a contraction
 HEADER_WORDS = 17
 # In a DOT record's lhs_tensor: the lhs is not loaded but computed by the kernel's expression node whose
 # position follows in place of lhs_map (CUDA plans only; the CPU executor rejects it).
 COMPUTED_OPERAND = -1
+# Devices a plan may run on together (a header's NUM_RANKS): what the plan parser and the CPU executor accept.
+MAX_PLAN_RANKS = 1024
+# Devices a CUDA plan may run on together: the size of the peer arrays in the kernel's parameters
+# (runtime/params.h CommParams), which must stay small (the parameter block is limited to 4 KB).
+MAX_CUDA_RANKS = 8
 
 
 class Platform(enum.IntEnum):
@@ -36,6 +47,34 @@ class DType(enum.IntEnum):
     I8 = 5
     U8 = 6
     BOOL = 7
+
+
+@dataclass(frozen=True)
+class DTypeInfo:
+    """What Python (numpy names), the CPU runtime (byte width, value class) and the CUDA codegen (storage and
+    value types, rounding function) need to know about one dtype."""
+
+    numpy_name: str
+    name: str  # in messages
+    bytes: int
+    value_class: str  # float | signed | unsigned | bool: the C++ type it is computed in (see scalar.h)
+    cuda_storage: str
+    cuda_value: str
+    cuda_round: str | None  # rounds a value to the dtype after every node (None: the value type is exact)
+
+
+DTYPES = {
+    DType.F32: DTypeInfo("float32", "f32", 4, "float", "float", "float", None),
+    DType.BF16: DTypeInfo("bfloat16", "bf16", 2, "float", "__nv_bfloat16", "float", "ops::round_bf16"),
+    DType.F16: DTypeInfo("float16", "f16", 2, "float", "__half", "float", "ops::round_f16"),
+    DType.I32: DTypeInfo("int32", "i32", 4, "signed", "int32_t", "int32_t", None),
+    DType.U32: DTypeInfo("uint32", "u32", 4, "unsigned", "uint32_t", "uint32_t", None),
+    DType.I8: DTypeInfo("int8", "i8", 1, "signed", "int8_t", "int32_t", "ops::wrap_i8"),
+    DType.U8: DTypeInfo("uint8", "u8", 1, "unsigned", "uint8_t", "uint32_t", "ops::wrap_u8"),
+    DType.BOOL: DTypeInfo("bool", "bool", 1, "bool", "bool", "bool", None),
+}
+assert list(DTYPES) == list(DType) == [DType(code) for code in range(len(DType))]
+_VALUE_CLASSES = ("float", "signed", "unsigned", "bool")
 
 
 class TensorKind(enum.IntEnum):
@@ -68,8 +107,9 @@ class ReduceKind(enum.IntEnum):
     OR = 7
 
 
-class NodeOp(enum.IntEnum):
-    # structural
+class StructuralOp(enum.IntEnum):
+    """Node ops with their own rules (children, params); the elementwise ones are in jax_mpk.scalar_ops."""
+
     LOAD = 0
     CONST = 1
     IOTA = 2
@@ -82,48 +122,13 @@ class NodeOp(enum.IntEnum):
     CLAMP = 9
     INTEGER_POW = 10
     ROUND = 11
-    # unary
-    NEG = 20
-    ABS = 21
-    SIGN = 22
-    FLOOR = 23
-    CEIL = 24
-    EXP = 25
-    EXP2 = 26
-    LOG = 27
-    LOG1P = 28
-    EXPM1 = 29
-    TANH = 30
-    LOGISTIC = 31
-    SIN = 32
-    COS = 33
-    TAN = 34
-    SQRT = 35
-    RSQRT = 36
-    CBRT = 37
-    ERF = 38
-    IS_FINITE = 39
-    SQUARE = 40
-    NOT = 41
-    # binary
-    ADD = 60
-    SUB = 61
-    MUL = 62
-    DIV = 63
-    REM = 64
-    POW = 65
-    MAX = 66
-    MIN = 67
-    EQ = 68
-    NE = 69
-    LT = 70
-    LE = 71
-    GT = 72
-    GE = 73
-    AND = 74
-    OR = 75
-    XOR = 76
-    ATAN2 = 77
+
+
+# Every node op of a plan: the structural ones, then the scalar ops of jax_mpk.scalar_ops.
+NodeOp = enum.IntEnum(
+    "NodeOp", [(m.name, m.value) for m in StructuralOp] + [(op.name, op.code) for op in SCALAR_OPS], module=__name__
+)
+SCALAR_OP_OF = {NodeOp[op.name]: op for op in SCALAR_OPS}
 
 
 class Header(enum.IntEnum):
@@ -169,12 +174,14 @@ class TaskField(enum.IntEnum):
 TASK_WORDS = 9 + 2 * MAX_RANK
 
 _ENUMS = (Platform, DType, TensorKind, KernelKind, StageKind, ReduceKind, NodeOp, Header, TaskField)
+_INCLUDE = pathlib.Path(__file__).resolve().parent.parent / "ffi" / "include" / "jax_mpk"
+_BANNER = "// GENERATED by `python -m jax_mpk.layout` from jax_mpk/{}. Do not edit."
 
 
-def render_header() -> str:
-    """C++ header text with every constant of this module."""
+def render_layout_header() -> str:
+    """layout.h: every constant, enum, dtype fact and the task record of this module."""
     lines = [
-        "// GENERATED by `python -m jax_mpk.layout` from jax_mpk/layout.py. Do not edit.",
+        _BANNER.format("layout.py"),
         "#pragma once",
         "#include <cstdint>",
         "",
@@ -186,6 +193,8 @@ def render_header() -> str:
         f"inline constexpr int kHeaderWords = {HEADER_WORDS};",
         f"inline constexpr int64_t kComputedOperand = {COMPUTED_OPERAND};",
         f"inline constexpr int kTaskWords = {TASK_WORDS};",
+        f"inline constexpr int64_t kMaxPlanRanks = {MAX_PLAN_RANKS};",
+        f"inline constexpr int kMaxCudaRanks = {MAX_CUDA_RANKS};",
         "",
     ]
     for enum_type in _ENUMS:
@@ -193,13 +202,161 @@ def render_header() -> str:
         lines.extend(f"  k{_camel(member.name)} = {member.value}," for member in enum_type)
         lines.append("};")
         lines.append("")
+    lines += _render_dtype_table() + _render_task_record()
     lines.append("}  // namespace jax_mpk::layout")
     return "\n".join(lines) + "\n"
+
+
+def _render_dtype_table() -> list[str]:
+    classes = ", ".join(f"k{_camel(c)}" for c in _VALUE_CLASSES)
+    rows = [
+        f'  {{"{info.name}", {info.bytes}, ValueClass::k{_camel(info.value_class)}}},  // {dtype.name}'
+        for dtype, info in DTYPES.items()
+    ]
+    return [
+        "// The C++ type a dtype's values are computed in: float (double on the CPU, float on the GPU), int32_t,",
+        "// uint32_t or bool (see scalar.h).",
+        f"enum class ValueClass : int {{ {classes} }};",
+        "struct DTypeInfo {",
+        "  const char* name;",
+        "  int bytes;",
+        "  ValueClass value_class;",
+        "};",
+        f"inline constexpr int kNumDTypes = {len(DTYPES)};",
+        "inline constexpr DTypeInfo kDTypeInfo[kNumDTypes] = {  // indexed by DType",
+        *rows,
+        "};",
+        "",
+    ]
+
+
+def _render_task_record() -> list[str]:
+    """The CUDA megakernel's copy of one task record: TaskField's words as int32, LO and HI as arrays."""
+    members = []
+    for field in TaskField:
+        if field in (TaskField.LO, TaskField.HI):
+            members.append(f"  int32_t {field.name.lower()}[kMaxRank];")
+        else:
+            members.append(f"  int32_t {field.name.lower()};")
+    return [
+        "// One task record as the CUDA megakernel reads it (int32 words in TaskField order).",
+        "struct TaskRecord {",
+        *members,
+        "};",
+        "static_assert(sizeof(TaskRecord) == kTaskWords * sizeof(int32_t), \"TaskRecord must match TaskField\");",
+        "",
+    ]
+
+
+def render_scalar_ops_header() -> str:
+    """scalar_ops.h: one function template per scalar op, the parser's arity and dtype checks, and the CPU
+    evaluator's dispatch."""
+    lines = [
+        _BANNER.format("scalar_ops.py"),
+        "#pragma once",
+        "#include <cmath>",
+        "#include <cstdint>",
+        "#include <type_traits>",
+        "",
+        '#include "jax_mpk/layout.h"',
+        '#include "jax_mpk/scalar.h"',
+        "",
+        "namespace jax_mpk::ops {",
+        "",
+    ]
+    for op in SCALAR_OPS:
+        lines += _render_scalar_function(op)
+    lines += [
+        f"inline constexpr int kMaxScalarOpArity = {max(op.arity for op in SCALAR_OPS)};",
+        "",
+        "// Children of a scalar op (0: not a scalar op).",
+        "inline int ScalarOpArity(layout::NodeOp op) {",
+        "  switch (op) {",
+        *[f"    case layout::NodeOp::k{_camel(op.name)}: return {op.arity};" for op in SCALAR_OPS],
+        "    default: return 0;",
+        "  }",
+        "}",
+        "",
+        "// Whether scalar op `op` is defined on operands of `dtype`.",
+        "inline bool AcceptsOperand(layout::NodeOp op, layout::DType dtype) {",
+        "  switch (op) {",
+    ]
+    for op in SCALAR_OPS:
+        dtypes = " || ".join(f"dtype == layout::DType::k{_camel(d)}" for d in op.operand_dtypes)
+        lines.append(f"    case layout::NodeOp::k{_camel(op.name)}: return {dtypes};")
+    lines += [
+        "    default: return false;",
+        "  }",
+        "}",
+        "",
+        "#ifndef __CUDA_ARCH__",
+        "// The CPU evaluator's call of scalar op `op` on operands of `dtype` (values held in doubles), which",
+        "// AcceptsOperand must allow. The result is the op's value, not yet rounded to the node's dtype.",
+        "inline double EvaluateScalarOp(layout::NodeOp op, layout::DType dtype, const double* args) {",
+        "  const layout::ValueClass value_class = layout::kDTypeInfo[static_cast<int>(dtype)].value_class;",
+        "  switch (op) {",
+    ]
+    for op in SCALAR_OPS:
+        lines.append(f"    case layout::NodeOp::k{_camel(op.name)}:")
+        lines.append("      switch (value_class) {")
+        for value_class, cpp_type in _HOST_TYPES.items():
+            if not any(DTYPES[DType[d]].value_class == value_class for d in op.operand_dtypes):
+                continue
+            args = ", ".join(f"static_cast<{cpp_type}>(args[{i}])" for i in range(op.arity))
+            call = f"{op.cpp_name}({args})"
+            lines.append(f"        case layout::ValueClass::k{_camel(value_class)}: return static_cast<double>({call});")
+        lines += ["        default: break;", "      }", "      break;"]
+    lines += [
+        "    default: break;",
+        "  }",
+        "  return NAN;  // unreachable for a parsed plan",
+        "}",
+        "#endif",
+        "",
+        "}  // namespace jax_mpk::ops",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# The types the CPU evaluator calls scalar ops on; integer values are whole doubles, so the casts are exact.
+_HOST_TYPES = {"float": "double", "signed": "int32_t", "unsigned": "uint32_t", "bool": "bool"}
+
+
+def _render_scalar_function(op: ScalarOp) -> list[str]:
+    params = "T x" if op.arity == 1 else "T a, T b"
+    body = op.cpp if "return" in op.cpp else f"return {op.cpp};"
+    lines = [f"// {op.name}: {', '.join(op.primitives)}; operands {' '.join(op.operand_dtypes).lower()}",
+             f"template <class T> JAX_MPK_HD auto {op.cpp_name}({params}) {{"]  # fmt: skip
+    if op.device_float is None:
+        lines.append(f"  {body}")
+    else:
+        lines += [
+            "#ifdef __CUDA_ARCH__",
+            f"  if constexpr (std::is_same_v<T, float>) return {op.device_float};",
+            f"  else {{ {body} }}",
+            "#else",
+            f"  {body}",
+            "#endif",
+        ]
+    return lines + ["}", ""]
+
+
+# generated header -> its text
+GENERATED = {
+    _INCLUDE / "layout.h": render_layout_header,
+    _INCLUDE / "scalar_ops.h": render_scalar_ops_header,
+}
 
 
 def _camel(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_"))
 
 
+def write_headers() -> None:
+    for path, render in GENERATED.items():
+        path.write_text(render())
+
+
 if __name__ == "__main__":
-    sys.stdout.write(render_header())
+    write_headers()
+    sys.stdout.write("".join(f"wrote {path}\n" for path in GENERATED))

@@ -1,7 +1,9 @@
 """Lowering rules: one registry from jaxpr primitive name to a function that builds op-graph nodes.
 
 A rule gets a frozen :class:`RuleContext` (avals, source line), the input nodes and the equation's params,
-and returns the output node(s). Adding a primitive is one ``@rule`` here and one test.
+and returns the output node(s). Adding a primitive is one ``@rule`` here and one test; an elementwise op is one
+entry in ``scalar_ops.py`` instead. The rules of ``jax.random``'s threefry primitives (``prng.py``) and of top_k,
+sort and the scans (``ordering.py``) register in the same registry.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import numpy as np
 from .errors import UnsupportedPrimitiveError
 from .graph import Comm, Dot, DynLoad, Elementwise, Node, Piecewise, Reduce, Reindex, UpdateSlice
 from .indexmap import IndexMap
-from .layout import NodeOp, ReduceKind
+from .layout import DTYPES, DType, NodeOp, ReduceKind
+from .scalar_ops import BY_NAME as SCALAR_OP_BY_NAME
+from .scalar_ops import SCALAR_OPS, ScalarOp
 
 
 @dataclass(frozen=True)
@@ -121,27 +125,8 @@ def constant_value(node: Node):
 
 # -------------------------------------------------------------------------------------------- elementwise
 
-_UNARY = {
-    "neg": NodeOp.NEG, "abs": NodeOp.ABS, "sign": NodeOp.SIGN, "floor": NodeOp.FLOOR, "ceil": NodeOp.CEIL,
-    "exp": NodeOp.EXP, "exp2": NodeOp.EXP2, "log": NodeOp.LOG, "log1p": NodeOp.LOG1P, "expm1": NodeOp.EXPM1,
-    "tanh": NodeOp.TANH, "logistic": NodeOp.LOGISTIC, "sin": NodeOp.SIN, "cos": NodeOp.COS, "tan": NodeOp.TAN,
-    "sqrt": NodeOp.SQRT, "rsqrt": NodeOp.RSQRT, "cbrt": NodeOp.CBRT, "erf": NodeOp.ERF,
-    "is_finite": NodeOp.IS_FINITE, "square": NodeOp.SQUARE, "not": NodeOp.NOT,
-}  # fmt: skip
-_BINARY = {
-    "add": NodeOp.ADD, "add_any": NodeOp.ADD, "sub": NodeOp.SUB, "mul": NodeOp.MUL, "div": NodeOp.DIV,
-    "rem": NodeOp.REM, "pow": NodeOp.POW, "max": NodeOp.MAX, "min": NodeOp.MIN, "eq": NodeOp.EQ, "ne": NodeOp.NE,
-    "lt": NodeOp.LT, "le": NodeOp.LE, "gt": NodeOp.GT, "ge": NodeOp.GE, "and": NodeOp.AND, "or": NodeOp.OR,
-    "xor": NodeOp.XOR, "atan2": NodeOp.ATAN2,
-}  # fmt: skip
-
 # Scalar integer/bool arithmetic on constants is folded so that static indices stay static.
-_FOLD = {
-    NodeOp.ADD: np.add, NodeOp.SUB: np.subtract, NodeOp.MUL: np.multiply, NodeOp.MAX: np.maximum,
-    NodeOp.MIN: np.minimum, NodeOp.EQ: np.equal, NodeOp.NE: np.not_equal, NodeOp.LT: np.less,
-    NodeOp.LE: np.less_equal, NodeOp.GT: np.greater, NodeOp.GE: np.greater_equal, NodeOp.NEG: np.negative,
-    NodeOp.AND: np.logical_and, NodeOp.OR: np.logical_or, NodeOp.NOT: np.logical_not,
-}  # fmt: skip
+_FOLD = {NodeOp[op.name]: op.fold for op in SCALAR_OPS if op.fold is not None}
 
 
 def elementwise(ctx: RuleContext, op: NodeOp, *inputs: Node, params=()) -> Node:
@@ -154,18 +139,35 @@ def elementwise(ctx: RuleContext, op: NodeOp, *inputs: Node, params=()) -> Node:
     return Elementwise(shape=shape, dtype=dtype, children=children, op=op, params=params, source=ctx.source)
 
 
-def _unary_rule(op: NodeOp) -> Rule:
-    return lambda ctx, x, **_: elementwise(ctx, op, x)
+def _scalar_rule(op: ScalarOp) -> Rule:
+    node_op = NodeOp[op.name]
+    accepted = {np.dtype(DTYPES[DType[name]].numpy_name) for name in op.operand_dtypes}
+
+    def lower(ctx, *xs, **_):
+        dtype = np.dtype(ctx.in_avals[0].dtype)
+        if dtype not in accepted:
+            raise ctx.unsupported(f"on {dtype.name} operands: jax_mpk defines it on "
+                                  f"{', '.join(op.operand_dtypes).lower()}")  # fmt: skip
+        return elementwise(ctx, node_op, *xs)
+
+    return lower
 
 
-def _binary_rule(op: NodeOp) -> Rule:
-    return lambda ctx, x, y, **_: elementwise(ctx, op, x, y)
+for _op in SCALAR_OPS:
+    rule(*_op.primitives)(_scalar_rule(_op))
 
 
-for _name, _op in _UNARY.items():
-    rule(_name)(_unary_rule(_op))
-for _name, _op in _BINARY.items():
-    rule(_name)(_binary_rule(_op))
+@rule("bitcast_convert_type")
+def _bitcast_convert_type(ctx, x, *, new_dtype, **_):
+    """Same width only: one scalar op per result dtype (BITCAST_TO_<dtype>)."""
+    out = np.dtype(new_dtype)
+    if out == np.dtype(x.dtype):
+        return x
+    name = next((f"BITCAST_TO_{d.name}" for d, info in DTYPES.items() if np.dtype(info.numpy_name) == out), None)
+    if name not in SCALAR_OP_BY_NAME or out.itemsize != np.dtype(x.dtype).itemsize:
+        raise ctx.unsupported(f"a bitcast from {np.dtype(x.dtype).name} to {out.name}: jax_mpk bitcasts between "
+                              "f32, i32 and u32, and between i8 and u8")  # fmt: skip
+    return _scalar_rule(SCALAR_OP_BY_NAME[name])(ctx, x)
 
 
 @rule("stop_gradient", "copy", "copy_p", "optimization_barrier", "pvary")  # pvary: check_vma's marking only
@@ -284,6 +286,18 @@ def _concatenate(ctx, *xs, dimension, **_):
     )
 
 
+@rule("stack")
+def _stack(ctx, *xs, axis, **_):
+    """Concatenation of the operands, each with a new dim of size 1 at ``axis``."""
+    axis = int(axis)
+    parts = []
+    for x in xs:
+        shape = (*x.shape[:axis], 1, *x.shape[axis:])
+        parts.append(reindex(x, shape, IndexMap.reshape(shape, tuple(x.shape))))
+    return Piecewise(shape=ctx.out_shape, dtype=ctx.out_dtype, children=tuple(parts), axis=axis,
+                     los=tuple(range(len(xs))), source=ctx.source)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------- reductions
 
 _REDUCE = {
@@ -293,7 +307,7 @@ _REDUCE = {
 }  # fmt: skip
 
 
-def _move_axes_last(x: Node, axes) -> Node:
+def move_axes_last(x: Node, axes) -> Node:
     axes = sorted(int(a) % max(len(x.shape), 1) for a in axes)
     perm = [d for d in range(len(x.shape)) if d not in axes] + axes
     if perm == list(range(len(x.shape))):
@@ -308,7 +322,7 @@ def _reduce(ctx, x, *, axes, **_):
     return Reduce(
         shape=ctx.out_shape,
         dtype=ctx.out_dtype,
-        children=(_move_axes_last(x, axes),),
+        children=(move_axes_last(x, axes),),
         kind=_REDUCE[ctx.primitive],
         n_inner=len(axes),
         source=ctx.source,
@@ -497,7 +511,7 @@ def _all_slots(ctx: RuleContext, x: Node, ranks: int) -> Node:
 
 
 def _sum_slots(ctx: RuleContext, x: Node, ranks: int) -> Node:
-    stacked = _move_axes_last(_all_slots(ctx, x, ranks), [0])
+    stacked = move_axes_last(_all_slots(ctx, x, ranks), [0])
     return Reduce(shape=tuple(x.shape), dtype=x.dtype, children=(stacked,), kind=ReduceKind.SUM, n_inner=1,
                   source=ctx.source)  # fmt: skip
 

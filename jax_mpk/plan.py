@@ -8,28 +8,19 @@ from __future__ import annotations
 import hashlib
 import struct
 
-import ml_dtypes
+import ml_dtypes  # noqa: F401  (registers the bfloat16 name with numpy)
 import numpy as np
 
 from .fusion import Kernel, KernelOutput, Tensor
 from .graph import Acc, Elementwise, Load, Node, Piecewise, Reduce, Reindex
 from .indexmap import IndexMap
 from .layout import (
-    COMPUTED_OPERAND, HEADER_WORDS, MAGIC, MAX_RANK, TASK_WORDS, VERSION, DType, Header, NodeOp, Platform, TaskField,
+    COMPUTED_OPERAND, DTYPES, HEADER_WORDS, MAGIC, MAX_RANK, TASK_WORDS, VERSION, DType, Header, NodeOp, Platform, TaskField,
 )  # fmt: skip
 from .schedule import Schedule
 from .tasks import TaskGraph
 
-_DTYPES = {
-    np.dtype("float32"): DType.F32,
-    np.dtype(ml_dtypes.bfloat16): DType.BF16,
-    np.dtype("float16"): DType.F16,
-    np.dtype("int32"): DType.I32,
-    np.dtype("uint32"): DType.U32,
-    np.dtype("int8"): DType.I8,
-    np.dtype("uint8"): DType.U8,
-    np.dtype("bool"): DType.BOOL,
-}
+_DTYPES = {np.dtype(info.numpy_name): code for code, info in DTYPES.items()}  # ml_dtypes names bfloat16
 
 
 def dtype_code(dtype) -> DType:

@@ -51,6 +51,15 @@ def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
     assert len(cubin) > 10_000
 
 
+def _bits_and_special_functions(x):
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    unit = jax.lax.bitcast_convert_type(jax.lax.shift_right_logical(bits, jnp.uint32(9)) | jnp.uint32(0x3F800000),
+                                        jnp.float32)  # fmt: skip
+    ints = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return (unit - 1.0, jax.scipy.special.erfinv(unit - 1.5), jax.scipy.special.erfc(x),
+            jax.lax.population_count(bits), jax.lax.shift_right_arithmetic(ints, jnp.int32(3)) << 2)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "fn,shapes,dtype",
     [
@@ -59,6 +68,7 @@ def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
         (lambda x, i: jax.lax.dynamic_update_slice(x, x[:1] * 2, (i, 0)), [(5, 8), ()], "int32"),
         (lambda a, b: jnp.einsum("bij,bkj->bik", a, b), [(2, 5, 7), (2, 3, 7)], "bfloat16"),
         (lambda x: (jnp.all(x > 0, axis=1), jnp.where(x > 0, x, -x).min()), [(4, 9)], "float32"),
+        (_bits_and_special_functions, [(3, 21)], "float32"),
     ],
 )
 def test_small_functions_compile(fn, shapes, dtype, tmp_path, monkeypatch):
@@ -66,6 +76,17 @@ def test_small_functions_compile(fn, shapes, dtype, tmp_path, monkeypatch):
     avals = [jax.ShapeDtypeStruct(s, jnp.int32 if s == () else dtype) for s in shapes]
     tasks, source = _generate(fn, *avals, validate_graph=True)
     assert "kTasks[] = {" in source.text and len(tasks.tasks) >= 1
+    compile_cubin(source.text, "9.0")
+
+
+def test_sampling_over_a_vocabulary_compiles(tmp_path, monkeypatch):
+    """temperature + top-k + top-p + categorical over Qwen3's 151,936 logits, with a key passed in."""
+    from test_sampling import sample
+
+    monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
+    logits = jax.ShapeDtypeStruct((2, 151_936), jnp.float32)
+    tasks, source = _generate(sample, logits, jax.ShapeDtypeStruct((2,), jnp.uint32), validate_graph=True)
+    assert "ops::shift_right_logical" in source.text and "ops::bitcast_to_f32" in source.text
     compile_cubin(source.text, "9.0")
 
 

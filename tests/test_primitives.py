@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+
+import jax_mpk
 from conftest import check_against_jit, random_array
 
 SHAPES = [(7,), (3, 5), (2, 3, 9), (1, 19)]
@@ -15,7 +18,8 @@ UNARY = {
     "exp": jnp.exp, "exp2": jnp.exp2, "tanh": jnp.tanh, "logistic": jax.nn.sigmoid, "sin": jnp.sin,
     "cos": jnp.cos, "tan": lambda x: jnp.tan(x * 0.5), "square": jnp.square, "erf": jax.scipy.special.erf,
     "expm1": jnp.expm1, "cube": lambda x: x**3, "round": jnp.round, "is_finite": jnp.isfinite,
-    "silu": jax.nn.silu, "gelu_tanh": jax.nn.gelu,
+    "silu": jax.nn.silu, "gelu_tanh": jax.nn.gelu, "erfc": jax.scipy.special.erfc,
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
 }  # fmt: skip
 POSITIVE = {
     "log": jnp.log, "log1p": jnp.log1p, "sqrt": jnp.sqrt, "rsqrt": jax.lax.rsqrt, "cbrt": jnp.cbrt,
@@ -69,6 +73,50 @@ def test_bool_logic(rng):
                                      ("int8", "float16"), ("uint8", "int32")])  # fmt: skip
 def test_convert_element_type(src, dst, rng):
     check_against_jit(lambda x: x.astype(dst), random_array(rng, (3, 17), src, -100, 100))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_erf_inv(dtype, rng):
+    check_against_jit(jax.scipy.special.erfinv, random_array(rng, (3, 13), dtype, low=-0.999, high=0.999))
+
+
+@pytest.mark.parametrize("dtype", ["int32", "uint32"])
+def test_shifts_and_population_count(dtype, rng):
+    def f(x, s):
+        return (jax.lax.shift_left(x, s), jax.lax.shift_right_logical(x, s), jax.lax.shift_right_arithmetic(x, s),
+                jax.lax.population_count(x))  # fmt: skip
+
+    info = np.iinfo(dtype)
+    x = jnp.asarray(rng.integers(info.min, info.max, size=(5, 7), endpoint=True).astype(dtype))
+    s = random_array(rng, (5, 7), dtype, 0, 40)  # amounts of 32 and more included
+    check_against_jit(f, x, s)
+
+
+@pytest.mark.parametrize("src,dst", [("float32", "int32"), ("float32", "uint32"), ("uint32", "float32"),
+                                     ("int32", "float32"), ("int32", "uint32"), ("int8", "uint8"),
+                                     ("uint8", "int8")])  # fmt: skip
+def test_bitcast_convert_type(src, dst, rng):
+    def f(x):
+        return jax.lax.bitcast_convert_type(x, dst)
+
+    if np.dtype(src).kind == "f":
+        x = random_array(rng, (3, 11), src, -1e3, 1e3)
+    else:  # every bit pattern, except the float NaNs (their payloads are not compared)
+        info = np.iinfo(src)
+        x = jnp.asarray(rng.integers(info.min, info.max, size=(3, 11), endpoint=True).astype(src))
+        if dst == "float32":
+            x = jnp.where(jnp.isnan(jax.lax.bitcast_convert_type(x, jnp.float32)), 7, x).astype(src)
+    check_against_jit(f, x)
+
+
+def test_bitcast_between_widths_is_refused():
+    with pytest.raises(jax_mpk.UnsupportedPrimitiveError, match="bitcast from float32 to uint8"):
+        jax_mpk.megakernelize(lambda x: jax.lax.bitcast_convert_type(x, jnp.uint8))(jnp.ones((3,), jnp.float32))
+
+
+def test_bit_op_on_an_8_bit_dtype_is_refused():
+    with pytest.raises(jax_mpk.UnsupportedPrimitiveError, match="shift_left.*on int8 operands"):
+        jax_mpk.megakernelize(lambda x: jax.lax.shift_left(x, jnp.int8(1)))(jnp.ones((3,), jnp.int8))
 
 
 # --------------------------------------------------------------------------------------------- views

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_trees_close
+from conftest import assert_trees_close, random_array
 from tiny_models import TinyConfig, init_cache, init_params, make_decode_step, random_tokens
 
 import jax_mpk
@@ -149,9 +149,9 @@ def test_watchdog_error_type_from_a_direct_call(monkeypatch):
         mk.check_errors()
 
 
-def test_generated_layout_header_is_up_to_date():
-    committed = (ROOT / "ffi" / "include" / "jax_mpk" / "layout.h").read_text()
-    assert committed == layout.render_header(), "run: python -m jax_mpk.layout > ffi/include/jax_mpk/layout.h"
+@pytest.mark.parametrize("path", sorted(layout.GENERATED), ids=lambda p: p.name)
+def test_generated_headers_are_up_to_date(path):
+    assert path.read_text() == layout.GENERATED[path](), "run: python -m jax_mpk.layout"
 
 
 def test_moving_length_one_dims_after_a_reshape_stays_one_reshape():
@@ -167,3 +167,16 @@ def test_moving_length_one_dims_after_a_reshape_stays_one_reshape():
     assert [type(s) for s in composed.stages] == [Reshape]
     for index in [(0, 0, 0), (0, 0, 17), (0, 0, 1000), (0, 0, 2047)]:
         assert composed.apply(index) == to_stored.apply(hidden_to_heads.apply(index))
+
+
+def test_reader_refuses_a_scalar_op_on_operands_its_table_entry_does_not_accept(rng):
+    """The plan reader's dtype check comes from jax_mpk/scalar_ops.py: ADD patched into SHIFT_LEFT (32-bit
+    integers only) on float32 operands is refused with the op and the dtype named."""
+    x = random_array(rng, (3, 5), "float32")
+    words = np.array(jax_mpk.compile(lambda a, b: a + b, x, x).words)
+    node = [int(layout.NodeOp.ADD), int(layout.DType.F32), 2, 3, 5]
+    at = [i for i in range(len(words) - 4) if list(words[i : i + 5]) == node]
+    assert len(at) == 1
+    words[at[0]] = int(layout.NodeOp.SHIFT_LEFT)
+    with pytest.raises(ValueError, match=f"op {int(layout.NodeOp.SHIFT_LEFT)} is not defined on f32 operands"):
+        register_plan("refused-scalar-op", words)

@@ -615,9 +615,9 @@ void CheckSpec(const CudaPlanSpec& spec) {
   if (spec.num_ctas < 0 || spec.num_ctas > kMaxCtas) {
     fail(StrCat("num_ctas = ", spec.num_ctas, " is not in [0, ", kMaxCtas, "] (0: one CTA per SM)"));
   }
-  if (spec.rank_devices.size() == 1 || spec.rank_devices.size() > static_cast<size_t>(kMaxRanks)) {
+  if (spec.rank_devices.size() == 1 || spec.rank_devices.size() > static_cast<size_t>(layout::kMaxCudaRanks)) {
     fail(StrCat(spec.rank_devices.size(), " rank devices: a plan runs on one device (none listed) or on 2 to ",
-                kMaxRanks, " (kMaxRanks in runtime/params.h)"));
+                layout::kMaxCudaRanks, " (MAX_CUDA_RANKS in jax_mpk/layout.py)"));
   }
   for (size_t r = 0; r < spec.rank_devices.size(); ++r) {
     if (std::count(spec.rank_devices.begin(), spec.rank_devices.end(), spec.rank_devices[r]) != 1) {

@@ -23,14 +23,12 @@ struct IntegerFormat {
   bool is_signed;
 };
 
+const layout::DTypeInfo& Info(DType dtype) { return layout::kDTypeInfo[static_cast<int>(dtype)]; }
+
 IntegerFormat IntegerFormatOf(DType dtype) {
-  switch (dtype) {
-    case DType::kI32: return {32, true};
-    case DType::kU32: return {32, false};
-    case DType::kI8: return {8, true};
-    case DType::kU8: return {8, false};
-    default: return {0, false};
-  }
+  const layout::ValueClass value_class = Info(dtype).value_class;
+  if (value_class != layout::ValueClass::kSigned && value_class != layout::ValueClass::kUnsigned) return {0, false};
+  return {8 * Info(dtype).bytes, value_class == layout::ValueClass::kSigned};
 }
 
 // Round half to even without depending on the floating-point environment's rounding mode.
@@ -130,55 +128,13 @@ double DecodeF16(uint16_t bits) {
 
 }  // namespace
 
-bool IsValidDType(int64_t code) {
-  switch (static_cast<DType>(code)) {
-    case DType::kF32:
-    case DType::kBf16:
-    case DType::kF16:
-    case DType::kI32:
-    case DType::kU32:
-    case DType::kI8:
-    case DType::kU8:
-    case DType::kBool:
-      return true;
-  }
-  return false;
-}
+bool IsValidDType(int64_t code) { return code >= 0 && code < layout::kNumDTypes; }
 
-const char* DTypeName(DType dtype) {
-  switch (dtype) {
-    case DType::kF32: return "f32";
-    case DType::kBf16: return "bf16";
-    case DType::kF16: return "f16";
-    case DType::kI32: return "i32";
-    case DType::kU32: return "u32";
-    case DType::kI8: return "i8";
-    case DType::kU8: return "u8";
-    case DType::kBool: return "bool";
-  }
-  return "invalid";
-}
+const char* DTypeName(DType dtype) { return Info(dtype).name; }
 
-int64_t ByteWidth(DType dtype) {
-  switch (dtype) {
-    case DType::kF32:
-    case DType::kI32:
-    case DType::kU32:
-      return 4;
-    case DType::kBf16:
-    case DType::kF16:
-      return 2;
-    case DType::kI8:
-    case DType::kU8:
-    case DType::kBool:
-      return 1;
-  }
-  return 0;
-}
+int64_t ByteWidth(DType dtype) { return Info(dtype).bytes; }
 
-bool IsFloat(DType dtype) {
-  return dtype == DType::kF32 || dtype == DType::kBf16 || dtype == DType::kF16;
-}
+bool IsFloat(DType dtype) { return Info(dtype).value_class == layout::ValueClass::kFloat; }
 
 bool IsInteger(DType dtype) { return IntegerFormatOf(dtype).bits != 0; }
 

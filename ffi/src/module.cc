@@ -119,23 +119,6 @@ void RegisterPlanFromWords(std::string key, const PlanWords& words) {
   RegisterPlan(std::move(key), std::move(plan));
 }
 
-nb::dict PlanSummary(const std::string& key) {
-  const std::shared_ptr<const Plan> plan = FindPlan(key);
-  if (!plan) throw nb::key_error(StrCat("jax_mpk: plan not registered in this process: '", key, "'").c_str());
-  nb::dict summary;
-  summary["platform"] = static_cast<int64_t>(plan->platform);
-  summary["num_inputs"] = plan->inputs.size();
-  summary["num_outputs"] = plan->outputs.size();
-  summary["num_tensors"] = plan->tensors.size();
-  summary["num_maps"] = plan->maps.size();
-  summary["num_kernels"] = plan->kernels.size();
-  summary["num_tasks"] = plan->tasks.size();
-  summary["num_events"] = plan->num_events;
-  summary["num_workers"] = plan->workers.size();
-  summary["workspace_bytes"] = plan->workspace_bytes;
-  return summary;
-}
-
 }  // namespace
 }  // namespace jax_mpk
 
@@ -167,10 +150,4 @@ NB_MODULE(_ext, m) {
   m.def("register_plan", &jax_mpk::RegisterPlanFromWords, "key"_a, "words"_a,
         "Parses and validates a plan (1-D int64 array) and stores it under `key`, replacing any earlier plan "
         "with that key. Raises ValueError for an invalid plan.");
-  m.def(
-      "has_plan", [](const std::string& key) { return jax_mpk::FindPlan(key) != nullptr; }, "key"_a,
-      "Whether a plan is registered under `key` in this process.");
-  m.def("plan_summary", &jax_mpk::PlanSummary, "key"_a,
-        "Counts of a registered plan: platform, num_inputs, num_outputs, num_tensors, num_maps, num_kernels, "
-        "num_tasks, num_events, num_workers, workspace_bytes. Raises KeyError for an unknown key.");
 }

@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <utility>
 
+#include "jax_mpk/scalar_ops.h"
 #include "jax_mpk/str_cat.h"
 
 namespace jax_mpk {
@@ -19,11 +20,8 @@ using layout::TaskField;
 constexpr int64_t kMaxElements = int64_t{1} << 53;
 // The CPU runtime allocates one counter per event and call.
 constexpr int64_t kMaxEvents = int64_t{1} << 24;
-constexpr int64_t kMaxRanks = 1024;
 
-enum class OpClass { kInvalid, kStructural, kUnary, kBinary };
-
-OpClass ClassifyOp(int64_t code) {
+bool IsStructuralOp(int64_t code) {
   switch (static_cast<NodeOp>(code)) {
     case NodeOp::kLoad:
     case NodeOp::kConst:
@@ -37,51 +35,10 @@ OpClass ClassifyOp(int64_t code) {
     case NodeOp::kClamp:
     case NodeOp::kIntegerPow:
     case NodeOp::kRound:
-      return OpClass::kStructural;
-    case NodeOp::kNeg:
-    case NodeOp::kAbs:
-    case NodeOp::kSign:
-    case NodeOp::kFloor:
-    case NodeOp::kCeil:
-    case NodeOp::kExp:
-    case NodeOp::kExp2:
-    case NodeOp::kLog:
-    case NodeOp::kLog1p:
-    case NodeOp::kExpm1:
-    case NodeOp::kTanh:
-    case NodeOp::kLogistic:
-    case NodeOp::kSin:
-    case NodeOp::kCos:
-    case NodeOp::kTan:
-    case NodeOp::kSqrt:
-    case NodeOp::kRsqrt:
-    case NodeOp::kCbrt:
-    case NodeOp::kErf:
-    case NodeOp::kIsFinite:
-    case NodeOp::kSquare:
-    case NodeOp::kNot:
-      return OpClass::kUnary;
-    case NodeOp::kAdd:
-    case NodeOp::kSub:
-    case NodeOp::kMul:
-    case NodeOp::kDiv:
-    case NodeOp::kRem:
-    case NodeOp::kPow:
-    case NodeOp::kMax:
-    case NodeOp::kMin:
-    case NodeOp::kEq:
-    case NodeOp::kNe:
-    case NodeOp::kLt:
-    case NodeOp::kLe:
-    case NodeOp::kGt:
-    case NodeOp::kGe:
-    case NodeOp::kAnd:
-    case NodeOp::kOr:
-    case NodeOp::kXor:
-    case NodeOp::kAtan2:
-      return OpClass::kBinary;
+      return true;
+    default:
+      return false;
   }
-  return OpClass::kInvalid;
 }
 
 bool IsValidReduceKind(int64_t code) {
@@ -230,7 +187,7 @@ class PlanParser {
     plan_.num_events = HeaderCount(Header::kNumEvents, "NUM_EVENTS", kMaxEvents);
     num_workers_ = HeaderCount(Header::kNumWorkers, "NUM_WORKERS", words);
     num_aliases_ = HeaderCount(Header::kNumAliases, "NUM_ALIASES", words);
-    plan_.num_ranks = HeaderCount(Header::kNumRanks, "NUM_RANKS", kMaxRanks);
+    plan_.num_ranks = HeaderCount(Header::kNumRanks, "NUM_RANKS", layout::kMaxPlanRanks);
     if (plan_.num_ranks < 1) Fail("NUM_RANKS must be at least 1");
     plan_.comm_bytes = HeaderCount(Header::kCommBytes, "COMM_BYTES", kMaxElements);
     plan_.num_remote_events = HeaderCount(Header::kNumRemoteEvents, "NUM_REMOTE_EVENTS", kMaxEvents);
@@ -452,8 +409,8 @@ class PlanParser {
   Node ReadNode(const Kernel& kernel) {
     Node node;
     const int64_t op = Next("op");
-    const OpClass op_class = ClassifyOp(op);
-    if (op_class == OpClass::kInvalid) Fail(StrCat("op ", op, " is not a NodeOp"));
+    const int scalar_arity = ops::ScalarOpArity(static_cast<NodeOp>(op));
+    if (scalar_arity == 0 && !IsStructuralOp(op)) Fail(StrCat("op ", op, " is not a NodeOp"));
     node.op = static_cast<NodeOp>(op);
     node.dtype = ReadDType("dtype");
     node.shape = ReadShape("shape");
@@ -464,17 +421,18 @@ class PlanParser {
     std::vector<int64_t> params(n_params);
     for (int64_t& param : params) param = Next("param");
 
-    switch (op_class) {
-      case OpClass::kUnary:
-        RequireOperands(node, params, 1, 0);
-        RequireChildrenShaped(node, kernel, 0);
-        break;
-      case OpClass::kBinary:
-        RequireOperands(node, params, 2, 0);
-        RequireChildrenShaped(node, kernel, 0);
-        break;
-      default:
-        DecodeStructuralNode(node, params, kernel);
+    if (scalar_arity == 0) {
+      DecodeStructuralNode(node, params, kernel);
+      return node;
+    }
+    RequireOperands(node, params, static_cast<size_t>(scalar_arity), 0);
+    RequireChildrenShaped(node, kernel, 0);
+    const DType operand = kernel.nodes[node.children[0]].dtype;
+    for (int child : node.children) {
+      Require(kernel.nodes[child].dtype == operand, "the operands of a scalar op must have one dtype");
+    }
+    if (!ops::AcceptsOperand(node.op, operand)) {
+      Fail(StrCat("op ", op, " is not defined on ", DTypeName(operand), " operands"));
     }
     return node;
   }
@@ -554,7 +512,7 @@ class PlanParser {
         node.round_half_to_even = params[0] == 1;
         return;
       default:
-        Fail("unhandled structural op");  // ClassifyOp and this switch list the same ops
+        Fail("unhandled structural op");  // IsStructuralOp and this switch list the same ops
     }
   }
 

@@ -5,6 +5,7 @@
 #include <limits>
 #include <utility>
 
+#include "jax_mpk/scalar_ops.h"
 #include "jax_mpk/str_cat.h"
 
 namespace jax_mpk {
@@ -51,63 +52,6 @@ double Power(double base, int64_t exponent, bool integer) {
 int64_t ClampOffset(double value, int64_t hi) {
   if (!(value > 0.0)) return 0;
   return value >= static_cast<double>(hi) ? hi : static_cast<int64_t>(value);
-}
-
-double Unary(NodeOp op, double x, DType dtype) {
-  switch (op) {
-    case NodeOp::kNeg: return -x;
-    case NodeOp::kAbs: return std::fabs(x);
-    case NodeOp::kSign: return (std::isnan(x) || x == 0.0) ? x : (x > 0.0 ? 1.0 : -1.0);
-    case NodeOp::kFloor: return std::floor(x);
-    case NodeOp::kCeil: return std::ceil(x);
-    case NodeOp::kExp: return std::exp(x);
-    case NodeOp::kExp2: return std::exp2(x);
-    case NodeOp::kLog: return std::log(x);
-    case NodeOp::kLog1p: return std::log1p(x);
-    case NodeOp::kExpm1: return std::expm1(x);
-    case NodeOp::kTanh: return std::tanh(x);
-    case NodeOp::kLogistic: return 1.0 / (1.0 + std::exp(-x));
-    case NodeOp::kSin: return std::sin(x);
-    case NodeOp::kCos: return std::cos(x);
-    case NodeOp::kTan: return std::tan(x);
-    case NodeOp::kSqrt: return std::sqrt(x);
-    case NodeOp::kRsqrt: return 1.0 / std::sqrt(x);
-    case NodeOp::kCbrt: return std::cbrt(x);
-    case NodeOp::kErf: return std::erf(x);
-    case NodeOp::kIsFinite: return std::isfinite(x) ? 1.0 : 0.0;
-    case NodeOp::kSquare: return IsInteger(dtype) ? WrappingProduct(x, x) : x * x;
-    case NodeOp::kNot: return dtype == DType::kBool ? (x == 0.0 ? 1.0 : 0.0) : static_cast<double>(~ToInt64(x));
-    default: return kNaN;  // the parser admits only the ops above as unary
-  }
-}
-
-double Binary(NodeOp op, double a, double b, DType dtype) {
-  const bool integer = IsInteger(dtype);
-  switch (op) {
-    case NodeOp::kAdd: return a + b;  // exact for integers of at most 32 bits
-    case NodeOp::kSub: return a - b;
-    case NodeOp::kMul: return integer ? WrappingProduct(a, b) : a * b;
-    case NodeOp::kDiv:
-      if (!integer) return a / b;
-      return ToInt64(b) == 0 ? -1.0 : static_cast<double>(ToInt64(a) / ToInt64(b));  // truncates
-    case NodeOp::kRem:
-      if (!integer) return std::fmod(a, b);
-      return ToInt64(b) == 0 ? a : static_cast<double>(ToInt64(a) % ToInt64(b));  // sign of a
-    case NodeOp::kPow: return integer ? Power(a, ToInt64(b), true) : std::pow(a, b);
-    case NodeOp::kMax: return NanPropagatingMax(a, b);
-    case NodeOp::kMin: return NanPropagatingMin(a, b);
-    case NodeOp::kEq: return a == b ? 1.0 : 0.0;
-    case NodeOp::kNe: return a != b ? 1.0 : 0.0;
-    case NodeOp::kLt: return a < b ? 1.0 : 0.0;
-    case NodeOp::kLe: return a <= b ? 1.0 : 0.0;
-    case NodeOp::kGt: return a > b ? 1.0 : 0.0;
-    case NodeOp::kGe: return a >= b ? 1.0 : 0.0;
-    case NodeOp::kAnd: return static_cast<double>(ToInt64(a) & ToInt64(b));  // bool values are 0/1
-    case NodeOp::kOr: return static_cast<double>(ToInt64(a) | ToInt64(b));
-    case NodeOp::kXor: return static_cast<double>(ToInt64(a) ^ ToInt64(b));
-    case NodeOp::kAtan2: return std::atan2(a, b);
-    default: return kNaN;  // the parser admits only the ops above as binary
-  }
 }
 
 }  // namespace
@@ -206,9 +150,11 @@ double TileEvaluator::Compute(const Node& node, const Index& index) {
       const double x = Eval(children[0], index);
       return node.round_half_to_even ? RoundHalfToEven(x) : std::round(x);
     }
-    default:
-      if (children.size() == 1) return Unary(node.op, Eval(children[0], index), node.dtype);
-      return Binary(node.op, Eval(children[0], index), Eval(children[1], index), node.dtype);
+    default: {  // a scalar op (jax_mpk/scalar_ops.py): computed in its operands' type
+      double args[ops::kMaxScalarOpArity];
+      for (size_t c = 0; c < children.size(); ++c) args[c] = Eval(children[c], index);
+      return ops::EvaluateScalarOp(node.op, kernel_->nodes[children[0]].dtype, args);
+    }
   }
 }
 

@@ -10,6 +10,8 @@ inline constexpr int kMaxRank = 8;
 inline constexpr int kHeaderWords = 17;
 inline constexpr int64_t kComputedOperand = -1;
 inline constexpr int kTaskWords = 25;
+inline constexpr int64_t kMaxPlanRanks = 1024;
+inline constexpr int kMaxCudaRanks = 8;
 
 enum class Platform : int64_t {
   kCpu = 0,
@@ -89,6 +91,14 @@ enum class NodeOp : int64_t {
   kErf = 38,
   kIsFinite = 39,
   kSquare = 40,
+  kErfc = 42,
+  kErfInv = 43,
+  kPopulationCount = 44,
+  kBitcastToF32 = 45,
+  kBitcastToI32 = 46,
+  kBitcastToU32 = 47,
+  kBitcastToI8 = 48,
+  kBitcastToU8 = 49,
   kNot = 41,
   kAdd = 60,
   kSub = 61,
@@ -108,6 +118,9 @@ enum class NodeOp : int64_t {
   kOr = 75,
   kXor = 76,
   kAtan2 = 77,
+  kShiftLeft = 78,
+  kShiftRightLogical = 79,
+  kShiftRightArithmetic = 80,
 };
 
 enum class Header : int64_t {
@@ -143,5 +156,41 @@ enum class TaskField : int64_t {
   kRemoteSignalBegin = 23,
   kRemoteSignalCount = 24,
 };
+
+// The C++ type a dtype's values are computed in: float (double on the CPU, float on the GPU), int32_t,
+// uint32_t or bool (see scalar.h).
+enum class ValueClass : int { kFloat, kSigned, kUnsigned, kBool };
+struct DTypeInfo {
+  const char* name;
+  int bytes;
+  ValueClass value_class;
+};
+inline constexpr int kNumDTypes = 8;
+inline constexpr DTypeInfo kDTypeInfo[kNumDTypes] = {  // indexed by DType
+  {"f32", 4, ValueClass::kFloat},  // F32
+  {"bf16", 2, ValueClass::kFloat},  // BF16
+  {"f16", 2, ValueClass::kFloat},  // F16
+  {"i32", 4, ValueClass::kSigned},  // I32
+  {"u32", 4, ValueClass::kUnsigned},  // U32
+  {"i8", 1, ValueClass::kSigned},  // I8
+  {"u8", 1, ValueClass::kUnsigned},  // U8
+  {"bool", 1, ValueClass::kBool},  // BOOL
+};
+
+// One task record as the CUDA megakernel reads it (int32 words in TaskField order).
+struct TaskRecord {
+  int32_t kernel;
+  int32_t wait_event;
+  int32_t wait_count;
+  int32_t signal_begin;
+  int32_t signal_count;
+  int32_t lo[kMaxRank];
+  int32_t hi[kMaxRank];
+  int32_t remote_wait_event;
+  int32_t remote_wait_count;
+  int32_t remote_signal_begin;
+  int32_t remote_signal_count;
+};
+static_assert(sizeof(TaskRecord) == kTaskWords * sizeof(int32_t), "TaskRecord must match TaskField");
 
 }  // namespace jax_mpk::layout

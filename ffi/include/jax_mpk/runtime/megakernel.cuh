@@ -16,23 +16,12 @@
 
 #include <cstdint>
 
+#include "jax_mpk/layout.h"
 #include "jax_mpk/runtime/params.h"
 
 namespace jax_mpk {
 
-struct TaskRecord {
-  int32_t kernel;
-  int32_t wait_event;  // -1: no wait
-  int32_t wait_count;
-  int32_t signal_begin;
-  int32_t signal_count;
-  int32_t lo[8];
-  int32_t hi[8];
-  int32_t remote_wait_event;  // -1: no wait
-  int32_t remote_wait_count;
-  int32_t remote_signal_begin;
-  int32_t remote_signal_count;
-};
+using layout::TaskRecord;  // generated from jax_mpk/layout.py's TaskField
 
 // kSystem: system scope, for counters another device writes or reads (a rank's remote events).
 template <bool kSystem = false> __device__ __forceinline__ uint64_t load_acquire(const uint64_t* address) {
@@ -115,7 +104,7 @@ __device__ inline bool wait_until(const MegakernelParams& p, const uint64_t* cou
 }
 
 // Thread 0 only: the task's local event, then its remote event on every rank. In the error record a
-// remote event r of rank k is event -(1 + r * kMaxRanks + k).
+// remote event r of rank k is event -(1 + r * layout::kMaxCudaRanks + k).
 __device__ inline bool wait_for_task(const MegakernelParams& p, const TaskRecord& task, int32_t task_index,
                                      uint64_t epoch) {
   if (task.wait_event >= 0 &&
@@ -126,7 +115,7 @@ __device__ inline bool wait_for_task(const MegakernelParams& p, const TaskRecord
   for (int32_t rank = 0; task.remote_wait_event >= 0 && rank < p.comm.num_ranks; ++rank) {
     if (!wait_until<true>(p, p.comm.counters[rank] + task.remote_wait_event,
                           static_cast<uint64_t>(task.remote_wait_count) * epoch, task_index, task.kernel,
-                          -(1 + task.remote_wait_event * kMaxRanks + rank))) {
+                          -(1 + task.remote_wait_event * layout::kMaxCudaRanks + rank))) {
       return false;
     }
   }

@@ -3,14 +3,14 @@
 #pragma once
 #include <cstdint>
 
+#include "jax_mpk/layout.h"
+
 namespace jax_mpk {
 
 // Buffers are the custom call's operands, then its results (the last one is the workspace). A model passed
 // as one array per weight has ~11 per layer (400 for Qwen3-8B); the whole struct is the kernel's parameter
 // block, which must stay within the classic 4 KB limit.
 inline constexpr int kMaxBuffers = 480;
-// Devices of one host that can run a plan together (a shard_map over them).
-inline constexpr int kMaxRanks = 8;
 
 enum ErrorCode : int32_t {
   kErrorNone = 0,
@@ -43,8 +43,8 @@ struct Control {
 // every rank's buffer, two halves of `half_bytes` (call e uses half e % 2), and every rank's remote event
 // counters; all in device memory that every rank's kernel can reach (peer access).
 struct CommParams {
-  char* peers[kMaxRanks];
-  uint64_t* counters[kMaxRanks];
+  char* peers[layout::kMaxCudaRanks];
+  uint64_t* counters[layout::kMaxCudaRanks];
   int64_t half_bytes;
   int32_t rank;
   int32_t num_ranks;  // 1: no collectives, the rest is unused

@@ -1,4 +1,4 @@
-// Storage access and scalar ops of generated task bodies. Values of float dtypes (f32, bf16, f16) are
+// Storage access, rounding and conversion of generated task bodies. Values of float dtypes (f32, bf16, f16) are
 // computed in float and rounded to their dtype after every node (round_to), integers in int/unsigned,
 // bool as bool: the same per-node semantics as the CPU executor (docs/plan_format.md).
 #pragma once
@@ -8,6 +8,8 @@
 
 #include <cmath>
 #include <cstdint>
+
+#include "jax_mpk/scalar_ops.h"
 
 namespace jax_mpk::ops {
 
@@ -90,63 +92,10 @@ template <class To> __device__ __forceinline__ To convert(uint32_t x) { return s
 template <class To> __device__ __forceinline__ To convert(bool x) { return static_cast<To>(x); }
 
 // ------------------------------------------------------------------------------------------- ops
-__device__ __forceinline__ float neg(float x) { return -x; }
-__device__ __forceinline__ int32_t neg(int32_t x) { return static_cast<int32_t>(0u - static_cast<uint32_t>(x)); }
-__device__ __forceinline__ uint32_t neg(uint32_t x) { return 0u - x; }
-__device__ __forceinline__ float abs_(float x) { return fabsf(x); }
-__device__ __forceinline__ int32_t abs_(int32_t x) { return x < 0 ? neg(x) : x; }
-__device__ __forceinline__ uint32_t abs_(uint32_t x) { return x; }
-__device__ __forceinline__ float sign(float x) { return x != x ? x : (x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x)); }
-__device__ __forceinline__ int32_t sign(int32_t x) { return (x > 0) - (x < 0); }
-__device__ __forceinline__ uint32_t sign(uint32_t x) { return x > 0; }
-__device__ __forceinline__ float logistic(float x) { return 1.0f / (1.0f + expf(-x)); }
-__device__ __forceinline__ float square(float x) { return x * x; }
-__device__ __forceinline__ int32_t square(int32_t x) { return static_cast<int32_t>(static_cast<uint32_t>(x) * static_cast<uint32_t>(x)); }
-__device__ __forceinline__ uint32_t square(uint32_t x) { return x * x; }
-__device__ __forceinline__ bool is_finite(float x) { return isfinite(x); }
+// The scalar ops (neg, add, exp, lt ...) are generated from jax_mpk/scalar_ops.py into scalar_ops.h; here are
+// the ones with their own node kinds (ROUND, CLAMP, INTEGER_POW) and dynamic offsets.
 __device__ __forceinline__ float round_half_away(float x) { return roundf(x); }
 __device__ __forceinline__ float round_half_even(float x) { return rintf(x); }
-__device__ __forceinline__ bool not_(bool x) { return !x; }
-__device__ __forceinline__ int32_t not_(int32_t x) { return ~x; }
-__device__ __forceinline__ uint32_t not_(uint32_t x) { return ~x; }
-
-__device__ __forceinline__ float add(float a, float b) { return a + b; }
-__device__ __forceinline__ int32_t add(int32_t a, int32_t b) { return static_cast<int32_t>(static_cast<uint32_t>(a) + static_cast<uint32_t>(b)); }
-__device__ __forceinline__ uint32_t add(uint32_t a, uint32_t b) { return a + b; }
-__device__ __forceinline__ float sub(float a, float b) { return a - b; }
-__device__ __forceinline__ int32_t sub(int32_t a, int32_t b) { return static_cast<int32_t>(static_cast<uint32_t>(a) - static_cast<uint32_t>(b)); }
-__device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) { return a - b; }
-__device__ __forceinline__ float mul(float a, float b) { return a * b; }
-__device__ __forceinline__ int32_t mul(int32_t a, int32_t b) { return static_cast<int32_t>(static_cast<uint32_t>(a) * static_cast<uint32_t>(b)); }
-__device__ __forceinline__ uint32_t mul(uint32_t a, uint32_t b) { return a * b; }
-__device__ __forceinline__ float div(float a, float b) { return a / b; }
-__device__ __forceinline__ int32_t div(int32_t a, int32_t b) {
-  if (b == 0) return -1;
-  if (a == INT32_MIN && b == -1) return INT32_MIN;
-  return a / b;
-}
-__device__ __forceinline__ uint32_t div(uint32_t a, uint32_t b) { return b == 0 ? UINT32_MAX : a / b; }
-__device__ __forceinline__ float rem(float a, float b) { return fmodf(a, b); }
-__device__ __forceinline__ int32_t rem(int32_t a, int32_t b) {
-  if (b == 0) return a;
-  if (b == -1) return 0;
-  return a % b;
-}
-__device__ __forceinline__ uint32_t rem(uint32_t a, uint32_t b) { return b == 0 ? a : a % b; }
-__device__ __forceinline__ float max_(float a, float b) { return (a != a || b != b) ? __int_as_float(0x7fc00000) : fmaxf(a, b); }
-__device__ __forceinline__ int32_t max_(int32_t a, int32_t b) { return a > b ? a : b; }
-__device__ __forceinline__ uint32_t max_(uint32_t a, uint32_t b) { return a > b ? a : b; }
-__device__ __forceinline__ bool max_(bool a, bool b) { return a || b; }
-__device__ __forceinline__ float min_(float a, float b) { return (a != a || b != b) ? __int_as_float(0x7fc00000) : fminf(a, b); }
-__device__ __forceinline__ int32_t min_(int32_t a, int32_t b) { return a < b ? a : b; }
-__device__ __forceinline__ uint32_t min_(uint32_t a, uint32_t b) { return a < b ? a : b; }
-__device__ __forceinline__ bool min_(bool a, bool b) { return a && b; }
-template <class T> __device__ __forceinline__ T and_(T a, T b) { return a & b; }
-template <class T> __device__ __forceinline__ T or_(T a, T b) { return a | b; }
-template <class T> __device__ __forceinline__ T xor_(T a, T b) { return a ^ b; }
-__device__ __forceinline__ bool and_(bool a, bool b) { return a && b; }
-__device__ __forceinline__ bool or_(bool a, bool b) { return a || b; }
-__device__ __forceinline__ bool xor_(bool a, bool b) { return a != b; }
 
 template <class T> __device__ __forceinline__ T clamp(T lo, T x, T hi) { return min_(max_(x, lo), hi); }
 template <class T> __device__ __forceinline__ T integer_pow(T x, int n) {
