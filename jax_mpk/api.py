@@ -16,7 +16,7 @@ from .errors import DependencyTimeoutError, GraphTooLargeError, SignatureMismatc
 from .fusion import KernelGraph, fuse
 from .layout import Platform
 from .plan import plan_key, serialize
-from .runtime import check_cuda_error, emit_call, register_cuda_plan, register_plan
+from .runtime import check_cuda_error, emit_call, extension, register_cuda_plan, register_plan
 from .schedule import Schedule, schedule
 from .tasks import TaskGraph, build_task_graph
 from .validate import validate
@@ -64,7 +64,7 @@ class Megakernel:
         else:
             self.captured = capture(closed)
         self.graph: KernelGraph = fuse(self.captured, self.num_workers if self.device is not None else None)
-        self._check_workspace(cfg)
+        self._check_size(cfg)
         self.tasks: TaskGraph = build_task_graph(self.graph, self.num_workers, cfg.min_task_work)
         if len(self.tasks.tasks) > cfg.max_tasks:
             raise GraphTooLargeError(
@@ -91,7 +91,15 @@ class Megakernel:
         if cfg.dump_dir:
             self.dump(os.path.join(cfg.dump_dir, self.key))
 
-    def _check_workspace(self, cfg) -> None:
+    def _check_size(self, cfg) -> None:
+        kg = self.graph
+        num_buffers = len(kg.input_specs) + len(kg.output_specs) + 1  # the workspace is the last result
+        if self.device is not None and num_buffers > extension().max_cuda_buffers:
+            raise GraphTooLargeError(
+                f"the megakernel would take {num_buffers} buffers ({len(kg.input_specs)} operands, constants "
+                f"included, {len(kg.output_specs)} results and the workspace); a CUDA megakernel takes at most "
+                f"{extension().max_cuda_buffers}, whose addresses fill its 32 KB parameter block"
+            )
         limit = cfg.max_workspace_bytes
         if self.device is not None:
             stats = self.device.memory_stats() or {}
@@ -106,9 +114,9 @@ class Megakernel:
         from .codegen import generate
         from .toolchain import compile_cubin
 
+        kg = self.graph
         self.source = generate(self.tasks, self.schedule, self.profile_offset)
         cubin = compile_cubin(self.source.text, self.device.compute_capability)
-        kg = self.graph
         arg_bytes = [_nbytes(shape, dtype) for shape, dtype in kg.input_specs]
         ret_bytes = [_nbytes(shape, dtype) for shape, dtype in kg.output_specs] + [max(self.workspace_bytes, 1)]
         register_cuda_plan(

@@ -710,12 +710,15 @@ def _merge_into_consumers(kernels: list[Kernel]) -> list[Kernel]:
     merged: list[Kernel] = list(kernels)
     position = {id(k): i for i, k in enumerate(merged)}
     removed: set[int] = set()
+    readers_of: dict[int, list[Kernel]] = {}  # version -> kernels that read it (a model has thousands of kernels)
+    for k in kernels:
+        for version in {t.version for t in k.read_tensors()}:
+            readers_of.setdefault(version, []).append(k)
     for a in kernels:
         if not _mergeable_producer(a):
             continue
         out = a.outputs[0]
-        readers = [k for k in merged if id(k) not in removed and k is not a
-                   and any(t.version == out.tensor.version for t in k.read_tensors())]  # fmt: skip
+        readers = [k for k in readers_of.get(out.tensor.version, ()) if id(k) not in removed and k is not a]
         if not readers:
             continue
         b = min(readers, key=lambda k: position[id(k)])
@@ -737,6 +740,10 @@ def _merge_into_consumers(kernels: list[Kernel]) -> list[Kernel]:
         b.outputs.append(KernelOutput(out.node, out.tensor, out.map))
         b.name = f"{a.name}|{b.name}"
         removed.add(id(a))
+        for version in {t.version for t in a.read_tensors()}:  # B now reads what A read
+            listed = readers_of.setdefault(version, [])
+            if not any(k is b for k in listed):
+                listed.append(b)
     return [k for k in merged if id(k) not in removed]
 
 
