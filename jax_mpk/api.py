@@ -27,11 +27,18 @@ class _ArgSpec:
     shape: tuple[int, ...]
     dtype: np.dtype
     weak_type: bool
+    # on a mesh with Explicit axes (jax.make_mesh's default), the argument's sharding is part of its type:
+    # the function is traced with it, as jax.jit would (a shard_map checks its in_specs against it)
+    sharding: Any = None
 
     @staticmethod
     def of(x) -> _ArgSpec:
         aval = jax.typeof(x)
-        return _ArgSpec(tuple(aval.shape), np.dtype(aval.dtype), bool(getattr(aval, "weak_type", False)))
+        return _ArgSpec(tuple(aval.shape), np.dtype(aval.dtype), bool(getattr(aval, "weak_type", False)),
+                        getattr(aval, "sharding", None))  # fmt: skip
+
+    def aval(self) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(self.shape, self.dtype, weak_type=self.weak_type, sharding=self.sharding)
 
     def __str__(self) -> str:
         return f"{self.dtype.name}{list(self.shape)}"
@@ -53,9 +60,9 @@ class Megakernel:
         self.num_workers = self.device.core_count if self.device is not None else (num_workers or cfg.num_workers)
         self.watchdog_ms = int(cfg.watchdog_seconds * 1000)
         flat_fn = lambda *flat: fn(*jax.tree_util.tree_unflatten(in_tree, flat))  # noqa: E731
-        avals = [jax.ShapeDtypeStruct(s.shape, s.dtype, weak_type=s.weak_type) for s in specs]
-        closed, out_shapes = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
+        closed, out_shapes = jax.make_jaxpr(flat_fn, return_shape=True)(*[s.aval() for s in specs])
         self.out_tree = jax.tree_util.tree_structure(out_shapes)
+        self.out_shardings = [getattr(o, "sharding", None) for o in jax.tree_util.tree_leaves(out_shapes)]
         self.jaxpr = closed
         # a shard_map: the plan is one device's body, and every device of the mesh runs it on its shards
         self.shard_map: ShardMap | None = find_shard_map(closed)
@@ -150,7 +157,11 @@ class Megakernel:
         """The custom call on flat arguments (inside a trace); returns flat results. For a shard_map, the call
         runs inside the same shard_map: once per device, on its shards, with its rank as an extra operand."""
         if self.shard_map is None:
-            return self._emit_local(list(flat_args), keep_workspace)
+            results = self._emit_local(list(flat_args), keep_workspace)
+            # Every device computes the whole function (XLA gathers sharded operands for a custom call); on an
+            # Explicit mesh, the results are given the shardings jax.jit's would have, as their types say
+            typed = [_resharded(r, s) for r, s in zip(results, self.out_shardings)]
+            return typed + results[len(typed) :]
         if keep_workspace:
             raise ValueError("profiling a shard_map function is not supported")
         sm = self.shard_map
@@ -238,6 +249,12 @@ def _reporting_timeouts(thunk):
         if "jax_mpk watchdog" in str(exc):
             raise DependencyTimeoutError(str(exc)) from exc
         raise
+
+
+def _resharded(value, sharding):
+    if sharding is None or jax.typeof(value).sharding == sharding:
+        return value
+    return jax.sharding.reshard(value, sharding)
 
 
 def _device_rank(axis_sizes) -> jax.Array:

@@ -388,10 +388,17 @@ class _Fuser:
         outputs = {o.uid for o in self.outputs}
         absorbed: dict[int, Dot] = {}
         taken: set[int] = set()
-        for root in self.order:
-            if root.uid not in self.materialized or isinstance(root, (*LEAVES, *HEAVY)):
-                continue
-            region = self._region(root, self.materialized)
+        roots = [r for r in self.order if r.uid in self.materialized and not isinstance(r, (*LEAVES, *HEAVY))]
+        regions = {r.uid: self._region(r, self.materialized) for r in roots}
+        # stored uid -> the kernels reading it: a dot read by two kernels (both recomputing tanh(x @ w), too
+        # cheap to store) cannot be the epilogue of either
+        reading_kernels: dict[int, set[int]] = {}
+        for r in roots:
+            for uid in {r.uid} | regions[r.uid]:
+                for child in self.by_uid[uid].children:
+                    reading_kernels.setdefault(child.uid, set()).add(r.uid)
+        for root in roots:
+            region = regions[root.uid]
             dots = self._dots_read_pointwise(root)
             if self.num_workers and _has_independent_pair(dots):
                 # silu(x @ Wg) * (x @ Wu): absorbing one product would make it wait for the other instead of
@@ -404,6 +411,7 @@ class _Fuser:
                     and dot.uid not in taken
                     and tuple(dot.shape) == tuple(root.shape)
                     and all(u is root or u.uid in region for u in users)
+                    and reading_kernels.get(dot.uid) == {root.uid}
                 ):
                     absorbed[root.uid] = dot
                     taken.add(dot.uid)
