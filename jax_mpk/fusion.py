@@ -388,16 +388,18 @@ class _Fuser:
         outputs = {o.uid for o in self.outputs}
         absorbed: dict[int, Dot] = {}
         taken: set[int] = set()
-        roots = [r for r in self.order if r.uid in self.materialized and not isinstance(r, (*LEAVES, *HEAVY))]
-        regions = {r.uid: self._region(r, self.materialized) for r in roots}
+        kernel_roots = [r for r in self.order if r.uid in self.materialized and not isinstance(r, LEAVES)]
+        regions = {r.uid: self._region(r, self.materialized) for r in kernel_roots}
         # stored uid -> the kernels reading it: a dot read by two kernels (both recomputing tanh(x @ w), too
         # cheap to store) cannot be the epilogue of either
         reading_kernels: dict[int, set[int]] = {}
-        for r in roots:
+        for r in kernel_roots:
             for uid in {r.uid} | regions[r.uid]:
                 for child in self.by_uid[uid].children:
                     reading_kernels.setdefault(child.uid, set()).add(r.uid)
-        for root in roots:
+        for root in kernel_roots:
+            if isinstance(root, HEAVY):
+                continue
             region = regions[root.uid]
             dots = self._dots_read_pointwise(root)
             if self.num_workers and _has_independent_pair(dots):
@@ -522,17 +524,19 @@ class _Fuser:
         writes = {out.tensor.version: k for k in kernels for out in k.outputs}
         position = {id(k): i for i, k in enumerate(kernels)}
         after: dict[int, set[int]] = {id(k): set() for k in kernels}  # kernel -> kernels that must precede
+        readers: dict[int, list[Kernel]] = {}  # version -> the kernels that read it
         for kernel in kernels:
-            for tensor in kernel.read_tensors():
-                producer = writes.get(tensor.version)
+            for version in {t.version for t in kernel.read_tensors()}:
+                readers.setdefault(version, []).append(kernel)
+                producer = writes.get(version)
                 if producer is not None and producer is not kernel:
                     after[id(kernel)].add(id(producer))
         for kernel in kernels:
             out = kernel.outputs[0]
             if isinstance(self.by_uid[out.tensor.version], UpdateSlice):
                 old = self.by_uid[out.tensor.version].children[0].uid
-                for reader in kernels:
-                    if reader is not kernel and any(t.version == old for t in reader.read_tensors()):
+                for reader in readers.get(old, ()):
+                    if reader is not kernel:
                         after[id(kernel)].add(id(reader))
                 producer = writes.get(old)
                 if producer is not None:
