@@ -65,6 +65,30 @@ def test_greedy_decode_matches_jit_for_32_steps(name, rng):
     assert len(fast.plans) == 1
 
 
+def test_per_layer_cache_decode_matches_jit(rng, name="qwen3-tiny-untied"):
+    """A KV cache of one array per layer (as public implementations keep it): megakernelize(step) equals
+    jax.jit(step), both equal the stacked layout's step, and every layer's cache is updated in place."""
+    config = models.PRESETS[name]
+    batch, max_seq = 2, 12
+    weights, merge = models.split(models.create(config, _seed(rng)))
+    step = models.make_decode_step(merge)
+    fast = jax_mpk.megakernelize(step, donate_argnums=(3,))
+    stacked = models.init_cache(config, batch, max_seq, jax.random.PRNGKey(_seed(rng)))
+    cache = models.per_layer(stacked)
+    assert len(cache.k) == config.layers and cache.k[0].shape == (batch, max_seq, config.kv_heads, config.head_dim)
+    tokens = _prompt(rng, config, batch, 1)[:, 0]
+    for pos in range(5, 9):
+        ref_tokens, ref_logits, ref_cache = jax.jit(step)(weights, tokens, jnp.int32(pos), cache)
+        _, stacked_logits, stacked = jax.jit(step)(weights, tokens, jnp.int32(pos), stacked)
+        fast_tokens, logits, cache = fast(weights, tokens, jnp.int32(pos), cache)
+        assert_model_outputs_close((logits, cache), (ref_logits, ref_cache), "float32")
+        assert_model_outputs_close((logits, cache), (stacked_logits, models.per_layer(stacked)), "float32")
+        np.testing.assert_array_equal(fast_tokens, ref_tokens)
+        tokens = ref_tokens
+    (plan,) = fast.plans.values()
+    assert len(plan.call_plan.aliases) == 2 * config.layers
+
+
 def _relative_error(actual, expected) -> float:
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
