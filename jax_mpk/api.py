@@ -217,17 +217,19 @@ class Megakernel:
         return list(self.shard_map.mesh.devices.flat)
 
     # ----------------------------------------------------------------------------------------- calling
-    def check_signature(self, flat_args: Sequence[Any], in_tree) -> None:
+    def check_signature(self, args: tuple) -> list:
+        """The flat arguments of ``args`` (a call's positional arguments), checked against the traced
+        signature: SignatureMismatchError names the first argument that differs."""
+        flat, in_tree = jax.tree_util.tree_flatten(args)
         if in_tree != self.in_tree:
             raise SignatureMismatchError(
                 f"argument structure {in_tree} does not match the traced structure {self.in_tree}"
             )
-        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-            jax.tree_util.tree_unflatten(in_tree, list(flat_args)))[0]]
-        for path, arg, spec in zip(paths, flat_args, self.specs):
+        for (path, _), arg, spec in zip(jax.tree_util.tree_flatten_with_path(args)[0], flat, self.specs):
             got = _ArgSpec.of(arg)
             if (got.shape, got.dtype) != (spec.shape, spec.dtype):
-                raise SignatureMismatchError(f"argument {path or '0'}: expected {spec}, got {got}")
+                raise SignatureMismatchError(f"argument {jax.tree_util.keystr(path) or '0'}: expected {spec}, got {got}")
+        return flat
 
     def emit(self, flat_args: Sequence[Any], keep_workspace: bool = False) -> list:
         """The custom call on flat arguments (inside a trace); returns flat results. For a shard_map, the call
@@ -265,23 +267,22 @@ class Megakernel:
         (a plan compiled with JAX_MPK_PROFILE=1 on a GPU). Rows follow ``self.tasks.tasks``."""
         if self.profile_offset is None:
             raise ValueError("compile with JAX_MPK_PROFILE=1 on a GPU to profile")
-        flat, in_tree = jax.tree_util.tree_flatten(args)
-        self.check_signature(flat, in_tree)
+        flat = self.check_signature(args)
         workspace = jax.jit(lambda *f: self.emit(f, keep_workspace=True)[-1])(*flat)
         raw = np.asarray(workspace)[self.profile_offset :].view(np.uint64).reshape(-1, 3)
         return (raw.astype(np.int64) - int(raw[:, 0].min())) / 1e3
 
     def __call__(self, *args):
-        """Dispatch asynchronously (like any jitted function); see :meth:`check_errors`."""
-        flat, in_tree = jax.tree_util.tree_flatten(args)
-        self.check_signature(flat, in_tree)
-        self._last = _reporting_timeouts(lambda: jax.tree_util.tree_unflatten(self.out_tree, self._jitted(*flat)))
+        """Dispatch asynchronously (like any jitted function); see :meth:`check_errors`. The arguments go to
+        ``jax.jit`` as they are: its C++ dispatch flattens and checks them, and the signature check (in the
+        trace) runs only for a signature it has not seen."""
+        self._last = _reporting_timeouts(self._jitted, *args)
         return self._last
 
     def check_errors(self) -> None:
         """Wait for the last call and raise :class:`DependencyTimeoutError` if any call of this plan hit the
         watchdog. (A failed call is also reported by the next call; waiting here reports it now.)"""
-        _reporting_timeouts(lambda: jax.block_until_ready(getattr(self, "_last", None)))
+        _reporting_timeouts(jax.block_until_ready, getattr(self, "_last", None))
         self.raise_device_error()
 
     def raise_device_error(self) -> None:
@@ -293,7 +294,10 @@ class Megakernel:
 
     @functools.cached_property
     def _jitted(self):
-        return jax.jit(lambda *flat: self.emit(flat))
+        def call(*args):
+            return jax.tree_util.tree_unflatten(self.out_tree, self.emit(self.check_signature(args)))
+
+        return jax.jit(call)
 
     # ----------------------------------------------------------------------------------------- looking
     def __repr__(self) -> str:
@@ -326,10 +330,10 @@ def _stage(name: str):
     log.info("jax_mpk: %s took %.2f s", name, time.perf_counter() - start)
 
 
-def _reporting_timeouts(thunk):
-    """Run, turning the runtime's watchdog failure (raised by XLA) into DependencyTimeoutError."""
+def _reporting_timeouts(fn, *args):
+    """``fn(*args)``, turning the runtime's watchdog failure (raised by XLA) into DependencyTimeoutError."""
     try:
-        return thunk()
+        return fn(*args)
     except Exception as exc:  # XLA wraps handler errors in its own runtime error type
         if "jax_mpk watchdog" in str(exc):
             raise DependencyTimeoutError(str(exc)) from exc
@@ -401,12 +405,12 @@ def megakernelize(
 
     @functools.wraps(fn)
     def wrapper(*args):
-        last_result[0] = _reporting_timeouts(lambda: jitted(*args))
+        last_result[0] = _reporting_timeouts(jitted, *args)
         return last_result[0]
 
     def check_errors() -> None:
         """Wait for the last call; raise DependencyTimeoutError if a call hit the watchdog."""
-        _reporting_timeouts(lambda: jax.block_until_ready(last_result[0]))
+        _reporting_timeouts(jax.block_until_ready, last_result[0])
         for plan in plans.values():
             plan.raise_device_error()
 

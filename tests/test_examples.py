@@ -89,6 +89,35 @@ def test_per_layer_cache_decode_matches_jit(rng, name="qwen3-tiny-untied"):
     assert len(plan.call_plan.aliases) == 2 * config.layers
 
 
+def greedy_generate(step, steps: int):
+    """The README's pattern: the whole decode loop in one jax.jit, the (megakernelized) step in a fori_loop,
+    so that per-call host work (flattening a few hundred weights) is paid once per loop, not per token."""
+
+    def generate(weights, tokens, pos, cache):
+        def body(i, carry):
+            tokens, cache, out = carry
+            tokens, _, cache = step(weights, tokens, pos + i, cache)
+            return tokens, cache, out.at[:, i].set(tokens)
+
+        out = jnp.zeros((tokens.shape[0], steps), jnp.int32)
+        return jax.lax.fori_loop(0, steps, body, (tokens, cache, out))[2]
+
+    return jax.jit(generate)
+
+
+def test_generate_loop_in_one_jit(rng):
+    config = models.PRESETS["qwen3-tiny"]
+    weights, merge = models.split(models.create(config, _seed(rng)))
+    step = models.make_decode_step(merge)
+    cache = models.init_cache(config, 2, 16, jax.random.PRNGKey(_seed(rng)))
+    tokens = _prompt(rng, config, 2, 1)[:, 0]
+    fast = jax_mpk.megakernelize(step)
+    expected = greedy_generate(jax.jit(step), 6)(weights, tokens, jnp.int32(3), cache)
+    np.testing.assert_array_equal(greedy_generate(fast, 6)(weights, tokens, jnp.int32(3), cache), expected)
+    text = greedy_generate(fast, 6).lower(weights, tokens, jnp.int32(3), cache).as_text()
+    assert text.count("jax_mpk_megakernel") == 1  # one custom call, in the loop's body
+
+
 def _relative_error(actual, expected) -> float:
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
