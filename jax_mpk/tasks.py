@@ -194,7 +194,7 @@ def _accesses(kernel: Kernel, nodes_last_first: list[Node], lo, hi, buffer_ids) 
     region: dict[int, Rect] = {}
 
     def need(node: Node, rect: Rect) -> None:
-        if rect_volume(rect) == 0:
+        if any(hi <= lo for lo, hi in rect):  # empty
             return
         region[node.uid] = rect_union(region[node.uid], rect) if node.uid in region else rect
 
@@ -312,13 +312,16 @@ def _derive_dependencies(tasks: list[Task], buffer_ranks: list[int], comm: set[i
             for d in [*task.deps, *task.remote_deps]:
                 bits |= ancestors[d] | (1 << d)
             ancestors.append(bits)
+        touched = set()
         for task in kernel_tasks:
             for access in task.reads:
                 history[access.buffer_id].add(task.index, access.rect, False)
+                touched.add(access.buffer_id)
             for access in task.writes:
                 history[access.buffer_id].add(task.index, access.rect, True)
-        for h in history:
-            h.commit()
+                touched.add(access.buffer_id)
+        for buffer_id in touched:
+            history[buffer_id].commit()
 
 
 def _group_by_kernel(tasks: list[Task], num_kernels: int) -> list[list[Task]]:
