@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -14,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_trees_close
+from test_cuda_executor import run_with_command_buffers
 
 import jax_mpk
 from jax_mpk.capture import capture
@@ -93,14 +92,7 @@ print("MANY BUFFERS IN A CUDA GRAPH OK")
 def test_gpu_2001_buffers_through_cuda_graph_replays():
     """XLA captures the call into a CUDA graph and re-captures it when addresses change; the 16 KB
     parameter block is part of the captured launch."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1"
-                        " --xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL").strip()
-    env["TF_CPP_MIN_LOG_LEVEL"] = "0"
-    env["TF_CPP_VMODULE"] = "command_buffer_thunk=3"
-    env["JAX_MPK_PLATFORM"] = "cuda"
     script = textwrap.dedent(GRAPH_SCRIPT.format(tests=os.path.dirname(__file__)))
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    log = done.stdout + done.stderr
+    done, log = run_with_command_buffers(script, timeout=600, JAX_MPK_PLATFORM="cuda")
     assert done.returncode == 0 and "MANY BUFFERS IN A CUDA GRAPH OK" in done.stdout, log[-6000:]
     assert "Execute command buffer" in log, log[-6000:]

@@ -324,20 +324,23 @@ print("COMMAND BUFFER OK")
 """
 
 
+def run_with_command_buffers(script: str, timeout: int = 300, **env) -> tuple[subprocess.CompletedProcess, str]:
+    """Runs ``script`` in a new process whose XLA captures every custom call into CUDA graphs (command buffers,
+    from the first call on), logging their executions and updates; returns it and its whole output."""
+    environ = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="command_buffer_thunk=3", **env)
+    environ["XLA_FLAGS"] = (environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1"
+                            " --xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL").strip()  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True, timeout=timeout)
+    return done, done.stdout + done.stderr
+
+
 @pytest.mark.gpu
 def test_command_buffer_capture_and_replay():
     """With command buffers forced on, XLA captures the call (its first one included) and replays it."""
     _skip_without_gpu()
     _cubin()
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1"
-                        " --xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL").strip()
-    env["TF_CPP_MIN_LOG_LEVEL"] = "0"
-    env["TF_CPP_VMODULE"] = "command_buffer_thunk=3"
-    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-    script = COMMAND_BUFFER_SCRIPT.format(tests=str(ROOT / "tests"))
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    log = done.stdout + done.stderr
+    done, log = run_with_command_buffers(COMMAND_BUFFER_SCRIPT.format(tests=str(ROOT / "tests")),
+                                         XLA_PYTHON_CLIENT_PREALLOCATE="false")  # fmt: skip
     assert done.returncode == 0 and "COMMAND BUFFER OK" in done.stdout, log[-6000:]
     assert "Execute command buffer" in log, log[-6000:]  # it really went through a CUDA graph
     assert "Update command buffer" in log, log[-6000:]  # and was re-captured after the plan changed
