@@ -34,15 +34,18 @@ class _ArgSpec:
     shape: tuple[int, ...]
     dtype: np.dtype
     weak_type: bool
-    # on a mesh with Explicit axes (jax.make_mesh's default), the argument's sharding is part of its type:
-    # the function is traced with it, as jax.jit would (a shard_map checks its in_specs against it)
+    # on a mesh with Explicit axes (jax.make_mesh's default), an argument's sharding over them is part of its
+    # type: the function is traced with it, as jax.jit would (a shard_map checks its in_specs against it).
+    # None when the type names no mesh axis (Auto axes, replicated values, one device)
     sharding: Any = None
 
     @staticmethod
     def of(x) -> _ArgSpec:
         aval = jax.typeof(x)
-        return _ArgSpec(tuple(aval.shape), np.dtype(aval.dtype), bool(getattr(aval, "weak_type", False)),
-                        getattr(aval, "sharding", None))  # fmt: skip
+        sharding = getattr(aval, "sharding", None)
+        if not any(getattr(sharding, "spec", ())):
+            sharding = None
+        return _ArgSpec(tuple(aval.shape), np.dtype(aval.dtype), bool(getattr(aval, "weak_type", False)), sharding)
 
     def aval(self) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(self.shape, self.dtype, weak_type=self.weak_type, sharding=self.sharding)
