@@ -4,7 +4,7 @@ For each model x batch x context, both variants run in this process on the defau
 
 * compile: the first call of jax.jit(step); the first call of megakernelize(step) with an empty jax_mpk cache
   (cold: trace, plan, nvcc on a GPU, load); the first call of a second megakernelize(step) on that now filled
-  cache (warm: trace and plan again, no nvcc). Each first call includes one step.
+  cache (warm: trace, then the plan and the cubin come from the cache). Each first call includes one step.
 * agreement: --check-steps steps from the same random cache, positions ctx - n .. ctx - 1; the relative L2
   error of the megakernel's logits against jax.jit's on every step (tolerance: float32 1e-5, bfloat16 5e-2,
   the bf16 noise of a deep model, see docs/notes/cuda_megakernel.md) and whether the greedy tokens are equal.
@@ -101,9 +101,10 @@ def first_call_s(fn: Callable, *args) -> float:
     return time.perf_counter() - start
 
 
-def fresh_cache(config: models.ModelConfig, batch: int, ctx: int, mesh=None) -> models.KVCache:
-    """The same random cache every time; with a TP ``mesh``, placed on it (each device its KV heads)."""
-    cache = models.init_cache(config, batch, ctx, jax.random.PRNGKey(1))
+def fresh_cache(config: models.ModelConfig, batch: int, ctx: int, mesh=None, layout: str = "stacked") -> models.KVCache:
+    """The same random cache every time, in ``layout`` (models.CACHE_LAYOUTS); with a TP ``mesh``, placed on it
+    (each device its KV heads)."""
+    cache = models.init_cache(config, batch, ctx, jax.random.PRNGKey(1), layout=layout)
     return cache if mesh is None else models.tp_shard(mesh, config, cache=cache)[1]
 
 
@@ -174,7 +175,7 @@ def megakernel_first_calls(step: Callable, weights, tokens, pos, fresh: Callable
 
 
 def agreement(xla: Callable, fast: Callable, weights, tokens, config: models.ModelConfig, batch: int, ctx: int,
-              steps: int, mesh=None) -> dict[str, Any]:  # fmt: skip
+              steps: int, mesh=None, layout: str = "stacked") -> dict[str, Any]:  # fmt: skip
     """Compare the two variants over ``steps`` steps at positions ctx - steps .. ctx - 1.
 
     For bfloat16 models both are also compared with a float32 run of the same weights and cache (XLA,
@@ -183,11 +184,11 @@ def agreement(xla: Callable, fast: Callable, weights, tokens, config: models.Mod
     XLA's own."""
     # XLA's GPU default for float32 products is TF32; the megakernel computes them in float32
     precision = jax.default_matmul_precision("float32") if config.dtype == "float32" else contextlib.nullcontext()
-    ref_cache, cache = fresh_cache(config, batch, ctx, mesh), fresh_cache(config, batch, ctx, mesh)
+    ref_cache, cache = fresh_cache(config, batch, ctx, mesh, layout), fresh_cache(config, batch, ctx, mesh, layout)
     exact = None
     if config.dtype != "float32":
         exact_weights = [w.astype(jnp.float32) for w in weights]
-        exact_cache = jax.tree.map(lambda a: a.astype(jnp.float32), fresh_cache(config, batch, ctx, mesh))
+        exact_cache = jax.tree.map(lambda a: a.astype(jnp.float32), fresh_cache(config, batch, ctx, mesh, layout))
         exact = {"xla": [], "megakernel": []}
     errors, tokens_equal = [], 0
     for pos in range(ctx - steps, ctx):
@@ -251,7 +252,7 @@ def run_config(model: str, config: models.ModelConfig, weights, merge, batch: in
     print(f"  weights {weight_bytes / 1e6:.1f} MB, KV {kv_bytes / 1e6:.1f} MB{per_device}, floor {floor_ms:.3f} ms",
           flush=True)  # fmt: skip
     step = models.make_decode_step(merge) if mesh is None else models.make_tp_decode_step(config, mesh)
-    fresh = lambda: fresh_cache(config, batch, ctx, mesh)  # noqa: E731
+    fresh = lambda: fresh_cache(config, batch, ctx, mesh, args.cache_layout)  # noqa: E731
     tokens = jnp.asarray(np.random.default_rng(batch).integers(0, config.vocab, batch), jnp.int32)
     if mesh is not None:  # replicated on the mesh, as the step returns them (else the second call compiles again)
         tokens = jax.device_put(tokens, NamedSharding(mesh, PartitionSpec()))
@@ -265,7 +266,7 @@ def run_config(model: str, config: models.ModelConfig, weights, merge, batch: in
     (plan,) = fast.plans.values()
     print(f"  megakernel: first call {cold:.1f} s cold{f', {warm:.1f} s warm' if warm else ''}: {plan}", flush=True)
 
-    check = agreement(xla, fast, weights, tokens, config, batch, ctx, args.check_steps, mesh)
+    check = agreement(xla, fast, weights, tokens, config, batch, ctx, args.check_steps, mesh, args.cache_layout)
     print(f"  agreement over {check['steps']} steps: max logits relative error "
           f"{check['max_logits_relative_error']:.2e} (tolerance {check['tolerance']:.0e}; against float32, jax.jit / "
           f"megakernel: {versus_float32(check)}), greedy tokens equal in "
@@ -300,6 +301,7 @@ def run_config(model: str, config: models.ModelConfig, weights, merge, batch: in
     best_mk = min(ms["megakernel"], ms["megakernel_fori"])
     result = {
         "model": model, "tp": tp, "batch": batch, "ctx": ctx, "dtype": config.dtype, "layers": config.layers,
+        "cache_layout": args.cache_layout,
         "weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "read_bandwidth_Bps": bandwidth, "floor_ms": floor_ms,
         "ms": ms,
         "chained": {name: stats(v) for name, v in chained.items()},
@@ -308,7 +310,7 @@ def run_config(model: str, config: models.ModelConfig, weights, merge, batch: in
         "per_layer_overhead_us": {name: (v - floor_ms) * 1e3 / config.layers for name, v in ms.items()},
         "speedup_over_best_xla": best_xla / best_mk,
         "first_call_s": {"jax.jit": xla_compile, "megakernel_cold": cold, "megakernel_warm": warm},
-        "megakernel_plan": {"kernels": len(plan.graph.kernels), "tasks": len(plan.tasks.tasks),
+        "megakernel_plan": {"kernels": plan.call_plan.num_kernels, "tasks": plan.call_plan.num_tasks,
                             "workers": plan.num_workers},
         "agreement": check,
     }  # fmt: skip
@@ -346,7 +348,8 @@ def markdown(results: list[dict[str, Any]], device: str) -> str:
     for r in results:
         ms, a, first = r["ms"], r["agreement"], r["first_call_s"]
         lines.append(
-            f"| {r['model']} | {r.get('tp', 1)} | {r['batch']} | {r['ctx']} | {r['read_bandwidth_Bps'] / 1e12:.2f} "
+            f"| {r['model']}{' (per-layer cache)' if r.get('cache_layout') == 'per_layer' else ''} | {r.get('tp', 1)} "
+            f"| {r['batch']} | {r['ctx']} | {r['read_bandwidth_Bps'] / 1e12:.2f} "
             f"| {r['floor_ms']:.3f} | {ms['jax.jit']:.3f} | {ms['jax.jit_fori']:.3f} | {ms['megakernel']:.3f} "
             f"| {ms['megakernel_fori']:.3f} | {r['pct_of_floor']['megakernel']:.0f}% "
             f"| {r['per_layer_overhead_us']['megakernel']:.1f} | {r['speedup_over_best_xla']:.2f}x "
@@ -407,7 +410,7 @@ def write_outputs(results: list[dict[str, Any]], device: str, out: pathlib.Path)
     table and the chart of all of them."""
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"decode_{device.replace(' ', '_')}"
-    key = lambda r: (r["model"], r.get("tp", 1), r["batch"], r["ctx"], r["dtype"])  # noqa: E731
+    key = lambda r: (r["model"], r.get("tp", 1), r["batch"], r["ctx"], r["dtype"], r.get("cache_layout", "stacked"))  # noqa: E731
     merged = {}
     if stem.with_suffix(".json").exists():
         previous = json.loads(stem.with_suffix(".json").read_text())["results"]
@@ -442,6 +445,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK} unless given")
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor parallel over the first TP devices (default 1: one device, no shard_map)")
+    parser.add_argument("--cache-layout", default="stacked", choices=models.CACHE_LAYOUTS,
+                        help="KV cache: two stacked arrays, or one array per layer for keys and for values")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     for field, default in DEFAULTS.items():
@@ -454,6 +459,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [m for m in args.models if m not in models.PRESETS]
     if unknown:
         parser.error(f"unknown models {unknown}; presets: {sorted(models.PRESETS)}")
+    if args.tp > 1 and args.cache_layout != "stacked":
+        parser.error("--tp takes the stacked cache layout")
     if args.tp < 1:
         parser.error("--tp must be at least 1")
     for name in list(args.models):

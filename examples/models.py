@@ -7,9 +7,11 @@ greedy decode step, ``step(weights, tokens, pos, cache) -> (next_tokens, logits,
 ``jax.jit`` or ``jax_mpk.megakernelize`` compiles (``weights`` is the flat list :func:`split` gives);
 :func:`make_prefill` does the same for a prompt.
 
-The KV cache is a pair of arrays ``[layers, batch, max_seq, kv_heads, head_dim]``; a step writes its keys
-and values with ``dynamic_update_slice`` at ``pos`` and attends over the whole cache with positions after
-the query masked out, so its cost does not depend on ``pos``.
+The KV cache holds keys and values either as a pair of arrays ``[layers, batch, max_seq, kv_heads, head_dim]``
+(``layout="stacked"``, the default) or as one array ``[batch, max_seq, kv_heads, head_dim]`` per layer for each
+(``layout="per_layer"``, as most public implementations keep it); a step writes its keys and values with
+``dynamic_update_slice`` at ``pos`` and attends over the whole cache with positions after the query masked
+out, so its cost does not depend on ``pos``.
 
 Tensor parallelism (Megatron style, over a 1-D mesh axis): :func:`make_tp_decode_step` runs the same model
 as ``jax.shard_map`` over ``tp`` devices. Each device holds its share of the query and KV heads (column-parallel
@@ -140,20 +142,52 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer: two arrays [layers, batch, max_seq, kv_heads, head_dim]."""
+    """Keys and values of every layer: two arrays [layers, batch, max_seq, kv_heads, head_dim] (stacked), or
+    two tuples of one array [batch, max_seq, kv_heads, head_dim] per layer (per_layer)."""
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
+
+    def layer(self, layer: int) -> tuple[jax.Array, jax.Array]:
+        """The keys and values [batch, max_seq, kv_heads, head_dim] of one layer."""
+        return self.k[layer], self.v[layer]
+
+    def write(self, layer: int, pos: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
+        """The cache with ``k`` and ``v`` [batch, T, kv_heads, head_dim] written at ``pos`` of ``layer``."""
+        if isinstance(self.k, tuple):
+            start = (0, pos, 0, 0)
+            return KVCache(*(
+                tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), start) if i == layer else c
+                      for i, c in enumerate(old))
+                for old, new in ((self.k, k), (self.v, v))
+            ))  # fmt: skip
+        start = (layer, 0, pos, 0, 0)
+        return KVCache(jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), start),
+                       jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), start))  # fmt: skip
 
 
-def init_cache(config: ModelConfig, batch: int, max_seq: int, key: jax.Array | None = None) -> KVCache:
-    """An empty (zero) cache, or one filled with standard normal values when ``key`` is given."""
+CACHE_LAYOUTS = ("stacked", "per_layer")
+
+
+def init_cache(config: ModelConfig, batch: int, max_seq: int, key: jax.Array | None = None,
+               layout: str = "stacked") -> KVCache:  # fmt: skip
+    """An empty (zero) cache, or one filled with standard normal values when ``key`` is given, in ``layout``
+    (:data:`CACHE_LAYOUTS`; the values do not depend on it)."""
+    if layout not in CACHE_LAYOUTS:
+        raise ValueError(f"cache layout {layout!r} is not one of {CACHE_LAYOUTS}")
     shape = (config.layers, batch, max_seq, config.kv_heads, config.head_dim)
     dtype = jnp.dtype(config.dtype)
     if key is None:
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-    k_key, v_key = jax.random.split(key)
-    return KVCache(jax.random.normal(k_key, shape, dtype), jax.random.normal(v_key, shape, dtype))
+        k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    else:
+        k_key, v_key = jax.random.split(key)
+        k, v = jax.random.normal(k_key, shape, dtype), jax.random.normal(v_key, shape, dtype)
+    return KVCache(k, v) if layout == "stacked" else per_layer(KVCache(k, v))
+
+
+def per_layer(cache: KVCache) -> KVCache:
+    """A stacked cache as one array per layer (the same values)."""
+    return KVCache(tuple(cache.k), tuple(cache.v))
 
 
 class RMSNorm(nnx.Module):
@@ -197,12 +231,8 @@ class Attention(nnx.Module):
         positions = pos + jnp.arange(t, dtype=jnp.int32)
         inv_freq = rope_inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        start = (layer, 0, pos, 0, 0)
-        cache = KVCache(
-            jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
-            jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start),
-        )
-        keys, values = cache.k[layer], cache.v[layer]  # [b, max_seq, kv_heads, head_dim]
+        cache = cache.write(layer, pos, k, v)
+        keys, values = cache.layer(layer)  # [b, max_seq, kv_heads, head_dim]
         groups = q.reshape(b, t, c.kv_heads, c.heads // c.kv_heads, c.head_dim)
         scores = jnp.einsum("btgrd,bsgd->bgrts", groups, keys).astype(jnp.float32) * c.head_dim**-0.5
         visible = jnp.arange(keys.shape[1], dtype=jnp.int32)[None, :] <= positions[:, None]  # [T, max_seq]

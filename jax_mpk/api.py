@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -11,15 +14,19 @@ import jax
 import numpy as np
 
 from . import config as config_module
+from . import plan_cache
 from .capture import Captured, ShardMap, capture, find_shard_map
 from .errors import DependencyTimeoutError, GraphTooLargeError, SignatureMismatchError
 from .fusion import KernelGraph, fuse
 from .layout import Platform
 from .plan import plan_key, serialize
-from .runtime import check_cuda_error, emit_call, register_cuda_plan, register_plan
+from .plan_cache import CallPlan, Target
+from .runtime import check_cuda_error, emit_call, extension, register_cuda_plan, register_plan
 from .schedule import Schedule, schedule
 from .tasks import TaskGraph, build_task_graph
 from .validate import validate
+
+log = logging.getLogger("jax_mpk")
 
 
 @dataclass(frozen=True)
@@ -27,96 +34,183 @@ class _ArgSpec:
     shape: tuple[int, ...]
     dtype: np.dtype
     weak_type: bool
+    # on a mesh with Explicit axes (jax.make_mesh's default), an argument's sharding over them is part of its
+    # type: the function is traced with it, as jax.jit would (a shard_map checks its in_specs against it).
+    # None when the type names no mesh axis (Auto axes, replicated values, one device)
+    sharding: Any = None
 
     @staticmethod
     def of(x) -> _ArgSpec:
         aval = jax.typeof(x)
-        return _ArgSpec(tuple(aval.shape), np.dtype(aval.dtype), bool(getattr(aval, "weak_type", False)))
+        sharding = getattr(aval, "sharding", None)
+        if not any(getattr(sharding, "spec", ())):
+            sharding = None
+        return _ArgSpec(tuple(aval.shape), np.dtype(aval.dtype), bool(getattr(aval, "weak_type", False)), sharding)
+
+    def aval(self) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(self.shape, self.dtype, weak_type=self.weak_type, sharding=self.sharding)
 
     def __str__(self) -> str:
         return f"{self.dtype.name}{list(self.shape)}"
 
 
+@dataclass
+class Stages:
+    """The pipeline's stages for one traced function, each printable."""
+
+    captured: Captured  # the op graph
+    graph: KernelGraph  # kernels
+    tasks: TaskGraph
+    schedule: Schedule
+    plan: CallPlan  # what a call needs
+
+
+def plan_stages(jaxpr, shard_map: ShardMap | None, target: Target, cfg: config_module.Config) -> Stages:
+    """Capture, fuse, tile, schedule, validate and serialize ``jaxpr`` (one device's body when ``shard_map`` is
+    given) for ``target``, and generate the CUDA megakernel's source on a CUDA target (not compiled). Each
+    stage logs its time (logger ``jax_mpk``, INFO)."""
+    cuda = target.platform == "cuda"
+    with _stage("capture"):
+        if shard_map is not None:
+            captured = capture(shard_map.body, shard_map.axis_sizes)
+        else:
+            captured = capture(jaxpr)
+    with _stage("fusion"):
+        graph = fuse(captured, target.num_workers if cuda else None)
+    num_buffers = len(graph.input_specs) + len(graph.output_specs) + 1  # the workspace is the last result
+    if cuda and num_buffers > extension().max_cuda_buffers:
+        raise GraphTooLargeError(
+            f"the megakernel would take {num_buffers} buffers ({len(graph.input_specs)} operands, constants "
+            f"included, {len(graph.output_specs)} results and the workspace); a CUDA megakernel takes at most "
+            f"{extension().max_cuda_buffers}, whose addresses fill its 32 KB parameter block"
+        )
+    with _stage("tiling"):
+        tasks = build_task_graph(graph, target.num_workers, cfg.min_task_work)
+    if len(tasks.tasks) > cfg.max_tasks:
+        raise GraphTooLargeError(
+            f"the task graph has {len(tasks.tasks)} tasks, more than the {cfg.max_tasks} allowed (JAX_MPK_MAX_TASKS)"
+        )
+    with _stage("scheduling"):
+        sched = schedule(tasks, target.num_workers)
+    if cfg.validate:
+        with _stage("validation"):
+            validate(tasks, sched)
+    with _stage("serialization"):
+        words = serialize(tasks, sched, Platform.CUDA if cuda else Platform.CPU)
+    workspace_bytes, profile_offset, source = graph.workspace_bytes, None, None
+    if cuda and cfg.profile:
+        profile_offset = -(-workspace_bytes // 256) * 256
+        workspace_bytes = profile_offset + 24 * len(tasks.tasks)
+    if cuda:
+        from .codegen import generate
+
+        with _stage("code generation"):
+            source = generate(tasks, sched, profile_offset)
+    plan = CallPlan(
+        key=plan_key(words), words=words, consts=[np.asarray(c) for c in captured.consts],
+        input_specs=list(graph.input_specs), output_specs=list(graph.output_specs), aliases=dict(graph.aliases),
+        workspace_bytes=workspace_bytes, profile_offset=profile_offset, num_ranks=graph.num_ranks,
+        comm_bytes=graph.comm_bytes, num_tasks=len(tasks.tasks), num_events=tasks.num_events,
+        num_remote_events=tasks.num_remote_events, num_kernels=len(graph.kernels), source=source,
+    )  # fmt: skip
+    return Stages(captured, graph, tasks, sched, plan)
+
+
 class Megakernel:
     """A function lowered, for one input signature, to a scheduled task graph run by one custom call.
 
-    Each pipeline stage's output is kept and printable: ``jaxpr``, ``graph`` (kernels), ``tasks``,
-    ``schedule``; ``dump(dir)`` writes them all.
+    Each pipeline stage's output is printable: ``jaxpr``, ``captured`` (the op graph), ``graph`` (kernels),
+    ``tasks``, ``schedule``; ``dump(dir)`` writes them all. A plan loaded from the disk cache
+    (``from_cache``) runs without them; they are computed again when first looked at.
     """
 
     def __init__(self, fn: Callable, in_tree, specs: tuple[_ArgSpec, ...], num_workers: int | None = None):
-        cfg = config_module.load()
+        cfg = self._cfg = config_module.load()
         self.fn, self.in_tree, self.specs = fn, in_tree, specs
         self.platform = _default_platform()
         self.device = jax.devices("gpu")[0] if self.platform == "cuda" else None
         # On the GPU a worker is an SM: exactly one CTA per SM, all co-resident.
-        self.num_workers = self.device.core_count if self.device is not None else (num_workers or cfg.num_workers)
+        if self.device is not None:
+            self.target = Target("cuda", self.device.core_count, str(self.device.compute_capability))
+        else:
+            self.target = Target("cpu", num_workers or cfg.num_workers)
+        self.num_workers = self.target.num_workers
         self.watchdog_ms = int(cfg.watchdog_seconds * 1000)
         flat_fn = lambda *flat: fn(*jax.tree_util.tree_unflatten(in_tree, flat))  # noqa: E731
-        avals = [jax.ShapeDtypeStruct(s.shape, s.dtype, weak_type=s.weak_type) for s in specs]
-        closed, out_shapes = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
+        with _stage("tracing"):
+            closed, out_shapes = jax.make_jaxpr(flat_fn, return_shape=True)(*[s.aval() for s in specs])
         self.out_tree = jax.tree_util.tree_structure(out_shapes)
+        self.out_shardings = [getattr(o, "sharding", None) for o in jax.tree_util.tree_leaves(out_shapes)]
         self.jaxpr = closed
         # a shard_map: the plan is one device's body, and every device of the mesh runs it on its shards
         self.shard_map: ShardMap | None = find_shard_map(closed)
-        if self.shard_map is not None:
-            self.captured: Captured = capture(self.shard_map.body, self.shard_map.axis_sizes)
+        with _stage("looking up the plan cache"):
+            knobs = (cfg.min_task_work, cfg.max_tasks, cfg.max_workspace_bytes, cfg.validate, cfg.profile)
+            cache_key = plan_cache.cache_key(closed, repr(specs), self.target, knobs)
+            plan = None if cfg.force_compile else plan_cache.load(cfg.cache_dir, cache_key)
+        self.from_cache = plan is not None
+        if plan is None:
+            self.__dict__["_stages"] = plan_stages(closed, self.shard_map, self.target, cfg)
+            plan = self._stages.plan
+            plan_cache.store(cfg.cache_dir, cache_key, plan)
         else:
-            self.captured = capture(closed)
-        self.graph: KernelGraph = fuse(self.captured, self.num_workers if self.device is not None else None)
+            log.info("jax_mpk: loaded plan %s from the cache (%s)", plan.key, cache_key[:12])
+        self.call_plan: CallPlan = plan
+        self.key, self.words, self.consts, self.source = plan.key, plan.words, plan.consts, plan.source
+        self.workspace_bytes, self.profile_offset = plan.workspace_bytes, plan.profile_offset
         self._check_workspace(cfg)
-        self.tasks: TaskGraph = build_task_graph(self.graph, self.num_workers, cfg.min_task_work)
-        if len(self.tasks.tasks) > cfg.max_tasks:
-            raise GraphTooLargeError(
-                f"the task graph has {len(self.tasks.tasks)} tasks, more than the {cfg.max_tasks} allowed "
-                "(JAX_MPK_MAX_TASKS)"
-            )
-        self.schedule: Schedule = schedule(self.tasks, self.num_workers)
-        if cfg.validate:
-            validate(self.tasks, self.schedule)
-        target = Platform.CUDA if self.device is not None else Platform.CPU
-        self.words = serialize(self.tasks, self.schedule, target)
-        self.key = plan_key(self.words)
-        self.source = None
-        self.workspace_bytes = self.graph.workspace_bytes
-        self.profile_offset = None
-        if self.device is not None and cfg.profile:
-            self.profile_offset = -(-self.workspace_bytes // 256) * 256
-            self.workspace_bytes = self.profile_offset + 24 * len(self.tasks.tasks)
         if self.device is None:
             register_plan(self.key, self.words)
         else:
             self._build_cuda()
-        self.consts = [np.asarray(c) for c in self.captured.consts]
         if cfg.dump_dir:
             self.dump(os.path.join(cfg.dump_dir, self.key))
+
+    @functools.cached_property
+    def _stages(self) -> Stages:
+        return plan_stages(self.jaxpr, self.shard_map, self.target, self._cfg)
+
+    @property
+    def captured(self) -> Captured:
+        return self._stages.captured
+
+    @property
+    def graph(self) -> KernelGraph:
+        return self._stages.graph
+
+    @property
+    def tasks(self) -> TaskGraph:
+        return self._stages.tasks
+
+    @property
+    def schedule(self) -> Schedule:
+        return self._stages.schedule
 
     def _check_workspace(self, cfg) -> None:
         limit = cfg.max_workspace_bytes
         if self.device is not None:
             stats = self.device.memory_stats() or {}
             limit = min(limit, stats.get("bytes_limit", limit) - stats.get("bytes_in_use", 0))
-        if self.graph.workspace_bytes > limit:
+        if self.call_plan.workspace_bytes > limit:
             raise GraphTooLargeError(
-                f"the workspace for intermediates needs {self.graph.workspace_bytes} bytes, more than the "
+                f"the workspace for intermediates needs {self.call_plan.workspace_bytes} bytes, more than the "
                 f"{limit} available (JAX_MPK_MAX_WORKSPACE_BYTES, device memory)"
             )
 
     def _build_cuda(self) -> None:
-        from .codegen import generate
         from .toolchain import compile_cubin
 
-        self.source = generate(self.tasks, self.schedule, self.profile_offset)
-        cubin = compile_cubin(self.source.text, self.device.compute_capability)
-        kg = self.graph
-        arg_bytes = [_nbytes(shape, dtype) for shape, dtype in kg.input_specs]
-        ret_bytes = [_nbytes(shape, dtype) for shape, dtype in kg.output_specs] + [max(self.workspace_bytes, 1)]
+        plan = self.call_plan
+        with _stage("nvcc (or its cache)"):
+            cubin = compile_cubin(self.source.text, self.device.compute_capability)
+        arg_bytes = [_nbytes(shape, dtype) for shape, dtype in plan.input_specs]
+        ret_bytes = [_nbytes(shape, dtype) for shape, dtype in plan.output_specs] + [max(self.workspace_bytes, 1)]
         register_cuda_plan(
-            self.key, cubin, self.source.kernel_name, num_events=self.tasks.num_events,
+            self.key, cubin, self.source.kernel_name, num_events=plan.num_events,
             threads=self.source.threads, smem_bytes=self.source.smem_bytes, arg_bytes=arg_bytes,
-            ret_bytes=ret_bytes, aliases=kg.aliases, num_ctas=self.num_workers,
-            rank_devices=[d.local_hardware_id for d in self._devices()] if kg.num_ranks > 1 else (),
-            comm_bytes=kg.comm_bytes, num_remote_events=self.tasks.num_remote_events,
+            ret_bytes=ret_bytes, aliases=plan.aliases, num_ctas=self.num_workers,
+            rank_devices=[d.local_hardware_id for d in self._devices()] if plan.num_ranks > 1 else (),
+            comm_bytes=plan.comm_bytes, num_remote_events=plan.num_remote_events,
         )  # fmt: skip
 
     def _devices(self) -> list:
@@ -126,23 +220,29 @@ class Megakernel:
         return list(self.shard_map.mesh.devices.flat)
 
     # ----------------------------------------------------------------------------------------- calling
-    def check_signature(self, flat_args: Sequence[Any], in_tree) -> None:
+    def check_signature(self, args: tuple) -> list:
+        """The flat arguments of ``args`` (a call's positional arguments), checked against the traced
+        signature: SignatureMismatchError names the first argument that differs."""
+        flat, in_tree = jax.tree_util.tree_flatten(args)
         if in_tree != self.in_tree:
             raise SignatureMismatchError(
                 f"argument structure {in_tree} does not match the traced structure {self.in_tree}"
             )
-        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-            jax.tree_util.tree_unflatten(in_tree, list(flat_args)))[0]]
-        for path, arg, spec in zip(paths, flat_args, self.specs):
+        for (path, _), arg, spec in zip(jax.tree_util.tree_flatten_with_path(args)[0], flat, self.specs):
             got = _ArgSpec.of(arg)
             if (got.shape, got.dtype) != (spec.shape, spec.dtype):
-                raise SignatureMismatchError(f"argument {path or '0'}: expected {spec}, got {got}")
+                raise SignatureMismatchError(f"argument {jax.tree_util.keystr(path) or '0'}: expected {spec}, got {got}")
+        return flat
 
     def emit(self, flat_args: Sequence[Any], keep_workspace: bool = False) -> list:
         """The custom call on flat arguments (inside a trace); returns flat results. For a shard_map, the call
         runs inside the same shard_map: once per device, on its shards, with its rank as an extra operand."""
         if self.shard_map is None:
-            return self._emit_local(list(flat_args), keep_workspace)
+            results = self._emit_local(list(flat_args), keep_workspace)
+            # Every device computes the whole function (XLA gathers sharded operands for a custom call); on an
+            # Explicit mesh, the results are given the shardings jax.jit's would have, as their types say
+            typed = [_resharded(r, s) for r, s in zip(results, self.out_shardings)]
+            return typed + results[len(typed) :]
         if keep_workspace:
             raise ValueError("profiling a shard_map function is not supported")
         sm = self.shard_map
@@ -157,12 +257,12 @@ class Megakernel:
         return emit_call(
             self.key,
             list(flat_args) + self.consts,
-            self.graph.output_specs,
-            self.graph.aliases,
+            self.call_plan.output_specs,
+            self.call_plan.aliases,
             self.workspace_bytes,
             self.watchdog_ms,
             keep_workspace,
-            several_devices=self.graph.num_ranks > 1,
+            several_devices=self.call_plan.num_ranks > 1,
         )
 
     def profile(self, *args, trace: str | None = None) -> np.ndarray:
@@ -172,8 +272,7 @@ class Megakernel:
         kernel, the wait before it apart (:mod:`jax_mpk.trace`)."""
         if self.profile_offset is None:
             raise ValueError("compile with JAX_MPK_PROFILE=1 on a GPU to profile")
-        flat, in_tree = jax.tree_util.tree_flatten(args)
-        self.check_signature(flat, in_tree)
+        flat = self.check_signature(args)
         workspace = jax.jit(lambda *f: self.emit(f, keep_workspace=True)[-1])(*flat)
         raw = np.asarray(workspace)[self.profile_offset :].view(np.uint64).reshape(-1, 3)
         times = (raw.astype(np.int64) - int(raw[:, 0].min())) / 1e3
@@ -186,16 +285,16 @@ class Megakernel:
         return times
 
     def __call__(self, *args):
-        """Dispatch asynchronously (like any jitted function); see :meth:`check_errors`."""
-        flat, in_tree = jax.tree_util.tree_flatten(args)
-        self.check_signature(flat, in_tree)
-        self._last = _reporting_timeouts(lambda: jax.tree_util.tree_unflatten(self.out_tree, self._jitted(*flat)))
+        """Dispatch asynchronously (like any jitted function); see :meth:`check_errors`. The arguments go to
+        ``jax.jit`` as they are: its C++ dispatch flattens and checks them, and the signature check (in the
+        trace) runs only for a signature it has not seen."""
+        self._last = _reporting_timeouts(self._jitted, *args)
         return self._last
 
     def check_errors(self) -> None:
         """Wait for the last call and raise :class:`DependencyTimeoutError` if any call of this plan hit the
         watchdog. (A failed call is also reported by the next call; waiting here reports it now.)"""
-        _reporting_timeouts(lambda: jax.block_until_ready(getattr(self, "_last", None)))
+        _reporting_timeouts(jax.block_until_ready, getattr(self, "_last", None))
         self.raise_device_error()
 
     def raise_device_error(self) -> None:
@@ -207,14 +306,18 @@ class Megakernel:
 
     @functools.cached_property
     def _jitted(self):
-        return jax.jit(lambda *flat: self.emit(flat))
+        def call(*args):
+            return jax.tree_util.tree_unflatten(self.out_tree, self.emit(self.check_signature(args)))
+
+        return jax.jit(call)
 
     # ----------------------------------------------------------------------------------------- looking
     def __repr__(self) -> str:
+        plan = self.call_plan
         return (
-            f"Megakernel({getattr(self.fn, '__name__', 'fn')}: {len(self.graph.kernels)} kernels, "
-            f"{len(self.tasks.tasks)} tasks, {self.tasks.num_events} events, {self.num_workers} workers, "
-            f"workspace {self.graph.workspace_bytes} B, plan {self.key})"
+            f"Megakernel({getattr(self.fn, '__name__', 'fn')}: {plan.num_kernels} kernels, {plan.num_tasks} "
+            f"tasks, {plan.num_events} events, {self.num_workers} workers, workspace {plan.workspace_bytes} B, "
+            f"plan {self.key}{', from the cache' if self.from_cache else ''})"
         )
 
     def dump(self, directory: str) -> None:
@@ -231,14 +334,28 @@ class Megakernel:
         np.save(os.path.join(directory, "4_plan.npy"), self.words)
 
 
-def _reporting_timeouts(thunk):
-    """Run, turning the runtime's watchdog failure (raised by XLA) into DependencyTimeoutError."""
+@contextlib.contextmanager
+def _stage(name: str):
+    """Logs how long the stage took (INFO on logger ``jax_mpk``: a first call that takes long says where)."""
+    start = time.perf_counter()
+    yield
+    log.info("jax_mpk: %s took %.2f s", name, time.perf_counter() - start)
+
+
+def _reporting_timeouts(fn, *args):
+    """``fn(*args)``, turning the runtime's watchdog failure (raised by XLA) into DependencyTimeoutError."""
     try:
-        return thunk()
+        return fn(*args)
     except Exception as exc:  # XLA wraps handler errors in its own runtime error type
         if "jax_mpk watchdog" in str(exc):
             raise DependencyTimeoutError(str(exc)) from exc
         raise
+
+
+def _resharded(value, sharding):
+    if sharding is None or jax.typeof(value).sharding == sharding:
+        return value
+    return jax.sharding.reshard(value, sharding)
 
 
 def _device_rank(axis_sizes) -> jax.Array:
@@ -300,12 +417,12 @@ def megakernelize(
 
     @functools.wraps(fn)
     def wrapper(*args):
-        last_result[0] = _reporting_timeouts(lambda: jitted(*args))
+        last_result[0] = _reporting_timeouts(jitted, *args)
         return last_result[0]
 
     def check_errors() -> None:
         """Wait for the last call; raise DependencyTimeoutError if a call hit the watchdog."""
-        _reporting_timeouts(lambda: jax.block_until_ready(last_result[0]))
+        _reporting_timeouts(jax.block_until_ready, last_result[0])
         for plan in plans.values():
             plan.raise_device_error()
 

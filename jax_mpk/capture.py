@@ -145,6 +145,8 @@ def capture(closed_jaxpr, axis_sizes: tuple[tuple[str, int], ...] | None = None)
         inputs.append(mesh.rank)
     lowerer = _Lowerer(first_const_index=len(inputs), mesh=mesh)
     outputs = lowerer.run(jaxpr, closed_jaxpr.consts, inputs[: len(jaxpr.invars)])
+    if lowerer.refusals:
+        raise UnsupportedPrimitiveError.of_all(lowerer.refusals)
     for i, node in enumerate(outputs):
         check_dtype(node.dtype, f"result {i}")
     return Captured(jaxpr=closed_jaxpr, inputs=inputs, consts=lowerer.consts, outputs=outputs, mesh=mesh,
@@ -157,6 +159,10 @@ class _Lowerer:
         self.mesh = mesh
         self.const_sources: dict[tuple, Source] = {}
         self.consts: list[np.ndarray] = []
+        # equations that could not be lowered: lowering goes on past them (their results stand in as zeros),
+        # so that one error lists them all; what is computed from a stand-in is not refused again
+        self.refusals: list[UnsupportedPrimitiveError] = []
+        self.stand_ins: set[int] = set()  # uids of stand-in nodes and of nodes computed from them
 
     def const_node(self, value) -> Node:
         array = np.asarray(value)
@@ -201,10 +207,23 @@ class _Lowerer:
                                                 "time; index or reshape the key data (jax.random.key_data) "
                                                 "instead")  # fmt: skip
             else:
-                outs = self.apply_rule(eqn, ins, source)
+                from_stand_in = any(n.uid in self.stand_ins for n in ins)
+                try:
+                    outs = self.apply_rule(eqn, ins, source)
+                except UnsupportedPrimitiveError as refusal:
+                    if not from_stand_in or name not in RULES:  # a missing rule does not depend on the inputs
+                        self.refusals.append(refusal)
+                    outs, from_stand_in = [self.stand_in(v.aval) for v in eqn.outvars], True
+                if from_stand_in:
+                    self.stand_ins.update(n.uid for n in outs)
             for var, node in zip(eqn.outvars, outs):
                 env[var] = node
         return [read(v) for v in jaxpr.outvars]
+
+    def stand_in(self, aval) -> Node:
+        """Zeros in place of a result that could not be lowered (uint32 for a dtype jax_mpk has not)."""
+        dtype = np.dtype(aval.dtype) if aval.dtype in SUPPORTED_DTYPES else np.dtype(np.uint32)
+        return const(0, dtype, tuple(aval.shape))
 
     def inline(self, sub, ins: list[Node], source: str) -> list[Node]:
         if hasattr(sub, "jaxpr"):  # ClosedJaxpr

@@ -116,8 +116,9 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         *_task_tables(graph, sched),
         "",
         *variant_texts,
+        f"using Params = KernelParams<{slots.num_buffers}>;  // the operands, the results, the workspace",
         "struct Dispatch {",
-        "  const MegakernelParams& p;",
+        "  const Params& p;",
         "  __device__ void prefetch(const TaskRecord& t, char* smem) {",
         "    switch (t.kernel) {",
         *prefetches,
@@ -133,7 +134,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         "};",
         "}  // namespace",
         "",
-        f'extern "C" __global__ void __launch_bounds__({THREADS}, 1) {KERNEL_NAME}(const jax_mpk::MegakernelParams p) {{',
+        f'extern "C" __global__ void __launch_bounds__({THREADS}, 1) {KERNEL_NAME}(const Params p) {{',
         "  extern __shared__ __align__(16) char smem[];",
         "  Dispatch dispatch{p};",
         f"  run_worker(p, kTasks, kSignals, kRemoteSignals, kWorkerBegin, kWorkerTasks, smem, dispatch, {profile});",
@@ -144,10 +145,11 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
 
 
 class _BufferSlots:
-    """Operands, then results, then the workspace: the order the FFI handler fills MegakernelParams.buffers."""
+    """Operands, then results, then the workspace: the order the FFI handler fills KernelParams.buffers."""
 
     def __init__(self, num_inputs: int, num_outputs: int):
         self.num_inputs, self.num_outputs = num_inputs, num_outputs
+        self.num_buffers = num_inputs + num_outputs + 1
 
     def pointer(self, tensor: Tensor, element_offset: int = 0) -> str:
         b = tensor.buffer

@@ -27,8 +27,8 @@ class Config:
     validate: bool  # run the task-graph validator on every plan (JAX_MPK_VALIDATE, default on)
     profile: bool  # CUDA: record per-task timestamps, read with Megakernel.profile() (JAX_MPK_PROFILE)
     platform: str  # "cpu" or "cuda" to override the default backend's choice (JAX_MPK_PLATFORM)
-    cache_dir: str  # compiled megakernels (JAX_MPK_CACHE_DIR, default ~/.cache/jax_mpk)
-    force_compile: bool  # ignore the cache (JAX_MPK_FORCE_COMPILE)
+    cache_dir: str  # plans and compiled megakernels (JAX_MPK_CACHE_DIR, default ~/.cache/jax_mpk)
+    force_compile: bool  # plan and compile again, ignoring the cache (JAX_MPK_FORCE_COMPILE)
 
 
 def load() -> Config:

@@ -13,9 +13,23 @@ class UnsupportedPrimitiveError(MegakernelError, NotImplementedError):
     def __init__(self, primitive: str, source: str = "", detail: str = ""):
         self.primitive = primitive
         self.source = source
+        self.refusals: list[UnsupportedPrimitiveError] = [self]  # every refused equation of the function
         where = f" at {source}" if source else ""
         why = f": {detail}" if detail else ""
         super().__init__(f"jax_mpk cannot lower primitive '{primitive}'{where}{why}")
+
+    @classmethod
+    def of_all(cls, refusals: list[UnsupportedPrimitiveError]) -> UnsupportedPrimitiveError:
+        """One error listing every refusal (each primitive and source line once), so that all can be fixed in
+        one go; ``primitive`` and ``source`` are the first one's."""
+        unique = list({(r.primitive, r.source): r for r in refusals}.values())
+        if len(unique) == 1:
+            return unique[0]
+        error = cls(unique[0].primitive, unique[0].source)
+        error.refusals = unique
+        lines = "\n".join(f"  {r}" for r in unique)
+        error.args = (f"jax_mpk cannot lower {len(unique)} equations of the function:\n{lines}",)
+        return error
 
 
 class UnsupportedDtypeError(MegakernelError, TypeError):

@@ -388,10 +388,19 @@ class _Fuser:
         outputs = {o.uid for o in self.outputs}
         absorbed: dict[int, Dot] = {}
         taken: set[int] = set()
-        for root in self.order:
-            if root.uid not in self.materialized or isinstance(root, (*LEAVES, *HEAVY)):
+        kernel_roots = [r for r in self.order if r.uid in self.materialized and not isinstance(r, LEAVES)]
+        regions = {r.uid: self._region(r, self.materialized) for r in kernel_roots}
+        # stored uid -> the kernels reading it: a dot read by two kernels (both recomputing tanh(x @ w), too
+        # cheap to store) cannot be the epilogue of either
+        reading_kernels: dict[int, set[int]] = {}
+        for r in kernel_roots:
+            for uid in {r.uid} | regions[r.uid]:
+                for child in self.by_uid[uid].children:
+                    reading_kernels.setdefault(child.uid, set()).add(r.uid)
+        for root in kernel_roots:
+            if isinstance(root, HEAVY):
                 continue
-            region = self._region(root, self.materialized)
+            region = regions[root.uid]
             dots = self._dots_read_pointwise(root)
             if self.num_workers and _has_independent_pair(dots):
                 # silu(x @ Wg) * (x @ Wu): absorbing one product would make it wait for the other instead of
@@ -404,6 +413,7 @@ class _Fuser:
                     and dot.uid not in taken
                     and tuple(dot.shape) == tuple(root.shape)
                     and all(u is root or u.uid in region for u in users)
+                    and reading_kernels.get(dot.uid) == {root.uid}
                 ):
                     absorbed[root.uid] = dot
                     taken.add(dot.uid)
@@ -514,17 +524,19 @@ class _Fuser:
         writes = {out.tensor.version: k for k in kernels for out in k.outputs}
         position = {id(k): i for i, k in enumerate(kernels)}
         after: dict[int, set[int]] = {id(k): set() for k in kernels}  # kernel -> kernels that must precede
+        readers: dict[int, list[Kernel]] = {}  # version -> the kernels that read it
         for kernel in kernels:
-            for tensor in kernel.read_tensors():
-                producer = writes.get(tensor.version)
+            for version in {t.version for t in kernel.read_tensors()}:
+                readers.setdefault(version, []).append(kernel)
+                producer = writes.get(version)
                 if producer is not None and producer is not kernel:
                     after[id(kernel)].add(id(producer))
         for kernel in kernels:
             out = kernel.outputs[0]
             if isinstance(self.by_uid[out.tensor.version], UpdateSlice):
                 old = self.by_uid[out.tensor.version].children[0].uid
-                for reader in kernels:
-                    if reader is not kernel and any(t.version == old for t in reader.read_tensors()):
+                for reader in readers.get(old, ()):
+                    if reader is not kernel:
                         after[id(kernel)].add(id(reader))
                 producer = writes.get(old)
                 if producer is not None:
@@ -710,12 +722,15 @@ def _merge_into_consumers(kernels: list[Kernel]) -> list[Kernel]:
     merged: list[Kernel] = list(kernels)
     position = {id(k): i for i, k in enumerate(merged)}
     removed: set[int] = set()
+    readers_of: dict[int, list[Kernel]] = {}  # version -> kernels that read it (a model has thousands of kernels)
+    for k in kernels:
+        for version in {t.version for t in k.read_tensors()}:
+            readers_of.setdefault(version, []).append(k)
     for a in kernels:
         if not _mergeable_producer(a):
             continue
         out = a.outputs[0]
-        readers = [k for k in merged if id(k) not in removed and k is not a
-                   and any(t.version == out.tensor.version for t in k.read_tensors())]  # fmt: skip
+        readers = [k for k in readers_of.get(out.tensor.version, ()) if id(k) not in removed and k is not a]
         if not readers:
             continue
         b = min(readers, key=lambda k: position[id(k)])
@@ -739,6 +754,10 @@ def _merge_into_consumers(kernels: list[Kernel]) -> list[Kernel]:
         b.outputs.append(KernelOutput(out.node, out.tensor, out.map))
         b.name = f"{a.name}|{b.name}"
         removed.add(id(a))
+        for version in {t.version for t in a.read_tensors()}:  # B now reads what A read
+            listed = readers_of.setdefault(version, [])
+            if not any(k is b for k in listed):
+                listed.append(b)
     return [k for k in merged if id(k) not in removed]
 
 

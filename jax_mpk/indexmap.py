@@ -95,14 +95,15 @@ class IndexMap:
         shape = self.in_shape
         for stage in self.stages:
             if isinstance(stage, Affine):
+                if any(r_hi <= r_lo for r_lo, r_hi in rect):
+                    return empty_rect(self.out_shape)
                 new = []
                 for row, off, size in zip(stage.matrix, stage.offset, stage.out_shape):
                     lo = hi = off
                     for a, (r_lo, r_hi) in zip(row, rect):
-                        if r_hi <= r_lo:
-                            return empty_rect(stage.out_shape)
-                        lo += min(a * r_lo, a * (r_hi - 1))
-                        hi += max(a * r_lo, a * (r_hi - 1))
+                        if a:  # most coefficients are 0 (permutations, broadcasts): the planner's hot loop
+                            lo += min(a * r_lo, a * (r_hi - 1))
+                            hi += max(a * r_lo, a * (r_hi - 1))
                     new.append((max(lo, 0), min(hi + 1, size)))
                 rect = tuple(new)
             else:

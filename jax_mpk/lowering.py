@@ -170,7 +170,10 @@ def _bitcast_convert_type(ctx, x, *, new_dtype, **_):
     return _scalar_rule(SCALAR_OP_BY_NAME[name])(ctx, x)
 
 
-@rule("stop_gradient", "copy", "copy_p", "optimization_barrier", "pvary")  # pvary: check_vma's marking only
+# pvary: check_vma's marking only. The sharding and layout annotations change where a value lives, never the
+# value: the plan is one device's computation (a shard_map body, or the whole function on every device).
+@rule("stop_gradient", "copy", "copy_p", "optimization_barrier", "pvary", "reshard", "sharding_constraint",
+      "mesh_cast", "layout_constraint", "shard_alike")  # fmt: skip
 def _identity(ctx, *xs, **_):
     return list(xs) if len(ctx.out_avals) > 1 else xs[0]
 

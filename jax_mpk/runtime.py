@@ -63,7 +63,7 @@ def register_cuda_plan(
     """Register a compiled megakernel for the CUDA handler under ``key`` (the ``plan_key`` of :func:`emit_call`).
 
     ``cubin`` is a cubin, fatbin or PTX image holding ``extern "C" __global__ void kernel_name(const
-    jax_mpk::MegakernelParams p)``. ``arg_bytes``/``ret_bytes`` are the byte sizes of the call's operands and
+    jax_mpk::KernelParams<N> p)`` (runtime/params.h), N the number of operands and results. ``arg_bytes``/``ret_bytes`` are the byte sizes of the call's operands and
     results (the workspace included), ``aliases`` the ``input_output_aliases`` pairs. The kernel is launched
     cooperatively with ``num_ctas`` CTAs (0: one per SM) of ``threads`` threads and ``smem_bytes`` of dynamic
     shared memory. Nothing touches the GPU here; the image is loaded on the first call on each device. A plan

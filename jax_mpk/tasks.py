@@ -91,10 +91,11 @@ def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 
     per_element = {k.index: _cost_per_element(k) for k in graph.kernels}
     tilings = _level_tilings(graph.kernels, per_element, num_workers, min_task_work)
     for kernel in graph.kernels:
+        nodes_last_first = kernel.nodes()[::-1]
         for lo, hi in tilings[kernel.index]:
             cost = per_element[kernel.index] * math.prod(h - l for l, h in zip(lo, hi))
             task = Task(len(tasks), kernel.index, lo, hi, cost=cost)
-            task.reads, task.writes = _accesses(kernel, lo, hi, buffer_ids)
+            task.reads, task.writes = _accesses(kernel, nodes_last_first, lo, hi, buffer_ids)
             tasks.append(task)
     comm = {i for i, b in enumerate(graph.buffers) if b.kind == TensorKind.COMM}
     _derive_dependencies(tasks, [len(b.shape) for b in graph.buffers], comm)
@@ -186,12 +187,14 @@ def tile_domain(kernel: Kernel, max_tiles: int, per_element: float, min_task_wor
 # ------------------------------------------------------------------------------------------------ regions
 
 
-def _accesses(kernel: Kernel, lo, hi, buffer_ids) -> tuple[list[Access], list[Access]]:
+def _accesses(kernel: Kernel, nodes_last_first: list[Node], lo, hi, buffer_ids) -> tuple[list[Access], list[Access]]:
+    """What the task of ``kernel`` (whose nodes, consumers first, are ``nodes_last_first``) over the tile
+    [lo, hi) reads and writes."""
     tile = tuple(zip(lo, hi))
     region: dict[int, Rect] = {}
 
     def need(node: Node, rect: Rect) -> None:
-        if rect_volume(rect) == 0:
+        if any(hi <= lo for lo, hi in rect):  # empty
             return
         region[node.uid] = rect_union(region[node.uid], rect) if node.uid in region else rect
 
@@ -204,7 +207,7 @@ def _accesses(kernel: Kernel, lo, hi, buffer_ids) -> tuple[list[Access], list[Ac
     if dot is not None and dot.lhs_expr is not None:
         need(dot.lhs_expr, combined)
     reads: list[Access] = []
-    for node in reversed(kernel.nodes()):
+    for node in nodes_last_first:
         rect = region.get(node.uid)
         if rect is None:
             continue
@@ -309,13 +312,16 @@ def _derive_dependencies(tasks: list[Task], buffer_ranks: list[int], comm: set[i
             for d in [*task.deps, *task.remote_deps]:
                 bits |= ancestors[d] | (1 << d)
             ancestors.append(bits)
+        touched = set()
         for task in kernel_tasks:
             for access in task.reads:
                 history[access.buffer_id].add(task.index, access.rect, False)
+                touched.add(access.buffer_id)
             for access in task.writes:
                 history[access.buffer_id].add(task.index, access.rect, True)
-        for h in history:
-            h.commit()
+                touched.add(access.buffer_id)
+        for buffer_id in touched:
+            history[buffer_id].commit()
 
 
 def _group_by_kernel(tasks: list[Task], num_kernels: int) -> list[list[Task]]:

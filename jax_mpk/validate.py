@@ -17,6 +17,8 @@ import math
 from collections import Counter
 
 from .errors import InvalidTaskGraphError
+import numpy as np
+
 from .indexmap import rect_volume, rects_overlap
 from .schedule import Schedule
 from .tasks import TaskGraph
@@ -32,14 +34,19 @@ def validate(graph: TaskGraph, sched: Schedule) -> None:
     def follows(later: int, earlier: int) -> bool:
         return bool((ancestors[later] >> earlier) & 1)
 
+    writes_of: dict[int, list[tuple]] = {}  # buffer -> (task, kernel, rect) of every write, and of every read
+    reads_of: dict[int, list[tuple]] = {}
+    for t in tasks:
+        for a in t.writes:
+            writes_of.setdefault(a.buffer_id, []).append((t.index, t.kernel, a.rect))
+        for a in t.reads:
+            reads_of.setdefault(a.buffer_id, []).append((t.index, t.kernel, a.rect))
     for buffer_id in range(len(graph.kernels.buffers)):
-        writes = [(t.index, t.kernel, a.rect) for t in tasks for a in t.writes if a.buffer_id == buffer_id]
-        reads = [(t.index, t.kernel, a.rect) for t in tasks for a in t.reads if a.buffer_id == buffer_id]
+        writes, reads = writes_of.get(buffer_id, []), reads_of.get(buffer_id, [])
         name = graph.kernels.buffers[buffer_id].name
-        for r_task, r_kernel, r_rect in reads:
-            for w_task, w_kernel, w_rect in writes:
-                if w_task == r_task or not rects_overlap(r_rect, w_rect):
-                    continue
+        for r, w in _overlapping_pairs(reads, writes):
+            (r_task, r_kernel, r_rect), (w_task, w_kernel, w_rect) = reads[r], writes[w]
+            if w_task != r_task:
                 if w_kernel < r_kernel and not follows(r_task, w_task):
                     raise InvalidTaskGraphError(
                         f"task{r_task} reads {name}{list(r_rect)} without waiting for task{w_task}, which writes it"
@@ -52,12 +59,28 @@ def validate(graph: TaskGraph, sched: Schedule) -> None:
                     raise InvalidTaskGraphError(
                         f"task{w_task} overwrites {name}{list(w_rect)} before task{r_task} has read it"
                     )
-        for i, (a_task, a_kernel, a_rect) in enumerate(writes):
-            for b_task, b_kernel, b_rect in writes[i + 1 :]:
-                if a_kernel != b_kernel and rects_overlap(a_rect, b_rect):
-                    if not (follows(a_task, b_task) or follows(b_task, a_task)):
-                        raise InvalidTaskGraphError(f"task{a_task} and task{b_task} race writing {name}")
+        for a, b in _overlapping_pairs(writes, writes):
+            (a_task, a_kernel, _), (b_task, b_kernel, _) = writes[a], writes[b]
+            if a < b and a_kernel != b_kernel and not (follows(a_task, b_task) or follows(b_task, a_task)):
+                raise InvalidTaskGraphError(f"task{a_task} and task{b_task} race writing {name}")
     _check_schedule(graph, sched)
+
+
+def _overlapping_pairs(first: list[tuple], second: list[tuple]) -> list[tuple[int, int]]:
+    """(i, j) for every rect first[i][2] that overlaps second[j][2] (vectorized: a model's activations are
+    written by a hundred tiles and read by a hundred, in every layer)."""
+    if not first or not second:
+        return []
+    rank = len(first[0][2])
+    a = np.asarray([rect for _, _, rect in first], np.int64).reshape(len(first), rank, 2)
+    b = np.asarray([rect for _, _, rect in second], np.int64).reshape(len(second), rank, 2)
+    pairs = []
+    for start in range(0, len(a), 1024):  # bounded memory: 1024 x len(second) x rank
+        chunk = a[start : start + 1024, None]
+        overlap = np.all((chunk[..., 0] < b[None, :, :, 1]) & (b[None, :, :, 0] < chunk[..., 1]), axis=-1)
+        rows, cols = np.nonzero(overlap)
+        pairs += zip((rows + start).tolist(), cols.tolist())
+    return pairs
 
 
 def _check_partitions(graph: TaskGraph) -> None:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_model_outputs_close, assert_trees_close, random_array
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tiny_models import TinyConfig, init_cache, init_params, make_decode_step, random_tokens, tp_specs
 
@@ -26,12 +26,20 @@ def platform(request) -> str:
     return request.param
 
 
-def mesh_of(n: int, names=("x",), platform: str = "cpu") -> Mesh:
+def mesh_of(n: int, names=("x",), platform: str = "cpu", axis_type: AxisType | None = None) -> Mesh:
+    """A mesh of ``n`` devices; with ``axis_type``, made by jax.make_mesh (whose default is Explicit)."""
     devices = jax.devices(platform) if platform == "cpu" or jax.default_backend() == "gpu" else []
     if len(devices) < n:
         pytest.skip(f"needs {n} {platform} devices (CPU: XLA_FLAGS=--xla_force_host_platform_device_count={n})")
     shape = (n,) if len(names) == 1 else (2, n // 2)
+    if axis_type is not None:
+        return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names), devices=devices[:n])
     return Mesh(np.array(devices[:n]).reshape(shape), names)
+
+
+def placed(mesh: Mesh, values, specs):
+    """``values`` put on ``mesh`` as ``specs`` say (pytrees of arrays and of PartitionSpecs)."""
+    return jax.device_put(values, jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), specs))
 
 
 def check_calls(fn, make_args, calls=3, dtype=None):
@@ -153,6 +161,74 @@ def test_tensor_parallel_decode_steps(n, dtype, platform, rng):
             np.testing.assert_array_equal(np.asarray(actual[0]), np.asarray(expected[0]))
         tokens, expected_cache, actual_cache = expected[0], expected[2:], actual[2:]
     fast.check_errors()
+
+
+AXIS_TYPES = [AxisType.Explicit, AxisType.Auto]
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=lambda t: t.name)
+def test_meshes_made_by_make_mesh(n, axis_type, rng):
+    """Arguments placed on a jax.make_mesh mesh: with Explicit axes their shardings are part of their types,
+    which the shard_map checks its in_specs against; results have jax.jit's types."""
+    mesh = mesh_of(n, ("a", "b") if n == 4 else ("x",), axis_type=axis_type)
+    axes = tuple(mesh.axis_names)
+    in_specs = (P(None, axes), P(axes, None))
+    f = jax.shard_map(lambda x, w: jax.lax.psum(x @ w, axes), mesh=mesh, in_specs=in_specs, out_specs=P())
+    make_args = lambda: placed(mesh, (random_array(rng, (3, 8 * n), "float32"),  # noqa: E731
+                                      random_array(rng, (8 * n, 5), "float32")), in_specs)
+    fast = check_calls(f, make_args)
+    args = make_args()
+    assert jax.typeof(fast(*args)) == jax.typeof(jax.jit(f)(*args))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_tensor_parallel_decode_step_on_an_explicit_mesh(n, rng):
+    cfg = TinyConfig(layers=2, heads=4, kv_heads=4 if n == 4 else 2, mlp=96)
+    mesh = mesh_of(n, axis_type=AxisType.Explicit)
+    cache_spec = P(None, None, None, "x", None)
+    specs = (tp_specs(init_params(cfg, jax.random.PRNGKey(0)), "x"), P(), P(), cache_spec, cache_spec)
+    step = jax.shard_map(make_decode_step(cfg, "x"), mesh=mesh, in_specs=specs,
+                         out_specs=(P(), P(), cache_spec, cache_spec))  # fmt: skip
+    params = init_params(cfg, jax.random.PRNGKey(int(rng.integers(1 << 30))))
+    cache = init_cache(cfg, jax.random.PRNGKey(int(rng.integers(1 << 30))))
+    args = placed(mesh, (params, random_tokens(cfg, 0), jnp.int32(3), *cache), specs)
+    with jax.default_matmul_precision("float32"):
+        expected = jax.jit(step)(*args)
+    actual = jax_mpk.megakernelize(step)(*args)
+    assert_trees_close(actual[1:], expected[1:])
+    np.testing.assert_array_equal(np.asarray(actual[0]), np.asarray(expected[0]))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_sharding_annotations_are_identities(n, rng):
+    """reshard (also under jax.set_mesh, and as auto_axes makes it) and with_sharding_constraint change where
+    a value lives, not the value: outside a shard_map every device computes the whole function."""
+    explicit, auto = mesh_of(n, axis_type=AxisType.Explicit), mesh_of(n, axis_type=AxisType.Auto)
+
+    def on_explicit(x, w):  # called under jax.set_mesh(explicit), where specs name its axes
+        y = jax.sharding.reshard(jnp.tanh(x @ w), NamedSharding(explicit, P()))
+        z = jax.sharding.reshard(y * 2.0, P("x", None))
+        return z + 1.0, jax.sharding.auto_axes(lambda v: v * 3.0, out_sharding=P(None, "x"))(z)
+
+    def on_auto(x):
+        y = jax.lax.with_sharding_constraint(jnp.sin(x), NamedSharding(auto, P("x")))
+        return jax.lax.with_sharding_constraint(y * x, NamedSharding(auto, P(None, "x")))
+
+    for fn, mesh, make in [
+        (on_explicit, explicit, lambda: placed(explicit, (random_array(rng, (2 * n, 8), "float32"),
+                                                          random_array(rng, (8, 2 * n), "float32")),
+                                               (P("x", None), P()))),
+        (on_auto, auto, lambda: placed(auto, (random_array(rng, (2 * n, 2 * n), "float32"),), (P("x"),))),
+    ]:  # fmt: skip
+        with jax.set_mesh(mesh):
+            fast = check_calls(fn, make, calls=2)
+            (plan,) = fast.plans.values()
+            names = {e.primitive.name for e in plan.jaxpr.jaxpr.eqns}
+            assert names & {"reshard", "sharding_constraint"}, names
+            args = make()
+            types = lambda tree: jax.tree_util.tree_map(jax.typeof, tree)  # noqa: E731
+            assert types(fast(*args)) == types(jax.jit(fn)(*args))
 
 
 def test_a_rank_that_never_arrives_trips_the_watchdog(monkeypatch, rng):

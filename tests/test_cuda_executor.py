@@ -103,7 +103,7 @@ KERNELS = textwrap.dedent(
 
     // y = x + epoch (buffers 0 and 1 may be one buffer); every CTA signals event 0 and CTA 0 waits for all of
     // them, which needs every CTA resident at once; seen = {CTAs seen, epoch}. Touches all dynamic smem.
-    extern "C" __global__ void add_epoch(const MegakernelParams p) {
+    extern "C" __global__ void add_epoch(const KernelParams<3> p) {
       extern __shared__ float smem[];
       const u64 epoch = begin(p);
       const float* x = (const float*)p.buffers[0];
@@ -126,19 +126,20 @@ KERNELS = textwrap.dedent(
     }
 
     // Waits on an event that never fires.
-    extern "C" __global__ void hang(const MegakernelParams p) {
+    extern "C" __global__ void hang(const KernelParams<3> p) {
       const u64 epoch = begin(p);
       if (threadIdx.x == 0) wait(p, 1, 1ull << 60);
       finish(p, epoch);
     }
 
-    extern "C" __global__ void out_of_range(const MegakernelParams p) {
+    extern "C" __global__ void out_of_range(const KernelParams<3> p) {
       const u64 epoch = begin(p);
       if (threadIdx.x == 0 && blockIdx.x == 0) report(p, 2, 5, 100, 64);
       finish(p, epoch);
     }
 
     extern "C" __global__ void bad_signature(float* x) { x[0] = 1.0f; }
+    extern "C" __global__ void too_few_buffers(const KernelParams<2> p) {}
     """
 )
 
@@ -187,7 +188,8 @@ def test_register_is_lazy_and_validates():
     with pytest.raises(KeyError, match="not registered"):
         runtime.check_cuda_error("reg-unknown", 0)
     bad = [dict(threads=0), dict(threads=1025), dict(smem_bytes=-1), dict(num_events=-1), dict(num_ctas=-1),
-           dict(aliases={0: 1}), dict(arg_bytes=[4]), dict(arg_bytes=[1] * 250, ret_bytes=[1] * 250)]
+           dict(aliases={0: 1}), dict(arg_bytes=[4]),
+           dict(arg_bytes=[1] * 2100, ret_bytes=[1] * 2100)]  # more than the 4073 kMaxBuffers
     for change in bad:
         args = dict(num_events=1, threads=32, smem_bytes=0, arg_bytes=[8], ret_bytes=[8, 1], aliases={0: 0})
         args.update(change)
@@ -260,6 +262,9 @@ def test_call_errors_are_ffi_errors():
     _register("signature", "bad_signature", smem_bytes=0)
     with pytest.raises(Exception, match="must take exactly one parameter"):
         jax.block_until_ready(jax.jit(_call("signature"))(x))
+    _register("buffer-count", "too_few_buffers", smem_bytes=0)
+    with pytest.raises(Exception, match=r"KernelParams<3>` \(200 bytes\) by value; its first parameter has 192"):
+        jax.block_until_ready(jax.jit(_call("buffer-count"))(x))
     _register("too-much-smem", "add_epoch", smem_bytes=1 << 20)
     with pytest.raises(Exception, match="cannot run a CTA of 128 threads, 1048576 bytes of dynamic"):
         jax.block_until_ready(jax.jit(_call("too-much-smem"))(x))
@@ -319,20 +324,23 @@ print("COMMAND BUFFER OK")
 """
 
 
+def run_with_command_buffers(script: str, timeout: int = 300, **env) -> tuple[subprocess.CompletedProcess, str]:
+    """Runs ``script`` in a new process whose XLA captures every custom call into CUDA graphs (command buffers,
+    from the first call on), logging their executions and updates; returns it and its whole output."""
+    environ = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="command_buffer_thunk=3", **env)
+    environ["XLA_FLAGS"] = (environ.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1"
+                            " --xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL").strip()  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True, timeout=timeout)
+    return done, done.stdout + done.stderr
+
+
 @pytest.mark.gpu
 def test_command_buffer_capture_and_replay():
     """With command buffers forced on, XLA captures the call (its first one included) and replays it."""
     _skip_without_gpu()
     _cubin()
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_graph_min_graph_size=1"
-                        " --xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL").strip()
-    env["TF_CPP_MIN_LOG_LEVEL"] = "0"
-    env["TF_CPP_VMODULE"] = "command_buffer_thunk=3"
-    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-    script = COMMAND_BUFFER_SCRIPT.format(tests=str(ROOT / "tests"))
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    log = done.stdout + done.stderr
+    done, log = run_with_command_buffers(COMMAND_BUFFER_SCRIPT.format(tests=str(ROOT / "tests")),
+                                         XLA_PYTHON_CLIENT_PREALLOCATE="false")  # fmt: skip
     assert done.returncode == 0 and "COMMAND BUFFER OK" in done.stdout, log[-6000:]
     assert "Execute command buffer" in log, log[-6000:]  # it really went through a CUDA graph
     assert "Update command buffer" in log, log[-6000:]  # and was re-captured after the plan changed

@@ -18,6 +18,27 @@ def test_unsupported_primitive_names_primitive_and_source_line():
         jax_mpk.megakernelize(f)(jnp.ones((4,)))
 
 
+def test_every_unsupported_primitive_is_listed_in_one_error(rng):
+    """Users fix them in one go: each refused primitive with its own source line; a primitive whose input
+    could not be lowered is still refused for itself, and nothing computed from a refused value is listed."""
+
+    def f(x):
+        factor = jnp.linalg.cholesky(x @ x.T + 8.0 * jnp.eye(3))  # LINE_CHOLESKY
+        doubled = jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] * 2.0), (0, factor))[1]  # LINE_WHILE
+        return jnp.tanh(doubled) + x[:, :3]
+
+    lines = {tag: i + 1 for i, text in enumerate(open(__file__).read().splitlines()) for tag in
+             ("LINE_CHOLESKY", "LINE_WHILE") if text.endswith(f"# {tag}")}  # fmt: skip
+    x = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+    with pytest.raises(jax_mpk.UnsupportedPrimitiveError) as info:
+        jax_mpk.megakernelize(f)(x)
+    message = str(info.value)
+    assert message.startswith("jax_mpk cannot lower 2 equations"), message
+    assert [r.primitive for r in info.value.refusals] == ["cholesky", "while"], message
+    assert f"'cholesky' at {__file__}:{lines['LINE_CHOLESKY']}" in message, message
+    assert f"'while' at {__file__}:{lines['LINE_WHILE']}" in message, message
+
+
 def test_unsupported_gather_form():
     def f(x, i):
         return jnp.take_along_axis(x, i, axis=1)

@@ -65,6 +65,62 @@ def test_greedy_decode_matches_jit_for_32_steps(name, rng):
     assert len(fast.plans) == 1
 
 
+def test_per_layer_cache_decode_matches_jit(rng, name="qwen3-tiny-untied"):
+    """A KV cache of one array per layer (as public implementations keep it): megakernelize(step) equals
+    jax.jit(step), both equal the stacked layout's step, and every layer's cache is updated in place."""
+    config = models.PRESETS[name]
+    batch, max_seq = 2, 12
+    weights, merge = models.split(models.create(config, _seed(rng)))
+    step = models.make_decode_step(merge)
+    fast = jax_mpk.megakernelize(step, donate_argnums=(3,))
+    stacked = models.init_cache(config, batch, max_seq, jax.random.PRNGKey(_seed(rng)))
+    cache = models.per_layer(stacked)
+    assert len(cache.k) == config.layers and cache.k[0].shape == (batch, max_seq, config.kv_heads, config.head_dim)
+    tokens = _prompt(rng, config, batch, 1)[:, 0]
+    for pos in range(5, 8):
+        ref_tokens, ref_logits, ref_cache = jax.jit(step)(weights, tokens, jnp.int32(pos), cache)
+        _, stacked_logits, stacked = jax.jit(step)(weights, tokens, jnp.int32(pos), stacked)
+        fast_tokens, logits, cache = fast(weights, tokens, jnp.int32(pos), cache)
+        assert_model_outputs_close((logits, cache), (ref_logits, ref_cache), "float32")
+        assert_model_outputs_close((logits, cache), (stacked_logits, models.per_layer(stacked)), "float32")
+        np.testing.assert_array_equal(fast_tokens, ref_tokens)
+        tokens = ref_tokens
+    (plan,) = fast.plans.values()
+    assert len(plan.call_plan.aliases) == 2 * config.layers
+
+
+def greedy_generate(step, steps: int):
+    """The README's pattern: the whole decode loop in one jax.jit, the (megakernelized) step in a fori_loop,
+    so that per-call host work (flattening a few hundred weights) is paid once per loop, not per token."""
+
+    def generate(weights, tokens, pos, cache):
+        def body(i, carry):
+            tokens, cache, out = carry
+            tokens, _, cache = step(weights, tokens, pos + i, cache)
+            return tokens, cache, out.at[:, i].set(tokens)
+
+        out = jnp.zeros((tokens.shape[0], steps), jnp.int32)
+        return jax.lax.fori_loop(0, steps, body, (tokens, cache, out))[2]
+
+    return jax.jit(generate)
+
+
+def test_generate_loop_in_one_jit(rng):
+    config = models.PRESETS["qwen3-tiny"]
+    weights, merge = models.split(models.create(config, _seed(rng)))
+    step = models.make_decode_step(merge)
+    cache = models.init_cache(config, 2, 16, jax.random.PRNGKey(_seed(rng)))
+    tokens = _prompt(rng, config, 2, 1)[:, 0]
+    generate = greedy_generate(jax_mpk.megakernelize(step), 6)
+    expected, reference, ref_tokens, ref_cache = [], jax.jit(step), tokens, cache
+    for i in range(6):  # the same steps, one jax.jit call each
+        ref_tokens, _, ref_cache = reference(weights, ref_tokens, jnp.int32(3 + i), ref_cache)
+        expected.append(ref_tokens)
+    np.testing.assert_array_equal(generate(weights, tokens, jnp.int32(3), cache), np.stack(expected, 1))
+    text = generate.lower(weights, tokens, jnp.int32(3), cache).as_text()
+    assert text.count("jax_mpk_megakernel") == 1  # one custom call, in the loop's body
+
+
 def _relative_error(actual, expected) -> float:
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))

@@ -46,6 +46,12 @@ def test_residual_add_becomes_dot_epilogue(rng):
     assert any(isinstance(n, Acc) for n in mk.graph.kernels[0].nodes())
 
 
+def test_product_read_by_two_kernels_is_no_epilogue(rng):
+    """Both results recompute tanh(x @ w) * 2 (too cheap to store): the product stays stored for both."""
+    f = lambda x, w: (lambda z: (z + 1.0, z * 3.0))(jnp.tanh(x @ w) * 2.0)  # noqa: E731
+    check_against_jit(f, random_array(rng, (4, 8), "float32"), random_array(rng, (8, 4), "float32"))
+
+
 def test_rope_with_concatenate_fuses(rng):
     def rope(x, cos, sin):
         half = x.shape[-1] // 2

@@ -14,6 +14,7 @@
 #include <string>
 #include <string_view>
 #include <utility>
+#include <vector>
 
 #include "jax_mpk/runtime/params.h"
 #include "jax_mpk/str_cat.h"
@@ -31,6 +32,11 @@ bool CudaPlanSpec::operator==(const CudaPlanSpec& other) const {
 }
 
 namespace {
+
+size_t NumBuffers(const CudaPlanSpec& spec) { return spec.arg_bytes.size() + spec.ret_bytes.size(); }
+
+// The size of the plan kernel's parameter, KernelParams<NumBuffers(spec)>.
+size_t ParamsBytes(const CudaPlanSpec& spec) { return sizeof(MegakernelParams) + NumBuffers(spec) * sizeof(char*); }
 
 // About 11 days, as on CPU: any longer wait is a hang, and the bound keeps watchdog_ns from overflowing.
 constexpr int64_t kMaxWatchdogMs = 1'000'000'000;
@@ -79,6 +85,9 @@ struct DeviceState {
   char* comm = nullptr;
   size_t comm_block_bytes = 0;
   int64_t last_watchdog_ms = 0;         // of the last launch, for the watchdog message
+  // The kernel's parameter block (runtime/params.h, KernelParams): MegakernelParams, then the buffer
+  // addresses; filled by every call under `mutex`, and copied by the launch.
+  std::vector<uint64_t> params_block;
   // Kernel errors taken from the record but not reported yet (a call being captured cannot report them).
   std::string unreported;
   ffi::ErrorCode unreported_code = ffi::ErrorCode::kOk;
@@ -333,17 +342,17 @@ ffi::ErrorOr<std::unique_ptr<DeviceState>> CreateState(CudaPlan& plan, int devic
     }
   }
 
-  // The kernel must take exactly one parameter, a MegakernelParams by value. Older drivers may not answer:
-  // then this check is skipped.
+  // The kernel must take exactly one parameter, a KernelParams<buffers of the plan> by value. Older drivers
+  // may not answer: then this check is skipped.
   size_t param_offset = 0, param_size = 0;
   if (cudaFuncGetParamInfo(kernel, 0, &param_offset, &param_size) == cudaSuccess) {
     size_t extra_offset = 0, extra_size = 0;
     const bool has_more = cudaFuncGetParamInfo(kernel, 1, &extra_offset, &extra_size) == cudaSuccess;
-    if (param_size != sizeof(MegakernelParams) || has_more) {
+    if (param_size != ParamsBytes(spec) || has_more) {
       return ffi::Unexpected(ffi::Error::InvalidArgument(
-          StrCat("jax_mpk: ", what, " must take exactly one parameter, `const jax_mpk::MegakernelParams` (",
-                 sizeof(MegakernelParams), " bytes) by value; its first parameter has ", param_size, " bytes",
-                 has_more ? " and it has more than one" : "")));
+          StrCat("jax_mpk: ", what, " must take exactly one parameter, `const jax_mpk::KernelParams<",
+                 NumBuffers(spec), ">` (", ParamsBytes(spec), " bytes) by value; its first parameter has ",
+                 param_size, " bytes", has_more ? " and it has more than one" : "")));
     }
   }
   cudaGetLastError();  // a refused parameter query is not an error of ours
@@ -390,6 +399,7 @@ ffi::ErrorOr<std::unique_ptr<DeviceState>> CreateState(CudaPlan& plan, int devic
   auto state = std::make_unique<DeviceState>();
   state->device = device;
   state->grid = static_cast<unsigned>(grid);
+  state->params_block.assign(ParamsBytes(spec) / sizeof(uint64_t), 0);
   if (ffi::Error error = AllocateState(plan, *state); error.failure()) {
     ReleasePartialState(*state);
     return ffi::Unexpected(std::move(error));
@@ -486,9 +496,10 @@ ffi::Error TakeDeferredError(const CudaPlan& plan, DeviceState& state, cudaStrea
                            "', which did not run; the plan's state on this device is reset"));
 }
 
-// Checks the buffers XLA passed against the plan and writes their addresses into params.buffers.
+// Checks the buffers XLA passed against the plan and writes their addresses into `buffers` (operands, then
+// results).
 ffi::Error BindBuffers(const CudaPlan& plan, const ffi::RemainingArgs& args, const ffi::RemainingRets& rets,
-                       MegakernelParams& params) {
+                       char** buffers) {
   const CudaPlanSpec& spec = plan.spec;
   if (args.size() != spec.arg_bytes.size() || rets.size() != spec.ret_bytes.size()) {
     return ffi::Error::InvalidArgument(StrCat("jax_mpk: the call has ", args.size(), " operands and ", rets.size(),
@@ -503,7 +514,7 @@ ffi::Error BindBuffers(const CudaPlan& plan, const ffi::RemainingArgs& args, con
       return ffi::Error::InvalidArgument(StrCat("jax_mpk: operand ", i, " has ", buffer->size_bytes(),
                                                 " bytes, but plan '", plan.key, "' expects ", spec.arg_bytes[i]));
     }
-    params.buffers[i] = static_cast<char*>(buffer->untyped_data());
+    buffers[i] = static_cast<char*>(buffer->untyped_data());
   }
   for (size_t o = 0; o < rets.size(); ++o) {
     ffi::ErrorOr<ffi::Result<ffi::AnyBuffer>> result = rets.get<ffi::AnyBuffer>(o);
@@ -513,10 +524,10 @@ ffi::Error BindBuffers(const CudaPlan& plan, const ffi::RemainingArgs& args, con
       return ffi::Error::InvalidArgument(StrCat("jax_mpk: result ", o, " has ", buffer.size_bytes(),
                                                 " bytes, but plan '", plan.key, "' expects ", spec.ret_bytes[o]));
     }
-    params.buffers[num_args + o] = static_cast<char*>(buffer.untyped_data());
+    buffers[num_args + o] = static_cast<char*>(buffer.untyped_data());
   }
   for (const auto& [input, output] : spec.aliases) {
-    if (spec.arg_bytes[input] != 0 && params.buffers[input] != params.buffers[num_args + output]) {
+    if (spec.arg_bytes[input] != 0 && buffers[input] != buffers[num_args + output]) {
       return ffi::Error::InvalidArgument(StrCat("jax_mpk: operand ", input, " and result ", output,
                                                 " must be one buffer (input_output_aliases), but XLA passed two"));
     }
@@ -524,7 +535,8 @@ ffi::Error BindBuffers(const CudaPlan& plan, const ffi::RemainingArgs& args, con
   return ffi::Error::Success();
 }
 
-ffi::Error Launch(const CudaPlan& plan, DeviceState& state, cudaStream_t stream, MegakernelParams& params) {
+// Launches the kernel with the parameter block in state.params_block (whose size the kernel's image knows).
+ffi::Error Launch(const CudaPlan& plan, DeviceState& state, cudaStream_t stream) {
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeCooperative;  // all CTAs co-resident: they wait on each other
   attribute.val.cooperative = 1;
@@ -535,7 +547,7 @@ ffi::Error Launch(const CudaPlan& plan, DeviceState& state, cudaStream_t stream,
   config.stream = stream;
   config.attrs = &attribute;
   config.numAttrs = 1;
-  void* kernel_args[] = {&params};
+  void* kernel_args[] = {state.params_block.data()};
   cudaGetLastError();  // errors of earlier calls were reported by them
   cudaError_t status = cudaLaunchKernelExC(&config, reinterpret_cast<const void*>(plan.kernel), kernel_args);
   if (status == cudaSuccess) status = cudaGetLastError();
@@ -575,7 +587,8 @@ ffi::Error MegakernelCuda(cudaStream_t stream, int32_t device, ffi::RemainingArg
   if (ffi::Error error = TakeDeferredError(*plan, state, stream, capturing); error.failure()) return error;
 
   MegakernelParams params{};
-  if (ffi::Error error = BindBuffers(*plan, args, rets, params); error.failure()) return error;
+  char** buffers = reinterpret_cast<char**>(state.params_block.data()) + sizeof(MegakernelParams) / sizeof(char*);
+  if (ffi::Error error = BindBuffers(*plan, args, rets, buffers); error.failure()) return error;
   params.counters = state.counters;
   params.control = state.control;
   params.error = state.error_device;
@@ -592,7 +605,8 @@ ffi::Error MegakernelCuda(cudaStream_t stream, int32_t device, ffi::RemainingArg
     JAX_MPK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(state.block, 0, state.block_bytes, stream),
                                  "capturing the reset of the event counters and control");
   }
-  if (ffi::Error error = Launch(*plan, state, stream, params); error.failure()) return error;
+  std::memcpy(state.params_block.data(), &params, sizeof(params));
+  if (ffi::Error error = Launch(*plan, state, stream); error.failure()) return error;
   state.last_watchdog_ms = watchdog_ms;
   return ffi::Error::Success();
 }
@@ -629,10 +643,10 @@ void CheckSpec(const CudaPlanSpec& spec) {
     fail(StrCat("comm_bytes = ", spec.comm_bytes, " or num_remote_events = ", spec.num_remote_events,
                 " is out of range"));
   }
-  const size_t num_buffers = spec.arg_bytes.size() + spec.ret_bytes.size();
-  if (num_buffers > static_cast<size_t>(kMaxBuffers)) {
-    fail(StrCat(spec.arg_bytes.size(), " operands and ", spec.ret_bytes.size(), " results make ", num_buffers,
-                " buffers; a megakernel takes at most ", kMaxBuffers, " (kMaxBuffers in runtime/params.h)"));
+  if (NumBuffers(spec) > static_cast<size_t>(kMaxBuffers)) {
+    fail(StrCat(spec.arg_bytes.size(), " operands and ", spec.ret_bytes.size(), " results make ", NumBuffers(spec),
+                " buffers; a megakernel takes at most ", kMaxBuffers,
+                " (its kernel parameters hold their addresses: kMaxBuffers in runtime/params.h)"));
   }
   for (size_t i = 0; i < spec.arg_bytes.size(); ++i) {
     if (spec.arg_bytes[i] < 0 || spec.arg_bytes[i] > kMaxBufferBytes) {

@@ -18,6 +18,7 @@
 #include "jax_mpk/cuda_executor.h"
 #include "jax_mpk/plan.h"
 #include "jax_mpk/plan_registry.h"
+#include "jax_mpk/runtime/params.h"
 #include "jax_mpk/str_cat.h"
 
 namespace nb = nanobind;
@@ -131,6 +132,7 @@ NB_MODULE(_ext, m) {
         "for jax.ffi.register_ffi_target(..., platform='CUDA'); empty when built without CUDA.");
   m.def(
       "has_cuda", [] { return jax_mpk::kHasCuda; }, "Whether this build has the CUDA backend.");
+  m.attr("max_cuda_buffers") = jax_mpk::kMaxBuffers;  // operands + results a CUDA megakernel takes
   m.def("register_cuda_plan", &jax_mpk::RegisterCudaPlanFromPython, "key"_a, "cubin"_a, "kernel_name"_a,
         "num_events"_a, "threads"_a, "smem_bytes"_a, "num_args"_a, "num_rets"_a, "arg_bytes"_a, "ret_bytes"_a,
         "aliases"_a, "num_ctas"_a = 0, "rank_devices"_a = std::vector<int64_t>(), "comm_bytes"_a = 0,

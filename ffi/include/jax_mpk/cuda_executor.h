@@ -8,9 +8,9 @@
 //
 // Each call launches the plan's kernel once, cooperatively, with one CTA per worker (by default one per SM):
 //
-//   extern "C" __global__ void KERNEL_NAME(const jax_mpk::MegakernelParams p);   // runtime/params.h, by value
+//   extern "C" __global__ void KERNEL_NAME(const jax_mpk::KernelParams<NUM_BUFFERS> p);   // runtime/params.h
 //
-// buffers[] holds the operands, then the results. Event counters and the Control block live in device memory
+// p.buffers[] holds the operands, then the results (NUM_BUFFERS of them, at most kMaxBuffers). Event counters and the Control block live in device memory
 // and persist across calls (the kernel's epoch protocol, runtime/megakernel.cuh); they are zeroed once when
 // the plan is first used on a device and again after a failed call.
 //

@@ -7,10 +7,6 @@
 
 namespace jax_mpk {
 
-// Buffers are the custom call's operands, then its results (the last one is the workspace). A model passed
-// as one array per weight has ~11 per layer (400 for Qwen3-8B); the whole struct is the kernel's parameter
-// block, which must stay within the classic 4 KB limit.
-inline constexpr int kMaxBuffers = 480;
 
 enum ErrorCode : int32_t {
   kErrorNone = 0,
@@ -50,14 +46,34 @@ struct CommParams {
   int32_t num_ranks;  // 1: no collectives, the rest is unused
 };
 
+// What every plan's kernel gets besides its buffer addresses; the runtime's device functions take this part.
 struct MegakernelParams {
-  char* buffers[kMaxBuffers];
   uint64_t* counters;   // one per event
   Control* control;
   ErrorRecord* error;   // host-mapped
   int64_t watchdog_ns;
   CommParams comm;
 };
-static_assert(sizeof(MegakernelParams) <= 4096, "kernel parameters are limited to 4 KB");
+
+// The kernel's one parameter, by value: MegakernelParams, then the address of every buffer of the call (its
+// operands, then its results; the last result is the workspace), sized for the plan, so that a small plan
+// passes a small block. Buffer addresses thus sit in the kernel's parameter (constant) bank, read at constant
+// offsets like any operand: no device-side table to fill per call, or to lose from L2 to streamed weights.
+// A block beyond the classic 4 KB needs CUDA >= 12.1 (nvcc, and a driver >= R530) on Volta or newer, which
+// take up to 32,764 bytes. The host fills the block as bytes: the buffers start right after
+// MegakernelParams (checked below, and by the handler against the kernel's own parameter size).
+template <int kNumBuffers>
+struct KernelParams : MegakernelParams {
+  char* buffers[kNumBuffers];
+};
+
+inline constexpr int kMaxParamBytes = 32764;
+// 4073 buffers. A model passed as one array per weight has ~11 per layer (400 for Qwen3-8B); a KV cache of
+// one array per layer adds 4 per layer (keys and values, in and out).
+inline constexpr int kMaxBuffers = static_cast<int>((kMaxParamBytes - sizeof(MegakernelParams)) / sizeof(char*));
+static_assert(sizeof(MegakernelParams) % alignof(char*) == 0, "buffers follow MegakernelParams without padding");
+static_assert(sizeof(KernelParams<kMaxBuffers>) == sizeof(MegakernelParams) + kMaxBuffers * sizeof(char*) &&
+                  sizeof(KernelParams<kMaxBuffers>) <= kMaxParamBytes,
+              "kernel parameters are limited to 32,764 bytes");
 
 }  // namespace jax_mpk

@@ -1,0 +1,68 @@
+"""Cold planning time of an example model's decode step, stage by stage, for a GPU target without a GPU.
+
+Traces the step with abstract weights (no memory for them), then runs the pipeline megakernelize runs on a
+cache miss: capture, fusion, tiling, scheduling, validation, serialization and CUDA code generation (nvcc is
+not run: its time is apart, see toolchain.py's log line). Prints each stage's time (the jax_mpk logger) and,
+with --profile, the functions that took the most time.
+
+    python benchmarks/planning.py --model qwen3-8b                 # H100/H200: 132 SMs, sm_90
+    python benchmarks/planning.py --model qwen3-0.6b --profile 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import logging
+import os
+import pstats
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+import models  # noqa: E402
+
+from jax_mpk import config  # noqa: E402
+from jax_mpk.api import plan_stages  # noqa: E402
+from jax_mpk.capture import find_shard_map  # noqa: E402
+from jax_mpk.plan_cache import Target  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen3-8b", choices=sorted(models.PRESETS))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--ctx", type=int, default=1024)
+    parser.add_argument("--sms", type=int, default=132, help="the GPU's SM count (workers)")
+    parser.add_argument("--arch", default="9.0", help="compute capability")
+    parser.add_argument("--cache-layout", default="stacked", choices=["stacked", "per_layer"])
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N slowest functions")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    cfg = models.PRESETS[args.model]
+    weights, merge = models.split(models.abstract(cfg))
+    cache = jax.eval_shape(lambda: models.init_cache(cfg, args.batch, args.ctx, layout=args.cache_layout))
+    tokens, pos = jax.ShapeDtypeStruct((args.batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    closed = jax.make_jaxpr(models.make_decode_step(merge))(weights, tokens, pos, cache)
+    traced = time.perf_counter()
+    print(f"make_jaxpr: {traced - start:.2f} s ({len(closed.eqns)} equations)")
+    if args.profile:
+        profiler.enable()
+    stages = plan_stages(closed, find_shard_map(closed), Target("cuda", args.sms, args.arch), config.load())
+    profiler.disable()
+    plan = stages.plan
+    print(f"planning (not counting tracing and nvcc): {time.perf_counter() - traced:.2f} s for {args.model} "
+          f"batch {args.batch} ctx {args.ctx}: {plan.num_kernels} kernels, {plan.num_tasks} tasks, "
+          f"{len(plan.input_specs) + len(plan.output_specs) + 1} buffers")
+    if args.profile:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
+
+
+if __name__ == "__main__":
+    main()
