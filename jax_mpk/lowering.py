@@ -278,6 +278,19 @@ def _split(ctx, x, *, sizes, axis, **_):
     return outs
 
 
+@rule("unstack")
+def _unstack(ctx, x, *, axis, **_):
+    """Every index of ``axis`` as an array without it (jax 0.11's threefry expansion uses it)."""
+    axis = int(axis)
+    keep = [d for d in range(len(x.shape)) if d != axis]
+    outs = []
+    for i, aval in enumerate(ctx.out_avals):  # out index o -> x index: o's dims around the fixed i
+        matrix = [[int(keep[c] == r) for c in range(len(keep))] for r in range(len(x.shape))]
+        offset = [i if d == axis else 0 for d in range(len(x.shape))]
+        outs.append(reindex(x, aval.shape, IndexMap.affine(aval.shape, x.shape, matrix, offset)))
+    return outs
+
+
 @rule("concatenate")
 def _concatenate(ctx, *xs, dimension, **_):
     los, start = [], 0

@@ -44,7 +44,7 @@ print(json.dumps(dict(from_cache=plan.from_cache, key=plan.key, make_jaxpr_s=tra
 
 
 def _run_step(cache_dir: pathlib.Path, **env) -> dict:
-    environ = dict(os.environ, JAX_MPK_CACHE_DIR=str(cache_dir), JAX_MPK_PLATFORM="cpu", **env)
+    environ = {**os.environ, "JAX_MPK_CACHE_DIR": str(cache_dir), "JAX_MPK_PLATFORM": "cpu", **env}
     script = STEP_SCRIPT.format(tests=os.path.dirname(__file__))
     done = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]

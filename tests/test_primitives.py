@@ -135,6 +135,7 @@ def test_bit_op_on_an_8_bit_dtype_is_refused():
         ("rev", lambda x: x[::-1, :] * 1.5, (4, 6)),
         ("concatenate", lambda x: jnp.concatenate([x, -x[:, :2], x * 2], axis=1), (3, 5)),
         ("split", lambda x: [a * (i + 1) for i, a in enumerate(jnp.split(x, [2, 5], axis=1))], (3, 8)),
+        ("unstack", lambda x: [a * (i + 1) for i, a in enumerate(jax.lax.unstack(x, axis=1))], (3, 4, 5)),
         ("iota", lambda x: x + jnp.arange(x.shape[1], dtype=x.dtype), (3, 5)),
         ("passthrough", lambda x: (x, x), (2, 3)),
     ],
