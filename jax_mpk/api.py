@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -12,12 +13,12 @@ import numpy as np
 
 from . import config as config_module
 from .capture import Captured, ShardMap, capture, find_shard_map
-from .errors import DependencyTimeoutError, GraphTooLargeError, SignatureMismatchError
+from .errors import DependencyTimeoutError, GraphTooLargeError, InvalidArgumentError, SignatureMismatchError
 from .fusion import KernelGraph, fuse
 from .layout import Platform
 from .plan import plan_key, serialize
 from .runtime import check_cuda_error, emit_call, register_cuda_plan, register_plan
-from .schedule import Schedule, schedule
+from .schedule import Schedule, schedule, shuffled_schedule
 from .tasks import TaskGraph, build_task_graph
 from .validate import validate
 
@@ -51,8 +52,12 @@ class Megakernel:
         self.device = jax.devices("gpu")[0] if self.platform == "cuda" else None
         # On the GPU a worker is an SM: exactly one CTA per SM, all co-resident.
         self.num_workers = self.device.core_count if self.device is not None else (num_workers or cfg.num_workers)
-        self.watchdog_ms = int(cfg.watchdog_seconds * 1000)
-        flat_fn = lambda *flat: fn(*jax.tree_util.tree_unflatten(in_tree, flat))  # noqa: E731
+        self.watchdog_ms = max(1, round(cfg.watchdog_seconds * 1000))
+
+        def flat_fn(*flat):
+            args, kwargs = jax.tree_util.tree_unflatten(in_tree, flat)
+            return fn(*args, **kwargs)
+
         avals = [jax.ShapeDtypeStruct(s.shape, s.dtype, weak_type=s.weak_type) for s in specs]
         closed, out_shapes = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
         self.out_tree = jax.tree_util.tree_structure(out_shapes)
@@ -71,7 +76,10 @@ class Megakernel:
                 f"the task graph has {len(self.tasks.tasks)} tasks, more than the {cfg.max_tasks} allowed "
                 "(JAX_MPK_MAX_TASKS)"
             )
-        self.schedule: Schedule = schedule(self.tasks, self.num_workers)
+        if cfg.schedule_seed is None:
+            self.schedule: Schedule = schedule(self.tasks, self.num_workers)
+        else:
+            self.schedule = shuffled_schedule(self.tasks, self.num_workers, cfg.schedule_seed)
         if cfg.validate:
             validate(self.tasks, self.schedule)
         target = Platform.CUDA if self.device is not None else Platform.CPU
@@ -131,12 +139,12 @@ class Megakernel:
             raise SignatureMismatchError(
                 f"argument structure {in_tree} does not match the traced structure {self.in_tree}"
             )
-        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+        paths = [_argument_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(
             jax.tree_util.tree_unflatten(in_tree, list(flat_args)))[0]]
         for path, arg, spec in zip(paths, flat_args, self.specs):
             got = _ArgSpec.of(arg)
             if (got.shape, got.dtype) != (spec.shape, spec.dtype):
-                raise SignatureMismatchError(f"argument {path or '0'}: expected {spec}, got {got}")
+                raise SignatureMismatchError(f"argument {path}: expected {spec}, got {got}")
 
     def emit(self, flat_args: Sequence[Any], keep_workspace: bool = False) -> list:
         """The custom call on flat arguments (inside a trace); returns flat results. For a shard_map, the call
@@ -165,20 +173,20 @@ class Megakernel:
             several_devices=self.graph.num_ranks > 1,
         )
 
-    def profile(self, *args) -> np.ndarray:
+    def profile(self, *args, **kwargs) -> np.ndarray:
         """Run once and return per-task [wait, start, end] times in microseconds from the first wait
         (a plan compiled with JAX_MPK_PROFILE=1 on a GPU). Rows follow ``self.tasks.tasks``."""
         if self.profile_offset is None:
             raise ValueError("compile with JAX_MPK_PROFILE=1 on a GPU to profile")
-        flat, in_tree = jax.tree_util.tree_flatten(args)
+        flat, in_tree = jax.tree_util.tree_flatten((args, kwargs))
         self.check_signature(flat, in_tree)
         workspace = jax.jit(lambda *f: self.emit(f, keep_workspace=True)[-1])(*flat)
         raw = np.asarray(workspace)[self.profile_offset :].view(np.uint64).reshape(-1, 3)
         return (raw.astype(np.int64) - int(raw[:, 0].min())) / 1e3
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         """Dispatch asynchronously (like any jitted function); see :meth:`check_errors`."""
-        flat, in_tree = jax.tree_util.tree_flatten(args)
+        flat, in_tree = jax.tree_util.tree_flatten((args, kwargs))
         self.check_signature(flat, in_tree)
         self._last = _reporting_timeouts(lambda: jax.tree_util.tree_unflatten(self.out_tree, self._jitted(*flat)))
         return self._last
@@ -240,11 +248,15 @@ def _device_rank(axis_sizes) -> jax.Array:
     return rank
 
 
+def _argument_name(path) -> str:
+    """The argument a flattened leaf came from, as the call wrote it: ``args[1]['w']``, ``kwargs['cache']``."""
+    where, rest = path[0].idx, jax.tree_util.keystr(tuple(path[1:]))
+    return f"args{rest}" if where == 0 else f"kwargs{rest}"
+
+
 def _default_platform() -> str:
     chosen = config_module.load().platform
     if chosen:
-        if chosen not in ("cpu", "cuda"):
-            raise ValueError(f"JAX_MPK_PLATFORM must be 'cpu' or 'cuda', not {chosen!r}")
         return chosen
     return "cuda" if jax.default_backend() == "gpu" else "cpu"
 
@@ -253,11 +265,41 @@ def _nbytes(shape, dtype) -> int:
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
-def compile(fn: Callable, *example_args, num_workers: int | None = None) -> Megakernel:  # noqa: A001
-    """Lower ``fn`` for the signature of ``example_args`` (arrays or ``jax.ShapeDtypeStruct``) on the default
-    backend: the CPU executor, or one CUDA megakernel on a GPU (whose SM count sets the worker count)."""
-    flat, in_tree = jax.tree_util.tree_flatten(example_args)
+def compile(fn: Callable, *example_args, num_workers: int | None = None, **example_kwargs) -> Megakernel:  # noqa: A001
+    """Lower ``fn`` for the signature of ``example_args`` and ``example_kwargs`` (arrays or
+    ``jax.ShapeDtypeStruct``) on the default backend: the CPU executor, or one CUDA megakernel on a GPU (whose SM
+    count sets the worker count)."""
+    _check_num_workers(num_workers)
+    flat, in_tree = jax.tree_util.tree_flatten((example_args, example_kwargs))
     return Megakernel(fn, in_tree, tuple(_ArgSpec.of(x) for x in flat), num_workers)
+
+
+def _check_num_workers(num_workers) -> None:
+    if num_workers is not None and (not isinstance(num_workers, int) or isinstance(num_workers, bool)
+                                    or num_workers < 1):  # fmt: skip
+        raise InvalidArgumentError(f"num_workers={num_workers!r} is not valid: expected an integer >= 1")
+
+
+def _donated_positions(fn: Callable, donate_argnums) -> tuple[int, ...]:
+    """``donate_argnums`` checked as jax.jit checks it: integers, within ``fn``'s positional parameters
+    (negative ones count from the end) when its signature says how many there are."""
+    positions = (donate_argnums,) if isinstance(donate_argnums, int) else tuple(donate_argnums)
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in positions):
+        raise InvalidArgumentError(f"donate_argnums={donate_argnums!r} is not valid: expected integers")
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or a callable without a signature: checked at call time
+        return positions
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return positions
+    count = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    for d in positions:
+        if not -count <= d < count:
+            raise InvalidArgumentError(
+                f"donate_argnums={donate_argnums!r}, but {getattr(fn, '__name__', 'fn')} accepts only {count} "
+                "positional arguments"
+            )
+    return tuple(d % count for d in positions)
 
 
 def megakernelize(
@@ -269,9 +311,12 @@ def megakernelize(
     compiled plan (``.plans``: signature -> :class:`Megakernel`), and can be called directly or inside
     ``jax.jit``. Calls dispatch asynchronously; ``.check_errors()`` waits for the last one and raises
     :class:`DependencyTimeoutError` if a call hit the watchdog. Arguments listed in ``donate_argnums`` are
-    donated (use it for a KV cache updated in place: with donation, no copy is made). ``num_workers`` sets
-    the CPU executor's threads; on a GPU every SM is a worker.
+    donated (use it for a KV cache updated in place: with donation, no copy is made); they are checked as
+    jax.jit checks them. Keyword arguments are traced like positional ones (as jax.jit does: arrays or pytrees,
+    never donated). ``num_workers`` sets the CPU executor's threads; on a GPU every SM is a worker.
     """
+    _check_num_workers(num_workers)
+    donated = _donated_positions(fn, donate_argnums)
     plans: dict[tuple, Megakernel] = {}
 
     def lookup(flat, in_tree) -> Megakernel:
@@ -280,18 +325,23 @@ def megakernelize(
             plans[key] = Megakernel(fn, in_tree, key[1], num_workers)
         return plans[key]
 
-    def traced(*args):
-        flat, in_tree = jax.tree_util.tree_flatten(args)
+    def traced(*args, **kwargs):
+        flat, in_tree = jax.tree_util.tree_flatten((args, kwargs))
         megakernel = lookup(flat, in_tree)
         return jax.tree_util.tree_unflatten(megakernel.out_tree, megakernel.emit(flat))
 
-    jitted = jax.jit(traced, donate_argnums=donate_argnums)
+    jitted = jax.jit(traced, donate_argnums=donated)
 
     last_result: list = [None]
 
     @functools.wraps(fn)
-    def wrapper(*args):
-        last_result[0] = _reporting_timeouts(lambda: jitted(*args))
+    def wrapper(*args, **kwargs):
+        outside = [d for d in donated if not -len(args) <= d < len(args)]
+        if outside:
+            raise InvalidArgumentError(
+                f"donate_argnums={donate_argnums!r}, but the call passes only {len(args)} positional arguments"
+            )
+        last_result[0] = _reporting_timeouts(lambda: jitted(*args, **kwargs))
         return last_result[0]
 
     def check_errors() -> None:

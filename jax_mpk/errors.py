@@ -18,6 +18,10 @@ class UnsupportedPrimitiveError(MegakernelError, NotImplementedError):
         super().__init__(f"jax_mpk cannot lower primitive '{primitive}'{where}{why}")
 
 
+class InvalidArgumentError(MegakernelError, ValueError):
+    """A knob (environment variable) or an argument of megakernelize/compile has a value jax_mpk cannot use."""
+
+
 class UnsupportedDtypeError(MegakernelError, TypeError):
     """A value has a dtype the runtime does not implement."""
 

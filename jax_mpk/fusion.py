@@ -398,12 +398,11 @@ class _Fuser:
                 # running beside it; on the GPU the pointwise root is computed by its consumer's staging
                 continue
             for dot in dots:
-                users = self.users[dot.uid]
                 if (
                     dot.uid not in outputs
                     and dot.uid not in taken
                     and tuple(dot.shape) == tuple(root.shape)
-                    and all(u is root or u.uid in region for u in users)
+                    and self._computed_only_by(dot, root, region)
                 ):
                     absorbed[root.uid] = dot
                     taken.add(dot.uid)
@@ -411,6 +410,20 @@ class _Fuser:
         for dot_uid in taken:
             self.materialized.discard(dot_uid)
         return absorbed
+
+    def _computed_only_by(self, dot: Dot, root: Node, region: set[int]) -> bool:
+        """Every unstored value computed from ``dot`` lies in root's kernel. A value that another kernel also
+        computes (``m = (a @ b) * 2`` used by ``m + 1`` and returned as ``m.T``) needs the product stored."""
+        stack, seen = [dot], set()
+        while stack:
+            for user in self.users[stack.pop().uid]:
+                if user is root or user.uid in seen:
+                    continue
+                if user.uid not in region:
+                    return False
+                seen.add(user.uid)
+                stack.append(user)
+        return True
 
     def _dots_read_pointwise(self, root: Node) -> list[Dot]:
         """Stored dots reached from root through elementwise nodes only (read at the root's own index),

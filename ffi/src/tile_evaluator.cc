@@ -23,8 +23,15 @@ uint64_t ToModular(double value) { return static_cast<uint64_t>(ToInt64(value));
 double FromModular(uint64_t value) { return static_cast<double>(value & 0xFFFFFFFFu); }
 double WrappingProduct(double a, double b) { return FromModular(ToModular(a) * ToModular(b)); }
 
-double NanPropagatingMax(double a, double b) { return std::isnan(a) || std::isnan(b) ? kNaN : std::max(a, b); }
-double NanPropagatingMin(double a, double b) { return std::isnan(a) || std::isnan(b) ? kNaN : std::min(a, b); }
+// NaN wins, and -0 < +0 as in XLA (std::max/min would return the first of two equal zeros).
+double NanPropagatingMax(double a, double b) {
+  if (std::isnan(a) || std::isnan(b)) return kNaN;
+  return a == b ? (std::signbit(a) ? b : a) : std::max(a, b);
+}
+double NanPropagatingMin(double a, double b) {
+  if (std::isnan(a) || std::isnan(b)) return kNaN;
+  return a == b ? (std::signbit(a) ? a : b) : std::min(a, b);
+}
 
 double RoundHalfToEven(double value) {
   if (std::fabs(value - std::trunc(value)) == 0.5) return 2.0 * std::round(value / 2.0);

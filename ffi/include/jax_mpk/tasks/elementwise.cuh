@@ -133,11 +133,12 @@ __device__ __forceinline__ int32_t rem(int32_t a, int32_t b) {
   return a % b;
 }
 __device__ __forceinline__ uint32_t rem(uint32_t a, uint32_t b) { return b == 0 ? a : a % b; }
-__device__ __forceinline__ float max_(float a, float b) { return (a != a || b != b) ? __int_as_float(0x7fc00000) : fmaxf(a, b); }
+// NaN wins; equal values combine their bits so that -0 < +0 as in XLA (fmaxf/fminf may return either zero).
+__device__ __forceinline__ float max_(float a, float b) { return (a != a || b != b) ? __int_as_float(0x7fc00000) : (a == b ? __int_as_float(__float_as_int(a) & __float_as_int(b)) : fmaxf(a, b)); }
 __device__ __forceinline__ int32_t max_(int32_t a, int32_t b) { return a > b ? a : b; }
 __device__ __forceinline__ uint32_t max_(uint32_t a, uint32_t b) { return a > b ? a : b; }
 __device__ __forceinline__ bool max_(bool a, bool b) { return a || b; }
-__device__ __forceinline__ float min_(float a, float b) { return (a != a || b != b) ? __int_as_float(0x7fc00000) : fminf(a, b); }
+__device__ __forceinline__ float min_(float a, float b) { return (a != a || b != b) ? __int_as_float(0x7fc00000) : (a == b ? __int_as_float(__float_as_int(a) | __float_as_int(b)) : fminf(a, b)); }
 __device__ __forceinline__ int32_t min_(int32_t a, int32_t b) { return a < b ? a : b; }
 __device__ __forceinline__ uint32_t min_(uint32_t a, uint32_t b) { return a < b ? a : b; }
 __device__ __forceinline__ bool min_(bool a, bool b) { return a && b; }
