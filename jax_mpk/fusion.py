@@ -582,36 +582,62 @@ class _ExprBuilder:
         return self._rewrite(node)
 
     def _rewrite(self, node: Node, force_compute: bool = False) -> Node:
-        key = (node.uid, force_compute)
-        if key in self.memo:
-            return self.memo[key]
+        """Children before parents with an explicit stack: a chain of hundreds of fused elementwise operations
+        must not hit Python's recursion limit."""
+        stack = [(node, force_compute)]
+        while stack:
+            current, force = stack[-1]
+            if (current.uid, force) in self.memo:
+                stack.pop()
+                continue
+            pending = [c for c in self._inlined_children(current, force) if (c.uid, False) not in self.memo]
+            if pending:
+                stack.extend((c, False) for c in pending)
+                continue
+            stack.pop()
+            self.memo[(current.uid, force)] = self._rewrite_one(current, force)
+        return self.memo[(node.uid, force_compute)]
+
+    def _inlined_children(self, node: Node, force_compute: bool) -> tuple[Node, ...]:
+        """The children whose expressions ``node``'s expression is built from."""
+        if (self.absorbed is not None and node is self.absorbed) or (
+            node.uid in self.materialized and not force_compute
+        ):
+            return ()
+        if isinstance(node, Reindex):
+            return node.children[:1]
+        if isinstance(node, DynLoad):
+            return node.children[1:]
+        if isinstance(node, (Elementwise, Reduce, Piecewise)):
+            return node.children
+        return ()
+
+    def _rewrite_one(self, node: Node, force_compute: bool) -> Node:
+        """``node``'s expression, its children's already in the memo."""
+        rewritten = lambda child: self.memo[(child.uid, False)]  # noqa: E731
         if self.absorbed is not None and node is self.absorbed:
-            out: Node = Acc(shape=node.shape, dtype=node.dtype)
-        elif node.uid in self.materialized and not force_compute:
-            out = make_load(self.tensors[node.uid], IndexMap.identity(node.shape), node.dtype)
-        elif isinstance(node, Reindex):
-            child = self._rewrite(node.children[0])
+            return Acc(shape=node.shape, dtype=node.dtype)
+        if node.uid in self.materialized and not force_compute:
+            return make_load(self.tensors[node.uid], IndexMap.identity(node.shape), node.dtype)
+        if isinstance(node, Reindex):
+            child = rewritten(node.children[0])
             if isinstance(child, Load) and not child.dims:
-                out = make_load(child.tensor, node.map.then(child.map), node.dtype)
-            else:
-                out = Reindex(shape=node.shape, dtype=node.dtype, children=(child,), map=node.map)
-        elif isinstance(node, DynLoad):
+                return make_load(child.tensor, node.map.then(child.map), node.dtype)
+            return Reindex(shape=node.shape, dtype=node.dtype, children=(child,), map=node.map)
+        if isinstance(node, DynLoad):
             operand, *indices = node.children
-            out = Load(
+            return Load(
                 shape=node.shape,
                 dtype=node.dtype,
-                children=tuple(self._rewrite(i) for i in indices),
+                children=tuple(rewritten(i) for i in indices),
                 tensor=self.tensors[operand.uid],
                 map=node.map,
                 dims=node.dims,
                 his=node.his,
             )
-        elif isinstance(node, (Elementwise, Reduce, Piecewise)):
-            out = _clone(node, tuple(self._rewrite(c) for c in node.children))
-        else:
-            raise AssertionError(f"unstored heavy node {node!r} (jax_mpk bug)")
-        self.memo[key] = out
-        return out
+        if isinstance(node, (Elementwise, Reduce, Piecewise)):
+            return _clone(node, tuple(rewritten(c) for c in node.children))
+        raise AssertionError(f"unstored heavy node {node!r} (jax_mpk bug)")
 
     def dot_spec(self, dot: Dot) -> DotSpec:
         operands = []
