@@ -199,3 +199,11 @@ def test_donate_argnums_is_checked_like_jax_jit():
     variadic = jax_mpk.megakernelize(lambda *a: a[0] * 2, donate_argnums=(1,))
     with pytest.raises(jax_mpk.InvalidArgumentError, match="only 1 positional"):
         variadic(jnp.ones(2))
+
+
+@pytest.mark.gpu
+def test_fuzz_budget_on_the_cuda_megakernel():
+    """The same kind of programs through the CUDA megakernel, 16 programs per megakernel (one nvcc compile)."""
+    summary = fuzz.fuzz(64, seed=CI_SEED, platform="cuda", batch=16, log=print)
+    failures = "\n\n".join(f"[{f['index']}] {f['kind']}: {f['detail']}\n{f['snippet']}" for f in summary["failures"])
+    assert not any(summary["counts"].get(kind) for kind in fuzz.FAILURES), failures

@@ -696,7 +696,11 @@ def reference_rounded(program: Program, args: Sequence[np.ndarray]) -> list[np.n
     def rounded(x, dtype: str):
         if dtype not in FLOATS:
             return x
-        return lax.convert_element_type(lax.convert_element_type(x, DTYPES[dtype]), jnp.float64)
+        normal = lax.convert_element_type(lax.convert_element_type(x, DTYPES[dtype]), jnp.float64)
+        # XLA:CPU flushes subnormal results of the conversion to zero: round those onto the subnormal grid here
+        info = jnp.finfo(DTYPES[dtype])
+        spacing = float(info.smallest_subnormal)
+        return jnp.where(jnp.abs(x) < float(info.smallest_normal), jnp.round(x / spacing) * spacing, normal)
 
     def reference(*wide):
         env = dict(zip((a.name for a in program.args), wide))
@@ -885,7 +889,13 @@ def _git_commit() -> str:
 
 def fuzz(count: int, seed: int = 0, start: int = 0, platform: str = "cpu", batch: int = 1,
          shrink_failures: bool = True, log=print, records=None) -> dict:  # fmt: skip
-    """Generate and check programs ``start .. start+count-1`` of ``seed``; return the summary."""
+    """Generate and check programs ``start .. start+count-1`` of ``seed``; return the summary. jax.jit and the
+    references run on ``platform``'s device too."""
+    with jax.default_device(jax.devices("gpu" if platform == "cuda" else "cpu")[0]):
+        return _fuzz(count, seed, start, platform, batch, shrink_failures, log, records)
+
+
+def _fuzz(count, seed, start, platform, batch, shrink_failures, log, records) -> dict:
     table = generators()
     counts, covered = Counter(), Counter()
     failures = []
@@ -913,7 +923,7 @@ def fuzz(count: int, seed: int = 0, start: int = 0, platform: str = "cpu", batch
         if done % 100 < len(chunk) or done == len(indices):
             log(f"{done}/{count} programs, {time.monotonic() - began:.0f} s: {dict(counts)}")
     return {
-        "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else "",
+        "jax": jax.__version__, "device": str(jax.devices("gpu" if platform == "cuda" else "cpu")[0].device_kind),
         "commit": _git_commit(), "platform": platform, "seed": seed, "start": start, "count": count,
         "batch": batch, "seconds": round(time.monotonic() - began, 1), "counts": dict(counts),
         "covered": dict(sorted(covered.items())),
