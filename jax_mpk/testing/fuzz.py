@@ -200,6 +200,10 @@ def input_array(seed: int, arg: Value) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- generators
 
 
+class NoOperand(Exception):
+    """The program has no value a generator can take (it is tried again with another primitive)."""
+
+
 class Builder:
     """The growing program a generator adds one line to: pick operands, add arguments."""
 
@@ -218,8 +222,8 @@ class Builder:
         self.pool.append(value)
         return value
 
-    def pick(self, accept: Callable[[Value], bool] = lambda v: True) -> Value | None:
-        """A value that ``accept``s, preferring recent ones (so that chains grow deep)."""
+    def find(self, accept: Callable[[Value], bool] = lambda v: True) -> Value | None:
+        """A value that ``accept``s, preferring recent ones (so that chains grow deep); None if there is none."""
         candidates = [v for v in self.pool if accept(v)]
         if not candidates:
             return None
@@ -227,10 +231,17 @@ class Builder:
             return candidates[-1 - int(self.rng.integers(min(3, len(candidates))))]
         return candidates[int(self.rng.integers(len(candidates)))]
 
+    def pick(self, accept: Callable[[Value], bool] = lambda v: True) -> Value:
+        """An operand that ``accept``s; without one, the generator gives up (:class:`NoOperand`)."""
+        found = self.find(accept)
+        if found is None:
+            raise NoOperand
+        return found
+
     def like(self, shape, dtype: str) -> Value:
         """A value of this shape and dtype: an existing one (sharing makes fusion interesting) or a new input."""
         shape = tuple(shape)
-        found = self.pick(lambda v: v.shape == shape and v.dtype == dtype and v.int_range is None)
+        found = self.find(lambda v: v.shape == shape and v.dtype == dtype and v.int_range is None)
         if found is not None and self.rng.random() < 0.6:
             return found
         return self.arg(shape, dtype)
@@ -257,13 +268,13 @@ def generates(*names: str):
 
 
 def _unary(function: str) -> Generator:
-    return lambda b: (x := b.pick()) and f"{function}({x.name})"
+    return lambda b: f"{function}({b.pick().name})"
 
 
 def _binary(function: str) -> Generator:
     def generate(b: Builder) -> str | None:
         x = b.pick()
-        return x and f"{function}({x.name}, {b.like(x.shape, x.dtype).name})"
+        return f"{function}({x.name}, {b.like(x.shape, x.dtype).name})"
 
     return generate
 
@@ -292,22 +303,20 @@ def generic_generator(primitive: str) -> Generator | None:
 @generates("integer_pow")
 def _integer_pow(b: Builder) -> str | None:
     x = b.pick()
-    return x and f"lax.integer_pow({x.name}, {int(b.rng.integers(-2, 6))})"
+    return f"lax.integer_pow({x.name}, {int(b.rng.integers(-2, 6))})"
 
 
 @generates("round")
 def _round(b: Builder) -> str | None:
     x = b.pick(lambda v: v.dtype in FLOATS)
-    return x and f"lax.round({x.name}, lax.RoundingMethod.{b.choice(['AWAY_FROM_ZERO', 'TO_NEAREST_EVEN'])})"
+    return f"lax.round({x.name}, lax.RoundingMethod.{b.choice(['AWAY_FROM_ZERO', 'TO_NEAREST_EVEN'])})"
 
 
 @generates("select_n")
 def _select_n(b: Builder) -> str | None:
     x = b.pick()
-    if x is None:
-        return None
     if b.rng.random() < 0.7:
-        which = b.pick(lambda v: v.dtype == "pred" and v.shape == x.shape) or b.arg(x.shape, "pred")
+        which = b.find(lambda v: v.dtype == "pred" and v.shape == x.shape) or b.arg(x.shape, "pred")
         return f"lax.select_n({which.name}, {x.name}, {b.like(x.shape, x.dtype).name})"
     which = b.arg(x.shape, "i32", int_range=(0, 3))
     cases = ", ".join(b.like(x.shape, x.dtype).name for _ in range(2))
@@ -317,8 +326,6 @@ def _select_n(b: Builder) -> str | None:
 @generates("clamp")
 def _clamp(b: Builder) -> str | None:
     x = b.pick(lambda v: v.dtype != "pred")
-    if x is None:
-        return None
     lo, hi = sorted(b.rng.integers(-5, 6, size=2).tolist())
     return f"lax.clamp({x.dtype}({lo}), {x.name}, {x.dtype}({hi}))"
 
@@ -326,7 +333,7 @@ def _clamp(b: Builder) -> str | None:
 @generates("convert_element_type")
 def _convert(b: Builder) -> str | None:
     x = b.pick()
-    return x and f"lax.convert_element_type({x.name}, {b.choice(list(DTYPES))})"
+    return f"lax.convert_element_type({x.name}, {b.choice(list(DTYPES))})"
 
 
 @generates("iota")
@@ -338,8 +345,6 @@ def _iota(b: Builder) -> str | None:
 @generates("broadcast_in_dim")
 def _broadcast_in_dim(b: Builder) -> str | None:
     x = b.pick()
-    if x is None:
-        return None
     out = [d if d != 1 or b.rng.random() < 0.5 else int(b.rng.choice(DIMS)) for d in x.shape]
     dims = list(range(len(out)))
     for _ in range(int(b.rng.integers(0, 3))):  # new dimensions at random places
@@ -357,8 +362,6 @@ def _factor(n: int, rng: np.random.Generator) -> tuple[int, int] | None:
 @generates("reshape")
 def _reshape(b: Builder) -> str | None:
     x = b.pick()
-    if x is None:
-        return None
     shape, rng = list(x.shape), b.rng
     kind = int(rng.integers(5))
     if kind == 0:
@@ -384,20 +387,18 @@ def _reshape(b: Builder) -> str | None:
 @generates("squeeze")
 def _squeeze(b: Builder) -> str | None:
     x = b.pick(lambda v: 1 in v.shape)
-    return x and f"lax.squeeze({x.name}, {tuple(d for d, s in enumerate(x.shape) if s == 1)})"
+    return f"lax.squeeze({x.name}, {tuple(d for d, s in enumerate(x.shape) if s == 1)})"
 
 
 @generates("transpose")
 def _transpose(b: Builder) -> str | None:
     x = b.pick(lambda v: len(v.shape) >= 2)
-    return x and f"lax.transpose({x.name}, {tuple(int(p) for p in b.rng.permutation(len(x.shape)))})"
+    return f"lax.transpose({x.name}, {tuple(int(p) for p in b.rng.permutation(len(x.shape)))})"
 
 
 @generates("slice")
 def _slice(b: Builder) -> str | None:
     x = b.pick(lambda v: len(v.shape) >= 1)
-    if x is None:
-        return None
     starts, limits, strides = [], [], []
     for d in x.shape:
         start = 0 if b.rng.random() < 0.5 else int(b.rng.integers(d))
@@ -410,8 +411,6 @@ def _slice(b: Builder) -> str | None:
 @generates("rev")
 def _rev(b: Builder) -> str | None:
     x = b.pick(lambda v: len(v.shape) >= 1)
-    if x is None:
-        return None
     dims = [d for d in range(len(x.shape)) if b.rng.random() < 0.6] or [0]
     return f"lax.rev({x.name}, {tuple(dims)})"
 
@@ -419,8 +418,6 @@ def _rev(b: Builder) -> str | None:
 @generates("split")
 def _split(b: Builder) -> str | None:
     x = b.pick(lambda v: any(d >= 2 for d in v.shape))
-    if x is None:
-        return None
     axis = b.choice([d for d, s in enumerate(x.shape) if s >= 2])
     cut = sorted({int(c) for c in b.rng.integers(1, x.shape[axis], size=int(b.rng.integers(1, 3)))})
     sizes = [hi - lo for lo, hi in zip([0, *cut], [*cut, x.shape[axis]])]
@@ -430,8 +427,6 @@ def _split(b: Builder) -> str | None:
 @generates("concatenate")
 def _concatenate(b: Builder) -> str | None:
     x = b.pick(lambda v: len(v.shape) >= 1)
-    if x is None:
-        return None
     axis = int(b.rng.integers(len(x.shape)))
     others = []
     for _ in range(int(b.rng.integers(1, 3))):
@@ -463,8 +458,6 @@ def _reduction(primitive: str) -> Generator:
 
     def generate(b: Builder) -> str | None:
         x = b.pick(lambda v: len(v.shape) >= 1 and (v.dtype == "pred") == boolean)
-        if x is None:
-            return None
         # a numpy scalar (not a traced constant) as the initial value, so that lax.reduce recognizes the monoid
         init = f"np.array({initial(x.dtype)}, {x.dtype})[()]"
         return f"lax.reduce({x.name}, {init}, {combiner}, {_axes(b, x)})"
@@ -479,14 +472,12 @@ for _name in REDUCTIONS:
 @generates("argmax", "argmin")
 def _arg_extreme(b: Builder) -> str | None:
     x = b.pick(lambda v: len(v.shape) >= 1 and v.dtype != "pred")
-    return x and f"lax.{b.choice(['argmax', 'argmin'])}({x.name}, {int(b.rng.integers(len(x.shape)))}, i32)"
+    return f"lax.{b.choice(['argmax', 'argmin'])}({x.name}, {int(b.rng.integers(len(x.shape)))}, i32)"
 
 
 @generates("dot_general")
 def _dot_general(b: Builder) -> str | None:
     lhs = b.pick(lambda v: len(v.shape) >= 1 and v.dtype != "pred")
-    if lhs is None:
-        return None
     rank, rng = len(lhs.shape), b.rng
     dims = [int(d) for d in rng.permutation(rank)]
     contract = dims[: 1 + (rank >= 3 and rng.random() < 0.3)]
@@ -511,8 +502,6 @@ def _start_index(b: Builder, size: int) -> str:
 @generates("dynamic_slice")
 def _dynamic_slice(b: Builder) -> str | None:
     x = b.pick(lambda v: len(v.shape) >= 1)
-    if x is None:
-        return None
     sizes = tuple(int(b.rng.integers(1, d + 1)) for d in x.shape)
     starts = ", ".join(_start_index(b, d) for d in x.shape)
     return f"lax.dynamic_slice({x.name}, ({starts},), {sizes})"
@@ -521,8 +510,6 @@ def _dynamic_slice(b: Builder) -> str | None:
 @generates("dynamic_update_slice")
 def _dynamic_update_slice(b: Builder) -> str | None:
     x = b.pick(lambda v: len(v.shape) >= 1)
-    if x is None:
-        return None
     update = b.like([int(b.rng.integers(1, d + 1)) for d in x.shape], x.dtype)
     starts = ", ".join(_start_index(b, d) for d in x.shape)
     return f"lax.dynamic_update_slice({x.name}, {update.name}, ({starts},))"
@@ -531,8 +518,6 @@ def _dynamic_update_slice(b: Builder) -> str | None:
 @generates("gather")
 def _gather(b: Builder) -> str | None:
     table = b.pick(lambda v: len(v.shape) >= 1)
-    if table is None:
-        return None
     rows = table.shape[0]
     shape = (int(b.rng.integers(1, 9)),)
     mode = b.choice(["clip", "fill", None])
@@ -581,10 +566,10 @@ def generate(seed: int, table: dict[str, Generator] | None = None) -> Program:
     while len(b.lines) < target and attempts < 20 * target:
         attempts += 1
         saved = (list(b.args), list(b.pool))
-        expr = table[b.choice(primitives)](b)
         try:
+            expr = table[b.choice(primitives)](b)
             avals = None if expr is None else _line_avals(expr, [v for v in b.pool if v.name in Line((), expr).reads])
-        except Exception:  # an operand combination the primitive does not take (e.g. exp of an int32)
+        except Exception:  # NoOperand, or operands the primitive does not take (e.g. exp of an int32)
             avals = None
         if not avals or any(np.prod(a.shape, dtype=np.int64) > MAX_ELEMENTS or 0 in a.shape for a in avals):
             b.args, b.pool = saved
