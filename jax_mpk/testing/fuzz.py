@@ -948,6 +948,20 @@ def _equations(closed) -> Iterator:
                     yield from _equations(sub)
 
 
+def tally(paths: Sequence[str]) -> dict:
+    """Outcome counts over ``--records`` files (several shards of one seed), each program counted once."""
+    by_index = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line)
+                by_index[record["index"]] = record
+    counts = Counter(r["kind"] for r in by_index.values())
+    failures = [r for r in by_index.values() if r["kind"] in FAILURES]
+    return {"programs": len(by_index), "counts": dict(counts), "failures": failures,
+            "others": [r for r in by_index.values() if r["kind"] not in ("ok", "precision") and r not in failures]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=100)
@@ -959,7 +973,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--records", help="append one JSON line per program here")
     parser.add_argument("--summary", help="write the summary as JSON here")
     parser.add_argument("--show", action="store_true", help="print the programs' source and exit")
+    parser.add_argument("--tally", nargs="+", metavar="RECORDS", help="count the outcomes in --records files")
     opts = parser.parse_args(argv)
+    if opts.tally:
+        print(json.dumps(tally(opts.tally), indent=1))
+        return 0
     if opts.show:
         for i in range(opts.start, opts.start + opts.count):
             print(f"# program {i}\n{snippet(generate(program_seed(opts.seed, i)), opts.platform)}\n")
