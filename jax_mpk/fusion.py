@@ -533,14 +533,15 @@ class _Fuser:
                 if producer is not None and producer is not kernel:
                     after[id(kernel)].add(id(producer))
         for kernel in kernels:
-            out = kernel.outputs[0]
-            if isinstance(self.by_uid[out.tensor.version], UpdateSlice):
+            for out in kernel.outputs:  # any output: a merged kernel may write its in-place update second
+                if not isinstance(self.by_uid[out.tensor.version], UpdateSlice):
+                    continue
                 old = self.by_uid[out.tensor.version].children[0].uid
                 for reader in kernels:
                     if reader is not kernel and any(t.version == old for t in reader.read_tensors()):
                         after[id(kernel)].add(id(reader))
                 producer = writes.get(old)
-                if producer is not None:
+                if producer is not None and producer is not kernel:
                     after[id(kernel)].add(id(producer))
         by_id = {id(k): k for k in kernels}
         pending = {kid: len(deps) for kid, deps in after.items()}

@@ -208,3 +208,18 @@ def test_fuzz_budget_on_the_cuda_megakernel():
     summary = fuzz.fuzz(64, seed=CI_SEED, platform="cuda", batch=16, log=print)
     failures = "\n\n".join(f"[{f['index']}] {f['kind']}: {f['detail']}\n{f['snippet']}" for f in summary["failures"])
     assert not any(summary["counts"].get(kind) for kind in fuzz.FAILURES), failures
+
+
+def test_in_place_update_merged_into_its_consumer_waits_for_readers_of_the_old_value(rng):
+    """A whole-size dynamic_update_slice of a stored value, merged into the kernel that reads its result,
+    writes in place as that kernel's second output: the readers of the old value must still run first (fuzz
+    program 2026:1013; tanh read the updated buffer)."""
+    x, u = random_array(rng, (17,), jnp.float32, 0.5, 2.0), random_array(rng, (17,), jnp.float32)
+
+    def fn(x, u):
+        v = jnp.log(x)
+        w = lax.dynamic_update_slice(v, u, (0,))
+        return jnp.round(v), jnp.tanh(v), jnp.floor(w)
+
+    for workers in (1, 3):
+        check_against_jit(fn, x, u, num_workers=workers)

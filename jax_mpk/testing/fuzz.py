@@ -761,6 +761,8 @@ def _candidates(p: Program) -> Iterator[Program]:
     if len(p.outputs) > 1:
         for out in p.outputs:
             yield dataclasses.replace(p, outputs=(out,))
+        for out in p.outputs:  # a failure may need two results (a reader of a value and its in-place update)
+            yield dataclasses.replace(p, outputs=tuple(o for o in p.outputs if o != out))
     simpler = Knobs(1, 1 << 14, None)
     if p.knobs != simpler:
         yield dataclasses.replace(p, knobs=simpler)
