@@ -223,3 +223,17 @@ def test_in_place_update_merged_into_its_consumer_waits_for_readers_of_the_old_v
 
     for workers in (1, 3):
         check_against_jit(fn, x, u, num_workers=workers)
+
+
+def test_sum_over_one_element_keeps_a_negative_zero():
+    """XLA turns a sum over a length-1 axis into the element itself (no +0 added): -0 stays -0, visible
+    through rsqrt (fuzz program 2026:9821). Longer sums of -0 are +0, as XLA adds its +0 initial value."""
+    x = np.float16([[-0.0], [3.0], [-0.0], [0.0]])
+    y = np.full((4, 3), -0.0, np.float32)
+
+    def fn(x, y):
+        return lax.rsqrt(jnp.sum(x, axis=1)), 1 / jnp.sum(y, axis=1), 1 / jnp.sum(y[:, :1], axis=1)
+
+    expected, actual = jax.jit(fn)(x, y), jax_mpk.megakernelize(fn)(x, y)
+    for e, a in zip(expected, actual):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))

@@ -270,6 +270,11 @@ double TileEvaluator::Reduce(const Node& node, const Index& index) {
     default: result = 0.0; break;  // ARGMAX, ARGMIN: position 0 of an empty reduction
   }
   if (child_shape.NumElements() == 0) return result;
+  // XLA rewrites a sum over one element into the element itself (its +0 initial value is not added), so the
+  // sum of a single -0 is -0; starting from -0 then is the same (x + -0 == x for every other x).
+  bool one_element = true;
+  for (int d = node.shape.rank; d < child_shape.rank; ++d) one_element = one_element && child_shape.dims[d] == 1;
+  if (kind == ReduceKind::kSum && one_element) result = -0.0;
 
   uint64_t modular_sum = 0;  // integer SUM, exact modulo 2^32
   double best = 0.0;         // ARGMAX, ARGMIN
