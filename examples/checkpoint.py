@@ -159,10 +159,18 @@ def hf_parameters(model: Decoder) -> Iterator[tuple[str, nnx.Param, bool]]:
         yield "lm_head.weight", model.lm_head.kernel, True
 
 
+def is_checkpoint(directory: str | pathlib.Path) -> bool:
+    """Whether ``directory`` holds a checkpoint :func:`load` can read (``config.json`` and safetensors)."""
+    directory = pathlib.Path(directory).expanduser()
+    return (directory / "config.json").is_file() and any(directory.glob("*.safetensors"))
+
+
 def load(directory: str | pathlib.Path, dtype: str | None = None) -> Decoder:
     """The decoder stored in a local Hugging Face checkpoint directory (``config.json`` and one or more
     ``*.safetensors`` files), its weights cast to ``dtype`` (default: the checkpoint's)."""
-    directory = pathlib.Path(directory)
+    directory = pathlib.Path(directory).expanduser()
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} is not a Hugging Face checkpoint directory: no config.json")
     config = config_from_hf(json.loads((directory / "config.json").read_text()), dtype)
     files = sorted(directory.glob("*.safetensors"))
     if not files:

@@ -77,6 +77,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--new-tokens must be at least 3 (one from the prefill, one compiling step, one timed)")
     if args.tp < 1:
         parser.error("--tp must be at least 1")
+    if args.checkpoint and not checkpoint.is_checkpoint(args.checkpoint):
+        parser.error(f"--checkpoint {args.checkpoint}: not a directory with config.json and *.safetensors files")
     return args
 
 

@@ -2,15 +2,15 @@
 
 from .api import Megakernel, compile, megakernelize
 from .errors import (
-    DependencyTimeoutError, GraphTooLargeError, InvalidTaskGraphError, MegakernelError, SignatureMismatchError,
-    UnsupportedDtypeError, UnsupportedPrimitiveError,
+    DependencyTimeoutError, GraphTooLargeError, InvalidArgumentError, InvalidTaskGraphError, MegakernelError,
+    SignatureMismatchError, UnsupportedDtypeError, UnsupportedPrimitiveError,
 )  # fmt: skip
 from .lowering import supported_primitives
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DependencyTimeoutError", "GraphTooLargeError", "InvalidTaskGraphError", "Megakernel", "MegakernelError",
+    "DependencyTimeoutError", "GraphTooLargeError", "InvalidArgumentError", "InvalidTaskGraphError", "Megakernel", "MegakernelError",
     "SignatureMismatchError", "UnsupportedDtypeError", "UnsupportedPrimitiveError", "compile", "megakernelize",
     "supported_primitives",
 ]  # fmt: skip

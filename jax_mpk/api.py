@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import time
@@ -16,13 +17,13 @@ import numpy as np
 from . import config as config_module
 from . import plan_cache
 from .capture import Captured, ShardMap, capture, find_shard_map
-from .errors import DependencyTimeoutError, GraphTooLargeError, SignatureMismatchError
+from .errors import DependencyTimeoutError, GraphTooLargeError, InvalidArgumentError, SignatureMismatchError
 from .fusion import KernelGraph, fuse
 from .layout import Platform
 from .plan import plan_key, serialize
 from .plan_cache import CallPlan, Target
 from .runtime import check_cuda_error, emit_call, extension, register_cuda_plan, register_plan
-from .schedule import Schedule, schedule
+from .schedule import Schedule, schedule, shuffled_schedule
 from .tasks import TaskGraph, build_task_graph
 from .validate import validate
 
@@ -91,7 +92,10 @@ def plan_stages(jaxpr, shard_map: ShardMap | None, target: Target, cfg: config_m
             f"the task graph has {len(tasks.tasks)} tasks, more than the {cfg.max_tasks} allowed (JAX_MPK_MAX_TASKS)"
         )
     with _stage("scheduling"):
-        sched = schedule(tasks, target.num_workers)
+        if cfg.schedule_seed is None:
+            sched = schedule(tasks, target.num_workers)
+        else:
+            sched = shuffled_schedule(tasks, target.num_workers, cfg.schedule_seed)
     if cfg.validate:
         with _stage("validation"):
             validate(tasks, sched)
@@ -135,8 +139,12 @@ class Megakernel:
         else:
             self.target = Target("cpu", num_workers or cfg.num_workers)
         self.num_workers = self.target.num_workers
-        self.watchdog_ms = int(cfg.watchdog_seconds * 1000)
-        flat_fn = lambda *flat: fn(*jax.tree_util.tree_unflatten(in_tree, flat))  # noqa: E731
+        self.watchdog_ms = max(1, round(cfg.watchdog_seconds * 1000))
+
+        def flat_fn(*flat):
+            args, kwargs = jax.tree_util.tree_unflatten(in_tree, flat)
+            return fn(*args, **kwargs)
+
         with _stage("tracing"):
             closed, out_shapes = jax.make_jaxpr(flat_fn, return_shape=True)(*[s.aval() for s in specs])
         self.out_tree = jax.tree_util.tree_structure(out_shapes)
@@ -145,7 +153,8 @@ class Megakernel:
         # a shard_map: the plan is one device's body, and every device of the mesh runs it on its shards
         self.shard_map: ShardMap | None = find_shard_map(closed)
         with _stage("looking up the plan cache"):
-            knobs = (cfg.min_task_work, cfg.max_tasks, cfg.max_workspace_bytes, cfg.validate, cfg.profile)
+            knobs = (cfg.min_task_work, cfg.max_tasks, cfg.max_workspace_bytes, cfg.validate, cfg.profile,
+                     cfg.schedule_seed)
             cache_key = plan_cache.cache_key(closed, repr(specs), self.target, knobs)
             plan = None if cfg.force_compile else plan_cache.load(cfg.cache_dir, cache_key)
         self.from_cache = plan is not None
@@ -220,18 +229,18 @@ class Megakernel:
         return list(self.shard_map.mesh.devices.flat)
 
     # ----------------------------------------------------------------------------------------- calling
-    def check_signature(self, args: tuple) -> list:
-        """The flat arguments of ``args`` (a call's positional arguments), checked against the traced
+    def check_signature(self, args: tuple, kwargs: dict) -> list:
+        """The flat arguments of a call's positional and keyword arguments, checked against the traced
         signature: SignatureMismatchError names the first argument that differs."""
-        flat, in_tree = jax.tree_util.tree_flatten(args)
+        flat, in_tree = jax.tree_util.tree_flatten((args, kwargs))
         if in_tree != self.in_tree:
             raise SignatureMismatchError(
                 f"argument structure {in_tree} does not match the traced structure {self.in_tree}"
             )
-        for (path, _), arg, spec in zip(jax.tree_util.tree_flatten_with_path(args)[0], flat, self.specs):
+        for (path, _), arg, spec in zip(jax.tree_util.tree_flatten_with_path((args, kwargs))[0], flat, self.specs):
             got = _ArgSpec.of(arg)
             if (got.shape, got.dtype) != (spec.shape, spec.dtype):
-                raise SignatureMismatchError(f"argument {jax.tree_util.keystr(path) or '0'}: expected {spec}, got {got}")
+                raise SignatureMismatchError(f"argument {_argument_name(path)}: expected {spec}, got {got}")
         return flat
 
     def emit(self, flat_args: Sequence[Any], keep_workspace: bool = False) -> list:
@@ -265,14 +274,14 @@ class Megakernel:
             several_devices=self.call_plan.num_ranks > 1,
         )
 
-    def profile(self, *args, trace: str | None = None) -> np.ndarray:
+    def profile(self, *args, trace: str | None = None, **kwargs) -> np.ndarray:
         """Run once and return per-task [wait, start, end] times in microseconds from the first wait
         (a plan compiled with JAX_MPK_PROFILE=1 on a GPU). Rows follow ``self.tasks.tasks``. With ``trace``,
         also write the call as a Chrome/Perfetto trace there: one track per SM, a slice per task named by its
         kernel, the wait before it apart (:mod:`jax_mpk.trace`)."""
         if self.profile_offset is None:
             raise ValueError("compile with JAX_MPK_PROFILE=1 on a GPU to profile")
-        flat = self.check_signature(args)
+        flat = self.check_signature(args, kwargs)
         workspace = jax.jit(lambda *f: self.emit(f, keep_workspace=True)[-1])(*flat)
         raw = np.asarray(workspace)[self.profile_offset :].view(np.uint64).reshape(-1, 3)
         times = (raw.astype(np.int64) - int(raw[:, 0].min())) / 1e3
@@ -284,11 +293,11 @@ class Megakernel:
             trace_module.save(trace_module.chrome_trace(times, self.schedule.workers, kernels, names, repr(self)), trace)
         return times
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         """Dispatch asynchronously (like any jitted function); see :meth:`check_errors`. The arguments go to
         ``jax.jit`` as they are: its C++ dispatch flattens and checks them, and the signature check (in the
         trace) runs only for a signature it has not seen."""
-        self._last = _reporting_timeouts(self._jitted, *args)
+        self._last = _reporting_timeouts(functools.partial(self._jitted, **kwargs), *args)
         return self._last
 
     def check_errors(self) -> None:
@@ -306,8 +315,8 @@ class Megakernel:
 
     @functools.cached_property
     def _jitted(self):
-        def call(*args):
-            return jax.tree_util.tree_unflatten(self.out_tree, self.emit(self.check_signature(args)))
+        def call(*args, **kwargs):
+            return jax.tree_util.tree_unflatten(self.out_tree, self.emit(self.check_signature(args, kwargs)))
 
         return jax.jit(call)
 
@@ -366,11 +375,15 @@ def _device_rank(axis_sizes) -> jax.Array:
     return rank
 
 
+def _argument_name(path) -> str:
+    """The argument a flattened leaf came from, as the call wrote it: ``args[1]['w']``, ``kwargs['cache']``."""
+    where, rest = path[0].idx, jax.tree_util.keystr(tuple(path[1:]))
+    return f"args{rest}" if where == 0 else f"kwargs{rest}"
+
+
 def _default_platform() -> str:
     chosen = config_module.load().platform
     if chosen:
-        if chosen not in ("cpu", "cuda"):
-            raise ValueError(f"JAX_MPK_PLATFORM must be 'cpu' or 'cuda', not {chosen!r}")
         return chosen
     return "cuda" if jax.default_backend() == "gpu" else "cpu"
 
@@ -379,11 +392,41 @@ def _nbytes(shape, dtype) -> int:
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
-def compile(fn: Callable, *example_args, num_workers: int | None = None) -> Megakernel:  # noqa: A001
-    """Lower ``fn`` for the signature of ``example_args`` (arrays or ``jax.ShapeDtypeStruct``) on the default
-    backend: the CPU executor, or one CUDA megakernel on a GPU (whose SM count sets the worker count)."""
-    flat, in_tree = jax.tree_util.tree_flatten(example_args)
+def compile(fn: Callable, *example_args, num_workers: int | None = None, **example_kwargs) -> Megakernel:  # noqa: A001
+    """Lower ``fn`` for the signature of ``example_args`` and ``example_kwargs`` (arrays or
+    ``jax.ShapeDtypeStruct``) on the default backend: the CPU executor, or one CUDA megakernel on a GPU (whose SM
+    count sets the worker count)."""
+    _check_num_workers(num_workers)
+    flat, in_tree = jax.tree_util.tree_flatten((example_args, example_kwargs))
     return Megakernel(fn, in_tree, tuple(_ArgSpec.of(x) for x in flat), num_workers)
+
+
+def _check_num_workers(num_workers) -> None:
+    if num_workers is not None and (not isinstance(num_workers, int) or isinstance(num_workers, bool)
+                                    or num_workers < 1):  # fmt: skip
+        raise InvalidArgumentError(f"num_workers={num_workers!r} is not valid: expected an integer >= 1")
+
+
+def _donated_positions(fn: Callable, donate_argnums) -> tuple[int, ...]:
+    """``donate_argnums`` checked as jax.jit checks it: integers, within ``fn``'s positional parameters
+    (negative ones count from the end) when its signature says how many there are."""
+    positions = (donate_argnums,) if isinstance(donate_argnums, int) else tuple(donate_argnums)
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in positions):
+        raise InvalidArgumentError(f"donate_argnums={donate_argnums!r} is not valid: expected integers")
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or a callable without a signature: checked at call time
+        return positions
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return positions
+    count = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    for d in positions:
+        if not -count <= d < count:
+            raise InvalidArgumentError(
+                f"donate_argnums={donate_argnums!r}, but {getattr(fn, '__name__', 'fn')} accepts only {count} "
+                "positional arguments"
+            )
+    return tuple(d % count for d in positions)
 
 
 def megakernelize(
@@ -395,9 +438,12 @@ def megakernelize(
     compiled plan (``.plans``: signature -> :class:`Megakernel`), and can be called directly or inside
     ``jax.jit``. Calls dispatch asynchronously; ``.check_errors()`` waits for the last one and raises
     :class:`DependencyTimeoutError` if a call hit the watchdog. Arguments listed in ``donate_argnums`` are
-    donated (use it for a KV cache updated in place: with donation, no copy is made). ``num_workers`` sets
-    the CPU executor's threads; on a GPU every SM is a worker.
+    donated (use it for a KV cache updated in place: with donation, no copy is made); they are checked as
+    jax.jit checks them. Keyword arguments are traced like positional ones (as jax.jit does: arrays or pytrees,
+    never donated). ``num_workers`` sets the CPU executor's threads; on a GPU every SM is a worker.
     """
+    _check_num_workers(num_workers)
+    donated = _donated_positions(fn, donate_argnums)
     plans: dict[tuple, Megakernel] = {}
 
     def lookup(flat, in_tree) -> Megakernel:
@@ -406,18 +452,23 @@ def megakernelize(
             plans[key] = Megakernel(fn, in_tree, key[1], num_workers)
         return plans[key]
 
-    def traced(*args):
-        flat, in_tree = jax.tree_util.tree_flatten(args)
+    def traced(*args, **kwargs):
+        flat, in_tree = jax.tree_util.tree_flatten((args, kwargs))
         megakernel = lookup(flat, in_tree)
         return jax.tree_util.tree_unflatten(megakernel.out_tree, megakernel.emit(flat))
 
-    jitted = jax.jit(traced, donate_argnums=donate_argnums)
+    jitted = jax.jit(traced, donate_argnums=donated)
 
     last_result: list = [None]
 
     @functools.wraps(fn)
-    def wrapper(*args):
-        last_result[0] = _reporting_timeouts(jitted, *args)
+    def wrapper(*args, **kwargs):
+        outside = [d for d in donated if not -len(args) <= d < len(args)]
+        if outside:
+            raise InvalidArgumentError(
+                f"donate_argnums={donate_argnums!r}, but the call passes only {len(args)} positional arguments"
+            )
+        last_result[0] = _reporting_timeouts(functools.partial(jitted, **kwargs), *args)
         return last_result[0]
 
     def check_errors() -> None:

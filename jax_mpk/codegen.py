@@ -755,13 +755,34 @@ class _Emitter:
 
     # ----------------------------------------------------------------------------------------- values
     def value(self, node: Node, idx: list[str]) -> str:
-        key = (node.uid, tuple(idx))
-        for scope in reversed(self.scopes):
-            if key in scope:
-                return scope[key]
-        name = self._compute(node, idx)
-        self.scopes[-1][key] = name
+        name = self._known(node, idx)
+        if name is None:
+            # elementwise operands first, deepest first, so that a chain of hundreds of fused operations
+            # does not recurse once per link
+            for operand in self._unknown_elementwise_operands(node, idx):
+                self.scopes[-1][(operand.uid, tuple(idx))] = self._compute(operand, idx)
+            name = self.scopes[-1][(node.uid, tuple(idx))] = self._compute(node, idx)
         return name
+
+    def _known(self, node: Node, idx: list[str]) -> str | None:
+        key = (node.uid, tuple(idx))
+        return next((scope[key] for scope in reversed(self.scopes) if key in scope), None)
+
+    def _unknown_elementwise_operands(self, node: Node, idx: list[str]) -> list[Node]:
+        """Elementwise nodes below ``node`` (through elementwise nodes, at the same index) not yet computed,
+        children before parents in the order the recursive computation would emit them."""
+        order, seen, stack = [], {node.uid}, [(node, False)]
+        while stack:
+            current, expanded = stack.pop()
+            if expanded:
+                order.append(current)
+                continue
+            stack.append((current, True))
+            for child in reversed(current.children if isinstance(current, Elementwise) else ()):
+                if isinstance(child, Elementwise) and child.uid not in seen and self._known(child, idx) is None:
+                    seen.add(child.uid)
+                    stack.append((child, False))
+        return order[:-1]  # node itself last
 
     def element_offset(self, tensor: Tensor, index_map: IndexMap, idx: list[str], dyn) -> tuple[str, str]:
         """(pointer parameter, element offset expression) of ``tensor[map(idx) + dyn]``."""

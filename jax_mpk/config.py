@@ -1,19 +1,37 @@
-"""All knobs, read from environment variables with defaults, in one place."""
+"""All knobs, read from environment variables with defaults, in one place.
+
+Every value is checked when it is read (a function is traced): a bad one raises InvalidArgumentError naming the
+variable and the value, not an error deep in planning or at call time.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return default if value in (None, "") else int(value)
+from .errors import InvalidArgumentError
 
 
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return default if value in (None, "") else float(value)
+def _env(name: str, default, parse, valid=lambda v: True, expected: str = ""):
+    text = os.environ.get(name)
+    if text is None or text.strip() == "":
+        return default
+    try:
+        value = parse(text.strip())
+    except ValueError:
+        value = None
+    if value is None or not valid(value):
+        raise InvalidArgumentError(f"{name}={text!r} is not valid: expected {expected}")
+    return value
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    return _env(name, default, int, lambda v: v >= minimum, f"an integer >= {minimum}")
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    return _env(name, int(default), int, lambda v: v in (0, 1), "0 or 1") == 1
 
 
 @dataclass(frozen=True)
@@ -29,21 +47,27 @@ class Config:
     platform: str  # "cpu" or "cuda" to override the default backend's choice (JAX_MPK_PLATFORM)
     cache_dir: str  # plans and compiled megakernels (JAX_MPK_CACHE_DIR, default ~/.cache/jax_mpk)
     force_compile: bool  # plan and compile again, ignoring the cache (JAX_MPK_FORCE_COMPILE)
+    # testing: schedule a random topological order on random workers (JAX_MPK_SCHEDULE_SEED; unset: list
+    # scheduling by estimated cost)
+    schedule_seed: int | None
 
 
 def load() -> Config:
     """Read the knobs now (so tests and users can change the environment between compilations)."""
     return Config(
-        num_workers=_env_int("JAX_MPK_NUM_WORKERS", min(4, os.cpu_count() or 1)),
-        watchdog_seconds=_env_float("JAX_MPK_WATCHDOG_S", 10.0),
-        max_tasks=_env_int("JAX_MPK_MAX_TASKS", 1 << 20),
-        min_task_work=_env_int("JAX_MPK_MIN_TASK_WORK", 1 << 14),
-        max_workspace_bytes=_env_int("JAX_MPK_MAX_WORKSPACE_BYTES", 8 << 30),
+        num_workers=_env_int("JAX_MPK_NUM_WORKERS", min(4, os.cpu_count() or 1), 1),
+        watchdog_seconds=_env(
+            "JAX_MPK_WATCHDOG_S", 10.0, float, lambda v: math.isfinite(v) and v >= 0.001, "seconds >= 0.001"
+        ),
+        max_tasks=_env_int("JAX_MPK_MAX_TASKS", 1 << 20, 1),
+        min_task_work=_env_int("JAX_MPK_MIN_TASK_WORK", 1 << 14, 1),
+        max_workspace_bytes=_env_int("JAX_MPK_MAX_WORKSPACE_BYTES", 8 << 30, 0),
         dump_dir=os.environ.get("JAX_MPK_DUMP_DIR", ""),
-        validate=_env_int("JAX_MPK_VALIDATE", 1) != 0,
-        profile=_env_int("JAX_MPK_PROFILE", 0) != 0,
-        platform=os.environ.get("JAX_MPK_PLATFORM", "").lower(),
+        validate=_env_flag("JAX_MPK_VALIDATE", True),
+        profile=_env_flag("JAX_MPK_PROFILE", False),
+        platform=_env("JAX_MPK_PLATFORM", "", str.lower, lambda v: v in ("cpu", "cuda"), "'cpu' or 'cuda'"),
         cache_dir=os.environ.get("JAX_MPK_CACHE_DIR")
         or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jax_mpk"),
-        force_compile=_env_int("JAX_MPK_FORCE_COMPILE", 0) != 0,
+        force_compile=_env_flag("JAX_MPK_FORCE_COMPILE", False),
+        schedule_seed=_env("JAX_MPK_SCHEDULE_SEED", None, int, expected="an integer"),
     )

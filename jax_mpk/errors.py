@@ -32,6 +32,10 @@ class UnsupportedPrimitiveError(MegakernelError, NotImplementedError):
         return error
 
 
+class InvalidArgumentError(MegakernelError, ValueError):
+    """A knob (environment variable) or an argument of megakernelize/compile has a value jax_mpk cannot use."""
+
+
 class UnsupportedDtypeError(MegakernelError, TypeError):
     """A value has a dtype the runtime does not implement."""
 

@@ -390,13 +390,6 @@ class _Fuser:
         taken: set[int] = set()
         kernel_roots = [r for r in self.order if r.uid in self.materialized and not isinstance(r, LEAVES)]
         regions = {r.uid: self._region(r, self.materialized) for r in kernel_roots}
-        # stored uid -> the kernels reading it: a dot read by two kernels (both recomputing tanh(x @ w), too
-        # cheap to store) cannot be the epilogue of either
-        reading_kernels: dict[int, set[int]] = {}
-        for r in kernel_roots:
-            for uid in {r.uid} | regions[r.uid]:
-                for child in self.by_uid[uid].children:
-                    reading_kernels.setdefault(child.uid, set()).add(r.uid)
         for root in kernel_roots:
             if isinstance(root, HEAVY):
                 continue
@@ -407,13 +400,11 @@ class _Fuser:
                 # running beside it; on the GPU the pointwise root is computed by its consumer's staging
                 continue
             for dot in dots:
-                users = self.users[dot.uid]
                 if (
                     dot.uid not in outputs
                     and dot.uid not in taken
                     and tuple(dot.shape) == tuple(root.shape)
-                    and all(u is root or u.uid in region for u in users)
-                    and reading_kernels.get(dot.uid) == {root.uid}
+                    and self._computed_only_by(dot, root, region)
                 ):
                     absorbed[root.uid] = dot
                     taken.add(dot.uid)
@@ -421,6 +412,20 @@ class _Fuser:
         for dot_uid in taken:
             self.materialized.discard(dot_uid)
         return absorbed
+
+    def _computed_only_by(self, dot: Dot, root: Node, region: set[int]) -> bool:
+        """Every unstored value computed from ``dot`` lies in root's kernel. A value that another kernel also
+        computes (``m = (a @ b) * 2`` used by ``m + 1`` and returned as ``m.T``) needs the product stored."""
+        stack, seen = [dot], set()
+        while stack:
+            for user in self.users[stack.pop().uid]:
+                if user is root or user.uid in seen:
+                    continue
+                if user.uid not in region:
+                    return False
+                seen.add(user.uid)
+                stack.append(user)
+        return True
 
     def _dots_read_pointwise(self, root: Node) -> list[Dot]:
         """Stored dots reached from root through elementwise nodes only (read at the root's own index),
@@ -532,14 +537,15 @@ class _Fuser:
                 if producer is not None and producer is not kernel:
                     after[id(kernel)].add(id(producer))
         for kernel in kernels:
-            out = kernel.outputs[0]
-            if isinstance(self.by_uid[out.tensor.version], UpdateSlice):
+            for out in kernel.outputs:  # any output: a merged kernel may write its in-place update second
+                if not isinstance(self.by_uid[out.tensor.version], UpdateSlice):
+                    continue
                 old = self.by_uid[out.tensor.version].children[0].uid
                 for reader in readers.get(old, ()):
                     if reader is not kernel:
                         after[id(kernel)].add(id(reader))
                 producer = writes.get(old)
-                if producer is not None:
+                if producer is not None and producer is not kernel:
                     after[id(kernel)].add(id(producer))
         by_id = {id(k): k for k in kernels}
         pending = {kid: len(deps) for kid, deps in after.items()}
@@ -581,36 +587,62 @@ class _ExprBuilder:
         return self._rewrite(node)
 
     def _rewrite(self, node: Node, force_compute: bool = False) -> Node:
-        key = (node.uid, force_compute)
-        if key in self.memo:
-            return self.memo[key]
+        """Children before parents with an explicit stack: a chain of hundreds of fused elementwise operations
+        must not hit Python's recursion limit."""
+        stack = [(node, force_compute)]
+        while stack:
+            current, force = stack[-1]
+            if (current.uid, force) in self.memo:
+                stack.pop()
+                continue
+            pending = [c for c in self._inlined_children(current, force) if (c.uid, False) not in self.memo]
+            if pending:
+                stack.extend((c, False) for c in pending)
+                continue
+            stack.pop()
+            self.memo[(current.uid, force)] = self._rewrite_one(current, force)
+        return self.memo[(node.uid, force_compute)]
+
+    def _inlined_children(self, node: Node, force_compute: bool) -> tuple[Node, ...]:
+        """The children whose expressions ``node``'s expression is built from."""
+        if (self.absorbed is not None and node is self.absorbed) or (
+            node.uid in self.materialized and not force_compute
+        ):
+            return ()
+        if isinstance(node, Reindex):
+            return node.children[:1]
+        if isinstance(node, DynLoad):
+            return node.children[1:]
+        if isinstance(node, (Elementwise, Reduce, Piecewise)):
+            return node.children
+        return ()
+
+    def _rewrite_one(self, node: Node, force_compute: bool) -> Node:
+        """``node``'s expression, its children's already in the memo."""
+        rewritten = lambda child: self.memo[(child.uid, False)]  # noqa: E731
         if self.absorbed is not None and node is self.absorbed:
-            out: Node = Acc(shape=node.shape, dtype=node.dtype)
-        elif node.uid in self.materialized and not force_compute:
-            out = make_load(self.tensors[node.uid], IndexMap.identity(node.shape), node.dtype)
-        elif isinstance(node, Reindex):
-            child = self._rewrite(node.children[0])
+            return Acc(shape=node.shape, dtype=node.dtype)
+        if node.uid in self.materialized and not force_compute:
+            return make_load(self.tensors[node.uid], IndexMap.identity(node.shape), node.dtype)
+        if isinstance(node, Reindex):
+            child = rewritten(node.children[0])
             if isinstance(child, Load) and not child.dims:
-                out = make_load(child.tensor, node.map.then(child.map), node.dtype)
-            else:
-                out = Reindex(shape=node.shape, dtype=node.dtype, children=(child,), map=node.map)
-        elif isinstance(node, DynLoad):
+                return make_load(child.tensor, node.map.then(child.map), node.dtype)
+            return Reindex(shape=node.shape, dtype=node.dtype, children=(child,), map=node.map)
+        if isinstance(node, DynLoad):
             operand, *indices = node.children
-            out = Load(
+            return Load(
                 shape=node.shape,
                 dtype=node.dtype,
-                children=tuple(self._rewrite(i) for i in indices),
+                children=tuple(rewritten(i) for i in indices),
                 tensor=self.tensors[operand.uid],
                 map=node.map,
                 dims=node.dims,
                 his=node.his,
             )
-        elif isinstance(node, (Elementwise, Reduce, Piecewise)):
-            out = _clone(node, tuple(self._rewrite(c) for c in node.children))
-        else:
-            raise AssertionError(f"unstored heavy node {node!r} (jax_mpk bug)")
-        self.memo[key] = out
-        return out
+        if isinstance(node, (Elementwise, Reduce, Piecewise)):
+            return _clone(node, tuple(rewritten(c) for c in node.children))
+        raise AssertionError(f"unstored heavy node {node!r} (jax_mpk bug)")
 
     def dot_spec(self, dot: Dot) -> DotSpec:
         operands = []

@@ -259,7 +259,8 @@ def _simplify(in_shape: Shape, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
 
 
 def _keeps_memory_order(stage: Affine, shape: Shape) -> bool:
-    """A permutation without offset that moves only length-1 dims: row-major positions are unchanged."""
+    """A permutation without offset that moves only length-1 dims: row-major positions are unchanged. (Not a
+    slice from 0, ``x[:2]``: its matrix is the identity too, but it changes the sizes.)"""
     if any(stage.offset) or len(stage.out_shape) != len(shape):
         return False
     sources = []
@@ -268,7 +269,7 @@ def _keeps_memory_order(stage: Affine, shape: Shape) -> bool:
         if len(ones) != 1 or row[ones[0]] != 1:
             return False
         sources.append(ones[0])
-    if sorted(sources) != list(range(len(shape))):
+    if sorted(sources) != list(range(len(shape))) or any(stage.out_shape[r] != shape[c] for r, c in enumerate(sources)):
         return False
     moved = [c for r, c in enumerate(sources) if stage.out_shape[r] != 1]
     return moved == sorted(moved)

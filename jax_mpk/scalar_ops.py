@@ -70,14 +70,19 @@ def _wrapping(op: str) -> str:
     return f"if constexpr (kIsFloat<T>) return a {op} b; else return T(u32(a) {op} u32(b));"
 
 
-def _nan_propagating(pick: str, std: str, device: str) -> tuple[str, str]:
-    cpp = (f"if constexpr (kIsFloat<T>) {{ if (a != a || b != b) return T(NAN); return std::{std}(a, b); }} "
-           f"else return a {pick} b ? a : b;")  # fmt: skip
-    return cpp, f"(a != a || b != b) ? __int_as_float(0x7fc00000) : {device}(a, b)"
+def _nan_propagating(pick: str, std: str, device: str, keep_a: str, zero_bits: str) -> tuple[str, str]:
+    """max/min as XLA computes them: NaN wins, and of two equal values (+0 and -0 compare equal) the one XLA
+    orders right (-0 < +0): ``keep_a`` says when it is ``a``; on the device, the two zeros' bits combined with
+    ``zero_bits`` (&: +0, |: -0), which leaves equal nonzero values as they are."""
+    cpp = (f"if constexpr (kIsFloat<T>) {{ if (a != a || b != b) return T(NAN); "
+           f"if (a == b) return {keep_a} ? a : b; return std::{std}(a, b); }} else return a {pick} b ? a : b;")  # fmt: skip
+    device_float = (f"(a != a || b != b) ? __int_as_float(0x7fc00000) : (a == b ? "
+                    f"__int_as_float(__float_as_int(a) {zero_bits} __float_as_int(b)) : {device}(a, b))")  # fmt: skip
+    return cpp, device_float
 
 
-_MAX, _MAX_DEVICE = _nan_propagating(">", "max", "fmaxf")
-_MIN, _MIN_DEVICE = _nan_propagating("<", "min", "fminf")
+_MAX, _MAX_DEVICE = _nan_propagating(">", "max", "fmaxf", "!std::signbit(a)", "&")
+_MIN, _MIN_DEVICE = _nan_propagating("<", "min", "fminf", "std::signbit(a)", "|")
 
 SCALAR_OPS: tuple[ScalarOp, ...] = (
     # ------------------------------------------------------------------------------------------ unary

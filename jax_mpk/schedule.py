@@ -8,6 +8,7 @@ of the global order always has its dependencies done and nothing unfinished ahea
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from .tasks import TaskGraph
@@ -33,4 +34,26 @@ def schedule(graph: TaskGraph, num_workers: int) -> Schedule:
         start = max(free_at[worker], ready)
         finish[task.index] = free_at[worker] = start + task.cost
         workers[worker].append(task.index)
+    return Schedule(workers)
+
+
+def shuffled_schedule(graph: TaskGraph, num_workers: int, seed: int) -> Schedule:
+    """A random topological order dealt to random workers: as deadlock-free as :func:`schedule` (every list is
+    a subsequence of one topological order) but a different interleaving; tests and the fuzzer use it
+    (``JAX_MPK_SCHEDULE_SEED``) to show that results do not depend on the schedule."""
+    rnd = random.Random(seed)
+    waiting = [len(t.deps) for t in graph.tasks]
+    followers: list[list[int]] = [[] for _ in graph.tasks]
+    for t in graph.tasks:
+        for d in t.deps:
+            followers[d].append(t.index)
+    ready = [i for i, n in enumerate(waiting) if n == 0]
+    workers: list[list[int]] = [[] for _ in range(num_workers)]
+    while ready:
+        task = ready.pop(rnd.randrange(len(ready)))
+        workers[rnd.randrange(num_workers)].append(task)
+        for f in followers[task]:
+            waiting[f] -= 1
+            if waiting[f] == 0:
+                ready.append(f)
     return Schedule(workers)

@@ -6,9 +6,11 @@ import os
 import sys
 
 # Four CPU devices (before jax starts) for the collective tests, which shard_map over 2 or 4 of them; every
-# other test runs on the first, as it would by default.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+# other test runs on the first, as it would by default. XLA without excess precision rounds every operation to
+# its dtype, as jax_mpk does (the fuzzer's reference relies on it; see docs/float_contract.md).
+for flag in ("--xla_force_host_platform_device_count=4", "--xla_allow_excess_precision=false"):
+    if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
 import chex  # noqa: E402
 import jax  # noqa: E402

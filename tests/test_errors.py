@@ -83,7 +83,7 @@ def test_vmap_is_refused_clearly():
 
 def test_errors_share_a_base_class():
     for name in ["UnsupportedPrimitiveError", "UnsupportedDtypeError", "SignatureMismatchError",
-                 "GraphTooLargeError", "DependencyTimeoutError", "InvalidTaskGraphError"]:  # fmt: skip
+                 "GraphTooLargeError", "DependencyTimeoutError", "InvalidTaskGraphError", "InvalidArgumentError"]:  # fmt: skip
         assert issubclass(getattr(jax_mpk, name), jax_mpk.MegakernelError)
 
 

@@ -401,3 +401,13 @@ def test_scripts_refuse_a_tensor_parallel_split_that_does_not_fit():
     many = len(jax.devices()) + 1
     with pytest.raises(SystemExit, match="devices"):
         generate.main(["--model", "llama-tiny", "--tp", str(many)])
+
+
+def test_generate_refuses_a_missing_checkpoint_directory(tmp_path, capsys):
+    import generate
+
+    with pytest.raises(SystemExit):
+        generate.main(["--checkpoint", str(tmp_path / "missing")])
+    assert "missing: not a directory with config.json" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        checkpoint.load(tmp_path)

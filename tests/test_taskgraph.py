@@ -19,7 +19,7 @@ import jax_mpk
 from jax_mpk import layout
 from jax_mpk.plan import plan_key, serialize
 from jax_mpk.runtime import emit_call, register_plan
-from jax_mpk.schedule import Schedule
+from jax_mpk.schedule import Schedule, shuffled_schedule
 from jax_mpk.validate import validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -65,32 +65,12 @@ def test_results_do_not_depend_on_worker_count(num_workers):
     assert_trees_close(mk(*args), expected)
 
 
-def _shuffled_schedule(graph, num_workers, seed) -> Schedule:
-    """A random topological order dealt to workers at random: still deadlock-free by construction."""
-    rnd = random.Random(seed)
-    waiting = {t.index: len(t.deps) for t in graph.tasks}
-    followers = {t.index: [] for t in graph.tasks}
-    for t in graph.tasks:
-        for d in t.deps:
-            followers[d].append(t.index)
-    ready = [i for i, n in waiting.items() if n == 0]
-    workers = [[] for _ in range(num_workers)]
-    while ready:
-        task = ready.pop(rnd.randrange(len(ready)))
-        workers[rnd.randrange(num_workers)].append(task)
-        for f in followers[task]:
-            waiting[f] -= 1
-            if waiting[f] == 0:
-                ready.append(f)
-    return Schedule(workers)
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_shuffled_topological_schedules_give_identical_results(seed):
     step, args = _decode_case(seed=7)
     mk = jax_mpk.compile(step, *args, num_workers=4)
     baseline = mk(*args)
-    sched = _shuffled_schedule(mk.tasks, 4, seed)
+    sched = shuffled_schedule(mk.tasks, 4, seed)
     validate(mk.tasks, sched)
     shuffled = _run_plan(mk, serialize(mk.tasks, sched), *args)
     for a, b in zip(jax.tree_util.tree_leaves(shuffled), jax.tree_util.tree_leaves(baseline)):

@@ -24,8 +24,15 @@ uint64_t ToModular(double value) { return static_cast<uint64_t>(ToInt64(value));
 double FromModular(uint64_t value) { return static_cast<double>(value & 0xFFFFFFFFu); }
 double WrappingProduct(double a, double b) { return FromModular(ToModular(a) * ToModular(b)); }
 
-double NanPropagatingMax(double a, double b) { return std::isnan(a) || std::isnan(b) ? kNaN : std::max(a, b); }
-double NanPropagatingMin(double a, double b) { return std::isnan(a) || std::isnan(b) ? kNaN : std::min(a, b); }
+// NaN wins, and -0 < +0 as in XLA (std::max/min would return the first of two equal zeros).
+double NanPropagatingMax(double a, double b) {
+  if (std::isnan(a) || std::isnan(b)) return kNaN;
+  return a == b ? (std::signbit(a) ? b : a) : std::max(a, b);
+}
+double NanPropagatingMin(double a, double b) {
+  if (std::isnan(a) || std::isnan(b)) return kNaN;
+  return a == b ? (std::signbit(a) ? a : b) : std::min(a, b);
+}
 
 double RoundHalfToEven(double value) {
   if (std::fabs(value - std::trunc(value)) == 0.5) return 2.0 * std::round(value / 2.0);
@@ -209,6 +216,11 @@ double TileEvaluator::Reduce(const Node& node, const Index& index) {
     default: result = 0.0; break;  // ARGMAX, ARGMIN: position 0 of an empty reduction
   }
   if (child_shape.NumElements() == 0) return result;
+  // XLA rewrites a sum over one element into the element itself (its +0 initial value is not added), so the
+  // sum of a single -0 is -0; starting from -0 then is the same (x + -0 == x for every other x).
+  bool one_element = true;
+  for (int d = node.shape.rank; d < child_shape.rank; ++d) one_element = one_element && child_shape.dims[d] == 1;
+  if (kind == ReduceKind::kSum && one_element) result = -0.0;
 
   uint64_t modular_sum = 0;  // integer SUM, exact modulo 2^32
   double best = 0.0;         // ARGMAX, ARGMIN

@@ -202,20 +202,20 @@ template <class T> JAX_MPK_HD auto pow(T a, T b) {
 // MAX: max; operands f32 bf16 f16 i32 i8 u32 u8 bool
 template <class T> JAX_MPK_HD auto max_(T a, T b) {
 #ifdef __CUDA_ARCH__
-  if constexpr (std::is_same_v<T, float>) return (a != a || b != b) ? __int_as_float(0x7fc00000) : fmaxf(a, b);
-  else { if constexpr (kIsFloat<T>) { if (a != a || b != b) return T(NAN); return std::max(a, b); } else return a > b ? a : b; }
+  if constexpr (std::is_same_v<T, float>) return (a != a || b != b) ? __int_as_float(0x7fc00000) : (a == b ? __int_as_float(__float_as_int(a) & __float_as_int(b)) : fmaxf(a, b));
+  else { if constexpr (kIsFloat<T>) { if (a != a || b != b) return T(NAN); if (a == b) return !std::signbit(a) ? a : b; return std::max(a, b); } else return a > b ? a : b; }
 #else
-  if constexpr (kIsFloat<T>) { if (a != a || b != b) return T(NAN); return std::max(a, b); } else return a > b ? a : b;
+  if constexpr (kIsFloat<T>) { if (a != a || b != b) return T(NAN); if (a == b) return !std::signbit(a) ? a : b; return std::max(a, b); } else return a > b ? a : b;
 #endif
 }
 
 // MIN: min; operands f32 bf16 f16 i32 i8 u32 u8 bool
 template <class T> JAX_MPK_HD auto min_(T a, T b) {
 #ifdef __CUDA_ARCH__
-  if constexpr (std::is_same_v<T, float>) return (a != a || b != b) ? __int_as_float(0x7fc00000) : fminf(a, b);
-  else { if constexpr (kIsFloat<T>) { if (a != a || b != b) return T(NAN); return std::min(a, b); } else return a < b ? a : b; }
+  if constexpr (std::is_same_v<T, float>) return (a != a || b != b) ? __int_as_float(0x7fc00000) : (a == b ? __int_as_float(__float_as_int(a) | __float_as_int(b)) : fminf(a, b));
+  else { if constexpr (kIsFloat<T>) { if (a != a || b != b) return T(NAN); if (a == b) return std::signbit(a) ? a : b; return std::min(a, b); } else return a < b ? a : b; }
 #else
-  if constexpr (kIsFloat<T>) { if (a != a || b != b) return T(NAN); return std::min(a, b); } else return a < b ? a : b;
+  if constexpr (kIsFloat<T>) { if (a != a || b != b) return T(NAN); if (a == b) return std::signbit(a) ? a : b; return std::min(a, b); } else return a < b ? a : b;
 #endif
 }
 

@@ -44,6 +44,11 @@ __device__ __forceinline__ void load8(const float* p, float out[8]) {
   const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
   out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
 }
+// int32 weights never take a vector path (codegen's elt_ok), but rows() instantiates it for any W.
+__device__ __forceinline__ void load8(const int32_t* p, float out[8]) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) out[j] = static_cast<float>(__ldg(p + j));
+}
 template <class W> __device__ __forceinline__ float load1(const W* p) { return ops::to_value(__ldg(p)); }
 
 // sum[j] += xk * w[j] for the 8 weights at w (one 16-byte load).

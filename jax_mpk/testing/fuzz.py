@@ -1,0 +1,1004 @@
+"""Differential fuzzer: random small JAX programs of the supported primitives, jax_mpk against jax.jit.
+
+A program is a few lines of ordinary JAX source (4-24 operations drawn from :data:`GENERATORS`, one generator per
+primitive name, plus a generic one for any registered elementwise rule that ``jax.lax`` exposes under the same
+name), over random shapes (1 and primes included) and dtypes (float32, bfloat16, float16, int32, and the bools
+comparisons make), with about 6% of the inputs carrying special values (NaN, ±Inf, ±0, subnormals, 3e38), run
+under random plan knobs (worker count, ``JAX_MPK_MIN_TASK_WORK``, a shuffled schedule).
+
+Each program runs through ``jax_mpk.megakernelize`` and ``jax.jit`` (XLA with ``--xla_allow_excess_precision=false``
+when this module is imported before jax starts its backend, so that XLA rounds every operation to its dtype as
+jax_mpk does). A disagreement beyond the dtype's tolerance (NaN-aware: NaN and infinities must match exactly) is
+re-checked against op-by-op evaluation (``jax.disable_jit()``) and a float64 line-by-line run of the same program:
+
+* ``precision``: jax_mpk is at least as close as jax.jit to the program evaluated in float64 line by line, each
+  line's result rounded to its dtype (XLA's float32 approximations of tan/sin of large arguments, accumulation
+  in double, XLA:CPU flushing subnormals; see docs/float_contract.md);
+* ``jit_vs_opbyop``: otherwise, jax.jit disagrees with op-by-op evaluation and jax_mpk agrees with op-by-op (the
+  oracle's bug, reported apart);
+* ``mismatch``: anything else; ``internal_error``: an exception that is not a jax_mpk error; ``refused``: a jax_mpk
+  error on a program of supported primitives; ``nondeterministic``: two calls of one plan differ bitwise.
+
+Failures are shrunk to a minimal program, printed as a runnable snippet. Everything follows from ``--seed``::
+
+    python -m jax_mpk.testing.fuzz --count 300 --seed 0
+    python -m jax_mpk.testing.fuzz --count 500 --platform cuda --batch 8    # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+# XLA keeps bf16/f16 intermediates in float32 unless told not to; jax_mpk rounds every operation to its dtype.
+# The flag only takes effect if jax has not started its backend yet (op-by-op evaluation is the fallback check).
+if "xla_allow_excess_precision" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+import jax_mpk  # noqa: E402
+from jax_mpk.errors import MegakernelError  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------ programs
+
+# Dtypes by the names the generated source uses; `pred` only arises from comparisons and conversions.
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16, "i32": jnp.int32, "pred": jnp.bool_}
+INPUT_DTYPES = ("f32", "f32", "bf16", "f16", "i32")
+FLOATS = ("f32", "bf16", "f16")
+DIMS = (1, 1, 2, 3, 4, 5, 7, 8, 11, 13, 16, 17, 31, 32)
+MAX_ELEMENTS = 2048
+SPECIAL_INPUT_RATE = 0.06
+FLOAT_SPECIALS = (np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40, -1e-40, 3e38, -3e38)
+INT_SPECIALS = (2**31 - 1, -(2**31), 0, -1)
+# Per output dtype: |ours - expected| <= atol + rtol * |expected| for finite values.
+TOLERANCES = {"f32": (1e-4, 1e-5), "bf16": (1.6e-2, 1.6e-2), "f16": (2e-3, 2e-3), "i32": (0, 0), "pred": (0, 0)}
+# Registered rules that are not generated outside a shard_map body (collectives) or that tracing never emits.
+NOT_GENERATED = {
+    "psum": "collective: needs a shard_map body", "psum_invariant": "collective: needs a shard_map body",
+    "pvary": "collective: needs a shard_map body", "all_gather": "collective: needs a shard_map body",
+    "reduce_scatter": "collective: needs a shard_map body", "axis_index": "collective: needs a shard_map body",
+    "add_any": "only autodiff emits it", "expand_dims": "not a jaxpr primitive (lax.expand_dims is a reshape)",
+    "copy_p": "the same rule as copy",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Value:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # a key of DTYPES
+    int_range: tuple[int, int] | None = None  # integer inputs that index something: drawn from [lo, hi)
+
+    @property
+    def struct(self) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(self.shape, DTYPES[self.dtype])
+
+
+@dataclass(frozen=True)
+class Line:
+    outs: tuple[Value, ...]
+    expr: str
+
+    @property
+    def reads(self) -> set[str]:
+        return set(re.findall(r"\b[av]\d+\b", self.expr))
+
+    def source(self) -> str:
+        targets = ", ".join(v.name for v in self.outs) + ("," if len(self.outs) > 1 else "")
+        return f"{targets} = {self.expr}"
+
+
+@dataclass(frozen=True)
+class Knobs:
+    num_workers: int
+    min_task_work: int
+    schedule_seed: int | None  # JAX_MPK_SCHEDULE_SEED: a random topological order and random workers
+
+    @contextlib.contextmanager
+    def applied(self, platform: str) -> Iterator[None]:
+        env = {
+            "JAX_MPK_MIN_TASK_WORK": str(self.min_task_work),
+            "JAX_MPK_SCHEDULE_SEED": "" if self.schedule_seed is None else str(self.schedule_seed),
+            "JAX_MPK_PLATFORM": platform,
+        }
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@dataclass(frozen=True)
+class Program:
+    seed: int  # inputs are drawn from (seed, argument number)
+    args: tuple[Value, ...]
+    lines: tuple[Line, ...]
+    outputs: tuple[str, ...]
+    knobs: Knobs
+
+    def source(self, name: str = "f") -> str:
+        body = [f"    {line.source()}" for line in self.lines]
+        return "\n".join([f"def {name}({', '.join(a.name for a in self.args)}):", *body,
+                          f"    return ({''.join(o + ', ' for o in self.outputs)})"])  # fmt: skip
+
+    def function(self, namespace: dict | None = None) -> Callable:
+        scope = dict(SOURCE_NAMESPACE if namespace is None else namespace)
+        exec(self.source(), scope)  # noqa: S102 - the fuzzer's own generated source
+        return scope["f"]
+
+    def inputs(self) -> list[np.ndarray]:
+        return [input_array(self.seed, a) for a in self.args]
+
+    def values(self) -> dict[str, Value]:
+        found = {a.name: a for a in self.args}
+        for line in self.lines:
+            found.update((v.name, v) for v in line.outs)
+        return found
+
+    def without_dead_lines(self) -> Program:
+        live, kept = set(self.outputs), []
+        for line in reversed(self.lines):
+            if live & {v.name for v in line.outs}:
+                kept.append(line)
+                live |= line.reads
+        args = tuple(a for a in self.args if a.name in live)
+        return dataclasses.replace(self, args=args, lines=tuple(reversed(kept)))
+
+    def renamed(self, old: str, new: str) -> Program:
+        """Every read of ``old`` reads ``new`` instead."""
+        pattern = re.compile(rf"\b{old}\b")
+        lines = tuple(dataclasses.replace(ln, expr=pattern.sub(new, ln.expr)) for ln in self.lines)
+        outputs = tuple(new if o == old else o for o in self.outputs)
+        return dataclasses.replace(self, lines=lines, outputs=outputs)
+
+
+SOURCE_NAMESPACE = {"jnp": jnp, "lax": lax, "np": np, "inf": np.inf, "nan": np.nan, **DTYPES}
+# The reference for precision questions computes every line in float64 (then rounds it to the line's dtype).
+FLOAT64_NAMESPACE = {**SOURCE_NAMESPACE, **{k: jnp.float64 for k in FLOATS}}
+
+
+def input_array(seed: int, arg: Value) -> np.ndarray:
+    rng = np.random.default_rng([seed, int(arg.name[1:])])
+    if arg.int_range is not None:
+        return rng.integers(*arg.int_range, size=arg.shape).astype(np.int32)
+    if arg.dtype == "pred":
+        return rng.random(arg.shape) < 0.5
+    if arg.dtype == "i32":
+        values = rng.integers(-20, 21, size=arg.shape).astype(np.int64)
+        specials = INT_SPECIALS
+    else:
+        values = rng.standard_normal(arg.shape) * rng.choice([1.0, 4.0, 100.0])
+        specials = FLOAT_SPECIALS
+    if rng.random() < SPECIAL_INPUT_RATE:
+        flat = values.reshape(-1)
+        where = rng.random(flat.shape) < 0.15
+        where[rng.integers(flat.size)] = True
+        flat[where] = rng.choice(specials, size=int(where.sum()))
+    with np.errstate(over="ignore"):  # 3e38 becomes inf in float16 on purpose
+        return np.asarray(values).astype(np.dtype(DTYPES[arg.dtype]))
+
+
+# ---------------------------------------------------------------------------------------------- generators
+
+
+class NoOperand(Exception):
+    """The program has no value a generator can take (it is tried again with another primitive)."""
+
+
+class Builder:
+    """The growing program a generator adds one line to: pick operands, add arguments."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+        self.args: list[Value] = []
+        self.lines: list[Line] = []
+        self.pool: list[Value] = []  # every value so far, arguments and line results
+
+    def name(self, prefix: str) -> str:
+        return f"{prefix}{len(self.args) + sum(len(ln.outs) for ln in self.lines)}"
+
+    def arg(self, shape, dtype: str, int_range: tuple[int, int] | None = None) -> Value:
+        value = Value(self.name("a"), tuple(int(d) for d in shape), dtype, int_range)
+        self.args.append(value)
+        self.pool.append(value)
+        return value
+
+    def find(self, accept: Callable[[Value], bool] = lambda v: True) -> Value | None:
+        """A value that ``accept``s, preferring recent ones (so that chains grow deep); None if there is none."""
+        candidates = [v for v in self.pool if accept(v)]
+        if not candidates:
+            return None
+        if self.rng.random() < 0.5:
+            return candidates[-1 - int(self.rng.integers(min(3, len(candidates))))]
+        return candidates[int(self.rng.integers(len(candidates)))]
+
+    def pick(self, accept: Callable[[Value], bool] = lambda v: True) -> Value:
+        """An operand that ``accept``s; without one, the generator gives up (:class:`NoOperand`)."""
+        found = self.find(accept)
+        if found is None:
+            raise NoOperand
+        return found
+
+    def like(self, shape, dtype: str) -> Value:
+        """A value of this shape and dtype: an existing one (sharing makes fusion interesting) or a new input."""
+        shape = tuple(shape)
+        found = self.find(lambda v: v.shape == shape and v.dtype == dtype and v.int_range is None)
+        if found is not None and self.rng.random() < 0.6:
+            return found
+        return self.arg(shape, dtype)
+
+    def shape(self, max_rank: int = 3) -> tuple[int, ...]:
+        rank = int(self.rng.integers(0, max_rank + 1))
+        return tuple(int(self.rng.choice(DIMS)) for _ in range(rank))
+
+    def choice(self, options: Sequence):
+        return options[int(self.rng.integers(len(options)))]
+
+
+Generator = Callable[[Builder], "str | None"]
+GENERATORS: dict[str, Generator] = {}
+
+
+def generates(*names: str):
+    def register(fn: Generator) -> Generator:
+        for name in names:
+            GENERATORS[name] = fn
+        return fn
+
+    return register
+
+
+def _unary(function: str) -> Generator:
+    return lambda b: f"{function}({b.pick().name})"
+
+
+def _binary(function: str, integer_divisor_is_input: bool = False) -> Generator:
+    def generate(b: Builder) -> str | None:
+        x = b.pick()
+        if integer_divisor_is_input and x.dtype == "i32":
+            # jaxlib 0.10.2's XLA:CPU dies of SIGFPE compiling an integer division by a value it can prove is
+            # zero (`x - x`): the oracle would kill the fuzzer, so the divisor is an input XLA cannot fold
+            return f"{function}({x.name}, {b.arg(x.shape, x.dtype).name})"
+        return f"{function}({x.name}, {b.like(x.shape, x.dtype).name})"
+
+    return generate
+
+
+for _name in ("neg abs sign floor ceil exp exp2 log log1p expm1 tanh logistic sin cos tan sqrt rsqrt cbrt erf "
+              "is_finite square stop_gradient optimization_barrier").split():  # fmt: skip
+    generates(_name)(_unary(f"lax.{_name}"))
+generates("not")(_unary("lax.bitwise_not"))
+generates("copy")(_unary("jnp.copy"))
+for _name in "add sub mul div rem pow max min atan2 eq ne lt le gt ge".split():
+    generates(_name)(_binary(f"lax.{_name}", integer_divisor_is_input=_name in ("div", "rem")))
+for _name in ("and", "or", "xor"):
+    generates(_name)(_binary(f"lax.bitwise_{_name}"))
+
+
+def generic_generator(primitive: str) -> Generator | None:
+    """For a registered rule without an entry in GENERATORS: ``lax.<name>`` as a unary or binary elementwise
+    operation (whichever traces), so that a new elementwise rule is fuzzed the moment it is registered."""
+    function = getattr(lax, primitive, None)
+    if not callable(function):
+        return None
+    unary, binary = _unary(f"lax.{primitive}"), _binary(f"lax.{primitive}")
+    return lambda b: (unary if b.rng.random() < 0.5 else binary)(b)
+
+
+@generates("integer_pow")
+def _integer_pow(b: Builder) -> str | None:
+    x = b.pick()
+    return f"lax.integer_pow({x.name}, {int(b.rng.integers(-2, 6))})"
+
+
+@generates("round")
+def _round(b: Builder) -> str | None:
+    x = b.pick(lambda v: v.dtype in FLOATS)
+    return f"lax.round({x.name}, lax.RoundingMethod.{b.choice(['AWAY_FROM_ZERO', 'TO_NEAREST_EVEN'])})"
+
+
+@generates("select_n")
+def _select_n(b: Builder) -> str | None:
+    x = b.pick()
+    if b.rng.random() < 0.7:
+        which = b.find(lambda v: v.dtype == "pred" and v.shape == x.shape) or b.arg(x.shape, "pred")
+        return f"lax.select_n({which.name}, {x.name}, {b.like(x.shape, x.dtype).name})"
+    which = b.arg(x.shape, "i32", int_range=(0, 3))
+    cases = ", ".join(b.like(x.shape, x.dtype).name for _ in range(2))
+    return f"lax.select_n({which.name}, {x.name}, {cases})"
+
+
+@generates("clamp")
+def _clamp(b: Builder) -> str | None:
+    x = b.pick(lambda v: v.dtype != "pred")
+    lo, hi = sorted(b.rng.integers(-5, 6, size=2).tolist())
+    return f"lax.clamp({x.dtype}({lo}), {x.name}, {x.dtype}({hi}))"
+
+
+@generates("convert_element_type")
+def _convert(b: Builder) -> str | None:
+    x = b.pick()
+    return f"lax.convert_element_type({x.name}, {b.choice(list(DTYPES))})"
+
+
+@generates("iota")
+def _iota(b: Builder) -> str | None:
+    shape = b.shape() or (int(b.rng.choice(DIMS)),)
+    return f"lax.broadcasted_iota({b.choice(['i32', 'f32', 'bf16'])}, {shape}, {int(b.rng.integers(len(shape)))})"
+
+
+@generates("broadcast_in_dim")
+def _broadcast_in_dim(b: Builder) -> str | None:
+    x = b.pick()
+    out = [d if d != 1 or b.rng.random() < 0.5 else int(b.rng.choice(DIMS)) for d in x.shape]
+    dims = list(range(len(out)))
+    for _ in range(int(b.rng.integers(0, 3))):  # new dimensions at random places
+        at = int(b.rng.integers(len(out) + 1))
+        out.insert(at, int(b.rng.choice(DIMS)))
+        dims = [d + (d >= at) for d in dims]
+    return f"lax.broadcast_in_dim({x.name}, {tuple(out)}, {tuple(dims)})"
+
+
+def _factor(n: int, rng: np.random.Generator) -> tuple[int, int] | None:
+    divisors = [d for d in range(2, n) if n % d == 0]
+    return None if not divisors else (d := int(rng.choice(divisors)), n // d)
+
+
+@generates("reshape")
+def _reshape(b: Builder) -> str | None:
+    x = b.pick()
+    shape, rng = list(x.shape), b.rng
+    kind = int(rng.integers(5))
+    if kind == 0:
+        shape = [int(np.prod(shape, dtype=np.int64))]
+    elif kind == 1 and len(shape) >= 2:  # merge neighbours
+        at = int(rng.integers(len(shape) - 1))
+        shape[at : at + 2] = [shape[at] * shape[at + 1]]
+    elif kind == 2 and shape:  # split one dimension
+        at = int(rng.integers(len(shape)))
+        factors = _factor(shape[at], rng)
+        if factors is None:
+            return None
+        shape[at : at + 1] = list(factors)
+    elif kind == 3:
+        shape.insert(int(rng.integers(len(shape) + 1)), 1)
+    elif 1 in shape:
+        shape.remove(1)
+    else:
+        return None
+    return f"lax.reshape({x.name}, {tuple(shape)})"
+
+
+@generates("squeeze")
+def _squeeze(b: Builder) -> str | None:
+    x = b.pick(lambda v: 1 in v.shape)
+    return f"lax.squeeze({x.name}, {tuple(d for d, s in enumerate(x.shape) if s == 1)})"
+
+
+@generates("transpose")
+def _transpose(b: Builder) -> str | None:
+    x = b.pick(lambda v: len(v.shape) >= 2)
+    return f"lax.transpose({x.name}, {tuple(int(p) for p in b.rng.permutation(len(x.shape)))})"
+
+
+@generates("slice")
+def _slice(b: Builder) -> str | None:
+    x = b.pick(lambda v: len(v.shape) >= 1)
+    starts, limits, strides = [], [], []
+    for d in x.shape:
+        start = 0 if b.rng.random() < 0.5 else int(b.rng.integers(d))
+        starts.append(start)
+        limits.append(int(b.rng.integers(start + 1, d + 1)))
+        strides.append(2 if b.rng.random() < 0.2 else 1)
+    return f"lax.slice({x.name}, {tuple(starts)}, {tuple(limits)}, {tuple(strides)})"
+
+
+@generates("rev")
+def _rev(b: Builder) -> str | None:
+    x = b.pick(lambda v: len(v.shape) >= 1)
+    dims = [d for d in range(len(x.shape)) if b.rng.random() < 0.6] or [0]
+    return f"lax.rev({x.name}, {tuple(dims)})"
+
+
+@generates("split")
+def _split(b: Builder) -> str | None:
+    x = b.pick(lambda v: any(d >= 2 for d in v.shape))
+    axis = b.choice([d for d, s in enumerate(x.shape) if s >= 2])
+    cut = sorted({int(c) for c in b.rng.integers(1, x.shape[axis], size=int(b.rng.integers(1, 3)))})
+    sizes = [hi - lo for lo, hi in zip([0, *cut], [*cut, x.shape[axis]])]
+    return f"lax.split({x.name}, {tuple(sizes)}, {axis})"
+
+
+@generates("concatenate")
+def _concatenate(b: Builder) -> str | None:
+    x = b.pick(lambda v: len(v.shape) >= 1)
+    axis = int(b.rng.integers(len(x.shape)))
+    others = []
+    for _ in range(int(b.rng.integers(1, 3))):
+        shape = list(x.shape)
+        shape[axis] = int(b.rng.choice(DIMS))
+        others.append(b.like(shape, x.dtype).name)
+    operands = [x.name, *others]
+    b.rng.shuffle(operands)
+    return f"lax.concatenate([{', '.join(operands)}], {axis})"
+
+
+def _axes(b: Builder, x: Value) -> tuple[int, ...]:
+    return tuple(d for d in range(len(x.shape)) if b.rng.random() < 0.5) or (int(b.rng.integers(len(x.shape))),)
+
+
+REDUCTIONS = {  # primitive: (combiner, initial value by dtype); lax.reduce turns these monoids into the primitive
+    "reduce_sum": ("lax.add", lambda t: 0),
+    "reduce_prod": ("lax.mul", lambda t: 1),
+    "reduce_max": ("lax.max", lambda t: -(2**31) if t == "i32" else "-inf"),
+    "reduce_min": ("lax.min", lambda t: 2**31 - 1 if t == "i32" else "inf"),
+    "reduce_and": ("lax.bitwise_and", lambda t: True),
+    "reduce_or": ("lax.bitwise_or", lambda t: False),
+}
+
+
+def _reduction(primitive: str) -> Generator:
+    combiner, initial = REDUCTIONS[primitive]
+    boolean = primitive in ("reduce_and", "reduce_or")
+
+    def generate(b: Builder) -> str | None:
+        x = b.pick(lambda v: len(v.shape) >= 1 and (v.dtype == "pred") == boolean)
+        # a numpy scalar (not a traced constant) as the initial value, so that lax.reduce recognizes the monoid
+        init = f"np.array({initial(x.dtype)}, {x.dtype})[()]"
+        return f"lax.reduce({x.name}, {init}, {combiner}, {_axes(b, x)})"
+
+    return generate
+
+
+for _name in REDUCTIONS:
+    generates(_name)(_reduction(_name))
+
+
+@generates("argmax", "argmin")
+def _arg_extreme(b: Builder) -> str | None:
+    x = b.pick(lambda v: len(v.shape) >= 1 and v.dtype != "pred")
+    return f"lax.{b.choice(['argmax', 'argmin'])}({x.name}, {int(b.rng.integers(len(x.shape)))}, i32)"
+
+
+@generates("dot_general")
+def _dot_general(b: Builder) -> str | None:
+    lhs = b.pick(lambda v: len(v.shape) >= 1 and v.dtype != "pred")
+    rank, rng = len(lhs.shape), b.rng
+    dims = [int(d) for d in rng.permutation(rank)]
+    contract = dims[: 1 + (rank >= 3 and rng.random() < 0.3)]
+    batch = dims[len(contract) : len(contract) + (rank - len(contract) >= 1 and rng.random() < 0.3)]
+    free = [int(rng.choice(DIMS)) for _ in range(int(rng.integers(0, 3 - len(batch))))]
+    # rhs dimensions in the order batch, contracting, free, then permuted
+    rhs_shape = [lhs.shape[d] for d in batch] + [lhs.shape[d] for d in contract] + free
+    perm = [int(p) for p in rng.permutation(len(rhs_shape))]
+    position = {old: new for new, old in enumerate(perm)}
+    rhs = b.like([rhs_shape[p] for p in perm], lhs.dtype)
+    rb = tuple(position[i] for i in range(len(batch)))
+    rc = tuple(position[len(batch) + i] for i in range(len(contract)))
+    return f"lax.dot_general({lhs.name}, {rhs.name}, (({tuple(contract)}, {rc}), ({tuple(batch)}, {rb})))"
+
+
+def _start_index(b: Builder, size: int) -> str:
+    if b.rng.random() < 0.5:
+        return f"i32({int(b.rng.integers(-2, size + 2))})"
+    return b.arg((), "i32", int_range=(-2, size + 2)).name
+
+
+@generates("dynamic_slice")
+def _dynamic_slice(b: Builder) -> str | None:
+    x = b.pick(lambda v: len(v.shape) >= 1)
+    sizes = tuple(int(b.rng.integers(1, d + 1)) for d in x.shape)
+    starts = ", ".join(_start_index(b, d) for d in x.shape)
+    return f"lax.dynamic_slice({x.name}, ({starts},), {sizes})"
+
+
+@generates("dynamic_update_slice")
+def _dynamic_update_slice(b: Builder) -> str | None:
+    x = b.pick(lambda v: len(v.shape) >= 1)
+    update = b.like([int(b.rng.integers(1, d + 1)) for d in x.shape], x.dtype)
+    starts = ", ".join(_start_index(b, d) for d in x.shape)
+    return f"lax.dynamic_update_slice({x.name}, {update.name}, ({starts},))"
+
+
+@generates("gather")
+def _gather(b: Builder) -> str | None:
+    table = b.pick(lambda v: len(v.shape) >= 1)
+    rows = table.shape[0]
+    shape = (int(b.rng.integers(1, 9)),)
+    mode = b.choice(["clip", "fill", None])
+    if mode is None:  # plain indexing promises in-bounds indices (negative ones count from the end)
+        return f"{table.name}[{b.arg(shape, 'i32', int_range=(-rows, rows)).name}]"
+    index = b.arg(shape, "i32", int_range=(-rows - 2, rows + 3))
+    return f"jnp.take({table.name}, {index.name}, axis=0, mode={mode!r})"
+
+
+def generators() -> dict[str, Generator]:
+    """A generator for every supported primitive that has one (explicit, or the generic elementwise one)."""
+    found = {}
+    for primitive in jax_mpk.supported_primitives():
+        generate = GENERATORS.get(primitive)
+        if generate is None and primitive not in NOT_GENERATED:
+            generate = generic_generator(primitive)
+        if generate is not None:
+            found[primitive] = generate
+    return found
+
+
+def without_generator() -> dict[str, str]:
+    """Supported primitives the fuzzer does not generate, with the reason."""
+    have = generators()
+    return {p: NOT_GENERATED.get(p, "no generator") for p in jax_mpk.supported_primitives() if p not in have}
+
+
+def _line_avals(expr: str, reads: list[Value]) -> list[jax.ShapeDtypeStruct]:
+    def one_line(*operands):
+        return eval(expr, dict(SOURCE_NAMESPACE), dict(zip([v.name for v in reads], operands)))  # noqa: S307
+
+    out = jax.eval_shape(one_line, *[v.struct for v in reads])
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def generate(seed: int, table: dict[str, Generator] | None = None) -> Program:
+    """The program of ``seed``: 4-24 lines drawn uniformly over the primitives, then its outputs and knobs."""
+    rng = np.random.default_rng(seed)
+    table = table or generators()
+    primitives = sorted(table)
+    b = Builder(rng)
+    for _ in range(int(rng.integers(1, 4))):
+        b.arg(b.shape(), b.choice(INPUT_DTYPES))
+    target = int(rng.integers(4, 25))
+    attempts = 0
+    while len(b.lines) < target and attempts < 20 * target:
+        attempts += 1
+        saved = (list(b.args), list(b.pool))
+        try:
+            expr = table[b.choice(primitives)](b)
+            avals = None if expr is None else _line_avals(expr, [v for v in b.pool if v.name in Line((), expr).reads])
+        except Exception:  # NoOperand, or operands the primitive does not take (e.g. exp of an int32)
+            avals = None
+        if not avals or any(np.prod(a.shape, dtype=np.int64) > MAX_ELEMENTS or 0 in a.shape for a in avals):
+            b.args, b.pool = saved
+            continue
+        outs = []
+        for aval in avals:
+            dtype = next(k for k, t in DTYPES.items() if np.dtype(t) == np.dtype(aval.dtype))
+            outs.append(Value(b.name("v") if not outs else f"v{int(outs[-1].name[1:]) + 1}", tuple(aval.shape), dtype))
+        b.lines.append(Line(tuple(outs), expr))
+        b.pool.extend(outs)
+    read = set().union(*(ln.reads for ln in b.lines)) if b.lines else set()
+    results = [v.name for ln in b.lines for v in ln.outs if v.name not in read or rng.random() < 0.15]
+    knobs = Knobs(
+        num_workers=int(rng.choice([1, 2, 3, 4, 7])),
+        min_task_work=int(rng.choice([16, 256, 4096, 1 << 14])),
+        schedule_seed=int(rng.integers(1 << 30)) if rng.random() < 0.5 else None,
+    )
+    program = Program(seed, tuple(b.args), tuple(b.lines), tuple(results), knobs)
+    return program.without_dead_lines()
+
+
+def program_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+# ------------------------------------------------------------------------------------------------- checking
+
+
+@dataclass
+class Outcome:
+    kind: str  # ok, mismatch, internal_error, refused, jit_vs_opbyop, precision, nondeterministic, oracle_error
+    detail: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.kind in FAILURES
+
+
+FAILURES = ("mismatch", "internal_error", "refused", "nondeterministic", "batch_mismatch")
+
+
+def _as_float64(x) -> np.ndarray:
+    return np.asarray(np.asarray(x).astype(np.float64))
+
+
+def _dtype_key(x) -> str:
+    return next(k for k, t in DTYPES.items() if np.dtype(t) == np.dtype(np.asarray(x).dtype))
+
+
+def agree(ours, expected) -> bool:
+    """Equal within the dtype's tolerance; NaN where and only where expected, infinities exactly."""
+    a, e = _as_float64(ours), _as_float64(expected)
+    if a.shape != e.shape or np.asarray(ours).dtype != np.asarray(expected).dtype:
+        return False
+    nan = np.isnan(e)
+    if not np.array_equal(np.isnan(a), nan):
+        return False
+    finite = np.isfinite(a) & np.isfinite(e)
+    if not np.array_equal(a[~finite & ~nan], e[~finite & ~nan]):
+        return False
+    rtol, atol = TOLERANCES[_dtype_key(expected)]
+    return bool(np.all(np.abs(a[finite] - e[finite]) <= atol + rtol * np.abs(e[finite])))
+
+
+def _error(x, reference: np.ndarray) -> np.ndarray:
+    """Elementwise distance from the float64 result (0 for matching NaN or infinity, inf for a wrong one)."""
+    x = _as_float64(x)
+    with np.errstate(invalid="ignore", over="ignore"):
+        error = np.abs(x - reference)
+    same = (np.isnan(x) & np.isnan(reference)) | (x == reference)
+    return np.where(same, 0.0, np.where(np.isnan(error), np.inf, error))
+
+
+def at_least_as_close(ours, theirs, reference) -> bool:
+    """Elementwise, ``ours`` is as near ``reference`` as ``theirs`` (within the dtype's tolerance); integers and
+    booleans (an argmax, a comparison) must equal the reference wherever they differ from ``theirs``."""
+    reference = _as_float64(reference)
+    if _dtype_key(theirs) in ("i32", "pred"):
+        ours, theirs = _as_float64(ours), _as_float64(theirs)
+        return bool(np.all((ours == theirs) | (ours == reference)))
+    rtol, atol = TOLERANCES[_dtype_key(theirs)]
+    with np.errstate(invalid="ignore", over="ignore"):
+        slack = atol + rtol * np.nan_to_num(np.abs(reference), posinf=0.0)
+    return bool(np.all(_error(ours, reference) <= _error(theirs, reference) + slack))
+
+
+def _all_agree(ours: Sequence, expected: Sequence) -> bool:
+    return len(ours) == len(expected) and all(agree(a, e) for a, e in zip(ours, expected))
+
+
+def _numpy(results) -> list[np.ndarray]:
+    return [np.asarray(r) for r in results]
+
+
+def run_megakernel(program: Program, args: Sequence[np.ndarray], platform: str) -> list[np.ndarray]:
+    with program.knobs.applied(platform):
+        fast = jax_mpk.megakernelize(program.function(), num_workers=program.knobs.num_workers)
+        first = _numpy(fast(*args))
+    second = _numpy(fast(*args))
+    if any(a.tobytes() != b.tobytes() for a, b in zip(first, second)):
+        raise _Nondeterministic
+    return first
+
+
+class _Nondeterministic(Exception):
+    pass
+
+
+def reference_rounded(program: Program, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The program computed in float64, each line's result rounded to its own dtype: every operation correctly
+    rounded (the contract jax_mpk's executors aim for), as float64 arrays. One jitted function: the float64 ->
+    dtype -> float64 round trips stay because XLA runs without excess precision (see the top of this module)."""
+
+    def rounded(x, dtype: str):
+        if dtype not in FLOATS:
+            return x
+        normal = lax.convert_element_type(lax.convert_element_type(x, DTYPES[dtype]), jnp.float64)
+        # XLA:CPU flushes subnormal results of the conversion to zero: round those onto the subnormal grid here
+        info = jnp.finfo(DTYPES[dtype])
+        spacing = float(info.smallest_subnormal)
+        return jnp.where(jnp.abs(x) < float(info.smallest_normal), jnp.round(x / spacing) * spacing, normal)
+
+    def reference(*wide):
+        env = dict(zip((a.name for a in program.args), wide))
+        for line in program.lines:
+            out = eval(line.expr, dict(FLOAT64_NAMESPACE), env)  # noqa: S307 - the fuzzer's own source
+            for value, result in zip(line.outs, out if isinstance(out, (list, tuple)) else [out]):
+                env[value.name] = rounded(result, value.dtype)
+        return [env[name] for name in program.outputs]
+
+    with jax.enable_x64(True):
+        wide = [x.astype(np.float64) if a.dtype in FLOATS else x for a, x in zip(program.args, args)]
+        return _numpy(jax.jit(reference)(*wide))
+
+
+def _precision(ours: Sequence, expected: Sequence, exact: Sequence) -> Outcome | None:
+    """``precision`` when every output that disagrees with jax.jit is at least as close to correct rounding."""
+    bad = [i for i, (a, e) in enumerate(zip(ours, expected)) if not agree(a, e)]
+    if all(at_least_as_close(ours[i], expected[i], exact[i]) for i in bad):
+        return Outcome("precision", f"outputs {bad}: jax_mpk at least as close as jax.jit to correct rounding")
+    return None
+
+
+def check(program: Program, platform: str = "cpu", expected: list[np.ndarray] | None = None) -> Outcome:
+    """Run one program through jax_mpk and the oracles and classify the result."""
+    args = program.inputs()
+    fn = program.function()
+    try:
+        expected = expected if expected is not None else _numpy(jax.jit(fn)(*args))
+    except Exception as exc:
+        return Outcome("oracle_error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+    try:
+        ours = run_megakernel(program, args, platform)
+    except _Nondeterministic:
+        return Outcome("nondeterministic", "two calls of one plan differ bitwise")
+    except MegakernelError as exc:
+        return Outcome("refused", f"{type(exc).__name__}: {str(exc)[:300]}")
+    except Exception as exc:
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return Outcome("internal_error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]} "
+                       f"({os.path.basename(where.filename)}:{where.lineno})")  # fmt: skip
+    if _all_agree(ours, expected):
+        return Outcome("ok")
+    exact = reference_rounded(program, args)
+    precision = _precision(ours, expected, exact)
+    if precision is not None:
+        return precision
+    bad = [i for i, (a, e) in enumerate(zip(ours, expected)) if not agree(a, e)]
+    with jax.disable_jit():
+        by_op = _numpy(fn(*args))
+    if _all_agree(ours, by_op):
+        return Outcome("jit_vs_opbyop", f"outputs {bad}: jax.jit disagrees with op-by-op, jax_mpk agrees")
+    i = bad[0]
+    return Outcome("mismatch", f"output {i} ({program.outputs[i]}): max |diff| "
+                   f"{np.nanmax(_error(ours[i], _as_float64(expected[i]))):.3g}")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ shrinking
+
+
+def _same_failure(outcome: Outcome, original: Outcome) -> bool:
+    if outcome.kind != original.kind:
+        return False
+    return outcome.kind != "internal_error" or outcome.detail.split(":")[0] == original.detail.split(":")[0]
+
+
+def _candidates(p: Program) -> Iterator[Program]:
+    """Smaller variants of ``p``, most reducing first."""
+    if len(p.outputs) > 1:
+        for out in p.outputs:
+            yield dataclasses.replace(p, outputs=(out,))
+        for out in p.outputs:  # a failure may need two results (a reader of a value and its in-place update)
+            yield dataclasses.replace(p, outputs=tuple(o for o in p.outputs if o != out))
+    simpler = Knobs(1, 1 << 14, None)
+    if p.knobs != simpler:
+        yield dataclasses.replace(p, knobs=simpler)
+    values = p.values()
+    next_arg = 1 + max(int(v[1:]) for v in values)
+    for line in p.lines:
+        for out in line.outs:
+            # cut: the value becomes an input (its producers die)
+            fresh = Value(f"a{next_arg}", out.shape, out.dtype)
+            yield dataclasses.replace(p.renamed(out.name, fresh.name), args=(*p.args, fresh))
+            # bypass: read an operand of the same type instead
+            for name in sorted(line.reads):
+                v = values.get(name)
+                if v is not None and (v.shape, v.dtype) == (out.shape, out.dtype):
+                    yield p.renamed(out.name, name)
+
+
+def shrink(program: Program, original: Outcome, platform: str = "cpu", budget_s: float = 120.0) -> Program:
+    """A smaller program with the same kind of failure (greedy, first improvement, within ``budget_s``)."""
+    deadline = time.monotonic() + budget_s
+    best = program.without_dead_lines()
+    improved = True
+    while improved and time.monotonic() < deadline:
+        improved = False
+        for candidate in _candidates(best):
+            candidate = candidate.without_dead_lines()
+            if len(candidate.lines) > len(best.lines) or candidate == best or time.monotonic() > deadline:
+                continue
+            if _same_failure(check(candidate, platform), original):
+                best, improved = candidate, True
+                break
+    return best
+
+
+def snippet(program: Program, platform: str = "cpu") -> str:
+    """A runnable script that reproduces the program's comparison."""
+    args = []
+    for a, x in zip(program.args, program.inputs()):
+        if x.size <= 64:
+            listed = np.asarray(x, np.float64 if x.dtype.kind == "f" or x.dtype == jnp.bfloat16 else x.dtype)
+            args.append(f"    np.asarray({listed.tolist()!r}, {a.dtype}),")
+        else:
+            args.append(f"    fuzz.input_array({program.seed}, fuzz.{a!r}),")
+    k = program.knobs
+    seed = "" if k.schedule_seed is None else str(k.schedule_seed)
+    return "\n".join([
+        "import os",
+        f'os.environ.update(JAX_MPK_MIN_TASK_WORK="{k.min_task_work}", JAX_MPK_SCHEDULE_SEED="{seed}", '
+        f'JAX_MPK_PLATFORM="{platform}")',
+        "import jax, jax.numpy as jnp, numpy as np",
+        "from jax import lax",
+        "import jax_mpk",
+        "from jax_mpk.testing import fuzz",
+        "f32, bf16, f16, i32, pred = jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32, jnp.bool_",
+        "inf, nan = np.inf, np.nan",
+        "",
+        program.source(),
+        "",
+        "args = [",
+        *args,
+        "]",
+        "expected = jax.jit(f)(*args)",
+        f"actual = jax_mpk.megakernelize(f, num_workers={k.num_workers})(*args)",
+        "for e, a in zip(expected, actual):",
+        "    print(np.asarray(e).tolist(), np.asarray(a).tolist(), sep='\\n')",
+    ])  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- batching
+
+
+def combine(programs: Sequence[Program]) -> tuple[Program, list[list[int]]]:
+    """One program running all of ``programs`` side by side (one plan, one compile: what the GPU mode runs),
+    and, per program, the positions of its outputs. Names are renumbered so they do not collide."""
+    args, lines, outputs, owned = [], [], [], []
+    offset = 0
+    for p in programs:
+        shift = lambda name: f"{name[0]}{int(name[1:]) + offset}"  # noqa: E731
+        relabel = lambda expr: re.sub(r"\b([av])(\d+)\b", lambda m: shift(m.group(0)), expr)  # noqa: E731
+        args += [dataclasses.replace(a, name=shift(a.name)) for a in p.args]
+        lines += [Line(tuple(dataclasses.replace(v, name=shift(v.name)) for v in ln.outs), relabel(ln.expr))
+                  for ln in p.lines]  # fmt: skip
+        owned.append(list(range(len(outputs), len(outputs) + len(p.outputs))))
+        outputs += [shift(o) for o in p.outputs]
+        offset += 1 + max(int(v[1:]) for v in p.values())
+    return Program(programs[0].seed, tuple(args), tuple(lines), tuple(outputs), programs[0].knobs), owned
+
+
+def check_batch(programs: Sequence[Program], platform: str) -> list[Outcome]:
+    """Run ``programs`` side by side as one jax.jit and one megakernel (one compile each); a program whose
+    outputs disagree, or all of them if the batch fails, is re-checked alone, so that every failure is
+    attributed to one program (``batch_mismatch``: it disagreed only next to the others)."""
+    if len(programs) == 1:
+        return [check(programs[0], platform)]
+    together, owned = combine(programs)
+    args = [x for p in programs for x in p.inputs()]
+    try:
+        expected = _numpy(jax.jit(together.function())(*args))
+        ours = run_megakernel(together, args, platform)
+    except Exception:
+        return [check(p, platform) for p in programs]
+    agreeing = [_all_agree([ours[i] for i in pos], [expected[i] for i in pos]) for pos in owned]
+    exact = None if all(agreeing) else reference_rounded(together, args)  # one compile for the whole batch
+    outcomes = []
+    for p, positions, agrees in zip(programs, owned, agreeing):
+        if agrees:
+            outcomes.append(Outcome("ok"))
+            continue
+        pick = lambda values: [values[i] for i in positions]  # noqa: E731
+        precision = _precision(pick(ours), pick(expected), pick(exact))
+        if precision is not None:
+            outcomes.append(precision)
+            continue
+        alone = check(p, platform)
+        if alone.kind == "ok":
+            alone = Outcome("batch_mismatch", f"disagrees with jax.jit only in a batch of {len(programs)} programs")
+        outcomes.append(alone)
+    return outcomes
+
+
+# --------------------------------------------------------------------------------------------------- driver
+
+
+def _git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def fuzz(count: int, seed: int = 0, start: int = 0, platform: str = "cpu", batch: int = 1,
+         shrink_failures: bool = True, log=print, records=None) -> dict:  # fmt: skip
+    """Generate and check programs ``start .. start+count-1`` of ``seed``; return the summary. jax.jit and the
+    references run on ``platform``'s device too."""
+    with jax.default_device(jax.devices("gpu" if platform == "cuda" else "cpu")[0]):
+        return _fuzz(count, seed, start, platform, batch, shrink_failures, log, records)
+
+
+def _fuzz(count, seed, start, platform, batch, shrink_failures, log, records) -> dict:
+    table = generators()
+    counts, covered = Counter(), Counter()
+    failures = []
+    began = time.monotonic()
+    indices = list(range(start, start + count))
+    for first in range(0, len(indices), batch):
+        chunk = indices[first : first + batch]
+        programs = [generate(program_seed(seed, i), table) for i in chunk]
+        for p in programs:
+            covered.update({eqn.primitive.name for eqn in _equations(jax.make_jaxpr(p.function())(*p.inputs()))})
+        for i, p, outcome in zip(chunk, programs, check_batch(programs, platform)):
+            counts[outcome.kind] += 1
+            if records is not None:
+                records.write(json.dumps({"index": i, "kind": outcome.kind, "detail": outcome.detail}) + "\n")
+                records.flush()
+            if outcome.kind == "ok":
+                continue
+            log(f"[{i}] {outcome.kind}: {outcome.detail}   (replay: --seed {seed} --start {i} --count 1)")
+            if outcome.failed:
+                small = shrink(p, outcome, platform) if shrink_failures and outcome.kind != "batch_mismatch" else p
+                log(snippet(small, platform))
+                failures.append({"index": i, "kind": outcome.kind, "detail": outcome.detail,
+                                 "snippet": snippet(small, platform)})  # fmt: skip
+        done = first + len(chunk)
+        if done % 100 < len(chunk) or done == len(indices):
+            log(f"{done}/{count} programs, {time.monotonic() - began:.0f} s: {dict(counts)}")
+    return {
+        "jax": jax.__version__, "device": str(jax.devices("gpu" if platform == "cuda" else "cpu")[0].device_kind),
+        "commit": _git_commit(), "platform": platform, "seed": seed, "start": start, "count": count,
+        "batch": batch, "seconds": round(time.monotonic() - began, 1), "counts": dict(counts),
+        "covered": dict(sorted(covered.items())),
+        "not_covered": sorted(set(table) - set(covered)), "without_generator": without_generator(),
+        "failures": failures,
+    }  # fmt: skip
+
+
+def _equations(closed) -> Iterator:
+    """Every equation of a jaxpr, nested ones (pjit, custom_jvp) included."""
+    for eqn in closed.jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):
+                    yield from _equations(sub)
+
+
+def tally(paths: Sequence[str]) -> dict:
+    """Outcome counts over ``--records`` files (several shards of one seed), each program counted once."""
+    by_index = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line)
+                by_index[record["index"]] = record
+    counts = Counter(r["kind"] for r in by_index.values())
+    failures = [r for r in by_index.values() if r["kind"] in FAILURES]
+    return {"programs": len(by_index), "counts": dict(counts), "failures": failures,
+            "others": [r for r in by_index.values() if r["kind"] not in ("ok", "precision") and r not in failures]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start", type=int, default=0, help="first program index (replay one with --count 1)")
+    parser.add_argument("--platform", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--batch", type=int, default=1, help="programs per megakernel (one compile for several)")
+    parser.add_argument("--no-shrink", action="store_true")
+    parser.add_argument("--records", help="append one JSON line per program here")
+    parser.add_argument("--summary", help="write the summary as JSON here")
+    parser.add_argument("--show", action="store_true", help="print the programs' source and exit")
+    parser.add_argument("--tally", nargs="+", metavar="RECORDS", help="count the outcomes in --records files")
+    opts = parser.parse_args(argv)
+    if opts.tally:
+        print(json.dumps(tally(opts.tally), indent=1))
+        return 0
+    if opts.show:
+        for i in range(opts.start, opts.start + opts.count):
+            print(f"# program {i}\n{snippet(generate(program_seed(opts.seed, i)), opts.platform)}\n")
+        return 0
+    with open(opts.records, "a") if opts.records else contextlib.nullcontext() as records:
+        summary = fuzz(opts.count, opts.seed, opts.start, opts.platform, opts.batch, not opts.no_shrink,
+                       log=lambda m: print(m, flush=True), records=records)  # fmt: skip
+    shown = {k: v for k, v in summary.items() if k != "failures"}
+    print(json.dumps(shown, indent=1))
+    if opts.summary:
+        with open(opts.summary, "w") as f:
+            json.dump(summary, f, indent=1)
+    return 1 if any(summary["counts"].get(k) for k in FAILURES) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

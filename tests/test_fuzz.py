@@ -1,0 +1,239 @@
+"""The differential fuzzer's fixed CI budget, the fuzzer checked against planted bugs, and the minimal repros of
+every failure class it found (issue 16) as regression tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jax_mpk.testing import fuzz  # first: asks XLA for no excess precision before jax starts its backend
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from conftest import assert_trees_close, check_against_jit, random_array  # noqa: E402
+from jax import lax  # noqa: E402
+
+import jax_mpk  # noqa: E402
+from jax_mpk import lowering  # noqa: E402
+
+# 96 programs in batches of 8: about 60 s of CPU time (measured: 0.6 s a program, nearly all of it XLA
+# compiling the jax.jit oracle, about 0.05 s per operation).
+CI_PROGRAMS, CI_SEED = 96, 16
+
+
+def test_fixed_budget_of_random_programs_equals_jax_jit():
+    summary = fuzz.fuzz(CI_PROGRAMS, seed=CI_SEED, batch=8, log=print)
+    failures = "\n\n".join(f"[{f['index']}] {f['kind']}: {f['detail']}\n{f['snippet']}" for f in summary["failures"])
+    assert not any(summary["counts"].get(kind) for kind in fuzz.FAILURES), failures
+    assert summary["counts"].get("ok", 0) >= 0.8 * CI_PROGRAMS, summary["counts"]
+    # the budget reaches most generators (collectives need a shard_map and are listed apart)
+    assert len(summary["covered"]) >= 0.9 * len(fuzz.generators()), summary["not_covered"]
+
+
+def test_programs_and_inputs_follow_from_the_seed():
+    a, b = fuzz.generate(fuzz.program_seed(7, 3)), fuzz.generate(fuzz.program_seed(7, 3))
+    assert a == b and a.source() == b.source()
+    assert all(np.array_equal(x, y, equal_nan=True) for x, y in zip(a.inputs(), b.inputs()))
+    assert fuzz.generate(fuzz.program_seed(7, 4)) != a
+    assert all(4 <= len(fuzz.generate(fuzz.program_seed(1, i)).lines) <= 24 for i in range(20))
+
+
+def test_every_supported_primitive_has_a_generator_or_a_reason(monkeypatch):
+    missing = fuzz.without_generator()
+    assert set(missing) <= set(fuzz.NOT_GENERATED), missing
+    # a newly registered elementwise rule is fuzzed at once through the generic generator
+    monkeypatch.setitem(lowering.RULES, "nextafter", lowering.RULES["add"])
+    assert "nextafter" in fuzz.generators() and "nextafter" not in fuzz.GENERATORS
+
+
+def test_nan_aware_comparison():
+    nan, inf = np.nan, np.inf
+    assert fuzz.agree(np.float32([1, nan, inf]), np.float32([1 + 1e-6, nan, inf]))
+    assert not fuzz.agree(np.float32([nan]), np.float32([1]))
+    assert not fuzz.agree(np.float32([inf]), np.float32([-inf]))
+    assert not fuzz.agree(np.float32([1]), np.float32([1.01]))
+    assert not fuzz.agree(np.int32([3]), np.int32([4]))
+    assert not fuzz.agree(np.float32([1]), np.float16([1]))  # dtypes must match too
+
+
+def test_a_planted_bug_is_found_and_shrunk_to_its_line(monkeypatch):
+    """Corrupt what jax_mpk returns for programs that compute a tangent: the fuzzer reports a mismatch and
+    shrinks the program to the tangent alone (so the fuzzer can fail)."""
+    honest = fuzz.run_megakernel
+
+    def corrupted(program, args, platform):
+        results = honest(program, args, platform)
+        if "lax.tan(" not in program.source():
+            return results
+        return [r + np.ones((), r.dtype) if r.dtype.kind == "f" or r.dtype == jnp.bfloat16 else r for r in results]
+
+    monkeypatch.setattr(fuzz, "run_megakernel", corrupted)
+    program = next(p for p in map(fuzz.generate, range(200)) if "lax.tan(" in p.source() and len(p.lines) > 4)
+    outcome = fuzz.check(program)
+    assert outcome.kind == "mismatch", outcome
+    small = fuzz.shrink(program, outcome, budget_s=30)
+    assert len(small.lines) < len(program.lines) and "lax.tan(" in small.source()
+    assert len(small.outputs) == 1
+    snippet = fuzz.snippet(small)
+    assert "jax_mpk.megakernelize(f" in snippet and "def f(" in snippet
+    compile(snippet, "<snippet>", "exec")  # runnable Python
+
+
+# ------------------------------------------------------------------------- regression: the failure classes
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_product_with_epilogue_also_returned_as_a_view(rng, dtype):
+    """`(a @ b) * 2` read by another elementwise expression and returned through a view: the product must be
+    stored, not absorbed into one kernel's epilogue (was `unstored heavy node %N:dot`)."""
+    a, b, c = (random_array(rng, s, dtype) for s in [(5, 7), (7, 3), (5, 3)])
+
+    def fn(a, b, c):
+        m = (a @ b) * 2
+        return m + 1, c / m, jnp.exp(m), m.T, m[0], m[::-1], m.reshape(-1), jnp.broadcast_to(m, (2, 5, 3))
+
+    check_against_jit(fn, a, b, c, num_workers=3)
+
+
+def test_slice_from_zero_then_reshape(rng):
+    """A slice starting at 0 followed by a reshape that merges dimensions (was IndexError in _reshape_groups,
+    and 'cannot lower primitive split' for jnp.split)."""
+    x = random_array(rng, (6, 4), jnp.float32)
+    check_against_jit(lambda x: (x[:2].reshape(-1), x[:, :2].reshape(-1), x[:3, 1:].reshape(9)), x)
+    check_against_jit(lambda x: [p.reshape(-1) * 2 for p in jnp.split(x, 3)], x)
+    check_against_jit(lambda x: jnp.split(x.reshape(2, 3, 4), [1], axis=1), x)
+
+
+def test_max_and_min_order_negative_zero_below_positive_zero():
+    """XLA orders -0 < +0 in max/min; visible through 1/x and relu."""
+    zeros = np.float32([0.0, -0.0, 0.0, -0.0])
+    other = np.float32([-0.0, 0.0, 0.0, -0.0])
+    rng = np.random.default_rng()
+    perm = rng.permutation(4)
+    x, y = jnp.asarray(zeros[perm]), jnp.asarray(other[perm])
+
+    def fn(x, y):
+        both = jnp.concatenate([x[None], y[None]])
+        return (1 / jnp.maximum(x, y), 1 / jnp.minimum(x, y), 1 / jax.nn.relu(x), 1 / jnp.max(both, 0),
+                1 / jnp.min(both, 0), 1 / jnp.clip(x, y, 1.0))  # fmt: skip
+
+    expected, actual = jax.jit(fn)(x, y), jax_mpk.megakernelize(fn)(x, y)
+    for e, a in zip(expected, actual):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))  # +inf vs -inf: the sign of the zero
+
+
+def test_a_chain_of_1000_fused_elementwise_operations(rng):
+    """No RecursionError (the expression builder and the CUDA renderer iterate)."""
+
+    def fn(x):
+        for i in range(1000):
+            x = jnp.sin(x) * 1.01 + 0.1 if i % 2 else jnp.tanh(x) - 0.2
+        return x
+
+    x = random_array(rng, (4, 8), jnp.float32)
+    mk = jax_mpk.compile(fn, x)
+    assert len(mk.graph.kernels) == 1
+    assert_trees_close(mk(x), jax.jit(fn)(x))
+    from jax_mpk.codegen import generate
+
+    assert "tanhf" in generate(mk.tasks, mk.schedule, None).text
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("JAX_MPK_NUM_WORKERS", "0"), ("JAX_MPK_NUM_WORKERS", "abc"), ("JAX_MPK_WATCHDOG_S", "0"),
+     ("JAX_MPK_WATCHDOG_S", "nan"), ("JAX_MPK_MIN_TASK_WORK", "-3"), ("JAX_MPK_VALIDATE", "yes"),
+     ("JAX_MPK_PLATFORM", "tpu"), ("JAX_MPK_SCHEDULE_SEED", "x")],
+)  # fmt: skip
+def test_invalid_knobs_are_refused_at_trace_time_naming_variable_and_value(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    fast = jax_mpk.megakernelize(lambda x: x * 2)
+    with pytest.raises(jax_mpk.InvalidArgumentError, match=f"{name}='{value}'"):
+        fast(jnp.ones(3))
+
+
+def test_num_workers_argument_is_checked():
+    with pytest.raises(jax_mpk.InvalidArgumentError, match="num_workers=0"):
+        jax_mpk.megakernelize(lambda x: x, num_workers=0)
+
+
+def test_shuffled_schedule_knob_gives_the_same_results(monkeypatch, rng):
+    x, w = random_array(rng, (8, 16), jnp.float32), random_array(rng, (16, 32), jnp.float32)
+    fn = lambda x, w: jax.nn.softmax(jnp.tanh(x @ w), -1).sum(0)  # noqa: E731
+    baseline = jax_mpk.compile(fn, x, w, num_workers=3)
+    monkeypatch.setenv("JAX_MPK_SCHEDULE_SEED", "5")
+    shuffled = jax_mpk.compile(fn, x, w, num_workers=3)
+    assert shuffled.schedule.workers != baseline.schedule.workers
+    np.testing.assert_array_equal(np.asarray(shuffled(x, w)), np.asarray(baseline(x, w)))
+
+
+def test_keyword_arguments_are_traced_like_jax_jit(rng):
+    x, y = random_array(rng, (3, 4), jnp.float32), random_array(rng, (3, 4), jnp.float32)
+
+    def fn(x, scale=None, *, shift):
+        return x * scale["s"] + shift
+
+    fast = jax_mpk.megakernelize(fn)
+    expected = jax.jit(fn)(x, scale={"s": y}, shift=y)
+    assert_trees_close(fast(x, scale={"s": y}, shift=y), expected)
+    assert_trees_close(fast(x, {"s": y}, shift=y), expected)
+    mk = jax_mpk.compile(fn, x, scale={"s": y}, shift=y)
+    assert_trees_close(mk(x, scale={"s": y}, shift=y), expected)
+    with pytest.raises(jax_mpk.SignatureMismatchError, match=r"kwargs\['shift'\]"):
+        mk(x, scale={"s": y}, shift=y[:2])
+
+
+def test_donate_argnums_is_checked_like_jax_jit():
+    def fn(cache, x):
+        return cache + x
+
+    for bad in [(2,), (-3,), 5]:
+        with pytest.raises(jax_mpk.InvalidArgumentError, match="accepts only 2 positional arguments"):
+            jax_mpk.megakernelize(fn, donate_argnums=bad)
+        with pytest.raises(ValueError):  # jax.jit refuses the same
+            jax.jit(fn, donate_argnums=bad)
+    with pytest.raises(jax_mpk.InvalidArgumentError, match="integers"):
+        jax_mpk.megakernelize(fn, donate_argnums=("cache",))
+    fast = jax_mpk.megakernelize(fn, donate_argnums=-2)  # negative counts from the end, as in jax.jit
+    cache = jnp.ones(4)
+    np.testing.assert_array_equal(np.asarray(fast(cache, jnp.ones(4))), np.full(4, 2.0))
+    variadic = jax_mpk.megakernelize(lambda *a: a[0] * 2, donate_argnums=(1,))
+    with pytest.raises(jax_mpk.InvalidArgumentError, match="only 1 positional"):
+        variadic(jnp.ones(2))
+
+
+@pytest.mark.gpu
+def test_fuzz_budget_on_the_cuda_megakernel():
+    """The same kind of programs through the CUDA megakernel, 8 programs per megakernel (one nvcc compile)."""
+    summary = fuzz.fuzz(32, seed=CI_SEED, platform="cuda", batch=8, log=print)
+    failures = "\n\n".join(f"[{f['index']}] {f['kind']}: {f['detail']}\n{f['snippet']}" for f in summary["failures"])
+    assert not any(summary["counts"].get(kind) for kind in fuzz.FAILURES), failures
+
+
+def test_in_place_update_merged_into_its_consumer_waits_for_readers_of_the_old_value(rng):
+    """A whole-size dynamic_update_slice of a stored value, merged into the kernel that reads its result,
+    writes in place as that kernel's second output: the readers of the old value must still run first (fuzz
+    program 2026:1013; tanh read the updated buffer)."""
+    x, u = random_array(rng, (17,), jnp.float32, 0.5, 2.0), random_array(rng, (17,), jnp.float32)
+
+    def fn(x, u):
+        v = jnp.log(x)
+        w = lax.dynamic_update_slice(v, u, (0,))
+        return jnp.round(v), jnp.tanh(v), jnp.floor(w)
+
+    for workers in (1, 3):
+        check_against_jit(fn, x, u, num_workers=workers)
+
+
+def test_sum_over_one_element_keeps_a_negative_zero():
+    """XLA turns a sum over a length-1 axis into the element itself (no +0 added): -0 stays -0, visible
+    through rsqrt (fuzz program 2026:9821). Longer sums of -0 are +0, as XLA adds its +0 initial value."""
+    x = np.float16([[-0.0], [3.0], [-0.0], [0.0]])
+    y = np.full((4, 3), -0.0, np.float32)
+
+    def fn(x, y):
+        return lax.rsqrt(jnp.sum(x, axis=1)), 1 / jnp.sum(y, axis=1), 1 / jnp.sum(y[:, :1], axis=1)
+
+    expected, actual = jax.jit(fn)(x, y), jax_mpk.megakernelize(fn)(x, y)
+    for e, a in zip(expected, actual):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
