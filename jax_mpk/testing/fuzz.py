@@ -74,6 +74,10 @@ NOT_GENERATED = {
     "reduce_scatter": "collective: needs a shard_map body", "axis_index": "collective: needs a shard_map body",
     "add_any": "only autodiff emits it", "expand_dims": "not a jaxpr primitive (lax.expand_dims is a reshape)",
     "copy_p": "the same rule as copy",
+    **dict.fromkeys(("reshard", "sharding_constraint", "mesh_cast", "layout_constraint", "shard_alike"),
+                    "a sharding annotation, an identity on one device (tests/test_collectives.py)"),
+    **dict.fromkeys(("threefry2x32", "iota_2x32_shape"),
+                    "emitted by jax.random's key expansion, on uint32 key data (tests/test_sampling.py)"),
 }  # fmt: skip
 
 
