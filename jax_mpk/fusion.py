@@ -823,6 +823,7 @@ def _compute_rows_in_dot_staging(kernels: list[Kernel]) -> list[Kernel]:
         return id(tensor.buffer), tensor.version
 
     writer = {key(o.tensor): (k, o) for k in kernels for o in k.outputs}
+    read_before = {key(t) for k in kernels for t in k.read_tensors()}
     for b in kernels:
         dot = b.dot
         if dot is None or key(dot.lhs) not in writer:
@@ -833,9 +834,13 @@ def _compute_rows_in_dot_staging(kernels: list[Kernel]) -> list[Kernel]:
         if a.dot is None and not a.reads_comm() and _stages_as_rows(out, dot, len(b.domain)):
             dot.lhs_expr = Reindex(shape=tuple(b.domain) + tuple(dot.k_shape), dtype=out.node.dtype,
                                    children=(out.node,), map=dot.lhs_map)  # fmt: skip
+    # Drop only the stores this rewrite made unread. A stored value that no kernel reads as such may still be
+    # needed: the base of an in-place update chain (floor(x) with a slice of it then overwritten) is read
+    # through the chain's later version.
     still_read = {key(t) for k in kernels for t in k.read_tensors()}
+    unread = read_before - still_read
     for a in kernels:
-        a.outputs = [o for o in a.outputs if key(o.tensor) in still_read or o.tensor.buffer.kind != TensorKind.WORKSPACE]
+        a.outputs = [o for o in a.outputs if key(o.tensor) not in unread or o.tensor.buffer.kind != TensorKind.WORKSPACE]
     return [k for k in kernels if k.outputs]
 
 

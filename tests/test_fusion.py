@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import pytest
 from conftest import assert_trees_close, check_against_jit, random_array
 
+from jax_mpk.capture import capture
+from jax_mpk.fusion import fuse
 from jax_mpk.graph import Acc, Reduce
 
 
@@ -206,3 +208,20 @@ def test_gpu_plans_compute_norm_and_softmax_rows_in_the_products_staging(rng):
     words = serialize(tasks, sched)
     with pytest.raises(ValueError, match="computed while it is staged"):
         register_plan(plan_key(words), words)
+
+
+def test_gpu_fusion_keeps_the_base_of_an_in_place_update():
+    """On a GPU target, a stored value read only through a later in-place update of its buffer (floor(x), then
+    a slice of it overwritten, then the whole read) is still computed: the pass that moves row computations
+    into product staging dropped every store nobody read directly, so the GPU read unwritten memory (the GPU
+    fuzzer's nondeterministic and wrong results, 2026-11-30)."""
+
+    def f(x, update):
+        base = jnp.floor(jnp.cumsum(x * x))
+        return jnp.isfinite(jax.lax.dynamic_update_slice(base, update, (20,)))
+
+    avals = [jax.ShapeDtypeStruct((32,), jnp.float16), jax.ShapeDtypeStruct((12,), jnp.float16)]
+    graph = fuse(capture(jax.make_jaxpr(f)(*avals)), 132)
+    (chain,) = [k for k in graph.kernels if k.name.startswith("update_slice")]
+    writers = [k for k in graph.kernels if any(o.tensor.buffer is chain.outputs[0].tensor.buffer for o in k.outputs)]
+    assert any("floor" in k.name for k in writers), graph
