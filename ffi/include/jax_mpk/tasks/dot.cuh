@@ -350,6 +350,26 @@ __device__ __forceinline__ void ring_begin(char* ring, const W* w, int64_t k_str
   for (int s = 0; s < kRingSlots - 1; ++s) ring_issue<W, kMma>(ring, w, k_stride, K, n_len, s);
 }
 
+// Before consuming stage s of the ring: wait until this thread's part of it has landed, publish every thread's
+// part (the barrier also says that all threads are done with the slot stage s - 1 used), and refill that slot.
+template <class W, bool kMma>
+__device__ __forceinline__ void ring_advance(char* ring, const W* w, int64_t k_stride, int K, int n_len, int s) {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kRingSlots - 2) : "memory");
+  __syncthreads();
+  ring_issue<W, kMma>(ring, w, k_stride, K, n_len, s + kRingSlots - 1);
+}
+
+// acc[r * acc_stride + n] = the sum of `partials` partial sums part[(r * partials + p) * n_len + n].
+template <int R>
+__device__ __forceinline__ void sum_partials(const float* part, int partials, int n_len, float* acc, int acc_stride) {
+  for (int o = threadIdx.x; o < R * n_len; o += kBlockThreads) {
+    const int r = o / n_len, n = o - r * n_len;
+    float total = 0.0f;
+    for (int p = 0; p < partials; ++p) total += part[(r * partials + p) * n_len + n];
+    acc[r * acc_stride + n] = total;
+  }
+}
+
 __device__ __forceinline__ void load8_shared(uint32_t address, const float*, float out[8]) {
   asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(out[0]), "=f"(out[1]), "=f"(out[2]), "=f"(out[3]) : "r"(address));
   asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(out[4]), "=f"(out[5]), "=f"(out[6]), "=f"(out[7]) : "r"(address + 16));
@@ -385,9 +405,7 @@ __device__ void columns_ring(const float* xs, int x_stride, char* ring, const W*
     for (int j = 0; j < 8; ++j) sum[r][j] = 0.0f;
 #pragma unroll 1
   for (int s = 0; s < stages; ++s) {
-    asm volatile("cp.async.wait_group %0;" ::"n"(kRingSlots - 2) : "memory");
-    __syncthreads();
-    ring_issue<W, false>(ring, w, k_stride, K, n_len, s + kRingSlots - 1);  // into the slot stage s - 1 used
+    ring_advance<W, false>(ring, w, k_stride, K, n_len, s);
     const int k0 = s * slot_rows;
     const int rows = min(min(K - k0, slot_rows), active_rows);
     const uint32_t slot = ring_base + (s % kRingSlots) * kRingSlotBytes + v * 8 * static_cast<int>(sizeof(W));
@@ -423,12 +441,7 @@ __device__ void columns_ring(const float* xs, int x_stride, char* ring, const W*
       for (int j = 0; j < 8; ++j) part[(r * partials + slot_of) * n_len + v * 8 + j] = sum[r][j];
   }
   __syncthreads();
-  for (int o = threadIdx.x; o < R * n_len; o += kBlockThreads) {
-    const int r = o / n_len, n = o - r * n_len;
-    float total = 0.0f;
-    for (int g = 0; g < partials; ++g) total += part[(r * partials + g) * n_len + n];
-    acc[r * acc_stride + n] = total;
-  }
+  sum_partials<R>(part, partials, n_len, acc, acc_stride);
 }
 
 // The tensor-core form of columns_ring, for 2 .. 8 rows whose staged values are exactly W's values (a bf16 or f16
@@ -492,9 +505,7 @@ __device__ void columns_ring_mma(const float* xs, int x_stride, char* ring, cons
   for (int j = 0; j < kBlocksPerWarp; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.0f;
 #pragma unroll 1
   for (int s = 0; s < stages; ++s) {
-    asm volatile("cp.async.wait_group %0;" ::"n"(kRingSlots - 2) : "memory");
-    __syncthreads();
-    ring_issue<W, true>(ring, w, k_stride, K, n_len, s + kRingSlots - 1);  // into the slot stage s - 1 used
+    ring_advance<W, true>(ring, w, k_stride, K, n_len, s);
     const int k0 = s * slot_rows;
     const int steps = k_group < k_groups ? min(K - k0, slot_rows) / 16 : 0;
     const uint32_t slot = shared_address(ring) + (s % kRingSlots) * kRingSlotBytes + lane_offset;
@@ -518,7 +529,7 @@ __device__ void columns_ring_mma(const float* xs, int x_stride, char* ring, cons
   }
   // c[j]: columns 16 * block + g (c[j][0..1]) and + 8 (c[j][2..3]), rows 2q and 2q + 1
   __syncthreads();  // every warp is done reading the ring: it now holds the k-groups' partial sums
-  float* part = reinterpret_cast<float*>(ring);  // part[(k_group * R + row) * n_len + column]
+  float* part = reinterpret_cast<float*>(ring);  // part[(row * k_groups + k_group) * n_len + column]
   if (k_group < k_groups) {
 #pragma unroll
     for (int j = 0; j < kBlocksPerWarp; ++j) {
@@ -527,18 +538,13 @@ __device__ void columns_ring_mma(const float* xs, int x_stride, char* ring, cons
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int row = 2 * q + (i & 1), column = 16 * block + g + (i >> 1) * 8;
-          if (row < R) part[(k_group * R + row) * n_len + column] = c[j][i];
+          if (row < R) part[(row * k_groups + k_group) * n_len + column] = c[j][i];
         }
       }
     }
   }
   __syncthreads();
-  for (int o = threadIdx.x; o < R * n_len; o += kBlockThreads) {
-    const int row = o / n_len, column = o - row * n_len;
-    float total = 0.0f;
-    for (int group = 0; group < k_groups; ++group) total += part[(group * R + row) * n_len + column];
-    acc[row * acc_stride + column] = total;
-  }
+  sum_partials<R>(part, k_groups, n_len, acc, acc_stride);
 }
 
 // Ask L2 for [p, p + bytes) ahead of use; every thread of the block takes a share of the lines.
