@@ -108,16 +108,19 @@ def fresh_cache(config: models.ModelConfig, batch: int, ctx: int, mesh=None, lay
     return cache if mesh is None else models.tp_shard(mesh, config, cache=cache)[1]
 
 
-def time_chained(fn: Callable, weights, tokens, pos, cache, steps: int, warmup: int):
-    """Seconds per step of ``steps`` chained calls (each feeds the next its tokens and donated cache) with one
-    device synchronization at the end: the latency a decode loop sees when the host runs ahead."""
-    for _ in range(warmup):
-        tokens, _, cache = fn(weights, tokens, pos, cache)
-    jax.block_until_ready((tokens, cache))
-    start = time.perf_counter()
+def chain(fn: Callable, weights, tokens, pos, cache, steps: int):
+    """``steps`` chained calls (each feeds the next its tokens and donated cache), then one synchronization."""
     for _ in range(steps):
         tokens, _, cache = fn(weights, tokens, pos, cache)
-    jax.block_until_ready((tokens, cache))
+    return jax.block_until_ready((tokens, cache))
+
+
+def time_chained(fn: Callable, weights, tokens, pos, cache, steps: int, warmup: int):
+    """Seconds per step of ``steps`` chained calls with one device synchronization at the end: the latency a
+    decode loop sees when the host runs ahead."""
+    tokens, cache = chain(fn, weights, tokens, pos, cache, warmup)
+    start = time.perf_counter()
+    tokens, cache = chain(fn, weights, tokens, pos, cache, steps)
     return (time.perf_counter() - start) / steps, tokens, cache
 
 
@@ -139,9 +142,7 @@ def fori_steps(step: Callable, steps: int) -> Callable:
 
 def time_steps(fn: Callable, weights, tokens, pos, cache, steps: int, warmup: int):
     """Seconds of each of ``steps`` chained calls, each synchronized; returns them with the final state."""
-    for _ in range(warmup):
-        tokens, _, cache = fn(weights, tokens, pos, cache)
-    jax.block_until_ready((tokens, cache))
+    tokens, cache = chain(fn, weights, tokens, pos, cache, warmup)
     samples = []
     for _ in range(steps):
         start = time.perf_counter()
