@@ -18,7 +18,8 @@ from . import config as config_module
 from . import plan_cache
 from .capture import Captured, ShardMap, capture, find_shard_map
 from .errors import DependencyTimeoutError, GraphTooLargeError, InvalidArgumentError, SignatureMismatchError
-from .fusion import KernelGraph, fuse
+from .fusion import fuse
+from .kernels import KernelGraph
 from .layout import Platform
 from .plan import plan_key, serialize
 from .plan_cache import CallPlan, Target

@@ -23,9 +23,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .fusion import MAX_SHARED_WEIGHT_ROWS, ROW_STAGING_MAX_INLINE, Kernel, Tensor
+from .fusion import MAX_SHARED_WEIGHT_ROWS, ROW_STAGING_MAX_INLINE
+from .kernels import Kernel, Tensor
 from .graph import Acc, Elementwise, Load, Node, Piecewise, Reduce, Reindex, topological
-from .indexmap import Affine, IndexMap
+from .indexmap import Affine, IndexMap, linear_form
 from .layout import DTYPES, SCALAR_OP_OF, DType, NodeOp, ReduceKind, TaskField, TensorKind
 from .plan import dtype_code, task_records
 from .schedule import Schedule
@@ -105,6 +106,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         f"#define JAX_MPK_MMA_MAX_COLUMNS {MMA_MAX_COLUMNS}",
         '#include "jax_mpk/runtime/megakernel.cuh"',
         '#include "jax_mpk/tasks/dot.cuh"',
+        '#include "jax_mpk/tasks/attention.cuh"',
         '#include "jax_mpk/tasks/elementwise.cuh"',
         '#include "jax_mpk/tasks/reduce.cuh"',
         "",
@@ -220,6 +222,8 @@ class _KernelBody:
     # -------------------------------------------------------------------------------------- interface
     def render(self):
         dot = self.kernel.dot
+        if self.kernel.attention is not None:
+            return self._render_attention()
         if dot is not None:
             plan = _DotPlan.of(self.kernel, self.tasks)
             if plan is not None and plan.together:
@@ -388,6 +392,68 @@ class _KernelBody:
         prefetch = self._ring_prefetch(plan) if self.uses_ring else self._weight_prefetch(plan)
         return self._finish(em, smem=smem, prefetch=prefetch)
 
+    def _render_attention(self):
+        """Split attention (attention.cuh): the task's query rows staged once, then per chunk of its keys the
+        scores, their softmax's partial sums and the chunk's share of the output, stored as the chunk's partials."""
+        k = self.kernel
+        dot, spec, rank = k.dot, k.attention, len(k.domain)
+        plan = _DotPlan.of(k, self.tasks)
+        key_form, value_form = linear_form(dot.rhs_map, dot.rhs.shape), linear_form(spec.values_map, spec.values.shape)
+        assert plan is not None and key_form is not None and value_form is not None, "checked by attention.py"
+        rows = math.prod(k.domain[d] for d in spec.rows_dims)
+        head_dim, chunk = spec.partial_out.shape[-1], spec.chunk
+        chunk_pad, x_stride = -(-chunk // 4) * 4, plan.x_stride
+        kv_type = _STORAGE[dtype_code(dot.rhs.buffer.dtype)]
+        scratch_bytes = max(4 * 8 * THREADS, chunk * head_dim * 2 + (THREADS // 32) * rows * head_dim * 4)
+        em = _Emitter(self, rows_prefix=None)
+        em.emit("float* xs = reinterpret_cast<float*>(smem);")
+        em.emit(f"float* scores = xs + {rows * x_stride};")
+        em.emit(f"float* scratch = scores + {rows * chunk_pad};")
+        em.emit(f"float* out = scratch + {scratch_bytes // 4};")
+        smem = 4 * (rows * (x_stride + chunk_pad) + rows * head_dim + 2 * rows) + scratch_bytes
+        em.emit(f"for (index_t row = 0; row < {rows}; ++row) {{")
+        em.push()
+        self._stage_lhs(em, plan, em.tile_index("row", range(rank - 1)), f"(xs + row * {x_stride})")
+        em.pop()
+        em.emit("}")
+        em.emit("__syncthreads();")
+        lead = [f"t.lo[{d}]" for d in range(rank - 1)]
+        (key_const, key_coefs), (value_const, value_coefs) = key_form, value_form
+        keys = self.pointer_name(dot.rhs, key_const)
+        values = self.pointer_name(spec.values, value_const)
+        em.emit(f"for (index_t first = t.lo[{rank - 1}]; first < t.hi[{rank - 1}]; first += {chunk}) {{")
+        em.push()
+        em.emit(f"const {kv_type}* keys = reinterpret_cast<const {kv_type}*>({keys}) + "
+                f"({_linear(0, key_coefs[: rank - 1], lead)} + first * {key_coefs[rank - 1]});")
+        em.emit(f"const {kv_type}* values = reinterpret_cast<const {kv_type}*>({values}) + "
+                f"({_linear(0, value_coefs[: rank - 1], lead)} + first * {value_coefs[rank]});")
+        em.emit("auto score = [&](int row, int key, float qk) -> float {")
+        em.push()
+        idx = em.tile_index("row", range(rank - 1)) + ["(first + key)"]
+        em.acc = em.rounded("qk", dtype_code(dot.acc_dtype))
+        em.emit(f"return static_cast<float>({em.value(spec.score, idx)});")
+        em.pop()
+        em.emit("};")
+        em.emit(f"attention::chunk<{kv_type}, {rows}, {head_dim}>(xs, {x_stride}, keys, {key_coefs[rank - 1]}, values, "
+                f"{value_coefs[rank]}, {chunk}, scores, {chunk_pad}, reinterpret_cast<char*>(scratch), out, score);")
+        em.emit(f"const index_t part = first / {chunk};")
+        for tensor, count, source in ((spec.partial_out, rows * head_dim, "out[e]"),
+                                      (spec.partial_max, rows, f"out[{rows * head_dim} + e]"),
+                                      (spec.partial_sum, rows, f"out[{rows * head_dim + rows} + e]")):  # fmt: skip
+            per_row = head_dim if tensor is spec.partial_out else 1
+            em.emit(f"for (index_t e = threadIdx.x; e < {count}; e += {THREADS}) {{")
+            em.push()
+            ridx = em.tile_index(f"e / {per_row}", range(rank - 1))
+            index = ridx + ["part"] + ([f"e % {per_row}"] if per_row > 1 else [])
+            strides = [math.prod(tensor.shape[d + 1 :]) for d in range(len(tensor.shape))]
+            em.emit(f"ops::store<float>({self.pointer_name(tensor)}, {_linear(0, strides, index)}, {source});")
+            em.pop()
+            em.emit("}")
+        em.emit("__syncthreads();")
+        em.pop()
+        em.emit("}")
+        return self._finish(em, smem=smem, prefetch=None)
+
     def _uniform_row_stride(self, plan: _DotPlan) -> int | None:
         """The lhs offset between consecutive rows of the tile (in tile order) when it is one number (the
         rows are an arithmetic progression in memory), else None. Needs a loaded lhs."""
@@ -531,10 +597,10 @@ class _DotPlan:
         if rank == 0 or not tasks or kernel.reads_comm():
             return None
         if dot.lhs_expr is None:
-            lhs = _linear_form(dot.lhs_map, dot.lhs.shape)
+            lhs = linear_form(dot.lhs_map, dot.lhs.shape)
         else:  # computed while staged: only the contraction's nesting matters
             lhs = 0, [0] * rank + [math.prod(dot.k_shape[d + 1 :]) for d in range(len(dot.k_shape))]
-        rhs = _linear_form(dot.rhs_map, dot.rhs.shape)
+        rhs = linear_form(dot.rhs_map, dot.rhs.shape)
         if lhs is None or rhs is None:
             return None
         (lc, lcoef), (rc, rcoef) = lhs, rhs
@@ -619,19 +685,6 @@ def _emit_dot_buffers(em: _Emitter, plan: _DotPlan, rows: int, scratch: bool) ->
     if scratch:
         em.emit(f"float* scratch = acc + {rows * plan.n_pad};")
     return _dot_smem_bytes(plan, rows)
-
-
-def _linear_form(index_map: IndexMap, tensor_shape) -> tuple[int, list[int]] | None:
-    """offset = const + sum(coef * index) when the map is one affine stage (or the identity)."""
-    strides = [math.prod(tensor_shape[d + 1 :]) for d in range(len(tensor_shape))]
-    if index_map.is_identity:
-        return 0, strides
-    if len(index_map.stages) != 1 or not isinstance(index_map.stages[0], Affine):
-        return None
-    stage = index_map.stages[0]
-    const = sum(s * o for s, o in zip(strides, stage.offset))
-    coefs = [sum(strides[r] * stage.matrix[r][c] for r in range(len(strides))) for c in range(len(index_map.in_shape))]
-    return const, coefs
 
 
 def _flatten_contraction(lcoef, rcoef, k_shape):
@@ -787,7 +840,7 @@ class _Emitter:
     def element_offset(self, tensor: Tensor, index_map: IndexMap, idx: list[str], dyn) -> tuple[str, str]:
         """(pointer parameter, element offset expression) of ``tensor[map(idx) + dyn]``."""
         strides = [math.prod(tensor.shape[d + 1 :]) for d in range(len(tensor.shape))]
-        form = _linear_form(index_map, tensor.shape)
+        form = linear_form(index_map, tensor.shape)
         if form is None:
             const, offset = 0, _linear(0, strides, self.map_index(index_map, idx))
         else:

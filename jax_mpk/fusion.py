@@ -18,134 +18,18 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from .attention import split_attention
 from .capture import Captured
 from .graph import (
     HEAVY, LEAVES, Acc, Comm, Dot, DynLoad, Elementwise, Load, Node, Piecewise, Reduce, Reindex, Source, UpdateSlice,
-    consumers, topological,
+    clone, consumers, substitute, topological,
 )  # fmt: skip
-from .indexmap import Affine, IndexMap, Reshape, Shape, rect_volume
-from .layout import KernelKind, NodeOp, ReduceKind, TensorKind
-
-WORKSPACE_ALIGN = 256
-
-
-@dataclass(eq=False)
-class Buffer:
-    kind: TensorKind
-    index: int  # operand number, result number, or workspace byte offset
-    shape: Shape
-    dtype: np.dtype
-    name: str
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
-
-
-@dataclass(eq=False)
-class Tensor:
-    """One version of a buffer's contents, seen with ``shape`` (a row-major reinterpretation)."""
-
-    buffer: Buffer
-    shape: Shape
-    version: int  # uid of the node whose value this is
-
-    @property
-    def name(self) -> str:
-        suffix = "" if tuple(self.shape) == tuple(self.buffer.shape) else f"{list(self.shape)}"
-        return f"{self.buffer.name}@{self.version}{suffix}"
-
-    def viewed_as(self, shape: Shape) -> Tensor:
-        return Tensor(self.buffer, tuple(shape), self.version)
-
-
-@dataclass(eq=False)
-class KernelOutput:
-    node: Node
-    tensor: Tensor
-    map: IndexMap  # domain index -> tensor index
-    dyn: tuple[tuple[int, Node, int], ...] = ()  # (tensor dim, index node, clamp hi)
-
-
-@dataclass(eq=False)
-class DotSpec:
-    k_shape: Shape
-    lhs: Tensor
-    lhs_map: IndexMap  # domain index ++ contraction index -> lhs index
-    rhs: Tensor
-    rhs_map: IndexMap
-    acc_dtype: np.dtype
-    # The lhs computed, not loaded: an expression over domain ++ k (a Reindex through lhs_map of the
-    # expression that used to produce ``lhs``), e.g. an RMSNorm or a softmax that each task recomputes
-    # for its row while staging it. ``lhs`` is then not stored by any kernel. GPU plans only.
-    lhs_expr: Node | None = None
-
-
-@dataclass(eq=False)
-class Kernel:
-    name: str
-    domain: Shape
-    outputs: list[KernelOutput]
-    dot: DotSpec | None = None
-    source: str = ""
-    index: int = -1
-    level: int = 0  # longest chain of kernels before this one: kernels of one level can run together
-
-    @property
-    def kind(self) -> KernelKind:
-        return KernelKind.DOT if self.dot is not None else KernelKind.FUSED
-
-    def nodes(self) -> list[Node]:
-        """Every expression node, the computed lhs of a product included."""
-        lhs = [self.dot.lhs_expr] if self.dot is not None and self.dot.lhs_expr is not None else []
-        return topological(self._output_roots() + lhs)
-
-    def output_nodes(self) -> list[Node]:
-        """The nodes evaluated per element of the domain (the outputs and their dynamic offsets)."""
-        return topological(self._output_roots())
-
-    def _output_roots(self) -> list[Node]:
-        return [o.node for o in self.outputs] + [n for o in self.outputs for _, n, _ in o.dyn]
-
-    def read_tensors(self) -> list[Tensor]:
-        tensors = [n.tensor for n in self.nodes() if isinstance(n, Load)]
-        if self.dot is not None:
-            tensors += [self.dot.rhs] if self.dot.lhs_expr is not None else [self.dot.lhs, self.dot.rhs]
-        return tensors
-
-    def reads_comm(self) -> bool:
-        """Whether it reads a communication buffer (codegen reads those element by element: their slots are
-        on other ranks)."""
-        return any(t.buffer.kind == TensorKind.COMM for t in self.read_tensors())
-
-    def __repr__(self) -> str:
-        outs = ", ".join(o.tensor.name for o in self.outputs)
-        reads = ", ".join(sorted({t.name for t in self.read_tensors()}))
-        return f"kernel{self.index} {self.name} domain={list(self.domain)} -> {outs}  reads [{reads}]"
-
-
-@dataclass
-class KernelGraph:
-    kernels: list[Kernel]
-    buffers: list[Buffer]
-    input_specs: list[tuple[Shape, np.dtype]]  # arguments then consts
-    output_specs: list[tuple[Shape, np.dtype]]
-    aliases: dict[int, int] = field(default_factory=dict)  # input index -> output index
-    workspace_bytes: int = 0
-    num_ranks: int = 1  # devices running the graph together (a shard_map body)
-    comm_bytes: int = 0  # one rank's share of the communication buffers (TensorKind.COMM)
-    rank_input: int = -1  # the input holding the device's rank, when num_ranks > 1
-
-    def __repr__(self) -> str:
-        lines = [f"KernelGraph: {len(self.kernels)} kernels, workspace {self.workspace_bytes} B, aliases {self.aliases}"]
-        if self.num_ranks > 1:
-            lines[0] += f", {self.num_ranks} ranks, comm {self.comm_bytes} B per rank (input {self.rank_input}: rank)"
-        lines += [f"  {k!r}" for k in self.kernels]
-        return "\n".join(lines)
+from .indexmap import Affine, IndexMap, Shape, rect_volume
+from .kernels import WORKSPACE_ALIGN, Buffer, DotSpec, Kernel, KernelGraph, KernelOutput, Tensor, make_load
+from .layout import NodeOp, ReduceKind, TensorKind
 
 
 def fuse(captured: Captured, num_workers: int | None = None) -> KernelGraph:
@@ -182,6 +66,7 @@ class _Fuser:
         kernels = self._order_kernels(_merge_into_consumers(kernels))
         if self.num_workers:
             kernels = self._order_kernels(_compute_rows_in_dot_staging(kernels))
+            kernels = self._order_kernels(split_attention(kernels, self.num_workers, self._new_workspace_tensor))
         for i, kernel in enumerate(kernels):
             kernel.index = i
         return KernelGraph(
@@ -478,6 +363,14 @@ class _Fuser:
         self.workspace_bytes = offset
         self.comm_bytes = comm_offset  # of one rank's slots
 
+
+    def _new_workspace_tensor(self, shape: Shape, dtype: np.dtype, name: str) -> Tensor:
+        """A workspace buffer made after the graph's own (a GPU pass's partial results), as a tensor of it."""
+        buffer = Buffer(TensorKind.WORKSPACE, self.workspace_bytes, tuple(shape), np.dtype(dtype), name)
+        self.workspace_bytes += -(-buffer.nbytes // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
+        self.buffers.append(buffer)
+        return Tensor(buffer, tuple(shape), Node(shape=tuple(shape), dtype=np.dtype(dtype)).uid)
+
     def _chain_end(self, node: Node) -> Node:
         """The last in-place update of ``node``'s buffer (node itself when it is never updated)."""
         while True:
@@ -526,7 +419,7 @@ class _Fuser:
         before the kernel that overwrites it in place. Kernels are taken level by level (level: the longest
         chain of kernels before it), so independent kernels such as the Q, K and V projections sit side by
         side in the schedule and run concurrently; ties keep the graph's own order."""
-        writes = {out.tensor.version: k for k in kernels for out in k.outputs}
+        writes = {t.version: k for k in kernels for t in k.written_tensors()}
         position = {id(k): i for i, k in enumerate(kernels)}
         after: dict[int, set[int]] = {id(k): set() for k in kernels}  # kernel -> kernels that must precede
         readers: dict[int, list[Kernel]] = {}  # version -> the kernels that read it
@@ -641,7 +534,7 @@ class _ExprBuilder:
                 his=node.his,
             )
         if isinstance(node, (Elementwise, Reduce, Piecewise)):
-            return _clone(node, tuple(rewritten(c) for c in node.children))
+            return clone(node, tuple(rewritten(c) for c in node.children))
         raise AssertionError(f"unstored heavy node {node!r} (jax_mpk bug)")
 
     def dot_spec(self, dot: Dot) -> DotSpec:
@@ -655,16 +548,6 @@ class _ExprBuilder:
             operands.append((load.tensor, load.map))
         (lhs, lhs_map), (rhs, rhs_map) = operands
         return DotSpec(tuple(dot.k_shape), lhs, lhs_map, rhs, rhs_map, np.dtype(dot.dtype))
-
-
-def make_load(tensor: Tensor, map_: IndexMap, dtype) -> Load:
-    """Load through ``map_``; a trailing reshape is absorbed by viewing the (dense) tensor in the shape
-    the reshape starts from, so that common reshapes cost no index arithmetic."""
-    stages = map_.stages
-    while stages and isinstance(stages[-1], Reshape):
-        stages = stages[:-1]
-        tensor = tensor.viewed_as(stages[-1].out_shape if stages else map_.in_shape)
-    return Load(shape=map_.in_shape, dtype=dtype, tensor=tensor, map=IndexMap(map_.in_shape, stages))
 
 
 LONG_REDUCTION = 1 << 15  # reductions at least this long are split into chunks
@@ -781,8 +664,8 @@ def _merge_into_consumers(kernels: list[Kernel]) -> list[Kernel]:
             else Reindex(shape=n.shape, dtype=n.dtype, children=(out.node,), map=n.map)
             for n in loads
         }
-        b.outputs = [KernelOutput(_substitute(o.node, inline), o.tensor, o.map,
-                                  tuple((d, _substitute(x, inline), hi) for d, x, hi in o.dyn)) for o in b.outputs]  # fmt: skip
+        b.outputs = [KernelOutput(substitute(o.node, inline), o.tensor, o.map,
+                                  tuple((d, substitute(x, inline), hi) for d, x, hi in o.dyn)) for o in b.outputs]  # fmt: skip
         b.outputs.append(KernelOutput(out.node, out.tensor, out.map))
         b.name = f"{a.name}|{b.name}"
         removed.add(id(a))
@@ -910,26 +793,8 @@ def _mergeable_producer(kernel: Kernel) -> bool:
     return out.map.is_identity and not out.dyn and tuple(out.tensor.shape) == tuple(kernel.domain)
 
 
-def _substitute(root: Node, replace: dict[int, Node]) -> Node:
-    """Copy of the expression DAG under ``root`` with the nodes in ``replace`` (by uid) swapped out."""
-    memo: dict[int, Node] = {}
-    for node in topological([root]):
-        if node.uid in replace:
-            memo[node.uid] = replace[node.uid]
-        elif any(c.uid in memo and memo[c.uid] is not c for c in node.children):
-            memo[node.uid] = _clone(node, tuple(memo[c.uid] for c in node.children))
-        else:
-            memo[node.uid] = node
-    return memo[root.uid]
-
-
 def _copy(node: Node) -> Node:
     return Reindex(shape=node.shape, dtype=node.dtype, children=(node,), map=IndexMap.identity(node.shape), source=node.source)
-
-
-def _clone(node: Node, children: tuple[Node, ...]) -> Node:
-    fields = {k: v for k, v in vars(node).items() if k not in ("children", "uid")}
-    return type(node)(children=children, **fields)
 
 
 def _strip_views(node: Node) -> Node:

@@ -186,3 +186,22 @@ def consumers(nodes) -> dict[int, list[Node]]:
         for child in node.children:
             users[child.uid].append(node)
     return users
+
+
+def substitute(root: Node, replace: dict[int, Node]) -> Node:
+    """Copy of the expression DAG under ``root`` with the nodes in ``replace`` (by uid) swapped out."""
+    memo: dict[int, Node] = {}
+    for node in topological([root]):
+        if node.uid in replace:
+            memo[node.uid] = replace[node.uid]
+        elif any(c.uid in memo and memo[c.uid] is not c for c in node.children):
+            memo[node.uid] = clone(node, tuple(memo[c.uid] for c in node.children))
+        else:
+            memo[node.uid] = node
+    return memo[root.uid]
+
+
+def clone(node: Node, children: tuple[Node, ...]) -> Node:
+    """A node like ``node`` (same op and parameters, a new uid) over ``children``."""
+    fields = {k: v for k, v in vars(node).items() if k not in ("children", "uid")}
+    return type(node)(children=children, **fields)

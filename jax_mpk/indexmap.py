@@ -131,6 +131,20 @@ class IndexMap:
         return f"{list(self.in_shape)}:" + ",".join(parts)
 
 
+def linear_form(index_map: IndexMap, tensor_shape) -> tuple[int, list[int]] | None:
+    """The element offset of the map's image in a dense tensor of ``tensor_shape`` as (const, coefs), offset =
+    const + sum(coef * index), when the map is one affine stage (or the identity); else None."""
+    strides = [math.prod(tensor_shape[d + 1 :]) for d in range(len(tensor_shape))]
+    if index_map.is_identity:
+        return 0, strides
+    if len(index_map.stages) != 1 or not isinstance(index_map.stages[0], Affine):
+        return None
+    stage = index_map.stages[0]
+    const = sum(s * o for s, o in zip(strides, stage.offset))
+    coefs = [sum(strides[r] * stage.matrix[r][c] for r in range(len(strides))) for c in range(len(index_map.in_shape))]
+    return const, coefs
+
+
 # ----------------------------------------------------------------------------------------------- rects
 
 

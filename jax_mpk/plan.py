@@ -11,7 +11,7 @@ import struct
 import ml_dtypes  # noqa: F401  (registers the bfloat16 name with numpy)
 import numpy as np
 
-from .fusion import Kernel, KernelOutput, Tensor
+from .kernels import Kernel, KernelOutput, Tensor
 from .graph import Acc, Elementwise, Load, Node, Piecewise, Reduce, Reindex
 from .indexmap import IndexMap
 from .layout import (
@@ -138,6 +138,10 @@ def _kernel_words(kernel: Kernel, tensor_id, map_id) -> list[int]:
     words.append(len(kernel.outputs))
     for out in kernel.outputs:
         words += _output_words(out, position, tensor_id, map_id)
+    if kernel.attention is not None:  # GPU plans only: their words are the plan's identity, no reader parses them
+        a = kernel.attention
+        words += [position[a.score.uid], tensor_id(a.values), map_id(a.values_map), a.chunk, len(a.rows_dims), *a.rows_dims]
+        words += [tensor_id(t) for t in a.partials()]
     return words
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .fusion import Kernel, KernelGraph, Tensor, shared_weight_dims
+from .fusion import shared_weight_dims
+from .kernels import Kernel, KernelGraph, Tensor
 from .layout import TensorKind
 from .graph import Acc, Load, Node, Piecewise, Reduce, Reindex
 from .indexmap import Rect, _reshape_rect, full_rect, rect_union, rect_volume
@@ -162,16 +163,24 @@ def tile_domain(kernel: Kernel, max_tiles: int, per_element: float, min_task_wor
         # a task reduces its rows one after the other, each a chain of block-wide steps that latency, not
         # bandwidth, bounds: rows spread over the workers (the chunks of a split argmax over a vocabulary)
         wanted = max(wanted, min(math.prod(domain[:splittable]), max_tiles))
-    whole = shared_weight_dims(kernel)
+    whole, single = shared_weight_dims(kernel), set()
+    if kernel.attention is not None:  # a task: all the query rows of one key/value head, whole chunks of keys
+        whole = set(kernel.attention.rows_dims)
+        single = set(range(len(domain) - 1)) - whole
     tiles: list[tuple[tuple, tuple]] = [((), ())]
     dim = 0
     while dim < len(domain):
         size = domain[dim]
-        if dim >= splittable or wanted <= 1 or dim in whole:
+        if dim in single:
+            tiles = [(lo + (s,), hi + (s + 1,)) for lo, hi in tiles for s in range(size)]
+            wanted = max(1, wanted // size)
+        elif dim >= splittable or wanted <= 1 or dim in whole:
             tiles = [(lo + (0,), hi + (size,)) for lo, hi in tiles]
-        elif size >= wanted:
+        elif size >= wanted or (kernel.attention is not None and dim == len(domain) - 1):
             unit = 1  # ranges as even as whole units allow: the largest tile sets the kernel's time
-            if kernel.dot is not None and dim == len(domain) - 1 and size % DOT_COLUMN_ALIGN == 0:
+            if kernel.attention is not None and dim == len(domain) - 1:
+                unit = kernel.attention.chunk
+            elif kernel.dot is not None and dim == len(domain) - 1 and size % DOT_COLUMN_ALIGN == 0:
                 unit = DOT_COLUMN_ALIGN  # whole 32-byte sectors of bf16 weights
             count = min(wanted, size // unit)
             bounds = [size // unit * i // count * unit for i in range(count)] + [size]
@@ -206,6 +215,9 @@ def _accesses(kernel: Kernel, nodes_last_first: list[Node], lo, hi, buffer_ids) 
     combined = tile + full_rect(dot.k_shape) if dot is not None else None
     if dot is not None and dot.lhs_expr is not None:
         need(dot.lhs_expr, combined)
+    attention = kernel.attention
+    if attention is not None:
+        need(attention.score, tile)
     reads: list[Access] = []
     for node in nodes_last_first:
         rect = region.get(node.uid)
@@ -237,6 +249,10 @@ def _accesses(kernel: Kernel, nodes_last_first: list[Node], lo, hi, buffer_ids) 
             reads.append(_access(dot.lhs, dot.lhs_map.rect_image(combined), buffer_ids))
         reads.append(_access(dot.rhs, dot.rhs_map.rect_image(combined), buffer_ids))
     writes = []
+    if attention is not None:
+        values_rect = tile[:-1] + ((0, attention.partial_out.shape[-1]),) + tile[-1:]
+        reads.append(_access(attention.values, attention.values_map.rect_image(values_rect), buffer_ids))
+        writes = [_access(tensor, rect, buffer_ids) for tensor, rect in attention.written_rects(tile)]
     for out in kernel.outputs:
         rect = out.map.rect_image(tile)
         dyn_dims = {d for d, _, _ in out.dyn}

@@ -225,3 +225,50 @@ def test_gpu_fusion_keeps_the_base_of_an_in_place_update():
     (chain,) = [k for k in graph.kernels if k.name.startswith("update_slice")]
     writers = [k for k in graph.kernels if any(o.tensor.buffer is chain.outputs[0].tensor.buffer for o in k.outputs)]
     assert any("floor" in k.name for k in writers), graph
+
+
+def _attention(q, keys, values, wo, pos):
+    b, seq, _, head_dim = keys.shape
+    scores = jnp.einsum("bgrd,bsgd->bgrs", q, keys).astype(jnp.float32) * head_dim**-0.5
+    probs = jax.nn.softmax(jnp.where(jnp.arange(seq) <= pos, scores, -1e30), axis=-1).astype(values.dtype)
+    return jnp.einsum("bgrs,bsgd->bgrd", probs, values).reshape(b, -1) @ wo
+
+
+def _attention_args(batch, kv_heads, group, head_dim, seq):
+    bf16 = jnp.bfloat16
+    return [jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), bf16),
+            jax.ShapeDtypeStruct((batch, seq, kv_heads, head_dim), bf16),
+            jax.ShapeDtypeStruct((batch, seq, kv_heads, head_dim), bf16),
+            jax.ShapeDtypeStruct((kv_heads * group * head_dim, 256), bf16), jax.ShapeDtypeStruct((), jnp.int32)]  # fmt: skip
+
+
+def test_gpu_plans_split_attention_along_the_keys():
+    """On a GPU target the scores product and the softmax-weighted values product become one split-attention
+    kernel (one dependency level less): its tasks take whole chunks of keys with all the query heads of their
+    key/value head, write per-chunk partials, and the output projection merges them while it stages its row."""
+    from jax_mpk.schedule import schedule
+    from jax_mpk.tasks import build_task_graph
+    from jax_mpk.validate import validate
+
+    closed = jax.make_jaxpr(_attention)(*_attention_args(2, 4, 4, 64, 512))
+    plain, fused = fuse(capture(closed)), fuse(capture(closed), num_workers=132)
+    (attention,) = [k for k in fused.kernels if k.attention is not None]
+    spec = attention.attention
+    assert attention.domain == (2, 4, 4, 512) and spec.rows_dims == (2,) and 512 % spec.chunk == 0
+    assert spec.partial_out.shape == (2, 4, 4, 512 // spec.chunk, 64)
+    (projection,) = [k for k in fused.kernels if k.dot is not None and k.dot.lhs_expr is not None]
+    assert {t.version for t in projection.read_tensors()} >= {t.version for t in spec.partials()}
+    assert max(k.level for k in fused.kernels) == max(k.level for k in plain.kernels) - 1
+    tasks = build_task_graph(fused, 132)
+    validate(tasks, schedule(tasks, 132))
+    tiles = [(t.lo, t.hi) for t in tasks.tasks if t.kernel == attention.index]
+    assert len(tiles) >= 2 * 4 * 2  # every (batch, kv head) in several tasks
+    for lo, hi in tiles:
+        assert (lo[2], hi[2]) == (0, 4) and hi[0] - lo[0] == 1 and hi[1] - lo[1] == 1  # all 4 query heads
+        assert lo[3] % spec.chunk == 0 and hi[3] % spec.chunk == 0
+
+
+def test_split_attention_needs_whole_chunks():
+    """A prime number of keys above the largest chunk has no whole chunks: the two products stay as they were."""
+    closed = jax.make_jaxpr(_attention)(*_attention_args(1, 2, 2, 128, 1031))
+    assert not any(k.attention is not None for k in fuse(capture(closed), num_workers=132).kernels)

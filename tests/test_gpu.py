@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import time
 
 import jax
@@ -65,6 +66,39 @@ def test_matches_jit(name, fn, shapes, dtype, rng):
         assert_model_outputs_close(actual, expected, dtype)
     else:
         assert_trees_close(actual, expected, dtype)
+
+
+def _attend(q, keys, values, wo, pos, masked=-1e30):
+    """Decode attention as models write it (grouped query heads), then the output projection."""
+    b, seq, _, head_dim = keys.shape
+    scores = jnp.einsum("bgrd,bsgd->bgrs", q, keys).astype(jnp.float32) * head_dim**-0.5
+    scores = jnp.where(jnp.arange(seq) <= pos, scores, masked)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    return jnp.einsum("bgrs,bsgd->bgrd", probs, values).reshape(b, -1) @ wo
+
+
+@pytest.mark.parametrize(
+    "batch,kv_heads,group,head_dim,seq,pos,masked,dtype",
+    [
+        (1, 8, 4, 64, 1024, 700, -1e30, "bfloat16"),  # Llama-3.2-1B's heads: 16 chunks of 64 keys per head
+        (2, 2, 2, 128, 384, 5, -jnp.inf, "bfloat16"),  # most chunks wholly masked with -inf
+        (1, 1, 1, 32, 96, 95, -1e30, "float16"),  # one query row per task
+        (8, 8, 2, 128, 1024, 1000, -1e30, "bfloat16"),  # batch 8: tasks of several chunks
+    ],
+)
+def test_split_attention_matches_jit(batch, kv_heads, group, head_dim, seq, pos, masked, dtype, rng):
+    args = [random_array(rng, (batch, kv_heads, group, head_dim), dtype),
+            random_array(rng, (batch, seq, kv_heads, head_dim), dtype),
+            random_array(rng, (batch, seq, kv_heads, head_dim), dtype),
+            random_array(rng, (kv_heads * group * head_dim, 256), dtype)]  # fmt: skip
+    fn = functools.partial(_attend, masked=masked)
+    with jax.default_matmul_precision("float32"):
+        expected = jax.jit(fn)(*args, jnp.int32(pos))
+    fast = jax_mpk.megakernelize(fn)
+    actual = fast(*args, jnp.int32(pos))
+    assert any(k.attention is not None for k in _plan(fast).graph.kernels)
+    # the split form keeps the probabilities in float32 where the unsplit one rounds them to bf16 first
+    assert_model_outputs_close(actual, expected, dtype)
 
 
 def test_gather_and_update(rng):

@@ -1,0 +1,251 @@
+"""Flash-decoding: a product of softmax-normalized scores with values, computed in chunks of keys.
+
+Fusion leaves attention as two product kernels: the scores (q . K, over rows ++ (key,)) and the values' product,
+whose staging recomputes the softmax of its row over all keys. That is two dependency levels, the second with
+one row of work per task. This GPU pass rewrites such a pair, wherever the second product's operand is a
+softmax along its contraction of values that only the first product stores, into ONE kernel
+(kernels.AttentionSpec) whose tasks each take a chunk of keys and write, per row, the chunk's largest score m,
+l = sum exp(score - m) and o = sum exp(score - m) * value. The consumers of the attention output (the O
+projection) then merge the chunks in their own staging:
+
+    M = max_j m_j,    out = sum_j exp(m_j - M) o_j / sum_j exp(m_j - M) l_j
+
+which is the softmax-weighted sum exactly (for any per-row reference subtracted inside the user's exp), with
+the probabilities kept in float32 where the unsplit form rounds them to the values' type first
+(docs/float_contract.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from .graph import Acc, Elementwise, Load, Node, Reduce, Reindex, substitute, topological
+from .indexmap import IndexMap, linear_form
+from .kernels import AttentionSpec, Kernel, Tensor, make_load
+from .layout import NodeOp, ReduceKind, TensorKind
+
+MIN_CHUNK = 32  # keys per task at least: fewer would not cover the task's fixed cost
+MAX_VALUE_TILE_BYTES = 32 * 1024  # a chunk's values, copied to shared memory while its scores are computed
+MAX_ROWS = 8  # query rows per task (the query heads that share one key/value head): the body's registers
+MAX_ROW_VALUES = 1024  # rows x head dim: the warps' partial sums of the output in shared memory
+VECTOR = 8  # keys and values are read 16 bytes (8 two-byte elements) per lane
+
+NewTensor = Callable[[tuple, np.dtype, str], Tensor]
+
+
+def split_attention(kernels: list[Kernel], num_workers: int, new_tensor: NewTensor) -> list[Kernel]:
+    """``kernels`` with every scores/values product pair that matches replaced by one split-attention kernel
+    (at the scores' position) and the values' product's readers merging its chunks while they stage it."""
+
+    def key(tensor: Tensor) -> tuple[int, int]:
+        return id(tensor.buffer), tensor.version
+
+    writer = {key(t): k for k in kernels for t in k.written_tensors()}
+    readers: dict[tuple[int, int], list[Kernel]] = {}
+    for k in kernels:
+        for t in k.read_tensors():
+            listed = readers.setdefault(key(t), [])
+            if not any(r is k for r in listed):
+                listed.append(k)
+    replaced: dict[int, Kernel] = {}  # id(scores kernel) -> its split-attention kernel
+    dropped: set[int] = set()
+    for values_product in kernels:
+        match = _match(values_product, writer, readers)
+        if match is None:
+            continue
+        scores_product, probs_kernel, score, rows_dims, consumers = match
+        rows, head_dim = tuple(values_product.domain[:-1]), values_product.domain[-1]
+        keys = scores_product.domain[-1]
+        row_count = math.prod(rows[d] for d in rows_dims)
+        chunk = _chunk(keys, math.prod(rows) // row_count, num_workers, MAX_VALUE_TILE_BYTES // (2 * head_dim))
+        if chunk is None:
+            continue
+        chunks = keys // chunk
+        f32 = np.dtype("float32")
+        name = f"a{values_product.outputs[0].tensor.version}"
+        spec = AttentionSpec(
+            score=score, values=values_product.dot.rhs, values_map=values_product.dot.rhs_map, chunk=chunk,
+            rows_dims=rows_dims, partial_out=new_tensor(rows + (chunks, head_dim), f32, f"{name}o"),
+            partial_max=new_tensor(rows + (chunks,), f32, f"{name}m"), partial_sum=new_tensor(rows + (chunks,), f32, f"{name}l"),
+        )  # fmt: skip
+        merged = _merge(spec, values_product)
+        for consumer in consumers:
+            dot = consumer.dot
+            view = merged
+            if tuple(dot.lhs.shape) != tuple(merged.shape):
+                view = Reindex(shape=tuple(dot.lhs.shape), dtype=merged.dtype, children=(merged,),
+                               map=IndexMap.reshape(dot.lhs.shape, merged.shape))  # fmt: skip
+            dot.lhs_expr = Reindex(shape=tuple(consumer.domain) + tuple(dot.k_shape), dtype=merged.dtype,
+                                   children=(view,), map=dot.lhs_map)  # fmt: skip
+        replaced[id(scores_product)] = Kernel(
+            name="attention", domain=tuple(scores_product.domain), outputs=[], dot=scores_product.dot,
+            source=values_product.source or scores_product.source, attention=spec,
+        )  # fmt: skip
+        dropped.update({id(values_product), id(probs_kernel)})
+    return [replaced.get(id(k), k) for k in kernels if id(k) not in dropped]
+
+
+def _chunk(keys: int, row_groups: int, num_workers: int, max_chunk: int) -> int | None:
+    """Keys per chunk: enough chunks that the row groups times the chunks occupy the workers, each chunk at least
+    MIN_CHUNK (or all the keys) and at most ``max_chunk`` keys, dividing the key count (so every chunk is whole);
+    None when no such chunk exists (a prime count of keys above ``max_chunk``)."""
+    wanted = max(1, num_workers // max(row_groups, 1))
+    target = min(max(-(-keys // wanted), MIN_CHUNK), max_chunk)
+    divisors = [c for c in range(min(MIN_CHUNK, keys), min(keys, max_chunk) + 1) if keys % c == 0]
+    return min(divisors, key=lambda c: (abs(c - target), -c)) if divisors else None
+
+
+def _match(values_product: Kernel, writer, readers):
+    """(scores product, softmax kernel or None, score expression, rows dims, consumers) when ``values_product``
+    multiplies values by a softmax along its contraction (computed while staged, or stored by a kernel of its own
+    that only it reads) of a value that a scores product alone stores; else None."""
+    dot = values_product.dot
+    if dot is None or values_product.attention is not None or len(dot.k_shape) != 1 or len(values_product.outputs) != 1:
+        return None
+    out = values_product.outputs[0]
+    if not isinstance(out.node, Acc) or not out.map.is_identity or out.dyn or out.tensor.buffer.kind != TensorKind.WORKSPACE:
+        return None
+    rows, head_dim, keys = tuple(values_product.domain[:-1]), values_product.domain[-1], dot.k_shape[0]
+    probs_kernel = None  # the softmax's own kernel, when the product loads it rather than computing it
+    if dot.lhs_expr is not None:
+        probs, probs_map = dot.lhs_expr.children[0], dot.lhs_expr.map
+    else:
+        probs_kernel, probs_map = writer.get((id(dot.lhs.buffer), dot.lhs.version)), dot.lhs_map
+        if probs_kernel is None or probs_kernel.dot is not None or len(probs_kernel.outputs) != 1:
+            return None
+        stored = probs_kernel.outputs[0]
+        if (not stored.map.is_identity or stored.dyn or stored.tensor.buffer.kind != TensorKind.WORKSPACE
+                or tuple(dot.lhs.shape) != tuple(stored.tensor.buffer.shape)
+                or readers.get((id(dot.lhs.buffer), dot.lhs.version)) != [values_product]):  # fmt: skip
+            return None
+        probs = stored.node
+    if tuple(probs.shape) != rows + (keys,) or probs_map.to_words() != _drop_axis(rows + (head_dim, keys), len(rows)).to_words():
+        return None
+    x = _softmax_input(probs)
+    if x is None:
+        return None
+    loads = [n for n in topological([x]) if isinstance(n, Load)]
+    scores = [n for n in loads if (id(n.tensor.buffer), n.tensor.version) in writer
+              and writer[(id(n.tensor.buffer), n.tensor.version)].dot is not None]  # fmt: skip
+    if len(scores) != 1 or scores[0].dims or not scores[0].map.is_identity:
+        return None
+    scores_load = scores[0]
+    scores_key = (id(scores_load.tensor.buffer), scores_load.tensor.version)
+    scores_product = writer[scores_key]
+    qk = scores_product.dot
+    if (
+        scores_product.attention is not None or len(scores_product.outputs) != 1
+        or not isinstance(scores_product.outputs[0].node, Acc) or not scores_product.outputs[0].map.is_identity
+        or scores_product.outputs[0].dyn or tuple(scores_product.domain) != rows + (keys,)
+        or tuple(qk.k_shape) != (head_dim,) or readers.get(scores_key) != [probs_kernel or values_product]
+        or scores_load.tensor.buffer.kind != TensorKind.WORKSPACE
+    ):  # fmt: skip
+        return None
+    rows_dims = _rows_dims(qk, dot, rows, head_dim, keys)
+    if rows_dims is None:
+        return None
+    consumers = readers.get((id(out.tensor.buffer), out.tensor.version), [])
+    for consumer in consumers:
+        c = consumer.dot
+        if c is None or c.lhs_expr is not None or c.lhs.version != out.tensor.version or consumer.attention is not None:
+            return None
+        if any(isinstance(n, Load) and n.tensor.version == out.tensor.version for n in consumer.nodes()):
+            return None
+    if not consumers:
+        return None
+    score = substitute(x, {scores_load.uid: scores_product.outputs[0].node})
+    return scores_product, probs_kernel, score, rows_dims, consumers
+
+
+def _softmax_input(probs: Node) -> Node | None:
+    """x when ``probs`` = [convert](e / broadcast(sum(e, last axis))) with e = exp(x) or exp(x - a value
+    broadcast along the last axis); else None."""
+    node = probs
+    if isinstance(node, Elementwise) and node.op == NodeOp.CONVERT:
+        node = node.children[0]
+    if not (isinstance(node, Elementwise) and node.op == NodeOp.DIV):
+        return None
+    e, total = node.children
+    if not _broadcast_along_last(total):
+        return None
+    total = total.children[0]
+    if not (isinstance(total, Reduce) and total.kind == ReduceKind.SUM and total.n_inner == 1 and total.children[0] is e):
+        return None
+    if not (isinstance(e, Elementwise) and e.op == NodeOp.EXP):
+        return None
+    x = e.children[0]
+    if isinstance(x, Elementwise) and x.op == NodeOp.SUB and _broadcast_along_last(x.children[1]):
+        x = x.children[0]
+    return x if tuple(x.shape) == tuple(probs.shape) else None
+
+
+def _broadcast_along_last(node: Node) -> bool:
+    shape = tuple(node.shape)
+    return (
+        isinstance(node, Reindex) and len(node.children[0].shape) == len(shape) - 1
+        and node.map.to_words() == _drop_axis(shape, len(shape) - 1).to_words()
+    )  # fmt: skip
+
+
+def _drop_axis(shape: tuple, axis: int) -> IndexMap:
+    """The map from ``shape`` to ``shape`` without ``axis`` that forgets that axis."""
+    out = shape[:axis] + shape[axis + 1 :]
+    matrix = [[1 if c == (r if r < axis else r + 1) else 0 for c in range(len(shape))] for r in range(len(out))]
+    return IndexMap.affine(shape, out, matrix)
+
+
+def _rows_dims(qk, pv, rows: tuple, head_dim: int, keys: int) -> tuple[int, ...] | None:
+    """The row dims that index neither keys nor values (one task takes them whole and reads its chunk of keys
+    and values once for all of them), when both are two-byte tensors read along whole 16-byte vectors of the
+    head dim at 16-byte aligned offsets and the task's rows fit the body; else None."""
+    if qk.rhs.buffer.dtype != pv.rhs.buffer.dtype or np.dtype(qk.rhs.buffer.dtype).itemsize != 2:
+        return None
+    if head_dim % VECTOR or 32 % (head_dim // VECTOR):  # a key's lanes: a power of two, within one warp
+        return None
+    key_form = linear_form(qk.rhs_map, qk.rhs.shape)  # over rows ++ (key, d)
+    value_form = linear_form(pv.rhs_map, pv.rhs.shape)  # over rows ++ (d, key)
+    if key_form is None or value_form is None:
+        return None
+    (key_const, key_coefs), (value_const, value_coefs) = key_form, value_form
+    if key_coefs[-1] != 1 or value_coefs[len(rows)] != 1:
+        return None
+    strided = key_coefs[:-1] + value_coefs[: len(rows)] + value_coefs[len(rows) + 1 :]
+    if key_const % VECTOR or value_const % VECTOR or any(c % VECTOR for c in strided):
+        return None
+    dims = tuple(d for d in range(len(rows)) if rows[d] > 1 and key_coefs[d] == 0 and value_coefs[d] == 0)
+    row_count = math.prod(rows[d] for d in dims)
+    return dims if row_count <= MAX_ROWS and row_count * head_dim <= MAX_ROW_VALUES else None
+
+
+def _merge(spec: AttentionSpec, values_product: Kernel) -> Node:
+    """The values' product's output, at its domain rows ++ (d,), from the chunks' partials."""
+    rows = tuple(values_product.domain[:-1])
+    head_dim, chunks = spec.partial_out.shape[-1], spec.partial_out.shape[-2]
+    rank = len(rows)
+    f32 = np.dtype("float32")
+    shape = rows + (head_dim, chunks)  # the merge reduces the last axis
+    drop_d = [[1 if c == r else 0 for c in range(rank + 2)] for r in range(rank)] + [[0] * (rank + 1) + [1]]
+    per_chunk = make_load(spec.partial_max, IndexMap.affine(shape, rows + (chunks,), drop_d), f32)
+    swap = [[1 if c == r else 0 for c in range(rank + 2)] for r in range(rank)]
+    swap += [[0] * (rank + 1) + [1], [0] * rank + [1, 0]]
+    out = make_load(spec.partial_out, IndexMap.affine(shape, rows + (chunks, head_dim), swap), f32)
+    total = make_load(spec.partial_sum, IndexMap.affine(shape, rows + (chunks,), drop_d), f32)
+
+    def elementwise(op: NodeOp, *children: Node) -> Node:
+        return Elementwise(shape=children[0].shape, dtype=f32, children=children, op=op)
+
+    def reduce(kind: ReduceKind, child: Node) -> Node:
+        return Reduce(shape=shape[:-1], dtype=f32, children=(child,), kind=kind, n_inner=1)
+
+    largest = Reindex(shape=shape, dtype=f32, children=(reduce(ReduceKind.MAX, per_chunk),), map=_drop_axis(shape, rank + 1))
+    weight = elementwise(NodeOp.EXP, elementwise(NodeOp.SUB, per_chunk, largest))
+    numerator = reduce(ReduceKind.SUM, elementwise(NodeOp.MUL, out, weight))
+    denominator = reduce(ReduceKind.SUM, elementwise(NodeOp.MUL, total, weight))
+    value = elementwise(NodeOp.DIV, numerator, denominator)
+    dtype = np.dtype(values_product.outputs[0].node.dtype)
+    if dtype == f32:
+        return value
+    return Elementwise(shape=value.shape, dtype=dtype, children=(value,), op=NodeOp.CONVERT)
