@@ -411,11 +411,12 @@ class _KernelBody:
         em.emit(f"float* scratch = scores + {rows * chunk_pad};")
         em.emit(f"float* out = scratch + {scratch_bytes // 4};")
         smem = 4 * (rows * (x_stride + chunk_pad) + rows * head_dim + 2 * rows) + scratch_bytes
-        em.emit(f"for (index_t row = 0; row < {rows}; ++row) {{")
-        em.push()
-        self._stage_lhs(em, plan, em.tile_index("row", range(rank - 1)), f"(xs + row * {x_stride})")
-        em.pop()
-        em.emit("}")
+        if not self._stage_computed_rows_at_once(em, rows, plan.K, x_stride):
+            em.emit(f"for (index_t row = 0; row < {rows}; ++row) {{")
+            em.push()
+            self._stage_lhs(em, plan, em.tile_index("row", range(rank - 1)), f"(xs + row * {x_stride})")
+            em.pop()
+            em.emit("}")
         em.emit("__syncthreads();")
         lead = [f"t.lo[{d}]" for d in range(rank - 1)]
         (key_const, key_coefs), (value_const, value_coefs) = key_form, value_form
@@ -523,6 +524,28 @@ class _KernelBody:
         em.emit(f"{xs}[k] = static_cast<float>({em.value(value, rows + trailing)});")
         em.pop()
         em.emit("}")
+
+    def _stage_computed_rows_at_once(self, em: _Emitter, rows: int, K: int, x_stride: int) -> bool:
+        """xs[row * x_stride + k] = the computed lhs for all the task's rows in one loop, so that every thread's
+        loads for every row are in flight together (a row at a time costs a memory round trip per row, the
+        q rows with RoPE of a key/value head's query heads). Only without block reductions (they go row by
+        row); returns whether it staged them."""
+        dot, rank = self.kernel.dot, len(self.kernel.domain)
+        if dot.lhs_expr is None:
+            return False
+        value, lhs_map = dot.lhs_expr.children[0], dot.lhs_expr.map
+        if any(_is_row_reduction(n, ROW_STAGING_MAX_INLINE + 1) for n in topological([value])):
+            return False
+        em.emit(f"for (index_t e = threadIdx.x; e < {rows * K}; e += {THREADS}) {{")
+        em.push()
+        em.emit(f"const index_t row = e / {K}, k = e - row * {K};")
+        ridx = em.tile_index("row", range(rank - 1))
+        kidx = em.delinearize("k", [str(s) for s in dot.k_shape], ["0"] * len(dot.k_shape))
+        value_idx = em.map_index(lhs_map, ridx + ["0"] + kidx)
+        em.emit(f"xs[row * {x_stride} + k] = static_cast<float>({em.value(value, value_idx)});")
+        em.pop()
+        em.emit("}")
+        return True
 
     def _weight_prefetch(self, plan: _DotPlan):
         """Code that asks L2 for the weight tile of the task's first row before the task waits."""
