@@ -985,6 +985,7 @@ class _Emitter:
             if arg
             else f"{_REDUCER[node.kind]}<{acc_t}>"
         )
+        self._hoist_broadcast_reductions(child, len(node.shape), outer)
         acc = self.fresh("red")
         self.emit(f"{reducer} {acc} = {reducer}::init();" if arg else f"{acc_t} {acc} = {reducer}::init();")
         length = math.prod(inner)
@@ -1008,6 +1009,19 @@ class _Emitter:
             self.emit("}")
         result = f"{acc}.index" if arg else f"static_cast<{_VALUE[dtype_code(node.dtype)]}>({acc})"
         return _Fold(acc, acc_t, reducer, arg, result)
+
+    def _hoist_broadcast_reductions(self, child: Node, outer_rank: int, outer: list[str]) -> None:
+        """Compute before a fold's loop the reductions its child reads broadcast along the folded dims (a
+        softmax's max inside its sum; the largest chunk max inside split attention's merge): inside the loop
+        they would be recomputed at every iteration."""
+        for node in topological([child]):
+            if not (isinstance(node, Reindex) and isinstance(node.children[0], Reduce)):
+                continue
+            reduced = node.children[0]
+            prefix = IndexMap.affine(node.shape, reduced.shape, [[int(c == r) for c in range(len(node.shape))]
+                                                                 for r in range(len(reduced.shape))])  # fmt: skip
+            if len(reduced.shape) == outer_rank and node.map.to_words() == prefix.to_words():
+                self.value(reduced, list(outer))
 
     # ------------------------------------------------------------------------------------------ stores
     def elements(self, count: str, element) -> None:

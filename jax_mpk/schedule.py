@@ -30,7 +30,9 @@ def schedule(graph: TaskGraph, num_workers: int) -> Schedule:
     workers: list[list[int]] = [[] for _ in range(num_workers)]
     for task in graph.tasks:  # tasks are created in a topological order
         ready = max((finish[d] for d in task.deps), default=0.0)
-        worker = min(range(num_workers), key=lambda w: (max(free_at[w], ready), w))
+        # among the workers that can start it as early, the one idle longest: the estimate lacks a task's fixed
+        # cost (a few microseconds), so a worker that has just finished a tiny task is in fact still busy with it
+        worker = min(range(num_workers), key=lambda w: (max(free_at[w], ready), free_at[w], w))
         start = max(free_at[worker], ready)
         finish[task.index] = free_at[worker] = start + task.cost
         workers[worker].append(task.index)
