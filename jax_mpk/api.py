@@ -78,7 +78,7 @@ def plan_stages(jaxpr, shard_map: ShardMap | None, target: Target, cfg: config_m
         else:
             captured = capture(jaxpr)
     with _stage("fusion"):
-        graph = fuse(captured, target.num_workers if cuda else None)
+        graph = fuse(captured, target.num_workers if cuda else None, split_attention=cfg.split_attention)
     num_buffers = len(graph.input_specs) + len(graph.output_specs) + 1  # the workspace is the last result
     if cuda and num_buffers > extension().max_cuda_buffers:
         raise GraphTooLargeError(
@@ -155,7 +155,7 @@ class Megakernel:
         self.shard_map: ShardMap | None = find_shard_map(closed)
         with _stage("looking up the plan cache"):
             knobs = (cfg.min_task_work, cfg.max_tasks, cfg.max_workspace_bytes, cfg.validate, cfg.profile,
-                     cfg.schedule_seed)
+                     cfg.schedule_seed, cfg.split_attention)
             cache_key = plan_cache.cache_key(closed, repr(specs), self.target, knobs)
             plan = None if cfg.force_compile else plan_cache.load(cfg.cache_dir, cache_key)
         self.from_cache = plan is not None

@@ -47,6 +47,9 @@ class Config:
     platform: str  # "cpu" or "cuda" to override the default backend's choice (JAX_MPK_PLATFORM)
     cache_dir: str  # plans and compiled megakernels (JAX_MPK_CACHE_DIR, default ~/.cache/jax_mpk)
     force_compile: bool  # plan and compile again, ignoring the cache (JAX_MPK_FORCE_COMPILE)
+    # CUDA: attention as one split-along-the-keys kernel (flash-decoding, jax_mpk/attention.py), merged by the
+    # output projection (JAX_MPK_SPLIT_ATTENTION, default off: not yet faster, see docs/notes/cuda_megakernel.md)
+    split_attention: bool
     # testing: schedule a random topological order on random workers (JAX_MPK_SCHEDULE_SEED; unset: list
     # scheduling by estimated cost)
     schedule_seed: int | None
@@ -69,5 +72,6 @@ def load() -> Config:
         cache_dir=os.environ.get("JAX_MPK_CACHE_DIR")
         or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jax_mpk"),
         force_compile=_env_flag("JAX_MPK_FORCE_COMPILE", False),
+        split_attention=_env_flag("JAX_MPK_SPLIT_ATTENTION", False),
         schedule_seed=_env("JAX_MPK_SCHEDULE_SEED", None, int, expected="an integer"),
     )

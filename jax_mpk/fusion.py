@@ -32,16 +32,18 @@ from .kernels import WORKSPACE_ALIGN, Buffer, DotSpec, Kernel, KernelGraph, Kern
 from .layout import NodeOp, ReduceKind, TensorKind
 
 
-def fuse(captured: Captured, num_workers: int | None = None) -> KernelGraph:
+def fuse(captured: Captured, num_workers: int | None = None, split_attention: bool = False) -> KernelGraph:
     """Kernels for ``captured``. With ``num_workers`` (the GPU's SM count), matrix products too narrow to give
-    every SM a tile of whole cache lines are split along K (see _split_narrow_products)."""
-    return _Fuser(captured, num_workers).run()
+    every SM a tile of whole cache lines are split along K (see _split_narrow_products), and with
+    ``split_attention`` attention is split along its keys (attention.py)."""
+    return _Fuser(captured, num_workers, split_attention).run()
 
 
 class _Fuser:
-    def __init__(self, captured: Captured, num_workers: int | None):
+    def __init__(self, captured: Captured, num_workers: int | None, split_attention: bool):
         self.captured = captured
         self.num_workers = num_workers
+        self.split_attention = split_attention
         self.n_args = len(captured.inputs)
         self.outputs = list(captured.outputs)
 
@@ -66,7 +68,8 @@ class _Fuser:
         kernels = self._order_kernels(_merge_into_consumers(kernels))
         if self.num_workers:
             kernels = self._order_kernels(_compute_rows_in_dot_staging(kernels))
-            kernels = self._order_kernels(split_attention(kernels, self.num_workers, self._new_workspace_tensor))
+            if self.split_attention:
+                kernels = self._order_kernels(split_attention(kernels, self.num_workers, self._new_workspace_tensor))
         for i, kernel in enumerate(kernels):
             kernel.index = i
         return KernelGraph(

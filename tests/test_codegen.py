@@ -21,8 +21,8 @@ pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the 
 H100_SMS = 132
 
 
-def _generate(fn, *avals, validate_graph=False):
-    graph = fuse(capture(jax.make_jaxpr(fn)(*avals)), H100_SMS)
+def _generate(fn, *avals, validate_graph=False, split_attention=False):
+    graph = fuse(capture(jax.make_jaxpr(fn)(*avals)), H100_SMS, split_attention=split_attention)
     tasks = build_task_graph(graph, H100_SMS)
     sched = schedule(tasks, H100_SMS)
     if validate_graph:
@@ -49,6 +49,20 @@ def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
     assert "block_reduce" in text  # norms and softmax reduce cooperatively per row
     cubin = compile_cubin(text, "9.0")
     assert len(cubin) > 10_000
+
+
+@pytest.mark.parametrize("head_dim,batch", [(64, 1), (128, 8)])
+def test_split_attention_decode_step_compiles(head_dim, batch):
+    """attention.cuh instantiated by a decode step (Llama's 64-wide heads at batch 1 with their RoPE staged in one
+    pass; Qwen3's 128-wide heads with QK-norm at batch 8), compiled for sm_90."""
+    cfg = TinyConfig(layers=2, hidden=2048, heads=2048 // head_dim, kv_heads=8, head_dim=head_dim, mlp=4096,
+                     vocab=4096, max_seq=1024, batch=batch, dtype="bfloat16", qk_norm=head_dim == 128)  # fmt: skip
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    cache = jax.eval_shape(lambda: init_cache(cfg, jax.random.PRNGKey(1)))
+    tokens, pos = jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
+    tasks, source = _generate(make_decode_step(cfg), params, tokens, pos, *cache, validate_graph=True, split_attention=True)
+    assert f"attention::chunk<__nv_bfloat16, {2048 // head_dim // 8}, {head_dim}>" in source.text  # a task: the 4 or 2 query heads of a KV head
+    assert len(compile_cubin(source.text, "9.0")) > 10_000
 
 
 def _bits_and_special_functions(x):

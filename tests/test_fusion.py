@@ -251,7 +251,7 @@ def test_gpu_plans_split_attention_along_the_keys():
     from jax_mpk.validate import validate
 
     closed = jax.make_jaxpr(_attention)(*_attention_args(2, 4, 4, 64, 512))
-    plain, fused = fuse(capture(closed)), fuse(capture(closed), num_workers=132)
+    plain, fused = fuse(capture(closed)), fuse(capture(closed), num_workers=132, split_attention=True)
     (attention,) = [k for k in fused.kernels if k.attention is not None]
     spec = attention.attention
     assert attention.domain == (2, 4, 4, 512) and spec.rows_dims == (2,) and 512 % spec.chunk == 0
@@ -271,4 +271,4 @@ def test_gpu_plans_split_attention_along_the_keys():
 def test_split_attention_needs_whole_chunks():
     """A prime number of keys above the largest chunk has no whole chunks: the two products stay as they were."""
     closed = jax.make_jaxpr(_attention)(*_attention_args(1, 2, 2, 128, 1031))
-    assert not any(k.attention is not None for k in fuse(capture(closed), num_workers=132).kernels)
+    assert not any(k.attention is not None for k in fuse(capture(closed), num_workers=132, split_attention=True).kernels)

@@ -86,7 +86,8 @@ def _attend(q, keys, values, wo, pos, masked=-1e30):
         (8, 8, 2, 128, 1024, 1000, -1e30, "bfloat16"),  # batch 8: tasks of several chunks
     ],
 )
-def test_split_attention_matches_jit(batch, kv_heads, group, head_dim, seq, pos, masked, dtype, rng):
+def test_split_attention_matches_jit(batch, kv_heads, group, head_dim, seq, pos, masked, dtype, rng, monkeypatch):
+    monkeypatch.setenv("JAX_MPK_SPLIT_ATTENTION", "1")
     args = [random_array(rng, (batch, kv_heads, group, head_dim), dtype),
             random_array(rng, (batch, seq, kv_heads, head_dim), dtype),
             random_array(rng, (batch, seq, kv_heads, head_dim), dtype),
