@@ -478,6 +478,23 @@ for _name in REDUCTIONS:
     generates(_name)(_reduction(_name))
 
 
+def _cumulative(primitive: str) -> Generator:
+    # logsumexp is a float operation: jax.jit cannot lower cumlogsumexp of an integer at all (its identity,
+    # -inf, does not convert to int32), so the oracle would fail instead of checking anything
+    accept = (lambda v: v.dtype in FLOATS) if primitive == "cumlogsumexp" else (lambda v: v.dtype != "pred")
+
+    def generate(b: Builder) -> str | None:
+        x = b.pick(lambda v: len(v.shape) >= 1 and accept(v))
+        axis, reverse = int(b.rng.integers(len(x.shape))), bool(b.rng.random() < 0.5)
+        return f"lax.{primitive}({x.name}, axis={axis}, reverse={reverse})"
+
+    return generate
+
+
+for _name in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"):
+    generates(_name)(_cumulative(_name))
+
+
 @generates("argmax", "argmin")
 def _arg_extreme(b: Builder) -> str | None:
     x = b.pick(lambda v: len(v.shape) >= 1 and v.dtype != "pred")
