@@ -261,3 +261,46 @@ def test_cumlogsumexp_is_only_generated_for_floats_and_refused_for_integers():
         for reverse in (False, True):
             check_against_jit(lambda y: [s(y, axis=axis, reverse=reverse) for s in
                                          (lax.cumsum, lax.cummax, lax.cummin, lax.cumlogsumexp)], y)
+
+
+def _integer_products(a, b, c):
+    """int32 products whose sums wrap around (XLA's int32 arithmetic), in the layouts the GPU fuzz runs met
+    (2026:83, 262, 268): a batched einsum, a transposed operand, and int8 operands widened to int32."""
+    return (jnp.einsum("ikj,kl->ijl", a, b), a[0].T @ b,
+            lax.dot_general(c, c.T, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32))  # fmt: skip
+
+
+def _integer_product_operands(rng):
+    wide = lambda shape: rng.integers(-(2**31), 2**31, size=shape, dtype=np.int64).astype(np.int32)  # noqa: E731
+    return wide((5, 7, 3)), wide((7, 4)), rng.integers(-128, 128, size=(3, 5)).astype(np.int8)
+
+
+def test_integer_products_wrap_like_xla_and_never_use_the_float_product_bodies(rng):
+    """The GPU's product bodies accumulate in float32, so int32 products were exact only below 2^24 (|diff| up to
+    4.3e9 on the H200). An integer dot_general is now the integer sum of the products over a [..., k] view,
+    run by the reduction bodies of both executors."""
+    args = _integer_product_operands(rng)
+    for workers in (1, 3):
+        expected, actual = jax.jit(_integer_products)(*args), jax_mpk.megakernelize(_integer_products,
+                                                                                    num_workers=workers)(*args)
+        for e, a in zip(expected, actual):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+    from jax_mpk.capture import capture
+    from jax_mpk.graph import Dot
+
+    captured = capture(jax.make_jaxpr(_integer_products)(*args))
+    seen, stack = set(), list(captured.outputs)
+    while stack:
+        node = stack.pop()
+        if id(node) not in seen:
+            seen.add(id(node))
+            assert not isinstance(node, Dot), node
+            stack.extend(node.children)
+
+
+@pytest.mark.gpu
+def test_integer_products_are_exact_on_the_gpu(rng):
+    args = _integer_product_operands(rng)
+    expected, actual = jax.jit(_integer_products)(*args), jax_mpk.megakernelize(_integer_products)(*args)
+    for e, a in zip(expected, actual):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
