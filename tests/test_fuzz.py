@@ -304,3 +304,61 @@ def test_integer_products_are_exact_on_the_gpu(rng):
     expected, actual = jax.jit(_integer_products)(*args), jax_mpk.megakernelize(_integer_products)(*args)
     for e, a in zip(expected, actual):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+def _gpu_like_sum_then_sine():
+    """GPU fuzz program 2026:260 reduced: sin of a float32 sum of 992 terms near 609, where one ulp of the sum
+    (6.1e-5) is 6.1e-5 of the sine. The GPU sums in float32 by tiles, XLA in its own order, the CPU executor in
+    double: the sine differs by more than float32's tolerance without anyone being wrong."""
+    a = fuzz.Value("a2", (31, 32), "f32")  # the input's values follow from the seed and the argument's name
+    lines = (fuzz.Line((fuzz.Value("v1", (31, 32), "f32"),), "lax.expm1(a2)"),
+             fuzz.Line((fuzz.Value("v2", (), "f32"),), "lax.reduce(v1, np.array(0, f32)[()], lax.add, (0, 1))"),
+             fuzz.Line((fuzz.Value("v3", (), "f32"),), "lax.sin(v2)"))  # fmt: skip
+    return fuzz.Program(63190909, (a,), lines, ("v3",), fuzz.Knobs(1, 1 << 14, None))
+
+
+@pytest.mark.parametrize("error,kind", [(0.0, "ill_conditioned"), (1e-2, "mismatch")])
+def test_amplified_summation_order_is_told_apart_from_a_wrong_result(monkeypatch, error, kind):
+    """Emulate the GPU: the sum accumulated in float32 in order (one ulp from jax.jit's, as on the H200), then
+    the sine. The fuzzer classifies it `ill_conditioned`, not `mismatch`; the same result off by 1e-2 (160 ulp of
+    the sum; sqrt(992) half-ulps of the sum of the terms' magnitudes, 1100, is 2e-3) stays a mismatch."""
+    program = _gpu_like_sum_then_sine()
+    (x,) = program.inputs()
+
+    def float32_in_order(program, args, platform):
+        total = np.float32(0)
+        for term in np.expm1(x.astype(np.float64)).astype(np.float32).reshape(-1):
+            total = np.float32(total + term)
+        return [np.float32(np.sin(np.float64(total)) + error)]
+
+    monkeypatch.setattr(fuzz, "run_megakernel", float32_in_order)
+    expected = np.asarray(jax.jit(program.function())(x)[0])
+    assert not fuzz.agree(float32_in_order(program, [x], "cpu")[0], expected)  # the case the GPU run met
+    assert fuzz.check(program).kind == kind
+
+
+def test_cancelling_infinities_of_float32_sums_are_ill_conditioned_not_mismatches():
+    """CPU fuzz program 2026:104 reduced: a float32 cumsum of a row holding -3e38 and later +3e38. XLA's tree
+    loses the small terms on one side of the cancellation, the CPU executor's sequential double sum on the
+    other (float64 line by line agrees with neither): not determined by the contract, and classified so."""
+    x = fuzz.Value("a0", (13, 1, 31), "f32")
+    line = fuzz.Line((fuzz.Value("v1", (13, 1, 31), "f32"),), "lax.cumsum(a0, axis=2, reverse=False)")
+    program = fuzz.Program(1223321572, (x,), (line,), ("v1",), fuzz.Knobs(1, 1 << 14, None))
+    assert np.sum(np.abs(program.inputs()[0]) > 1e38) >= 2
+    assert fuzz.check(program).kind == "ill_conditioned"
+
+
+@pytest.mark.gpu
+def test_sorted_rows_with_nan_then_argmin_on_the_gpu():
+    """GPU fuzz program 2026:456 (|diff| 3 in argmin of sorted sqrt(tan(x)) rows of float16; not reproduced on
+    the CPU executor, with or without the GPU target's fusion): the chain alone, and the whole program."""
+    program = fuzz.generate(fuzz.program_seed(2026, 456))
+    x = next(a for a, v in zip(program.inputs(), program.args) if v.name == "a1")
+
+    def chain(x):
+        return lax.argmin(lax.sort(lax.sqrt(lax.tan(x))), 1, jnp.int32), lax.sort(lax.sqrt(lax.tan(x)))
+
+    expected, actual = jax.jit(chain)(x), jax_mpk.megakernelize(chain)(x)
+    np.testing.assert_array_equal(np.asarray(actual[1]), np.asarray(expected[1]))
+    np.testing.assert_array_equal(np.asarray(actual[0]), np.asarray(expected[0]))
+    assert not fuzz.check(program, "cuda").failed
