@@ -376,7 +376,11 @@ def _free_dims(operand: Node, contracting, batch) -> list[int]:
     return [d for d in range(len(operand.shape)) if d not in contracting and d not in batch]
 
 
-def _dot(ctx, lhs, rhs, contracting, batch, out_shape) -> Dot:
+def _dot(ctx, lhs, rhs, contracting, batch, out_shape) -> Node:
+    """out[batch, lhs free, rhs free] = sum over k of lhs * rhs, each operand read through a map from
+    ``out_shape + k_shape``. A float product is a Dot (the matrix-product bodies); an integer one is the sum of
+    the elementwise products over that [..., k] view (the reduction bodies), because both executors' product
+    bodies accumulate in floating point (float32 on the GPU: exact only below 2^24) where XLA wraps int32."""
     (lc, rc), (lb, rb) = contracting, batch
     lhs_free, rhs_free = _free_dims(lhs, lc, lb), _free_dims(rhs, rc, rb)
     k_shape = tuple(lhs.shape[d] for d in lc)
@@ -393,13 +397,26 @@ def _dot(ctx, lhs, rhs, contracting, batch, out_shape) -> Dot:
             matrix[d][len(out_shape) + t] = 1
         return IndexMap.affine(combined, shape, matrix)
 
+    lhs_map = operand_map(lhs.shape, lb, lhs_free, lc, n_batch)
+    rhs_map = operand_map(rhs.shape, rb, rhs_free, rc, n_batch + n_lhs_free)
+    if np.dtype(ctx.out_dtype).kind in "iu":
+        def widened(x: Node) -> Node:  # preferred_element_type may be wider than the operands
+            if np.dtype(x.dtype) == ctx.out_dtype:
+                return x
+            return Elementwise(shape=x.shape, dtype=ctx.out_dtype, op=NodeOp.CONVERT, children=(x,), source=ctx.source)
+
+        products = Elementwise(shape=combined, dtype=ctx.out_dtype, op=NodeOp.MUL, source=ctx.source,
+                               children=(reindex(widened(lhs), combined, lhs_map),
+                                         reindex(widened(rhs), combined, rhs_map)))  # fmt: skip
+        return Reduce(shape=tuple(out_shape), dtype=ctx.out_dtype, children=(products,), kind=ReduceKind.SUM,
+                      n_inner=len(k_shape), source=ctx.source)  # fmt: skip
     return Dot(
         shape=out_shape,
         dtype=ctx.out_dtype,
         children=(lhs, rhs),
         k_shape=k_shape,
-        lhs_map=operand_map(lhs.shape, lb, lhs_free, lc, n_batch),
-        rhs_map=operand_map(rhs.shape, rb, rhs_free, rc, n_batch + n_lhs_free),
+        lhs_map=lhs_map,
+        rhs_map=rhs_map,
         source=ctx.source,
     )
 

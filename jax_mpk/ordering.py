@@ -95,13 +95,24 @@ def _scan(ctx, x, *, axis, reverse=False, **_):
     i32, boolean = np.dtype(np.int32), np.dtype(bool)
     inside = _node("GE" if reverse else "LE", j, i, shape=square, dtype=boolean)
     if ctx.primitive == "cumlogsumexp":
-        floor = const(-math.inf, x.dtype, square)
-        masked = _node("SELECT_N", inside, floor, entries, shape=square, dtype=x.dtype)
+        if np.dtype(x.dtype).kind in "biu":
+            raise ctx.unsupported(f"cumlogsumexp of {x.dtype}: logsumexp needs a floating-point operand "
+                                  "(jax.jit cannot lower it either: its identity -inf has no integer value)")
+        # computed in float32 at least and rounded once at the end: in bf16/f16, rounding the exponentials,
+        # their sum and its logarithm each to the operand's dtype costs several ulp (fuzz 2026:337)
+        wide = np.dtype(np.float32) if np.dtype(x.dtype).itemsize < 4 else np.dtype(x.dtype)
+        entries = _node("CONVERT", entries, shape=square, dtype=wide) if wide != x.dtype else entries
+        masked = _node("SELECT_N", inside, const(-math.inf, wide, square), entries, shape=square, dtype=wide)
+        # shifted by the largest entry, or by 0 where that is not finite: -inf - -inf would be NaN where the
+        # prefix is all -inf (logsumexp -inf), and +inf or NaN pass through the sum of exponentials as they are
         top = _reduce_last(masked, ReduceKind.MAX)
-        shifted = _node("EXP", _node("SUB", masked, _spread(top, square), shape=square, dtype=x.dtype),
-                        shape=square, dtype=x.dtype)  # fmt: skip
-        total = _node("LOG", _reduce_last(shifted, ReduceKind.SUM), shape=rows, dtype=x.dtype)
-        result = _node("ADD", top, total, shape=rows, dtype=x.dtype)
+        finite = _node("IS_FINITE", top, shape=rows, dtype=boolean)
+        shift = _node("SELECT_N", finite, const(0, wide, rows), top, shape=rows, dtype=wide)
+        shifted = _node("EXP", _node("SUB", masked, _spread(shift, square), shape=square, dtype=wide),
+                        shape=square, dtype=wide)  # fmt: skip
+        total = _node("LOG", _reduce_last(shifted, ReduceKind.SUM), shape=rows, dtype=wide)
+        result = _node("ADD", shift, total, shape=rows, dtype=wide)
+        result = _node("CONVERT", result, shape=rows, dtype=x.dtype) if wide != x.dtype else result
     else:
         kind = _SCANS[ctx.primitive]
         identity = {ReduceKind.SUM: 0, ReduceKind.PROD: 1, ReduceKind.MAX: _lowest(x.dtype),

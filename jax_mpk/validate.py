@@ -5,6 +5,9 @@
 3. Every read follows every earlier overlapping write of its buffer (kernel order defines "earlier"),
    every later overlapping write follows the read, and no tile reads what another tile of its kernel writes.
 4. Tasks of different kernels that write overlapping regions are ordered.
+4b. Every element a task reads from the workspace (or from a result that is not a donated operand) was
+    written before it by a task of an earlier kernel: nothing reads memory this call has not written
+    (a dropped kernel would leave the previous call's values there).
 5. The per-worker lists run to completion (no deadlock) when simulated with the event protocol.
 
 Every rank of a multi-rank plan runs the same lists, so one simulated rank stands for all of them, and a
@@ -16,8 +19,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from .errors import InvalidTaskGraphError
 import numpy as np
+
+from .errors import InvalidTaskGraphError
+from .layout import TensorKind
 
 from .indexmap import rect_volume, rects_overlap
 from .schedule import Schedule
@@ -41,10 +46,17 @@ def validate(graph: TaskGraph, sched: Schedule) -> None:
             writes_of.setdefault(a.buffer_id, []).append((t.index, t.kernel, a.rect))
         for a in t.reads:
             reads_of.setdefault(a.buffer_id, []).append((t.index, t.kernel, a.rect))
-    for buffer_id in range(len(graph.kernels.buffers)):
+    donated_results = set(graph.kernels.aliases.values())
+    for buffer_id, buffer in enumerate(graph.kernels.buffers):
         writes, reads = writes_of.get(buffer_id, []), reads_of.get(buffer_id, [])
-        name = graph.kernels.buffers[buffer_id].name
-        for r, w in _overlapping_pairs(reads, writes):
+        name = buffer.name
+        read_write_pairs = _overlapping_pairs(reads, writes)
+        starts_unwritten = buffer.kind == TensorKind.WORKSPACE or (
+            buffer.kind == TensorKind.OUTPUT and buffer.index not in donated_results
+        )
+        if starts_unwritten:
+            _check_reads_are_written(reads, writes, read_write_pairs, name)
+        for r, w in read_write_pairs:
             (r_task, r_kernel, r_rect), (w_task, w_kernel, w_rect) = reads[r], writes[w]
             if w_task != r_task:
                 if w_kernel < r_kernel and not follows(r_task, w_task):
@@ -64,6 +76,53 @@ def validate(graph: TaskGraph, sched: Schedule) -> None:
             if a < b and a_kernel != b_kernel and not (follows(a_task, b_task) or follows(b_task, a_task)):
                 raise InvalidTaskGraphError(f"task{a_task} and task{b_task} race writing {name}")
     _check_schedule(graph, sched)
+
+
+def _check_reads_are_written(reads: list[tuple], writes: list[tuple], pairs: list[tuple[int, int]], name: str) -> None:
+    """Every read rect is covered by the writes of earlier kernels that overlap it. Usually one earlier kernel's
+    tiles (disjoint: _check_partitions) cover it alone, which summed intersection volumes show; otherwise (an
+    in-place update over a base, a concatenation) the rect is cut along every overlapping write's edges and each
+    cell looked up."""
+    if not reads:
+        return
+    rank = len(reads[0][2])
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    read_kernel = np.asarray([k for _, k, _ in reads], np.int64)
+    write_kernel = np.asarray([k for _, k, _ in writes], np.int64).reshape(-1)
+    pairs = pairs[write_kernel[pairs[:, 1]] < read_kernel[pairs[:, 0]]] if len(pairs) else pairs
+    read_rects = np.asarray([rect for _, _, rect in reads], np.int64).reshape(len(reads), rank, 2)
+    volumes = np.prod(read_rects[:, :, 1] - read_rects[:, :, 0], axis=1)
+    covered = volumes == 0
+    if len(pairs):
+        write_rects = np.asarray([rect for _, _, rect in writes], np.int64).reshape(len(writes), rank, 2)
+        a, b = read_rects[pairs[:, 0]], write_rects[pairs[:, 1]]
+        overlap = np.prod(np.minimum(a[:, :, 1], b[:, :, 1]) - np.maximum(a[:, :, 0], b[:, :, 0]), axis=1)
+        # per (read, writing kernel): the kernel's tiles are disjoint, so their overlaps add up
+        kernels = int(write_kernel.max()) + 1
+        groups, group_of = np.unique(pairs[:, 0] * kernels + write_kernel[pairs[:, 1]], return_inverse=True)
+        per_kernel = np.bincount(group_of.reshape(-1), weights=overlap, minlength=len(groups))
+        read_of_group = groups // kernels
+        covered[read_of_group[per_kernel == volumes[read_of_group]]] = True
+    writes_over: dict[int, list[int]] = {}
+    for r, w in pairs[~covered[pairs[:, 0]]].tolist() if len(pairs) else []:
+        writes_over.setdefault(r, []).append(w)
+    for r in np.flatnonzero(~covered).tolist():
+        rect = reads[r][2]
+        if not _rect_is_covered(rect, [writes[w][2] for w in writes_over.get(r, [])]):
+            raise InvalidTaskGraphError(
+                f"task{reads[r][0]} reads {name}{list(rect)}, which no task of an earlier kernel (wholly) writes: "
+                "it would read what the previous call left there"
+            )
+
+
+def _rect_is_covered(rect, others) -> bool:
+    """Whether the union of ``others`` contains ``rect`` (cut along all their edges inside it)."""
+    cuts = [sorted({lo, hi, *(min(max(c, lo), hi) for o in others for c in o[d])}) for d, (lo, hi) in enumerate(rect)]
+    cells = np.zeros([len(c) - 1 for c in cuts], bool)
+    for other in others:
+        cells[tuple(slice(np.searchsorted(c, max(lo, o_lo)), np.searchsorted(c, min(hi, o_hi)))
+                    for c, (lo, hi), (o_lo, o_hi) in zip(cuts, rect, other))] = True  # fmt: skip
+    return bool(cells.all())
 
 
 def _overlapping_pairs(first: list[tuple], second: list[tuple]) -> list[tuple[int, int]]:

@@ -83,6 +83,7 @@ def _bits_and_special_functions(x):
         (lambda a, b: jnp.einsum("bij,bkj->bik", a, b), [(2, 5, 7), (2, 3, 7)], "bfloat16"),
         (lambda x: (jnp.all(x > 0, axis=1), jnp.where(x > 0, x, -x).min()), [(4, 9)], "float32"),
         (_bits_and_special_functions, [(3, 21)], "float32"),
+        (lambda a, b: jnp.einsum("ikj,kl->ijl", a, b), [(5, 7, 3), (7, 4)], "int32"),  # a reduction, not dot::
     ],
 )
 def test_small_functions_compile(fn, shapes, dtype, tmp_path, monkeypatch):
@@ -90,6 +91,7 @@ def test_small_functions_compile(fn, shapes, dtype, tmp_path, monkeypatch):
     avals = [jax.ShapeDtypeStruct(s, jnp.int32 if s == () else dtype) for s in shapes]
     tasks, source = _generate(fn, *avals, validate_graph=True)
     assert "kTasks[] = {" in source.text and len(tasks.tasks) >= 1
+    assert dtype != "int32" or "dot::" not in source.text  # the float product bodies would round int32 sums
     compile_cubin(source.text, "9.0")
 
 

@@ -237,3 +237,155 @@ def test_sum_over_one_element_keeps_a_negative_zero():
     expected, actual = jax.jit(fn)(x, y), jax_mpk.megakernelize(fn)(x, y)
     for e, a in zip(expected, actual):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+def test_cumlogsumexp_is_only_generated_for_floats_and_refused_for_integers():
+    """jax.jit cannot lower cumlogsumexp of an int32 (OverflowError converting its identity -inf to an
+    integer): 12 of 420 GPU programs of seed 2026 were such lines and ended as `oracle_error`. The generator
+    gives it float operands only, and jax_mpk refuses an integer operand instead of inventing a meaning."""
+    b = fuzz.Builder(np.random.default_rng(0))
+    b.arg((3, 4), "i32")
+    with pytest.raises(fuzz.NoOperand):
+        fuzz.GENERATORS["cumlogsumexp"](b)
+    assert fuzz.GENERATORS["cumsum"](b).startswith("lax.cumsum(a0, axis=")  # the other scans take integers
+    b.arg((5,), "f32")
+    assert fuzz.GENERATORS["cumlogsumexp"](b).startswith("lax.cumlogsumexp(a1, axis=0, reverse=")
+    x = np.int32([[3, -1, 2], [0, 5, -7]])
+    with pytest.raises(OverflowError):  # the oracle's own failure, on every jax version seen (0.10.2, 0.11.2)
+        jax.jit(lax.cumlogsumexp)(x)
+    with pytest.raises(jax_mpk.UnsupportedPrimitiveError, match="cumlogsumexp of int32"):
+        jax_mpk.megakernelize(lax.cumlogsumexp)(x)
+    # the float scans along any axis, either direction, with infinities and NaN in the input
+    y = np.float32([[1.0, -np.inf, 2.0], [np.inf, 0.5, np.nan], [-3.0, 4.0, -np.inf]])
+    for axis in (0, 1):
+        for reverse in (False, True):
+            check_against_jit(lambda y: [s(y, axis=axis, reverse=reverse) for s in
+                                         (lax.cumsum, lax.cummax, lax.cummin, lax.cumlogsumexp)], y)
+
+
+def _integer_products(a, b, c):
+    """int32 products whose sums wrap around (XLA's int32 arithmetic), in the layouts the GPU fuzz runs met
+    (2026:83, 262, 268): a batched einsum, a transposed operand, and int8 operands widened to int32."""
+    return (jnp.einsum("ikj,kl->ijl", a, b), a[0].T @ b,
+            lax.dot_general(c, c.T, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32))  # fmt: skip
+
+
+def _integer_product_operands(rng):
+    wide = lambda shape: rng.integers(-(2**31), 2**31, size=shape, dtype=np.int64).astype(np.int32)  # noqa: E731
+    return wide((5, 7, 3)), wide((7, 4)), rng.integers(-128, 128, size=(3, 5)).astype(np.int8)
+
+
+def test_integer_products_wrap_like_xla_and_never_use_the_float_product_bodies(rng):
+    """The GPU's product bodies accumulate in float32, so int32 products were exact only below 2^24 (|diff| up to
+    4.3e9 on the H200). An integer dot_general is now the integer sum of the products over a [..., k] view,
+    run by the reduction bodies of both executors."""
+    args = _integer_product_operands(rng)
+    for workers in (1, 3):
+        expected, actual = jax.jit(_integer_products)(*args), jax_mpk.megakernelize(_integer_products,
+                                                                                    num_workers=workers)(*args)
+        for e, a in zip(expected, actual):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+    from jax_mpk.capture import capture
+    from jax_mpk.graph import Dot
+
+    captured = capture(jax.make_jaxpr(_integer_products)(*args))
+    seen, stack = set(), list(captured.outputs)
+    while stack:
+        node = stack.pop()
+        if id(node) not in seen:
+            seen.add(id(node))
+            assert not isinstance(node, Dot), node
+            stack.extend(node.children)
+
+
+@pytest.mark.gpu
+def test_integer_products_are_exact_on_the_gpu(rng):
+    args = _integer_product_operands(rng)
+    expected, actual = jax.jit(_integer_products)(*args), jax_mpk.megakernelize(_integer_products)(*args)
+    for e, a in zip(expected, actual):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+def _gpu_like_sum_then_sine():
+    """GPU fuzz program 2026:260 reduced: sin of a float32 sum of 992 terms near 609, where one ulp of the sum
+    (6.1e-5) is 6.1e-5 of the sine. The GPU sums in float32 by tiles, XLA in its own order, the CPU executor in
+    double: the sine differs by more than float32's tolerance without anyone being wrong."""
+    a = fuzz.Value("a2", (31, 32), "f32")  # the input's values follow from the seed and the argument's name
+    lines = (fuzz.Line((fuzz.Value("v1", (31, 32), "f32"),), "lax.expm1(a2)"),
+             fuzz.Line((fuzz.Value("v2", (), "f32"),), "lax.reduce(v1, np.array(0, f32)[()], lax.add, (0, 1))"),
+             fuzz.Line((fuzz.Value("v3", (), "f32"),), "lax.sin(v2)"))  # fmt: skip
+    return fuzz.Program(63190909, (a,), lines, ("v3",), fuzz.Knobs(1, 1 << 14, None))
+
+
+@pytest.mark.parametrize("error,kind", [(0.0, "ill_conditioned"), (1e-2, "mismatch")])
+def test_amplified_summation_order_is_told_apart_from_a_wrong_result(monkeypatch, error, kind):
+    """Emulate the GPU: the sum accumulated in float32 in order (one ulp from jax.jit's, as on the H200), then
+    the sine. The fuzzer classifies it `ill_conditioned`, not `mismatch`; the same result off by 1e-2 (160 ulp of
+    the sum; sqrt(992) half-ulps of the sum of the terms' magnitudes, 1100, is 2e-3) stays a mismatch."""
+    program = _gpu_like_sum_then_sine()
+    (x,) = program.inputs()
+
+    def float32_in_order(program, args, platform):
+        total = np.float32(0)
+        for term in np.expm1(x.astype(np.float64)).astype(np.float32).reshape(-1):
+            total = np.float32(total + term)
+        return [np.float32(np.sin(np.float64(total)) + error)]
+
+    monkeypatch.setattr(fuzz, "run_megakernel", float32_in_order)
+    expected = np.asarray(jax.jit(program.function())(x)[0])
+    assert not fuzz.agree(float32_in_order(program, [x], "cpu")[0], expected)  # the case the GPU run met
+    assert fuzz.check(program).kind == kind
+
+
+def test_cancelling_infinities_of_float32_sums_are_ill_conditioned_not_mismatches():
+    """CPU fuzz program 2026:104 reduced: a float32 cumsum of a row holding -3e38 and later +3e38. XLA's tree
+    loses the small terms on one side of the cancellation, the CPU executor's sequential double sum on the
+    other (float64 line by line agrees with neither): not determined by the contract, and classified so."""
+    x = fuzz.Value("a0", (13, 1, 31), "f32")
+    line = fuzz.Line((fuzz.Value("v1", (13, 1, 31), "f32"),), "lax.cumsum(a0, axis=2, reverse=False)")
+    program = fuzz.Program(1223321572, (x,), (line,), ("v1",), fuzz.Knobs(1, 1 << 14, None))
+    assert np.sum(np.abs(program.inputs()[0]) > 1e38) >= 2
+    assert fuzz.check(program).kind == "ill_conditioned"
+
+
+@pytest.mark.gpu
+def test_sorted_rows_with_nan_then_argmin_on_the_gpu():
+    """GPU fuzz program 2026:456 (|diff| 3 in argmin of sorted sqrt(tan(x)) rows of float16): the sorted rows
+    equal jax.jit's, the argmin is the first NaN of each row (XLA:GPU may give a later one: see below), and the
+    whole program is no failure."""
+    program = fuzz.generate(fuzz.program_seed(2026, 456))
+    x = next(a for a, v in zip(program.inputs(), program.args) if v.name == "a1")
+
+    def chain(x):
+        rows = lax.sort(lax.sqrt(lax.tan(x)))
+        return rows, lax.argmin(rows, 1, jnp.int32)
+
+    (expected_rows, _), (rows, first) = jax.jit(chain)(x), jax_mpk.megakernelize(chain)(x)
+    np.testing.assert_array_equal(np.asarray(rows), np.asarray(expected_rows))
+    reference_lax = fuzz.FLOAT64_NAMESPACE["lax"]
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(reference_lax.argmin(rows, 1, jnp.int32)))
+    assert not fuzz.check(program, "cuda").failed
+
+
+def test_reference_arg_reductions_take_the_first_of_several_nans():
+    """GPU fuzz 2026:456: argmin of sorted float16 rows ending in several NaNs. jax's arg-reducer keeps the NaN
+    that arrives as its first operand, so XLA:GPU's tree returns any of them (3 places off), where jax_mpk and
+    XLA:CPU give the first. The reference decides NaN rows itself, whatever order the reduction takes."""
+    x = jnp.asarray([[1.0, np.nan, 2.0, np.nan], [3.0, 1.0, 2.0, 0.5]], jnp.float32)
+
+    def last_nan_first(x, axis, index_dtype):  # an arg-reduction combining from the end, like a GPU tree may
+        n = x.shape[axis]
+        return n - 1 - lax.argmin(lax.rev(x, (axis,)), axis, index_dtype)
+
+    reference_lax = fuzz.FLOAT64_NAMESPACE["lax"]
+    assert last_nan_first(x, 1, jnp.int32).tolist()[0] == 3
+    assert reference_lax._first_nan_or(last_nan_first, x, 1, jnp.int32).tolist() == [1, 3]
+    assert reference_lax.argmax(x, 1, jnp.int32).tolist() == [1, 0] and reference_lax.add is lax.add
+    # the program's comparison: jax.jit giving the last NaN (as on the H200) is not held against jax_mpk
+    values = fuzz.Value("a0", (2, 4), "f32")
+    line = fuzz.Line((fuzz.Value("v1", (2,), "i32"),), "lax.argmin(a0, 1, i32)")
+    program = fuzz.Program(0, (values,), (line,), ("v1",), fuzz.Knobs(1, 1 << 14, None))
+    (reference,) = fuzz.reference_rounded(program, [np.asarray(x)])
+    ours = np.asarray(jax_mpk.megakernelize(lambda a: lax.argmin(a, 1, jnp.int32))(x))
+    assert ours.tolist() == reference.tolist() == [1, 3]
+    assert fuzz.at_least_as_close(ours, np.asarray(last_nan_first(x, 1, jnp.int32)), reference)

@@ -87,6 +87,39 @@ def test_validator_rejects_a_removed_dependency():
         validate(broken, mk.schedule)
 
 
+def test_validator_rejects_a_read_of_workspace_no_earlier_task_wrote():
+    """The class of the GPU fusion bug that dropped the base of an in-place update chain: the update kernel
+    wrote part of the buffer, a later kernel read all of it, the rest was whatever the previous call left.
+    Emulated by taking the base's writes away: every dependency still holds, only coverage is missing."""
+
+    def f(x, update):
+        base = jnp.floor(jnp.cumsum(x * x))
+        return jnp.isfinite(jax.lax.dynamic_update_slice(base, update, (20,)))
+
+    mk = jax_mpk.compile(f, jnp.ones(32, jnp.float16), jnp.ones(12, jnp.float16), num_workers=2)
+    validate(mk.tasks, mk.schedule)  # the real plan: the base covers what the update does not
+    broken = copy.deepcopy(mk.tasks)
+    (chain,) = [k for k in broken.kernels.kernels if k.name.startswith("update_slice")]
+    chain_buffer = broken.kernels.buffers.index(chain.outputs[0].tensor.buffer)
+    base_kernel = next(k.index for k in broken.kernels.kernels if "floor" in k.name)
+    for task in broken.tasks:
+        if task.kernel == base_kernel:
+            task.writes = [a for a in task.writes if a.buffer_id != chain_buffer]
+    with pytest.raises(jax_mpk.InvalidTaskGraphError, match="no task of an earlier kernel"):
+        validate(broken, mk.schedule)
+
+
+def test_read_coverage_takes_the_union_of_several_kernels_writes():
+    from jax_mpk.validate import _check_reads_are_written
+
+    reads = [(9, 3, ((0, 10), (0, 4)))]
+    halves = [(1, 1, ((0, 6), (0, 4))), (2, 2, ((6, 10), (0, 4))), (3, 5, ((0, 10), (0, 4)))]  # the last: later
+    _check_reads_are_written(reads, halves, [(0, 0), (0, 1), (0, 2)], "t")
+    with pytest.raises(jax_mpk.InvalidTaskGraphError, match=r"reads t\[\(0, 10\), \(0, 4\)\]"):
+        _check_reads_are_written(reads, [halves[0], halves[2]], [(0, 0), (0, 1)], "t")
+    _check_reads_are_written([(4, 2, ())], [(1, 0, ())], [(0, 0)], "scalar")
+
+
 def test_validator_rejects_a_deadlocking_schedule():
     step, args = _decode_case()
     mk = jax_mpk.compile(step, *args, num_workers=2)
