@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import numpy as np
+
 from .tasks import TaskGraph
 
 
@@ -25,14 +27,15 @@ class Schedule:
 
 
 def schedule(graph: TaskGraph, num_workers: int) -> Schedule:
-    free_at = [0.0] * num_workers
+    free_at = np.zeros(num_workers)
     finish = [0.0] * len(graph.tasks)
     workers: list[list[int]] = [[] for _ in range(num_workers)]
     for task in graph.tasks:  # tasks are created in a topological order
         ready = max((finish[d] for d in task.deps), default=0.0)
-        worker = min(range(num_workers), key=lambda w: (max(free_at[w], ready), w))
-        start = max(free_at[worker], ready)
-        finish[task.index] = free_at[worker] = start + task.cost
+        starts = np.maximum(free_at, ready)
+        worker = int(starts.argmin())  # the first of the workers that can start it earliest
+        finish[task.index] = float(starts[worker] + task.cost)
+        free_at[worker] = finish[task.index]
         workers[worker].append(task.index)
     return Schedule(workers)
 

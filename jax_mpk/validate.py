@@ -16,10 +16,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from .errors import InvalidTaskGraphError
 import numpy as np
 
-from .indexmap import rect_volume, rects_overlap
+from .errors import InvalidTaskGraphError
+from .indexmap import overlapping_pairs
 from .schedule import Schedule
 from .tasks import TaskGraph
 
@@ -30,68 +30,84 @@ def validate(graph: TaskGraph, sched: Schedule) -> None:
     signallers = _signallers(graph, "signals", "wait_event", "wait_count", "event")
     remote_signallers = _signallers(graph, "remote_signals", "remote_wait_event", "remote_wait_count", "remote event")
     ancestors = _ancestors(graph, signallers, remote_signallers)
+    kernel_of = np.array([t.kernel for t in tasks], np.int64)
 
-    def follows(later: int, earlier: int) -> bool:
-        return bool((ancestors[later] >> earlier) & 1)
+    def unordered(later: np.ndarray, earlier: np.ndarray) -> np.ndarray:
+        """Which pairs (later[i], earlier[i]) of tasks the events do not order that way."""
+        return ~_follows(later, earlier, ancestors)
 
-    writes_of: dict[int, list[tuple]] = {}  # buffer -> (task, kernel, rect) of every write, and of every read
-    reads_of: dict[int, list[tuple]] = {}
-    for t in tasks:
-        for a in t.writes:
-            writes_of.setdefault(a.buffer_id, []).append((t.index, t.kernel, a.rect))
-        for a in t.reads:
-            reads_of.setdefault(a.buffer_id, []).append((t.index, t.kernel, a.rect))
-    for buffer_id in range(len(graph.kernels.buffers)):
-        writes, reads = writes_of.get(buffer_id, []), reads_of.get(buffer_id, [])
+    def rect(blocks: _Stacked, i: int) -> list:
+        return list(zip(blocks.lo[i].tolist(), blocks.hi[i].tolist()))
+
+    by_buffer: dict[int, tuple[list, list]] = {}  # buffer -> the accesses that read it, and those that write it
+    for block in graph.accesses:
+        by_buffer.setdefault(block.buffer_id, ([], []))[block.is_write].append(block)
+    for buffer_id, (read_blocks, write_blocks) in sorted(by_buffer.items()):
         name = graph.kernels.buffers[buffer_id].name
-        for r, w in _overlapping_pairs(reads, writes):
-            (r_task, r_kernel, r_rect), (w_task, w_kernel, w_rect) = reads[r], writes[w]
-            if w_task != r_task:
-                if w_kernel < r_kernel and not follows(r_task, w_task):
-                    raise InvalidTaskGraphError(
-                        f"task{r_task} reads {name}{list(r_rect)} without waiting for task{w_task}, which writes it"
-                    )
-                if w_kernel == r_kernel:
-                    raise InvalidTaskGraphError(
-                        f"task{r_task} reads {name}{list(r_rect)}, which task{w_task} of the same kernel writes"
-                    )
-                if w_kernel > r_kernel and not follows(w_task, r_task):
-                    raise InvalidTaskGraphError(
-                        f"task{w_task} overwrites {name}{list(w_rect)} before task{r_task} has read it"
-                    )
-        for a, b in _overlapping_pairs(writes, writes):
-            (a_task, a_kernel, _), (b_task, b_kernel, _) = writes[a], writes[b]
-            if a < b and a_kernel != b_kernel and not (follows(a_task, b_task) or follows(b_task, a_task)):
-                raise InvalidTaskGraphError(f"task{a_task} and task{b_task} race writing {name}")
+        rank = len(graph.kernels.buffers[buffer_id].shape)
+        reads, writes = _Stacked(read_blocks, rank), _Stacked(write_blocks, rank)
+        r, w = overlapping_pairs(reads.lo, reads.hi, writes.lo, writes.hi)
+        r_task, w_task = reads.tasks[r], writes.tasks[w]
+        r_kernel, w_kernel = kernel_of[r_task], kernel_of[w_task]
+        other = r_task != w_task
+        for i in np.flatnonzero(other & (w_kernel == r_kernel))[:1]:
+            raise InvalidTaskGraphError(
+                f"task{r_task[i]} reads {name}{rect(reads, r[i])}, which task{w_task[i]} of the same kernel writes"
+            )
+        earlier = np.flatnonzero(other & (w_kernel < r_kernel))
+        for i in earlier[unordered(r_task[earlier], w_task[earlier])][:1]:
+            raise InvalidTaskGraphError(
+                f"task{r_task[i]} reads {name}{rect(reads, r[i])} without waiting for task{w_task[i]}, which writes it"
+            )
+        later = np.flatnonzero(other & (w_kernel > r_kernel))
+        for i in later[unordered(w_task[later], r_task[later])][:1]:
+            raise InvalidTaskGraphError(
+                f"task{w_task[i]} overwrites {name}{rect(writes, w[i])} before task{r_task[i]} has read it"
+            )
+        a, b = overlapping_pairs(writes.lo, writes.hi, writes.lo, writes.hi)
+        a_task, b_task = writes.tasks[a], writes.tasks[b]
+        pairs = np.flatnonzero((a < b) & (kernel_of[a_task] != kernel_of[b_task]))
+        a_task, b_task = a_task[pairs], b_task[pairs]
+        for i in np.flatnonzero(unordered(a_task, b_task) & unordered(b_task, a_task))[:1]:
+            raise InvalidTaskGraphError(f"task{a_task[i]} and task{b_task[i]} race writing {name}")
     _check_schedule(graph, sched)
 
 
-def _overlapping_pairs(first: list[tuple], second: list[tuple]) -> list[tuple[int, int]]:
-    """(i, j) for every rect first[i][2] that overlaps second[j][2] (vectorized: a model's activations are
-    written by a hundred tiles and read by a hundred, in every layer)."""
-    if not first or not second:
-        return []
-    rank = len(first[0][2])
-    a = np.asarray([rect for _, _, rect in first], np.int64).reshape(len(first), rank, 2)
-    b = np.asarray([rect for _, _, rect in second], np.int64).reshape(len(second), rank, 2)
-    pairs = []
-    for start in range(0, len(a), 1024):  # bounded memory: 1024 x len(second) x rank
-        chunk = a[start : start + 1024, None]
-        overlap = np.all((chunk[..., 0] < b[None, :, :, 1]) & (b[None, :, :, 0] < chunk[..., 1]), axis=-1)
-        rows, cols = np.nonzero(overlap)
-        pairs += zip((rows + start).tolist(), cols.tolist())
-    return pairs
+class _Stacked:
+    """The accesses of several blocks to one buffer, as one set of arrays."""
+
+    def __init__(self, blocks: list, rank: int):
+        self.tasks = np.concatenate([np.zeros(0, np.int64)] + [b.tasks for b in blocks])
+        self.lo = np.concatenate([np.zeros((0, rank), np.int64)] + [b.lo for b in blocks])
+        self.hi = np.concatenate([np.zeros((0, rank), np.int64)] + [b.hi for b in blocks])
+
+
+def _follows(later: np.ndarray, earlier: np.ndarray, ancestors: list[int]) -> np.ndarray:
+    """Whether task later[i] transitively follows task earlier[i], for every i: each later task's bitset is
+    turned into bytes once and its bits picked with numpy."""
+    result = np.zeros(len(later), bool)
+    num_bytes = (len(ancestors) + 7) // 8
+    order = np.argsort(later, kind="stable")
+    sorted_later = later[order]
+    starts = np.flatnonzero(np.diff(sorted_later, prepend=-1))
+    for begin, end in zip(starts.tolist(), [*starts[1:].tolist(), len(order)]):
+        packed = np.frombuffer(ancestors[int(sorted_later[begin])].to_bytes(num_bytes, "little"), np.uint8)
+        rows = order[begin:end]
+        result[rows] = (packed[earlier[rows] >> 3] >> (earlier[rows] & 7)) & 1
+    return result
 
 
 def _check_partitions(graph: TaskGraph) -> None:
     for kernel, tasks in zip(graph.kernels.kernels, graph.tasks_by_kernel()):
-        tiles = [tuple(zip(t.lo, t.hi)) for t in tasks]
-        if sum(rect_volume(t) for t in tiles) != math.prod(kernel.domain):
+        rank = len(kernel.domain)
+        lo = np.array([t.lo for t in tasks], np.int64).reshape(len(tasks), rank)
+        hi = np.array([t.hi for t in tasks], np.int64).reshape(len(tasks), rank)
+        if int(np.prod(np.maximum(hi - lo, 0), axis=1).sum()) != math.prod(kernel.domain):
             raise InvalidTaskGraphError(f"the tiles of kernel{kernel.index} do not cover its domain exactly")
-        for i, a in enumerate(tiles):
-            for b in tiles[i + 1 :]:
-                if rects_overlap(a, b):
-                    raise InvalidTaskGraphError(f"two tiles of kernel{kernel.index} overlap: {a} and {b}")
+        a, b = overlapping_pairs(lo, hi, lo, hi)
+        for i in np.flatnonzero(a < b)[:1]:
+            first, second = (tuple(zip(lo[t].tolist(), hi[t].tolist())) for t in (a[i], b[i]))
+            raise InvalidTaskGraphError(f"two tiles of kernel{kernel.index} overlap: {first} and {second}")
 
 
 def _signallers(graph: TaskGraph, signals: str, wait_event: str, wait_count: str, what: str) -> dict[int, list[int]]:
@@ -111,8 +127,11 @@ def _signallers(graph: TaskGraph, signals: str, wait_event: str, wait_count: str
 
 
 def _ancestors(graph: TaskGraph, signallers: dict[int, list[int]], remote_signallers: dict[int, list[int]]) -> list[int]:
-    """Bitset of transitive predecessors per task, following events; raises on a cycle."""
+    """Bitset of transitive predecessors per task, following events; raises on a cycle. Tasks that wait for
+    the same events have the same predecessors: their bitset is computed once."""
     tasks = graph.tasks
+    waits = [(t.wait_event, t.remote_wait_event) for t in tasks]
+    of_waits: dict[tuple[int, int], int] = {}
     preds = [
         (signallers.get(t.wait_event, []) if t.wait_event >= 0 else [])
         + (remote_signallers.get(t.remote_wait_event, []) if t.remote_wait_event >= 0 else [])
@@ -134,10 +153,12 @@ def _ancestors(graph: TaskGraph, signallers: dict[int, list[int]], remote_signal
                 continue
             stack.pop()
             if state[node] == 1:
-                bits = 0
-                for p in preds[node]:
-                    bits |= result[p] | (1 << p)
-                result[node] = bits
+                if waits[node] not in of_waits:
+                    bits = 0
+                    for p in preds[node]:
+                        bits |= result[p] | (1 << p)
+                    of_waits[waits[node]] = bits
+                result[node] = of_waits[waits[node]]
                 state[node] = 2
     return result
 
