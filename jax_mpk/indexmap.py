@@ -112,7 +112,7 @@ class IndexMap:
                 lo = np.maximum(offset + np.minimum(at_lo, at_hi).sum(axis=2), 0)
                 hi = np.minimum(offset + np.maximum(at_lo, at_hi).sum(axis=2) + 1, np.array(stage.out_shape, np.int64))
             else:
-                lo, hi = _reshape_rects(lo, hi, shape, stage.out_shape)
+                lo, hi = reshape_rects(lo, hi, shape, stage.out_shape)
             shape = stage.out_shape
         lo[dead], hi[dead] = 0, 0
         return lo, hi
@@ -140,20 +140,8 @@ class IndexMap:
 # ----------------------------------------------------------------------------------------------- rects
 
 
-def full_rect(shape: Shape) -> Rect:
-    return tuple((0, int(d)) for d in shape)
-
-
-def empty_rect(shape: Shape) -> Rect:
-    return tuple((0, 0) for _ in shape)
-
-
 def rect_volume(rect: Rect) -> int:
     return math.prod(max(hi - lo, 0) for lo, hi in rect)
-
-
-def rects_overlap(a: Rect, b: Rect) -> bool:
-    return all(max(alo, blo) < min(ahi, bhi) for (alo, ahi), (blo, bhi) in zip(a, b))
 
 
 def overlapping_pairs(a_lo: np.ndarray, a_hi: np.ndarray, b_lo: np.ndarray, b_hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -172,15 +160,7 @@ def overlapping_pairs(a_lo: np.ndarray, a_hi: np.ndarray, b_lo: np.ndarray, b_hi
     return np.concatenate(rows), np.concatenate(cols)
 
 
-def rect_union(a: Rect, b: Rect) -> Rect:
-    if rect_volume(a) == 0:
-        return b
-    if rect_volume(b) == 0:
-        return a
-    return tuple((min(alo, blo), max(ahi, bhi)) for (alo, ahi), (blo, bhi) in zip(a, b))
-
-
-def _reshape_rects(lo: np.ndarray, hi: np.ndarray, in_shape: Shape, out_shape: Shape) -> tuple[np.ndarray, np.ndarray]:
+def reshape_rects(lo: np.ndarray, hi: np.ndarray, in_shape: Shape, out_shape: Shape) -> tuple[np.ndarray, np.ndarray]:
     """Bounding rects in out_shape of rects in in_shape (corners [n, in_rank]), group by group of dims with
     equal products: a group's rows are a row-major interval of its elements, whose bounding rect stays narrow
     in the group's out dims while the interval lies within one index of the dim, and is whole after that.

@@ -21,7 +21,7 @@ import numpy as np
 from .fusion import Kernel, KernelGraph, Tensor, shared_weight_dims
 from .layout import TensorKind
 from .graph import Acc, Load, Node, Piecewise, Reduce, Reindex
-from .indexmap import _reshape_rects, overlapping_pairs
+from .indexmap import reshape_rects, overlapping_pairs
 
 # Output columns of a matrix product are tiled in multiples of this, so weight rows load as whole sectors.
 DOT_COLUMN_ALIGN = 16
@@ -236,7 +236,7 @@ def _kernel_accesses(kernel: Kernel, tiles: list[tuple[tuple, tuple]], first_tas
     def access(tensor: Tensor, is_write: bool, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
         buffer = tensor.buffer
         if tuple(tensor.shape) != tuple(buffer.shape):
-            lo, hi = _reshape_rects(lo, hi, tuple(tensor.shape), tuple(buffer.shape))
+            lo, hi = reshape_rects(lo, hi, tuple(tensor.shape), tuple(buffer.shape))
         result.append(Accesses(kernel.index, buffer_ids[id(buffer)], is_write, task_ids[rows], lo[rows], hi[rows]))
 
     for node in kernel.nodes()[::-1]:  # consumers first: a node's region is complete when it is reached
@@ -345,9 +345,10 @@ def _derive_dependencies(tasks: list[Task], accesses: list[Accesses], buffer_ran
 
 def _producers_by_task(pairs: list[tuple[np.ndarray, np.ndarray]], num_tasks: int) -> dict[int, tuple[int, ...]]:
     """task -> its distinct producers, ascending, from (task, producer) arrays."""
-    keys = np.unique(np.concatenate([np.zeros(0, np.int64)] + [t * num_tasks + p for t, p in pairs]))
+    keys = np.sort(np.concatenate([np.zeros(0, np.int64)] + [t * num_tasks + p for t, p in pairs]))
     if not keys.size:
         return {}
+    keys = keys[np.diff(keys, prepend=-1) != 0]  # distinct (sorting beats np.unique's hashing here)
     consumers, producers = (keys // num_tasks).tolist(), (keys % num_tasks).tolist()
     starts = [0, *(np.flatnonzero(np.diff(keys // num_tasks)) + 1).tolist(), len(keys)]
     return {consumers[a]: tuple(producers[a:b]) for a, b in zip(starts, starts[1:])}

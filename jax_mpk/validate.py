@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import Callable
 
 import numpy as np
 
@@ -29,12 +30,9 @@ def validate(graph: TaskGraph, sched: Schedule) -> None:
     _check_partitions(graph)
     signallers = _signallers(graph, "signals", "wait_event", "wait_count", "event")
     remote_signallers = _signallers(graph, "remote_signals", "remote_wait_event", "remote_wait_count", "remote event")
-    ancestors = _ancestors(graph, signallers, remote_signallers)
+    ancestors = _Ancestors(graph, signallers, remote_signallers)
     kernel_of = np.array([t.kernel for t in tasks], np.int64)
-
-    def unordered(later: np.ndarray, earlier: np.ndarray) -> np.ndarray:
-        """Which pairs (later[i], earlier[i]) of tasks the events do not order that way."""
-        return ~_follows(later, earlier, ancestors)
+    orderings = _Orderings()
 
     def rect(blocks: _Stacked, i: int) -> list:
         return list(zip(blocks.lo[i].tolist(), blocks.hi[i].tolist()))
@@ -55,21 +53,17 @@ def validate(graph: TaskGraph, sched: Schedule) -> None:
                 f"task{r_task[i]} reads {name}{rect(reads, r[i])}, which task{w_task[i]} of the same kernel writes"
             )
         earlier = np.flatnonzero(other & (w_kernel < r_kernel))
-        for i in earlier[unordered(r_task[earlier], w_task[earlier])][:1]:
-            raise InvalidTaskGraphError(
-                f"task{r_task[i]} reads {name}{rect(reads, r[i])} without waiting for task{w_task[i]}, which writes it"
-            )
+        orderings.require(r_task[earlier], w_task[earlier], lambda k, name=name, reads=reads, r=r[earlier], w=w_task[earlier], t=r_task[earlier]:
+                          f"task{t[k]} reads {name}{rect(reads, r[k])} without waiting for task{w[k]}, which writes it")  # fmt: skip
         later = np.flatnonzero(other & (w_kernel > r_kernel))
-        for i in later[unordered(w_task[later], r_task[later])][:1]:
-            raise InvalidTaskGraphError(
-                f"task{w_task[i]} overwrites {name}{rect(writes, w[i])} before task{r_task[i]} has read it"
-            )
+        orderings.require(w_task[later], r_task[later], lambda k, name=name, writes=writes, w=w[later], t=w_task[later], r=r_task[later]:
+                          f"task{t[k]} overwrites {name}{rect(writes, w[k])} before task{r[k]} has read it")  # fmt: skip
         a, b = overlapping_pairs(writes.lo, writes.hi, writes.lo, writes.hi)
         a_task, b_task = writes.tasks[a], writes.tasks[b]
         pairs = np.flatnonzero((a < b) & (kernel_of[a_task] != kernel_of[b_task]))
-        a_task, b_task = a_task[pairs], b_task[pairs]
-        for i in np.flatnonzero(unordered(a_task, b_task) & unordered(b_task, a_task))[:1]:
-            raise InvalidTaskGraphError(f"task{a_task[i]} and task{b_task[i]} race writing {name}")
+        orderings.require(a_task[pairs], b_task[pairs], lambda k, name=name, a=a_task[pairs], b=b_task[pairs]:
+                          f"task{a[k]} and task{b[k]} race writing {name}", either_way=True)  # fmt: skip
+    orderings.check(ancestors)
     _check_schedule(graph, sched)
 
 
@@ -82,19 +76,93 @@ class _Stacked:
         self.hi = np.concatenate([np.zeros((0, rank), np.int64)] + [b.hi for b in blocks])
 
 
-def _follows(later: np.ndarray, earlier: np.ndarray, ancestors: list[int]) -> np.ndarray:
-    """Whether task later[i] transitively follows task earlier[i], for every i: each later task's bitset is
-    turned into bytes once and its bits picked with numpy."""
-    result = np.zeros(len(later), bool)
-    num_bytes = (len(ancestors) + 7) // 8
-    order = np.argsort(later, kind="stable")
-    sorted_later = later[order]
-    starts = np.flatnonzero(np.diff(sorted_later, prepend=-1))
-    for begin, end in zip(starts.tolist(), [*starts[1:].tolist(), len(order)]):
-        packed = np.frombuffer(ancestors[int(sorted_later[begin])].to_bytes(num_bytes, "little"), np.uint8)
-        rows = order[begin:end]
-        result[rows] = (packed[earlier[rows] >> 3] >> (earlier[rows] & 7)) & 1
-    return result
+class _Ancestors:
+    """Bitset of transitive predecessors per task, following events; raises on a cycle. Tasks that wait for
+    the same events have the same predecessors: one bitset per distinct (event, remote event)."""
+
+    def __init__(self, graph: TaskGraph, signallers: dict[int, list[int]], remote_signallers: dict[int, list[int]]):
+        tasks = graph.tasks
+        preds = [
+            (signallers.get(t.wait_event, []) if t.wait_event >= 0 else [])
+            + (remote_signallers.get(t.remote_wait_event, []) if t.remote_wait_event >= 0 else [])
+            for t in tasks
+        ]
+        waits = [(t.wait_event, t.remote_wait_event) for t in tasks]
+        key_of: dict[tuple[int, int], int] = {}  # (event, remote event) -> position in self.bits
+        self.bits: list[int] = []
+        self.key = np.zeros(len(tasks), np.int64)  # task -> position in self.bits
+        state = [0] * len(tasks)  # 0 new, 1 on stack, 2 done
+        for start in range(len(tasks)):
+            stack = [start]
+            while stack:
+                node = stack[-1]
+                if state[node] == 0:
+                    state[node] = 1
+                    for p in preds[node]:
+                        if state[p] == 1:
+                            raise InvalidTaskGraphError(f"dependency cycle through task{p} and task{node}")
+                        if state[p] == 0:
+                            stack.append(p)
+                    continue
+                stack.pop()
+                if state[node] == 1:
+                    if waits[node] not in key_of:
+                        bits = 0
+                        for p in preds[node]:
+                            bits |= self.bits[self.key[p]] | (1 << p)
+                        key_of[waits[node]] = len(self.bits)
+                        self.bits.append(bits)
+                    self.key[node] = key_of[waits[node]]
+                    state[node] = 2
+
+    def follows(self, later: np.ndarray, earlier: np.ndarray) -> np.ndarray:
+        """Whether task later[i] transitively follows task earlier[i], for every i: each predecessor bitset
+        involved is turned into bytes once and its bits picked with numpy."""
+        result = np.zeros(len(later), bool)
+        num_bytes = (len(self.key) + 7) // 8
+        keys = self.key[later]
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        starts = np.flatnonzero(np.diff(sorted_keys, prepend=-1))
+        for begin, end in zip(starts.tolist(), [*starts[1:].tolist(), len(order)]):
+            packed = np.frombuffer(self.bits[int(sorted_keys[begin])].to_bytes(num_bytes, "little"), np.uint8)
+            rows = order[begin:end]
+            result[rows] = (packed[earlier[rows] >> 3] >> (earlier[rows] & 7)) & 1
+        return result
+
+
+class _Orderings:
+    """Pairs of tasks that the events must order, collected over the whole plan and looked up together."""
+
+    def __init__(self):
+        self.checks: list[tuple[np.ndarray, np.ndarray, Callable[[int], str], bool]] = []
+
+    def require(self, later: np.ndarray, earlier: np.ndarray, describe: Callable[[int], str], either_way: bool = False):
+        """later[k] must follow earlier[k] (or, ``either_way``, one of them the other); ``describe(k)`` says
+        what breaks when it does not."""
+        self.checks.append((later, earlier, describe, either_way))
+
+    def check(self, ancestors: _Ancestors) -> None:
+        """Raises for the first unordered pair of the first check that has one."""
+        laters = [c[0] for c in self.checks] + [c[1] for c in self.checks if c[3]]
+        earliers = [c[1] for c in self.checks] + [c[0] for c in self.checks if c[3]]
+        ordered = ancestors.follows(np.concatenate([np.zeros(0, np.int64), *laters]),
+                                    np.concatenate([np.zeros(0, np.int64), *earliers]))  # fmt: skip
+        forward, backward = [], []
+        offset = 0
+        for later, *_ in self.checks:
+            forward.append(ordered[offset : offset + len(later)])
+            offset += len(later)
+        for later, _, _, either_way in self.checks:
+            if either_way:
+                backward.append(ordered[offset : offset + len(later)])
+                offset += len(later)
+        backward_of = iter(backward)
+        for (later, _, describe, either_way), fine in zip(self.checks, forward):
+            if either_way:
+                fine = fine | next(backward_of)
+            for k in np.flatnonzero(~fine)[:1]:
+                raise InvalidTaskGraphError(describe(int(k)))
 
 
 def _check_partitions(graph: TaskGraph) -> None:
@@ -124,43 +192,6 @@ def _signallers(graph: TaskGraph, signals: str, wait_event: str, wait_count: str
                 "tasks signal"
             )
     return signallers
-
-
-def _ancestors(graph: TaskGraph, signallers: dict[int, list[int]], remote_signallers: dict[int, list[int]]) -> list[int]:
-    """Bitset of transitive predecessors per task, following events; raises on a cycle. Tasks that wait for
-    the same events have the same predecessors: their bitset is computed once."""
-    tasks = graph.tasks
-    waits = [(t.wait_event, t.remote_wait_event) for t in tasks]
-    of_waits: dict[tuple[int, int], int] = {}
-    preds = [
-        (signallers.get(t.wait_event, []) if t.wait_event >= 0 else [])
-        + (remote_signallers.get(t.remote_wait_event, []) if t.remote_wait_event >= 0 else [])
-        for t in tasks
-    ]
-    result: list[int | None] = [None] * len(tasks)
-    state = [0] * len(tasks)  # 0 new, 1 on stack, 2 done
-    for start in range(len(tasks)):
-        stack = [start]
-        while stack:
-            node = stack[-1]
-            if state[node] == 0:
-                state[node] = 1
-                for p in preds[node]:
-                    if state[p] == 1:
-                        raise InvalidTaskGraphError(f"dependency cycle through task{p} and task{node}")
-                    if state[p] == 0:
-                        stack.append(p)
-                continue
-            stack.pop()
-            if state[node] == 1:
-                if waits[node] not in of_waits:
-                    bits = 0
-                    for p in preds[node]:
-                        bits |= result[p] | (1 << p)
-                    of_waits[waits[node]] = bits
-                result[node] = of_waits[waits[node]]
-                state[node] = 2
-    return result
 
 
 def _check_schedule(graph: TaskGraph, sched: Schedule) -> None:
