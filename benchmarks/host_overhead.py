@@ -11,7 +11,8 @@ Measured in one process on the default device, for
   the per-call cost once for ``--loop`` steps (reported per step).
 
 Two ways of calling: synchronous (each call waited for) and pipelined (``--calls`` calls chained through the
-step's output, waited for at the end). Median over ``--repeats`` rounds, in microseconds per call.
+step's output, waited for at the end). Median over ``--repeats`` rounds, in microseconds per call; written to
+``--out`` as ``host_overhead_<device>.json`` and ``.md``.
 
     python benchmarks/host_overhead.py                   # 600 arguments
     python benchmarks/host_overhead.py --args 300 --calls 500
@@ -109,10 +110,24 @@ def main(argv=None) -> dict:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "us_per_call": results}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"host_overhead_{device.device_kind.replace(' ', '_')}.json"
-    path.write_text(json.dumps(record, indent=1))
-    print(f"wrote {path}")
+    stem = args.out / f"host_overhead_{device.device_kind.replace(' ', '_')}"
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    stem.with_suffix(".md").write_text(markdown(record))
+    print(f"wrote {stem}.json, .md")
     return record
+
+
+def markdown(record: dict) -> str:
+    lines = [
+        f"Per-call host overhead, {record['device']}, jax {record['jax']}, commit {record['commit']} "
+        f"({record['date']}): a step with {record['args']} small array arguments, µs per call (median of rounds); "
+        "the fori_loop variants per step of the loop.",
+        "",
+        "| variant | µs per call |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {us:.1f} |" for name, us in record["us_per_call"].items()]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

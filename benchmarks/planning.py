@@ -3,16 +3,19 @@
 Traces the step with abstract weights (no memory for them), then runs the pipeline megakernelize runs on a
 cache miss: capture, fusion, tiling, scheduling, validation, serialization and CUDA code generation (nvcc is
 not run: its time is apart, see toolchain.py's log line). Prints each stage's time (the jax_mpk logger) and,
-with --profile, the functions that took the most time.
+with --profile, the functions that took the most time; with --fingerprint, the sha256 of the plan's words and of
+the generated source (a change that should leave plans alone is checked by comparing them across commits).
 
     python benchmarks/planning.py --model qwen3-8b                 # H100/H200: 132 SMs, sm_90
     python benchmarks/planning.py --model qwen3-0.6b --profile 25
+    python benchmarks/planning.py --model llama-3.2-1b --fingerprint
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import hashlib
 import logging
 import os
 import pstats
@@ -40,6 +43,7 @@ def main() -> None:
     parser.add_argument("--arch", default="9.0", help="compute capability")
     parser.add_argument("--cache-layout", default="stacked", choices=["stacked", "per_layer"])
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N slowest functions")
+    parser.add_argument("--fingerprint", action="store_true", help="print the sha256 of the words and the source")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -49,17 +53,23 @@ def main() -> None:
     tokens, pos = jax.ShapeDtypeStruct((args.batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
     profiler = cProfile.Profile()
     start = time.perf_counter()
+    cpu_start = time.process_time()
     closed = jax.make_jaxpr(models.make_decode_step(merge))(weights, tokens, pos, cache)
-    traced = time.perf_counter()
-    print(f"make_jaxpr: {traced - start:.2f} s ({len(closed.eqns)} equations)")
+    traced, cpu_traced = time.perf_counter(), time.process_time()
+    print(f"make_jaxpr: {traced - start:.2f} s ({cpu_traced - cpu_start:.2f} s CPU, {len(closed.eqns)} equations)")
     if args.profile:
         profiler.enable()
     stages = plan_stages(closed, find_shard_map(closed), Target("cuda", args.sms, args.arch), config.load())
     profiler.disable()
     plan = stages.plan
-    print(f"planning (not counting tracing and nvcc): {time.perf_counter() - traced:.2f} s for {args.model} "
+    # on a shared machine the CPU time is the steadier figure (planning runs on one thread)
+    print(f"planning (not counting tracing and nvcc): {time.perf_counter() - traced:.2f} s "
+          f"({time.process_time() - cpu_traced:.2f} s CPU) for {args.model} "
           f"batch {args.batch} ctx {args.ctx}: {plan.num_kernels} kernels, {plan.num_tasks} tasks, "
           f"{len(plan.input_specs) + len(plan.output_specs) + 1} buffers")
+    if args.fingerprint:
+        print(f"words sha256 {hashlib.sha256(plan.words.tobytes()).hexdigest()}")
+        print(f"source sha256 {hashlib.sha256(plan.source.text.encode()).hexdigest()}")
     if args.profile:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import inspect
 import logging
 import os
@@ -71,6 +72,25 @@ def plan_stages(jaxpr, shard_map: ShardMap | None, target: Target, cfg: config_m
     """Capture, fuse, tile, schedule, validate and serialize ``jaxpr`` (one device's body when ``shard_map`` is
     given) for ``target``, and generate the CUDA megakernel's source on a CUDA target (not compiled). Each
     stage logs its time (logger ``jax_mpk``, INFO)."""
+    with _collector_paused():
+        return _plan_stages(jaxpr, shard_map, target, cfg)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off: planning allocates millions of small objects that all live until
+    it ends, and the collector would scan them (and all of jax's) hundreds of times (2 of 8 s for Qwen3-8B).
+    What planning leaves for it is collected at its next run."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _plan_stages(jaxpr, shard_map: ShardMap | None, target: Target, cfg: config_module.Config) -> Stages:
     cuda = target.platform == "cuda"
     with _stage("capture"):
         if shard_map is not None:
@@ -121,6 +141,35 @@ def plan_stages(jaxpr, shard_map: ShardMap | None, target: Target, cfg: config_m
     return Stages(captured, graph, tasks, sched, plan)
 
 
+def trace(fn: Callable, in_tree, specs: Sequence[_ArgSpec]) -> tuple[Any, Any]:
+    """``fn`` traced for a signature: flat argument ``specs`` of the positional and keyword arguments whose
+    structure is ``in_tree``. Returns the closed jaxpr (over the flat arguments) and the output shapes."""
+
+    def flat_fn(*flat):
+        args, kwargs = jax.tree_util.tree_unflatten(in_tree, flat)
+        return fn(*args, **kwargs)
+
+    with _stage("tracing"):
+        return jax.make_jaxpr(flat_fn, return_shape=True)(*[s.aval() for s in specs])
+
+
+def cached_plan(jaxpr, shard_map: ShardMap | None, signature: str, target: Target,
+                cfg: config_module.Config) -> tuple[CallPlan, Stages | None]:  # fmt: skip
+    """The plan of a traced function (``signature``: its arguments' specs) for ``target``: loaded from the disk
+    cache, or planned and stored. Returns it with the stages that made it (None when loaded)."""
+    with _stage("looking up the plan cache"):
+        knobs = (cfg.min_task_work, cfg.max_tasks, cfg.max_workspace_bytes, cfg.validate, cfg.profile,
+                 cfg.schedule_seed, cfg.split_attention)  # fmt: skip
+        key = plan_cache.cache_key(jaxpr, signature, target, knobs)
+        plan = None if cfg.force_compile else plan_cache.load(cfg.cache_dir, key)
+    if plan is not None:
+        log.info("jax_mpk: loaded plan %s from the cache (%s)", plan.key, key[:12])
+        return plan, None
+    stages = plan_stages(jaxpr, shard_map, target, cfg)
+    plan_cache.store(cfg.cache_dir, key, stages.plan)
+    return stages.plan, stages
+
+
 class Megakernel:
     """A function lowered, for one input signature, to a scheduled task graph run by one custom call.
 
@@ -142,29 +191,16 @@ class Megakernel:
         self.num_workers = self.target.num_workers
         self.watchdog_ms = max(1, round(cfg.watchdog_seconds * 1000))
 
-        def flat_fn(*flat):
-            args, kwargs = jax.tree_util.tree_unflatten(in_tree, flat)
-            return fn(*args, **kwargs)
-
-        with _stage("tracing"):
-            closed, out_shapes = jax.make_jaxpr(flat_fn, return_shape=True)(*[s.aval() for s in specs])
+        closed, out_shapes = trace(fn, in_tree, specs)
         self.out_tree = jax.tree_util.tree_structure(out_shapes)
         self.out_shardings = [getattr(o, "sharding", None) for o in jax.tree_util.tree_leaves(out_shapes)]
         self.jaxpr = closed
         # a shard_map: the plan is one device's body, and every device of the mesh runs it on its shards
         self.shard_map: ShardMap | None = find_shard_map(closed)
-        with _stage("looking up the plan cache"):
-            knobs = (cfg.min_task_work, cfg.max_tasks, cfg.max_workspace_bytes, cfg.validate, cfg.profile,
-                     cfg.schedule_seed, cfg.split_attention)
-            cache_key = plan_cache.cache_key(closed, repr(specs), self.target, knobs)
-            plan = None if cfg.force_compile else plan_cache.load(cfg.cache_dir, cache_key)
-        self.from_cache = plan is not None
-        if plan is None:
-            self.__dict__["_stages"] = plan_stages(closed, self.shard_map, self.target, cfg)
-            plan = self._stages.plan
-            plan_cache.store(cfg.cache_dir, cache_key, plan)
-        else:
-            log.info("jax_mpk: loaded plan %s from the cache (%s)", plan.key, cache_key[:12])
+        plan, stages = cached_plan(closed, self.shard_map, repr(specs), self.target, cfg)
+        self.from_cache = stages is None
+        if stages is not None:
+            self.__dict__["_stages"] = stages
         self.call_plan: CallPlan = plan
         self.key, self.words, self.consts, self.source = plan.key, plan.words, plan.consts, plan.source
         self.workspace_bytes, self.profile_offset = plan.workspace_bytes, plan.profile_offset

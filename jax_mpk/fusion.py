@@ -16,6 +16,7 @@ Decisions, in order:
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 
@@ -590,6 +591,7 @@ def _rotate(rank: int) -> list[list[int]]:
     return matrix
 
 
+@functools.cache  # asked for every reduction of every layer
 def _chunk_size(length: int) -> int | None:
     """A divisor of ``length`` near 4096 (chunks of a split reduction), or None."""
     divisors = [d for d in range(1024, 16385) if length % d == 0]

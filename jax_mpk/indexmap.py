@@ -92,24 +92,30 @@ class IndexMap:
 
     def rect_image(self, rect: Rect) -> Rect:
         """Bounding rectangle (in out_shape) of the image of ``rect`` (in in_shape)."""
-        shape = self.in_shape
+        lo, hi = self.rect_images(np.array([[a for a, _ in rect]], np.int64), np.array([[b for _, b in rect]], np.int64))
+        return tuple(zip(lo[0].tolist(), hi[0].tolist()))
+
+    def rect_images(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`rect_image` of many rectangles at once, given as their corners ``lo`` and ``hi`` (int64 arrays
+        [n, in_rank]): the planner maps every tile of a kernel together. A rectangle empty before some stage
+        maps to the all-zero (empty) rectangle of out_shape. The arrays returned are new."""
+        if not self.stages:
+            return lo.copy(), hi.copy()
+        shape, dead = self.in_shape, np.zeros(len(lo), bool)
         for stage in self.stages:
+            dead |= np.any(hi <= lo, axis=1)
             if isinstance(stage, Affine):
-                if any(r_hi <= r_lo for r_lo, r_hi in rect):
-                    return empty_rect(self.out_shape)
-                new = []
-                for row, off, size in zip(stage.matrix, stage.offset, stage.out_shape):
-                    lo = hi = off
-                    for a, (r_lo, r_hi) in zip(row, rect):
-                        if a:  # most coefficients are 0 (permutations, broadcasts): the planner's hot loop
-                            lo += min(a * r_lo, a * (r_hi - 1))
-                            hi += max(a * r_lo, a * (r_hi - 1))
-                    new.append((max(lo, 0), min(hi + 1, size)))
-                rect = tuple(new)
+                matrix = np.array(stage.matrix, np.int64).reshape(len(stage.out_shape), len(shape))
+                # each output coordinate's extremes: a coefficient's sign picks the corner that gives them
+                at_lo, at_hi = matrix * lo[:, None, :], matrix * (hi - 1)[:, None, :]
+                offset = np.array(stage.offset, np.int64)
+                lo = np.maximum(offset + np.minimum(at_lo, at_hi).sum(axis=2), 0)
+                hi = np.minimum(offset + np.maximum(at_lo, at_hi).sum(axis=2) + 1, np.array(stage.out_shape, np.int64))
             else:
-                rect = _reshape_rect(rect, shape, stage.out_shape)
+                lo, hi = reshape_rects(lo, hi, shape, stage.out_shape)
             shape = stage.out_shape
-        return rect
+        lo[dead], hi[dead] = 0, 0
+        return lo, hi
 
     def to_words(self) -> list[int]:
         words = [len(self.in_shape), *self.in_shape, len(self.stages)]
@@ -148,53 +154,49 @@ def linear_form(index_map: IndexMap, tensor_shape) -> tuple[int, list[int]] | No
 # ----------------------------------------------------------------------------------------------- rects
 
 
-def full_rect(shape: Shape) -> Rect:
-    return tuple((0, int(d)) for d in shape)
-
-
-def empty_rect(shape: Shape) -> Rect:
-    return tuple((0, 0) for _ in shape)
-
-
 def rect_volume(rect: Rect) -> int:
     return math.prod(max(hi - lo, 0) for lo, hi in rect)
 
 
-def rects_overlap(a: Rect, b: Rect) -> bool:
-    return all(max(alo, blo) < min(ahi, bhi) for (alo, ahi), (blo, bhi) in zip(a, b))
+def overlapping_pairs(a_lo: np.ndarray, a_hi: np.ndarray, b_lo: np.ndarray, b_hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(i, j) for every rect i of ``a`` that overlaps rect j of ``b`` (corners [n, rank]), in row-major order:
+    two index arrays."""
+    rows, cols = [], []
+    if len(a_lo) and len(b_lo):
+        step = max(1, (1 << 22) // (len(b_lo) * max(a_lo.shape[1], 1)))  # bounded memory: step x len(b) x rank
+        for start in range(0, len(a_lo), step):
+            lo, hi = a_lo[start : start + step, None], a_hi[start : start + step, None]
+            r, c = np.nonzero(np.all((lo < b_hi[None]) & (b_lo[None] < hi), axis=2))
+            rows.append(r + start)
+            cols.append(c)
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(rows), np.concatenate(cols)
 
 
-def rect_union(a: Rect, b: Rect) -> Rect:
-    if rect_volume(a) == 0:
-        return b
-    if rect_volume(b) == 0:
-        return a
-    return tuple((min(alo, blo), max(ahi, bhi)) for (alo, ahi), (blo, bhi) in zip(a, b))
-
-
-def _reshape_rect(rect: Rect, in_shape: Shape, out_shape: Shape) -> Rect:
-    """Bounding rect in out_shape of a rect in in_shape, group by group of dims with equal products."""
-    if rect_volume(rect) == 0:
-        return empty_rect(out_shape)
-    result: list[tuple[int, int]] = []
+def reshape_rects(lo: np.ndarray, hi: np.ndarray, in_shape: Shape, out_shape: Shape) -> tuple[np.ndarray, np.ndarray]:
+    """Bounding rects in out_shape of rects in in_shape (corners [n, in_rank]), group by group of dims with
+    equal products: a group's rows are a row-major interval of its elements, whose bounding rect stays narrow
+    in the group's out dims while the interval lies within one index of the dim, and is whole after that.
+    Empty rects give the all-zero rect."""
+    n = len(lo)
+    new_lo, new_hi = np.zeros((n, len(out_shape)), np.int64), np.zeros((n, len(out_shape)), np.int64)
     for in_dims, out_dims in _reshape_groups(in_shape, out_shape):
         sizes = [in_shape[d] for d in in_dims]
-        strides = [math.prod(sizes[k + 1 :]) for k in range(len(sizes))]
-        lo = sum(rect[d][0] * s for d, s in zip(in_dims, strides))
-        hi = sum((rect[d][1] - 1) * s for d, s in zip(in_dims, strides)) + 1
-        result.extend(_interval_rect(lo, hi, [out_shape[d] for d in out_dims]))
-    return tuple(result)
-
-
-def _interval_rect(lo: int, hi: int, shape: list[int]) -> list[tuple[int, int]]:
-    """Tightest rect of ``shape`` holding the row-major linear interval [lo, hi)."""
-    if not shape:
-        return []
-    inner = math.prod(shape[1:])
-    first, last = lo // inner, (hi - 1) // inner
-    if first == last:
-        return [(first, first + 1)] + _interval_rect(lo - first * inner, hi - first * inner, shape[1:])
-    return [(first, last + 1)] + [(0, d) for d in shape[1:]]
+        strides = np.array([math.prod(sizes[k + 1 :]) for k in range(len(sizes))], np.int64)
+        first = lo[:, in_dims] @ strides  # the interval [first, last] of the group's linear positions
+        last = (hi[:, in_dims] - 1) @ strides
+        narrow = np.ones(n, bool)
+        for k, d in enumerate(out_dims):
+            inner = math.prod(out_shape[e] for e in out_dims[k + 1 :])
+            a, b = first // inner, last // inner
+            new_lo[:, d] = np.where(narrow, a, 0)
+            new_hi[:, d] = np.where(narrow, b + 1, out_shape[d])
+            narrow &= a == b
+            first, last = first - a * inner, last - a * inner
+    empty = np.any(hi <= lo, axis=1)
+    new_lo[empty], new_hi[empty] = 0, 0
+    return new_lo, new_hi
 
 
 def _reshape_groups(in_shape: Shape, out_shape: Shape) -> list[tuple[list[int], list[int]]]:

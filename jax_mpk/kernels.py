@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .graph import Load, Node, topological
-from .indexmap import IndexMap, Rect, Reshape, Shape
+from .indexmap import IndexMap, Reshape, Shape
 from .layout import KernelKind, TensorKind
 
 WORKSPACE_ALIGN = 256
@@ -93,13 +93,17 @@ class AttentionSpec:
     def partials(self) -> list[Tensor]:
         return [self.partial_out, self.partial_max, self.partial_sum]
 
-    def written_rects(self, tile: Rect) -> list[tuple[Tensor, Rect]]:
-        """What the task over ``tile`` (rows ++ (key,)) writes: its chunks of every partial."""
-        *rows, (k_lo, k_hi) = tile
-        chunks = ((k_lo // self.chunk, -(-k_hi // self.chunk)),)
-        head_dim = self.partial_out.shape[-1]
-        return [(self.partial_out, tuple(rows) + chunks + ((0, head_dim),)),
-                (self.partial_max, tuple(rows) + chunks), (self.partial_sum, tuple(rows) + chunks)]  # fmt: skip
+    def written_rects(self, tile_lo: np.ndarray, tile_hi: np.ndarray) -> list[tuple[Tensor, np.ndarray, np.ndarray]]:
+        """What the tasks over tiles [tile_lo, tile_hi) (one row each, over rows ++ (key,)) write: their chunks of
+        every partial, as (tensor, lo, hi) rows."""
+        rows_lo, rows_hi = tile_lo[:, :-1], tile_hi[:, :-1]
+        chunks_lo, chunks_hi = tile_lo[:, -1:] // self.chunk, -(-tile_hi[:, -1:] // self.chunk)
+        head_dim = np.broadcast_to(np.array([[self.partial_out.shape[-1]]], np.int64), chunks_lo.shape)
+        out_lo = np.concatenate([rows_lo, chunks_lo, np.zeros_like(chunks_lo)], axis=1)
+        out_hi = np.concatenate([rows_hi, chunks_hi, head_dim], axis=1)
+        per_row_lo, per_row_hi = np.concatenate([rows_lo, chunks_lo], axis=1), np.concatenate([rows_hi, chunks_hi], axis=1)
+        return [(self.partial_out, out_lo, out_hi), (self.partial_max, per_row_lo, per_row_hi),
+                (self.partial_sum, per_row_lo, per_row_hi)]  # fmt: skip
 
 
 @dataclass(eq=False)

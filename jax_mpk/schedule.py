@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import numpy as np
+
 from .tasks import TaskGraph
 
 
@@ -25,16 +27,18 @@ class Schedule:
 
 
 def schedule(graph: TaskGraph, num_workers: int) -> Schedule:
-    free_at = [0.0] * num_workers
+    free_at = np.zeros(num_workers)
     finish = [0.0] * len(graph.tasks)
     workers: list[list[int]] = [[] for _ in range(num_workers)]
     for task in graph.tasks:  # tasks are created in a topological order
         ready = max((finish[d] for d in task.deps), default=0.0)
         # among the workers that can start it as early, the one idle longest: the estimate lacks a task's fixed
         # cost (a few microseconds), so a worker that has just finished a tiny task is in fact still busy with it
-        worker = min(range(num_workers), key=lambda w: (max(free_at[w], ready), free_at[w], w))
-        start = max(free_at[worker], ready)
-        finish[task.index] = free_at[worker] = start + task.cost
+        starts = np.maximum(free_at, ready)
+        earliest = np.flatnonzero(starts == starts.min())
+        worker = int(earliest[free_at[earliest].argmin()])  # argmin: the first of equals
+        finish[task.index] = float(starts[worker] + task.cost)
+        free_at[worker] = finish[task.index]
         workers[worker].append(task.index)
     return Schedule(workers)
 

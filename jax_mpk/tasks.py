@@ -22,15 +22,23 @@ from .fusion import shared_weight_dims
 from .kernels import Kernel, KernelGraph, Tensor
 from .layout import TensorKind
 from .graph import Acc, Load, Node, Piecewise, Reduce, Reindex
-from .indexmap import Rect, _reshape_rect, full_rect, rect_union, rect_volume
+from .indexmap import reshape_rects, overlapping_pairs
 
 # Output columns of a matrix product are tiled in multiples of this, so weight rows load as whole sectors.
 DOT_COLUMN_ALIGN = 16
 
 @dataclass
-class Access:
+class Accesses:
+    """What the tasks of one kernel read, or write, of one buffer through one load, operand or output: task
+    ``tasks[i]`` accesses the rectangle [lo[i], hi[i]) of buffer ``buffer_id``, in the buffer's own shape (arrays,
+    one row per task: the planner derives a kernel's accesses and dependencies for all its tiles at once)."""
+
+    kernel: int
     buffer_id: int  # index into KernelGraph.buffers
-    rect: Rect  # in the buffer's own shape
+    is_write: bool
+    tasks: np.ndarray  # int64 [n]
+    lo: np.ndarray  # int64 [n, rank]
+    hi: np.ndarray
 
 
 @dataclass
@@ -40,8 +48,6 @@ class Task:
     lo: tuple[int, ...]
     hi: tuple[int, ...]
     cost: float
-    reads: list[Access] = field(default_factory=list)
-    writes: list[Access] = field(default_factory=list)
     deps: list[int] = field(default_factory=list)  # tasks this one must follow (transitively reduced)
     wait_event: int = -1
     wait_count: int = 0
@@ -69,6 +75,7 @@ class TaskGraph:
     tasks: list[Task]
     num_events: int
     num_remote_events: int = 0
+    accesses: list[Accesses] = field(default_factory=list)  # kernel by kernel
 
     def tasks_by_kernel(self) -> list[list[Task]]:
         """The tasks of kernel i at position i."""
@@ -89,20 +96,22 @@ def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 
     ``min_task_work`` (elements x estimated per-element cost)."""
     buffer_ids = {id(b): i for i, b in enumerate(graph.buffers)}
     tasks: list[Task] = []
+    accesses: list[Accesses] = []
     per_element = {k.index: _cost_per_element(k) for k in graph.kernels}
     tilings = _level_tilings(graph.kernels, per_element, num_workers, min_task_work)
     for kernel in graph.kernels:
-        nodes_last_first = kernel.nodes()[::-1]
-        for lo, hi in tilings[kernel.index]:
+        tiles = tilings[kernel.index]
+        first = len(tasks)
+        for lo, hi in tiles:
             cost = per_element[kernel.index] * math.prod(h - l for l, h in zip(lo, hi))
-            task = Task(len(tasks), kernel.index, lo, hi, cost=cost)
-            task.reads, task.writes = _accesses(kernel, nodes_last_first, lo, hi, buffer_ids)
-            tasks.append(task)
+            tasks.append(Task(len(tasks), kernel.index, lo, hi, cost=cost))
+        if tiles:
+            accesses += _kernel_accesses(kernel, tiles, first, buffer_ids)
     comm = {i for i, b in enumerate(graph.buffers) if b.kind == TensorKind.COMM}
-    _derive_dependencies(tasks, [len(b.shape) for b in graph.buffers], comm)
+    _derive_dependencies(tasks, accesses, [len(b.shape) for b in graph.buffers], comm)
     num_events = _assign_events(tasks, "deps", "signals", "wait_event", "wait_count")
     num_remote = _assign_events(tasks, "remote_deps", "remote_signals", "remote_wait_event", "remote_wait_count")
-    return TaskGraph(graph, tasks, num_events, num_remote)
+    return TaskGraph(graph, tasks, num_events, num_remote, accesses)
 
 
 # ------------------------------------------------------------------------------------------------ tiling
@@ -196,148 +205,185 @@ def tile_domain(kernel: Kernel, max_tiles: int, per_element: float, min_task_wor
 # ------------------------------------------------------------------------------------------------ regions
 
 
-def _accesses(kernel: Kernel, nodes_last_first: list[Node], lo, hi, buffer_ids) -> tuple[list[Access], list[Access]]:
-    """What the task of ``kernel`` (whose nodes, consumers first, are ``nodes_last_first``) over the tile
-    [lo, hi) reads and writes."""
-    tile = tuple(zip(lo, hi))
-    region: dict[int, Rect] = {}
+def _kernel_accesses(kernel: Kernel, tiles: list[tuple[tuple, tuple]], first_task: int, buffer_ids) -> list[Accesses]:
+    """What the tasks of ``kernel`` over ``tiles`` (numbered from ``first_task``) read and write. The region of
+    every node that a tile needs is propagated from the outputs back to the loads, for all tiles at once:
+    per node, whether each tile needs it at all (``present``) and the bounding rect of what it needs."""
+    n = len(tiles)
+    task_ids = np.arange(first_task, first_task + n, dtype=np.int64)
+    tile_lo = np.array([lo for lo, _ in tiles], np.int64).reshape(n, len(kernel.domain))
+    tile_hi = np.array([hi for _, hi in tiles], np.int64).reshape(n, len(kernel.domain))
+    everywhere = np.ones(n, bool)
+    region: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # node uid -> present, lo, hi
 
-    def need(node: Node, rect: Rect) -> None:
-        if any(hi <= lo for lo, hi in rect):  # empty
-            return
-        region[node.uid] = rect_union(region[node.uid], rect) if node.uid in region else rect
+    def need(node: Node, present: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+        present = present & np.all(hi > lo, axis=1)  # an empty rect needs nothing
+        if node.uid in region:  # the union of what the node's consumers need
+            had, had_lo, had_hi = region[node.uid]
+            both = (had & present)[:, None]
+            lo = np.where(both, np.minimum(had_lo, lo), np.where(had[:, None], had_lo, lo))
+            hi = np.where(both, np.maximum(had_hi, hi), np.where(had[:, None], had_hi, hi))
+            present = had | present
+        region[node.uid] = (present, lo, hi)
+
+    def widened(lo: np.ndarray, hi: np.ndarray, whole: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """The rects with the trailing dims ``whole`` appended in full."""
+        return (np.concatenate([lo, np.zeros((n, len(whole)), np.int64)], axis=1),
+                np.concatenate([hi, np.broadcast_to(np.array(whole, np.int64), (n, len(whole)))], axis=1))  # fmt: skip
 
     for out in kernel.outputs:
-        need(out.node, tile)
+        need(out.node, everywhere, tile_lo, tile_hi)
         for _, index, _ in out.dyn:
-            need(index, tile)
+            need(index, everywhere, tile_lo, tile_hi)
     dot = kernel.dot
-    combined = tile + full_rect(dot.k_shape) if dot is not None else None
-    if dot is not None and dot.lhs_expr is not None:
-        need(dot.lhs_expr, combined)
+    if dot is not None:
+        combined = widened(tile_lo, tile_hi, tuple(dot.k_shape))
+        if dot.lhs_expr is not None:
+            need(dot.lhs_expr, everywhere, *combined)
     attention = kernel.attention
     if attention is not None:
-        need(attention.score, tile)
-    reads: list[Access] = []
-    for node in nodes_last_first:
-        rect = region.get(node.uid)
-        if rect is None:
+        need(attention.score, everywhere, tile_lo, tile_hi)
+    result: list[Accesses] = []
+
+    def access(tensor: Tensor, is_write: bool, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+        buffer = tensor.buffer
+        if tuple(tensor.shape) != tuple(buffer.shape):
+            lo, hi = reshape_rects(lo, hi, tuple(tensor.shape), tuple(buffer.shape))
+        result.append(Accesses(kernel.index, buffer_ids[id(buffer)], is_write, task_ids[rows], lo[rows], hi[rows]))
+
+    for node in kernel.nodes()[::-1]:  # consumers first: a node's region is complete when it is reached
+        if node.uid not in region:
             continue
+        present, lo, hi = region[node.uid]
         if isinstance(node, Load):
-            tensor_rect = node.map.rect_image(rect)
-            tensor_rect = tuple((0, node.tensor.shape[d]) if d in node.dims else r for d, r in enumerate(tensor_rect))
-            reads.append(_access(node.tensor, tensor_rect, buffer_ids))
+            tensor_lo, tensor_hi = node.map.rect_images(lo, hi)
+            for d in node.dims:  # a dynamic offset may reach the whole dim
+                tensor_lo[:, d], tensor_hi[:, d] = 0, node.tensor.shape[d]
+            access(node.tensor, False, present, tensor_lo, tensor_hi)
             for child in node.children:
-                need(child, rect)
+                need(child, present, lo, hi)
         elif isinstance(node, Reindex):
-            need(node.children[0], node.map.rect_image(rect))
+            need(node.children[0], present, *node.map.rect_images(lo, hi))
         elif isinstance(node, Reduce):
             child = node.children[0]
-            need(child, rect + full_rect(child.shape[len(node.shape) :]))
+            need(child, present, *widened(lo, hi, tuple(child.shape[len(node.shape) :])))
         elif isinstance(node, Piecewise):
             bounds = list(node.los) + [node.shape[node.axis]]
             for k, child in enumerate(node.children):
-                a_lo, a_hi = rect[node.axis]
-                part = (max(a_lo, bounds[k]) - bounds[k], min(a_hi, bounds[k + 1]) - bounds[k])
-                if part[1] > part[0]:
-                    need(child, rect[: node.axis] + (part,) + rect[node.axis + 1 :])
+                part_lo, part_hi = lo.copy(), hi.copy()
+                part_lo[:, node.axis] = np.maximum(lo[:, node.axis], bounds[k]) - bounds[k]
+                part_hi[:, node.axis] = np.minimum(hi[:, node.axis], bounds[k + 1]) - bounds[k]
+                need(child, present, part_lo, part_hi)
         elif not isinstance(node, Acc):
             for child in node.children:
-                need(child, rect)
+                need(child, present, lo, hi)
     if dot is not None:
         if dot.lhs_expr is None:
-            reads.append(_access(dot.lhs, dot.lhs_map.rect_image(combined), buffer_ids))
-        reads.append(_access(dot.rhs, dot.rhs_map.rect_image(combined), buffer_ids))
-    writes = []
+            access(dot.lhs, False, everywhere, *dot.lhs_map.rect_images(*combined))
+        access(dot.rhs, False, everywhere, *dot.rhs_map.rect_images(*combined))
     if attention is not None:
-        values_rect = tile[:-1] + ((0, attention.partial_out.shape[-1]),) + tile[-1:]
-        reads.append(_access(attention.values, attention.values_map.rect_image(values_rect), buffer_ids))
-        writes = [_access(tensor, rect, buffer_ids) for tensor, rect in attention.written_rects(tile)]
+        head_dim = attention.partial_out.shape[-1]
+        values_lo = np.concatenate([tile_lo[:, :-1], np.zeros((n, 1), np.int64), tile_lo[:, -1:]], axis=1)
+        values_hi = np.concatenate([tile_hi[:, :-1], np.full((n, 1), head_dim, np.int64), tile_hi[:, -1:]], axis=1)
+        access(attention.values, False, everywhere, *attention.values_map.rect_images(values_lo, values_hi))
+        for tensor, lo, hi in attention.written_rects(tile_lo, tile_hi):
+            access(tensor, True, everywhere, lo, hi)
     for out in kernel.outputs:
-        rect = out.map.rect_image(tile)
-        dyn_dims = {d for d, _, _ in out.dyn}
-        rect = tuple((0, out.tensor.shape[d]) if d in dyn_dims else r for d, r in enumerate(rect))
-        writes.append(_access(out.tensor, rect, buffer_ids))
-    return reads, writes
-
-
-def _access(tensor: Tensor, rect: Rect, buffer_ids) -> Access:
-    buffer = tensor.buffer
-    if tuple(tensor.shape) != tuple(buffer.shape):
-        rect = _reshape_rect(rect, tuple(tensor.shape), tuple(buffer.shape))
-    return Access(buffer_ids[id(buffer)], rect)
+        lo, hi = out.map.rect_images(tile_lo, tile_hi)
+        for d, _, _ in out.dyn:
+            lo[:, d], hi[:, d] = 0, out.tensor.shape[d]
+        access(out.tensor, True, everywhere, lo, hi)
+    return result
 
 
 # ------------------------------------------------------------------------------------------- dependencies
 
 
 class _History:
-    """Every access made so far to one buffer, as arrays, so that overlap queries are vectorized."""
+    """Every access made so far to one buffer (by the kernels before the current one), as arrays, and those
+    that wrote apart: a kernel's accesses are matched against them all at once."""
 
     def __init__(self, rank: int):
-        self.rank = rank
-        self.pending: list[tuple[int, Rect, bool]] = []
-        self.lo = np.zeros((0, rank), np.int64)
-        self.hi = np.zeros((0, rank), np.int64)
-        self.task = np.zeros((0,), np.int64)
-        self.is_write = np.zeros((0,), bool)
-
-    def add(self, task: int, rect: Rect, is_write: bool) -> None:
-        self.pending.append((task, rect, is_write))
+        empty = (np.zeros(0, np.int64), np.zeros((0, rank), np.int64), np.zeros((0, rank), np.int64))
+        self.all = self.writes = empty  # (tasks, lo, hi)
+        self.pending: list[Accesses] = []
 
     def commit(self) -> None:
-        if not self.pending:
-            return
-        rects = np.array([r for _, r, _ in self.pending], np.int64).reshape(len(self.pending), self.rank, 2)
-        self.lo = np.concatenate([self.lo, rects[:, :, 0]])
-        self.hi = np.concatenate([self.hi, rects[:, :, 1]])
-        self.task = np.concatenate([self.task, [t for t, _, _ in self.pending]])
-        self.is_write = np.concatenate([self.is_write, [w for _, _, w in self.pending]])
+        """Adds the pending accesses (a kernel's, once every one of them has been matched)."""
+        def joined(old, blocks):
+            if not blocks:
+                return old
+            return tuple(np.concatenate([o, *(getattr(b, f) for b in blocks)]) for o, f in zip(old, ("tasks", "lo", "hi")))
+
+        self.all = joined(self.all, self.pending)
+        self.writes = joined(self.writes, [b for b in self.pending if b.is_write])
         self.pending = []
 
-    def overlapping(self, rect: Rect, writes_only: bool) -> np.ndarray:
-        r = np.array(rect, np.int64).reshape(self.rank, 2)
-        mask = np.all((self.lo < r[:, 1]) & (r[:, 0] < self.hi), axis=1)
-        if writes_only:
-            mask &= self.is_write
-        return self.task[mask]
+    def overlapping(self, block: Accesses) -> tuple[np.ndarray, np.ndarray]:
+        """(task, earlier task) for every earlier access that ``block``'s accesses must follow: the writes a
+        read overlaps; the reads and writes a write overlaps."""
+        tasks, lo, hi = self.all if block.is_write else self.writes
+        rows, cols = overlapping_pairs(block.lo, block.hi, lo, hi)
+        return block.tasks[rows], tasks[cols]
 
 
-def _derive_dependencies(tasks: list[Task], buffer_ranks: list[int], comm: set[int] = frozenset()) -> None:
+def _derive_dependencies(tasks: list[Task], accesses: list[Accesses], buffer_ranks: list[int],
+                         comm: set[int] = frozenset()) -> None:  # fmt: skip
     """Tasks of one kernel never depend on each other (their writes are disjoint, and fusion keeps a kernel
     from reading what it overwrites), so each kernel queries the history of the kernels before it.
     Reads of the ``comm`` buffers make remote dependencies (not reduced: that a producer finished here says
-    nothing of the other devices); a remote dependency also orders the task after the local producer."""
+    nothing of the other devices); a remote dependency also orders the task after the local producer.
+    Tasks that found the same producers keep the same ones (a product's tiles all read the whole row the
+    tiles of a norm wrote): each distinct set is reduced once."""
     history = [_History(rank) for rank in buffer_ranks]
     ancestors: list[int] = []  # bitset of every task each task transitively follows
+    reduced: dict[tuple, tuple[list[int], list[int], int]] = {}  # producers found -> deps, remote deps, ancestors
+    blocks_of: dict[int, list[Accesses]] = {}
+    for block in accesses:
+        blocks_of.setdefault(block.kernel, []).append(block)
     for kernel_tasks in _group_by_kernel(tasks, max((t.kernel for t in tasks), default=-1) + 1):
+        if not kernel_tasks:
+            continue
+        blocks = blocks_of.get(kernel_tasks[0].kernel, [])
+        local, remote = [], []
+        for block in blocks:
+            (remote if not block.is_write and block.buffer_id in comm else local).append(history[block.buffer_id].overlapping(block))
+        local_of, remote_of = _producers_by_task(local, len(tasks)), _producers_by_task(remote, len(tasks))
         for task in kernel_tasks:
-            deps: set[int] = set()
-            remote: set[int] = set()
-            for access in task.reads:
-                found = history[access.buffer_id].overlapping(access.rect, writes_only=True).tolist()
-                (remote if access.buffer_id in comm else deps).update(found)
-            for access in task.writes:
-                deps.update(history[access.buffer_id].overlapping(access.rect, writes_only=False).tolist())
-            implied = 0  # drop dependencies already implied by another one
-            for d in deps:
-                implied |= ancestors[d]
-            task.deps = sorted(d for d in deps - remote if not (implied >> d) & 1)
-            task.remote_deps = sorted(remote)
-            bits = 0
-            for d in [*task.deps, *task.remote_deps]:
-                bits |= ancestors[d] | (1 << d)
+            found = (local_of.get(task.index, ()), remote_of.get(task.index, ()))
+            if found not in reduced:
+                reduced[found] = _transitively_reduced(*found, ancestors)
+            deps, remote_deps, bits = reduced[found]
+            task.deps, task.remote_deps = list(deps), list(remote_deps)
             ancestors.append(bits)
-        touched = set()
-        for task in kernel_tasks:
-            for access in task.reads:
-                history[access.buffer_id].add(task.index, access.rect, False)
-                touched.add(access.buffer_id)
-            for access in task.writes:
-                history[access.buffer_id].add(task.index, access.rect, True)
-                touched.add(access.buffer_id)
-        for buffer_id in touched:
+        for block in blocks:
+            history[block.buffer_id].pending.append(block)
+        for buffer_id in {block.buffer_id for block in blocks}:
             history[buffer_id].commit()
+
+
+def _producers_by_task(pairs: list[tuple[np.ndarray, np.ndarray]], num_tasks: int) -> dict[int, tuple[int, ...]]:
+    """task -> its distinct producers, ascending, from (task, producer) arrays."""
+    keys = np.sort(np.concatenate([np.zeros(0, np.int64)] + [t * num_tasks + p for t, p in pairs]))
+    if not keys.size:
+        return {}
+    keys = keys[np.diff(keys, prepend=-1) != 0]  # distinct (sorting beats np.unique's hashing here)
+    consumers, producers = (keys // num_tasks).tolist(), (keys % num_tasks).tolist()
+    starts = [0, *(np.flatnonzero(np.diff(keys // num_tasks)) + 1).tolist(), len(keys)]
+    return {consumers[a]: tuple(producers[a:b]) for a, b in zip(starts, starts[1:])}
+
+
+def _transitively_reduced(found: tuple[int, ...], remote: tuple[int, ...], ancestors: list[int]) -> tuple[list[int], list[int], int]:
+    """The local dependencies that no other one implies, the remote ones, and the bitset of every task they
+    follow."""
+    implied = 0
+    for d in found:
+        implied |= ancestors[d]
+    deps = [d for d in found if d not in remote and not (implied >> d) & 1]
+    bits = 0
+    for d in [*deps, *remote]:
+        bits |= ancestors[d] | (1 << d)
+    return deps, list(remote), bits
 
 
 def _group_by_kernel(tasks: list[Task], num_kernels: int) -> list[list[Task]]:

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import Callable
 
 import numpy as np
 
 from .errors import InvalidTaskGraphError
+from .indexmap import overlapping_pairs
 from .layout import TensorKind
-
-from .indexmap import rect_volume, rects_overlap
 from .schedule import Schedule
 from .tasks import TaskGraph
 
@@ -34,84 +34,81 @@ def validate(graph: TaskGraph, sched: Schedule) -> None:
     _check_partitions(graph)
     signallers = _signallers(graph, "signals", "wait_event", "wait_count", "event")
     remote_signallers = _signallers(graph, "remote_signals", "remote_wait_event", "remote_wait_count", "remote event")
-    ancestors = _ancestors(graph, signallers, remote_signallers)
+    ancestors = _Ancestors(graph, signallers, remote_signallers)
+    kernel_of = np.array([t.kernel for t in tasks], np.int64)
+    orderings = _Orderings()
 
-    def follows(later: int, earlier: int) -> bool:
-        return bool((ancestors[later] >> earlier) & 1)
+    def rect(blocks: _Stacked, i: int) -> list:
+        return list(zip(blocks.lo[i].tolist(), blocks.hi[i].tolist()))
 
-    writes_of: dict[int, list[tuple]] = {}  # buffer -> (task, kernel, rect) of every write, and of every read
-    reads_of: dict[int, list[tuple]] = {}
-    for t in tasks:
-        for a in t.writes:
-            writes_of.setdefault(a.buffer_id, []).append((t.index, t.kernel, a.rect))
-        for a in t.reads:
-            reads_of.setdefault(a.buffer_id, []).append((t.index, t.kernel, a.rect))
     donated_results = set(graph.kernels.aliases.values())
-    for buffer_id, buffer in enumerate(graph.kernels.buffers):
-        writes, reads = writes_of.get(buffer_id, []), reads_of.get(buffer_id, [])
-        name = buffer.name
-        read_write_pairs = _overlapping_pairs(reads, writes)
-        starts_unwritten = buffer.kind == TensorKind.WORKSPACE or (
-            buffer.kind == TensorKind.OUTPUT and buffer.index not in donated_results
-        )
-        if starts_unwritten:
-            _check_reads_are_written(reads, writes, read_write_pairs, name)
-        for r, w in read_write_pairs:
-            (r_task, r_kernel, r_rect), (w_task, w_kernel, w_rect) = reads[r], writes[w]
-            if w_task != r_task:
-                if w_kernel < r_kernel and not follows(r_task, w_task):
-                    raise InvalidTaskGraphError(
-                        f"task{r_task} reads {name}{list(r_rect)} without waiting for task{w_task}, which writes it"
-                    )
-                if w_kernel == r_kernel:
-                    raise InvalidTaskGraphError(
-                        f"task{r_task} reads {name}{list(r_rect)}, which task{w_task} of the same kernel writes"
-                    )
-                if w_kernel > r_kernel and not follows(w_task, r_task):
-                    raise InvalidTaskGraphError(
-                        f"task{w_task} overwrites {name}{list(w_rect)} before task{r_task} has read it"
-                    )
-        for a, b in _overlapping_pairs(writes, writes):
-            (a_task, a_kernel, _), (b_task, b_kernel, _) = writes[a], writes[b]
-            if a < b and a_kernel != b_kernel and not (follows(a_task, b_task) or follows(b_task, a_task)):
-                raise InvalidTaskGraphError(f"task{a_task} and task{b_task} race writing {name}")
+    by_buffer: dict[int, tuple[list, list]] = {}  # buffer -> the accesses that read it, and those that write it
+    for block in graph.accesses:
+        by_buffer.setdefault(block.buffer_id, ([], []))[block.is_write].append(block)
+    for buffer_id, (read_blocks, write_blocks) in sorted(by_buffer.items()):
+        name = graph.kernels.buffers[buffer_id].name
+        rank = len(graph.kernels.buffers[buffer_id].shape)
+        reads, writes = _Stacked(read_blocks, rank), _Stacked(write_blocks, rank)
+        r, w = overlapping_pairs(reads.lo, reads.hi, writes.lo, writes.hi)
+        buffer = graph.kernels.buffers[buffer_id]
+        if buffer.kind == TensorKind.WORKSPACE or (buffer.kind == TensorKind.OUTPUT and buffer.index not in donated_results):
+            _check_reads_are_written(reads, writes, r, w, kernel_of, name)  # these start unwritten
+        r_task, w_task = reads.tasks[r], writes.tasks[w]
+        r_kernel, w_kernel = kernel_of[r_task], kernel_of[w_task]
+        other = r_task != w_task
+        for i in np.flatnonzero(other & (w_kernel == r_kernel))[:1]:
+            raise InvalidTaskGraphError(
+                f"task{r_task[i]} reads {name}{rect(reads, r[i])}, which task{w_task[i]} of the same kernel writes"
+            )
+        earlier = np.flatnonzero(other & (w_kernel < r_kernel))
+        orderings.require(r_task[earlier], w_task[earlier], lambda k, name=name, reads=reads, r=r[earlier], w=w_task[earlier], t=r_task[earlier]:
+                          f"task{t[k]} reads {name}{rect(reads, r[k])} without waiting for task{w[k]}, which writes it")  # fmt: skip
+        later = np.flatnonzero(other & (w_kernel > r_kernel))
+        orderings.require(w_task[later], r_task[later], lambda k, name=name, writes=writes, w=w[later], t=w_task[later], r=r_task[later]:
+                          f"task{t[k]} overwrites {name}{rect(writes, w[k])} before task{r[k]} has read it")  # fmt: skip
+        a, b = overlapping_pairs(writes.lo, writes.hi, writes.lo, writes.hi)
+        a_task, b_task = writes.tasks[a], writes.tasks[b]
+        pairs = np.flatnonzero((a < b) & (kernel_of[a_task] != kernel_of[b_task]))
+        orderings.require(a_task[pairs], b_task[pairs], lambda k, name=name, a=a_task[pairs], b=b_task[pairs]:
+                          f"task{a[k]} and task{b[k]} race writing {name}", either_way=True)  # fmt: skip
+    orderings.check(ancestors)
     _check_schedule(graph, sched)
 
 
-def _check_reads_are_written(reads: list[tuple], writes: list[tuple], pairs: list[tuple[int, int]], name: str) -> None:
-    """Every read rect is covered by the writes of earlier kernels that overlap it. Usually one earlier kernel's
-    tiles (disjoint: _check_partitions) cover it alone, which summed intersection volumes show; otherwise (an
-    in-place update over a base, a concatenation) the rect is cut along every overlapping write's edges and each
-    cell looked up."""
-    if not reads:
+def _check_reads_are_written(reads: _Stacked, writes: _Stacked, r: np.ndarray, w: np.ndarray, kernel_of: np.ndarray,
+                             name: str) -> None:
+    """Every read rect is covered by the writes of earlier kernels that overlap it (pairs r[i], w[i]). Usually one
+    earlier kernel's tiles (disjoint: _check_partitions) cover it alone, which summed intersection volumes show;
+    otherwise (an in-place update over a base, a concatenation) the rect is cut along every overlapping write's
+    edges and each cell looked up."""
+    if not len(reads.tasks):
         return
-    rank = len(reads[0][2])
-    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
-    read_kernel = np.asarray([k for _, k, _ in reads], np.int64)
-    write_kernel = np.asarray([k for _, k, _ in writes], np.int64).reshape(-1)
-    pairs = pairs[write_kernel[pairs[:, 1]] < read_kernel[pairs[:, 0]]] if len(pairs) else pairs
-    read_rects = np.asarray([rect for _, _, rect in reads], np.int64).reshape(len(reads), rank, 2)
-    volumes = np.prod(read_rects[:, :, 1] - read_rects[:, :, 0], axis=1)
+    read_kernel, write_kernel = kernel_of[reads.tasks], kernel_of[writes.tasks]
+    earlier = write_kernel[w] < read_kernel[r]
+    r, w = r[earlier], w[earlier]
+    volumes = np.prod(reads.hi - reads.lo, axis=1)
     covered = volumes == 0
-    if len(pairs):
-        write_rects = np.asarray([rect for _, _, rect in writes], np.int64).reshape(len(writes), rank, 2)
-        a, b = read_rects[pairs[:, 0]], write_rects[pairs[:, 1]]
-        overlap = np.prod(np.minimum(a[:, :, 1], b[:, :, 1]) - np.maximum(a[:, :, 0], b[:, :, 0]), axis=1)
+    if len(r):
+        overlap = np.prod(np.minimum(reads.hi[r], writes.hi[w]) - np.maximum(reads.lo[r], writes.lo[w]), axis=1)
         # per (read, writing kernel): the kernel's tiles are disjoint, so their overlaps add up
         kernels = int(write_kernel.max()) + 1
-        groups, group_of = np.unique(pairs[:, 0] * kernels + write_kernel[pairs[:, 1]], return_inverse=True)
+        groups, group_of = np.unique(r * kernels + write_kernel[w], return_inverse=True)
         per_kernel = np.bincount(group_of.reshape(-1), weights=overlap, minlength=len(groups))
         read_of_group = groups // kernels
         covered[read_of_group[per_kernel == volumes[read_of_group]]] = True
     writes_over: dict[int, list[int]] = {}
-    for r, w in pairs[~covered[pairs[:, 0]]].tolist() if len(pairs) else []:
-        writes_over.setdefault(r, []).append(w)
-    for r in np.flatnonzero(~covered).tolist():
-        rect = reads[r][2]
-        if not _rect_is_covered(rect, [writes[w][2] for w in writes_over.get(r, [])]):
+    uncovered = ~covered[r]
+    for ri, wi in zip(r[uncovered].tolist(), w[uncovered].tolist()):
+        writes_over.setdefault(ri, []).append(wi)
+
+    def rect(blocks: _Stacked, i: int) -> list:
+        return list(zip(blocks.lo[i].tolist(), blocks.hi[i].tolist()))
+
+    for ri in np.flatnonzero(~covered).tolist():
+        if not _rect_is_covered(rect(reads, ri), [rect(writes, wi) for wi in writes_over.get(ri, [])]):
             raise InvalidTaskGraphError(
-                f"task{reads[r][0]} reads {name}{list(rect)}, which no task of an earlier kernel (wholly) writes: "
-                "it would read what the previous call left there"
+                f"task{reads.tasks[ri]} reads {name}{rect(reads, ri)}, which no task of an earlier kernel (wholly) "
+                "writes: it would read what the previous call left there"
             )
 
 
@@ -125,32 +122,115 @@ def _rect_is_covered(rect, others) -> bool:
     return bool(cells.all())
 
 
-def _overlapping_pairs(first: list[tuple], second: list[tuple]) -> list[tuple[int, int]]:
-    """(i, j) for every rect first[i][2] that overlaps second[j][2] (vectorized: a model's activations are
-    written by a hundred tiles and read by a hundred, in every layer)."""
-    if not first or not second:
-        return []
-    rank = len(first[0][2])
-    a = np.asarray([rect for _, _, rect in first], np.int64).reshape(len(first), rank, 2)
-    b = np.asarray([rect for _, _, rect in second], np.int64).reshape(len(second), rank, 2)
-    pairs = []
-    for start in range(0, len(a), 1024):  # bounded memory: 1024 x len(second) x rank
-        chunk = a[start : start + 1024, None]
-        overlap = np.all((chunk[..., 0] < b[None, :, :, 1]) & (b[None, :, :, 0] < chunk[..., 1]), axis=-1)
-        rows, cols = np.nonzero(overlap)
-        pairs += zip((rows + start).tolist(), cols.tolist())
-    return pairs
+class _Stacked:
+    """The accesses of several blocks to one buffer, as one set of arrays."""
+
+    def __init__(self, blocks: list, rank: int):
+        self.tasks = np.concatenate([np.zeros(0, np.int64)] + [b.tasks for b in blocks])
+        self.lo = np.concatenate([np.zeros((0, rank), np.int64)] + [b.lo for b in blocks])
+        self.hi = np.concatenate([np.zeros((0, rank), np.int64)] + [b.hi for b in blocks])
+
+
+class _Ancestors:
+    """Bitset of transitive predecessors per task, following events; raises on a cycle. Tasks that wait for
+    the same events have the same predecessors: one bitset per distinct (event, remote event)."""
+
+    def __init__(self, graph: TaskGraph, signallers: dict[int, list[int]], remote_signallers: dict[int, list[int]]):
+        tasks = graph.tasks
+        preds = [
+            (signallers.get(t.wait_event, []) if t.wait_event >= 0 else [])
+            + (remote_signallers.get(t.remote_wait_event, []) if t.remote_wait_event >= 0 else [])
+            for t in tasks
+        ]
+        waits = [(t.wait_event, t.remote_wait_event) for t in tasks]
+        key_of: dict[tuple[int, int], int] = {}  # (event, remote event) -> position in self.bits
+        self.bits: list[int] = []
+        self.key = np.zeros(len(tasks), np.int64)  # task -> position in self.bits
+        state = [0] * len(tasks)  # 0 new, 1 on stack, 2 done
+        for start in range(len(tasks)):
+            stack = [start]
+            while stack:
+                node = stack[-1]
+                if state[node] == 0:
+                    state[node] = 1
+                    for p in preds[node]:
+                        if state[p] == 1:
+                            raise InvalidTaskGraphError(f"dependency cycle through task{p} and task{node}")
+                        if state[p] == 0:
+                            stack.append(p)
+                    continue
+                stack.pop()
+                if state[node] == 1:
+                    if waits[node] not in key_of:
+                        bits = 0
+                        for p in preds[node]:
+                            bits |= self.bits[self.key[p]] | (1 << p)
+                        key_of[waits[node]] = len(self.bits)
+                        self.bits.append(bits)
+                    self.key[node] = key_of[waits[node]]
+                    state[node] = 2
+
+    def follows(self, later: np.ndarray, earlier: np.ndarray) -> np.ndarray:
+        """Whether task later[i] transitively follows task earlier[i], for every i: each predecessor bitset
+        involved is turned into bytes once and its bits picked with numpy."""
+        result = np.zeros(len(later), bool)
+        num_bytes = (len(self.key) + 7) // 8
+        keys = self.key[later]
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        starts = np.flatnonzero(np.diff(sorted_keys, prepend=-1))
+        for begin, end in zip(starts.tolist(), [*starts[1:].tolist(), len(order)]):
+            packed = np.frombuffer(self.bits[int(sorted_keys[begin])].to_bytes(num_bytes, "little"), np.uint8)
+            rows = order[begin:end]
+            result[rows] = (packed[earlier[rows] >> 3] >> (earlier[rows] & 7)) & 1
+        return result
+
+
+class _Orderings:
+    """Pairs of tasks that the events must order, collected over the whole plan and looked up together."""
+
+    def __init__(self):
+        self.checks: list[tuple[np.ndarray, np.ndarray, Callable[[int], str], bool]] = []
+
+    def require(self, later: np.ndarray, earlier: np.ndarray, describe: Callable[[int], str], either_way: bool = False):
+        """later[k] must follow earlier[k] (or, ``either_way``, one of them the other); ``describe(k)`` says
+        what breaks when it does not."""
+        self.checks.append((later, earlier, describe, either_way))
+
+    def check(self, ancestors: _Ancestors) -> None:
+        """Raises for the first unordered pair of the first check that has one."""
+        laters = [c[0] for c in self.checks] + [c[1] for c in self.checks if c[3]]
+        earliers = [c[1] for c in self.checks] + [c[0] for c in self.checks if c[3]]
+        ordered = ancestors.follows(np.concatenate([np.zeros(0, np.int64), *laters]),
+                                    np.concatenate([np.zeros(0, np.int64), *earliers]))  # fmt: skip
+        forward, backward = [], []
+        offset = 0
+        for later, *_ in self.checks:
+            forward.append(ordered[offset : offset + len(later)])
+            offset += len(later)
+        for later, _, _, either_way in self.checks:
+            if either_way:
+                backward.append(ordered[offset : offset + len(later)])
+                offset += len(later)
+        backward_of = iter(backward)
+        for (later, _, describe, either_way), fine in zip(self.checks, forward):
+            if either_way:
+                fine = fine | next(backward_of)
+            for k in np.flatnonzero(~fine)[:1]:
+                raise InvalidTaskGraphError(describe(int(k)))
 
 
 def _check_partitions(graph: TaskGraph) -> None:
     for kernel, tasks in zip(graph.kernels.kernels, graph.tasks_by_kernel()):
-        tiles = [tuple(zip(t.lo, t.hi)) for t in tasks]
-        if sum(rect_volume(t) for t in tiles) != math.prod(kernel.domain):
+        rank = len(kernel.domain)
+        lo = np.array([t.lo for t in tasks], np.int64).reshape(len(tasks), rank)
+        hi = np.array([t.hi for t in tasks], np.int64).reshape(len(tasks), rank)
+        if int(np.prod(np.maximum(hi - lo, 0), axis=1).sum()) != math.prod(kernel.domain):
             raise InvalidTaskGraphError(f"the tiles of kernel{kernel.index} do not cover its domain exactly")
-        for i, a in enumerate(tiles):
-            for b in tiles[i + 1 :]:
-                if rects_overlap(a, b):
-                    raise InvalidTaskGraphError(f"two tiles of kernel{kernel.index} overlap: {a} and {b}")
+        a, b = overlapping_pairs(lo, hi, lo, hi)
+        for i in np.flatnonzero(a < b)[:1]:
+            first, second = (tuple(zip(lo[t].tolist(), hi[t].tolist())) for t in (a[i], b[i]))
+            raise InvalidTaskGraphError(f"two tiles of kernel{kernel.index} overlap: {first} and {second}")
 
 
 def _signallers(graph: TaskGraph, signals: str, wait_event: str, wait_count: str, what: str) -> dict[int, list[int]]:
@@ -167,38 +247,6 @@ def _signallers(graph: TaskGraph, signals: str, wait_event: str, wait_count: str
                 "tasks signal"
             )
     return signallers
-
-
-def _ancestors(graph: TaskGraph, signallers: dict[int, list[int]], remote_signallers: dict[int, list[int]]) -> list[int]:
-    """Bitset of transitive predecessors per task, following events; raises on a cycle."""
-    tasks = graph.tasks
-    preds = [
-        (signallers.get(t.wait_event, []) if t.wait_event >= 0 else [])
-        + (remote_signallers.get(t.remote_wait_event, []) if t.remote_wait_event >= 0 else [])
-        for t in tasks
-    ]
-    result: list[int | None] = [None] * len(tasks)
-    state = [0] * len(tasks)  # 0 new, 1 on stack, 2 done
-    for start in range(len(tasks)):
-        stack = [start]
-        while stack:
-            node = stack[-1]
-            if state[node] == 0:
-                state[node] = 1
-                for p in preds[node]:
-                    if state[p] == 1:
-                        raise InvalidTaskGraphError(f"dependency cycle through task{p} and task{node}")
-                    if state[p] == 0:
-                        stack.append(p)
-                continue
-            stack.pop()
-            if state[node] == 1:
-                bits = 0
-                for p in preds[node]:
-                    bits |= result[p] | (1 << p)
-                result[node] = bits
-                state[node] = 2
-    return result
 
 
 def _check_schedule(graph: TaskGraph, sched: Schedule) -> None:

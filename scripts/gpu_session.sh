@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One device-machine session: build the extension, then any of: the GPU tests, the decode benchmark of the Flax
-# examples, a per-SM trace of one step, the Llama-shaped decode_step benchmark. Logs and results go to $OUT.
-#   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench (any of them)] [pytest -k expression]
+# examples, a per-SM trace of one step, the Llama-shaped decode_step benchmark, the per-call host overhead, the
+# warm start (first call in a new process, plan cached) of a model's step. Logs and results go to $OUT.
+#   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench,host,warm (any of them)] [pytest -k expression]
 # decode: DECODE_MODELS (default llama-3.2-1b,qwen3-0.6b,qwen3-8b), DECODE_BATCH (1,8), DECODE_CTX (1024),
-# DECODE_ARGS (extra arguments). The device machine gets the working tree without .git: pass the commit.
+# DECODE_ARGS (extra arguments); warm: WARM_MODEL (qwen3-8b). "all" leaves out host and warm.
+# The device machine gets the working tree without .git: pass the commit.
 set -uo pipefail
 what=${1:-all}
 select=${2:-}
@@ -18,7 +20,7 @@ fi
 echo "build: $(( $(date +%s) - start )) s"
 python3 -c "import jax, jax_mpk._ext as e; print(jax.__version__, jax.devices(), 'cuda backend:', e.has_cuda())"
 status=0
-has() { [[ $what == all || ,$what, == *,$1,* ]]; }
+has() { [[ ($what == all && $1 != host && $1 != warm) || ,$what, == *,$1,* ]]; }
 if has tests; then
   python3 -m pytest -q -m gpu tests/ -p no:cacheprovider ${select:+-k "$select"} > "$OUT/gpu_tests.log" 2>&1
   status=$?
@@ -37,6 +39,14 @@ fi
 if has bench; then
   python3 benchmarks/decode_step.py --layers 16 --ctx 1024 --out "$OUT" > "$OUT/bench.log" 2>&1
   tail -8 "$OUT/bench.log"
+fi
+if has host; then
+  python3 benchmarks/host_overhead.py --out "$OUT" > "$OUT/host_overhead.log" 2>&1
+  tail -12 "$OUT/host_overhead.log"
+fi
+if has warm; then
+  python3 benchmarks/warm_start.py --model "${WARM_MODEL:-qwen3-8b}" --out "$OUT" > "$OUT/warm_start.log" 2>&1
+  tail -10 "$OUT/warm_start.log"
 fi
 echo "session: $(( $(date +%s) - start )) s"
 exit $status
