@@ -102,22 +102,31 @@ def test_validator_rejects_a_read_of_workspace_no_earlier_task_wrote():
     (chain,) = [k for k in broken.kernels.kernels if k.name.startswith("update_slice")]
     chain_buffer = broken.kernels.buffers.index(chain.outputs[0].tensor.buffer)
     base_kernel = next(k.index for k in broken.kernels.kernels if "floor" in k.name)
-    for task in broken.tasks:
-        if task.kernel == base_kernel:
-            task.writes = [a for a in task.writes if a.buffer_id != chain_buffer]
+    broken.accesses = [a for a in broken.accesses
+                       if not (a.kernel == base_kernel and a.is_write and a.buffer_id == chain_buffer)]  # fmt: skip
     with pytest.raises(jax_mpk.InvalidTaskGraphError, match="no task of an earlier kernel"):
         validate(broken, mk.schedule)
 
 
 def test_read_coverage_takes_the_union_of_several_kernels_writes():
-    from jax_mpk.validate import _check_reads_are_written
+    from jax_mpk.tasks import Accesses
+    from jax_mpk.validate import _check_reads_are_written, _Stacked
 
-    reads = [(9, 3, ((0, 10), (0, 4)))]
-    halves = [(1, 1, ((0, 6), (0, 4))), (2, 2, ((6, 10), (0, 4))), (3, 5, ((0, 10), (0, 4)))]  # the last: later
-    _check_reads_are_written(reads, halves, [(0, 0), (0, 1), (0, 2)], "t")
+    def stacked(*accesses):  # (task, rect)
+        rank = len(accesses[0][1])
+        tasks = np.array([t for t, _ in accesses], np.int64)
+        lo = np.array([[lo for lo, _ in r] for _, r in accesses], np.int64).reshape(len(accesses), rank)
+        hi = np.array([[hi for _, hi in r] for _, r in accesses], np.int64).reshape(len(accesses), rank)
+        return _Stacked([Accesses(0, 0, False, tasks, lo, hi)], rank)
+
+    kernel_of = np.array([0, 1, 2, 2, 3, 5, 0, 0, 0, 3])  # task -> kernel
+    reads = stacked((9, ((0, 10), (0, 4))))
+    halves = stacked((1, ((0, 6), (0, 4))), (2, ((6, 10), (0, 4))), (5, ((0, 10), (0, 4))))  # task 5: a later kernel
+    pairs = np.array([0, 0, 0]), np.array([0, 1, 2])
+    _check_reads_are_written(reads, halves, *pairs, kernel_of, "t")
     with pytest.raises(jax_mpk.InvalidTaskGraphError, match=r"reads t\[\(0, 10\), \(0, 4\)\]"):
-        _check_reads_are_written(reads, [halves[0], halves[2]], [(0, 0), (0, 1)], "t")
-    _check_reads_are_written([(4, 2, ())], [(1, 0, ())], [(0, 0)], "scalar")
+        _check_reads_are_written(reads, halves, np.array([0, 0]), np.array([0, 2]), kernel_of, "t")
+    _check_reads_are_written(stacked((4, ())), stacked((1, ())), np.array([0]), np.array([0]), kernel_of, "scalar")
 
 
 def test_validator_rejects_a_deadlocking_schedule():
