@@ -5,14 +5,14 @@ whose staging recomputes the softmax of its row over all keys. That is two depen
 one row of work per task. This GPU pass rewrites such a pair, wherever the second product's operand is a
 softmax along its contraction of values that only the first product stores, into ONE kernel
 (kernels.AttentionSpec) whose tasks each take a chunk of keys and write, per row, the chunk's largest score m,
-l = sum exp(score - m) and o = sum exp(score - m) * value. The consumers of the attention output (the O
-projection) then merge the chunks in their own staging:
+l = sum exp(score - m) and o = sum exp(score - m) * value. The last task of a group of query rows to finish
+(a counter per group) merges the group's chunks into the values' product's own output:
 
     M = max_j m_j,    out = sum_j exp(m_j - M) o_j / sum_j exp(m_j - M) l_j
 
 which is the softmax-weighted sum exactly (for any per-row reference subtracted inside the user's exp), with
 the probabilities kept in float32 where the unsplit form rounds them to the values' type first
-(docs/float_contract.md).
+(docs/float_contract.md). Its readers are unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 
 from .graph import Acc, Elementwise, Load, Node, Reduce, Reindex, substitute, topological
 from .indexmap import IndexMap, linear_form
-from .kernels import AttentionSpec, Kernel, Tensor, make_load
+from .kernels import AttentionSpec, Kernel, KernelOutput, Tensor
 from .layout import NodeOp, ReduceKind, TensorKind
 
 MIN_CHUNK = 32  # keys per task at least: fewer would not cover the task's fixed cost
@@ -38,7 +38,7 @@ NewTensor = Callable[[tuple, np.dtype, str], Tensor]
 
 def split_attention(kernels: list[Kernel], num_workers: int, new_tensor: NewTensor) -> list[Kernel]:
     """``kernels`` with every scores/values product pair that matches replaced by one split-attention kernel
-    (at the scores' position) and the values' product's readers merging its chunks while they stage it."""
+    (at the scores' position) that writes what the values' product wrote."""
 
     def key(tensor: Tensor) -> tuple[int, int]:
         return id(tensor.buffer), tensor.version
@@ -50,13 +50,13 @@ def split_attention(kernels: list[Kernel], num_workers: int, new_tensor: NewTens
             listed = readers.setdefault(key(t), [])
             if not any(r is k for r in listed):
                 listed.append(k)
-    replaced: dict[int, Kernel] = {}  # id(scores kernel) -> its split-attention kernel
+    replaced: dict[int, list[Kernel]] = {}  # id(scores kernel) -> the kernels that take its place
     dropped: set[int] = set()
     for values_product in kernels:
         match = _match(values_product, writer, readers)
         if match is None:
             continue
-        scores_product, probs_kernel, score, rows_dims, consumers = match
+        scores_product, probs_kernel, score, rows_dims = match
         rows, head_dim = tuple(values_product.domain[:-1]), values_product.domain[-1]
         keys = scores_product.domain[-1]
         row_count = math.prod(rows[d] for d in rows_dims)
@@ -67,25 +67,42 @@ def split_attention(kernels: list[Kernel], num_workers: int, new_tensor: NewTens
         f32 = np.dtype("float32")
         name = f"a{values_product.outputs[0].tensor.version}"
         spec = AttentionSpec(
-            score=score, values=values_product.dot.rhs, values_map=values_product.dot.rhs_map, chunk=chunk,
-            rows_dims=rows_dims, partial_out=new_tensor(rows + (chunks, head_dim), f32, f"{name}o"),
+            score=score, output=values_product.outputs[0].tensor, values=values_product.dot.rhs,
+            values_map=values_product.dot.rhs_map, chunk=chunk, rows_dims=rows_dims, partial_out=new_tensor(rows + (chunks, head_dim), f32, f"{name}o"),
             partial_max=new_tensor(rows + (chunks,), f32, f"{name}m"), partial_sum=new_tensor(rows + (chunks,), f32, f"{name}l"),
         )  # fmt: skip
-        merged = _merge(spec, values_product)
-        for consumer in consumers:
-            dot = consumer.dot
-            view = merged
-            if tuple(dot.lhs.shape) != tuple(merged.shape):
-                view = Reindex(shape=tuple(dot.lhs.shape), dtype=merged.dtype, children=(merged,),
-                               map=IndexMap.reshape(dot.lhs.shape, merged.shape))  # fmt: skip
-            dot.lhs_expr = Reindex(shape=tuple(consumer.domain) + tuple(dot.k_shape), dtype=merged.dtype,
-                                   children=(view,), map=dot.lhs_map)  # fmt: skip
-        replaced[id(scores_product)] = Kernel(
+        attention = Kernel(
             name="attention", domain=tuple(scores_product.domain), outputs=[], dot=scores_product.dot,
             source=values_product.source or scores_product.source, attention=spec,
         )  # fmt: skip
+        queries = _store_queries_beside(attention, writer, new_tensor)
+        replaced[id(scores_product)] = [attention] if queries is None else [queries, attention]
         dropped.update({id(values_product), id(probs_kernel)})
-    return [replaced.get(id(k), k) for k in kernels if id(k) not in dropped]
+    return [new for k in kernels if id(k) not in dropped for new in replaced.get(id(k), [k])]
+
+
+def _store_queries_beside(attention: Kernel, writer, new_tensor: NewTensor) -> Kernel | None:
+    """When the attention's query rows are computed (RoPE, QK-norm of the Q projection's split-K partials) and
+    the attention waits anyway for a later level than their inputs (the K/V cache append), a kernel of that
+    level computes them once and stores them, and the attention's tasks load them: each task would otherwise
+    recompute its rows after its wait, a chain of dependent memory round trips on the critical path (~5 us of
+    a 10 us task), and the 16 tasks of a KV head all the same rows. Returns that kernel, or None."""
+    dot = attention.dot
+    if dot.lhs_expr is None:
+        return None
+
+    def latest(tensors) -> int:
+        return max((writer[(id(t.buffer), t.version)].level for t in tensors if (id(t.buffer), t.version) in writer), default=-1)
+
+    value = dot.lhs_expr.children[0]
+    query_inputs = [n.tensor for n in topological([value]) if isinstance(n, Load)]
+    others = [dot.rhs, attention.attention.values] + [n.tensor for n in topological([attention.attention.score]) if isinstance(n, Load)]
+    if latest(others) <= latest(query_inputs):
+        return None  # storing them would add a dependency level
+    tensor = new_tensor(tuple(value.shape), np.dtype(value.dtype), f"q{value.uid}")
+    dot.lhs, dot.lhs_map, dot.lhs_expr = tensor, dot.lhs_expr.map, None
+    return Kernel(name="queries", domain=tuple(value.shape),
+                  outputs=[KernelOutput(value, tensor, IndexMap.identity(value.shape))], source=attention.source)  # fmt: skip
 
 
 def _chunk(keys: int, row_groups: int, num_workers: int, max_chunk: int) -> int | None:
@@ -99,14 +116,14 @@ def _chunk(keys: int, row_groups: int, num_workers: int, max_chunk: int) -> int 
 
 
 def _match(values_product: Kernel, writer, readers):
-    """(scores product, softmax kernel or None, score expression, rows dims, consumers) when ``values_product``
+    """(scores product, softmax kernel or None, score expression, rows dims) when ``values_product``
     multiplies values by a softmax along its contraction (computed while staged, or stored by a kernel of its own
     that only it reads) of a value that a scores product alone stores; else None."""
     dot = values_product.dot
     if dot is None or values_product.attention is not None or len(dot.k_shape) != 1 or len(values_product.outputs) != 1:
         return None
     out = values_product.outputs[0]
-    if not isinstance(out.node, Acc) or not out.map.is_identity or out.dyn or out.tensor.buffer.kind != TensorKind.WORKSPACE:
+    if not isinstance(out.node, Acc) or not out.map.is_identity or out.dyn or tuple(out.tensor.shape) != tuple(values_product.domain):
         return None
     rows, head_dim, keys = tuple(values_product.domain[:-1]), values_product.domain[-1], dot.k_shape[0]
     probs_kernel = None  # the softmax's own kernel, when the product loads it rather than computing it
@@ -147,17 +164,8 @@ def _match(values_product: Kernel, writer, readers):
     rows_dims = _rows_dims(qk, dot, rows, head_dim, keys)
     if rows_dims is None:
         return None
-    consumers = readers.get((id(out.tensor.buffer), out.tensor.version), [])
-    for consumer in consumers:
-        c = consumer.dot
-        if c is None or c.lhs_expr is not None or c.lhs.version != out.tensor.version or consumer.attention is not None:
-            return None
-        if any(isinstance(n, Load) and n.tensor.version == out.tensor.version for n in consumer.nodes()):
-            return None
-    if not consumers:
-        return None
     score = substitute(x, {scores_load.uid: scores_product.outputs[0].node})
-    return scores_product, probs_kernel, score, rows_dims, consumers
+    return scores_product, probs_kernel, score, rows_dims
 
 
 def _softmax_input(probs: Node) -> Node | None:
@@ -218,34 +226,3 @@ def _rows_dims(qk, pv, rows: tuple, head_dim: int, keys: int) -> tuple[int, ...]
     dims = tuple(d for d in range(len(rows)) if rows[d] > 1 and key_coefs[d] == 0 and value_coefs[d] == 0)
     row_count = math.prod(rows[d] for d in dims)
     return dims if row_count <= MAX_ROWS and row_count * head_dim <= MAX_ROW_VALUES else None
-
-
-def _merge(spec: AttentionSpec, values_product: Kernel) -> Node:
-    """The values' product's output, at its domain rows ++ (d,), from the chunks' partials."""
-    rows = tuple(values_product.domain[:-1])
-    head_dim, chunks = spec.partial_out.shape[-1], spec.partial_out.shape[-2]
-    rank = len(rows)
-    f32 = np.dtype("float32")
-    shape = rows + (head_dim, chunks)  # the merge reduces the last axis
-    drop_d = [[1 if c == r else 0 for c in range(rank + 2)] for r in range(rank)] + [[0] * (rank + 1) + [1]]
-    per_chunk = make_load(spec.partial_max, IndexMap.affine(shape, rows + (chunks,), drop_d), f32)
-    swap = [[1 if c == r else 0 for c in range(rank + 2)] for r in range(rank)]
-    swap += [[0] * (rank + 1) + [1], [0] * rank + [1, 0]]
-    out = make_load(spec.partial_out, IndexMap.affine(shape, rows + (chunks, head_dim), swap), f32)
-    total = make_load(spec.partial_sum, IndexMap.affine(shape, rows + (chunks,), drop_d), f32)
-
-    def elementwise(op: NodeOp, *children: Node) -> Node:
-        return Elementwise(shape=children[0].shape, dtype=f32, children=children, op=op)
-
-    def reduce(kind: ReduceKind, child: Node) -> Node:
-        return Reduce(shape=shape[:-1], dtype=f32, children=(child,), kind=kind, n_inner=1)
-
-    largest = Reindex(shape=shape, dtype=f32, children=(reduce(ReduceKind.MAX, per_chunk),), map=_drop_axis(shape, rank + 1))
-    weight = elementwise(NodeOp.EXP, elementwise(NodeOp.SUB, per_chunk, largest))
-    numerator = reduce(ReduceKind.SUM, elementwise(NodeOp.MUL, out, weight))
-    denominator = reduce(ReduceKind.SUM, elementwise(NodeOp.MUL, total, weight))
-    value = elementwise(NodeOp.DIV, numerator, denominator)
-    dtype = np.dtype(values_product.outputs[0].node.dtype)
-    if dtype == f32:
-        return value
-    return Elementwise(shape=value.shape, dtype=dtype, children=(value,), op=NodeOp.CONVERT)

@@ -77,7 +77,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
     calls, prefetches = [], []
     smem, ring_offset = 0, None  # the ring sits above the shared memory of every task that uses one
     for kernel, tasks in zip(kg.kernels, graph.tasks_by_kernel()):
-        body = _KernelBody(kernel, tasks)
+        body = _KernelBody(kernel, tasks, graph.merge_counters.get(kernel.index, -1))
         text, tensors, kernel_smem, prefetch = body.render()
         smem = max(smem, kernel_smem)
         if body.uses_ring:
@@ -210,8 +210,9 @@ class _NotRowForm(Exception):
 class _KernelBody:
     """Renders one kernel as a device function of (params, task, smem, tensor pointers...)."""
 
-    def __init__(self, kernel: Kernel, tasks):
+    def __init__(self, kernel: Kernel, tasks, merge_counter: int = -1):
         self.kernel, self.tasks = kernel, tasks
+        self.merge_counter = merge_counter  # split attention: the event of its first group's merge counter
         # Pointer parameters: (tensor, constant element offset). Constant offsets (the layer index into
         # stacked weights, a static cache slot) travel in the pointer, so that repeated layers render the
         # same text and share one variant.
@@ -411,7 +412,14 @@ class _KernelBody:
         em.emit(f"float* scratch = scores + {rows * chunk_pad};")
         em.emit(f"float* out = scratch + {scratch_bytes // 4};")
         smem = 4 * (rows * (x_stride + chunk_pad) + rows * head_dim + 2 * rows) + scratch_bytes
-        if not self._stage_computed_rows_at_once(em, rows, plan.K, x_stride):
+        row_stride = self._uniform_row_stride(plan) if dot.lhs_expr is None else None
+        if row_stride is not None:  # stored query rows (attention.py stores them when that costs no level)
+            lhs = self.pointer_name(dot.lhs, plan.lhs_const)
+            first = _linear(0, plan.lhs_coefs[: rank - 1], [f"t.lo[{d}]" for d in range(rank - 1)])
+            lhs_t = _STORAGE[dtype_code(dot.lhs.buffer.dtype)]
+            em.emit(f"dot::stage_rows<{rows}, {plan.K}, {lhs_t}, {str(_read_only(dot.lhs)).lower()}>("
+                    f"xs, {x_stride}, {lhs}, {first}, {row_stride}, {plan.lhs_k});")
+        elif not self._stage_computed_rows_at_once(em, rows, plan.K, x_stride):
             em.emit(f"for (index_t row = 0; row < {rows}; ++row) {{")
             em.push()
             self._stage_lhs(em, plan, em.tile_index("row", range(rank - 1)), f"(xs + row * {x_stride})")
@@ -453,7 +461,56 @@ class _KernelBody:
         em.emit("__syncthreads();")
         em.pop()
         em.emit("}")
-        return self._finish(em, smem=smem, prefetch=None)
+        self._merge_if_last(em, rows, f"reinterpret_cast<int*>(out + {rows * head_dim + 2 * rows})")
+        return self._finish(em, smem=smem + 16, prefetch=None)
+
+    def _merge_if_last(self, em: _Emitter, rows: int, flag: str) -> None:
+        """The task that brings its group's counter to the group's task count (this call's share: counters only
+        grow, as events do) merges the group's chunks into the output. Every task released its stores of
+        partials before it counted; the merger's fence after counting orders its loads after them."""
+        k = self.kernel
+        spec, rank = k.attention, len(k.domain)
+        group_dims = spec.group_dims(k.domain)
+        sizes = [k.domain[d] for d in group_dims]
+        group = _linear(0, [math.prod(sizes[i + 1 :]) for i in range(len(sizes))], [f"t.lo[{d}]" for d in group_dims])
+        per_group = len(self.tasks) // spec.groups(k.domain)
+        head_dim, chunks = spec.partial_out.shape[-1], spec.partial_out.shape[-2]
+        em.emit("if (threadIdx.x == 0) {")
+        em.emit("  fence_release();")
+        em.emit(f"  const uint64_t arrived = atomicAdd(reinterpret_cast<unsigned long long*>(p.counters + {self.merge_counter} + "
+                f"{group}), 1ull) + 1;")
+        em.emit(f"  *{flag} = arrived == {per_group}ull * (load_acquire(&p.control->epoch) + 1);")
+        em.emit(f"  if (*{flag}) fence_release();")
+        em.emit("}")
+        em.emit("__syncthreads();")
+        em.emit(f"if (*{flag}) {{")
+        em.push()
+        em.emit(f"for (index_t e = threadIdx.x; e < {rows * head_dim}; e += {THREADS}) {{")
+        em.push()
+        em.emit(f"const index_t d = e % {head_dim};")
+        ridx = em.tile_index(f"e / {head_dim}", range(rank - 1))
+
+        def offset(tensor: Tensor, index: list[str]) -> str:
+            return _linear(0, [math.prod(tensor.shape[d + 1 :]) for d in range(len(tensor.shape))], index)
+
+        m_ptr, o_ptr, l_ptr = (self.pointer_name(t) for t in (spec.partial_max, spec.partial_out, spec.partial_sum))
+        em.emit(f"const index_t per_chunk = {offset(spec.partial_max, ridx + ['0'])}, "
+                f"values = {offset(spec.partial_out, ridx + ['0', 'd'])};")
+        em.emit("float largest = -INFINITY, numerator = 0.0f, denominator = 0.0f;")
+        em.emit(f"for (index_t j = 0; j < {chunks}; ++j) largest = fmaxf(largest, ops::load<float>({m_ptr}, per_chunk + j));")
+        em.emit(f"for (index_t j = 0; j < {chunks}; ++j) {{")
+        em.emit(f"  const float m = ops::load<float>({m_ptr}, per_chunk + j);")
+        em.emit("  const float w = m == -INFINITY ? 0.0f : expf(m - largest);  // a wholly masked chunk adds nothing")
+        em.emit(f"  numerator += w * ops::load<float>({o_ptr}, values + j * {head_dim});")
+        em.emit(f"  denominator += w * ops::load<float>({l_ptr}, per_chunk + j);")
+        em.emit("}")
+        out_type = _STORAGE[dtype_code(spec.output.buffer.dtype)]
+        em.emit(f"ops::store<{out_type}>({self.pointer_name(spec.output)}, {offset(spec.output, ridx + ['d'])}, "
+                "numerator / denominator);")
+        em.pop()
+        em.emit("}")
+        em.pop()
+        em.emit("}")
 
     def _uniform_row_stride(self, plan: _DotPlan) -> int | None:
         """The lhs offset between consecutive rows of the tile (in tile order) when it is one number (the

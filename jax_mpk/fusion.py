@@ -435,7 +435,7 @@ class _Fuser:
                     after[id(kernel)].add(id(producer))
         for kernel in kernels:
             for out in kernel.outputs:  # any output: a merged kernel may write its in-place update second
-                if not isinstance(self.by_uid[out.tensor.version], UpdateSlice):
+                if not isinstance(self.by_uid.get(out.tensor.version), UpdateSlice):  # (GPU passes' tensors: new)
                     continue
                 old = self.by_uid[out.tensor.version].children[0].uid
                 for reader in readers.get(old, ()):

@@ -77,11 +77,12 @@ class AttentionSpec:
     instead of two (scores, then softmax and values) and work for every SM at batch 1.
 
     The kernel's ``dot`` is the scores' product q . K over its domain ``rows ++ (key,)``. A task takes whole
-    chunks of keys with all the rows of ``rows_dims`` and writes, per row and chunk, the largest score m, the sum
-    of exp(score - m), and the sum of exp(score - m) * value; the product's consumers merge the chunks
-    (attention.merge)."""
+    chunks of keys with all the rows of ``rows_dims`` (a group of query rows) and writes, per row and chunk, the
+    largest score m, the sum of exp(score - m), and the sum of exp(score - m) * value; the group's last task to
+    finish (a counter per group) merges its chunks into ``output``."""
 
     score: Node  # the softmax's input at (rows, key), an expression of the product's accumulator (Acc)
+    output: Tensor  # rows ++ (d,): the attention's result, written by the last task of each group of query rows
     values: Tensor
     values_map: IndexMap  # rows ++ (d, key) -> values index
     chunk: int  # keys per chunk; divides the key count
@@ -93,17 +94,27 @@ class AttentionSpec:
     def partials(self) -> list[Tensor]:
         return [self.partial_out, self.partial_max, self.partial_sum]
 
+    def group_dims(self, domain: Shape) -> list[int]:
+        """The row dims that tell groups of query rows apart (the batch, the key/value head)."""
+        return [d for d in range(len(domain) - 1) if d not in self.rows_dims]
+
+    def groups(self, domain: Shape) -> int:
+        return math.prod(domain[d] for d in self.group_dims(domain))
+
     def written_rects(self, tile_lo: np.ndarray, tile_hi: np.ndarray) -> list[tuple[Tensor, np.ndarray, np.ndarray]]:
-        """What the tasks over tiles [tile_lo, tile_hi) (one row each, over rows ++ (key,)) write: their chunks of
-        every partial, as (tensor, lo, hi) rows."""
+        """What the tasks over tiles [tile_lo, tile_hi) (one row each, over rows ++ (key,)) write, as (tensor, lo,
+        hi) rows: their chunks of every partial, and their rows of the output (whichever of a group's tasks ends
+        last writes them, so a reader waits for all)."""
         rows_lo, rows_hi = tile_lo[:, :-1], tile_hi[:, :-1]
         chunks_lo, chunks_hi = tile_lo[:, -1:] // self.chunk, -(-tile_hi[:, -1:] // self.chunk)
         head_dim = np.broadcast_to(np.array([[self.partial_out.shape[-1]]], np.int64), chunks_lo.shape)
         out_lo = np.concatenate([rows_lo, chunks_lo, np.zeros_like(chunks_lo)], axis=1)
         out_hi = np.concatenate([rows_hi, chunks_hi, head_dim], axis=1)
         per_row_lo, per_row_hi = np.concatenate([rows_lo, chunks_lo], axis=1), np.concatenate([rows_hi, chunks_hi], axis=1)
+        result_lo = np.concatenate([rows_lo, np.zeros_like(chunks_lo)], axis=1)
+        result_hi = np.concatenate([rows_hi, head_dim], axis=1)
         return [(self.partial_out, out_lo, out_hi), (self.partial_max, per_row_lo, per_row_hi),
-                (self.partial_sum, per_row_lo, per_row_hi)]  # fmt: skip
+                (self.partial_sum, per_row_lo, per_row_hi), (self.output, result_lo, result_hi)]  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -143,7 +154,8 @@ class Kernel:
         return tensors
 
     def written_tensors(self) -> list[Tensor]:
-        return [o.tensor for o in self.outputs] + (self.attention.partials() if self.attention is not None else [])
+        attention = [self.attention.output, *self.attention.partials()] if self.attention is not None else []
+        return [o.tensor for o in self.outputs] + attention
 
     def reads_comm(self) -> bool:
         """Whether it reads a communication buffer (codegen reads those element by element: their slots are

@@ -76,6 +76,9 @@ class TaskGraph:
     num_events: int
     num_remote_events: int = 0
     accesses: list[Accesses] = field(default_factory=list)  # kernel by kernel
+    # split attention: kernel index -> its first merge counter (one event per group of tasks that share query
+    # rows; the task that brings it to the group's task count merges the group's chunks)
+    merge_counters: dict[int, int] = field(default_factory=dict)
 
     def tasks_by_kernel(self) -> list[list[Task]]:
         """The tasks of kernel i at position i."""
@@ -111,7 +114,12 @@ def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 
     _derive_dependencies(tasks, accesses, [len(b.shape) for b in graph.buffers], comm)
     num_events = _assign_events(tasks, "deps", "signals", "wait_event", "wait_count")
     num_remote = _assign_events(tasks, "remote_deps", "remote_signals", "remote_wait_event", "remote_wait_count")
-    return TaskGraph(graph, tasks, num_events, num_remote, accesses)
+    merge_counters = {}
+    for kernel in graph.kernels:
+        if kernel.attention is not None:
+            merge_counters[kernel.index] = num_events
+            num_events += kernel.attention.groups(kernel.domain)
+    return TaskGraph(graph, tasks, num_events, num_remote, accesses, merge_counters)
 
 
 # ------------------------------------------------------------------------------------------------ tiling
@@ -286,7 +294,7 @@ def _kernel_accesses(kernel: Kernel, tiles: list[tuple[tuple, tuple]], first_tas
         values_lo = np.concatenate([tile_lo[:, :-1], np.zeros((n, 1), np.int64), tile_lo[:, -1:]], axis=1)
         values_hi = np.concatenate([tile_hi[:, :-1], np.full((n, 1), head_dim, np.int64), tile_hi[:, -1:]], axis=1)
         access(attention.values, False, everywhere, *attention.values_map.rect_images(values_lo, values_hi))
-        for tensor, lo, hi in attention.written_rects(tile_lo, tile_hi):
+        for tensor, lo, hi in attention.written_rects(tile_lo, tile_hi):  # every task may be its group's merger
             access(tensor, True, everywhere, lo, hi)
     for out in kernel.outputs:
         lo, hi = out.map.rect_images(tile_lo, tile_hi)

@@ -245,7 +245,7 @@ def _attention_args(batch, kv_heads, group, head_dim, seq):
 def test_gpu_plans_split_attention_along_the_keys():
     """On a GPU target the scores product and the softmax-weighted values product become one split-attention
     kernel (one dependency level less): its tasks take whole chunks of keys with all the query heads of their
-    key/value head, write per-chunk partials, and the output projection merges them while it stages its row."""
+    key/value head and write per-chunk partials, and one merge counter per group of query rows exists."""
     from jax_mpk.schedule import schedule
     from jax_mpk.tasks import build_task_graph
     from jax_mpk.validate import validate
@@ -256,11 +256,15 @@ def test_gpu_plans_split_attention_along_the_keys():
     spec = attention.attention
     assert attention.domain == (2, 4, 4, 512) and spec.rows_dims == (2,) and 512 % spec.chunk == 0
     assert spec.partial_out.shape == (2, 4, 4, 512 // spec.chunk, 64)
-    (projection,) = [k for k in fused.kernels if k.dot is not None and k.dot.lhs_expr is not None]
-    assert {t.version for t in projection.read_tensors()} >= {t.version for t in spec.partials()}
+    # the output projection reads the attention's output, which each group's last task merges; no kernel reads the
+    # partials (only that task, inside the kernel)
+    partials = {t.version for t in spec.partials()}
+    assert not any(partials & {t.version for t in k.read_tensors()} for k in fused.kernels if k is not attention)
+    assert any(k.dot is not None and k.dot.lhs.version == spec.output.version for k in fused.kernels)
     assert max(k.level for k in fused.kernels) == max(k.level for k in plain.kernels) - 1
     tasks = build_task_graph(fused, 132)
     validate(tasks, schedule(tasks, 132))
+    assert tasks.num_events - tasks.merge_counters[attention.index] == 2 * 4  # (batch, kv head) groups
     tiles = [(t.lo, t.hi) for t in tasks.tasks if t.kernel == attention.index]
     assert len(tiles) >= 2 * 4 * 2  # every (batch, kv head) in several tasks
     for lo, hi in tiles:

@@ -114,12 +114,15 @@ def test_gather_and_update(rng):
     check_against_jit(f, table, tokens, cache, jnp.int32(7), dtype="bfloat16")
 
 
+@pytest.mark.parametrize("split_attention", ["0", "1"])
 @pytest.mark.parametrize(
     "cfg",
     [TinyConfig(), TinyConfig(qk_norm=True, dtype="bfloat16", batch=2)],
     ids=["llama-f32", "qwen3-bf16-b2"],
 )
-def test_decode_steps_match_jit(cfg):
+def test_decode_steps_match_jit(cfg, split_attention, monkeypatch):
+    # split attention: its queries RoPE'd (and QK-normed) by a kernel beside the cache append, merged by the last task
+    monkeypatch.setenv("JAX_MPK_SPLIT_ATTENTION", split_attention)
     params = init_params(cfg, jax.random.PRNGKey(11))
     cache_k, cache_v = init_cache(cfg, jax.random.PRNGKey(12))
     step = make_decode_step(cfg)
@@ -139,7 +142,9 @@ def test_decode_steps_match_jit(cfg):
         k, v = actual[2], actual[3]
 
 
-def test_llama_1b_shaped_layers_bf16():
+@pytest.mark.parametrize("split_attention", ["0", "1"])
+def test_llama_1b_shaped_layers_bf16(split_attention, monkeypatch):
+    monkeypatch.setenv("JAX_MPK_SPLIT_ATTENTION", split_attention)
     cfg = TinyConfig(layers=2, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=8192, vocab=128256,
                      max_seq=1024, dtype="bfloat16", theta=500000.0)  # fmt: skip
     params = init_params(cfg, jax.random.PRNGKey(3))
