@@ -31,7 +31,7 @@ import models  # noqa: E402
 from jax_mpk import config  # noqa: E402
 from jax_mpk.api import plan_stages  # noqa: E402
 from jax_mpk.capture import find_shard_map  # noqa: E402
-from jax_mpk.plan_cache import Target  # noqa: E402
+from jax_mpk.target import Target  # noqa: E402
 
 
 def main() -> None:

@@ -77,7 +77,7 @@ def _child(role: str, args) -> dict:
     import jax_mpk
     from jax_mpk import api, config
     from jax_mpk.capture import find_shard_map
-    from jax_mpk.plan_cache import Target
+    from jax_mpk.target import Target
 
     times = _StageTimes()
     logger = logging.getLogger("jax_mpk")

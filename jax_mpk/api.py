@@ -23,7 +23,8 @@ from .fusion import fuse
 from .kernels import KernelGraph
 from .layout import Platform
 from .plan import plan_key, serialize
-from .plan_cache import CallPlan, Target
+from .plan_cache import CallPlan
+from .target import Target
 from .runtime import check_cuda_error, emit_call, extension, register_cuda_plan, register_plan
 from .schedule import Schedule, schedule, shuffled_schedule
 from .tasks import TaskGraph, build_task_graph
@@ -98,7 +99,7 @@ def _plan_stages(jaxpr, shard_map: ShardMap | None, target: Target, cfg: config_
         else:
             captured = capture(jaxpr)
     with _stage("fusion"):
-        graph = fuse(captured, target.num_workers if cuda else None, split_attention=cfg.split_attention)
+        graph = fuse(captured, target)
     num_buffers = len(graph.input_specs) + len(graph.output_specs) + 1  # the workspace is the last result
     if cuda and num_buffers > extension().max_cuda_buffers:
         raise GraphTooLargeError(
@@ -159,7 +160,7 @@ def cached_plan(jaxpr, shard_map: ShardMap | None, signature: str, target: Targe
     cache, or planned and stored. Returns it with the stages that made it (None when loaded)."""
     with _stage("looking up the plan cache"):
         knobs = (cfg.min_task_work, cfg.max_tasks, cfg.max_workspace_bytes, cfg.validate, cfg.profile,
-                 cfg.schedule_seed, cfg.split_attention)  # fmt: skip
+                 cfg.schedule_seed)  # fmt: skip
         key = plan_cache.cache_key(jaxpr, signature, target, knobs)
         plan = None if cfg.force_compile else plan_cache.load(cfg.cache_dir, key)
     if plan is not None:
@@ -185,7 +186,8 @@ class Megakernel:
         self.device = jax.devices("gpu")[0] if self.platform == "cuda" else None
         # On the GPU a worker is an SM: exactly one CTA per SM, all co-resident.
         if self.device is not None:
-            self.target = Target("cuda", self.device.core_count, str(self.device.compute_capability))
+            self.target = Target("cuda", self.device.core_count, str(self.device.compute_capability),
+                                 split_attention=cfg.split_attention)
         else:
             self.target = Target("cpu", num_workers or cfg.num_workers)
         self.num_workers = self.target.num_workers

@@ -31,20 +31,21 @@ from .graph import (
 from .indexmap import Affine, IndexMap, Shape, rect_volume
 from .kernels import WORKSPACE_ALIGN, Buffer, DotSpec, Kernel, KernelGraph, KernelOutput, Tensor, make_load
 from .layout import NodeOp, ReduceKind, TensorKind
+from .target import Target
 
 
-def fuse(captured: Captured, num_workers: int | None = None, split_attention: bool = False) -> KernelGraph:
-    """Kernels for ``captured``. With ``num_workers`` (the GPU's SM count), matrix products too narrow to give
-    every SM a tile of whole cache lines are split along K (see _split_narrow_products), and with
-    ``split_attention`` attention is split along its keys (attention.py)."""
-    return _Fuser(captured, num_workers, split_attention).run()
+def fuse(captured: Captured, target: Target | None = None) -> KernelGraph:
+    """Kernels for ``captured``: target-neutral (no target, or the CPU executor's), or for a GPU, whose SM count
+    splits matrix products too narrow to give every SM a tile of whole cache lines along K
+    (_split_narrow_products), followed by the target's passes (PASSES)."""
+    return _Fuser(captured, target).run()
 
 
 class _Fuser:
-    def __init__(self, captured: Captured, num_workers: int | None, split_attention: bool):
+    def __init__(self, captured: Captured, target: Target | None):
         self.captured = captured
-        self.num_workers = num_workers
-        self.split_attention = split_attention
+        self.target = target
+        self.num_workers = target.num_workers if target is not None and target.is_gpu else None
         self.n_args = len(captured.inputs)
         self.outputs = list(captured.outputs)
 
@@ -67,10 +68,8 @@ class _Fuser:
         kernels = [self._build_kernel(n) for n in self.order if self._is_kernel_root(n)]
         kernels = self._order_kernels(kernels)
         kernels = self._order_kernels(_merge_into_consumers(kernels))
-        if self.num_workers:
-            kernels = self._order_kernels(_compute_rows_in_dot_staging(kernels))
-            if self.split_attention:
-                kernels = self._order_kernels(split_attention(kernels, self.num_workers, self._new_workspace_tensor))
+        for name in self.target.fusion_passes if self.target is not None else ():
+            kernels = self._order_kernels(PASSES[name](self, kernels))
         for i, kernel in enumerate(kernels):
             kernel.index = i
         return KernelGraph(
@@ -628,6 +627,13 @@ def _split_reduction(node: Reduce, chunk: int, forced: set[int]) -> Node:
                      source=node.source)  # fmt: skip
     base = Elementwise(shape=outer, dtype=node.dtype, children=(winner, _constant(chunk, node)), op=NodeOp.MUL)
     return Elementwise(shape=outer, dtype=node.dtype, children=(base, within), op=NodeOp.ADD, source=node.source)
+
+
+# The rewrites a target may ask for after the target-neutral fusion (Target.fusion_passes), by name.
+PASSES = {
+    "rows_in_dot_staging": lambda fuser, kernels: _compute_rows_in_dot_staging(kernels),
+    "split_attention": lambda fuser, kernels: split_attention(kernels, fuser.num_workers, fuser._new_workspace_tensor),
+}
 
 
 def _constant(value, like: Node) -> Node:

@@ -24,22 +24,14 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
+from .target import Target
+
 if TYPE_CHECKING:
     from .codegen import GeneratedSource
 
 log = logging.getLogger("jax_mpk")
 
 FORMAT = 1  # bump when CallPlan changes
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where a plan runs: the CPU executor with ``num_workers`` threads, or a CUDA megakernel with one worker per
-    SM of a GPU of ``compute_capability`` (``"9.0"``: Hopper)."""
-
-    platform: str  # "cpu" or "cuda"
-    num_workers: int
-    compute_capability: str | None = None
 
 
 @dataclass

@@ -25,6 +25,7 @@ from jax_mpk.codegen import generate  # noqa: E402
 from jax_mpk.fusion import fuse  # noqa: E402
 from jax_mpk.schedule import schedule  # noqa: E402
 from jax_mpk.tasks import build_task_graph  # noqa: E402
+from jax_mpk.target import Target  # noqa: E402
 
 H100_SMS = 132
 
@@ -35,7 +36,7 @@ def llama_1b_source() -> str:
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
     cache = jax.eval_shape(lambda: init_cache(cfg, jax.random.PRNGKey(1)))
     tokens, pos = jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
-    graph = fuse(capture(jax.make_jaxpr(make_decode_step(cfg))(params, tokens, pos, *cache)), H100_SMS)
+    graph = fuse(capture(jax.make_jaxpr(make_decode_step(cfg))(params, tokens, pos, *cache)), Target("cuda", H100_SMS))
     tasks = build_task_graph(graph, H100_SMS)
     return generate(tasks, schedule(tasks, H100_SMS)).text
 

@@ -20,6 +20,7 @@ from jax_mpk.codegen import generate
 from jax_mpk.fusion import fuse
 from jax_mpk.schedule import schedule
 from jax_mpk.tasks import build_task_graph
+from jax_mpk.target import Target
 from jax_mpk.toolchain import compile_cubin
 
 ARRAYS = 1000  # operands; as many results, and the workspace: 2001 buffers
@@ -49,7 +50,7 @@ def test_cpu_executor_takes_2001_buffers():
 def test_megakernel_with_2001_buffers_compiles(tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
     avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in _operands(0)]
-    graph = fuse(capture(jax.make_jaxpr(many_buffers)(avals)), 132)
+    graph = fuse(capture(jax.make_jaxpr(many_buffers)(avals)), Target("cuda", 132))
     tasks = build_task_graph(graph, 132)
     source = generate(tasks, schedule(tasks, 132))
     # the kernel's parameter is sized for the plan: 2001 addresses after MegakernelParams (~16 KB, over 4 KB)

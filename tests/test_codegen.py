@@ -14,6 +14,7 @@ from jax_mpk.codegen import generate
 from jax_mpk.fusion import fuse
 from jax_mpk.schedule import schedule
 from jax_mpk.tasks import build_task_graph
+from jax_mpk.target import Target
 from jax_mpk.toolchain import compile_cubin
 from jax_mpk.validate import validate
 
@@ -22,7 +23,7 @@ H100_SMS = 132
 
 
 def _generate(fn, *avals, validate_graph=False, split_attention=False):
-    graph = fuse(capture(jax.make_jaxpr(fn)(*avals)), H100_SMS, split_attention=split_attention)
+    graph = fuse(capture(jax.make_jaxpr(fn)(*avals)), Target("cuda", H100_SMS, split_attention=split_attention))
     tasks = build_task_graph(graph, H100_SMS)
     sched = schedule(tasks, H100_SMS)
     if validate_graph:

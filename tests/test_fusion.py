@@ -10,6 +10,10 @@ from conftest import assert_trees_close, check_against_jit, random_array
 from jax_mpk.capture import capture
 from jax_mpk.fusion import fuse
 from jax_mpk.graph import Acc, Reduce
+from jax_mpk.target import Target
+
+GPU = Target("cuda", 132, "9.0")  # an H100/H200's SM count, for GPU-fused plans without a GPU
+GPU_SPLIT_ATTENTION = Target("cuda", 132, "9.0", split_attention=True)
 
 
 def _rms_norm(x, w):
@@ -150,7 +154,7 @@ def test_narrow_products_split_along_k_on_many_workers(rng):
 
     args = [random_array(rng, (1, 128), "float32"), random_array(rng, (1, 2048), "bfloat16"),
             random_array(rng, (2048, 128), "bfloat16")]  # fmt: skip
-    graph = fuse(capture(jax.make_jaxpr(f)(*args)), num_workers=132)
+    graph = fuse(capture(jax.make_jaxpr(f)(*args)), GPU)
     dots = [k for k in graph.kernels if k.dot is not None]
     assert len(dots) == 1 and dots[0].domain[0] > 1 and dots[0].dot.acc_dtype == jnp.float32
     tasks = build_task_graph(graph, 4, 1)
@@ -196,7 +200,7 @@ def test_gpu_plans_compute_norm_and_softmax_rows_in_the_products_staging(rng):
             random_array(rng, (512,), "bfloat16"), random_array(rng, (512, 256), "bfloat16"),
             random_array(rng, (256, 64), "bfloat16")]  # fmt: skip
     closed = jax.make_jaxpr(f)(*args)
-    plain, fused = fuse(capture(closed)), fuse(capture(closed), num_workers=132)
+    plain, fused = fuse(capture(closed)), fuse(capture(closed), GPU)
     computed = [k for k in fused.kernels if k.dot is not None and k.dot.lhs_expr is not None]
     assert len(computed) == 2 and all(k.dot.lhs_expr is None for k in plain.kernels if k.dot is not None)
     assert len(fused.kernels) < len(plain.kernels)
@@ -221,7 +225,7 @@ def test_gpu_fusion_keeps_the_base_of_an_in_place_update():
         return jnp.isfinite(jax.lax.dynamic_update_slice(base, update, (20,)))
 
     avals = [jax.ShapeDtypeStruct((32,), jnp.float16), jax.ShapeDtypeStruct((12,), jnp.float16)]
-    graph = fuse(capture(jax.make_jaxpr(f)(*avals)), 132)
+    graph = fuse(capture(jax.make_jaxpr(f)(*avals)), GPU)
     (chain,) = [k for k in graph.kernels if k.name.startswith("update_slice")]
     writers = [k for k in graph.kernels if any(o.tensor.buffer is chain.outputs[0].tensor.buffer for o in k.outputs)]
     assert any("floor" in k.name for k in writers), graph
@@ -251,7 +255,7 @@ def test_gpu_plans_split_attention_along_the_keys():
     from jax_mpk.validate import validate
 
     closed = jax.make_jaxpr(_attention)(*_attention_args(2, 4, 4, 64, 512))
-    plain, fused = fuse(capture(closed)), fuse(capture(closed), num_workers=132, split_attention=True)
+    plain, fused = fuse(capture(closed)), fuse(capture(closed), GPU_SPLIT_ATTENTION)
     (attention,) = [k for k in fused.kernels if k.attention is not None]
     spec = attention.attention
     assert attention.domain == (2, 4, 4, 512) and spec.rows_dims == (2,) and 512 % spec.chunk == 0
@@ -275,4 +279,4 @@ def test_gpu_plans_split_attention_along_the_keys():
 def test_split_attention_needs_whole_chunks():
     """A prime number of keys above the largest chunk has no whole chunks: the two products stay as they were."""
     closed = jax.make_jaxpr(_attention)(*_attention_args(1, 2, 2, 128, 1031))
-    assert not any(k.attention is not None for k in fuse(capture(closed), num_workers=132, split_attention=True).kernels)
+    assert not any(k.attention is not None for k in fuse(capture(closed), GPU_SPLIT_ATTENTION).kernels)
