@@ -389,3 +389,19 @@ def test_reference_arg_reductions_take_the_first_of_several_nans():
     ours = np.asarray(jax_mpk.megakernelize(lambda a: lax.argmin(a, 1, jnp.int32))(x))
     assert ours.tolist() == reference.tolist() == [1, 3]
     assert fuzz.at_least_as_close(ours, np.asarray(last_nan_first(x, 1, jnp.int32)), reference)
+
+
+def test_reference_max_and_min_reductions_propagate_nan():
+    """CPU fuzz 2026:587: XLA:CPU (jaxlib 0.10.2) drops a row's NaN when it reduces the last axis of a
+    [32, 17, 32] array with min or max (jax.jit and op-by-op alike, so op-by-op cannot expose it). jax_mpk gives
+    NaN, as XLA's semantics say; so does the fuzzer's reference, which the comparison then trusts."""
+    x = np.zeros((32, 17, 32), np.float32)
+    x[0, 3, 15], x[0, 3, 7] = np.nan, -np.inf
+    values = fuzz.Value("a0", x.shape, "f32")
+    lines = (fuzz.Line((fuzz.Value("v1", (32, 17), "f32"),), "lax.reduce(a0, np.array(inf, f32)[()], lax.min, (2,))"),
+             fuzz.Line((fuzz.Value("v2", (32, 17), "f32"),), "lax.reduce(a0, np.array(-inf, f32)[()], lax.max, (2,))"))  # fmt: skip
+    program = fuzz.Program(0, (values,), lines, ("v1", "v2"), fuzz.Knobs(1, 1 << 14, None))
+    ours = [np.asarray(r) for r in jax_mpk.megakernelize(program.function())(x)]
+    for result, reference in zip(ours, fuzz.reference_rounded(program, [x])):
+        assert np.isnan(result[0, 3]) and np.isnan(reference[0, 3])
+        np.testing.assert_array_equal(np.isnan(result), np.isnan(reference))
