@@ -19,6 +19,7 @@ from jax_mpk import lowering  # noqa: E402
 # 96 programs in batches of 8: about 60 s of CPU time (measured: 0.6 s a program, nearly all of it XLA
 # compiling the jax.jit oracle, about 0.05 s per operation).
 CI_PROGRAMS, CI_SEED = 96, 16
+CI_GPU_PLANS = 64  # planning only: about 0.2 s a program
 
 
 def test_fixed_budget_of_random_programs_equals_jax_jit():
@@ -28,6 +29,14 @@ def test_fixed_budget_of_random_programs_equals_jax_jit():
     assert summary["counts"].get("ok", 0) >= 0.8 * CI_PROGRAMS, summary["counts"]
     # the budget reaches most generators (collectives need a shard_map and are listed apart)
     assert len(summary["covered"]) >= 0.9 * len(fuzz.generators()), summary["not_covered"]
+
+
+def test_fixed_budget_of_random_programs_plans_for_the_gpu():
+    """The same programs planned for a 132-SM GPU on the CPU (the GPU-only fusion passes, the validator with its
+    read-coverage check, code generation): 2,650 of seed 2026 found one GPU-only planning bug (2026:1492)."""
+    summary = fuzz.fuzz(CI_GPU_PLANS, seed=CI_SEED, platform=fuzz.GPU_PLAN, log=print)
+    failures = "\n\n".join(f"[{f['index']}] {f['kind']}: {f['detail']}\n{f['snippet']}" for f in summary["failures"])
+    assert summary["counts"] == {"ok": CI_GPU_PLANS}, failures
 
 
 def test_programs_and_inputs_follow_from_the_seed():

@@ -26,6 +26,7 @@ Failures are shrunk to a minimal program, printed as a runnable snippet. Everyth
 
     python -m jax_mpk.testing.fuzz --count 300 --seed 0
     python -m jax_mpk.testing.fuzz --count 500 --platform cuda --batch 8    # on a GPU machine
+    python -m jax_mpk.testing.fuzz --count 2000 --platform cuda-plan       # plan for a GPU, on the CPU
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 import jax_mpk  # noqa: E402
+from jax_mpk import config  # noqa: E402
+from jax_mpk.api import plan_stages  # noqa: E402
 from jax_mpk.errors import MegakernelError  # noqa: E402
+from jax_mpk.plan_cache import Target  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ programs
 
@@ -836,8 +840,31 @@ def _precision(ours: Sequence, expected: Sequence, exact: Sequence) -> Outcome |
     return None
 
 
+# The platform that plans for a GPU without running: what a GPU-free machine can check of the CUDA target.
+GPU_PLAN, GPU_PLAN_SMS, GPU_PLAN_ARCH = "cuda-plan", 132, "9.0"
+
+
+def check_gpu_plan(program: Program) -> Outcome:
+    """Plan one program for a 132-SM Hopper GPU on the CPU: the GPU-only fusion passes, tiling, the validator
+    (read coverage included) and code generation, without compiling or running it. A GPU-only planning bug
+    (a cycle between in-place updates, a dropped store) shows here without a GPU."""
+    closed = jax.make_jaxpr(program.function())(*program.inputs())
+    try:
+        with program.knobs.applied("cuda"):
+            plan_stages(closed, None, Target("cuda", GPU_PLAN_SMS, GPU_PLAN_ARCH), config.load())
+    except MegakernelError as exc:
+        return Outcome("refused", f"{type(exc).__name__}: {str(exc)[:300]}")
+    except Exception as exc:
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return Outcome("internal_error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]} "
+                       f"({os.path.basename(where.filename)}:{where.lineno})")  # fmt: skip
+    return Outcome("ok")
+
+
 def check(program: Program, platform: str = "cpu", expected: list[np.ndarray] | None = None) -> Outcome:
-    """Run one program through jax_mpk and the oracles and classify the result."""
+    """Run one program through jax_mpk and the oracles and classify the result (``GPU_PLAN``: plan it only)."""
+    if platform == GPU_PLAN:
+        return check_gpu_plan(program)
     args = program.inputs()
     fn = program.function()
     try:
@@ -935,10 +962,21 @@ def snippet(program: Program, platform: str = "cpu") -> str:
             args.append(f"    fuzz.input_array({program.seed}, fuzz.{a!r}),")
     k = program.knobs
     seed = "" if k.schedule_seed is None else str(k.schedule_seed)
+    if platform == GPU_PLAN:
+        run = ["from jax_mpk import config",
+               "from jax_mpk.api import plan_stages",
+               "from jax_mpk.plan_cache import Target",
+               f'plan_stages(jax.make_jaxpr(f)(*args), None, Target("cuda", {GPU_PLAN_SMS}, "{GPU_PLAN_ARCH}"), '
+               "config.load())"]  # fmt: skip
+    else:
+        run = ["expected = jax.jit(f)(*args)",
+               f"actual = jax_mpk.megakernelize(f, num_workers={k.num_workers})(*args)",
+               "for e, a in zip(expected, actual):",
+               "    print(np.asarray(e).tolist(), np.asarray(a).tolist(), sep='\\n')"]  # fmt: skip
     return "\n".join([
         "import os",
         f'os.environ.update(JAX_MPK_MIN_TASK_WORK="{k.min_task_work}", JAX_MPK_SCHEDULE_SEED="{seed}", '
-        f'JAX_MPK_PLATFORM="{platform}")',
+        f'JAX_MPK_PLATFORM="{"cuda" if platform == GPU_PLAN else platform}")',
         "import jax, jax.numpy as jnp, numpy as np",
         "from jax import lax",
         "import jax_mpk",
@@ -951,10 +989,7 @@ def snippet(program: Program, platform: str = "cpu") -> str:
         "args = [",
         *args,
         "]",
-        "expected = jax.jit(f)(*args)",
-        f"actual = jax_mpk.megakernelize(f, num_workers={k.num_workers})(*args)",
-        "for e, a in zip(expected, actual):",
-        "    print(np.asarray(e).tolist(), np.asarray(a).tolist(), sep='\\n')",
+        *run,
     ])  # fmt: skip
 
 
@@ -983,8 +1018,8 @@ def check_batch(programs: Sequence[Program], platform: str) -> list[Outcome]:
     """Run ``programs`` side by side as one jax.jit and one megakernel (one compile each); a program whose
     outputs disagree, or all of them if the batch fails, is re-checked alone, so that every failure is
     attributed to one program (``batch_mismatch``: it disagreed only next to the others)."""
-    if len(programs) == 1:
-        return [check(programs[0], platform)]
+    if len(programs) == 1 or platform == GPU_PLAN:
+        return [check(p, platform) for p in programs]
     together, owned = combine(programs)
     args = [x for p in programs for x in p.inputs()]
     try:
@@ -1098,7 +1133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start", type=int, default=0, help="first program index (replay one with --count 1)")
-    parser.add_argument("--platform", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--platform", choices=("cpu", "cuda", GPU_PLAN), default="cpu",
+                        help=f"{GPU_PLAN}: plan each program for a {GPU_PLAN_SMS}-SM GPU on the CPU, without running it")
     parser.add_argument("--batch", type=int, default=1, help="programs per megakernel (one compile for several)")
     parser.add_argument("--no-shrink", action="store_true")
     parser.add_argument("--records", help="append one JSON line per program here")
