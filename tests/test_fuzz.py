@@ -414,3 +414,16 @@ def test_reference_max_and_min_reductions_propagate_nan():
     for result, reference in zip(ours, fuzz.reference_rounded(program, [x])):
         assert np.isnan(result[0, 3]) and np.isnan(reference[0, 3])
         np.testing.assert_array_equal(np.isnan(result), np.isnan(reference))
+
+
+def test_rounding_trials_keep_signed_zeros():
+    """The perturbed reference must not turn -0 into +0 (-0 + 0 is +0): a wrong sign of zero, seen through 1/x,
+    stays a mismatch instead of passing as rounding."""
+    x = fuzz.Value("a0", (4,), "f32")
+    lines = (fuzz.Line((fuzz.Value("v1", (4,), "f32"),), "lax.neg(a0)"),
+             fuzz.Line((fuzz.Value("v2", (4,), "f32"),), "lax.div(f32(1), v1)"))  # fmt: skip
+    program = fuzz.Program(0, (x,), lines, ("v2",), fuzz.Knobs(1, 1 << 14, None))
+    zeros = [np.zeros(4, np.float32)]
+    (trials,) = fuzz.reference_rounded(program, zeros, fuzz.ROUNDING_TRIALS)
+    assert np.all(trials == -np.inf)
+    assert not fuzz.within_rounding(np.full(4, np.inf, np.float32), np.full(4, -np.inf), trials)

@@ -792,8 +792,9 @@ def reference_rounded(program: Program, args: Sequence[np.ndarray], trials: int 
                         + [max(np.shape(r), default=1) for r in reads])  # fmt: skip
             scale = scale + np.sqrt(terms) * (eps / 2) * total  # sqrt(n) roundings of at most half an ulp
         noise = jax.random.uniform(key, jnp.shape(result), jnp.float64, -1.0, 1.0)
+        # exact zeros keep their sign (-0 + 0 would be +0: a signed-zero difference is not rounding)
         with jax.numpy_dtype_promotion("standard"):
-            return result + jnp.where(jnp.isfinite(scale), scale, 0.0) * noise
+            return jnp.where(jnp.isfinite(scale) & (scale > 0), result + scale * noise, result)
 
     def reference(key, *wide):
         env = dict(zip((a.name for a in program.args), wide))
