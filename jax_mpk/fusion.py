@@ -718,6 +718,10 @@ def _compute_rows_in_dot_staging(kernels: list[Kernel]) -> list[Kernel]:
 
     writer = {key(o.tensor): (k, o) for k in kernels for o in k.outputs}
     read_before = {key(t) for k in kernels for t in k.read_tensors()}
+    versions_written: dict[int, set[int]] = {}
+    for k in kernels:
+        for o in k.outputs:
+            versions_written.setdefault(id(o.tensor.buffer), set()).add(o.tensor.version)
     for b in kernels:
         dot = b.dot
         if dot is None or key(dot.lhs) not in writer:
@@ -725,6 +729,10 @@ def _compute_rows_in_dot_staging(kernels: list[Kernel]) -> list[Kernel]:
         a, out = writer[key(dot.lhs)]
         if math.prod(b.domain[d] for d in shared_weight_dims(b)) > 1:
             continue  # a task of it multiplies several rows: it would compute them one after the other
+        if any(versions_written.get(id(t.buffer), {t.version}) - {t.version} for t in a.read_tensors()):
+            # a reads a version that an in-place update overwrites: the product would have to run before that
+            # update and, if it reads the update's result too, after it (fuzz 2026:1492: rem(x, y) . x.at[i].set(u))
+            continue
         if a.dot is None and not a.reads_comm() and _stages_as_rows(out, dot, len(b.domain)):
             dot.lhs_expr = Reindex(shape=tuple(b.domain) + tuple(dot.k_shape), dtype=out.node.dtype,
                                    children=(out.node,), map=dot.lhs_map)  # fmt: skip

@@ -214,6 +214,20 @@ def test_gpu_plans_compute_norm_and_softmax_rows_in_the_products_staging(rng):
         register_plan(plan_key(words), words)
 
 
+def test_gpu_fusion_leaves_rows_that_read_an_overwritten_version_outside_product_staging():
+    """rem(x, y) computed in the staging of dot(rem(x, y), x.at[0:2].set(u)) would read x before the in-place
+    update and the product would read its result: a cycle between in-place updates, on GPU targets only (fuzz
+    program 2026:1492, planned for 132 SMs on the CPU)."""
+
+    def f(x, y, u):
+        updated = jax.lax.dynamic_update_slice(x, u, (0,))
+        return updated, jax.lax.rem(x, y) @ updated
+
+    avals = [jax.ShapeDtypeStruct((7,), jnp.float32)] * 2 + [jax.ShapeDtypeStruct((2,), jnp.float32)]
+    graph = fuse(capture(jax.make_jaxpr(f)(*avals)), 132)
+    assert any(k.name == "rem" for k in graph.kernels), graph  # stored, not recomputed by the product
+
+
 def test_gpu_fusion_keeps_the_base_of_an_in_place_update():
     """On a GPU target, a stored value read only through a later in-place update of its buffer (floor(x), then
     a slice of it overwritten, then the whole read) is still computed: the pass that moves row computations

@@ -19,6 +19,7 @@ from jax_mpk import lowering  # noqa: E402
 # 96 programs in batches of 8: about 60 s of CPU time (measured: 0.6 s a program, nearly all of it XLA
 # compiling the jax.jit oracle, about 0.05 s per operation).
 CI_PROGRAMS, CI_SEED = 96, 16
+CI_GPU_PLANS = 64  # planning only: about 0.2 s a program
 
 
 def test_fixed_budget_of_random_programs_equals_jax_jit():
@@ -28,6 +29,14 @@ def test_fixed_budget_of_random_programs_equals_jax_jit():
     assert summary["counts"].get("ok", 0) >= 0.8 * CI_PROGRAMS, summary["counts"]
     # the budget reaches most generators (collectives need a shard_map and are listed apart)
     assert len(summary["covered"]) >= 0.9 * len(fuzz.generators()), summary["not_covered"]
+
+
+def test_fixed_budget_of_random_programs_plans_for_the_gpu():
+    """The same programs planned for a 132-SM GPU on the CPU (the GPU-only fusion passes, the validator with its
+    read-coverage check, code generation): 2,650 of seed 2026 found one GPU-only planning bug (2026:1492)."""
+    summary = fuzz.fuzz(CI_GPU_PLANS, seed=CI_SEED, platform=fuzz.GPU_PLAN, log=print)
+    failures = "\n\n".join(f"[{f['index']}] {f['kind']}: {f['detail']}\n{f['snippet']}" for f in summary["failures"])
+    assert summary["counts"] == {"ok": CI_GPU_PLANS}, failures
 
 
 def test_programs_and_inputs_follow_from_the_seed():
@@ -389,3 +398,32 @@ def test_reference_arg_reductions_take_the_first_of_several_nans():
     ours = np.asarray(jax_mpk.megakernelize(lambda a: lax.argmin(a, 1, jnp.int32))(x))
     assert ours.tolist() == reference.tolist() == [1, 3]
     assert fuzz.at_least_as_close(ours, np.asarray(last_nan_first(x, 1, jnp.int32)), reference)
+
+
+def test_reference_max_and_min_reductions_propagate_nan():
+    """CPU fuzz 2026:587: XLA:CPU (jaxlib 0.10.2) drops a row's NaN when it reduces the last axis of a
+    [32, 17, 32] array with min or max (jax.jit and op-by-op alike, so op-by-op cannot expose it). jax_mpk gives
+    NaN, as XLA's semantics say; so does the fuzzer's reference, which the comparison then trusts."""
+    x = np.zeros((32, 17, 32), np.float32)
+    x[0, 3, 15], x[0, 3, 7] = np.nan, -np.inf
+    values = fuzz.Value("a0", x.shape, "f32")
+    lines = (fuzz.Line((fuzz.Value("v1", (32, 17), "f32"),), "lax.reduce(a0, np.array(inf, f32)[()], lax.min, (2,))"),
+             fuzz.Line((fuzz.Value("v2", (32, 17), "f32"),), "lax.reduce(a0, np.array(-inf, f32)[()], lax.max, (2,))"))  # fmt: skip
+    program = fuzz.Program(0, (values,), lines, ("v1", "v2"), fuzz.Knobs(1, 1 << 14, None))
+    ours = [np.asarray(r) for r in jax_mpk.megakernelize(program.function())(x)]
+    for result, reference in zip(ours, fuzz.reference_rounded(program, [x])):
+        assert np.isnan(result[0, 3]) and np.isnan(reference[0, 3])
+        np.testing.assert_array_equal(np.isnan(result), np.isnan(reference))
+
+
+def test_rounding_trials_keep_signed_zeros():
+    """The perturbed reference must not turn -0 into +0 (-0 + 0 is +0): a wrong sign of zero, seen through 1/x,
+    stays a mismatch instead of passing as rounding."""
+    x = fuzz.Value("a0", (4,), "f32")
+    lines = (fuzz.Line((fuzz.Value("v1", (4,), "f32"),), "lax.neg(a0)"),
+             fuzz.Line((fuzz.Value("v2", (4,), "f32"),), "lax.div(f32(1), v1)"))  # fmt: skip
+    program = fuzz.Program(0, (x,), lines, ("v2",), fuzz.Knobs(1, 1 << 14, None))
+    zeros = [np.zeros(4, np.float32)]
+    (trials,) = fuzz.reference_rounded(program, zeros, fuzz.ROUNDING_TRIALS)
+    assert np.all(trials == -np.inf)
+    assert not fuzz.within_rounding(np.full(4, np.inf, np.float32), np.full(4, -np.inf), trials)

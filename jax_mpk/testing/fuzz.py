@@ -26,6 +26,7 @@ Failures are shrunk to a minimal program, printed as a runnable snippet. Everyth
 
     python -m jax_mpk.testing.fuzz --count 300 --seed 0
     python -m jax_mpk.testing.fuzz --count 500 --platform cuda --batch 8    # on a GPU machine
+    python -m jax_mpk.testing.fuzz --count 2000 --platform cuda-plan       # plan for a GPU, on the CPU
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 import jax_mpk  # noqa: E402
+from jax_mpk import config  # noqa: E402
+from jax_mpk.api import plan_stages  # noqa: E402
 from jax_mpk.errors import MegakernelError  # noqa: E402
+from jax_mpk.plan_cache import Target  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ programs
 
@@ -184,12 +188,23 @@ SOURCE_NAMESPACE = {"jnp": jnp, "lax": lax, "np": np, "inf": np.inf, "nan": np.n
 
 
 class _ReferenceLax:
-    """``jax.lax`` as the reference sees it: argmin/argmax of a row holding several NaNs give the first NaN's
-    position (the contract, and XLA:CPU's order). jax's arg-reducer keeps whichever NaN comes in as its first
-    operand, so XLA:GPU's reduction tree returns any one of them (GPU fuzz 2026:456: |diff| 3)."""
+    """``jax.lax`` as the reference sees it, with XLA's documented NaN semantics enforced where XLA's kernels
+    were seen to miss them: argmin/argmax of a row holding several NaNs give the first NaN's position (the
+    contract, and XLA:CPU's order; jax's arg-reducer keeps whichever NaN comes in as its first operand, so
+    XLA:GPU's reduction tree returns any one of them: GPU fuzz 2026:456, |diff| 3), and a max/min reduction
+    over a NaN is NaN (XLA:CPU of jaxlib 0.10.2 drops the NaN of a row when reducing the last axis of a
+    [32, 17, 32] array, jax.jit and op-by-op alike: CPU fuzz 2026:587)."""
 
     def __getattr__(self, name: str):
         return getattr(lax, name)
+
+    @staticmethod
+    def reduce(operand, init_value, computation, dimensions):
+        result = lax.reduce(operand, init_value, computation, dimensions)
+        if computation not in (lax.max, lax.min) or not jnp.issubdtype(operand.dtype, jnp.floating):
+            return result
+        nan = lax.reduce(lax.ne(operand, operand), False, lax.bitwise_or, dimensions)
+        return jnp.where(nan, jnp.nan, result).astype(result.dtype)
 
     @staticmethod
     def _first_nan_or(arg_reduction, x, axis: int, index_dtype):
@@ -777,8 +792,9 @@ def reference_rounded(program: Program, args: Sequence[np.ndarray], trials: int 
                         + [max(np.shape(r), default=1) for r in reads])  # fmt: skip
             scale = scale + np.sqrt(terms) * (eps / 2) * total  # sqrt(n) roundings of at most half an ulp
         noise = jax.random.uniform(key, jnp.shape(result), jnp.float64, -1.0, 1.0)
+        # exact zeros keep their sign (-0 + 0 would be +0: a signed-zero difference is not rounding)
         with jax.numpy_dtype_promotion("standard"):
-            return result + jnp.where(jnp.isfinite(scale), scale, 0.0) * noise
+            return jnp.where(jnp.isfinite(scale) & (scale > 0), result + scale * noise, result)
 
     def reference(key, *wide):
         env = dict(zip((a.name for a in program.args), wide))
@@ -825,8 +841,40 @@ def _precision(ours: Sequence, expected: Sequence, exact: Sequence) -> Outcome |
     return None
 
 
+# The platform that plans for a GPU without running: what a GPU-free machine can check of the CUDA target.
+GPU_PLAN, GPU_PLAN_SMS, GPU_PLAN_ARCH = "cuda-plan", 132, "9.0"
+
+
+def check_gpu_plan(program: Program) -> Outcome:
+    """Plan one program for a 132-SM Hopper GPU on the CPU: the GPU-only fusion passes, tiling, the validator
+    (read coverage included) and code generation, without compiling or running it. A GPU-only planning bug
+    (a cycle between in-place updates, a dropped store) shows here without a GPU."""
+    closed = jax.make_jaxpr(program.function())(*program.inputs())
+    try:
+        with program.knobs.applied("cuda"):
+            plan_stages(closed, None, Target("cuda", GPU_PLAN_SMS, GPU_PLAN_ARCH), config.load())
+    except MegakernelError as exc:
+        return Outcome("refused", f"{type(exc).__name__}: {str(exc)[:300]}")
+    except Exception as exc:
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return Outcome("internal_error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]} "
+                       f"({os.path.basename(where.filename)}:{where.lineno})")  # fmt: skip
+    return Outcome("ok")
+
+
+def _ill_conditioned(ours: Sequence, expected: Sequence, exact: Sequence, trials: Sequence) -> Outcome | None:
+    """``ill_conditioned`` when every output that disagrees with jax.jit lies within the rounding trials' spread."""
+    bad = [i for i, (a, e) in enumerate(zip(ours, expected)) if not agree(a, e)]
+    if all(within_rounding(ours[i], exact[i], trials[i]) for i in bad):
+        return Outcome("ill_conditioned", f"outputs {bad}: within the spread of the reference when every line's "
+                       "rounding and summation order vary as the float contract allows")  # fmt: skip
+    return None
+
+
 def check(program: Program, platform: str = "cpu", expected: list[np.ndarray] | None = None) -> Outcome:
-    """Run one program through jax_mpk and the oracles and classify the result."""
+    """Run one program through jax_mpk and the oracles and classify the result (``GPU_PLAN``: plan it only)."""
+    if platform == GPU_PLAN:
+        return check_gpu_plan(program)
     args = program.inputs()
     fn = program.function()
     try:
@@ -849,11 +897,10 @@ def check(program: Program, platform: str = "cpu", expected: list[np.ndarray] | 
     precision = _precision(ours, expected, exact)
     if precision is not None:
         return precision
+    ill_conditioned = _ill_conditioned(ours, expected, exact, reference_rounded(program, args, ROUNDING_TRIALS))
+    if ill_conditioned is not None:
+        return ill_conditioned
     bad = [i for i, (a, e) in enumerate(zip(ours, expected)) if not agree(a, e)]
-    trials = reference_rounded(program, args, ROUNDING_TRIALS)
-    if all(within_rounding(ours[i], exact[i], trials[i]) for i in bad):
-        return Outcome("ill_conditioned", f"outputs {bad}: within the spread of the reference when every line's "
-                       "rounding and summation order vary as the float contract allows")  # fmt: skip
     with jax.disable_jit():
         by_op = _numpy(fn(*args))
     if _all_agree(ours, by_op):
@@ -924,10 +971,21 @@ def snippet(program: Program, platform: str = "cpu") -> str:
             args.append(f"    fuzz.input_array({program.seed}, fuzz.{a!r}),")
     k = program.knobs
     seed = "" if k.schedule_seed is None else str(k.schedule_seed)
+    if platform == GPU_PLAN:
+        run = ["from jax_mpk import config",
+               "from jax_mpk.api import plan_stages",
+               "from jax_mpk.plan_cache import Target",
+               f'plan_stages(jax.make_jaxpr(f)(*args), None, Target("cuda", {GPU_PLAN_SMS}, "{GPU_PLAN_ARCH}"), '
+               "config.load())"]  # fmt: skip
+    else:
+        run = ["expected = jax.jit(f)(*args)",
+               f"actual = jax_mpk.megakernelize(f, num_workers={k.num_workers})(*args)",
+               "for e, a in zip(expected, actual):",
+               "    print(np.asarray(e).tolist(), np.asarray(a).tolist(), sep='\\n')"]  # fmt: skip
     return "\n".join([
         "import os",
         f'os.environ.update(JAX_MPK_MIN_TASK_WORK="{k.min_task_work}", JAX_MPK_SCHEDULE_SEED="{seed}", '
-        f'JAX_MPK_PLATFORM="{platform}")',
+        f'JAX_MPK_PLATFORM="{"cuda" if platform == GPU_PLAN else platform}")',
         "import jax, jax.numpy as jnp, numpy as np",
         "from jax import lax",
         "import jax_mpk",
@@ -940,10 +998,7 @@ def snippet(program: Program, platform: str = "cpu") -> str:
         "args = [",
         *args,
         "]",
-        "expected = jax.jit(f)(*args)",
-        f"actual = jax_mpk.megakernelize(f, num_workers={k.num_workers})(*args)",
-        "for e, a in zip(expected, actual):",
-        "    print(np.asarray(e).tolist(), np.asarray(a).tolist(), sep='\\n')",
+        *run,
     ])  # fmt: skip
 
 
@@ -972,8 +1027,8 @@ def check_batch(programs: Sequence[Program], platform: str) -> list[Outcome]:
     """Run ``programs`` side by side as one jax.jit and one megakernel (one compile each); a program whose
     outputs disagree, or all of them if the batch fails, is re-checked alone, so that every failure is
     attributed to one program (``batch_mismatch``: it disagreed only next to the others)."""
-    if len(programs) == 1:
-        return [check(programs[0], platform)]
+    if len(programs) == 1 or platform == GPU_PLAN:
+        return [check(p, platform) for p in programs]
     together, owned = combine(programs)
     args = [x for p in programs for x in p.inputs()]
     try:
@@ -983,6 +1038,7 @@ def check_batch(programs: Sequence[Program], platform: str) -> list[Outcome]:
         return [check(p, platform) for p in programs]
     agreeing = [_all_agree([ours[i] for i in pos], [expected[i] for i in pos]) for pos in owned]
     exact = None if all(agreeing) else reference_rounded(together, args)  # one compile for the whole batch
+    trials = None  # the rounding trials, for the whole batch too, when some program needs them
     outcomes = []
     for p, positions, agrees in zip(programs, owned, agreeing):
         if agrees:
@@ -993,7 +1049,12 @@ def check_batch(programs: Sequence[Program], platform: str) -> list[Outcome]:
         if precision is not None:
             outcomes.append(precision)
             continue
-        alone = check(p, platform)
+        trials = trials or reference_rounded(together, args, ROUNDING_TRIALS)
+        ill_conditioned = _ill_conditioned(pick(ours), pick(expected), pick(exact), pick(trials))
+        if ill_conditioned is not None:
+            outcomes.append(ill_conditioned)
+            continue
+        alone = check(p, platform)  # a failure is attributed to the program alone (a GPU run compiles it again)
         if alone.kind == "ok":
             alone = Outcome("batch_mismatch", f"disagrees with jax.jit only in a batch of {len(programs)} programs")
         outcomes.append(alone)
@@ -1087,7 +1148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start", type=int, default=0, help="first program index (replay one with --count 1)")
-    parser.add_argument("--platform", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--platform", choices=("cpu", "cuda", GPU_PLAN), default="cpu",
+                        help=f"{GPU_PLAN}: plan each program for a {GPU_PLAN_SMS}-SM GPU on the CPU, without running it")
     parser.add_argument("--batch", type=int, default=1, help="programs per megakernel (one compile for several)")
     parser.add_argument("--no-shrink", action="store_true")
     parser.add_argument("--records", help="append one JSON line per program here")
