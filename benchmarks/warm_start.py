@@ -92,7 +92,7 @@ def _child(role: str, args) -> dict:
     elif args.plan_only:  # what a first call does up to registering the plan, for a GPU target
         flat, in_tree = jax.tree_util.tree_flatten((step_args, {}))
         specs = tuple(api._ArgSpec.of(x) for x in flat)
-        closed, _ = api.trace(step, in_tree, specs)
+        closed, _ = api.trace_signature(step, in_tree, specs)
         plan, stages = api.cached_plan(closed, find_shard_map(closed), repr(specs),
                                        Target("cuda", args.sms, args.arch), config.load())  # fmt: skip
         result.update(first_call_s=time.perf_counter() - start, from_cache=stages is None, plan=plan.key)

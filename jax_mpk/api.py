@@ -142,7 +142,7 @@ def _plan_stages(jaxpr, shard_map: ShardMap | None, target: Target, cfg: config_
     return Stages(captured, graph, tasks, sched, plan)
 
 
-def trace(fn: Callable, in_tree, specs: Sequence[_ArgSpec]) -> tuple[Any, Any]:
+def trace_signature(fn: Callable, in_tree, specs: Sequence[_ArgSpec]) -> tuple[Any, Any]:
     """``fn`` traced for a signature: flat argument ``specs`` of the positional and keyword arguments whose
     structure is ``in_tree``. Returns the closed jaxpr (over the flat arguments) and the output shapes."""
 
@@ -193,7 +193,7 @@ class Megakernel:
         self.num_workers = self.target.num_workers
         self.watchdog_ms = max(1, round(cfg.watchdog_seconds * 1000))
 
-        closed, out_shapes = trace(fn, in_tree, specs)
+        closed, out_shapes = trace_signature(fn, in_tree, specs)
         self.out_tree = jax.tree_util.tree_structure(out_shapes)
         self.out_shardings = [getattr(o, "sharding", None) for o in jax.tree_util.tree_leaves(out_shapes)]
         self.jaxpr = closed

@@ -163,10 +163,13 @@ def overlapping_pairs(a_lo: np.ndarray, a_hi: np.ndarray, b_lo: np.ndarray, b_hi
     two index arrays."""
     rows, cols = [], []
     if len(a_lo) and len(b_lo):
-        step = max(1, (1 << 22) // (len(b_lo) * max(a_lo.shape[1], 1)))  # bounded memory: step x len(b) x rank
+        step = max(1, (1 << 22) // len(b_lo))  # bounded memory: step x len(b) booleans
         for start in range(0, len(a_lo), step):
-            lo, hi = a_lo[start : start + step, None], a_hi[start : start + step, None]
-            r, c = np.nonzero(np.all((lo < b_hi[None]) & (b_lo[None] < hi), axis=2))
+            lo, hi = a_lo[start : start + step], a_hi[start : start + step]
+            overlap = np.ones((len(lo), len(b_lo)), bool)
+            for d in range(a_lo.shape[1]):  # dim by dim: 2-D comparisons beat a reduction over a short last axis
+                overlap &= (lo[:, d, None] < b_hi[None, :, d]) & (b_lo[None, :, d] < hi[:, d, None])
+            r, c = np.nonzero(overlap)
             rows.append(r + start)
             cols.append(c)
     if not rows:

@@ -145,12 +145,17 @@ class _Ancestors:
         waits = [(t.wait_event, t.remote_wait_event) for t in tasks]
         key_of: dict[tuple[int, int], int] = {}  # (event, remote event) -> position in self.bits
         self.bits: list[int] = []
-        self.key = np.zeros(len(tasks), np.int64)  # task -> position in self.bits
+        key = [0] * len(tasks)  # task -> position in self.bits
         state = [0] * len(tasks)  # 0 new, 1 on stack, 2 done
         for start in range(len(tasks)):
             stack = [start]
             while stack:
                 node = stack[-1]
+                if state[node] == 0 and waits[node] in key_of:
+                    # its predecessors are another task's, all done without reaching it: no cycle through it
+                    key[node], state[node] = key_of[waits[node]], 2
+                    stack.pop()
+                    continue
                 if state[node] == 0:
                     state[node] = 1
                     for p in preds[node]:
@@ -164,11 +169,12 @@ class _Ancestors:
                     if waits[node] not in key_of:
                         bits = 0
                         for p in preds[node]:
-                            bits |= self.bits[self.key[p]] | (1 << p)
+                            bits |= self.bits[key[p]] | (1 << p)
                         key_of[waits[node]] = len(self.bits)
                         self.bits.append(bits)
-                    self.key[node] = key_of[waits[node]]
+                    key[node] = key_of[waits[node]]
                     state[node] = 2
+        self.key = np.array(key, np.int64)
 
     def follows(self, later: np.ndarray, earlier: np.ndarray) -> np.ndarray:
         """Whether task later[i] transitively follows task earlier[i], for every i: each predecessor bitset

@@ -191,6 +191,48 @@ def test_moving_length_one_dims_after_a_reshape_stays_one_reshape():
         assert composed.apply(index) == to_stored.apply(hidden_to_heads.apply(index))
 
 
+def test_rect_images_bound_every_image_and_match_one_rect_at_a_time(rng):
+    """The planner maps all tiles of a kernel at once (IndexMap.rect_images). Through random views (a slice at
+    an offset, a permutation, a broadcast, a reshape that splits or merges dims): every index of each rect maps
+    inside that rect's image (checked with IndexMap.apply, which does not use rect math), which stays within
+    the output shape, permutations and
+    slices give exactly the bounding box, rects do not affect each other, and an empty rect maps to zeros."""
+    from jax_mpk.indexmap import IndexMap
+
+    for _ in range(20):
+        shape = tuple(int(d) for d in rng.integers(1, 6, size=3))
+        big = tuple(d + int(o) for d, o in zip(shape, rng.integers(0, 3, size=3)))
+        offset = [int(rng.integers(0, b - d + 1)) for b, d in zip(big, shape)]
+        perm = rng.permutation(3)
+        sliced = IndexMap.affine(shape, big, np.eye(3, dtype=int), offset)
+        permuted = IndexMap.affine(big, tuple(big[p] for p in perm), np.eye(3, dtype=int)[perm])
+        out = tuple(big[p] for p in perm)
+        flat = IndexMap.reshape(out, (int(np.prod(out)),))
+        split = IndexMap.reshape((int(np.prod(out)),), (out[0] * out[1], out[2]))
+        maps = [(sliced, True), (sliced.then(permuted), True), (sliced.then(permuted).then(flat), False),
+                (sliced.then(permuted).then(flat).then(split), False),
+                (IndexMap.affine((shape[0], shape[1]), shape, [[1, 0], [0, 1], [0, 0]]), True)]  # fmt: skip
+        for index_map, exact in maps:
+            in_shape = index_map.in_shape
+            lo = np.array([[int(rng.integers(0, d)) for d in in_shape] for _ in range(6)], np.int64)
+            hi = np.array([[int(rng.integers(a + 1, d + 1)) for a, d in zip(row, in_shape)] for row in lo], np.int64)
+            hi[-1, 0] = lo[-1, 0]  # the last rect is empty
+            got_lo, got_hi = index_map.rect_images(lo, hi)
+            for r in range(len(lo)):
+                single = index_map.rect_image(tuple(zip(lo[r].tolist(), hi[r].tolist())))
+                assert single == tuple(zip(got_lo[r].tolist(), got_hi[r].tolist()))
+                if r == len(lo) - 1:
+                    assert not got_lo[r].any() and not got_hi[r].any()
+                    continue
+                images = np.array([index_map.apply(i) for i in np.ndindex(*(hi[r] - lo[r]))
+                                   for i in [tuple(np.array(i) + lo[r])]])  # fmt: skip
+                assert (images >= got_lo[r]).all() and (images < got_hi[r]).all(), (index_map, lo[r], hi[r])
+                assert (got_lo[r] >= 0).all() and (got_hi[r] <= np.array(index_map.out_shape)).all()  # in bounds
+                if exact:
+                    np.testing.assert_array_equal(images.min(axis=0), got_lo[r])
+                    np.testing.assert_array_equal(images.max(axis=0) + 1, got_hi[r])
+
+
 def test_reader_refuses_a_scalar_op_on_operands_its_table_entry_does_not_accept(rng):
     """The plan reader's dtype check comes from jax_mpk/scalar_ops.py: ADD patched into SHIFT_LEFT (32-bit
     integers only) on float32 operands is refused with the op and the dtype named."""
