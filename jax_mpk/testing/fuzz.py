@@ -59,7 +59,7 @@ import jax_mpk  # noqa: E402
 from jax_mpk import config  # noqa: E402
 from jax_mpk.api import plan_stages  # noqa: E402
 from jax_mpk.errors import MegakernelError  # noqa: E402
-from jax_mpk.plan_cache import Target  # noqa: E402
+from jax_mpk.target import Target  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ programs
 
@@ -974,7 +974,7 @@ def snippet(program: Program, platform: str = "cpu") -> str:
     if platform == GPU_PLAN:
         run = ["from jax_mpk import config",
                "from jax_mpk.api import plan_stages",
-               "from jax_mpk.plan_cache import Target",
+               "from jax_mpk.target import Target",
                f'plan_stages(jax.make_jaxpr(f)(*args), None, Target("cuda", {GPU_PLAN_SMS}, "{GPU_PLAN_ARCH}"), '
                "config.load())"]  # fmt: skip
     else:
