@@ -1,0 +1,162 @@
+"""Task-body kind ``attention``: the split-attention kernels of :mod:`jax_mpk.attention` (flash-decoding), one
+chunk of keys per loop of a task, run by ``ffi/include/jax_mpk/tasks/attention.cuh``; the last task of each group
+of query rows merges the group's chunks."""
+
+from __future__ import annotations
+
+import math
+
+from ..emit import STORAGE, THREADS, Emitter, KernelBody, is_row_reduction, linear, read_only
+from ..fusion import ROW_STAGING_MAX_INLINE
+from ..graph import topological
+from ..indexmap import linear_form
+from ..kernels import Tensor
+from ..plan import dtype_code
+from .dot import DotPlan, stage_lhs, uniform_row_stride
+
+
+def render(body: KernelBody):
+    """This kind's rendering of the body's kernel, or None when it is not a split-attention kernel."""
+    return render_attention(body) if body.kernel.attention is not None else None
+
+
+def render_attention(body: KernelBody):
+    """Split attention (attention.cuh): the task's query rows staged once, then per chunk of its keys the
+    scores, their softmax's partial sums and the chunk's share of the output, stored as the chunk's partials."""
+    k = body.kernel
+    dot, spec, rank = k.dot, k.attention, len(k.domain)
+    plan = DotPlan.of(k, body.tasks)
+    key_form, value_form = linear_form(dot.rhs_map, dot.rhs.shape), linear_form(spec.values_map, spec.values.shape)
+    assert plan is not None and key_form is not None and value_form is not None, "checked by attention.py"
+    rows = math.prod(k.domain[d] for d in spec.rows_dims)
+    head_dim, chunk = spec.partial_out.shape[-1], spec.chunk
+    chunk_pad, x_stride = -(-chunk // 4) * 4, plan.x_stride
+    kv_type = STORAGE[dtype_code(dot.rhs.buffer.dtype)]
+    scratch_bytes = max(4 * 8 * THREADS, chunk * head_dim * 2 + (THREADS // 32) * rows * head_dim * 4)
+    em = Emitter(body, rows_prefix=None)
+    em.emit("float* xs = reinterpret_cast<float*>(smem);")
+    em.emit(f"float* scores = xs + {rows * x_stride};")
+    em.emit(f"float* scratch = scores + {rows * chunk_pad};")
+    em.emit(f"float* out = scratch + {scratch_bytes // 4};")
+    smem = 4 * (rows * (x_stride + chunk_pad) + rows * head_dim + 2 * rows) + scratch_bytes
+    row_stride = uniform_row_stride(body, plan) if dot.lhs_expr is None else None
+    if row_stride is not None:  # stored query rows (attention.py stores them when that costs no level)
+        lhs = body.pointer_name(dot.lhs, plan.lhs_const)
+        first = linear(0, plan.lhs_coefs[: rank - 1], [f"t.lo[{d}]" for d in range(rank - 1)])
+        lhs_t = STORAGE[dtype_code(dot.lhs.buffer.dtype)]
+        em.emit(f"dot::stage_rows<{rows}, {plan.K}, {lhs_t}, {str(read_only(dot.lhs)).lower()}>("
+                f"xs, {x_stride}, {lhs}, {first}, {row_stride}, {plan.lhs_k});")
+    elif not stage_computed_rows_at_once(body, em, rows, plan.K, x_stride):
+        em.emit(f"for (index_t row = 0; row < {rows}; ++row) {{")
+        em.push()
+        stage_lhs(body, em, plan, em.tile_index("row", range(rank - 1)), f"(xs + row * {x_stride})")
+        em.pop()
+        em.emit("}")
+    em.emit("__syncthreads();")
+    lead = [f"t.lo[{d}]" for d in range(rank - 1)]
+    (key_const, key_coefs), (value_const, value_coefs) = key_form, value_form
+    keys = body.pointer_name(dot.rhs, key_const)
+    values = body.pointer_name(spec.values, value_const)
+    em.emit(f"for (index_t first = t.lo[{rank - 1}]; first < t.hi[{rank - 1}]; first += {chunk}) {{")
+    em.push()
+    em.emit(f"const {kv_type}* keys = reinterpret_cast<const {kv_type}*>({keys}) + "
+            f"({linear(0, key_coefs[: rank - 1], lead)} + first * {key_coefs[rank - 1]});")
+    em.emit(f"const {kv_type}* values = reinterpret_cast<const {kv_type}*>({values}) + "
+            f"({linear(0, value_coefs[: rank - 1], lead)} + first * {value_coefs[rank]});")
+    em.emit("auto score = [&](int row, int key, float qk) -> float {")
+    em.push()
+    idx = em.tile_index("row", range(rank - 1)) + ["(first + key)"]
+    em.acc = em.rounded("qk", dtype_code(dot.acc_dtype))
+    em.emit(f"return static_cast<float>({em.value(spec.score, idx)});")
+    em.pop()
+    em.emit("};")
+    em.emit(f"attention::chunk<{kv_type}, {rows}, {head_dim}>(xs, {x_stride}, keys, {key_coefs[rank - 1]}, values, "
+            f"{value_coefs[rank]}, {chunk}, scores, {chunk_pad}, reinterpret_cast<char*>(scratch), out, score);")
+    em.emit(f"const index_t part = first / {chunk};")
+    for tensor, count, source in ((spec.partial_out, rows * head_dim, "out[e]"),
+                                  (spec.partial_max, rows, f"out[{rows * head_dim} + e]"),
+                                  (spec.partial_sum, rows, f"out[{rows * head_dim + rows} + e]")):  # fmt: skip
+        per_row = head_dim if tensor is spec.partial_out else 1
+        em.emit(f"for (index_t e = threadIdx.x; e < {count}; e += {THREADS}) {{")
+        em.push()
+        ridx = em.tile_index(f"e / {per_row}", range(rank - 1))
+        index = ridx + ["part"] + ([f"e % {per_row}"] if per_row > 1 else [])
+        strides = [math.prod(tensor.shape[d + 1 :]) for d in range(len(tensor.shape))]
+        em.emit(f"ops::store<float>({body.pointer_name(tensor)}, {linear(0, strides, index)}, {source});")
+        em.pop()
+        em.emit("}")
+    em.emit("__syncthreads();")
+    em.pop()
+    em.emit("}")
+    merge_if_last(body, em, rows, f"reinterpret_cast<int*>(out + {rows * head_dim + 2 * rows})")
+    return body.finish(em, smem=smem + 16, prefetch=None)
+
+def merge_if_last(body: KernelBody, em: Emitter, rows: int, flag: str) -> None:
+    """The task that brings its group's counter to the group's task count (this call's share: counters only
+    grow, as events do) merges the group's chunks into the output. Every task released its stores of
+    partials before it counted; the merger's fence after counting orders its loads after them."""
+    k = body.kernel
+    spec, rank = k.attention, len(k.domain)
+    group_dims = spec.group_dims(k.domain)
+    sizes = [k.domain[d] for d in group_dims]
+    group = linear(0, [math.prod(sizes[i + 1 :]) for i in range(len(sizes))], [f"t.lo[{d}]" for d in group_dims])
+    per_group = len(body.tasks) // spec.groups(k.domain)
+    head_dim, chunks = spec.partial_out.shape[-1], spec.partial_out.shape[-2]
+    em.emit("if (threadIdx.x == 0) {")
+    em.emit("  fence_release();")
+    em.emit(f"  const uint64_t arrived = atomicAdd(reinterpret_cast<unsigned long long*>(p.counters + {body.merge_counter} + "
+            f"{group}), 1ull) + 1;")
+    em.emit(f"  *{flag} = arrived == {per_group}ull * (load_acquire(&p.control->epoch) + 1);")
+    em.emit(f"  if (*{flag}) fence_release();")
+    em.emit("}")
+    em.emit("__syncthreads();")
+    em.emit(f"if (*{flag}) {{")
+    em.push()
+    em.emit(f"for (index_t e = threadIdx.x; e < {rows * head_dim}; e += {THREADS}) {{")
+    em.push()
+    em.emit(f"const index_t d = e % {head_dim};")
+    ridx = em.tile_index(f"e / {head_dim}", range(rank - 1))
+
+    def offset(tensor: Tensor, index: list[str]) -> str:
+        return linear(0, [math.prod(tensor.shape[d + 1 :]) for d in range(len(tensor.shape))], index)
+
+    m_ptr, o_ptr, l_ptr = (body.pointer_name(t) for t in (spec.partial_max, spec.partial_out, spec.partial_sum))
+    em.emit(f"const index_t per_chunk = {offset(spec.partial_max, ridx + ['0'])}, "
+            f"values = {offset(spec.partial_out, ridx + ['0', 'd'])};")
+    em.emit("float largest = -INFINITY, numerator = 0.0f, denominator = 0.0f;")
+    em.emit(f"for (index_t j = 0; j < {chunks}; ++j) largest = fmaxf(largest, ops::load<float>({m_ptr}, per_chunk + j));")
+    em.emit(f"for (index_t j = 0; j < {chunks}; ++j) {{")
+    em.emit(f"  const float m = ops::load<float>({m_ptr}, per_chunk + j);")
+    em.emit("  const float w = m == -INFINITY ? 0.0f : expf(m - largest);  // a wholly masked chunk adds nothing")
+    em.emit(f"  numerator += w * ops::load<float>({o_ptr}, values + j * {head_dim});")
+    em.emit(f"  denominator += w * ops::load<float>({l_ptr}, per_chunk + j);")
+    em.emit("}")
+    out_type = STORAGE[dtype_code(spec.output.buffer.dtype)]
+    em.emit(f"ops::store<{out_type}>({body.pointer_name(spec.output)}, {offset(spec.output, ridx + ['d'])}, "
+            "numerator / denominator);")
+    em.pop()
+    em.emit("}")
+    em.pop()
+    em.emit("}")
+
+def stage_computed_rows_at_once(body: KernelBody, em: Emitter, rows: int, K: int, x_stride: int) -> bool:
+    """xs[row * x_stride + k] = the computed lhs for all the task's rows in one loop, so that every thread's
+    loads for every row are in flight together (a row at a time costs a memory round trip per row, the
+    q rows with RoPE of a key/value head's query heads). Only without block reductions (they go row by
+    row); returns whether it staged them."""
+    dot, rank = body.kernel.dot, len(body.kernel.domain)
+    if dot.lhs_expr is None:
+        return False
+    value, lhs_map = dot.lhs_expr.children[0], dot.lhs_expr.map
+    if any(is_row_reduction(n, ROW_STAGING_MAX_INLINE + 1) for n in topological([value])):
+        return False
+    em.emit(f"for (index_t e = threadIdx.x; e < {rows * K}; e += {THREADS}) {{")
+    em.push()
+    em.emit(f"const index_t row = e / {K}, k = e - row * {K};")
+    ridx = em.tile_index("row", range(rank - 1))
+    kidx = em.delinearize("k", [str(s) for s in dot.k_shape], ["0"] * len(dot.k_shape))
+    value_idx = em.map_index(lhs_map, ridx + ["0"] + kidx)
+    em.emit(f"xs[row * {x_stride} + k] = static_cast<float>({em.value(value, value_idx)});")
+    em.pop()
+    em.emit("}")
+    return True

@@ -1,0 +1,362 @@
+"""Task-body kind ``dot``: a product kernel whose operands have linear layouts. The task's activation rows are
+staged in shared memory (loaded, or computed: an RMSNorm or softmax recomputed per task), the weight tile is
+streamed by ``ffi/include/jax_mpk/tasks/dot.cuh`` (columns: the weight ring, on tensor cores for several rows;
+rows: a tied LM head's embedding rows), then the epilogue runs on the accumulators."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ..emit import STORAGE, THREADS, Emitter, KernelBody, linear, read_only, tile_count
+from ..fusion import MAX_SHARED_WEIGHT_ROWS, ROW_STAGING_MAX_INLINE
+from ..graph import topological
+from ..indexmap import linear_form
+from ..kernels import Kernel
+from ..layout import DType
+from ..plan import dtype_code
+
+MAX_DOT_SMEM_BYTES = 160 * 1024
+PREFETCH_BYTES = 64 * 1024  # weight bytes a task asks L2 for before it waits (products without a ring)
+# The weight ring of dot.cuh (columns-layout products with a weight operand): slots of shared memory that a
+# task's weight tile streams through with cp.async, the first RING_SLOTS - 1 issued before the task waits.
+RING_SLOTS = 4
+RING_SLOT_BYTES = 32 * 1024
+RING_BYTES = RING_SLOTS * RING_SLOT_BYTES
+MAX_SMEM_BYTES = 227 * 1024  # dynamic shared memory a Hopper CTA may opt in to
+MMA_MAX_COLUMNS = 512  # the widest column tile of the tensor-core dot (its accumulators are registers)
+
+
+def render(body: KernelBody):
+    """This kind's rendering of the body's kernel, or None when it is not a product with linear layouts."""
+    if body.kernel.dot is None or body.kernel.attention is not None:
+        return None
+    plan = DotPlan.of(body.kernel, body.tasks)
+    if plan is None:
+        return None
+    return render_together(body, plan) if plan.together else render_columns_or_rows(body, plan)
+
+
+def render_columns_or_rows(body: KernelBody, plan: DotPlan):
+    k = body.kernel
+    dot = k.dot
+    rank = len(k.domain)
+    em = Emitter(body, rows_prefix=None)
+    rhs = body.pointer_name(dot.rhs, plan.rhs_const)
+    w_type = STORAGE[dtype_code(dot.rhs.buffer.dtype)]
+    smem = emit_dot_buffers(em, plan, 1, scratch=plan.layout == "columns_vec" or dot.lhs_expr is not None)
+    em.emit(f"const index_t rows = {tile_count(rank - 1)};")
+    em.emit(f"const index_t n_lo = t.lo[{rank - 1}], n_len = t.hi[{rank - 1}] - n_lo;")
+    em.emit("for (index_t row = 0; row < rows; ++row) {")
+    em.push()
+    ridx = em.tile_index("row", range(rank - 1))
+    rhs_base = linear(0, plan.rhs_coefs[: rank - 1], ridx)
+    em.emit(f"const index_t rhs_base = {rhs_base} + n_lo * {plan.rhs_n};")
+    stage_lhs(body, em, plan, ridx, "xs")
+    em.emit("__syncthreads();")
+    w = f"reinterpret_cast<const {w_type}*>({rhs}) + rhs_base"
+    if plan.layout == "columns_vec":
+        em.emit(f"dot::columns_vec(xs, {w}, {plan.rhs_k}, {plan.K}, static_cast<int>(n_len), acc, scratch);")
+    elif plan.layout == "rows":
+        em.emit(f"dot::rows(xs, {w}, {plan.rhs_n}, {plan.rhs_k}, {plan.K}, static_cast<int>(n_len), {str(plan.vector_rows).lower()}, acc);")
+    else:
+        em.emit(f"dot::columns_scalar(xs, {w}, {plan.rhs_k}, {plan.rhs_n}, {plan.K}, static_cast<int>(n_len), acc);")
+    em.emit("__syncthreads();")
+
+    def element(e: str) -> list[str]:
+        em.acc = em.rounded(f"acc[{e}]", dtype_code(dot.acc_dtype))
+        return list(ridx) + [f"(n_lo + {e})"]
+
+    em.elements("n_len", element)
+    em.emit("__syncthreads();")
+    em.pop()
+    em.emit("}")
+    return body.finish(em, smem=smem, prefetch=weight_prefetch(body, plan))
+
+def render_together(body: KernelBody, plan: DotPlan):
+    """All the tile's rows staged (xs[r][k]), then one pass over the weight tile for all of them (through
+    the ring, dot::columns_ring, or dot::rows_shared), then the epilogue over rows x columns."""
+    body.uses_ring = plan.layout == "columns_vec"
+    k = body.kernel
+    dot, rank, R = k.dot, len(k.domain), plan.together
+    em = Emitter(body, rows_prefix=None)
+    rhs = body.pointer_name(dot.rhs, plan.rhs_const)
+    w_type = STORAGE[dtype_code(dot.rhs.buffer.dtype)]
+    x_stride, n_pad = plan.x_stride, plan.n_pad
+    smem = emit_dot_buffers(em, plan, R, scratch=True)
+    em.emit(f"const index_t n_lo = t.lo[{rank - 1}], n_len = t.hi[{rank - 1}] - n_lo;")
+    row_stride = uniform_row_stride(body, plan) if R > 1 else None
+    if row_stride is not None:  # one staging pass over all rows: all their loads in flight together
+        lhs = body.pointer_name(dot.lhs, plan.lhs_const)
+        first = linear(0, plan.lhs_coefs[: rank - 1], [f"t.lo[{d}]" for d in range(rank - 1)])
+        lhs_t = STORAGE[dtype_code(dot.lhs.buffer.dtype)]
+        em.emit(f"dot::stage_rows<{R}, {plan.K}, {lhs_t}, {str(read_only(dot.lhs)).lower()}>("
+                f"xs, {x_stride}, {lhs}, {first}, {row_stride}, {plan.lhs_k});")
+    else:
+        em.emit(f"for (index_t row = 0; row < {R}; ++row) {{")
+        em.push()
+        ridx = em.tile_index("row", range(rank - 1))
+        em.emit(f"float* x_row = xs + row * {x_stride};")
+        stage_lhs(body, em, plan, ridx, "x_row")
+        em.pop()
+        em.emit("}")
+    em.emit("__syncthreads();")
+    w = f"reinterpret_cast<const {w_type}*>({rhs}) + ({weight_tile_origin(body, plan)})"
+    if body.uses_ring:
+        ring_dot = "columns_ring_mma" if plan.mma else "columns_ring"
+        em.emit(f"dot::{ring_dot}<{w_type}, {R}>(xs, {x_stride}, smem + kRingOffset, {w}, {plan.rhs_k}, {plan.K}, "
+                f"static_cast<int>(n_len), acc, {n_pad});")
+    else:
+        em.emit(f"dot::rows_shared<{w_type}, {R}>(xs, {x_stride}, {w}, {plan.rhs_n}, {plan.K}, "
+                f"static_cast<int>(n_len), acc, {n_pad});")
+    em.emit("__syncthreads();")
+
+    def element(e: str) -> list[str]:
+        em.emit(f"const index_t row = {e} / n_len, col = {e} - row * n_len;")
+        em.acc = em.rounded(f"acc[row * {n_pad} + col]", dtype_code(dot.acc_dtype))
+        return em.tile_index("row", range(rank - 1)) + ["(n_lo + col)"]
+
+    em.elements(f"{R} * n_len", element)
+    em.emit("__syncthreads();")
+    prefetch = ring_prefetch(body, plan) if body.uses_ring else weight_prefetch(body, plan)
+    return body.finish(em, smem=smem, prefetch=prefetch)
+
+def uniform_row_stride(body: KernelBody, plan: DotPlan) -> int | None:
+    """The lhs offset between consecutive rows of the tile (in tile order) when it is one number (the
+    rows are an arithmetic progression in memory), else None. Needs a loaded lhs."""
+    rank = len(body.kernel.domain)
+    if body.kernel.dot.lhs_expr is not None:
+        return None
+    t = body.tasks[0]
+    extents = [t.hi[d] - t.lo[d] for d in range(rank - 1)]
+    varying = [d for d in range(rank - 1) if extents[d] > 1]
+    if not varying:
+        return None
+    row_stride = plan.lhs_coefs[varying[-1]]
+    stride = row_stride
+    for d in reversed(varying):
+        if plan.lhs_coefs[d] != stride:
+            return None
+        stride *= extents[d]
+    return row_stride
+
+def weight_tile_origin(body: KernelBody, plan: DotPlan) -> str:
+    """Element offset of the task's weight tile (its first k-row, first column)."""
+    rank = len(body.kernel.domain)
+    return linear(0, plan.rhs_coefs, [f"t.lo[{d}]" for d in range(rank)])
+
+def ring_prefetch(body: KernelBody, plan: DotPlan):
+    dot, rank = body.kernel.dot, len(body.kernel.domain)
+    w_type = STORAGE[dtype_code(dot.rhs.buffer.dtype)]
+    origin = weight_tile_origin(body, plan)
+
+    def render(slots) -> str:
+        return (
+            f"dot::ring_begin<{w_type}, {str(plan.mma).lower()}>(smem + kRingOffset, reinterpret_cast<const {w_type}*>("
+            f"{slots.pointer(dot.rhs, plan.rhs_const)}) + ({origin}), {plan.rhs_k}, {plan.K}, "
+            f"t.hi[{rank - 1}] - t.lo[{rank - 1}]);"
+        )
+
+    return render
+
+def stage_lhs(body: KernelBody, em: Emitter, plan: DotPlan, ridx: list[str], xs: str) -> None:
+    """{xs}[k] = the product's activation row at domain row ``ridx``: loaded, or computed."""
+    dot, rank = body.kernel.dot, len(body.kernel.domain)
+    if dot.lhs_expr is None:
+        lhs = body.pointer_name(dot.lhs, plan.lhs_const)
+        em.emit(f"const index_t lhs_base = {linear(0, plan.lhs_coefs[: rank - 1], ridx)};")
+        lhs_t = STORAGE[dtype_code(dot.lhs.buffer.dtype)]
+        never_written = str(read_only(dot.lhs)).lower()
+        em.emit(f"dot::stage_rows<1, {plan.K}, {lhs_t}, {never_written}>({xs}, 0, {lhs}, lhs_base, 0, {plan.lhs_k});")
+    else:
+        stage_computed_row(body, em, ridx, plan.K, xs)
+
+def stage_computed_row(body: KernelBody, em: Emitter, ridx: list[str], K: int, xs: str) -> None:
+    """xs[k] = the lhs expression at (row, k): the row's reductions block-cooperatively (scratch space
+    after the accumulators, xs is being filled), then each thread computes its share of the k's."""
+    dot = body.kernel.dot
+    value, lhs_map = dot.lhs_expr.children[0], dot.lhs_expr.map
+    prefix = len(value.shape) - len(dot.k_shape)
+    zeros = ["0"] * (1 + len(dot.k_shape))
+    rows = em.map_index(lhs_map, list(ridx) + zeros)[:prefix]
+    em.rows_prefix, em.scratch, em.row_reduction_min = rows, "reinterpret_cast<char*>(scratch)", ROW_STAGING_MAX_INLINE + 1
+    for node in topological([value]):
+        if em.is_row_reduction(node):
+            em.row_reduction(node, rows)
+    em.emit(f"for (index_t k = threadIdx.x; k < {K}; k += {THREADS}) {{")
+    em.push()
+    kidx = em.delinearize("k", [str(s) for s in dot.k_shape], ["0"] * len(dot.k_shape))
+    trailing = em.map_index(lhs_map, list(ridx) + ["0"] + kidx)[prefix:]
+    em.emit(f"{xs}[k] = static_cast<float>({em.value(value, rows + trailing)});")
+    em.pop()
+    em.emit("}")
+
+def weight_prefetch(body: KernelBody, plan: DotPlan):
+    """Code that asks L2 for the weight tile of the task's first row before the task waits."""
+    dot, rank = body.kernel.dot, len(body.kernel.domain)
+    if not read_only(dot.rhs) or plan.layout == "columns_scalar":
+        return None
+    elt = np.dtype(dot.rhs.buffer.dtype).itemsize
+    # Only the head of the tile: L2 holds ~50 MB for 132 SMs, and a prefetch larger than a task's share
+    # is evicted before use while it competes with the loads of the tasks running now.
+    if plan.layout == "columns_vec":
+        row_bytes, stride = f"n_len * {elt}", plan.rhs_k * elt
+        rows = f"min((index_t){plan.K}, (index_t)({PREFETCH_BYTES} / (n_len * {elt})))"
+    else:
+        row_bytes, stride = str(plan.K * elt), plan.rhs_n * elt
+        rows = f"min(n_len, (index_t){max(1, PREFETCH_BYTES // (plan.K * elt))})"
+    first = weight_tile_origin(body, plan)
+
+    def render(slots) -> str:
+        return (
+            f"const index_t n_len = max(t.hi[{rank - 1}] - t.lo[{rank - 1}], 1); "
+            f"dot::prefetch_l2({slots.pointer(dot.rhs, plan.rhs_const)} + ({first}) * {elt}, "
+            f"{row_bytes}, {rows}, {stride});"
+        )
+
+    return render
+
+
+@dataclass
+class DotPlan:
+    """How a DOT kernel maps onto dot.cuh: linear forms of both operands over (domain ++ k)."""
+
+    layout: str  # columns_vec | columns_scalar | rows
+    K: int
+    max_n: int
+    lhs_const: int
+    lhs_coefs: list[int]
+    lhs_k: int
+    rhs_const: int
+    rhs_coefs: list[int]
+    rhs_k: int
+    rhs_n: int
+    vector_rows: bool
+    # > 0: the task's rows (this many) share one pass over the weight tile: the ring (columns_vec) or
+    # dot::rows_shared (rows)
+    together: int = 0
+    # the ring's rows multiply on tensor cores (dot::columns_ring_mma), see _tensor_core_rows
+    mma: bool = False
+
+    @property
+    def k_pad(self) -> int:
+        return -(-self.K // 4) * 4
+
+    @property
+    def x_stride(self) -> int:
+        """Floats from one staged row to the next: k_pad, and for the tensor-core dot 8 more than a multiple of
+        32 (its B loads read 8 rows at one k: 8 different banks)."""
+        return self.k_pad + (8 - self.k_pad) % 32 if self.mma else self.k_pad
+
+    @property
+    def n_pad(self) -> int:
+        return -(-self.max_n // 4) * 4
+
+    @staticmethod
+    def of(kernel: Kernel, tasks) -> DotPlan | None:
+        dot = kernel.dot
+        rank = len(kernel.domain)
+        if rank == 0 or not tasks or kernel.reads_comm():
+            return None
+        if dot.lhs_expr is None:
+            lhs = linear_form(dot.lhs_map, dot.lhs.shape)
+        else:  # computed while staged: only the contraction's nesting matters
+            lhs = 0, [0] * rank + [math.prod(dot.k_shape[d + 1 :]) for d in range(len(dot.k_shape))]
+        rhs = linear_form(dot.rhs_map, dot.rhs.shape)
+        if lhs is None or rhs is None:
+            return None
+        (lc, lcoef), (rc, rcoef) = lhs, rhs
+        lk, rk, K = flatten_contraction(lcoef[rank:], rcoef[rank:], dot.k_shape)
+        if K is None or lcoef[rank - 1] != 0:
+            return None
+        max_n = max(t.hi[rank - 1] - t.lo[rank - 1] for t in tasks)
+        if 4 * (K + max_n + 8 * THREADS) + 64 > MAX_DOT_SMEM_BYTES:
+            return None
+        rn = rcoef[rank - 1]
+        elt_ok = dtype_code(dot.rhs.buffer.dtype) in (DType.F32, DType.BF16, DType.F16)
+        aligned = all(c % 8 == 0 for c in [rc, *rcoef[: rank - 1]])
+        layout, vector_rows = "columns_scalar", False
+        if rn == 1 and elt_ok and aligned and rk % 8 == 0 and all(
+            t.lo[rank - 1] % 8 == 0 and (t.hi[rank - 1] - t.lo[rank - 1]) % 8 == 0 for t in tasks
+        ):
+            layout = "columns_vec"
+        elif rk == 1:
+            layout = "rows"
+            vector_rows = elt_ok and aligned and K % 8 == 0 and rn % 8 == 0
+        plan = DotPlan(layout, K, max_n, lc, lcoef[:rank], lk, rc, rcoef[:rank], rk, rn, vector_rows)
+        plan.together = rows_together(kernel, tasks, plan)
+        plan.mma = tensor_core_rows(kernel, tasks, plan)
+        return plan
+
+
+def rows_together(kernel: Kernel, tasks, plan: DotPlan) -> int:
+    """Rows per task that share one pass over the weight tile (0: the task's rows go one by one): tiles of
+    one row count (at most MAX_SHARED_WEIGHT_ROWS) whose rows share the weight tile (the weight does not
+    vary along them), and
+    * columns_vec, a weight (never written): streamed through the ring, any row count; column tiles that fit
+      a slot and room for the ring above the task's shared memory;
+    * vector rows over K >= 256: dot::rows_shared, for two rows or more."""
+    rank = len(kernel.domain)
+    extents = {tuple(h - l for l, h in zip(t.lo[: rank - 1], t.hi[: rank - 1])) for t in tasks}
+    if len(extents) != 1:
+        return 0
+    (extent,) = extents
+    rows = math.prod(extent)
+    if not 1 <= rows <= MAX_SHARED_WEIGHT_ROWS or any(c and e > 1 for c, e in zip(plan.rhs_coefs, extent)):
+        return 0
+    base = dot_smem_bytes(plan, rows)
+    if plan.layout == "rows":
+        return rows if plan.vector_rows and plan.K >= 256 and rows >= 2 and base <= MAX_SMEM_BYTES else 0
+    if plan.layout != "columns_vec" or not read_only(kernel.dot.rhs):
+        return 0
+    itemsize = np.dtype(kernel.dot.rhs.buffer.dtype).itemsize
+    for t in tasks:
+        n_len = t.hi[rank - 1] - t.lo[rank - 1]
+        if n_len * itemsize > RING_SLOT_BYTES or n_len // 8 > THREADS:
+            return 0
+    return rows if -(-base // 128) * 128 + RING_BYTES <= MAX_SMEM_BYTES else 0
+
+
+def tensor_core_rows(kernel: Kernel, tasks, plan: DotPlan) -> bool:
+    """Whether the ring's rows multiply on tensor cores (dot::columns_ring_mma): 2 rows or more of bf16/f16
+    values times a weight of the same type (so that the staged rows convert to it exactly), whole 16-column
+    blocks of at most MMA_MAX_COLUMNS, K in whole 16-row steps, and room for the padded staged rows."""
+    dot, rank = kernel.dot, len(kernel.domain)
+    if plan.layout != "columns_vec" or plan.together < 2:
+        return False
+    w_dtype = np.dtype(dot.rhs.buffer.dtype)
+    x_dtype = np.dtype(dot.lhs_expr.dtype if dot.lhs_expr is not None else dot.lhs.buffer.dtype)
+    if dtype_code(w_dtype) not in (DType.BF16, DType.F16) or x_dtype != w_dtype or plan.K % 16:
+        return False
+    if any((t.hi[rank - 1] - t.lo[rank - 1]) % 16 or t.hi[rank - 1] - t.lo[rank - 1] > MMA_MAX_COLUMNS for t in tasks):
+        return False
+    padded = replace(plan, mma=True)
+    return -(-dot_smem_bytes(padded, plan.together) // 128) * 128 + RING_BYTES <= MAX_SMEM_BYTES
+
+
+def dot_smem_bytes(plan: DotPlan, rows: int) -> int:
+    """Shared memory of a product task below the ring: xs[rows][x_stride], acc[rows][n_pad], then scratch for
+    block reductions and the columns GEMV's partial sums."""
+    return 4 * (rows * (plan.x_stride + plan.n_pad) + 8 * THREADS)
+
+
+def emit_dot_buffers(em: Emitter, plan: DotPlan, rows: int, scratch: bool) -> int:
+    """Declares the pointers of that layout (scratch only when the body uses it); returns its bytes."""
+    em.emit("float* xs = reinterpret_cast<float*>(smem);")
+    em.emit(f"float* acc = xs + {rows * plan.x_stride};")
+    if scratch:
+        em.emit(f"float* scratch = acc + {rows * plan.n_pad};")
+    return dot_smem_bytes(plan, rows)
+
+
+def flatten_contraction(lcoef, rcoef, k_shape):
+    """One stride per operand over the flattened contraction, when the contraction dims nest."""
+    if not k_shape:
+        return 0, 0, None
+    for coefs in (lcoef, rcoef):
+        for j in range(len(k_shape) - 1):
+            if coefs[j] != coefs[j + 1] * k_shape[j + 1]:
+                return 0, 0, None
+    return lcoef[-1], rcoef[-1], math.prod(k_shape)

@@ -1,0 +1,421 @@
+"""Expression emission for the CUDA megakernel: the C++ statements that compute a kernel's expression nodes at
+symbolic indices, and the per-kernel context every task-body kind renders into (its pointer parameters, its
+device function's signature). The kinds themselves are in :mod:`jax_mpk.bodies`; the source around them in
+:mod:`jax_mpk.codegen`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .graph import Acc, Elementwise, Load, Node, Piecewise, Reduce, Reindex, topological
+from .indexmap import Affine, IndexMap, linear_form
+from .kernels import Kernel, Tensor
+from .layout import DTYPES, SCALAR_OP_OF, DType, NodeOp, ReduceKind, TensorKind
+from .plan import dtype_code
+
+THREADS = 512
+# Strided positions of a row that a thread folds per unrolled step of a cooperative reduction (their loads
+# are issued together). Output loops are not unrolled: batching 2-4 positions' values before their stores
+# raised the kernel's register count and broke the load schedule of the GEMV variants, which share it.
+FOLD_UNROLL = 4
+ROW_REDUCTION = 256  # reductions at least this long are done by the whole block, row by row; shorter inline
+
+STORAGE = {code: info.cuda_storage for code, info in DTYPES.items()}
+VALUE = {code: info.cuda_value for code, info in DTYPES.items()}
+_ROUND = {code: info.cuda_round for code, info in DTYPES.items() if info.cuda_round}
+_REDUCER = {
+    ReduceKind.SUM: "reduce::Sum", ReduceKind.PROD: "reduce::Prod", ReduceKind.MAX: "reduce::Max",
+    ReduceKind.MIN: "reduce::Min", ReduceKind.AND: "reduce::And", ReduceKind.OR: "reduce::Or",
+}  # fmt: skip
+
+
+@dataclass
+class _Fold:
+    acc: str  # accumulator variable
+    acc_t: str  # its value type (ArgBest's value type for arg-reductions)
+    reducer: str  # the reduce:: combiner type
+    arg: bool
+    result: str  # expression of the reduced value
+
+
+class NotRowForm(Exception):
+    """A reduction is read at an index that is not its row: fall back to the flat form."""
+
+
+class KernelBody:
+    """One kernel being rendered as a device function of (params, task, smem, tensor pointers...): what a body
+    kind renders into."""
+
+    def __init__(self, kernel: Kernel, tasks, merge_counter: int = -1):
+        self.kernel, self.tasks = kernel, tasks
+        self.merge_counter = merge_counter  # split attention: the event of its first group's merge counter
+        # Pointer parameters: (tensor, constant element offset). Constant offsets (the layer index into
+        # stacked weights, a static cache slot) travel in the pointer, so that repeated layers render the
+        # same text and share one variant.
+        self.tensors: list[tuple[Tensor, int]] = []
+        self.tensor_names: dict[tuple, str] = {}
+        self.uses_ring = False
+
+    def pointer_name(self, tensor: Tensor, element_offset: int = 0) -> str:
+        key = (id(tensor.buffer), element_offset)
+        if key not in self.tensor_names:
+            self.tensor_names[key] = f"b{len(self.tensors)}"
+            self.tensors.append((tensor, element_offset))
+        return self.tensor_names[key]
+
+    def forget_pointers(self) -> None:
+        """Back to no pointer parameters (a kind that gave up half-way)."""
+        self.tensors, self.tensor_names = [], {}
+
+    def signature(self) -> str:
+        params = ", ".join(f"char* b{i}" for i in range(len(self.tensors)))
+        return f"__device__ __noinline__ void VARIANT(const MegakernelParams& p, const TaskRecord& t, char* smem{', ' if params else ''}{params})"
+
+    def finish(self, em: Emitter, smem: int, prefetch):
+        """(device function text, its pointer parameters, shared memory bytes, prefetch renderer or None)."""
+        body = "\n".join("  " + line for line in em.lines)
+        text = f"{self.signature()} {{\n{body}\n}}\n"
+        return text, list(self.tensors), smem, prefetch
+
+
+def is_row_reduction(node: Node, minimum: int = ROW_REDUCTION) -> bool:
+    """Reductions at least ``minimum`` long are done by the whole block, row by row; short ones (split-K
+    sums) inline."""
+    return isinstance(node, Reduce) and math.prod(node.children[0].shape[len(node.shape) :]) >= minimum
+
+
+def read_only(tensor: Tensor) -> bool:
+    return tensor.buffer.kind == TensorKind.INPUT
+
+
+def tile_size(dim: int) -> str:
+    return f"(t.hi[{dim}] - t.lo[{dim}])"
+
+
+def tile_count(rank: int) -> str:
+    return " * ".join(f"(index_t)(t.hi[{d}] - t.lo[{d}])" for d in range(rank)) or "1"
+
+
+def linear(const: int, coefs, idx) -> str:
+    terms = [f"{c} * (index_t){i}" if c != 1 else f"(index_t){i}" for c, i in zip(coefs, idx) if c != 0]
+    if const or not terms:
+        terms.append(str(const))
+    return " + ".join(terms)
+
+
+class Emitter:
+    """Emits C++ statements computing expression nodes at symbolic indices (strings), with memoization
+    per scope (a loop body or a branch)."""
+
+    def __init__(self, body: KernelBody, rows_prefix):
+        self.body, self.rows_prefix = body, rows_prefix
+        self.lines: list[str] = []
+        self.depth = 0
+        self.scopes: list[dict] = [{}]
+        self.counter = 0
+        self.acc: str | None = None
+        self.reductions: dict[int, str] = {}
+        self.scratch = "smem"  # char* to shared memory that block reductions may use
+        self.row_reduction_min = ROW_REDUCTION
+
+    def is_row_reduction(self, node: Node) -> bool:
+        return is_row_reduction(node, self.row_reduction_min)
+
+    # ---------------------------------------------------------------------------------------- output
+    def emit(self, line: str) -> None:
+        self.lines.append("  " * self.depth + line)
+
+    def push(self) -> None:
+        self.depth += 1
+        self.scopes.append({})
+
+    def pop(self) -> None:
+        self.depth -= 1
+        self.scopes.pop()
+
+    def fresh(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    def delinearize(self, flat: str, sizes: list[str], offsets: list[str]) -> list[str]:
+        names, rest = [], flat
+        for d in range(len(sizes)):
+            name = self.fresh("i")
+            inner = " * ".join(sizes[d + 1 :]) or "1"
+            self.emit(f"const index_t {name} = {offsets[d]} + ({rest}) / ({inner}) % {sizes[d]};" if d else
+                      f"const index_t {name} = {offsets[d]} + ({rest}) / ({inner});")
+            names.append(name)
+        return names
+
+    def tile_index(self, flat: str, dims) -> list[str]:
+        """Domain indices of position ``flat`` of the task's tile restricted to ``dims`` (row-major)."""
+        dims = list(dims)
+        return self.delinearize(flat, [tile_size(d) for d in dims], [f"t.lo[{d}]" for d in dims])
+
+    def rounded(self, expr: str, code: DType) -> str:
+        name = self.fresh("v")
+        fn = _ROUND.get(code)
+        self.emit(f"const {VALUE[code]} {name} = {fn}({expr});" if fn else f"const {VALUE[code]} {name} = {expr};")
+        return name
+
+    # ---------------------------------------------------------------------------------------- indices
+    def map_index(self, index_map: IndexMap, idx: list[str]) -> list[str]:
+        cur, shape = list(idx), list(index_map.in_shape)
+        for stage in index_map.stages:
+            if isinstance(stage, Affine):
+                new = []
+                for row, off in zip(stage.matrix, stage.offset):
+                    terms = [(a, c) for a, c in zip(row, cur) if a != 0]
+                    if not terms:
+                        new.append(str(off))
+                    elif len(terms) == 1 and terms[0][0] == 1 and off == 0:
+                        new.append(terms[0][1])
+                    else:
+                        parts = [c if a == 1 else f"{a} * {c}" for a, c in terms]
+                        if off:
+                            parts.append(str(off))
+                        name = self.fresh("i")
+                        self.emit(f"const index_t {name} = {' + '.join(parts)};")
+                        new.append(name)
+                cur = new
+            else:
+                lin = self.fresh("l")
+                strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+                self.emit(f"const index_t {lin} = {linear(0, strides, cur)};")
+                cur = self.delinearize(lin, [str(s) for s in stage.out_shape], ["0"] * len(stage.out_shape))
+            shape = list(stage.out_shape)
+        return cur
+
+    # ----------------------------------------------------------------------------------------- values
+    def value(self, node: Node, idx: list[str]) -> str:
+        name = self._known(node, idx)
+        if name is None:
+            # elementwise operands first, deepest first, so that a chain of hundreds of fused operations
+            # does not recurse once per link
+            for operand in self._unknown_elementwise_operands(node, idx):
+                self.scopes[-1][(operand.uid, tuple(idx))] = self._compute(operand, idx)
+            name = self.scopes[-1][(node.uid, tuple(idx))] = self._compute(node, idx)
+        return name
+
+    def _known(self, node: Node, idx: list[str]) -> str | None:
+        key = (node.uid, tuple(idx))
+        return next((scope[key] for scope in reversed(self.scopes) if key in scope), None)
+
+    def _unknown_elementwise_operands(self, node: Node, idx: list[str]) -> list[Node]:
+        """Elementwise nodes below ``node`` (through elementwise nodes, at the same index) not yet computed,
+        children before parents in the order the recursive computation would emit them."""
+        order, seen, stack = [], {node.uid}, [(node, False)]
+        while stack:
+            current, expanded = stack.pop()
+            if expanded:
+                order.append(current)
+                continue
+            stack.append((current, True))
+            for child in reversed(current.children if isinstance(current, Elementwise) else ()):
+                if isinstance(child, Elementwise) and child.uid not in seen and self._known(child, idx) is None:
+                    seen.add(child.uid)
+                    stack.append((child, False))
+        return order[:-1]  # node itself last
+
+    def element_offset(self, tensor: Tensor, index_map: IndexMap, idx: list[str], dyn) -> tuple[str, str]:
+        """(pointer parameter, element offset expression) of ``tensor[map(idx) + dyn]``."""
+        strides = [math.prod(tensor.shape[d + 1 :]) for d in range(len(tensor.shape))]
+        form = linear_form(index_map, tensor.shape)
+        if form is None:
+            const, offset = 0, linear(0, strides, self.map_index(index_map, idx))
+        else:
+            const, coefs = form
+            offset = linear(0, coefs, idx)
+        for dim, value, hi in dyn:
+            offset = f"{offset} + {strides[dim]} * static_cast<index_t>(ops::dynamic_offset({value}, {hi}))"
+        pointer = self.body.pointer_name(tensor, const)
+        if tensor.buffer.kind == TensorKind.COMM:  # slot r of the buffer lives on rank r
+            slot = math.prod(tensor.buffer.shape) // tensor.buffer.shape[0]
+            element = self.fresh("c")
+            self.emit(f"const index_t {element} = {offset};")
+            return f"comm::on_rank(p, {pointer}, {element} / {slot})", f"{element} % {slot}"
+        return pointer, offset
+
+    def load_value(self, tensor: Tensor, index_map: IndexMap, idx: list[str], dtype, dyn=()) -> str:
+        code = dtype_code(tensor.buffer.dtype)
+        fn = "ops::load_readonly" if read_only(tensor) else "ops::load"
+        name = self.fresh("x")
+        ptr, offset = self.element_offset(tensor, index_map, idx, dyn)
+        self.emit(f"const {VALUE[code]} {name} = {fn}<{STORAGE[code]}>({ptr}, {offset});")
+        target = dtype_code(dtype)
+        if VALUE[target] != VALUE[code]:
+            return self.rounded(f"ops::convert<{VALUE[target]}>({name})", target)
+        return name
+
+    def _compute(self, node: Node, idx: list[str]) -> str:
+        code = dtype_code(node.dtype)
+        vt = VALUE[code]
+        if isinstance(node, Load):
+            dyn = [(d, self.value(c, idx), hi) for d, c, hi in zip(node.dims, node.children, node.his)]
+            return self.load_value(node.tensor, node.map, idx, node.dtype, dyn)
+        if isinstance(node, Acc):
+            return self.acc
+        if isinstance(node, Reindex):
+            return self.value(node.children[0], self.map_index(node.map, idx))
+        if isinstance(node, Reduce):
+            return self._reduce(node, idx)
+        if isinstance(node, Piecewise):
+            return self._piecewise(node, idx)
+        assert isinstance(node, Elementwise), node
+        op = node.op
+        if op == NodeOp.CONST:
+            return literal(node.params[0], code)
+        if op == NodeOp.IOTA:
+            return self.rounded(f"static_cast<{vt}>({idx[node.params[0]]})", code)
+        args = [self.value(c, idx) for c in node.children]
+        if op == NodeOp.CONVERT:
+            return self.rounded(f"ops::convert<{vt}>({args[0]})", code)
+        if op in SCALAR_OP_OF:
+            return self.rounded(f"ops::{SCALAR_OP_OF[op].cpp_name}({', '.join(args)})", code)
+        if op == NodeOp.SELECT_N:
+            pred, cases = args[0], args[1:]
+            if dtype_code(node.children[0].dtype) == DType.BOOL:
+                return self.rounded(f"({pred} ? {cases[1]} : {cases[0]})", code)
+            expr = cases[-1]
+            for i in reversed(range(len(cases) - 1)):
+                expr = f"({pred} <= {i} ? {cases[i]} : {expr})"
+            return self.rounded(expr, code)
+        if op == NodeOp.CLAMP:
+            return self.rounded(f"ops::clamp({args[0]}, {args[1]}, {args[2]})", code)
+        if op == NodeOp.INTEGER_POW:
+            return self.rounded(f"ops::integer_pow({args[0]}, {int(node.params[0])})", code)
+        if op == NodeOp.ROUND:
+            fn = "ops::round_half_even" if int(node.params[0]) == 1 else "ops::round_half_away"
+            return self.rounded(f"{fn}({args[0]})", code)
+        raise NotImplementedError(f"codegen for {op!r}")
+
+    def _piecewise(self, node: Piecewise, idx: list[str]) -> str:
+        code = dtype_code(node.dtype)
+        result = self.fresh("pw")
+        self.emit(f"{VALUE[code]} {result};")
+        bounds = list(node.los) + [node.shape[node.axis]]
+        axis_index = idx[node.axis]
+        for k, child in enumerate(node.children):
+            if bounds[k + 1] <= bounds[k]:
+                continue
+            keyword = "if" if k == 0 else "} else if"
+            self.emit(f"{keyword} ({axis_index} < {bounds[k + 1]}) {{")
+            self.push()
+            shifted = list(idx)
+            shifted[node.axis] = f"({axis_index} - {bounds[k]})"
+            self.emit(f"{result} = {self.value(child, shifted)};")
+            self.pop()
+        self.emit("}")
+        return result
+
+    # ------------------------------------------------------------------------------------- reductions
+    def _reduce(self, node: Reduce, idx: list[str]) -> str:
+        if self.rows_prefix is not None and self.is_row_reduction(node):
+            if list(idx) != self.rows_prefix[: len(node.shape)] or node.uid not in self.reductions:
+                raise NotRowForm
+            return self.reductions[node.uid]
+        fold = self._fold(node, idx, cooperative=False)  # short: each thread loops over it alone
+        return self.rounded(fold.result, dtype_code(node.dtype))
+
+    def row_reduction(self, node: Reduce, row: list[str]) -> None:
+        """Cooperative reduction of one row: every thread folds a strided share, then the block combines."""
+        fold = self._fold(node, row, cooperative=True)
+        if fold.arg:
+            self.emit(f"{fold.acc} = reduce::block_arg_reduce({fold.acc}, reinterpret_cast<{fold.acc_t}*>({self.scratch}), "
+                      f"reinterpret_cast<int32_t*>({self.scratch} + 4 * {THREADS}));")
+        else:
+            self.emit(f"{fold.acc} = reduce::block_reduce<{fold.reducer}>({fold.acc}, "
+                      f"reinterpret_cast<{fold.acc_t}*>({self.scratch}));")
+        self.reductions[node.uid] = self.rounded(fold.result, dtype_code(node.dtype))
+
+    def _fold(self, node: Reduce, outer: list[str], cooperative: bool) -> _Fold:
+        """Emit an accumulator and the loop folding ``node``'s child over its inner positions: all of them,
+        or (``cooperative``) this thread's share, positions threadIdx.x + k * THREADS, in a loop with a
+        compile-time trip count that the compiler unrolls so that a thread's loads are issued together."""
+        child = node.children[0]
+        inner = child.shape[len(node.shape) :]
+        code = dtype_code(child.dtype)
+        arg = node.kind in (ReduceKind.ARGMAX, ReduceKind.ARGMIN)
+        acc_t = "int32_t" if code == DType.BOOL else VALUE[code]  # shuffles take no bool
+        reducer = (
+            f"reduce::ArgBest<{str(node.kind == ReduceKind.ARGMAX).lower()}, {acc_t}>"
+            if arg
+            else f"{_REDUCER[node.kind]}<{acc_t}>"
+        )
+        self._hoist_broadcast_reductions(child, len(node.shape), outer)
+        acc = self.fresh("red")
+        self.emit(f"{reducer} {acc} = {reducer}::init();" if arg else f"{acc_t} {acc} = {reducer}::init();")
+        length = math.prod(inner)
+        if cooperative:
+            self.emit(f"#pragma unroll {min(FOLD_UNROLL, -(-length // THREADS))}")
+            self.emit(f"for (index_t j0 = 0; j0 < {length}; j0 += {THREADS}) {{")
+            self.push()
+            self.emit("const index_t j = j0 + threadIdx.x;")
+            self.emit(f"if (j < {length}) {{")
+        else:
+            self.emit(f"for (index_t j = 0; j < {length}; ++j) {{")
+        self.push()
+        jidx = self.delinearize("j", [str(s) for s in inner], ["0"] * len(inner))
+        v = self.value(child, list(outer) + jidx)
+        item = f"{{static_cast<{acc_t}>({v}), static_cast<int32_t>(j)}}" if arg else f"static_cast<{acc_t}>({v})"
+        self.emit(f"{acc} = {reducer}::combine({acc}, {item});")
+        self.pop()
+        self.emit("}")
+        if cooperative:
+            self.pop()
+            self.emit("}")
+        result = f"{acc}.index" if arg else f"static_cast<{VALUE[dtype_code(node.dtype)]}>({acc})"
+        return _Fold(acc, acc_t, reducer, arg, result)
+
+    def _hoist_broadcast_reductions(self, child: Node, outer_rank: int, outer: list[str]) -> None:
+        """Compute before a fold's loop the reductions its child reads broadcast along the folded dims (a
+        softmax's max inside its sum; the largest chunk max inside split attention's merge): inside the loop
+        they would be recomputed at every iteration."""
+        for node in topological([child]):
+            if not (isinstance(node, Reindex) and isinstance(node.children[0], Reduce)):
+                continue
+            reduced = node.children[0]
+            prefix = IndexMap.affine(node.shape, reduced.shape, [[int(c == r) for c in range(len(node.shape))]
+                                                                 for r in range(len(reduced.shape))])  # fmt: skip
+            if len(reduced.shape) == outer_rank and node.map.to_words() == prefix.to_words():
+                self.value(reduced, list(outer))
+
+    # ------------------------------------------------------------------------------------------ stores
+    def elements(self, count: str, element) -> None:
+        """Every thread computes, then stores, the kernel's outputs at its share of ``count`` tile positions.
+
+        ``element(e)`` emits the domain index of position ``e`` and returns it. All outputs' values are
+        computed before the first store: a store may alias any later load as far as the compiler knows, so
+        a store between them would make the second output's loads wait for the first one's.
+        """
+        self.emit(f"for (index_t e = threadIdx.x; e < {count}; e += {THREADS}) {{")
+        self.push()
+        idx = element("e")
+        stores = []
+        for out in self.body.kernel.outputs:
+            value = self.value(out.node, idx)
+            dyn = [(dim, self.value(node, idx), hi) for dim, node, hi in out.dyn]
+            ptr, offset = self.element_offset(out.tensor, out.map, idx, dyn)
+            stores.append(f"ops::store<{STORAGE[dtype_code(out.tensor.buffer.dtype)]}>({ptr}, {offset}, {value});")
+        for line in stores:
+            self.emit(line)
+        self.pop()
+        self.emit("}")
+
+
+def literal(value: float, code: DType) -> str:
+    if code in (DType.F32, DType.BF16, DType.F16):
+        if math.isnan(value):
+            return "__int_as_float(0x7fc00000)"
+        if math.isinf(value):
+            return "__int_as_float(0x7f800000)" if value > 0 else "__int_as_float(0xff800000)"
+        return f"{float(np.float32(value))!r}f"
+    if code == DType.BOOL:
+        return "true" if value else "false"
+    if code in (DType.U32, DType.U8):
+        return f"{int(value)}u"
+    return f"static_cast<int32_t>({int(value)})"
