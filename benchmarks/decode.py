@@ -22,7 +22,8 @@ For each model x batch x context, both variants run in this process on the defau
   device in this run (benchmarks/bandwidth.py: streaming reductions over 4 GiB, best of 10; the better of XLA's
   and, when present, PyTorch's). Reported with it: % of floor and the overhead per layer,
   (step - floor) / layers.
-* --tp N: the tensor-parallel step (models.make_tp_decode_step) over the first N devices of the default
+* --tp N (or a list, --tp 1,2: every degree in one process, for a like-for-like comparison of one device
+  against N): the tensor-parallel step (models.make_tp_decode_step) over the first N devices of the default
   device's platform, weights and cache placed on them once; both variants run it (the megakernel: one per
   device, with collectives inside it). The floor is then bytes per device / bandwidth
   of one device (the devices read in parallel): the weights and KV divided by N, except that the replicated
@@ -36,7 +37,7 @@ can be run in separate processes), a Markdown table (.md) and a chart (.png, whe
     python benchmarks/decode.py                        # GPU: the three full models; CPU: their tiny stand-ins
     python benchmarks/decode.py --models qwen3-8b --batch 1 --ctx 1024
     python benchmarks/decode.py --quick                # a smoke run: one small configuration per model
-    XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/decode.py --quick --tp 2
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/decode.py --quick --tp 1,2
 """
 
 from __future__ import annotations
@@ -444,8 +445,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--check-steps", type=int, help=f"agreement steps (default {DEFAULTS['check_steps']})")
     parser.add_argument("--dtype", help="override the presets' dtype (full presets: bfloat16, tiny: float32)")
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK} unless given")
-    parser.add_argument("--tp", type=int, default=1,
-                        help="tensor parallel over the first TP devices (default 1: one device, no shard_map)")
+    parser.add_argument("--tp", type=ints, default=[1],
+                        help="comma-separated tensor-parallel degrees, each over the first TP devices (default 1: one "
+                             "device, no shard_map)")  # fmt: skip
     parser.add_argument("--cache-layout", default="stacked", choices=models.CACHE_LAYOUTS,
                         help="KV cache: two stacked arrays, or one array per layer for keys and for values")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
@@ -460,20 +462,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [m for m in args.models if m not in models.PRESETS]
     if unknown:
         parser.error(f"unknown models {unknown}; presets: {sorted(models.PRESETS)}")
-    if args.tp > 1 and args.cache_layout != "stacked":
+    if max(args.tp) > 1 and args.cache_layout != "stacked":
         parser.error("--tp takes the stacked cache layout")
-    if args.tp < 1:
+    if min(args.tp) < 1:
         parser.error("--tp must be at least 1")
     for name in list(args.models):
-        try:
-            models.tp_local_config(models.PRESETS[name], args.tp)
-        except ValueError as error:
-            if not defaulted:
-                parser.error(f"--tp {args.tp}, {name}: {error}")
-            print(f"skipping {name}: {error}")  # of the default models, those that split
-            args.models.remove(name)
+        for tp in args.tp:
+            try:
+                models.tp_local_config(models.PRESETS[name], tp)
+            except ValueError as error:
+                if not defaulted:
+                    parser.error(f"--tp {tp}, {name}: {error}")
+                print(f"skipping {name}: {error}")  # of the default models, those that split
+                args.models.remove(name)
+                break
     if not args.models:
-        parser.error(f"no default model splits over --tp {args.tp}; name some with --models")
+        parser.error(f"no default model splits over --tp {','.join(map(str, args.tp))}; name some with --models")
     return args
 
 
@@ -482,13 +486,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     device = jnp.zeros(()).device  # the default device, where both variants run (tp = 1)
     on_gpu = device.platform == "gpu"
-    mesh = None
-    if args.tp > 1:
+    meshes = {}  # tp -> its mesh (None: one device, no shard_map)
+    for tp in args.tp:
         try:
-            mesh = models.tp_mesh(args.tp, jax.devices(device.platform))
+            meshes[tp] = models.tp_mesh(tp, jax.devices(device.platform)) if tp > 1 else None
         except ValueError as error:
-            raise SystemExit(f"--tp {args.tp}: {error}") from error
-    print(f"device {device.device_kind}{f' x {args.tp} (tensor parallel)' if mesh else ''}, jax {jax.__version__}; "
+            raise SystemExit(f"--tp {tp}: {error}") from error
+    print(f"device {device.device_kind}, tensor parallel {args.tp}, jax {jax.__version__}; "
           f"models {args.models}, batch {args.batch}, ctx {args.ctx}, {args.repeats} x {args.steps} steps",
           flush=True)  # fmt: skip
     rates = read_bandwidth(4 << 30 if on_gpu else 256 << 20)
@@ -499,20 +503,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
            "steps": args.steps, "repeats": args.repeats, "chains": args.chains, "warmup": args.warmup,
            "read_bandwidths_Bps": rates}  # fmt: skip
     configs = [(b, c) for b in args.batch for c in args.ctx]
-    results, index, total = [], 0, len(args.models) * len(configs)
+    results, index, total = [], 0, len(args.models) * len(configs) * len(meshes)
     for name in args.models:
         config = models.PRESETS[name]
         config = dataclasses.replace(config, dtype=args.dtype or config.dtype)
         with progress(f"{name}: random weights"):
-            weights, merge = models.split(models.create(config))
-            if mesh is not None:
-                weights, _ = models.tp_shard(mesh, config, weights)
-        for batch, ctx in configs:
-            index += 1
-            tp = f" tp {args.tp}" if mesh else ""
-            print(f"[{index}/{total}] {name}{tp} batch {batch} ctx {ctx} ({config.dtype})", flush=True)
-            results.append({**run_config(name, config, weights, merge, batch, ctx, args, bandwidth, mesh), **run})
-        del weights, merge
+            whole, merge = models.split(models.create(config))
+        for tp, mesh in meshes.items():
+            weights = whole if mesh is None else models.tp_shard(mesh, config, whole)[0]
+            for batch, ctx in configs:
+                index += 1
+                label = f" tp {tp}" if mesh else ""
+                print(f"[{index}/{total}] {name}{label} batch {batch} ctx {ctx} ({config.dtype})", flush=True)
+                results.append({**run_config(name, config, weights, merge, batch, ctx, args, bandwidth, mesh), **run})
+            del weights
+        del whole, merge
     write_outputs(results, device.device_kind, args.out)
     if not all(r["agreement"]["agree"] for r in results):
         raise SystemExit("the megakernel's logits disagree with jax.jit's beyond tolerance (see 'agreement')")
