@@ -196,7 +196,7 @@ def test_rect_images_bound_every_image_and_match_one_rect_at_a_time(rng):
     an offset, a permutation, a broadcast, a reshape that splits or merges dims): every index of each rect maps
     inside that rect's image (checked with IndexMap.apply, which does not use rect math), which stays within
     the output shape, permutations and
-    slices give exactly the bounding box, rects do not affect each other, and an empty rect maps to zeros."""
+    slices give exactly the bounding box, rects do not affect each other, and an empty rect maps to an empty one."""
     from jax_mpk.indexmap import IndexMap
 
     for _ in range(20):
@@ -222,7 +222,7 @@ def test_rect_images_bound_every_image_and_match_one_rect_at_a_time(rng):
                 single = index_map.rect_image(tuple(zip(lo[r].tolist(), hi[r].tolist())))
                 assert single == tuple(zip(got_lo[r].tolist(), got_hi[r].tolist()))
                 if r == len(lo) - 1:
-                    assert not got_lo[r].any() and not got_hi[r].any()
+                    assert (got_hi[r] <= got_lo[r]).any()  # empty (all zeros through a map with stages)
                     continue
                 images = np.array([index_map.apply(i) for i in np.ndindex(*(hi[r] - lo[r]))
                                    for i in [tuple(np.array(i) + lo[r])]])  # fmt: skip
