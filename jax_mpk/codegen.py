@@ -17,7 +17,7 @@ import numpy as np
 
 from . import bodies
 from .bodies.dot import MMA_MAX_COLUMNS, RING_BYTES, RING_SLOT_BYTES, RING_SLOTS
-from .emit import THREADS, KernelBody
+from .emit import SHARED_MEMORY_BYTES, THREADS, KernelBody
 from .fusion import MAX_SHARED_WEIGHT_ROWS
 from .kernels import Tensor
 from .layout import TaskField, TensorKind
@@ -65,6 +65,8 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         profile = f"reinterpret_cast<uint64_t*>(p.buffers[{workspace}] + {profile_offset})"
     if ring_offset is not None:
         smem = max(smem, ring_offset + RING_BYTES)
+    # every kind keeps within the budget (the ring's users leave room for it): a violation is a bug of a kind
+    assert smem <= SHARED_MEMORY_BYTES, f"{smem} bytes of shared memory (jax_mpk bug)"
     # 32-bit index arithmetic (divisions are several times cheaper) unless a tensor is too large for it
     wide = max((b.nbytes for b in kg.buffers), default=0) >= 1 << 31
     lines = [

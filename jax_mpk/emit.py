@@ -18,6 +18,7 @@ from .layout import DTYPES, SCALAR_OP_OF, DType, NodeOp, ReduceKind, TensorKind
 from .plan import dtype_code
 
 THREADS = 512
+SHARED_MEMORY_BYTES = 227 * 1024  # dynamic shared memory a Hopper CTA may opt in to: every body's budget
 # Strided positions of a row that a thread folds per unrolled step of a cooperative reduction (their loads
 # are issued together). Output loops are not unrolled: batching 2-4 positions' values before their stores
 # raised the kernel's register count and broke the load schedule of the GEMV variants, which share it.

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..emit import STORAGE, THREADS, Emitter, KernelBody, linear, read_only, tile_count
+from ..emit import SHARED_MEMORY_BYTES, STORAGE, THREADS, Emitter, KernelBody, linear, read_only, tile_count
 from ..fusion import MAX_SHARED_WEIGHT_ROWS, ROW_STAGING_MAX_INLINE
 from ..graph import topological
 from ..indexmap import linear_form
@@ -18,14 +18,12 @@ from ..kernels import Kernel
 from ..layout import DType
 from ..plan import dtype_code
 
-MAX_DOT_SMEM_BYTES = 160 * 1024
 PREFETCH_BYTES = 64 * 1024  # weight bytes a task asks L2 for before it waits (products without a ring)
 # The weight ring of dot.cuh (columns-layout products with a weight operand): slots of shared memory that a
 # task's weight tile streams through with cp.async, the first RING_SLOTS - 1 issued before the task waits.
 RING_SLOTS = 4
 RING_SLOT_BYTES = 32 * 1024
 RING_BYTES = RING_SLOTS * RING_SLOT_BYTES
-MAX_SMEM_BYTES = 227 * 1024  # dynamic shared memory a Hopper CTA may opt in to
 MMA_MAX_COLUMNS = 512  # the widest column tile of the tensor-core dot (its accumulators are registers)
 
 
@@ -272,8 +270,6 @@ class DotPlan:
         if K is None or lcoef[rank - 1] != 0:
             return None
         max_n = max(t.hi[rank - 1] - t.lo[rank - 1] for t in tasks)
-        if 4 * (K + max_n + 8 * THREADS) + 64 > MAX_DOT_SMEM_BYTES:
-            return None
         rn = rcoef[rank - 1]
         elt_ok = dtype_code(dot.rhs.buffer.dtype) in (DType.F32, DType.BF16, DType.F16)
         aligned = all(c % 8 == 0 for c in [rc, *rcoef[: rank - 1]])
@@ -286,6 +282,8 @@ class DotPlan:
             layout = "rows"
             vector_rows = elt_ok and aligned and K % 8 == 0 and rn % 8 == 0
         plan = DotPlan(layout, K, max_n, lc, lcoef[:rank], lk, rc, rcoef[:rank], rk, rn, vector_rows)
+        if dot_smem_bytes(plan, 1) > SHARED_MEMORY_BYTES:
+            return None  # a row and its accumulators do not fit: the flat kind loops over K per element
         plan.together = rows_together(kernel, tasks, plan)
         plan.mma = tensor_core_rows(kernel, tasks, plan)
         return plan
@@ -308,7 +306,7 @@ def rows_together(kernel: Kernel, tasks, plan: DotPlan) -> int:
         return 0
     base = dot_smem_bytes(plan, rows)
     if plan.layout == "rows":
-        return rows if plan.vector_rows and plan.K >= 256 and rows >= 2 and base <= MAX_SMEM_BYTES else 0
+        return rows if plan.vector_rows and plan.K >= 256 and rows >= 2 and base <= SHARED_MEMORY_BYTES else 0
     if plan.layout != "columns_vec" or not read_only(kernel.dot.rhs):
         return 0
     itemsize = np.dtype(kernel.dot.rhs.buffer.dtype).itemsize
@@ -316,7 +314,7 @@ def rows_together(kernel: Kernel, tasks, plan: DotPlan) -> int:
         n_len = t.hi[rank - 1] - t.lo[rank - 1]
         if n_len * itemsize > RING_SLOT_BYTES or n_len // 8 > THREADS:
             return 0
-    return rows if -(-base // 128) * 128 + RING_BYTES <= MAX_SMEM_BYTES else 0
+    return rows if -(-base // 128) * 128 + RING_BYTES <= SHARED_MEMORY_BYTES else 0
 
 
 def tensor_core_rows(kernel: Kernel, tasks, plan: DotPlan) -> bool:
@@ -333,7 +331,7 @@ def tensor_core_rows(kernel: Kernel, tasks, plan: DotPlan) -> bool:
     if any((t.hi[rank - 1] - t.lo[rank - 1]) % 16 or t.hi[rank - 1] - t.lo[rank - 1] > MMA_MAX_COLUMNS for t in tasks):
         return False
     padded = replace(plan, mma=True)
-    return -(-dot_smem_bytes(padded, plan.together) // 128) * 128 + RING_BYTES <= MAX_SMEM_BYTES
+    return -(-dot_smem_bytes(padded, plan.together) // 128) * 128 + RING_BYTES <= SHARED_MEMORY_BYTES
 
 
 def dot_smem_bytes(plan: DotPlan, rows: int) -> int:
