@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One device-machine session: build the extension, then any of: the GPU tests, the decode benchmark of the Flax
 # examples, a per-SM trace of one step, the Llama-shaped decode_step benchmark, the per-call host overhead, the
-# warm start (first call in a new process, plan cached) of a model's step. Logs and results go to $OUT.
-#   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench,host,warm (any of them)] [pytest -k expression]
-# decode: DECODE_MODELS (default llama-3.2-1b,qwen3-0.6b,qwen3-8b), DECODE_BATCH (1,8), DECODE_CTX (1024),
-# DECODE_ARGS (extra arguments); warm: WARM_MODEL (qwen3-8b). "all" leaves out host and warm.
+# warm start (first call in a new process, plan cached) of a model's step, the per-task and per-level cost
+# (taskcost), split attention off then on in one session (split). Logs and results go to $OUT.
+#   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench,host,warm,taskcost,split] [pytest -k expression]
+# decode and split: DECODE_MODELS (default llama-3.2-1b,qwen3-0.6b,qwen3-8b), DECODE_BATCH (1,8), DECODE_CTX
+# (1024), DECODE_ARGS (extra arguments); warm: WARM_MODEL (qwen3-8b). "all" leaves out host, warm, taskcost, split.
 # The device machine gets the working tree without .git: pass the commit.
 set -uo pipefail
 what=${1:-all}
@@ -20,7 +21,7 @@ fi
 echo "build: $(( $(date +%s) - start )) s"
 python3 -c "import jax, jax_mpk._ext as e; print(jax.__version__, jax.devices(), 'cuda backend:', e.has_cuda())"
 status=0
-has() { [[ ($what == all && $1 != host && $1 != warm) || ,$what, == *,$1,* ]]; }
+has() { [[ ($what == all && ,host,warm,taskcost,split, != *,$1,*) || ,$what, == *,$1,* ]]; }
 if has tests; then
   python3 -m pytest -q -m gpu tests/ -p no:cacheprovider ${select:+-k "$select"} > "$OUT/gpu_tests.log" 2>&1
   status=$?
@@ -47,6 +48,19 @@ fi
 if has warm; then
   python3 benchmarks/warm_start.py --model "${WARM_MODEL:-qwen3-8b}" --out "$OUT" > "$OUT/warm_start.log" 2>&1
   tail -10 "$OUT/warm_start.log"
+fi
+if has taskcost; then
+  python3 benchmarks/task_cost.py --out "$OUT/task_cost.json" > "$OUT/task_cost.log" 2>&1
+  tail -6 "$OUT/task_cost.log"
+fi
+if has split; then
+  for on in 0 1; do
+    mkdir -p "$OUT/split$on"
+    # shellcheck disable=SC2086
+    JAX_MPK_SPLIT_ATTENTION=$on python3 benchmarks/decode.py --models "${DECODE_MODELS:-llama-3.2-1b,qwen3-0.6b,qwen3-8b}" \
+      --batch "${DECODE_BATCH:-1,8}" --ctx "${DECODE_CTX:-1024}" --out "$OUT/split$on" ${DECODE_ARGS:-} > "$OUT/split$on.log" 2>&1
+    echo "JAX_MPK_SPLIT_ATTENTION=$on:"; grep -E "^\[|=>" "$OUT/split$on.log"
+  done
 fi
 echo "session: $(( $(date +%s) - start )) s"
 exit $status
