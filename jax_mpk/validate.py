@@ -22,9 +22,8 @@ from collections import Counter
 import numpy as np
 
 from .errors import InvalidTaskGraphError
-from .layout import TensorKind
-
 from .indexmap import rect_volume, rects_overlap
+from .layout import TensorKind
 from .schedule import Schedule
 from .tasks import TaskGraph
 

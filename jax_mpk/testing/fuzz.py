@@ -190,8 +190,8 @@ SOURCE_NAMESPACE = {"jnp": jnp, "lax": lax, "np": np, "inf": np.inf, "nan": np.n
 class _ReferenceLax:
     """``jax.lax`` as the reference sees it, with XLA's documented NaN semantics enforced where XLA's kernels
     were seen to miss them: argmin/argmax of a row holding several NaNs give the first NaN's position (the
-    contract, and XLA:CPU's order; jax's arg-reducer keeps whichever NaN comes in as its first operand, so
-    XLA:GPU's reduction tree returns any one of them: GPU fuzz 2026:456, |diff| 3), and a max/min reduction
+    contract, and XLA:CPU's order; jax's arg-reducer keeps whichever NaN comes in as its first operand, so a
+    parallel reduction tree can return another: the likely cause of GPU fuzz 2026:456, |diff| 3), a max/min reduction
     over a NaN is NaN (XLA:CPU of jaxlib 0.10.2 drops the NaN of a row when reducing the last axis of a
     [32, 17, 32] array, jax.jit and op-by-op alike: CPU fuzz 2026:587)."""
 
