@@ -767,8 +767,9 @@ def reference_rounded(program: Program, args: Sequence[np.ndarray], trials: int 
     rounding) by a uniform random error within what the contract leaves open, each output then stacked as
     [trials, ...]: ``ELEMENTWISE_ULPS`` ulp of the result, and for a sum of n terms (a reduction, product, scan)
     sqrt(n) half-ulps of the same sum over the terms' magnitudes, the size of the differences that summation
-    order makes (a float32 sum by tiles against XLA's tree; the worst case is n half-ulps). How far these trials spread is how far the contract lets
-    an output move: through sin of a large argument, a comparison, or cancelling terms, it can be far."""
+    order makes (a float32 sum by tiles against XLA's tree; the worst case is n half-ulps). How far these trials
+    spread is how far the contract lets an output move: through sin of a large argument, a comparison, or
+    cancelling terms, it can be far."""
 
     def rounded(x, dtype: str):
         if dtype not in FLOATS:
@@ -1149,7 +1150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start", type=int, default=0, help="first program index (replay one with --count 1)")
     parser.add_argument("--platform", choices=("cpu", "cuda", GPU_PLAN), default="cpu",
-                        help=f"{GPU_PLAN}: plan each program for a {GPU_PLAN_SMS}-SM GPU on the CPU, without running it")
+                        help=f"{GPU_PLAN}: plan each program for a {GPU_PLAN_SMS}-SM GPU on the CPU, not running it")
     parser.add_argument("--batch", type=int, default=1, help="programs per megakernel (one compile for several)")
     parser.add_argument("--no-shrink", action="store_true")
     parser.add_argument("--records", help="append one JSON line per program here")
