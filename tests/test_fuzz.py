@@ -407,8 +407,9 @@ def test_reference_max_and_min_reductions_propagate_nan():
     x = np.zeros((32, 17, 32), np.float32)
     x[0, 3, 15], x[0, 3, 7] = np.nan, -np.inf
     values = fuzz.Value("a0", x.shape, "f32")
-    lines = tuple(fuzz.Line((fuzz.Value(f"v{i}", (32, 17), "f32"),), f"lax.reduce(a0, np.array({init}, f32)[()], {op}, (2,))")
-                  for i, (init, op) in enumerate([("inf", "lax.min"), ("-inf", "lax.max")], 1))  # fmt: skip
+    reductions = {"v1": "lax.reduce(a0, np.array(inf, f32)[()], lax.min, (2,))",
+                  "v2": "lax.reduce(a0, np.array(-inf, f32)[()], lax.max, (2,))"}  # fmt: skip
+    lines = tuple(fuzz.Line((fuzz.Value(name, (32, 17), "f32"),), expr) for name, expr in reductions.items())
     program = fuzz.Program(0, (values,), lines, ("v1", "v2"), fuzz.Knobs(1, 1 << 14, None))
     ours = [np.asarray(r) for r in jax_mpk.megakernelize(program.function())(x)]
     for result, reference in zip(ours, fuzz.reference_rounded(program, [x])):
