@@ -234,15 +234,35 @@ def test_in_place_update_merged_into_its_consumer_waits_for_readers_of_the_old_v
         check_against_jit(fn, x, u, num_workers=workers)
 
 
-def test_sum_over_one_element_keeps_a_negative_zero():
-    """XLA turns a sum over a length-1 axis into the element itself (no +0 added): -0 stays -0, visible
-    through rsqrt (fuzz program 2026:9821). Longer sums of -0 are +0, as XLA adds its +0 initial value."""
-    x = np.float16([[-0.0], [3.0], [-0.0], [0.0]])
-    y = np.full((4, 3), -0.0, np.float32)
-
+def _sums_of_negative_zeros():
     def fn(x, y):
         return lax.rsqrt(jnp.sum(x, axis=1)), 1 / jnp.sum(y, axis=1), 1 / jnp.sum(y[:, :1], axis=1)
 
+    return fn, np.float16([[-0.0], [3.0], [-0.0], [0.0]]), np.full((4, 3), -0.0, np.float32)
+
+
+def test_sum_over_one_element_keeps_a_negative_zero():
+    """XLA turns a sum over a length-1 axis into the element itself (no +0 added): -0 stays -0, visible
+    through rsqrt (fuzz program 2026:9821). Longer sums of -0 are +0, as XLA adds its +0 initial value. The
+    CUDA megakernel's sums over one element start from -0 too (tested on the GPU below; here, its source)."""
+    fn, x, y = _sums_of_negative_zeros()
+    expected, actual = jax.jit(fn)(x, y), jax_mpk.megakernelize(fn)(x, y)
+    for e, a in zip(expected, actual):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+    from jax_mpk.capture import capture
+    from jax_mpk.codegen import generate
+    from jax_mpk.fusion import fuse
+    from jax_mpk.schedule import schedule
+    from jax_mpk.tasks import build_task_graph
+
+    tasks = build_task_graph(fuse(capture(jax.make_jaxpr(fn)(x, y)), 132), 132)
+    text = generate(tasks, schedule(tasks, 132)).text
+    assert text.count("= -0.0f;") == 2 and text.count("Sum<float>::init()") == 1, text
+
+
+@pytest.mark.gpu
+def test_sum_over_one_element_keeps_a_negative_zero_on_the_gpu():
+    fn, x, y = _sums_of_negative_zeros()
     expected, actual = jax.jit(fn)(x, y), jax_mpk.megakernelize(fn)(x, y)
     for e, a in zip(expected, actual):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
