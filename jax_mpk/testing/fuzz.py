@@ -538,6 +538,12 @@ for _name in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"):
     generates(_name)(_cumulative(_name))
 
 
+@generates("top_k")
+def _top_k(b: Builder) -> str | None:
+    x = b.pick(lambda v: len(v.shape) >= 1 and v.dtype != "pred")
+    return f"lax.top_k({x.name}, {int(b.rng.integers(1, min(x.shape[-1], 8) + 1))})"
+
+
 @generates("argmax", "argmin")
 def _arg_extreme(b: Builder) -> str | None:
     x = b.pick(lambda v: len(v.shape) >= 1 and v.dtype != "pred")
