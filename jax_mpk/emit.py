@@ -349,8 +349,11 @@ class Emitter:
         )
         self._hoist_broadcast_reductions(child, len(node.shape), outer)
         acc = self.fresh("red")
-        self.emit(f"{reducer} {acc} = {reducer}::init();" if arg else f"{acc_t} {acc} = {reducer}::init();")
         length = math.prod(inner)
+        init = f"{reducer}::init()"
+        if node.kind == ReduceKind.SUM and length == 1 and acc_t == "float":
+            init = "-0.0f"  # XLA: a sum of one element is that element (a single -0 stays -0); x + -0 == x
+        self.emit(f"{reducer} {acc} = {init};" if arg else f"{acc_t} {acc} = {init};")
         if cooperative:
             self.emit(f"#pragma unroll {min(FOLD_UNROLL, -(-length // THREADS))}")
             self.emit(f"for (index_t j0 = 0; j0 < {length}; j0 += {THREADS}) {{")

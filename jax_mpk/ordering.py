@@ -1,7 +1,8 @@
 """Rules for top_k, sort and the cumulative scans, composed of the op graph's existing nodes.
 
 The CPU executor and the CUDA megakernel run them with their existing bodies (row reductions, split when
-long): top_k as k rounds of (max, argmax) over the row, each excluding what earlier rounds took; a scan as a
+long): top_k as k rounds of (max, first position of it) over the row, each excluding what earlier rounds took
+(NaN and signed zeros in jax's total order); a scan as a
 reduction over a masked [n, n] view; a sort as each entry's rank (a count over an [n, n] view, stored once) and a
 pick per output position (another). Scans and sorts are therefore limited to short axes (MAX_SQUARE_LENGTH).
 """
@@ -50,33 +51,64 @@ def _stack_last(parts: list[Node], dtype) -> Node:
 
 @rule("top_k")
 def _top_k(ctx, x, *, k, axis=-1, **_):
-    """The k largest entries of each row, largest first, the lower position first among equal ones. Round j
-    takes the largest entry below round j-1's (value, position) in that order; when all it may take are
-    -inf, the first of them. Rows holding NaN are not supported (jax.lax.top_k orders NaN first)."""
+    """The k largest entries of each row, largest first, the lower position first among equal ones, in
+    jax.lax.top_k's total order: NaN above +inf, +0 above -0. Round j takes the largest entry, in that order,
+    below round j-1's (value, position): its value is a max over the row with the entries taken or passed
+    replaced by -inf (NaN wins a max, and max(-0, +0) is +0), its position the first entry still allowed that
+    equals that value in the total order."""
     n, last = x.shape[-1], len(x.shape) - 1
     if int(axis) % len(x.shape) != last:
         raise ctx.unsupported("top_k along another axis than the last")
     shape, boolean, i32 = tuple(x.shape), np.dtype(bool), np.dtype(np.int32)
     iota = Elementwise(shape=shape, dtype=i32, op=NodeOp.IOTA, params=(last,))
     floor = const(_lowest(x.dtype), x.dtype, shape)
-    values, indices, candidates = [], [], x
+    above, same = _total_order(x, shape)
+    values, indices, candidates, allowed = [], [], x, const(1, boolean, shape)
     for _ in range(int(k)):
         best = _reduce_last(candidates, ReduceKind.MAX)
-        position = _reduce_last(candidates, ReduceKind.ARGMAX, i32)
-        if values:  # when the best is the floor, the first position that may still be taken
-            allowed_iota = _node("SELECT_N", allowed, const(n, i32, shape), iota, shape=shape, dtype=i32)
-            first = _reduce_last(allowed_iota, ReduceKind.MIN)
-            at_floor = _node("EQ", best, const(_lowest(x.dtype), x.dtype, best.shape), shape=best.shape, dtype=boolean)
-            position = _node("SELECT_N", at_floor, position, first, shape=best.shape, dtype=i32)
+        v = _spread(best, shape)
+        at_best = _node("AND", allowed, same(x, v), shape=shape, dtype=boolean)
+        position = _reduce_last(_node("SELECT_N", at_best, const(n, i32, shape), iota, shape=shape, dtype=i32),
+                                ReduceKind.MIN)  # fmt: skip
         values.append(best)
         indices.append(position)
-        v, p = _spread(best, shape), _spread(position, shape)
-        below = _node("LT", x, v, shape=shape, dtype=boolean)
-        tie_after = _node("AND", _node("EQ", x, v, shape=shape, dtype=boolean),
-                          _node("GT", iota, p, shape=shape, dtype=boolean), shape=shape, dtype=boolean)  # fmt: skip
-        allowed = _node("OR", below, tie_after, shape=shape, dtype=boolean)
+        p = _spread(position, shape)
+        tie_after = _node("AND", same(x, v), _node("GT", iota, p, shape=shape, dtype=boolean), shape=shape,
+                          dtype=boolean)  # fmt: skip
+        allowed = _node("OR", above(v, x), tie_after, shape=shape, dtype=boolean)
         candidates = _node("SELECT_N", allowed, floor, x, shape=shape, dtype=x.dtype)
     return [_stack_last(values, x.dtype), _stack_last(indices, i32)]
+
+
+def _total_order(x: Node, shape) -> tuple:
+    """``above(a, b)``: a comes strictly before b in descending total order; ``same(a, b)``: neither does.
+    Floats: NaN (all alike) above +inf, +0 above -0; integers: their order."""
+    boolean = np.dtype(bool)
+
+    def node(op, *xs):
+        return _node(op, *xs, shape=shape, dtype=boolean)
+
+    if np.dtype(x.dtype).kind in "biu":
+        return (lambda a, b: node("GT", a, b)), (lambda a, b: node("EQ", a, b))
+
+    def nan(a):
+        return node("NE", a, a)
+
+    def negative_zero(a):  # 1 / -0 is -inf
+        one_over = _node("DIV", const(1, x.dtype, shape), a, shape=shape, dtype=x.dtype)
+        return node("AND", node("EQ", a, const(0, x.dtype, shape)), node("LT", one_over, const(0, x.dtype, shape)))
+
+    def same_sign(a, b):
+        return node("EQ", negative_zero(a), negative_zero(b))
+
+    def above(a, b):
+        zeros = node("AND", node("EQ", a, b), node("AND", negative_zero(b), node("NOT", negative_zero(a))))
+        return node("OR", node("OR", node("GT", a, b), node("AND", nan(a), node("NOT", nan(b)))), zeros)
+
+    def same(a, b):
+        return node("OR", node("AND", node("EQ", a, b), same_sign(a, b)), node("AND", nan(a), nan(b)))
+
+    return above, same
 
 
 _SCANS = {"cumsum": ReduceKind.SUM, "cumprod": ReduceKind.PROD, "cummax": ReduceKind.MAX, "cummin": ReduceKind.MIN}

@@ -234,15 +234,35 @@ def test_in_place_update_merged_into_its_consumer_waits_for_readers_of_the_old_v
         check_against_jit(fn, x, u, num_workers=workers)
 
 
-def test_sum_over_one_element_keeps_a_negative_zero():
-    """XLA turns a sum over a length-1 axis into the element itself (no +0 added): -0 stays -0, visible
-    through rsqrt (fuzz program 2026:9821). Longer sums of -0 are +0, as XLA adds its +0 initial value."""
-    x = np.float16([[-0.0], [3.0], [-0.0], [0.0]])
-    y = np.full((4, 3), -0.0, np.float32)
-
+def _sums_of_negative_zeros():
     def fn(x, y):
         return lax.rsqrt(jnp.sum(x, axis=1)), 1 / jnp.sum(y, axis=1), 1 / jnp.sum(y[:, :1], axis=1)
 
+    return fn, np.float16([[-0.0], [3.0], [-0.0], [0.0]]), np.full((4, 3), -0.0, np.float32)
+
+
+def test_sum_over_one_element_keeps_a_negative_zero():
+    """XLA turns a sum over a length-1 axis into the element itself (no +0 added): -0 stays -0, visible
+    through rsqrt (fuzz program 2026:9821). Longer sums of -0 are +0, as XLA adds its +0 initial value. The
+    CUDA megakernel's sums over one element start from -0 too (tested on the GPU below; here, its source)."""
+    fn, x, y = _sums_of_negative_zeros()
+    expected, actual = jax.jit(fn)(x, y), jax_mpk.megakernelize(fn)(x, y)
+    for e, a in zip(expected, actual):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+    from jax_mpk.capture import capture
+    from jax_mpk.codegen import generate
+    from jax_mpk.fusion import fuse
+    from jax_mpk.schedule import schedule
+    from jax_mpk.tasks import build_task_graph
+
+    tasks = build_task_graph(fuse(capture(jax.make_jaxpr(fn)(x, y)), 132), 132)
+    text = generate(tasks, schedule(tasks, 132)).text
+    assert text.count("= -0.0f;") == 2 and text.count("Sum<float>::init()") == 1, text
+
+
+@pytest.mark.gpu
+def test_sum_over_one_element_keeps_a_negative_zero_on_the_gpu():
+    fn, x, y = _sums_of_negative_zeros()
     expected, actual = jax.jit(fn)(x, y), jax_mpk.megakernelize(fn)(x, y)
     for e, a in zip(expected, actual):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
@@ -407,8 +427,9 @@ def test_reference_max_and_min_reductions_propagate_nan():
     x = np.zeros((32, 17, 32), np.float32)
     x[0, 3, 15], x[0, 3, 7] = np.nan, -np.inf
     values = fuzz.Value("a0", x.shape, "f32")
-    lines = (fuzz.Line((fuzz.Value("v1", (32, 17), "f32"),), "lax.reduce(a0, np.array(inf, f32)[()], lax.min, (2,))"),
-             fuzz.Line((fuzz.Value("v2", (32, 17), "f32"),), "lax.reduce(a0, np.array(-inf, f32)[()], lax.max, (2,))"))  # fmt: skip
+    reductions = {"v1": "lax.reduce(a0, np.array(inf, f32)[()], lax.min, (2,))",
+                  "v2": "lax.reduce(a0, np.array(-inf, f32)[()], lax.max, (2,))"}  # fmt: skip
+    lines = tuple(fuzz.Line((fuzz.Value(name, (32, 17), "f32"),), expr) for name, expr in reductions.items())
     program = fuzz.Program(0, (values,), lines, ("v1", "v2"), fuzz.Knobs(1, 1 << 14, None))
     ours = [np.asarray(r) for r in jax_mpk.megakernelize(program.function())(x)]
     for result, reference in zip(ours, fuzz.reference_rounded(program, [x])):
@@ -427,3 +448,32 @@ def test_rounding_trials_keep_signed_zeros():
     (trials,) = fuzz.reference_rounded(program, zeros, fuzz.ROUNDING_TRIALS)
     assert np.all(trials == -np.inf)
     assert not fuzz.within_rounding(np.full(4, np.inf, np.float32), np.full(4, -np.inf), trials)
+
+
+def _top_k_with_nan_and_signed_zeros():
+    x = np.float32([[1, np.nan, 3, np.nan, -np.inf, 0.0, -0.0, np.inf], [0.0, -0.0, 0.0, -0.0, 2, 2, 1, 1],
+                    [-np.inf] * 8])  # fmt: skip
+    return (lambda x: (lax.top_k(x, 8), lax.top_k(x, 3))), x
+
+
+def _assert_bitwise_equal(actual, expected):
+    """Equal bits (signed zeros included), NaN where NaN (payloads are not part of the contract)."""
+    for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected)):
+        a, e = np.asarray(a), np.asarray(e)
+        nan = np.isnan(e) if e.dtype.kind == "f" else np.zeros(e.shape, bool)
+        np.testing.assert_array_equal(np.isnan(a) if a.dtype.kind == "f" else nan, nan)
+        np.testing.assert_array_equal(a[~nan].view(np.uint8), e[~nan].view(np.uint8))
+
+
+def test_top_k_orders_nan_first_and_positive_zero_above_negative_zero():
+    """top_k had no generator (the generic one cannot call it); with one, rows holding NaN came out wrong
+    (NaN, then -inf at position 8, past the row) and -0 counted as +0. jax orders NaN above +inf and +0 above
+    -0, the lower position first among equal entries."""
+    fn, x = _top_k_with_nan_and_signed_zeros()
+    _assert_bitwise_equal(jax_mpk.megakernelize(fn)(x), jax.jit(fn)(x))
+
+
+@pytest.mark.gpu
+def test_top_k_orders_nan_first_and_positive_zero_above_negative_zero_on_the_gpu():
+    fn, x = _top_k_with_nan_and_signed_zeros()
+    _assert_bitwise_equal(jax_mpk.megakernelize(fn)(x), jax.jit(fn)(x))

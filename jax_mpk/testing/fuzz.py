@@ -190,8 +190,8 @@ SOURCE_NAMESPACE = {"jnp": jnp, "lax": lax, "np": np, "inf": np.inf, "nan": np.n
 class _ReferenceLax:
     """``jax.lax`` as the reference sees it, with XLA's documented NaN semantics enforced where XLA's kernels
     were seen to miss them: argmin/argmax of a row holding several NaNs give the first NaN's position (the
-    contract, and XLA:CPU's order; jax's arg-reducer keeps whichever NaN comes in as its first operand, so
-    XLA:GPU's reduction tree returns any one of them: GPU fuzz 2026:456, |diff| 3), and a max/min reduction
+    contract, and XLA:CPU's order; jax's arg-reducer keeps whichever NaN comes in as its first operand, so a
+    parallel reduction tree can return another: the likely cause of GPU fuzz 2026:456, |diff| 3), a max/min reduction
     over a NaN is NaN (XLA:CPU of jaxlib 0.10.2 drops the NaN of a row when reducing the last axis of a
     [32, 17, 32] array, jax.jit and op-by-op alike: CPU fuzz 2026:587)."""
 
@@ -538,6 +538,12 @@ for _name in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"):
     generates(_name)(_cumulative(_name))
 
 
+@generates("top_k")
+def _top_k(b: Builder) -> str | None:
+    x = b.pick(lambda v: len(v.shape) >= 1 and v.dtype != "pred")
+    return f"lax.top_k({x.name}, {int(b.rng.integers(1, min(x.shape[-1], 8) + 1))})"
+
+
 @generates("argmax", "argmin")
 def _arg_extreme(b: Builder) -> str | None:
     x = b.pick(lambda v: len(v.shape) >= 1 and v.dtype != "pred")
@@ -767,8 +773,9 @@ def reference_rounded(program: Program, args: Sequence[np.ndarray], trials: int 
     rounding) by a uniform random error within what the contract leaves open, each output then stacked as
     [trials, ...]: ``ELEMENTWISE_ULPS`` ulp of the result, and for a sum of n terms (a reduction, product, scan)
     sqrt(n) half-ulps of the same sum over the terms' magnitudes, the size of the differences that summation
-    order makes (a float32 sum by tiles against XLA's tree; the worst case is n half-ulps). How far these trials spread is how far the contract lets
-    an output move: through sin of a large argument, a comparison, or cancelling terms, it can be far."""
+    order makes (a float32 sum by tiles against XLA's tree; the worst case is n half-ulps). How far these trials
+    spread is how far the contract lets an output move: through sin of a large argument, a comparison, or
+    cancelling terms, it can be far."""
 
     def rounded(x, dtype: str):
         if dtype not in FLOATS:
@@ -1149,7 +1156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start", type=int, default=0, help="first program index (replay one with --count 1)")
     parser.add_argument("--platform", choices=("cpu", "cuda", GPU_PLAN), default="cpu",
-                        help=f"{GPU_PLAN}: plan each program for a {GPU_PLAN_SMS}-SM GPU on the CPU, without running it")
+                        help=f"{GPU_PLAN}: plan each program for a {GPU_PLAN_SMS}-SM GPU on the CPU, not running it")
     parser.add_argument("--batch", type=int, default=1, help="programs per megakernel (one compile for several)")
     parser.add_argument("--no-shrink", action="store_true")
     parser.add_argument("--records", help="append one JSON line per program here")
