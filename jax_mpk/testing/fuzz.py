@@ -193,7 +193,9 @@ class _ReferenceLax:
     contract, and XLA:CPU's order; jax's arg-reducer keeps whichever NaN comes in as its first operand, so a
     parallel reduction tree can return another: the likely cause of GPU fuzz 2026:456, |diff| 3), a max/min reduction
     over a NaN is NaN (XLA:CPU of jaxlib 0.10.2 drops the NaN of a row when reducing the last axis of a
-    [32, 17, 32] array, jax.jit and op-by-op alike: CPU fuzz 2026:587)."""
+    [32, 17, 32] array, jax.jit and op-by-op alike: CPU fuzz 2026:587), and top_k puts every NaN first (XLA
+    orders by its total order, where a NaN with the sign bit set comes last; which NaNs have it depends on the
+    operations and hardware that made them, and is not part of the contract)."""
 
     def __getattr__(self, name: str):
         return getattr(lax, name)
@@ -205,6 +207,12 @@ class _ReferenceLax:
             return result
         nan = lax.reduce(lax.ne(operand, operand), False, lax.bitwise_or, dimensions)
         return jnp.where(nan, jnp.nan, result).astype(result.dtype)
+
+    @staticmethod
+    def top_k(operand, k: int):
+        if not jnp.issubdtype(operand.dtype, jnp.floating):
+            return lax.top_k(operand, k)
+        return lax.top_k(jnp.where(lax.ne(operand, operand), jnp.array(np.nan, operand.dtype), operand), k)
 
     @staticmethod
     def _first_nan_or(arg_reduction, x, axis: int, index_dtype):
