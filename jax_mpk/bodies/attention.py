@@ -91,6 +91,7 @@ def render_attention(body: KernelBody):
     merge_if_last(body, em, rows, f"reinterpret_cast<int*>(out + {rows * head_dim + 2 * rows})")
     return body.finish(em, smem=smem + 16, prefetch=None)
 
+
 def merge_if_last(body: KernelBody, em: Emitter, rows: int, flag: str) -> None:
     """The task that brings its group's counter to the group's task count (this call's share: counters only
     grow, as events do) merges the group's chunks into the output. Every task released its stores of
@@ -138,6 +139,7 @@ def merge_if_last(body: KernelBody, em: Emitter, rows: int, flag: str) -> None:
     em.emit("}")
     em.pop()
     em.emit("}")
+
 
 def stage_computed_rows_at_once(body: KernelBody, em: Emitter, rows: int, K: int, x_stride: int) -> bool:
     """xs[row * x_stride + k] = the computed lhs for all the task's rows in one loop, so that every thread's

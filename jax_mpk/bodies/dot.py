@@ -73,6 +73,7 @@ def render_columns_or_rows(body: KernelBody, plan: DotPlan):
     em.emit("}")
     return body.finish(em, smem=smem, prefetch=weight_prefetch(body, plan))
 
+
 def render_together(body: KernelBody, plan: DotPlan):
     """All the tile's rows staged (xs[r][k]), then one pass over the weight tile for all of them (through
     the ring, dot::columns_ring, or dot::rows_shared), then the epilogue over rows x columns."""
@@ -121,6 +122,7 @@ def render_together(body: KernelBody, plan: DotPlan):
     prefetch = ring_prefetch(body, plan) if body.uses_ring else weight_prefetch(body, plan)
     return body.finish(em, smem=smem, prefetch=prefetch)
 
+
 def uniform_row_stride(body: KernelBody, plan: DotPlan) -> int | None:
     """The lhs offset between consecutive rows of the tile (in tile order) when it is one number (the
     rows are an arithmetic progression in memory), else None. Needs a loaded lhs."""
@@ -140,10 +142,12 @@ def uniform_row_stride(body: KernelBody, plan: DotPlan) -> int | None:
         stride *= extents[d]
     return row_stride
 
+
 def weight_tile_origin(body: KernelBody, plan: DotPlan) -> str:
     """Element offset of the task's weight tile (its first k-row, first column)."""
     rank = len(body.kernel.domain)
     return linear(0, plan.rhs_coefs, [f"t.lo[{d}]" for d in range(rank)])
+
 
 def ring_prefetch(body: KernelBody, plan: DotPlan):
     dot, rank = body.kernel.dot, len(body.kernel.domain)
@@ -159,6 +163,7 @@ def ring_prefetch(body: KernelBody, plan: DotPlan):
 
     return render
 
+
 def stage_lhs(body: KernelBody, em: Emitter, plan: DotPlan, ridx: list[str], xs: str) -> None:
     """{xs}[k] = the product's activation row at domain row ``ridx``: loaded, or computed."""
     dot, rank = body.kernel.dot, len(body.kernel.domain)
@@ -170,6 +175,7 @@ def stage_lhs(body: KernelBody, em: Emitter, plan: DotPlan, ridx: list[str], xs:
         em.emit(f"dot::stage_rows<1, {plan.K}, {lhs_t}, {never_written}>({xs}, 0, {lhs}, lhs_base, 0, {plan.lhs_k});")
     else:
         stage_computed_row(body, em, ridx, plan.K, xs)
+
 
 def stage_computed_row(body: KernelBody, em: Emitter, ridx: list[str], K: int, xs: str) -> None:
     """xs[k] = the lhs expression at (row, k): the row's reductions block-cooperatively (scratch space
@@ -190,6 +196,7 @@ def stage_computed_row(body: KernelBody, em: Emitter, ridx: list[str], K: int, x
     em.emit(f"{xs}[k] = static_cast<float>({em.value(value, rows + trailing)});")
     em.pop()
     em.emit("}")
+
 
 def weight_prefetch(body: KernelBody, plan: DotPlan):
     """Code that asks L2 for the weight tile of the task's first row before the task waits."""
