@@ -868,13 +868,18 @@ def check_gpu_plan(program: Program) -> Outcome:
     try:
         with program.knobs.applied("cuda"):
             plan_stages(closed, None, Target("cuda", GPU_PLAN_SMS, GPU_PLAN_ARCH), config.load())
-    except MegakernelError as exc:
-        return Outcome("refused", f"{type(exc).__name__}: {str(exc)[:300]}")
     except Exception as exc:
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        return Outcome("internal_error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]} "
-                       f"({os.path.basename(where.filename)}:{where.lineno})")  # fmt: skip
+        return _raised(exc)
     return Outcome("ok")
+
+
+def _raised(exc: Exception) -> Outcome:
+    """``refused`` for a jax_mpk error, ``internal_error`` (with where it was raised) for anything else."""
+    if isinstance(exc, MegakernelError):
+        return Outcome("refused", f"{type(exc).__name__}: {str(exc)[:300]}")
+    where = traceback.extract_tb(exc.__traceback__)[-1]
+    return Outcome("internal_error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]} "
+                   f"({os.path.basename(where.filename)}:{where.lineno})")  # fmt: skip
 
 
 def _ill_conditioned(ours: Sequence, expected: Sequence, exact: Sequence, trials: Sequence) -> Outcome | None:
@@ -900,12 +905,8 @@ def check(program: Program, platform: str = "cpu", expected: list[np.ndarray] | 
         ours = run_megakernel(program, args, platform)
     except _Nondeterministic:
         return Outcome("nondeterministic", "two calls of one plan differ bitwise")
-    except MegakernelError as exc:
-        return Outcome("refused", f"{type(exc).__name__}: {str(exc)[:300]}")
     except Exception as exc:
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        return Outcome("internal_error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]} "
-                       f"({os.path.basename(where.filename)}:{where.lineno})")  # fmt: skip
+        return _raised(exc)
     if _all_agree(ours, expected):
         return Outcome("ok")
     exact = reference_rounded(program, args)
