@@ -254,9 +254,10 @@ def test_sum_over_one_element_keeps_a_negative_zero():
     from jax_mpk.codegen import generate
     from jax_mpk.fusion import fuse
     from jax_mpk.schedule import schedule
+    from jax_mpk.target import Target
     from jax_mpk.tasks import build_task_graph
 
-    tasks = build_task_graph(fuse(capture(jax.make_jaxpr(fn)(x, y)), 132), 132)
+    tasks = build_task_graph(fuse(capture(jax.make_jaxpr(fn)(x, y)), Target("cuda", 132)), 132)
     text = generate(tasks, schedule(tasks, 132)).text
     assert text.count("= -0.0f;") == 2 and text.count("Sum<float>::init()") == 1, text
 
