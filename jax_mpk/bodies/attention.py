@@ -9,7 +9,7 @@ import math
 from ..emit import STORAGE, THREADS, Emitter, KernelBody, is_row_reduction, linear, read_only
 from ..fusion import ROW_STAGING_MAX_INLINE
 from ..graph import topological
-from ..indexmap import linear_form
+from ..indexmap import IndexMap, linear_form
 from ..kernels import Tensor
 from ..plan import dtype_code
 from .dot import DotPlan, stage_lhs, uniform_row_stride
@@ -81,8 +81,7 @@ def render_attention(body: KernelBody):
         em.push()
         ridx = em.tile_index(f"e / {per_row}", range(rank - 1))
         index = ridx + ["part"] + ([f"e % {per_row}"] if per_row > 1 else [])
-        strides = [math.prod(tensor.shape[d + 1 :]) for d in range(len(tensor.shape))]
-        em.emit(f"ops::store<float>({body.pointer_name(tensor)}, {linear(0, strides, index)}, {source});")
+        em.emit(f"ops::store<float>({', '.join(_element(em, tensor, index))}, {source});")
         em.pop()
         em.emit("}")
     em.emit("__syncthreads();")
@@ -118,12 +117,9 @@ def merge_if_last(body: KernelBody, em: Emitter, rows: int, flag: str) -> None:
     em.emit(f"const index_t d = e % {head_dim};")
     ridx = em.tile_index(f"e / {head_dim}", range(rank - 1))
 
-    def offset(tensor: Tensor, index: list[str]) -> str:
-        return linear(0, [math.prod(tensor.shape[d + 1 :]) for d in range(len(tensor.shape))], index)
-
     m_ptr, o_ptr, l_ptr = (body.pointer_name(t) for t in (spec.partial_max, spec.partial_out, spec.partial_sum))
-    em.emit(f"const index_t per_chunk = {offset(spec.partial_max, ridx + ['0'])}, "
-            f"values = {offset(spec.partial_out, ridx + ['0', 'd'])};")
+    em.emit(f"const index_t per_chunk = {_element(em, spec.partial_max, ridx + ['0'])[1]}, "
+            f"values = {_element(em, spec.partial_out, ridx + ['0', 'd'])[1]};")
     em.emit("float largest = -INFINITY, numerator = 0.0f, denominator = 0.0f;")
     em.emit(f"for (index_t j = 0; j < {chunks}; ++j) largest = fmaxf(largest, ops::load<float>({m_ptr}, per_chunk + j));")
     em.emit(f"for (index_t j = 0; j < {chunks}; ++j) {{")
@@ -133,12 +129,16 @@ def merge_if_last(body: KernelBody, em: Emitter, rows: int, flag: str) -> None:
     em.emit(f"  denominator += w * ops::load<float>({l_ptr}, per_chunk + j);")
     em.emit("}")
     out_type = STORAGE[dtype_code(spec.output.buffer.dtype)]
-    em.emit(f"ops::store<{out_type}>({body.pointer_name(spec.output)}, {offset(spec.output, ridx + ['d'])}, "
-            "numerator / denominator);")
+    em.emit(f"ops::store<{out_type}>({', '.join(_element(em, spec.output, ridx + ['d']))}, numerator / denominator);")
     em.pop()
     em.emit("}")
     em.pop()
     em.emit("}")
+
+
+def _element(em: Emitter, tensor: Tensor, index: list[str]) -> tuple[str, str]:
+    """(pointer, element offset) of ``tensor[index]``: the partials and the output, dense, as the kernel has them."""
+    return em.element_offset(tensor, IndexMap.identity(tensor.shape), index, ())
 
 
 def stage_computed_rows_at_once(body: KernelBody, em: Emitter, rows: int, K: int, x_stride: int) -> bool:
