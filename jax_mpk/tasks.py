@@ -165,8 +165,10 @@ def _cost_per_element(kernel: Kernel) -> float:
 
 def tile_domain(kernel: Kernel, max_tiles: int, per_element: float, min_task_work: int) -> list[tuple[tuple, tuple]]:
     """Tiles as (lo, hi): single indices on leading dims, a range on one dim, whole trailing dims.
-    A reduction is computed once per row of the dims it is indexed by (its shape, a prefix of the domain);
-    the dims after that prefix, over which its value is broadcast, stay whole."""
+    A reduction indexed by a prefix of the domain (its shape is that prefix) is computed once per row of those
+    dims; the dims after that prefix, over which its value is broadcast, stay whole. A reduction of another
+    shape (reached through a reshape, as a cache append's normalized key heads in a [layer, batch, position,
+    head, dim] update are) is folded per element wherever it is read, so it does not constrain the tiles."""
     domain = kernel.domain
     if math.prod(domain) == 0:
         return []
@@ -174,7 +176,7 @@ def tile_domain(kernel: Kernel, max_tiles: int, per_element: float, min_task_wor
     # At most one round of tasks per kernel (max_tiles: its share of the workers): a task has a fixed cost
     # (wait, staging, signal) of a few microseconds, so fewer and larger tiles stream weights better.
     wanted = int(min(max(work // max(min_task_work, 1), 1), max_tiles))
-    reductions = [n for n in kernel.output_nodes() if isinstance(n, Reduce)]
+    reductions = [n for n in kernel.output_nodes() if isinstance(n, Reduce) and n.shape == domain[: len(n.shape)]]
     splittable = min([len(r.shape) for r in reductions] + [len(domain)])
     if reductions:
         # a task reduces its rows one after the other, each a chain of block-wide steps that latency, not

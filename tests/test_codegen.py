@@ -138,6 +138,22 @@ def test_batched_weight_products_share_the_weight_tile(tmp_path, monkeypatch):
     compile_cubin(source.text, "9.0")
 
 
+def test_a_stacked_cache_append_spreads_its_heads_over_workers():
+    """Qwen3's key append into a [layer, batch, position, head, dim] cache normalizes each head (a reduction of
+    shape [batch, 1, heads] reached through a reshape, not a prefix of the update's domain): its tiles split the
+    heads as a per-layer cache's do. It was one task (one SM, on the critical path of every layer)."""
+
+    def append(x, w, norm, cache):
+        k = (x @ w).reshape(1, 1, 8, 128)
+        k = k * jax.lax.rsqrt(jnp.mean(k * k, -1, keepdims=True) + 1e-6) * norm
+        return jax.lax.dynamic_update_slice(cache, k[None], (1, 0, 5, 0, 0))
+
+    shapes = [(1, 1024), (1024, 1024), (128,), (3, 1, 64, 8, 128)]
+    tasks, _ = _generate(append, *[jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes], validate_graph=True)
+    appends = [ts for k, ts in zip(tasks.kernels.kernels, tasks.tasks_by_kernel()) if k.dot is None]
+    assert len(appends) == 1 and len(appends[0]) == 8, [len(ts) for ts in appends]
+
+
 @pytest.mark.parametrize(
     "shapes,dtypes,dot",
     [
