@@ -270,6 +270,22 @@ def test_sum_over_one_element_keeps_a_negative_zero_on_the_gpu():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
 
 
+def test_product_over_one_contraction_element_keeps_a_negative_zero():
+    """XLA turns a dot_general with one contraction element into a multiply: -2 * +0 is -0, visible through
+    rsqrt as -inf (CPU fuzz 2026:3985). The CPU executor starts that one-term sum from -0; sums of two or more
+    -0 products are +0 in XLA and here. (The CUDA product bodies start every sum from +0: float contract.)"""
+
+    def fn(a, b, c, d):
+        return lax.rsqrt(a @ b), 1 / (c @ d)
+
+    a, b = np.float32([[-2.0], [3.0]]), np.float32([[0.0, -0.0, 1.5]])
+    c, d = np.float32([[-2.0, 1.0]]), np.float32([[0.0], [-0.0]])
+    expected, actual = jax.jit(fn)(a, b, c, d), jax_mpk.megakernelize(fn)(a, b, c, d)
+    for e, x in zip(expected, actual):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(e))
+    assert np.isneginf(np.asarray(actual[0])[0, 0]) and np.asarray(actual[1])[0, 0] == np.inf
+
+
 def test_cumlogsumexp_is_only_generated_for_floats_and_refused_for_integers():
     """jax.jit cannot lower cumlogsumexp of an int32 (OverflowError converting its identity -inf to an
     integer): 12 of 420 GPU programs of seed 2026 were such lines and ended as `oracle_error`. The generator

@@ -377,7 +377,9 @@ void TileEvaluator::AccumulateRun(const Index& first, int64_t length) {
   const int last = kernel_->domain.rank - 1;
   const bool integer = IsInteger(dot.acc_dtype);
   run_valid_ = false;  // stays false if a bounds check throws
-  run_accumulators_.assign(length, 0.0);
+  // XLA rewrites a product with one contraction element into a multiply, so a -0 product stays -0; starting
+  // that one-term sum from -0 gives the same (-0 + x == x otherwise). Longer sums start from +0, as XLA's do.
+  run_accumulators_.assign(length, contraction.NumElements() == 1 ? -0.0 : 0.0);
   run_modular_accumulators_.assign(integer ? length : 0, 0);
   run_lhs_bases_.assign(length, 0);
   run_rhs_bases_.assign(length, 0);
