@@ -16,7 +16,7 @@ Semantics shared by every op: integer values are computed in 32 bits and wrap (8
 32 bits and wrapped to 8 when the node's value is rounded to its dtype, which is why ops whose result depends
 on the width, such as shifts, accept only the 32-bit dtypes); float values are computed in ``T`` (double on the
 CPU, float on the GPU) and rounded to the node's dtype afterwards. Helpers the bodies use (``kIsFloat``,
-``kIsSigned``, ``u32``, ``integer_power``, ``erf_inverse``) are in ``ffi/include/jax_mpk/scalar.h``.
+``kIsSigned``, ``u32``, ``wrapping_abs``, ``integer_power``, ``erf_inverse``) are in ``ffi/include/jax_mpk/scalar.h``.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ SCALAR_OPS: tuple[ScalarOp, ...] = (
              "if constexpr (kIsFloat<T>) return -x; else return T(0u - u32(x));", fold=np.negative),
     ScalarOp("ABS", 21, ("abs",), 1, "fiu",
              "if constexpr (kIsFloat<T>) return std::fabs(x); "
-             "else if constexpr (kIsSigned<T>) return x < 0 ? T(0u - u32(x)) : x; else return x;"),
+             "else if constexpr (kIsSigned<T>) return wrapping_abs(x); else return x;"),
     ScalarOp("SIGN", 22, ("sign",), 1, "fiu",
              "if constexpr (kIsFloat<T>) return (x != x || x == 0) ? x : (x > 0 ? T(1) : T(-1)); "
              "else return T((x > 0) - (x < 0));"),

@@ -22,6 +22,19 @@ template <class T> inline constexpr bool kIsSigned = std::is_signed_v<T> && !kIs
 // The 32-bit pattern of an integer value, for arithmetic modulo 2^32.
 template <class T> JAX_MPK_HD uint32_t u32(T x) { return static_cast<uint32_t>(x); }
 
+// |x| of a signed integer, wrapping: |INT32_MIN| is INT32_MIN, as in XLA. On the device the negation goes through
+// an opaque PTX step: nvcc turns `x < 0 ? -x : x` into abs.s32, whose result ptxas (CUDA 13.0) may take to be
+// non-negative, and it then compiled a following `rem` without the dividend's sign (GPU fuzz 2026:318).
+template <class T> JAX_MPK_HD T wrapping_abs(T x) {
+#ifdef __CUDA_ARCH__
+  uint32_t negated;
+  asm("sub.u32 %0, 0, %1;" : "=r"(negated) : "r"(u32(x)));
+#else
+  const uint32_t negated = 0u - u32(x);
+#endif
+  return x < 0 ? T(negated) : x;
+}
+
 // a ** b for integers, by squaring, wrapping at every product; negative exponents give 1 / a ** -b
 // truncated (only 1 and -1 have integer reciprocals, 0 ** -n is 0).
 template <class T> JAX_MPK_HD T integer_power(T base, T exponent) {

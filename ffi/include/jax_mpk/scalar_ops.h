@@ -16,7 +16,7 @@ template <class T> JAX_MPK_HD auto neg(T x) {
 
 // ABS: abs; operands f32 bf16 f16 i32 i8 u32 u8
 template <class T> JAX_MPK_HD auto abs_(T x) {
-  if constexpr (kIsFloat<T>) return std::fabs(x); else if constexpr (kIsSigned<T>) return x < 0 ? T(0u - u32(x)) : x; else return x;
+  if constexpr (kIsFloat<T>) return std::fabs(x); else if constexpr (kIsSigned<T>) return wrapping_abs(x); else return x;
 }
 
 // SIGN: sign; operands f32 bf16 f16 i32 i8 u32 u8
