@@ -2,10 +2,13 @@
 # One device-machine session: build the extension, then any of: the GPU tests, the decode benchmark of the Flax
 # examples, a per-SM trace of one step, the Llama-shaped decode_step benchmark, the per-call host overhead, the
 # warm start (first call in a new process, plan cached) of a model's step, the per-task and per-level cost
-# (taskcost), split attention off then on in one session (split). Logs and results go to $OUT.
-#   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench,host,warm,taskcost,split] [pytest -k expression]
+# (taskcost), split attention off then on in one session (split), the differential fuzzer through the CUDA
+# megakernel (fuzz: FUZZ_COUNT programs of seed 2026 from 0, default 512, in 16 parallel shards, one records file
+# and one tally). Logs and results go to $OUT.
+#   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench,host,warm,taskcost,split,fuzz] [pytest -k expression]
 # decode and split: DECODE_MODELS (default llama-3.2-1b,qwen3-0.6b,qwen3-8b), DECODE_BATCH (1,8), DECODE_CTX
-# (1024), DECODE_ARGS (extra arguments); warm: WARM_MODEL (qwen3-8b). "all" leaves out host, warm, taskcost, split.
+# (1024), DECODE_ARGS (extra arguments); warm: WARM_MODEL (qwen3-8b). "all" leaves out host, warm, taskcost, split,
+# fuzz.
 # The device machine gets the working tree without .git: pass the commit.
 set -uo pipefail
 what=${1:-all}
@@ -21,7 +24,7 @@ fi
 echo "build: $(( $(date +%s) - start )) s"
 python3 -c "import jax, jax_mpk._ext as e; print(jax.__version__, jax.devices(), 'cuda backend:', e.has_cuda())"
 status=0
-has() { [[ ($what == all && ,host,warm,taskcost,split, != *,$1,*) || ,$what, == *,$1,* ]]; }
+has() { [[ ($what == all && ,host,warm,taskcost,split,fuzz, != *,$1,*) || ,$what, == *,$1,* ]]; }
 if has tests; then
   python3 -m pytest -q -m gpu tests/ -p no:cacheprovider ${select:+-k "$select"} > "$OUT/gpu_tests.log" 2>&1
   status=$?
@@ -61,6 +64,22 @@ if has split; then
       --batch "${DECODE_BATCH:-1,8}" --ctx "${DECODE_CTX:-1024}" --out "$OUT/split$on" ${DECODE_ARGS:-} > "$OUT/split$on.log" 2>&1
     echo "JAX_MPK_SPLIT_ATTENTION=$on:"; grep -E "^\[|=>" "$OUT/split$on.log"
   done
+fi
+if has fuzz; then
+  # 12 programs per megakernel: the cheapest nvcc time per program (docs/notes/fuzz.md)
+  count=${FUZZ_COUNT:-512}
+  shard=$(( (count + 15) / 16 ))
+  mkdir -p "$OUT/fuzz"
+  for s in $(seq 0 "$shard" $(( count - 1 ))); do
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 450 python3 -m jax_mpk.testing.fuzz --platform cuda --seed 2026 \
+      --start "$s" --count $(( s + shard > count ? count - s : shard )) --batch 12 --no-shrink \
+      --records "$OUT/fuzz/gpu_$s.jsonl" > "$OUT/fuzz/gpu_$s.log" 2>&1 &
+  done
+  wait
+  cat "$OUT"/fuzz/gpu_*.jsonl > "$OUT/fuzz_gpu.jsonl"
+  python3 -m jax_mpk.testing.fuzz --tally "$OUT"/fuzz/gpu_*.jsonl > "$OUT/fuzz_tally.json"
+  tar czf "$OUT/fuzz_logs.tgz" -C "$OUT" fuzz && rm -r "$OUT/fuzz"
+  head -12 "$OUT/fuzz_tally.json"
 fi
 echo "session: $(( $(date +%s) - start )) s"
 exit $status
