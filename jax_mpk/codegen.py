@@ -18,7 +18,7 @@ import numpy as np
 from . import bodies
 from .bodies.dot import MMA_MAX_COLUMNS, RING_BYTES, RING_SLOT_BYTES, RING_SLOTS
 from .emit import SHARED_MEMORY_BYTES, THREADS, KernelBody
-from .fusion import MAX_SHARED_WEIGHT_ROWS
+from .dot_staging import MAX_SHARED_WEIGHT_ROWS
 from .kernels import Tensor
 from .layout import TaskField, TensorKind
 from .plan import task_records

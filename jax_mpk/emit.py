@@ -14,8 +14,7 @@ import numpy as np
 from .graph import Acc, Elementwise, Load, Node, Piecewise, Reduce, Reindex, topological
 from .indexmap import Affine, IndexMap, linear_form
 from .kernels import Kernel, Tensor
-from .layout import DTYPES, SCALAR_OP_OF, DType, NodeOp, ReduceKind, TensorKind
-from .plan import dtype_code
+from .layout import DTYPES, SCALAR_OP_OF, DType, NodeOp, ReduceKind, TensorKind, dtype_code
 
 THREADS = 512
 SHARED_MEMORY_BYTES = 227 * 1024  # dynamic shared memory a Hopper CTA may opt in to: every body's budget
@@ -41,6 +40,18 @@ class _Fold:
     reducer: str  # the reduce:: combiner type
     arg: bool
     result: str  # expression of the reduced value
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How a body kind wants its kernels' domains cut into tiles (``tasks.tile_domain`` applies it): dims every
+    tile holds whole, dims cut into single indices, the unit of the ranges along the last dim, and whether the
+    last dim is cut into such ranges even when fewer tiles are wanted than it has units."""
+
+    whole: frozenset[int] = frozenset()
+    single: frozenset[int] = frozenset()
+    last_unit: int = 1
+    split_last: bool = False
 
 
 class NotRowForm(Exception):

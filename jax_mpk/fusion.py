@@ -10,8 +10,13 @@ Decisions, in order:
    (zero-copy KV-cache update under donation). Otherwise the operand is copied first.
 3. Epilogues: an elementwise consumer that reads a dot's result at the same index (residual add) becomes that
    dot kernel's epilogue, unless (GPU plans) it reads two products that could run side by side (SwiGLU).
-4. GPU plans: a row kernel (RMSNorm, softmax, the SwiGLU product) that only a matrix product reads is
-   computed in that product's staging of its activation row instead of being stored.
+4. GPU plans, as the target's passes (``PASSES``): a row kernel (RMSNorm, softmax, the SwiGLU product) that only
+   a matrix product reads is computed in that product's staging of its activation row instead of being stored
+   (:mod:`jax_mpk.dot_staging`); attention split along its keys (:mod:`jax_mpk.attention`).
+
+Over 600 lines because decisions 1-3 read and write one state (what is stored, the buffers and their versions,
+the in-place chains) in one walk of the op graph (``_Fuser``); the GPU passes, which only rewrite its kernels,
+live in their own modules.
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ import math
 import numpy as np
 
 from .attention import split_attention
+from .dot_staging import compute_rows_in_dot_staging
 from .capture import Captured
 from .graph import (
     HEAVY, LEAVES, Acc, Comm, Dot, DynLoad, Elementwise, Load, Node, Piecewise, Reduce, Reindex, Source, UpdateSlice,
     clone, consumers, substitute, topological,
 )  # fmt: skip
-from .indexmap import Affine, IndexMap, Shape, rect_volume
+from .indexmap import IndexMap, Shape
 from .kernels import WORKSPACE_ALIGN, Buffer, DotSpec, Kernel, KernelGraph, KernelOutput, Tensor, make_load
 from .layout import NodeOp, ReduceKind, TensorKind
 from .target import Target
@@ -631,7 +637,7 @@ def _split_reduction(node: Reduce, chunk: int, forced: set[int]) -> Node:
 
 # The rewrites a target may ask for after the target-neutral fusion (Target.fusion_passes), by name.
 PASSES = {
-    "rows_in_dot_staging": lambda fuser, kernels: _compute_rows_in_dot_staging(kernels),
+    "rows_in_dot_staging": lambda fuser, kernels: compute_rows_in_dot_staging(kernels),
     "split_attention": lambda fuser, kernels: split_attention(kernels, fuser.num_workers, fuser._new_workspace_tensor),
 }
 
@@ -685,124 +691,6 @@ def _merge_into_consumers(kernels: list[Kernel]) -> list[Kernel]:
             if not any(k is b for k in listed):
                 listed.append(b)
     return [k for k in merged if id(k) not in removed]
-
-
-ROW_STAGING_MAX_INLINE = 64  # longest reduction a row-staging expression may recompute per element
-# Rows (a batch) that one task of a weight product multiplies with the weight tile it streams once.
-MAX_SHARED_WEIGHT_ROWS = 8
-
-
-def shared_weight_dims(kernel: Kernel) -> set[int]:
-    """Leading dims of a product with a weight (an operand no kernel writes) that do not index the weight:
-    the rows of a batch. Tiles keep them whole, so that a task streams its weight tile once for all its rows
-    (up to MAX_SHARED_WEIGHT_ROWS of them) instead of each row's task streaming it again."""
-    dot, domain = kernel.dot, kernel.domain
-    if dot is None or dot.rhs.buffer.kind != TensorKind.INPUT or len(domain) < 2:
-        return set()
-    dims = set()
-    for d in range(len(domain) - 1):
-        probe = tuple((0, domain[i]) if i == d else (0, 1) for i in range(len(domain)))  # all of dim d
-        if domain[d] > 1 and rect_volume(dot.rhs_map.rect_image(probe + ((0, 1),) * len(dot.k_shape))) == 1:
-            dims.add(d)
-    return dims if math.prod(domain[d] for d in dims) <= MAX_SHARED_WEIGHT_ROWS else set()
-
-
-def _compute_rows_in_dot_staging(kernels: list[Kernel]) -> list[Kernel]:
-    """A matrix product whose activation operand is produced by a row kernel (RMSNorm, softmax: block
-    reductions over the row, then pointwise) computes that row itself while it stages the operand in shared
-    memory, instead of waiting for it to be stored: one dependency level less per such pair, for the
-    price of every task of the product recomputing its row (a few KB from L2). The producer keeps its
-    other outputs (the residual sum) and disappears when none is left."""
-    def key(tensor: Tensor) -> tuple[int, int]:
-        return id(tensor.buffer), tensor.version
-
-    writer = {key(o.tensor): (k, o) for k in kernels for o in k.outputs}
-    read_before = {key(t) for k in kernels for t in k.read_tensors()}
-    versions_written: dict[int, set[int]] = {}
-    for k in kernels:
-        for o in k.outputs:
-            versions_written.setdefault(id(o.tensor.buffer), set()).add(o.tensor.version)
-    for b in kernels:
-        dot = b.dot
-        if dot is None or key(dot.lhs) not in writer:
-            continue
-        a, out = writer[key(dot.lhs)]
-        if math.prod(b.domain[d] for d in shared_weight_dims(b)) > 1:
-            continue  # a task of it multiplies several rows: it would compute them one after the other
-        if any(versions_written.get(id(t.buffer), {t.version}) - {t.version} for t in a.read_tensors()):
-            # a reads a version that an in-place update overwrites: the product would have to run before that
-            # update and, if it reads the update's result too, after it (fuzz 2026:1492: rem(x, y) . x.at[i].set(u))
-            continue
-        if a.dot is None and not a.reads_comm() and _stages_as_rows(out, dot, len(b.domain)):
-            dot.lhs_expr = Reindex(shape=tuple(b.domain) + tuple(dot.k_shape), dtype=out.node.dtype,
-                                   children=(out.node,), map=dot.lhs_map)  # fmt: skip
-    # Drop only the stores this rewrite made unread. A stored value that no kernel reads as such may still be
-    # needed: the base of an in-place update chain (floor(x) with a slice of it then overwritten) is read
-    # through the chain's later version.
-    still_read = {key(t) for k in kernels for t in k.read_tensors()}
-    unread = read_before - still_read
-    for a in kernels:
-        a.outputs = [o for o in a.outputs if key(o.tensor) not in unread or o.tensor.buffer.kind != TensorKind.WORKSPACE]
-    return [k for k in kernels if k.outputs]
-
-
-def _stages_as_rows(out: KernelOutput, dot: DotSpec, rank: int) -> bool:
-    """Whether the value ``out`` stores can be computed row by row in the product's staging: stored densely
-    (identity map, no dynamic offsets); read by the product along whole rows (the tensor's leading dims, all
-    but as many as the contraction has, depend only on the product's row dims); and every long reduction in
-    it a reduction of exactly those rows, indexed by the row itself (what the block-cooperative row code of
-    codegen evaluates)."""
-    tensor, k_rank = out.tensor, len(dot.k_shape)
-    prefix = len(tensor.shape) - k_rank
-    if not out.map.is_identity or out.dyn or prefix < 0:
-        return False
-    if not dot.lhs_map.is_identity:
-        stages = dot.lhs_map.stages
-        if len(stages) != 1 or not isinstance(stages[0], Affine):
-            return False
-        for r, row in enumerate(stages[0].matrix):
-            varies = range(rank - 1, rank + k_rank) if r < prefix else range(rank - 1, rank)
-            if any(row[c] for c in varies):
-                return False
-    return _rows_indexed_by_prefix(out.node, prefix)
-
-
-def _rows_indexed_by_prefix(root: Node, prefix: int) -> bool:
-    """Follow the index of ``root`` (dims 0..rank-1) through views the way codegen names it: a view dim that
-    copies one dim keeps its identity, anything else becomes a new value (None). Long reductions must be
-    reached with exactly the row dims (0..prefix-1) and reduce all the rest."""
-    seen: set[tuple] = set()
-    stack = [(root, tuple(range(len(root.shape))))]
-    while stack:
-        node, idx = stack.pop()
-        if (node.uid, idx) in seen:
-            continue
-        seen.add((node.uid, idx))
-        if isinstance(node, Reindex):
-            stages = node.map.stages
-            if len(stages) == 1 and isinstance(stages[0], Affine):
-                stage = stages[0]
-                new = []
-                for row, off in zip(stage.matrix, stage.offset):
-                    terms = [c for c, a in enumerate(row) if a]
-                    single = len(terms) == 1 and row[terms[0]] == 1 and off == 0
-                    new.append(idx[terms[0]] if single else None)
-                idx = tuple(new)
-            elif not node.map.is_identity:
-                idx = (None,) * len(node.children[0].shape)
-            stack.append((node.children[0], idx))
-        elif isinstance(node, Reduce):
-            child = node.children[0]
-            inner = math.prod(child.shape[len(node.shape) :])
-            if inner > ROW_STAGING_MAX_INLINE and idx != tuple(range(prefix)):
-                return False
-            stack.append((child, idx + (None,) * (len(child.shape) - len(node.shape))))
-        elif isinstance(node, Piecewise):
-            shifted = tuple(None if d == node.axis else i for d, i in enumerate(idx))
-            stack.extend((c, shifted) for c in node.children)
-        else:
-            stack.extend((c, idx) for c in node.children)
-    return True
 
 
 def _mergeable_producer(kernel: Kernel) -> bool:

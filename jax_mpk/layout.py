@@ -15,6 +15,9 @@ from __future__ import annotations
 import enum
 import pathlib
 import sys
+
+import ml_dtypes  # noqa: F401  (registers the bfloat16 name with numpy)
+import numpy as np
 from dataclasses import dataclass
 
 from .scalar_ops import SCALAR_OPS, ScalarOp
@@ -74,6 +77,13 @@ DTYPES = {
     DType.BOOL: DTypeInfo("bool", "bool", 1, "bool", "bool", "bool", None),
 }
 assert list(DTYPES) == list(DType) == [DType(code) for code in range(len(DType))]
+_DTYPE_CODES = {np.dtype(info.numpy_name): code for code, info in DTYPES.items()}
+
+
+def dtype_code(dtype) -> DType:
+    """The code of a numpy/jax dtype."""
+    return _DTYPE_CODES[np.dtype(dtype)]
+
 _VALUE_CLASSES = ("float", "signed", "unsigned", "bool")
 
 

@@ -8,23 +8,17 @@ from __future__ import annotations
 import hashlib
 import struct
 
-import ml_dtypes  # noqa: F401  (registers the bfloat16 name with numpy)
 import numpy as np
 
 from .kernels import Kernel, KernelOutput, Tensor
 from .graph import Acc, Elementwise, Load, Node, Piecewise, Reduce, Reindex
 from .indexmap import IndexMap
 from .layout import (
-    COMPUTED_OPERAND, DTYPES, HEADER_WORDS, MAGIC, MAX_RANK, TASK_WORDS, VERSION, DType, Header, NodeOp, Platform, TaskField,
+    COMPUTED_OPERAND, HEADER_WORDS, MAGIC, MAX_RANK, TASK_WORDS, VERSION, Header, NodeOp, Platform, TaskField,
+    dtype_code,
 )  # fmt: skip
 from .schedule import Schedule
 from .tasks import TaskGraph
-
-_DTYPES = {np.dtype(info.numpy_name): code for code, info in DTYPES.items()}  # ml_dtypes names bfloat16
-
-
-def dtype_code(dtype) -> DType:
-    return _DTYPES[np.dtype(dtype)]
 
 
 def double_bits(value: float) -> int:

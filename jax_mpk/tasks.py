@@ -18,14 +18,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .fusion import shared_weight_dims
+from . import bodies
 from .kernels import Kernel, KernelGraph, Tensor
 from .layout import TensorKind
 from .graph import Acc, Load, Node, Piecewise, Reduce, Reindex
 from .indexmap import reshape_rects, overlapping_pairs
-
-# Output columns of a matrix product are tiled in multiples of this, so weight rows load as whole sectors.
-DOT_COLUMN_ALIGN = 16
 
 @dataclass
 class Accesses:
@@ -164,11 +161,13 @@ def _cost_per_element(kernel: Kernel) -> float:
 
 
 def tile_domain(kernel: Kernel, max_tiles: int, per_element: float, min_task_work: int) -> list[tuple[tuple, tuple]]:
-    """Tiles as (lo, hi): single indices on leading dims, a range on one dim, whole trailing dims.
-    A reduction indexed by a prefix of the domain (its shape is that prefix) is computed once per row of those
-    dims; the dims after that prefix, over which its value is broadcast, stay whole. A reduction of another
-    shape (reached through a reshape, as a cache append's normalized key heads in a [layer, batch, position,
-    head, dim] update are) is folded per element wherever it is read, so it does not constrain the tiles."""
+    """Tiles as (lo, hi): single indices on leading dims, a range on one dim, whole trailing dims, within the
+    rules of the body kind that takes the kernel (``bodies.tiling``: dims kept whole or single, the unit of the
+    last dim's ranges). A reduction indexed by a prefix of the domain (its shape is that prefix) is computed
+    once per row of those dims; the dims after that prefix, over which its value is broadcast, stay whole. A
+    reduction of another shape (reached through a reshape, as a cache append's normalized key heads in a
+    [layer, batch, position, head, dim] update are) is folded per element wherever it is read, so it does not
+    constrain the tiles."""
     domain = kernel.domain
     if math.prod(domain) == 0:
         return []
@@ -182,25 +181,20 @@ def tile_domain(kernel: Kernel, max_tiles: int, per_element: float, min_task_wor
         # a task reduces its rows one after the other, each a chain of block-wide steps that latency, not
         # bandwidth, bounds: rows spread over the workers (the chunks of a split argmax over a vocabulary)
         wanted = max(wanted, min(math.prod(domain[:splittable]), max_tiles))
-    whole, single = shared_weight_dims(kernel), set()
-    if kernel.attention is not None:  # a task: all the query rows of one key/value head, whole chunks of keys
-        whole = set(kernel.attention.rows_dims)
-        single = set(range(len(domain) - 1)) - whole
+    rule = bodies.tiling(kernel)
+    last = len(domain) - 1
     tiles: list[tuple[tuple, tuple]] = [((), ())]
     dim = 0
     while dim < len(domain):
         size = domain[dim]
-        if dim in single:
+        if dim in rule.single:
             tiles = [(lo + (s,), hi + (s + 1,)) for lo, hi in tiles for s in range(size)]
             wanted = max(1, wanted // size)
-        elif dim >= splittable or wanted <= 1 or dim in whole:
+        elif dim >= splittable or wanted <= 1 or dim in rule.whole:
             tiles = [(lo + (0,), hi + (size,)) for lo, hi in tiles]
-        elif size >= wanted or (kernel.attention is not None and dim == len(domain) - 1):
-            unit = 1  # ranges as even as whole units allow: the largest tile sets the kernel's time
-            if kernel.attention is not None and dim == len(domain) - 1:
-                unit = kernel.attention.chunk
-            elif kernel.dot is not None and dim == len(domain) - 1 and size % DOT_COLUMN_ALIGN == 0:
-                unit = DOT_COLUMN_ALIGN  # whole 32-byte sectors of bf16 weights
+        elif size >= wanted or (rule.split_last and dim == last):
+            # ranges as even as whole units allow: the largest tile sets the kernel's time
+            unit = rule.last_unit if dim == last else 1
             count = min(wanted, size // unit)
             bounds = [size // unit * i // count * unit for i in range(count)] + [size]
             tiles = [(lo + (a,), hi + (b,)) for lo, hi in tiles for a, b in zip(bounds, bounds[1:])]

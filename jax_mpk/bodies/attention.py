@@ -6,13 +6,22 @@ from __future__ import annotations
 
 import math
 
-from ..emit import STORAGE, THREADS, Emitter, KernelBody, is_row_reduction, linear, read_only
-from ..fusion import ROW_STAGING_MAX_INLINE
+from ..emit import STORAGE, THREADS, Emitter, KernelBody, Tiling, is_row_reduction, linear, read_only
+from ..dot_staging import ROW_STAGING_MAX_INLINE
 from ..graph import topological
 from ..indexmap import IndexMap, linear_form
-from ..kernels import Tensor
-from ..plan import dtype_code
+from ..kernels import Kernel, Tensor
+from ..layout import dtype_code
 from .dot import DotPlan, stage_lhs, uniform_row_stride
+
+
+def tiling(kernel: Kernel) -> Tiling | None:
+    """A task: all the query rows of one key/value head, whole chunks of keys."""
+    if kernel.attention is None:
+        return None
+    whole = frozenset(kernel.attention.rows_dims)
+    single = frozenset(range(len(kernel.domain) - 1)) - whole
+    return Tiling(whole, single, last_unit=kernel.attention.chunk, split_last=True)
 
 
 def render(body: KernelBody):

@@ -10,13 +10,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..emit import SHARED_MEMORY_BYTES, STORAGE, THREADS, Emitter, KernelBody, linear, read_only, tile_count
-from ..fusion import MAX_SHARED_WEIGHT_ROWS, ROW_STAGING_MAX_INLINE
+from ..emit import SHARED_MEMORY_BYTES, STORAGE, THREADS, Emitter, KernelBody, Tiling, linear, read_only, tile_count
+from ..dot_staging import MAX_SHARED_WEIGHT_ROWS, ROW_STAGING_MAX_INLINE, shared_weight_dims
 from ..graph import topological
 from ..indexmap import linear_form
 from ..kernels import Kernel
-from ..layout import DType
-from ..plan import dtype_code
+from ..layout import DType, dtype_code
 
 PREFETCH_BYTES = 64 * 1024  # weight bytes a task asks L2 for before it waits (products without a ring)
 # The weight ring of dot.cuh (columns-layout products with a weight operand): slots of shared memory that a
@@ -25,6 +24,17 @@ RING_SLOTS = 4
 RING_SLOT_BYTES = 32 * 1024
 RING_BYTES = RING_SLOTS * RING_SLOT_BYTES
 MMA_MAX_COLUMNS = 512  # the widest column tile of the tensor-core dot (its accumulators are registers)
+# Output columns are tiled in multiples of this, so weight rows load as whole 32-byte sectors of bf16 weights.
+COLUMN_ALIGN = 16
+
+
+def tiling(kernel: Kernel) -> Tiling | None:
+    """The rows that share a weight stay whole in every tile (each task streams its weight tile once for all of
+    them); columns in whole sectors where they divide."""
+    if kernel.dot is None:
+        return None
+    columns = kernel.domain[-1] if kernel.domain else 0
+    return Tiling(frozenset(shared_weight_dims(kernel)), last_unit=COLUMN_ALIGN if columns % COLUMN_ALIGN == 0 else 1)
 
 
 def render(body: KernelBody):

@@ -7,8 +7,14 @@ import math
 
 import numpy as np
 
-from ..emit import THREADS, Emitter, KernelBody, tile_count
-from ..plan import dtype_code
+from ..emit import THREADS, Emitter, KernelBody, Tiling, tile_count
+from ..kernels import Kernel
+from ..layout import dtype_code
+
+
+def tiling(kernel: Kernel) -> Tiling:
+    """Any cut: threads stride over whatever elements a tile holds."""
+    return Tiling()
 
 
 def render(body: KernelBody):

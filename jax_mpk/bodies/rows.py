@@ -4,7 +4,15 @@ the row's outputs."""
 
 from __future__ import annotations
 
-from ..emit import THREADS, Emitter, KernelBody, NotRowForm, is_row_reduction, tile_count, tile_size
+from ..emit import THREADS, Emitter, KernelBody, NotRowForm, Tiling, is_row_reduction, tile_count, tile_size
+from ..kernels import Kernel
+
+
+def tiling(kernel: Kernel) -> Tiling | None:
+    """The generic cut (rows, whole trailing dims: ``tasks.tile_domain``'s row-reduction rule)."""
+    if kernel.dot is not None or not any(is_row_reduction(n) for n in kernel.nodes()):
+        return None
+    return Tiling()
 
 
 def render(body: KernelBody):
