@@ -189,7 +189,7 @@ class Megakernel:
             self.target = Target("cuda", self.device.core_count, str(self.device.compute_capability),
                                  split_attention=cfg.split_attention)
         else:
-            self.target = Target("cpu", num_workers or cfg.num_workers)
+            self.target = Target("cpu", num_workers or cfg.num_workers, gpu_fusion=cfg.gpu_fusion)
         self.num_workers = self.target.num_workers
         self.watchdog_ms = max(1, round(cfg.watchdog_seconds * 1000))
 

@@ -50,6 +50,9 @@ class Config:
     # CUDA: attention as one split-along-the-keys kernel (flash-decoding, jax_mpk/attention.py), merged by the
     # output projection (JAX_MPK_SPLIT_ATTENTION, default off: not yet faster, see docs/notes/cuda_megakernel.md)
     split_attention: bool
+    # testing: the CPU executor runs plans fused and tiled as for a GPU of JAX_MPK_NUM_WORKERS SMs
+    # (JAX_MPK_GPU_FUSION), so that the GPU fusion's semantics are checked without a GPU
+    gpu_fusion: bool
     # testing: schedule a random topological order on random workers (JAX_MPK_SCHEDULE_SEED; unset: list
     # scheduling by estimated cost)
     schedule_seed: int | None
@@ -73,5 +76,6 @@ def load() -> Config:
         or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jax_mpk"),
         force_compile=_env_flag("JAX_MPK_FORCE_COMPILE", False),
         split_attention=_env_flag("JAX_MPK_SPLIT_ATTENTION", False),
+        gpu_fusion=_env_flag("JAX_MPK_GPU_FUSION", False),
         schedule_seed=_env("JAX_MPK_SCHEDULE_SEED", None, int, expected="an integer"),
     )

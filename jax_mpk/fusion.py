@@ -51,7 +51,7 @@ class _Fuser:
     def __init__(self, captured: Captured, target: Target | None):
         self.captured = captured
         self.target = target
-        self.num_workers = target.num_workers if target is not None and target.is_gpu else None
+        self.num_workers = target.num_workers if target is not None and target.fuses_for_gpu else None
         self.n_args = len(captured.inputs)
         self.outputs = list(captured.outputs)
 

@@ -1,7 +1,9 @@
 """Where a plan runs, made once from the device and passed down the pipeline.
 
 The target-neutral stages (capture, the core of fusion, tiling, scheduling) need only its worker count; the GPU
-rewrites of fusion run as the target's list of named passes (``fusion_passes``), after the neutral part.
+rewrites of fusion run as the target's list of named passes (``fusion_passes``), after the neutral part. A CPU
+target can ask for them too (``gpu_fusion``, knob ``JAX_MPK_GPU_FUSION``): the CPU executor then runs the plan as
+a GPU of ``num_workers`` SMs would be fused and tiled, so that CI checks the GPU fusion's semantics without a GPU.
 """
 
 from __future__ import annotations
@@ -19,14 +21,20 @@ class Target:
     compute_capability: str | None = None
     # CUDA: attention as one kernel split along its keys (JAX_MPK_SPLIT_ATTENTION; not yet faster, so off)
     split_attention: bool = False
+    # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
+    # split attention, which only the CUDA megakernel runs
+    gpu_fusion: bool = False
+
+    def __post_init__(self) -> None:
+        assert not (self.split_attention and self.platform != "cuda"), "split attention runs on CUDA only"
 
     @property
-    def is_gpu(self) -> bool:
-        return self.platform == "cuda"
+    def fuses_for_gpu(self) -> bool:
+        return self.platform == "cuda" or self.gpu_fusion
 
     @property
     def fusion_passes(self) -> tuple[str, ...]:
         """The rewrites fusion applies after its target-neutral part, in order (fusion.PASSES names them)."""
-        if not self.is_gpu:
+        if not self.fuses_for_gpu:
             return ()
         return ("rows_in_dot_staging",) + (("split_attention",) if self.split_attention else ())

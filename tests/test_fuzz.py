@@ -23,6 +23,7 @@ from jax_mpk import lowering  # noqa: E402
 # compiling the jax.jit oracle, about 0.05 s per operation).
 CI_PROGRAMS, CI_SEED = 96, 16
 CI_GPU_PLANS = 64  # planning only: about 0.2 s a program
+CI_GPU_FUSED = 48  # the CPU executor running GPU-fused plans
 
 
 def test_fixed_budget_of_random_programs_equals_jax_jit():
@@ -40,6 +41,14 @@ def test_fixed_budget_of_random_programs_plans_for_the_gpu():
     summary = fuzz.fuzz(CI_GPU_PLANS, seed=CI_SEED, platform=fuzz.GPU_PLAN, log=print)
     failures = "\n\n".join(f"[{f['index']}] {f['kind']}: {f['detail']}\n{f['snippet']}" for f in summary["failures"])
     assert summary["counts"] == {"ok": CI_GPU_PLANS}, failures
+
+
+def test_fixed_budget_of_random_programs_runs_gpu_fused_on_the_cpu():
+    """The GPU's fusion (rows computed in product staging, split-K products, its epilogue rules) run by the CPU
+    executor (JAX_MPK_GPU_FUSION=1): what the GPU computes, checked without a GPU."""
+    summary = fuzz.fuzz(CI_GPU_FUSED, seed=CI_SEED + 1, platform=fuzz.GPU_FUSED, batch=8, log=print)
+    failures = "\n\n".join(f"[{f['index']}] {f['kind']}: {f['detail']}\n{f['snippet']}" for f in summary["failures"])
+    assert not any(summary["counts"].get(kind) for kind in fuzz.FAILURES), failures
 
 
 def test_programs_and_inputs_follow_from_the_seed():

@@ -1,6 +1,7 @@
 #include "jax_mpk/plan.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
@@ -364,12 +365,25 @@ class PlanParser {
         kernel.nodes.push_back(ReadNode(kernel));
       }
       context_ = StrCat("kernel ", k);
+      if (kernel.kind == KernelKind::kDot && kernel.dot.lhs_node >= 0) CheckComputedLhs(kernel);
       const int64_t n_outputs = ReadCount("n_outputs", 4);
       for (int64_t o = 0; o < n_outputs; ++o) {
         context_ = StrCat("kernel ", k, " output ", o);
         kernel.outputs.push_back(ReadKernelOutput(kernel));
       }
       plan_.kernels.push_back(std::move(kernel));
+    }
+  }
+
+  void CheckComputedLhs(const Kernel& kernel) {
+    const int node = kernel.dot.lhs_node;
+    if (node >= static_cast<int>(kernel.nodes.size())) {
+      Fail(StrCat("lhs_node ", node, " is not one of the kernel's ", kernel.nodes.size(), " nodes"));
+    }
+    const Shape expected = Concatenate(kernel.domain, kernel.dot.k_shape);
+    if (kernel.nodes[node].shape != expected) {
+      Fail(StrCat("lhs_node ", node, " has shape ", kernel.nodes[node].shape.ToString(), ", not the product's ",
+                  expected.ToString(), " (domain ++ contraction)"));
     }
   }
 
@@ -383,12 +397,12 @@ class PlanParser {
     const Shape operand_index_shape = Concatenate(kernel.domain, dot.k_shape);
     const int64_t lhs_tensor = Next("lhs_tensor");
     if (lhs_tensor == layout::kComputedOperand) {
-      Fail("the product's lhs is computed while it is staged (a fusion of GPU plans); the CPU executor does not "
-           "run such plans");
+      dot.lhs_node = CheckId(Next("lhs_node"), INT32_MAX, "lhs_node");  // against the nodes once they are read
+    } else {
+      dot.lhs_tensor = CheckId(lhs_tensor, num_tensors_, "lhs_tensor");
+      dot.lhs_map = ReadId("lhs_map", num_maps_);
+      CheckTensorMap("lhs_map", dot.lhs_map, operand_index_shape, dot.lhs_tensor);
     }
-    dot.lhs_tensor = CheckId(lhs_tensor, num_tensors_, "lhs_tensor");
-    dot.lhs_map = ReadId("lhs_map", num_maps_);
-    CheckTensorMap("lhs_map", dot.lhs_map, operand_index_shape, dot.lhs_tensor);
     dot.rhs_tensor = ReadId("rhs_tensor", num_tensors_);
     dot.rhs_map = ReadId("rhs_map", num_maps_);
     CheckTensorMap("rhs_map", dot.rhs_map, operand_index_shape, dot.rhs_tensor);

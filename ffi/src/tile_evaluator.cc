@@ -272,7 +272,12 @@ int64_t TileEvaluator::CheckedElement(int tensor_id, const Index& position, cons
 
 void TileEvaluator::PrepareDot(int kernel_id) {
   if (prepared_dot_kernel_ == kernel_id) return;
-  lhs_ = MakeDotOperand(kernel_->dot.lhs_tensor, kernel_->dot.lhs_map);
+  if (kernel_->dot.lhs_node >= 0) {
+    lhs_ = DotOperand{};
+    lhs_.node_id = kernel_->dot.lhs_node;
+  } else {
+    lhs_ = MakeDotOperand(kernel_->dot.lhs_tensor, kernel_->dot.lhs_map);
+  }
   rhs_ = MakeDotOperand(kernel_->dot.rhs_tensor, kernel_->dot.rhs_map);
   prepared_dot_kernel_ = kernel_id;
 }
@@ -334,17 +339,17 @@ int64_t TileEvaluator::ContractionOffset(const DotOperand& operand, const Index&
   return offset;
 }
 
-// `affine_element` is the operand's element when its map is affine; otherwise the map is applied here.
+// `affine_element` is the operand's element when its map is affine; otherwise the map is applied here, or the
+// operand's node evaluated (its memo keeps a row's reductions from being recomputed along the contraction).
 double TileEvaluator::ReadDotOperand(const DotOperand& operand, int64_t affine_element, const Index& domain_index,
                                      const Index& contraction_index) {
-  int64_t element = affine_element;
-  if (!operand.affine) {
-    Index full_index = domain_index;
-    const int domain_rank = kernel_->domain.rank;
-    for (int d = 0; d < kernel_->dot.k_shape.rank; ++d) full_index[domain_rank + d] = contraction_index[d];
-    element = CheckedElement(operand.tensor_id, plan_.maps[operand.map_id].Apply(full_index), "DOT operand");
-  }
-  return ReadTensor(operand.tensor_id, element);
+  if (operand.affine) return ReadTensor(operand.tensor_id, affine_element);
+  Index full_index = domain_index;
+  const int domain_rank = kernel_->domain.rank;
+  for (int d = 0; d < kernel_->dot.k_shape.rank; ++d) full_index[domain_rank + d] = contraction_index[d];
+  if (operand.node_id >= 0) return Eval(operand.node_id, full_index);
+  return ReadTensor(operand.tensor_id,
+                    CheckedElement(operand.tensor_id, plan_.maps[operand.map_id].Apply(full_index), "DOT operand"));
 }
 
 // acc(i) = sum over the contraction box of lhs * rhs, in double (modulo 2^32 for an integer accumulator),

@@ -27,6 +27,7 @@ Failures are shrunk to a minimal program, printed as a runnable snippet. Everyth
     python -m jax_mpk.testing.fuzz --count 300 --seed 0
     python -m jax_mpk.testing.fuzz --count 500 --platform cuda --batch 8    # on a GPU machine
     python -m jax_mpk.testing.fuzz --count 2000 --platform cuda-plan       # plan for a GPU, on the CPU
+    python -m jax_mpk.testing.fuzz --count 2000 --platform cpu-gpu-fusion  # run GPU-fused plans on the CPU
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ class Knobs:
         env = {
             "JAX_MPK_MIN_TASK_WORK": str(self.min_task_work),
             "JAX_MPK_SCHEDULE_SEED": "" if self.schedule_seed is None else str(self.schedule_seed),
-            "JAX_MPK_PLATFORM": platform,
+            "JAX_MPK_PLATFORM": "cpu" if platform == GPU_FUSED else platform,
+            "JAX_MPK_GPU_FUSION": "1" if platform == GPU_FUSED else "0",
         }
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
@@ -862,6 +864,8 @@ def _precision(ours: Sequence, expected: Sequence, exact: Sequence) -> Outcome |
 
 # The platform that plans for a GPU without running: what a GPU-free machine can check of the CUDA target.
 GPU_PLAN, GPU_PLAN_SMS, GPU_PLAN_ARCH = "cuda-plan", 132, "9.0"
+# The CPU executor running plans fused and tiled as for a GPU (JAX_MPK_GPU_FUSION): the GPU fusion's semantics.
+GPU_FUSED = "cpu-gpu-fusion"
 
 
 def check_gpu_plan(program: Program) -> Outcome:
@@ -1006,7 +1010,8 @@ def snippet(program: Program, platform: str = "cpu") -> str:
     return "\n".join([
         "import os",
         f'os.environ.update(JAX_MPK_MIN_TASK_WORK="{k.min_task_work}", JAX_MPK_SCHEDULE_SEED="{seed}", '
-        f'JAX_MPK_PLATFORM="{"cuda" if platform == GPU_PLAN else platform}")',
+        f'JAX_MPK_PLATFORM="{"cuda" if platform == GPU_PLAN else "cpu" if platform == GPU_FUSED else platform}", '
+        f'JAX_MPK_GPU_FUSION="{int(platform == GPU_FUSED)}")',
         "import jax, jax.numpy as jnp, numpy as np",
         "from jax import lax",
         "import jax_mpk",
@@ -1170,8 +1175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start", type=int, default=0, help="first program index (replay one with --count 1)")
-    parser.add_argument("--platform", choices=("cpu", "cuda", GPU_PLAN), default="cpu",
-                        help=f"{GPU_PLAN}: plan each program for a {GPU_PLAN_SMS}-SM GPU on the CPU, not running it")
+    parser.add_argument("--platform", choices=("cpu", "cuda", GPU_PLAN, GPU_FUSED), default="cpu",
+                        help=f"{GPU_PLAN}: plan each program for a {GPU_PLAN_SMS}-SM GPU on the CPU, not running it; "
+                        f"{GPU_FUSED}: the CPU executor runs each plan fused as for a GPU")  # fmt: skip
     parser.add_argument("--batch", type=int, default=1, help="programs per megakernel (one compile for several)")
     parser.add_argument("--no-shrink", action="store_true")
     parser.add_argument("--records", help="append one JSON line per program here")

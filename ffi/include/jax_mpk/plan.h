@@ -116,6 +116,9 @@ struct DotSpec {
   Shape k_shape;
   int lhs_tensor = -1;
   int lhs_map = -1;
+  // A plan fused for a GPU computes the lhs while the product stages it (an RMSNorm row): then lhs_tensor is
+  // kComputedOperand and this node of the kernel gives the lhs at (domain index ++ contraction index).
+  int lhs_node = -1;
   int rhs_tensor = -1;
   int rhs_map = -1;
   DType acc_dtype = DType::kF32;

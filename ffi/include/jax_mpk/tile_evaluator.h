@@ -41,6 +41,7 @@ class TileEvaluator {
   struct DotOperand {
     int tensor_id = -1;
     int map_id = -1;
+    int node_id = -1;  // a computed operand: this node, evaluated at (domain index ++ contraction index)
     // When the map is the identity or a single AFFINE stage, positions are affine in the index and the
     // operand is read through precomputed strides; otherwise through IndexMap::Apply.
     bool affine = false;
