@@ -4,11 +4,13 @@
 # warm start (first call in a new process, plan cached) of a model's step, the per-task and per-level cost
 # (taskcost), split attention off then on in one session (split), the differential fuzzer through the CUDA
 # megakernel (fuzz: FUZZ_COUNT programs of seed 2026 from 0, default 512, in 16 parallel shards, one records file
-# and one tally). Logs and results go to $OUT.
-#   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench,host,warm,taskcost,split,fuzz] [pytest -k expression]
+# and one tally), the decode benchmark of another commit's tree and then of this one in one session (ab: AB_TREE,
+# e.g. `git archive REV | tar -x -C ab/REV`, carried to the device machine as the git-ignored ab/). Logs and
+# results go to $OUT.
+#   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench,host,warm,taskcost,split,fuzz,ab] [pytest -k expression]
 # decode and split: DECODE_MODELS (default llama-3.2-1b,qwen3-0.6b,qwen3-8b), DECODE_BATCH (1,8), DECODE_CTX
 # (1024), DECODE_ARGS (extra arguments); warm: WARM_MODEL (qwen3-8b). "all" leaves out host, warm, taskcost, split,
-# fuzz.
+# fuzz, ab.
 # The device machine gets the working tree without .git: pass the commit.
 set -uo pipefail
 what=${1:-all}
@@ -24,7 +26,7 @@ fi
 echo "build: $(( $(date +%s) - start )) s"
 python3 -c "import jax, jax_mpk._ext as e; print(jax.__version__, jax.devices(), 'cuda backend:', e.has_cuda())"
 status=0
-has() { [[ ($what == all && ,host,warm,taskcost,split,fuzz, != *,$1,*) || ,$what, == *,$1,* ]]; }
+has() { [[ ($what == all && ,host,warm,taskcost,split,fuzz,ab, != *,$1,*) || ,$what, == *,$1,* ]]; }
 if has tests; then
   python3 -m pytest -q -m gpu tests/ -p no:cacheprovider ${select:+-k "$select"} > "$OUT/gpu_tests.log" 2>&1
   status=$?
@@ -63,6 +65,22 @@ if has split; then
     JAX_MPK_SPLIT_ATTENTION=$on python3 benchmarks/decode.py --models "${DECODE_MODELS:-llama-3.2-1b,qwen3-0.6b,qwen3-8b}" \
       --batch "${DECODE_BATCH:-1,8}" --ctx "${DECODE_CTX:-1024}" --out "$OUT/split$on" ${DECODE_ARGS:-} > "$OUT/split$on.log" 2>&1
     echo "JAX_MPK_SPLIT_ATTENTION=$on:"; grep -E "^\[|=>" "$OUT/split$on.log"
+  done
+fi
+if has ab; then
+  # the other tree first, this one last, so that this tree is what stays installed
+  for tree in "${AB_TREE:?ab needs AB_TREE}" "$PWD"; do
+    name=$([[ $tree == "$PWD" ]] && echo head || basename "$tree")
+    if ! python3 -m pip install --no-build-isolation --no-deps -e "$tree" > "$OUT/build_$name.log" 2>&1; then
+      tail -30 "$OUT/build_$name.log"
+      continue
+    fi
+    mkdir -p "$OUT/ab_$name"
+    # shellcheck disable=SC2086
+    (cd "$tree" && JAX_MPK_CACHE_DIR="$JAX_MPK_CACHE_DIR/ab_$name" python3 benchmarks/decode.py \
+      --models "${DECODE_MODELS:-llama-3.2-1b,qwen3-0.6b}" --batch "${DECODE_BATCH:-1}" --ctx "${DECODE_CTX:-1024}" \
+      --out "$OUT/ab_$name" ${DECODE_ARGS:-}) > "$OUT/ab_$name.log" 2>&1
+    echo "$name ($tree):"; grep -E "^\[|=>" "$OUT/ab_$name.log"
   done
 fi
 if has fuzz; then
