@@ -187,9 +187,10 @@ class Megakernel:
         # On the GPU a worker is an SM: exactly one CTA per SM, all co-resident.
         if self.device is not None:
             self.target = Target("cuda", self.device.core_count, str(self.device.compute_capability),
-                                 split_attention=cfg.split_attention)
+                                 split_attention=cfg.split_attention, stage_shared_rows=cfg.stage_shared_rows)
         else:
-            self.target = Target("cpu", num_workers or cfg.num_workers, gpu_fusion=cfg.gpu_fusion)
+            self.target = Target("cpu", num_workers or cfg.num_workers, gpu_fusion=cfg.gpu_fusion,
+                                 stage_shared_rows=cfg.stage_shared_rows)
         self.num_workers = self.target.num_workers
         self.watchdog_ms = max(1, round(cfg.watchdog_seconds * 1000))
 

@@ -53,6 +53,9 @@ class Config:
     # testing: the CPU executor runs plans fused and tiled as for a GPU of JAX_MPK_NUM_WORKERS SMs
     # (JAX_MPK_GPU_FUSION), so that the GPU fusion's semantics are checked without a GPU
     gpu_fusion: bool
+    # GPU fusion: a batch's products also compute their rows (RMSNorm, SwiGLU) in their staging, one row after the
+    # other in every task (JAX_MPK_STAGE_SHARED_ROWS, default off: not yet measured)
+    stage_shared_rows: bool
     # testing: schedule a random topological order on random workers (JAX_MPK_SCHEDULE_SEED; unset: list
     # scheduling by estimated cost)
     schedule_seed: int | None
@@ -77,5 +80,6 @@ def load() -> Config:
         force_compile=_env_flag("JAX_MPK_FORCE_COMPILE", False),
         split_attention=_env_flag("JAX_MPK_SPLIT_ATTENTION", False),
         gpu_fusion=_env_flag("JAX_MPK_GPU_FUSION", False),
+        stage_shared_rows=_env_flag("JAX_MPK_STAGE_SHARED_ROWS", False),
         schedule_seed=_env("JAX_MPK_SCHEDULE_SEED", None, int, expected="an integer"),
     )

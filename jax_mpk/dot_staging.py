@@ -31,12 +31,14 @@ def shared_weight_dims(kernel: Kernel) -> set[int]:
     return dims if math.prod(domain[d] for d in dims) <= MAX_SHARED_WEIGHT_ROWS else set()
 
 
-def compute_rows_in_dot_staging(kernels: list[Kernel]) -> list[Kernel]:
+def compute_rows_in_dot_staging(kernels: list[Kernel], shared_rows: bool = False) -> list[Kernel]:
     """A matrix product whose activation operand is produced by a row kernel (RMSNorm, softmax: block
     reductions over the row, then pointwise) computes that row itself while it stages the operand in shared
     memory, instead of waiting for it to be stored: one dependency level less per such pair, for the
     price of every task of the product recomputing its row (a few KB from L2). The producer keeps its
-    other outputs (the residual sum) and disappears when none is left."""
+    other outputs (the residual sum) and disappears when none is left. A product whose tasks multiply several
+    rows with one weight tile (a batch) computes them one after the other: only with ``shared_rows``
+    (JAX_MPK_STAGE_SHARED_ROWS, off until measured: docs/notes/cuda_megakernel.md)."""
     def key(tensor: Tensor) -> tuple[int, int]:
         return id(tensor.buffer), tensor.version
 
@@ -51,7 +53,7 @@ def compute_rows_in_dot_staging(kernels: list[Kernel]) -> list[Kernel]:
         if dot is None or key(dot.lhs) not in writer:
             continue
         a, out = writer[key(dot.lhs)]
-        if math.prod(b.domain[d] for d in shared_weight_dims(b)) > 1:
+        if math.prod(b.domain[d] for d in shared_weight_dims(b)) > 1 and not shared_rows:
             continue  # a task of it multiplies several rows: it would compute them one after the other
         if any(versions_written.get(id(t.buffer), {t.version}) - {t.version} for t in a.read_tensors()):
             # a reads a version that an in-place update overwrites: the product would have to run before that

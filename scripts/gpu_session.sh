@@ -2,14 +2,14 @@
 # One device-machine session: build the extension, then any of: the GPU tests, the decode benchmark of the Flax
 # examples, a per-SM trace of one step, the Llama-shaped decode_step benchmark, the per-call host overhead, the
 # warm start (first call in a new process, plan cached) of a model's step, the per-task and per-level cost
-# (taskcost), split attention off then on in one session (split), the differential fuzzer through the CUDA
+# (taskcost), a knob off then on in one session (knob: KNOB, default JAX_MPK_SPLIT_ATTENTION), the differential fuzzer through the CUDA
 # megakernel (fuzz: FUZZ_COUNT programs of seed 2026 from 0, default 512, in 16 parallel shards, one records file
 # and one tally), the decode benchmark of another commit's tree and then of this one in one session (ab: AB_TREE,
 # e.g. `git archive REV | tar -x -C ab/REV`, carried to the device machine as the git-ignored ab/). Logs and
 # results go to $OUT.
-#   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench,host,warm,taskcost,split,fuzz,ab] [pytest -k expression]
-# decode and split: DECODE_MODELS (default llama-3.2-1b,qwen3-0.6b,qwen3-8b), DECODE_BATCH (1,8), DECODE_CTX
-# (1024), DECODE_ARGS (extra arguments); warm: WARM_MODEL (qwen3-8b). "all" leaves out host, warm, taskcost, split,
+#   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench,host,warm,taskcost,knob,fuzz,ab] [pytest -k expression]
+# decode and knob: DECODE_MODELS (default llama-3.2-1b,qwen3-0.6b,qwen3-8b), DECODE_BATCH (1,8), DECODE_CTX
+# (1024), DECODE_ARGS (extra arguments); warm: WARM_MODEL (qwen3-8b). "all" leaves out host, warm, taskcost, knob,
 # fuzz, ab.
 # The device machine gets the working tree without .git: pass the commit.
 set -uo pipefail
@@ -26,7 +26,7 @@ fi
 echo "build: $(( $(date +%s) - start )) s"
 python3 -c "import jax, jax_mpk._ext as e; print(jax.__version__, jax.devices(), 'cuda backend:', e.has_cuda())"
 status=0
-has() { [[ ($what == all && ,host,warm,taskcost,split,fuzz,ab, != *,$1,*) || ,$what, == *,$1,* ]]; }
+has() { [[ ($what == all && ,host,warm,taskcost,knob,fuzz,ab, != *,$1,*) || ,$what, == *,$1,* ]]; }
 if has tests; then
   python3 -m pytest -q -m gpu tests/ -p no:cacheprovider ${select:+-k "$select"} > "$OUT/gpu_tests.log" 2>&1
   status=$?
@@ -58,13 +58,14 @@ if has taskcost; then
   python3 benchmarks/task_cost.py --out "$OUT/task_cost.json" > "$OUT/task_cost.log" 2>&1
   tail -6 "$OUT/task_cost.log"
 fi
-if has split; then
+if has knob; then
+  knob=${KNOB:-JAX_MPK_SPLIT_ATTENTION}
   for on in 0 1; do
-    mkdir -p "$OUT/split$on"
+    mkdir -p "$OUT/knob$on"
     # shellcheck disable=SC2086
-    JAX_MPK_SPLIT_ATTENTION=$on python3 benchmarks/decode.py --models "${DECODE_MODELS:-llama-3.2-1b,qwen3-0.6b,qwen3-8b}" \
-      --batch "${DECODE_BATCH:-1,8}" --ctx "${DECODE_CTX:-1024}" --out "$OUT/split$on" ${DECODE_ARGS:-} > "$OUT/split$on.log" 2>&1
-    echo "JAX_MPK_SPLIT_ATTENTION=$on:"; grep -E "^\[|=>" "$OUT/split$on.log"
+    env "$knob=$on" python3 benchmarks/decode.py --models "${DECODE_MODELS:-llama-3.2-1b,qwen3-0.6b,qwen3-8b}" \
+      --batch "${DECODE_BATCH:-1,8}" --ctx "${DECODE_CTX:-1024}" --out "$OUT/knob$on" ${DECODE_ARGS:-} > "$OUT/knob$on.log" 2>&1
+    echo "$knob=$on:"; grep -E "^\[|=>" "$OUT/knob$on.log"
   done
 fi
 if has ab; then

@@ -22,8 +22,8 @@ pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the 
 H100_SMS = 132
 
 
-def _generate(fn, *avals, validate_graph=False, split_attention=False):
-    graph = fuse(capture(jax.make_jaxpr(fn)(*avals)), Target("cuda", H100_SMS, split_attention=split_attention))
+def _generate(fn, *avals, validate_graph=False, **target):
+    graph = fuse(capture(jax.make_jaxpr(fn)(*avals)), Target("cuda", H100_SMS, **target))
     tasks = build_task_graph(graph, H100_SMS)
     sched = schedule(tasks, H100_SMS)
     if validate_graph:
@@ -135,6 +135,23 @@ def test_batched_weight_products_share_the_weight_tile(tmp_path, monkeypatch):
             assert rows == {8}, (kernel, rows)
     assert source.text.count("dot::columns_ring_mma<__nv_bfloat16, 8>") == 2
     assert source.text.count("dot::ring_begin<__nv_bfloat16, true>") == 2  # the ring laid out for ldmatrix
+    compile_cubin(source.text, "9.0")
+
+
+def test_batch_products_computing_their_rows_compile(tmp_path, monkeypatch):
+    """JAX_MPK_STAGE_SHARED_ROWS: at batch 8 the QKV, gate/up and down products of a Llama-1B-shaped step compute
+    their 8 rows (RMSNorm, SwiGLU) in their staging; the source fits the shared memory and compiles. (Their
+    values: tests/test_fusion.py runs the same fusion on the CPU executor.)"""
+    monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
+    cfg = TinyConfig(layers=2, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=8192, vocab=8192, max_seq=1024,
+                     batch=8, dtype="bfloat16", theta=500000.0)  # fmt: skip
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    cache = jax.eval_shape(lambda: init_cache(cfg, jax.random.PRNGKey(1)))
+    tokens, pos = jax.ShapeDtypeStruct((8,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
+    tasks, source = _generate(make_decode_step(cfg), params, tokens, pos, *cache, validate_graph=True,
+                              stage_shared_rows=True)  # fmt: skip
+    computed = [k for k in tasks.kernels.kernels if k.dot is not None and k.dot.lhs_expr is not None and k.domain[-2] == 8]
+    assert len(computed) >= 2 * 3, [(k.name, k.domain) for k in computed]  # QKV (or fused), gate/up, down per layer
     compile_cubin(source.text, "9.0")
 
 

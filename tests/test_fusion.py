@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import pytest
 from conftest import assert_trees_close, check_against_jit, random_array
 
 from jax_mpk.capture import capture
+from jax_mpk.dot_staging import shared_weight_dims
 from jax_mpk.fusion import fuse
 from jax_mpk.graph import Acc, Reduce
 from jax_mpk.target import Target
@@ -216,16 +219,19 @@ def test_gpu_plans_compute_norm_and_softmax_rows_in_the_products_staging(rng):
     assert_trees_close(tuple(run(*args)), jax.jit(f)(*args), "bfloat16")
 
 
-def test_the_cpu_executor_runs_a_gpu_fused_decode_step(monkeypatch):
+@pytest.mark.parametrize("batch,shared_rows", [(1, False), (4, True)])
+def test_the_cpu_executor_runs_a_gpu_fused_decode_step(batch, shared_rows, monkeypatch):
     """JAX_MPK_GPU_FUSION=1: the CPU executor runs the plan fused and tiled as for a GPU of 16 SMs (RMSNorm and
     QK-norm rows computed in the products' staging, split-K products, the SwiGLU epilogue rule), and agrees
-    with jax.jit over several decode steps of a Qwen3-style model."""
+    with jax.jit over several decode steps of a Qwen3-style model; with JAX_MPK_STAGE_SHARED_ROWS=1 the batch's
+    products compute their rows (RMSNorm, SwiGLU) in their staging too."""
     from tiny_models import TinyConfig, init_cache, init_params, make_decode_step, random_tokens
 
     import jax_mpk
 
     monkeypatch.setenv("JAX_MPK_GPU_FUSION", "1")
-    cfg = TinyConfig(qk_norm=True, hidden=256, heads=4, kv_heads=2, head_dim=64, mlp=512)
+    monkeypatch.setenv("JAX_MPK_STAGE_SHARED_ROWS", str(int(shared_rows)))
+    cfg = TinyConfig(qk_norm=True, hidden=256, heads=4, kv_heads=2, head_dim=64, mlp=512, batch=batch)
     params, cache = init_params(cfg, jax.random.PRNGKey(3)), init_cache(cfg, jax.random.PRNGKey(4))
     step = make_decode_step(cfg)
     fast = jax_mpk.megakernelize(step, num_workers=16)
@@ -236,7 +242,9 @@ def test_the_cpu_executor_runs_a_gpu_fused_decode_step(monkeypatch):
         assert_trees_close((fast_logits, *fast_cache), (ref_logits, *ref_cache), "float32")
         tokens = ref_tokens
     (mk,) = fast.plans.values()
-    assert mk.target.gpu_fusion and any(k.dot is not None and k.dot.lhs_expr is not None for k in mk.graph.kernels)
+    computed = [k for k in mk.graph.kernels if k.dot is not None and k.dot.lhs_expr is not None]
+    weight_rows = [k for k in computed if math.prod(k.domain[d] for d in shared_weight_dims(k)) == batch > 1]
+    assert mk.target.gpu_fusion and computed and (len(weight_rows) >= 3 * cfg.layers) == shared_rows
 
 
 def test_gpu_fusion_leaves_rows_that_read_an_overwritten_version_outside_product_staging():
