@@ -17,12 +17,13 @@ import numpy as np
 
 from . import bodies
 from .bodies.dot import MMA_MAX_COLUMNS, RING_BYTES, RING_SLOT_BYTES, RING_SLOTS
-from .emit import SHARED_MEMORY_BYTES, THREADS, KernelBody
 from .dot_staging import MAX_SHARED_WEIGHT_ROWS
+from .emit import THREADS, KernelBody
 from .kernels import Tensor
 from .layout import TaskField, TensorKind
 from .plan import task_records
 from .schedule import Schedule
+from .target import Target
 from .tasks import TaskGraph
 
 KERNEL_NAME = "jax_mpk_megakernel"
@@ -38,16 +39,18 @@ class GeneratedSource:
 
 
 def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = None) -> GeneratedSource:
-    """The megakernel's source. With ``profile_offset``, every task records its wait/start/end times
-    (uint64 nanoseconds, 3 per task) in the workspace at that byte offset."""
+    """The megakernel's source, within the shared memory of the GPU the graph was fused for (a CPU-fused graph:
+    the default architecture's). With ``profile_offset``, every task records its wait/start/end times (uint64
+    nanoseconds, 3 per task) in the workspace at that byte offset."""
     kg = graph.kernels
+    budget = (kg.target or Target("cuda", 1)).shared_memory_bytes
     slots = _BufferSlots(len(kg.input_specs), len(kg.output_specs))
     variants: dict[str, int] = {}
     variant_texts: list[str] = []
     calls, prefetches = [], []
     smem, ring_offset = 0, None  # the ring sits above the shared memory of every task that uses one
     for kernel, tasks in zip(kg.kernels, graph.tasks_by_kernel()):
-        body = KernelBody(kernel, tasks, graph.merge_counters.get(kernel.index, -1))
+        body = KernelBody(kernel, tasks, budget, graph.merge_counters.get(kernel.index, -1))
         text, tensors, kernel_smem, prefetch = bodies.render(body)
         smem = max(smem, kernel_smem)
         if body.uses_ring:
@@ -66,7 +69,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
     if ring_offset is not None:
         smem = max(smem, ring_offset + RING_BYTES)
     # every kind keeps within the budget (the ring's users leave room for it): a violation is a bug of a kind
-    assert smem <= SHARED_MEMORY_BYTES, f"{smem} bytes of shared memory (jax_mpk bug)"
+    assert smem <= budget, f"{smem} bytes of shared memory, more than the target's {budget} (jax_mpk bug)"
     # 32-bit index arithmetic (divisions are several times cheaper) unless a tensor is too large for it
     wide = max((b.nbytes for b in kg.buffers), default=0) >= 1 << 31
     lines = [

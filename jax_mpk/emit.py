@@ -17,7 +17,6 @@ from .kernels import Kernel, Tensor
 from .layout import DTYPES, SCALAR_OP_OF, DType, NodeOp, ReduceKind, TensorKind, dtype_code
 
 THREADS = 512
-SHARED_MEMORY_BYTES = 227 * 1024  # dynamic shared memory a Hopper CTA may opt in to: every body's budget
 # Strided positions of a row that a thread folds per unrolled step of a cooperative reduction (their loads
 # are issued together). Output loops are not unrolled: batching 2-4 positions' values before their stores
 # raised the kernel's register count and broke the load schedule of the GEMV variants, which share it.
@@ -62,8 +61,9 @@ class KernelBody:
     """One kernel being rendered as a device function of (params, task, smem, tensor pointers...): what a body
     kind renders into."""
 
-    def __init__(self, kernel: Kernel, tasks, merge_counter: int = -1):
+    def __init__(self, kernel: Kernel, tasks, shared_memory_bytes: int, merge_counter: int = -1):
         self.kernel, self.tasks = kernel, tasks
+        self.shared_memory_bytes = shared_memory_bytes  # the target's budget (Target.shared_memory_bytes)
         self.merge_counter = merge_counter  # split attention: the event of its first group's merge counter
         # Pointer parameters: (tensor, constant element offset). Constant offsets (the layer index into
         # stacked weights, a static cache slot) travel in the pointer, so that repeated layers render the

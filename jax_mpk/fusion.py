@@ -89,6 +89,7 @@ class _Fuser:
             num_ranks=self.captured.mesh.num_ranks if self.captured.mesh else 1,
             comm_bytes=self.comm_bytes,
             rank_input=self.captured.rank_input,
+            target=self.target,
         )
 
     def _index_graph(self) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from .graph import Load, Node, topological
 from .indexmap import IndexMap, Reshape, Shape
 from .layout import KernelKind, TensorKind
+from .target import Target
 
 WORKSPACE_ALIGN = 256
 
@@ -179,6 +180,7 @@ class KernelGraph:
     num_ranks: int = 1  # devices running the graph together (a shard_map body)
     comm_bytes: int = 0  # one rank's share of the communication buffers (TensorKind.COMM)
     rank_input: int = -1  # the input holding the device's rank, when num_ranks > 1
+    target: Target | None = None  # what it was fused for (None: the CPU executor, target-neutral fusion only)
 
     def __repr__(self) -> str:
         lines = [f"KernelGraph: {len(self.kernels)} kernels, workspace {self.workspace_bytes} B, aliases {self.aliases}"]

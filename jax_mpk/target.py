@@ -10,6 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Dynamic shared memory one CTA may opt in to, by compute capability (CUDA C++ Programming Guide, technical
+# specifications per compute capability): the budget of every task body. The megakernel runs one CTA of
+# ``emit.THREADS`` threads per SM (``__launch_bounds__(THREADS, 1)``), which leaves 65536 / THREADS = 128
+# registers a thread on every architecture listed; the runtime checks the device's own limits before it launches.
+SHARED_MEMORY_OPT_IN = {
+    "8.0": 163 * 1024, "8.6": 99 * 1024, "8.7": 163 * 1024, "8.9": 99 * 1024, "9.0": 227 * 1024,
+    "10.0": 227 * 1024, "12.0": 99 * 1024,
+}  # fmt: skip
+# What plans made without a device are made for (the cuda-plan fuzz platform, the codegen tests): Hopper.
+DEFAULT_COMPUTE_CAPABILITY = "9.0"
+
 
 @dataclass(frozen=True)
 class Target:
@@ -30,6 +41,13 @@ class Target:
 
     def __post_init__(self) -> None:
         assert not (self.split_attention and self.platform != "cuda"), "split attention runs on CUDA only"
+
+    @property
+    def shared_memory_bytes(self) -> int:
+        """The shared memory a task body may use: the architecture's opt-in limit (the smallest listed one for
+        an architecture not listed)."""
+        return SHARED_MEMORY_OPT_IN.get(self.compute_capability or DEFAULT_COMPUTE_CAPABILITY,
+                                        min(SHARED_MEMORY_OPT_IN.values()))  # fmt: skip
 
     @property
     def fuses_for_gpu(self) -> bool:

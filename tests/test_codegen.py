@@ -155,6 +155,24 @@ def test_batch_products_computing_their_rows_compile(tmp_path, monkeypatch):
     compile_cubin(source.text, "9.0")
 
 
+@pytest.mark.parametrize("compute_capability", ["8.9", "8.0"])
+def test_plans_for_other_architectures_fit_their_shared_memory(compute_capability, tmp_path, monkeypatch):
+    """The bodies' shared-memory budget is the target's (99 KB a CTA on sm_89, 163 KB on sm_80, 227 KB on
+    Hopper): a batch-8 Llama-shaped step planned for sm_89 streams its weights without the 128 KB ring (it needed
+    219 KB, which an sm_89 GPU cannot launch), and compiles for that architecture."""
+    monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
+    cfg = TinyConfig(layers=1, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=8192, vocab=8192, max_seq=1024,
+                     batch=8, dtype="bfloat16", theta=500000.0)  # fmt: skip
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    cache = jax.eval_shape(lambda: init_cache(cfg, jax.random.PRNGKey(1)))
+    tokens, pos = jax.ShapeDtypeStruct((8,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
+    target = Target("cuda", 84, compute_capability)
+    _, hopper = _generate(make_decode_step(cfg), params, tokens, pos, *cache)
+    _, source = _generate(make_decode_step(cfg), params, tokens, pos, *cache, compute_capability=compute_capability)
+    assert source.smem_bytes <= target.shared_memory_bytes < hopper.smem_bytes
+    compile_cubin(source.text, compute_capability)
+
+
 def test_a_stacked_cache_append_spreads_its_heads_over_workers():
     """Qwen3's key append into a [layer, batch, position, head, dim] cache normalizes each head (a reduction of
     shape [batch, 1, heads] reached through a reshape, not a prefix of the update's domain): its tiles split the

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..emit import SHARED_MEMORY_BYTES, STORAGE, THREADS, Emitter, KernelBody, Tiling, linear, read_only, tile_count
+from ..emit import STORAGE, THREADS, Emitter, KernelBody, Tiling, linear, read_only, tile_count
 from ..dot_staging import MAX_SHARED_WEIGHT_ROWS, ROW_STAGING_MAX_INLINE, shared_weight_dims
 from ..graph import topological
 from ..indexmap import linear_form
@@ -41,7 +41,7 @@ def render(body: KernelBody):
     """This kind's rendering of the body's kernel, or None when it is not a product with linear layouts."""
     if body.kernel.dot is None or body.kernel.attention is not None:
         return None
-    plan = DotPlan.of(body.kernel, body.tasks)
+    plan = DotPlan.of(body.kernel, body.tasks, body.shared_memory_bytes)
     if plan is None:
         return None
     return render_together(body, plan) if plan.together else render_columns_or_rows(body, plan)
@@ -249,6 +249,7 @@ class DotPlan:
     rhs_k: int
     rhs_n: int
     vector_rows: bool
+    shared_memory_bytes: int  # the target's budget for the task's shared memory, ring included
     # > 0: the task's rows (this many) share one pass over the weight tile: the ring (columns_vec) or
     # dot::rows_shared (rows)
     together: int = 0
@@ -270,7 +271,7 @@ class DotPlan:
         return -(-self.max_n // 4) * 4
 
     @staticmethod
-    def of(kernel: Kernel, tasks) -> DotPlan | None:
+    def of(kernel: Kernel, tasks, shared_memory_bytes: int) -> DotPlan | None:
         dot = kernel.dot
         rank = len(kernel.domain)
         if rank == 0 or not tasks or kernel.reads_comm():
@@ -298,8 +299,9 @@ class DotPlan:
         elif rk == 1:
             layout = "rows"
             vector_rows = elt_ok and aligned and K % 8 == 0 and rn % 8 == 0
-        plan = DotPlan(layout, K, max_n, lc, lcoef[:rank], lk, rc, rcoef[:rank], rk, rn, vector_rows)
-        if dot_smem_bytes(plan, 1) > SHARED_MEMORY_BYTES:
+        plan = DotPlan(layout, K, max_n, lc, lcoef[:rank], lk, rc, rcoef[:rank], rk, rn, vector_rows,
+                       shared_memory_bytes)  # fmt: skip
+        if dot_smem_bytes(plan, 1) > plan.shared_memory_bytes:
             return None  # a row and its accumulators do not fit: the flat kind loops over K per element
         plan.together = rows_together(kernel, tasks, plan)
         plan.mma = tensor_core_rows(kernel, tasks, plan)
@@ -323,7 +325,7 @@ def rows_together(kernel: Kernel, tasks, plan: DotPlan) -> int:
         return 0
     base = dot_smem_bytes(plan, rows)
     if plan.layout == "rows":
-        return rows if plan.vector_rows and plan.K >= 256 and rows >= 2 and base <= SHARED_MEMORY_BYTES else 0
+        return rows if plan.vector_rows and plan.K >= 256 and rows >= 2 and base <= plan.shared_memory_bytes else 0
     if plan.layout != "columns_vec" or not read_only(kernel.dot.rhs):
         return 0
     itemsize = np.dtype(kernel.dot.rhs.buffer.dtype).itemsize
@@ -331,7 +333,7 @@ def rows_together(kernel: Kernel, tasks, plan: DotPlan) -> int:
         n_len = t.hi[rank - 1] - t.lo[rank - 1]
         if n_len * itemsize > RING_SLOT_BYTES or n_len // 8 > THREADS:
             return 0
-    return rows if -(-base // 128) * 128 + RING_BYTES <= SHARED_MEMORY_BYTES else 0
+    return rows if -(-base // 128) * 128 + RING_BYTES <= plan.shared_memory_bytes else 0
 
 
 def tensor_core_rows(kernel: Kernel, tasks, plan: DotPlan) -> bool:
@@ -348,7 +350,7 @@ def tensor_core_rows(kernel: Kernel, tasks, plan: DotPlan) -> bool:
     if any((t.hi[rank - 1] - t.lo[rank - 1]) % 16 or t.hi[rank - 1] - t.lo[rank - 1] > MMA_MAX_COLUMNS for t in tasks):
         return False
     padded = replace(plan, mma=True)
-    return -(-dot_smem_bytes(padded, plan.together) // 128) * 128 + RING_BYTES <= SHARED_MEMORY_BYTES
+    return -(-dot_smem_bytes(padded, plan.together) // 128) * 128 + RING_BYTES <= plan.shared_memory_bytes
 
 
 def dot_smem_bytes(plan: DotPlan, rows: int) -> int:
