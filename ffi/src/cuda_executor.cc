@@ -1,3 +1,8 @@
+// The CUDA FFI handler: plans registered from Python (cubin, kernel name, buffer count), their device state
+// (created on a device's first call and kept for CUDA-graph replays), the cooperative launch, the
+// communication buffers of a shard_map's ranks, and the error record the kernel leaves (watchdog, bad task).
+// Over 600 lines because these share one lifetime and one lock per plan; splitting them would spread that
+// protocol over files.
 #include "jax_mpk/cuda_executor.h"
 
 #include <cuda_runtime.h>

@@ -1,3 +1,7 @@
+// The plan reader: the int64 words of docs/plan_format.md into a checked Plan (tensors, maps, kernels and their
+// nodes, tasks, workers). Over 600 lines because it is one parser of one format, section by section, and every
+// word is checked where it is read (ids, shapes, arities against the generated op table), so that a writer bug
+// surfaces as an error naming the item and the word, never as a crash of the executors that trust the Plan.
 #include "jax_mpk/plan.h"
 
 #include <algorithm>
