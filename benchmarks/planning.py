@@ -4,17 +4,23 @@ Traces the step with abstract weights (no memory for them), then runs the pipeli
 cache miss: capture, fusion, tiling, scheduling, validation, serialization and CUDA code generation (nvcc is
 not run: its time is apart, see toolchain.py's log line). Prints each stage's time (the jax_mpk logger) and,
 with --profile, the functions that took the most time; with --fingerprint, the sha256 of the plan's words and of
-the generated source (a change that should leave plans alone is checked by comparing them across commits).
+the generated source (a change that should leave plans alone is checked by comparing them across commits); with
+--levels, the task graph's critical structure: every kernel of the first layers with its dependency level, its
+task count and its largest task's estimated work (a level of one small kernel on a few SMs leaves the chip idle:
+the stacked cache's one-task key append and batch 8's extra levels were found this way). The GPU knobs
+(JAX_MPK_SPLIT_ATTENTION, JAX_MPK_STAGE_SHARED_ROWS) apply.
 
     python benchmarks/planning.py --model qwen3-8b                 # H100/H200: 132 SMs, sm_90
     python benchmarks/planning.py --model qwen3-0.6b --profile 25
     python benchmarks/planning.py --model llama-3.2-1b --fingerprint
+    python benchmarks/planning.py --model llama-3.2-1b --batch 8 --layers 2 --levels 30
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import hashlib
 import logging
 import os
@@ -44,10 +50,14 @@ def main() -> None:
     parser.add_argument("--cache-layout", default="stacked", choices=["stacked", "per_layer"])
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N slowest functions")
     parser.add_argument("--fingerprint", action="store_true", help="print the sha256 of the words and the source")
+    parser.add_argument("--layers", type=int, help="plan this many layers of the model (default: all)")
+    parser.add_argument("--levels", type=int, default=0, metavar="N", help="print the kernels of the first N levels")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     cfg = models.PRESETS[args.model]
+    if args.layers:
+        cfg = dataclasses.replace(cfg, layers=args.layers)
     weights, merge = models.split(models.abstract(cfg))
     cache = jax.eval_shape(lambda: models.init_cache(cfg, args.batch, args.ctx, layout=args.cache_layout))
     tokens, pos = jax.ShapeDtypeStruct((args.batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
@@ -59,7 +69,10 @@ def main() -> None:
     print(f"make_jaxpr: {traced - start:.2f} s ({cpu_traced - cpu_start:.2f} s CPU, {len(closed.eqns)} equations)")
     if args.profile:
         profiler.enable()
-    stages = plan_stages(closed, find_shard_map(closed), Target("cuda", args.sms, args.arch), config.load())
+    knobs = config.load()
+    target = Target("cuda", args.sms, args.arch, split_attention=knobs.split_attention,
+                    stage_shared_rows=knobs.stage_shared_rows)  # fmt: skip
+    stages = plan_stages(closed, find_shard_map(closed), target, knobs)
     profiler.disable()
     plan = stages.plan
     # on a shared machine the CPU time is the steadier figure (planning runs on one thread)
@@ -70,8 +83,26 @@ def main() -> None:
     if args.fingerprint:
         print(f"words sha256 {hashlib.sha256(plan.words.tobytes()).hexdigest()}")
         print(f"source sha256 {hashlib.sha256(plan.source.text.encode()).hexdigest()}")
+    if args.levels:
+        print_levels(stages, args.levels, cfg.layers)
     if args.profile:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
+
+
+def print_levels(stages, first: int, layers: int) -> None:
+    """Each kernel of the first ``first`` dependency levels: level, tasks, the largest task's estimated work."""
+    by_kernel: dict[int, list[float]] = {}
+    for task in stages.tasks.tasks:
+        by_kernel.setdefault(task.kernel, []).append(task.cost)
+    kernels = stages.graph.kernels
+    levels = max(k.level for k in kernels) + 1
+    print(f"{levels} dependency levels for {layers} layers (and the embedding and head)")
+    for k in sorted(kernels, key=lambda k: (k.level, k.index)):
+        if k.level >= first:
+            break
+        costs = by_kernel.get(k.index, [0.0])
+        print(f"  level {k.level:3d}  kernel {k.index:4d}  {len(costs):4d} tasks  largest {max(costs):10.0f}  "
+              f"{k.name[:56]}  {list(k.domain)}")
 
 
 if __name__ == "__main__":
