@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import jax
@@ -11,6 +12,7 @@ from tiny_models import TinyConfig, init_cache, init_params, make_decode_step
 
 from jax_mpk.capture import capture
 from jax_mpk.codegen import generate
+from jax_mpk.dot_staging import shared_weight_dims
 from jax_mpk.fusion import fuse
 from jax_mpk.schedule import schedule
 from jax_mpk.tasks import build_task_graph
@@ -31,14 +33,19 @@ def _generate(fn, *avals, validate_graph=False, **target):
     return tasks, generate(tasks, sched)
 
 
+def _generate_decode_step(cfg: TinyConfig, validate_graph=False, **target):
+    """``_generate`` of tiny_models' decode step at ``cfg``, on abstract weights and cache (no memory)."""
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    cache = jax.eval_shape(lambda: init_cache(cfg, jax.random.PRNGKey(1)))
+    tokens, pos = jax.ShapeDtypeStruct((cfg.batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
+    return _generate(make_decode_step(cfg), params, tokens, pos, *cache, validate_graph=validate_graph, **target)
+
+
 def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
     cfg = TinyConfig(layers=16, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=8192, vocab=128256,
                      max_seq=1024, dtype="bfloat16", theta=500000.0)  # fmt: skip
-    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-    cache = jax.eval_shape(lambda: init_cache(cfg, jax.random.PRNGKey(1)))
-    tokens, pos = jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
-    tasks, source = _generate(make_decode_step(cfg), params, tokens, pos, *cache)
+    tasks, source = _generate_decode_step(cfg)
     # the 16 identical layers share their device functions
     assert source.num_variants <= 24, source.num_variants
     text = source.text
@@ -58,10 +65,7 @@ def test_split_attention_decode_step_compiles(head_dim, batch):
     pass; Qwen3's 128-wide heads with QK-norm at batch 8), compiled for sm_90."""
     cfg = TinyConfig(layers=2, hidden=2048, heads=2048 // head_dim, kv_heads=8, head_dim=head_dim, mlp=4096,
                      vocab=4096, max_seq=1024, batch=batch, dtype="bfloat16", qk_norm=head_dim == 128)  # fmt: skip
-    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-    cache = jax.eval_shape(lambda: init_cache(cfg, jax.random.PRNGKey(1)))
-    tokens, pos = jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
-    tasks, source = _generate(make_decode_step(cfg), params, tokens, pos, *cache, validate_graph=True, split_attention=True)
+    tasks, source = _generate_decode_step(cfg, validate_graph=True, split_attention=True)
     assert f"attention::chunk<__nv_bfloat16, {2048 // head_dim // 8}, {head_dim}>" in source.text  # a task: the 4 or 2 query heads of a KV head
     assert len(compile_cubin(source.text, "9.0")) > 10_000
 
@@ -145,12 +149,9 @@ def test_batch_products_computing_their_rows_compile(tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
     cfg = TinyConfig(layers=2, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=8192, vocab=8192, max_seq=1024,
                      batch=8, dtype="bfloat16", theta=500000.0)  # fmt: skip
-    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-    cache = jax.eval_shape(lambda: init_cache(cfg, jax.random.PRNGKey(1)))
-    tokens, pos = jax.ShapeDtypeStruct((8,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
-    tasks, source = _generate(make_decode_step(cfg), params, tokens, pos, *cache, validate_graph=True,
-                              stage_shared_rows=True)  # fmt: skip
-    computed = [k for k in tasks.kernels.kernels if k.dot is not None and k.dot.lhs_expr is not None and k.domain[-2] == 8]
+    tasks, source = _generate_decode_step(cfg, validate_graph=True, stage_shared_rows=True)
+    computed = [k for k in tasks.kernels.kernels if k.dot is not None and k.dot.lhs_expr is not None
+                and math.prod(k.domain[d] for d in shared_weight_dims(k)) == 8]  # fmt: skip
     assert len(computed) >= 2 * 3, [(k.name, k.domain) for k in computed]  # QKV (or fused), gate/up, down per layer
     compile_cubin(source.text, "9.0")
 
@@ -163,12 +164,9 @@ def test_plans_for_other_architectures_fit_their_shared_memory(compute_capabilit
     monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
     cfg = TinyConfig(layers=1, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=8192, vocab=8192, max_seq=1024,
                      batch=8, dtype="bfloat16", theta=500000.0)  # fmt: skip
-    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-    cache = jax.eval_shape(lambda: init_cache(cfg, jax.random.PRNGKey(1)))
-    tokens, pos = jax.ShapeDtypeStruct((8,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
     target = Target("cuda", 84, compute_capability)
-    _, hopper = _generate(make_decode_step(cfg), params, tokens, pos, *cache)
-    _, source = _generate(make_decode_step(cfg), params, tokens, pos, *cache, compute_capability=compute_capability)
+    _, hopper = _generate_decode_step(cfg)
+    _, source = _generate_decode_step(cfg, compute_capability=compute_capability)
     assert source.smem_bytes <= target.shared_memory_bytes < hopper.smem_bytes
     compile_cubin(source.text, compute_capability)
 

@@ -9,10 +9,9 @@ from ..kernels import Kernel
 
 
 def tiling(kernel: Kernel) -> Tiling | None:
-    """The generic cut (rows, whole trailing dims: ``tasks.tile_domain``'s row-reduction rule)."""
-    if kernel.dot is not None or not any(is_row_reduction(n) for n in kernel.nodes()):
-        return None
-    return Tiling()
+    """No rule of its own: flat's generic cut, in which ``tasks.tile_domain`` keeps the dims after a row
+    reduction's rows whole."""
+    return None
 
 
 def render(body: KernelBody):

@@ -257,7 +257,7 @@ def check_gpu_plan(program: Program) -> Outcome:
     (a cycle between in-place updates, a dropped store) shows here without a GPU."""
     closed = jax.make_jaxpr(program.function())(*program.inputs())
     try:
-        with program.knobs.applied("cuda"):
+        with program.knobs.applied(GPU_PLAN):
             plan_stages(closed, None, Target("cuda", GPU_PLAN_SMS, GPU_PLAN_ARCH), config.load())
     except Exception as exc:
         return _raised(exc)
@@ -378,7 +378,6 @@ def snippet(program: Program, platform: str = "cpu") -> str:
         else:
             args.append(f"    fuzz.input_array({program.seed}, fuzz.{a!r}),")
     k = program.knobs
-    seed = "" if k.schedule_seed is None else str(k.schedule_seed)
     if platform == GPU_PLAN:
         run = ["from jax_mpk import config",
                "from jax_mpk.api import plan_stages",
@@ -392,9 +391,7 @@ def snippet(program: Program, platform: str = "cpu") -> str:
                "    print(np.asarray(e).tolist(), np.asarray(a).tolist(), sep='\\n')"]  # fmt: skip
     return "\n".join([
         "import os",
-        f'os.environ.update(JAX_MPK_MIN_TASK_WORK="{k.min_task_work}", JAX_MPK_SCHEDULE_SEED="{seed}", '
-        f'JAX_MPK_PLATFORM="{"cuda" if platform == GPU_PLAN else "cpu" if platform == GPU_FUSED else platform}", '
-        f'JAX_MPK_GPU_FUSION="{int(platform == GPU_FUSED)}")',
+        f"os.environ.update({k.env(platform)!r})",
         "import jax, jax.numpy as jnp, numpy as np",
         "from jax import lax",
         "import jax_mpk",

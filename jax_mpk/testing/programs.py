@@ -65,14 +65,18 @@ class Knobs:
     min_task_work: int
     schedule_seed: int | None  # JAX_MPK_SCHEDULE_SEED: a random topological order and random workers
 
-    @contextlib.contextmanager
-    def applied(self, platform: str) -> Iterator[None]:
-        env = {
+    def env(self, platform: str) -> dict[str, str]:
+        """The knobs, and the fuzzer's ``platform`` as jax_mpk's knobs (what a run sets and a repro prints)."""
+        return {
             "JAX_MPK_MIN_TASK_WORK": str(self.min_task_work),
             "JAX_MPK_SCHEDULE_SEED": "" if self.schedule_seed is None else str(self.schedule_seed),
-            "JAX_MPK_PLATFORM": "cpu" if platform == GPU_FUSED else platform,
+            "JAX_MPK_PLATFORM": {GPU_PLAN: "cuda", GPU_FUSED: "cpu"}.get(platform, platform),
             "JAX_MPK_GPU_FUSION": "1" if platform == GPU_FUSED else "0",
         }
+
+    @contextlib.contextmanager
+    def applied(self, platform: str) -> Iterator[None]:
+        env = self.env(platform)
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
