@@ -444,6 +444,30 @@ def test_cancelling_infinities_of_float32_sums_are_ill_conditioned_not_mismatche
     assert fuzz.check(program).kind == "ill_conditioned"
 
 
+@pytest.mark.parametrize("position,kind", [(4, "ill_conditioned"), (1, "mismatch")])
+def test_a_product_that_overflows_in_another_association_is_told_apart_from_a_wrong_one(monkeypatch, position,
+                                                                                         kind):
+    """GPU fuzz program 2026:247 reduced: a float32 cumprod that stays finite in XLA's order, one of whose
+    entries the GPU (a product by tiles) returned as inf. Entry 4 (1e25 * 1e-20 * 1e25 * 1e-20 * 1e25) has a
+    sub-product of its terms, 1e75, beyond float32: another association may overflow, `ill_conditioned`. Entry 1
+    (1e25 * 1e-20) has none: inf there is a `mismatch`."""
+    x = fuzz.Value("a0", (1, 8), "f32")
+    line = fuzz.Line((fuzz.Value("v1", (1, 8), "f32"),), "lax.cumprod(a0, axis=1, reverse=False)")
+    program = fuzz.Program(1, (x,), (line,), ("v1",), fuzz.Knobs(1, 1 << 14, None))
+    terms = np.tile(np.float32([1e20, 1e-20]), 4)[None]
+    monkeypatch.setattr(fuzz.Program, "inputs", lambda self: [terms])
+    expected = np.asarray(jax.jit(program.function())(terms)[0])
+    assert np.all(np.isfinite(expected))
+
+    def overflowing_at(program, args, platform):
+        ours = expected.copy()
+        ours[0, position] = np.inf
+        return [ours]
+
+    monkeypatch.setattr(fuzz, "run_megakernel", overflowing_at)
+    assert fuzz.check(program).kind == kind
+
+
 @pytest.mark.gpu
 def test_sorted_rows_with_nan_then_argmin_on_the_gpu():
     """GPU fuzz program 2026:456 (|diff| 3 in argmin of sorted sqrt(tan(x)) rows of float16): the sorted rows

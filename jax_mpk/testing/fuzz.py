@@ -163,6 +163,9 @@ class _Nondeterministic(Exception):
 # Lines whose result is a sum of many terms: how an executor orders that sum (double or float32, sequential,
 # by tiles, as a tree) is not part of the float contract (docs/float_contract.md).
 ACCUMULATING = re.compile(r"^lax\.(dot_general|cumsum|cumprod|cumlogsumexp)\(|^lax\.reduce\(.*, lax\.(add|mul), ")
+# Lines whose result is a product of many terms: in another association a sub-product of the large terms can
+# overflow to +-inf although the whole product fits (GPU fuzz 2026:247: a cumprod by tiles)
+MULTIPLYING = re.compile(r"^lax\.cumprod\(|^lax\.reduce\(.*, lax\.mul, ")
 ROUNDING_TRIALS = 16
 ELEMENTWISE_ULPS = 2.0  # CUDA's and XLA's float32 functions are within a few ulp
 
@@ -176,7 +179,8 @@ def reference_rounded(program: Program, args: Sequence[np.ndarray], trials: int 
     rounding) by a uniform random error within what the contract leaves open, each output then stacked as
     [trials, ...]: ``ELEMENTWISE_ULPS`` ulp of the result, and for a sum of n terms (a reduction, product, scan)
     sqrt(n) half-ulps of the same sum over the terms' magnitudes, the size of the differences that summation
-    order makes (a float32 sum by tiles against XLA's tree; the worst case is n half-ulps). How far these trials
+    order makes (a float32 sum by tiles against XLA's tree; the worst case is n half-ulps); a product whose
+    largest sub-product overflows is +-inf in about half of the trials. How far these trials
     spread is how far the contract lets an output move: through sin of a large argument, a comparison, or
     cancelling terms, it can be far."""
 
@@ -204,7 +208,17 @@ def reference_rounded(program: Program, args: Sequence[np.ndarray], trials: int 
         noise = jax.random.uniform(key, jnp.shape(result), jnp.float64, -1.0, 1.0)
         # exact zeros keep their sign (-0 + 0 would be +0: a signed-zero difference is not rounding)
         with jax.numpy_dtype_promotion("standard"):
-            return jnp.where(jnp.isfinite(scale) & (scale > 0), result + scale * noise, result)
+            result = jnp.where(jnp.isfinite(scale) & (scale > 0), result + scale * noise, result)
+        if MULTIPLYING.match(line.expr) and floats:
+            # the largest sub-product (every term of magnitude above 1) overflows: in about half of the trials
+            # the product is +-inf as its association may make it (NaN where a zero term meets that inf)
+            stretched = {**env, **{name: jnp.maximum(jnp.abs(env[name]), 1.0) for name in floats}}
+            out = eval(line.expr, dict(FLOAT64_NAMESPACE), stretched)  # noqa: S307 - the fuzzer's own source
+            largest = (out if isinstance(out, (list, tuple)) else [out])[index]
+            overflows = (largest > float(jnp.finfo(DTYPES[value.dtype]).max)) & (noise > 0)
+            infinite = jnp.where(result == 0, jnp.nan, jnp.copysign(jnp.inf, result))
+            result = jnp.where(overflows, infinite, result)
+        return result
 
     def reference(key, *wide):
         env = dict(zip((a.name for a in program.args), wide))
