@@ -95,9 +95,20 @@ class KernelBody:
 
 
 def is_row_reduction(node: Node, minimum: int = ROW_REDUCTION) -> bool:
-    """Reductions at least ``minimum`` long are done by the whole block, row by row; short ones (split-K
-    sums) inline."""
-    return isinstance(node, Reduce) and math.prod(node.children[0].shape[len(node.shape) :]) >= minimum
+    """Reductions whose fold reads at least ``minimum`` values are done by the whole block, row by row; short
+    ones (split-K sums) inline. A fold over a nested fold reads their product: a per-head norm of 128 sums of
+    4 split-K partials is 512 loads, which one thread per element made the 8 us of Qwen3's key append."""
+    return isinstance(node, Reduce) and fold_loads(node) >= minimum
+
+
+def fold_loads(node: Reduce) -> int:
+    """The values one inline fold of ``node`` reads: its length times the most its nested folds read at each
+    position. A nested reduction with no more values than ``node`` is read broadcast along the fold (a
+    softmax's max inside its sum) and computed once, before the loop (``_hoist_broadcast_reductions``)."""
+    rows = math.prod(node.shape)
+    nested = [fold_loads(n) for n in topological([node.children[0]])
+              if isinstance(n, Reduce) and math.prod(n.shape) > rows]  # fmt: skip
+    return math.prod(node.children[0].shape[len(node.shape) :]) * max(nested, default=1)
 
 
 def read_only(tensor: Tensor) -> bool:
@@ -131,6 +142,8 @@ class Emitter:
         self.counter = 0
         self.acc: str | None = None
         self.reductions: dict[int, str] = {}
+        self.reduction_rows: dict[int, list[str]] = {}  # the row index each row reduction was computed at
+        self.row_reads: dict[int, list[str]] | None = None  # set: a probe recording where row reductions are read
         self.scratch = "smem"  # char* to shared memory that block reductions may use
         self.row_reduction_min = ROW_REDUCTION
 
@@ -327,7 +340,11 @@ class Emitter:
     # ------------------------------------------------------------------------------------- reductions
     def _reduce(self, node: Reduce, idx: list[str]) -> str:
         if self.rows_prefix is not None and self.is_row_reduction(node):
-            if list(idx) != self.rows_prefix[: len(node.shape)] or node.uid not in self.reductions:
+            if self.row_reads is not None:  # a probe: where is it read?
+                if self.row_reads.setdefault(node.uid, list(idx)) != list(idx):
+                    raise NotRowForm  # read at two indices
+                return self.fresh("probe")
+            if node.uid not in self.reductions or list(idx) != self.reduction_rows[node.uid]:
                 raise NotRowForm
             return self.reductions[node.uid]
         fold = self._fold(node, idx, cooperative=False)  # short: each thread loops over it alone
@@ -343,6 +360,7 @@ class Emitter:
             self.emit(f"{fold.acc} = reduce::block_reduce<{fold.reducer}>({fold.acc}, "
                       f"reinterpret_cast<{fold.acc_t}*>({self.scratch}));")
         self.reductions[node.uid] = self.rounded(fold.result, dtype_code(node.dtype))
+        self.reduction_rows[node.uid] = list(row)
 
     def _fold(self, node: Reduce, outer: list[str], cooperative: bool) -> _Fold:
         """Emit an accumulator and the loop folding ``node``'s child over its inner positions: all of them,

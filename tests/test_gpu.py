@@ -26,6 +26,14 @@ def _plan(fast):
     return megakernel
 
 
+def _stacked_key_append(x, w, norm, cache):
+    """Qwen3's key append into a [layer, batch, position, head, dim] cache: the per-head norm is read at [batch,
+    head] of the update's rows, one block reduction per head (test_codegen.py)."""
+    k = (x @ w).reshape(1, 1, 8, 128)
+    k = k * jax.lax.rsqrt(jnp.mean(k * k, -1, keepdims=True) + 1e-6) * norm
+    return jax.lax.dynamic_update_slice(cache, k[None], (1, 0, 5, 0, 0))
+
+
 @pytest.mark.parametrize(
     "name,fn,shapes,dtype",
     [
@@ -54,6 +62,7 @@ def _plan(fast):
         ("argmax", lambda x: jnp.argmax(x, axis=-1), [(3, 5000)], "float32"),
         ("concat_rope", lambda x: jnp.concatenate([-x[..., 8:], x[..., :8]], -1) * x, [(2, 3, 16)], "float32"),
         ("integer", lambda a, b: (a * 3 - b) // 2, [(4, 33), (4, 33)], "int32"),
+        ("stacked_key_append", _stacked_key_append, [(1, 1024), (1024, 1024), (128,), (3, 1, 64, 8, 128)], "bfloat16"),
     ],
 )
 def test_matches_jit(name, fn, shapes, dtype, rng):
