@@ -24,6 +24,7 @@ from .kernels import KernelGraph
 from .layout import Platform
 from .plan import plan_key, serialize
 from .plan_cache import CallPlan
+from .processes import check_platform, mesh_processes, share_comm_group
 from .target import Target
 from .runtime import check_cuda_error, emit_call, extension, register_cuda_plan, register_plan
 from .schedule import Schedule, schedule, shuffled_schedule
@@ -200,6 +201,9 @@ class Megakernel:
         self.jaxpr = closed
         # a shard_map: the plan is one device's body, and every device of the mesh runs it on its shards
         self.shard_map: ShardMap | None = find_shard_map(closed)
+        # the processes that run the plan's ranks: several under jax.distributed, each running its own devices
+        self.processes = [jax.process_index()] if self.shard_map is None else mesh_processes(self.shard_map.mesh)
+        check_platform(self.platform, self.processes)
         plan, stages = cached_plan(closed, self.shard_map, repr(specs), self.target, cfg)
         self.from_cache = stages is None
         if stages is not None:
@@ -208,8 +212,12 @@ class Megakernel:
         self.key, self.words, self.consts, self.source = plan.key, plan.words, plan.consts, plan.source
         self.workspace_bytes, self.profile_offset = plan.workspace_bytes, plan.profile_offset
         self._check_workspace(cfg)
+        # the shared memory of the ranks' buffers when they run in several processes
+        self.comm_segment = ""
         if self.device is None:
             register_plan(self.key, self.words)
+            if len(self.processes) > 1:
+                self.comm_segment = share_comm_group(self.key, self.processes, cfg.setup_timeout_seconds)
         else:
             self._build_cuda()
         if cfg.dump_dir:
@@ -312,6 +320,7 @@ class Megakernel:
             self.watchdog_ms,
             keep_workspace,
             several_devices=self.call_plan.num_ranks > 1,
+            comm_segment=self.comm_segment,
         )
 
     def profile(self, *args, trace: str | None = None, **kwargs) -> np.ndarray:

@@ -38,6 +38,10 @@ def _env_flag(name: str, default: bool) -> bool:
 class Config:
     num_workers: int  # CPU executor worker threads (JAX_MPK_NUM_WORKERS)
     watchdog_seconds: float  # longest wait on one dependency before the call fails (JAX_MPK_WATCHDOG_S)
+    # longest wait for the other processes of a shard_map spread over several (jax.distributed) to plan it and map
+    # its communication buffers (JAX_MPK_SETUP_TIMEOUT_S): planning takes seconds, and a process may plan while
+    # another loads the plan from the cache
+    setup_timeout_seconds: float
     max_tasks: int  # largest task graph accepted (JAX_MPK_MAX_TASKS)
     min_task_work: int  # smallest work (elements x cost) worth a task of its own (JAX_MPK_MIN_TASK_WORK)
     max_workspace_bytes: int  # largest intermediate workspace accepted (JAX_MPK_MAX_WORKSPACE_BYTES)
@@ -67,6 +71,9 @@ def load() -> Config:
         num_workers=_env_int("JAX_MPK_NUM_WORKERS", min(4, os.cpu_count() or 1), 1),
         watchdog_seconds=_env(
             "JAX_MPK_WATCHDOG_S", 10.0, float, lambda v: math.isfinite(v) and v >= 0.001, "seconds >= 0.001"
+        ),
+        setup_timeout_seconds=_env(
+            "JAX_MPK_SETUP_TIMEOUT_S", 300.0, float, lambda v: math.isfinite(v) and v >= 0.001, "seconds >= 0.001"
         ),
         max_tasks=_env_int("JAX_MPK_MAX_TASKS", 1 << 20, 1),
         min_task_work=_env_int("JAX_MPK_MIN_TASK_WORK", 1 << 14, 1),

@@ -14,6 +14,8 @@ from .errors import MegakernelError
 TARGET = "jax_mpk_megakernel"
 # The same handlers for plans that several devices run together; on the GPU without CUDA-graph capture.
 RANKS_TARGET = "jax_mpk_megakernel_ranks"
+# CPU only: plans whose ranks run in several processes, with the shared memory their buffers are in.
+PROCESSES_TARGET = "jax_mpk_megakernel_processes"
 
 
 @functools.cache
@@ -110,17 +112,16 @@ def emit_call(
     watchdog_ms: int,
     keep_workspace: bool = False,
     several_devices: bool = False,
+    comm_segment: str = "",
 ) -> list:
     """Emit the custom call; returns the results, without the workspace unless ``keep_workspace``.
-    ``several_devices``: the plan is a shard_map body (its call may not be captured into a CUDA graph)."""
+    ``several_devices``: the plan is a shard_map body (its call may not be captured into a CUDA graph).
+    ``comm_segment``: its ranks run in several processes, and their buffers are in this shared memory (CPU)."""
     extension()
     result_types = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in out_specs]
     result_types.append(jax.ShapeDtypeStruct((max(workspace_bytes, 1),), jnp.uint8))
-    call = jax.ffi.ffi_call(
-        RANKS_TARGET if several_devices else TARGET,
-        result_types,
-        input_output_aliases=dict(aliases) or None,
-        vmap_method=None,
-    )
-    results = call(*operands, plan_key=key, watchdog_ms=np.int64(watchdog_ms))
+    target = PROCESSES_TARGET if comm_segment else RANKS_TARGET if several_devices else TARGET
+    call = jax.ffi.ffi_call(target, result_types, input_output_aliases=dict(aliases) or None, vmap_method=None)
+    attributes = dict(comm_segment=comm_segment) if comm_segment else {}
+    results = call(*operands, plan_key=key, watchdog_ms=np.int64(watchdog_ms), **attributes)
     return list(results) if keep_workspace else list(results[:-1])

@@ -9,6 +9,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -17,6 +18,7 @@
 
 #include "jax_mpk/plan.h"
 #include "jax_mpk/plan_registry.h"
+#include "jax_mpk/shared_memory.h"
 #include "jax_mpk/str_cat.h"
 #include "jax_mpk/tile_evaluator.h"
 
@@ -160,53 +162,100 @@ ffi::ErrorOr<std::vector<void*>> BindTensors(const Plan& plan, const ffi::Remain
   return tensor_data;
 }
 
-// The communication buffers of a plan run by several ranks (the CPU devices of a shard_map, each calling
-// the handler on a thread of its own): per rank, two halves of COMM_BYTES (calls alternate between them,
-// so a rank that starts its next call cannot overwrite what a slower rank still reads) and the remote
-// event counters, which only grow: call e of a rank waits for count * e. Created by the first call of any
-// rank and kept for the process: the ranks' call counts must stay in step.
+// A counter is used in place in zeroed memory, never constructed: zero bytes are a lock-free atomic's 0, and
+// constructing the counters in a process that maps a shared segment late would reset what others already counted.
+// A lock-free atomic works across processes through a shared mapping.
+static_assert(std::atomic<int64_t>::is_always_lock_free && sizeof(std::atomic<int64_t>) == sizeof(int64_t),
+              "the remote event counters must be plain lock-free 64-bit words in (shared) memory");
+
+// The communication buffers of a plan run by several ranks (the devices of a shard_map, each calling the handler
+// on a thread of its own): per rank, two halves of COMM_BYTES (calls alternate between them, so a rank that
+// starts its next call cannot overwrite what a slower rank still reads) and the remote event counters, which
+// only grow: call e of a rank waits for count * e. All ranks' buffers are one zeroed block. When every rank runs
+// in this process, the block is process memory, created by the first call of any rank and kept for the process
+// (the ranks' call counts must stay in step). When the ranks run in several processes, it is a shared-memory
+// segment that each process maps before its first call (ShareCommGroup).
 class CommGroup {
  public:
   struct Rank {
-    std::unique_ptr<uint64_t[]> data;  // 2 * comm_bytes, 8-byte aligned
-    std::unique_ptr<std::atomic<int64_t>[]> counters;
+    char* data = nullptr;  // 2 * comm_bytes
+    std::atomic<int64_t>* counters = nullptr;
     int64_t calls = 0;  // touched by this rank's handler only
     std::mutex running;  // one call of a rank at a time
   };
 
-  explicit CommGroup(const Plan& plan) : ranks_(plan.num_ranks), comm_bytes_(plan.comm_bytes) {
-    for (Rank& rank : ranks_) {
-      rank.data = std::make_unique<uint64_t[]>((2 * plan.comm_bytes + 7) / 8);
-      rank.counters = std::make_unique<std::atomic<int64_t>[]>(plan.num_remote_events);
-      for (int64_t e = 0; e < plan.num_remote_events; ++e) rank.counters[e].store(0, std::memory_order_relaxed);
+  // The block in process memory (`shared` null) or in `shared`, BlockBytes(plan) long.
+  CommGroup(const Plan& plan, std::unique_ptr<SharedMemory> shared)
+      : ranks_(plan.num_ranks), comm_bytes_(plan.comm_bytes), shared_(std::move(shared)) {
+    char* block = nullptr;
+    if (shared_) {
+      block = static_cast<char*>(shared_->data());
+    } else {
+      local_ = std::make_unique<uint64_t[]>(BlockBytes(plan) / 8);  // zeroed
+      block = reinterpret_cast<char*>(local_.get());
+    }
+    for (size_t r = 0; r < ranks_.size(); ++r) {
+      char* rank_block = block + r * RankBytes(plan);
+      ranks_[r].counters = reinterpret_cast<std::atomic<int64_t>*>(rank_block);
+      ranks_[r].data = rank_block + CountersBytes(plan);
     }
   }
 
-  static std::shared_ptr<CommGroup> Of(const std::string& plan_key, const Plan& plan) {
+  // The bytes of all ranks' buffers (a multiple of 64, each rank's counters and halves on their own lines).
+  static size_t BlockBytes(const Plan& plan) { return std::max<size_t>(plan.num_ranks * RankBytes(plan), 64); }
+
+  // The groups are found by plan key when all ranks run in this process, and by segment name (which names the
+  // plan too) when they run in several: a mesh within this process and one over processes may run one plan.
+  static std::string KeyOf(std::string_view plan_key, std::string_view segment) {
+    return std::string(segment.empty() ? plan_key : segment);
+  }
+
+  // The group of a plan whose ranks all run in this process (created by the first call of any rank), or the one
+  // ShareCommGroup mapped from a segment (`shared`); nullptr when this process mapped no such segment.
+  static std::shared_ptr<CommGroup> Of(const std::string& key, bool shared, const Plan& plan) {
     std::lock_guard<std::mutex> lock(registry_mutex());
-    std::shared_ptr<CommGroup>& group = registry()[plan_key];
-    if (!group) group = std::make_shared<CommGroup>(plan);
+    if (shared) {
+      const auto found = registry().find(key);
+      return found == registry().end() ? nullptr : found->second;
+    }
+    std::shared_ptr<CommGroup>& group = registry()[key];
+    if (!group) group = std::make_shared<CommGroup>(plan, nullptr);
     return group;
   }
 
-  // Drops `group` (unless another one has taken its place): ranks still in a call keep it until they end.
-  static void Forget(const std::string& plan_key, const std::shared_ptr<CommGroup>& group) {
+  static void Register(const std::string& key, std::shared_ptr<CommGroup> group) {
     std::lock_guard<std::mutex> lock(registry_mutex());
-    const auto found = registry().find(plan_key);
+    registry()[key] = std::move(group);
+  }
+
+  // Drops `group` (unless another one has taken its place): ranks still in a call keep it until they end.
+  static void Forget(const std::string& key, const std::shared_ptr<CommGroup>& group) {
+    std::lock_guard<std::mutex> lock(registry_mutex());
+    const auto found = registry().find(key);
     if (found != registry().end() && found->second == group) registry().erase(found);
   }
 
   Rank& rank(int64_t r) { return ranks_[r]; }
   int64_t num_ranks() const { return static_cast<int64_t>(ranks_.size()); }
+  bool shared() const { return shared_ != nullptr; }
 
   // Every rank's half for call `epoch`.
   std::vector<char*> Bases(int64_t epoch) {
     std::vector<char*> bases;
-    for (Rank& rank : ranks_) bases.push_back(reinterpret_cast<char*>(rank.data.get()) + (epoch % 2) * comm_bytes_);
+    for (Rank& rank : ranks_) bases.push_back(rank.data + (epoch % 2) * comm_bytes_);
     return bases;
   }
 
+  // A failed call leaves the remote counters short of their targets. A process-local group is then forgotten
+  // and the next calls start a fresh one; the ranks in other processes cannot start afresh in step with this
+  // one, so a shared group refuses every later call instead.
+  std::atomic<bool> failed{false};
+
  private:
+  static size_t RoundUp64(int64_t bytes) { return static_cast<size_t>((bytes + 63) / 64 * 64); }
+  static size_t CountersBytes(const Plan& plan) { return RoundUp64(plan.num_remote_events * 8); }
+  static size_t RankBytes(const Plan& plan) { return CountersBytes(plan) + RoundUp64(2 * plan.comm_bytes); }
+
   static std::mutex& registry_mutex() {
     static std::mutex mutex;
     return mutex;
@@ -218,6 +267,8 @@ class CommGroup {
 
   std::vector<Rank> ranks_;
   int64_t comm_bytes_;
+  std::unique_ptr<SharedMemory> shared_;
+  std::unique_ptr<uint64_t[]> local_;
 };
 
 // What one rank's call of a multi-rank plan works with.
@@ -341,8 +392,10 @@ class TaskGraphRun {
   ffi::Error first_error_;
 };
 
+// `comm_segment`: empty when all ranks of the plan run in this process, else the shared-memory segment that
+// holds their communication buffers (ShareCommGroup).
 ffi::Error MegakernelCpu(ffi::RemainingArgs args, ffi::RemainingRets rets, std::string_view plan_key,
-                         int64_t watchdog_ms) {
+                         int64_t watchdog_ms, std::string_view comm_segment) {
   const std::shared_ptr<const Plan> plan = FindPlan(plan_key);
   if (!plan) {
     return ffi::Error(ffi::ErrorCode::kNotFound,
@@ -367,7 +420,18 @@ ffi::Error MegakernelCpu(ffi::RemainingArgs args, ffi::RemainingRets rets, std::
     return ffi::Error::InvalidArgument(
         StrCat("jax_mpk: the rank operand is ", rank, ", not a rank of the plan's ", plan->num_ranks));
   }
-  const std::shared_ptr<CommGroup> group = CommGroup::Of(std::string(plan_key), *plan);
+  const std::string group_key = CommGroup::KeyOf(plan_key, comm_segment);
+  const std::shared_ptr<CommGroup> group = CommGroup::Of(group_key, !comm_segment.empty(), *plan);
+  if (!group) {
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+        StrCat("jax_mpk: plan '", plan_key, "' names the shared memory '", comm_segment, "', which this process "
+               "has not mapped (share_comm_group)"));
+  }
+  if (group->failed.load()) {
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+        StrCat("jax_mpk: an earlier call of plan '", plan_key, "' failed; its ranks run in several processes, which "
+               "cannot start afresh in step: restart the processes to run it again"));
+  }
   CommGroup::Rank& mine = group->rank(rank);
   std::unique_lock<std::mutex> running(mine.running, std::try_to_lock);
   if (!running.owns_lock()) {
@@ -376,17 +440,46 @@ ffi::Error MegakernelCpu(ffi::RemainingArgs args, ffi::RemainingRets rets, std::
   }
   CommCall comm{group.get(), rank, ++mine.calls};
   ffi::Error error = TaskGraphRun(*plan, *tensor_data, watchdog, comm).Run();
-  // A failed call leaves the remote counters short of their targets: the next calls start a fresh group.
-  if (error.failure()) CommGroup::Forget(std::string(plan_key), group);
+  if (error.failure()) {
+    if (group->shared()) {
+      group->failed.store(true);
+    } else {
+      CommGroup::Forget(group_key, group);
+    }
+  }
   return error;
 }
 
+ffi::Error MegakernelCpuOneProcess(ffi::RemainingArgs args, ffi::RemainingRets rets, std::string_view plan_key,
+                                   int64_t watchdog_ms) {
+  return MegakernelCpu(args, rets, plan_key, watchdog_ms, {});
+}
+
 }  // namespace
+
+void ShareCommGroup(const std::string& plan_key, const std::string& segment) {
+  const std::shared_ptr<const Plan> plan = FindPlan(plan_key);
+  if (!plan || plan->platform != Platform::kCpu || plan->num_ranks < 2) {
+    throw std::invalid_argument(
+        StrCat("jax_mpk: share_comm_group: '", plan_key, "' is not a registered CPU plan of several ranks"));
+  }
+  auto shared = std::make_unique<SharedMemory>(segment, CommGroup::BlockBytes(*plan));
+  CommGroup::Register(CommGroup::KeyOf(plan_key, segment), std::make_shared<CommGroup>(*plan, std::move(shared)));
+}
+
 }  // namespace jax_mpk
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMpkMegakernelCpu, jax_mpk::MegakernelCpu,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMpkMegakernelCpu, jax_mpk::MegakernelCpuOneProcess,
                               xla::ffi::Ffi::Bind()
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<std::string_view>("plan_key")
                                   .Attr<int64_t>("watchdog_ms"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMpkMegakernelCpuProcesses, jax_mpk::MegakernelCpu,
+                              xla::ffi::Ffi::Bind()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<std::string_view>("plan_key")
+                                  .Attr<int64_t>("watchdog_ms")
+                                  .Attr<std::string_view>("comm_segment"));

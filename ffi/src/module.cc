@@ -19,6 +19,7 @@
 #include "jax_mpk/plan.h"
 #include "jax_mpk/plan_registry.h"
 #include "jax_mpk/runtime/params.h"
+#include "jax_mpk/shared_memory.h"
 #include "jax_mpk/str_cat.h"
 
 namespace nb = nanobind;
@@ -39,6 +40,7 @@ nb::dict Registrations() {
   nb::dict targets;
   targets["jax_mpk_megakernel"] = nb::capsule(reinterpret_cast<void*>(JaxMpkMegakernelCpu));
   targets["jax_mpk_megakernel_ranks"] = nb::capsule(reinterpret_cast<void*>(JaxMpkMegakernelCpu));
+  targets["jax_mpk_megakernel_processes"] = nb::capsule(reinterpret_cast<void*>(JaxMpkMegakernelCpuProcesses));
   return targets;
 }
 
@@ -152,4 +154,11 @@ NB_MODULE(_ext, m) {
   m.def("register_plan", &jax_mpk::RegisterPlanFromWords, "key"_a, "words"_a,
         "Parses and validates a plan (1-D int64 array) and stores it under `key`, replacing any earlier plan "
         "with that key. Raises ValueError for an invalid plan.");
+  m.def("share_comm_group", &jax_mpk::ShareCommGroup, "key"_a, "segment"_a,
+        "For a registered CPU plan of several ranks run by several processes: maps its communication buffers "
+        "from the POSIX shared-memory segment `segment` ('/name'), created by the first process to come, for "
+        "the calls that name it (target jax_mpk_megakernel_processes). Raises ValueError for a plan that is not one, "
+        "RuntimeError when the segment cannot be mapped.");
+  m.def("unlink_shared_memory", &jax_mpk::SharedMemory::Unlink, "segment"_a,
+        "Removes the name of a shared-memory segment (mappings stay valid); no error when it is already gone.");
 }

@@ -1,0 +1,152 @@
+"""One process per device: a shard_map with collectives, megakernelized, over the CPU devices of several processes.
+
+    python examples/multiprocess.py                       # spawns 2 processes of one CPU device each, waits
+    python examples/multiprocess.py --num-processes 4 --devices-per-process 2
+    python examples/multiprocess.py --process-id 0 --num-processes 2 --coordinator localhost:1234   # one by hand
+
+Every process calls ``jax.distributed.initialize`` and runs the same program; each runs only its own devices'
+ranks of the megakernel, whose communication buffers are shared memory that all of them map. Two functions (a
+row-parallel product summed with psum, and an all_gather), on a mesh made by ``jax.make_mesh`` and one made by
+``jax.sharding.Mesh``, are called several times on fresh random inputs; each process checks the shards it holds
+against numpy in float64 and exits with an error if one differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jax_mpk
+
+
+def initialize(process_id: int, num_processes: int, coordinator: str, devices_per_process: int = 1) -> None:
+    """This process's part of a run on CPU devices (before jax uses any device)."""
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", devices_per_process)
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def meshes() -> dict[str, jax.sharding.Mesh]:
+    """Every device of the run on one axis "x", in process order, as both ways of making a mesh give it."""
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return {
+        "jax.make_mesh": jax.make_mesh((len(devices),), ("x",), devices=devices),
+        "jax.sharding.Mesh": jax.sharding.Mesh(np.array(devices), ("x",)),
+    }
+
+
+def global_array(mesh: jax.sharding.Mesh, spec: P, value: np.ndarray) -> jax.Array:
+    """``value`` (the same in every process) placed on ``mesh``: each process supplies its devices' shards."""
+    return jax.make_array_from_callback(value.shape, NamedSharding(mesh, spec), lambda index: value[index])
+
+
+def row_parallel_product(mesh: jax.sharding.Mesh):
+    """x @ w with the contraction split over the devices: each multiplies its slices, psum adds the partials."""
+    in_specs = (P(None, "x"), P("x", None))
+    fn = jax.shard_map(lambda x, w: jax.lax.psum(x @ w, "x"), mesh=mesh, in_specs=in_specs, out_specs=P())
+    return fn, in_specs
+
+
+def gather_of_sines(mesh: jax.sharding.Mesh):
+    """sin(x), each device computing its columns, gathered on every device."""
+    body = lambda x: jax.lax.all_gather(jnp.sin(x), "x", axis=1, tiled=True)  # noqa: E731
+    fn = jax.shard_map(body, mesh=mesh, in_specs=P(None, "x"), out_specs=P(), check_vma=False)
+    return fn, (P(None, "x"),)
+
+
+def check_shards(result: jax.Array, expected: np.ndarray) -> float:
+    """The largest error of the shards this process holds against ``expected``; raises if one is not close."""
+    worst = 0.0
+    for shard in result.addressable_shards:
+        actual, reference = np.asarray(shard.data, np.float64), expected[shard.index]
+        np.testing.assert_allclose(actual, reference, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+        worst = max(worst, float(np.abs(actual - reference).max()))
+    return worst
+
+
+def run(calls: int, seed: int) -> None:
+    """Both functions on both meshes, ``calls`` times each on fresh inputs (the same in every process)."""
+    rng = np.random.default_rng(seed)
+    me, n = jax.process_index(), len(jax.devices())
+    for mesh_name, mesh in meshes().items():
+        cases = [
+            (row_parallel_product, lambda: (rng.uniform(-2, 2, (3, 8 * n)), rng.uniform(-2, 2, (8 * n, 20))),
+             lambda x, w: x @ w),
+            (gather_of_sines, lambda: (rng.uniform(-2, 2, (4, 2 * n)),), np.sin),
+        ]  # fmt: skip
+        for make, make_inputs, reference in cases:
+            fn, in_specs = make(mesh)
+            fast = jax_mpk.megakernelize(fn)
+            for call in range(calls):
+                values = make_inputs()
+                args = [global_array(mesh, spec, v.astype(np.float32)) for v, spec in zip(values, in_specs)]
+                # the float32 inputs, in float64
+                expected = reference(*(np.asarray(v.astype(np.float32), np.float64) for v in values))
+                error = check_shards(fast(*args), expected)
+                print(f"process {me}: {mesh_name}: {make.__name__} call {call}: max error {error:.1e}", flush=True)
+            fast.check_errors()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def launch(num_processes: int, devices_per_process: int, calls: int, seed: int, timeout_s: float) -> int:
+    """Run every process of the example on this machine; the first nonzero exit status, or 0."""
+    coordinator = f"localhost:{free_port()}"
+    env = dict(os.environ)
+    # each process's device count is set by initialize(); a forced one in XLA_FLAGS would override it
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))  # fmt: skip
+    children = [
+        subprocess.Popen([sys.executable, __file__, "--process-id", str(i), "--num-processes", str(num_processes),
+                          "--coordinator", coordinator, "--devices-per-process", str(devices_per_process),
+                          "--calls", str(calls), "--seed", str(seed)], env=env)
+        for i in range(num_processes)
+    ]  # fmt: skip
+    status, deadline = 0, time.monotonic() + timeout_s
+    for child in children:
+        try:
+            code = child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"process {child.args[3]} did not finish within {timeout_s} s", file=sys.stderr)
+            code = 1
+        status = status or code
+    for child in children:  # after a failure the others may wait for it
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return status
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-processes", type=int, default=2)
+    parser.add_argument("--process-id", type=int, help="run this process only (default: launch them all)")
+    parser.add_argument("--coordinator", default="localhost:12355", help="host:port of process 0")
+    parser.add_argument("--devices-per-process", type=int, default=1)
+    parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds the launcher waits for a process")
+    args = parser.parse_args()
+    if args.process_id is None:
+        return launch(args.num_processes, args.devices_per_process, args.calls, args.seed, args.timeout)
+    initialize(args.process_id, args.num_processes, args.coordinator, args.devices_per_process)
+    run(args.calls, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

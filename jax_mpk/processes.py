@@ -1,0 +1,71 @@
+"""A shard_map whose devices belong to several processes (``jax.distributed``, e.g. one process per device).
+
+Each process runs only its own devices' ranks. On the CPU executor the ranks' communication buffers and remote
+event counters then live in one POSIX shared-memory segment that every process of the mesh maps, with the same
+protocol and watchdog as ranks in one process. The processes agree on the segment's name through jax's
+distributed key-value store: the mesh's first process publishes it, the plan key with a random token (a name
+unique to the run, so that a segment a crashed run left cannot be picked up). Once every process has mapped the
+segment (a barrier through the same store), each removes its name, so that nothing is left in /dev/shm whatever
+happens later. The CUDA runtime would need CUDA IPC or NVSHMEM for this, and refuses it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+
+import jax
+
+from .errors import DependencyTimeoutError, UnsupportedPrimitiveError
+from .runtime import extension
+
+# plan key -> shared-memory segment, for the plans this process has set up (once each: a key of the store and a
+# barrier are used only once)
+_segments: dict[str, str] = {}
+
+
+def mesh_processes(mesh) -> list[int]:
+    """The processes the devices of ``mesh`` belong to, in increasing order."""
+    return sorted({int(d.process_index) for d in mesh.devices.flat})
+
+
+def check_platform(platform: str, processes: Sequence[int]) -> None:
+    """Refuse, at plan time, what the ``platform``'s runtime cannot run: a mesh spread over several ``processes``
+    on the CUDA runtime (its communication buffers are device memory that only one process maps)."""
+    if platform == "cuda" and len(processes) > 1:
+        raise UnsupportedPrimitiveError(
+            "shard_map",
+            detail=f"its mesh's devices belong to {len(processes)} processes: one process per GPU is not supported "
+            "yet by the CUDA runtime (it needs CUDA IPC or NVSHMEM); run the shard_map's devices in one process",
+        )
+
+
+def share_comm_group(key: str, processes: Sequence[int], timeout_s: float) -> str:
+    """Map the communication buffers of registered CPU plan ``key``, whose ranks run in ``processes``, from a
+    shared-memory segment that all of them map; returns the segment's name (already unlinked). Every process of
+    the mesh calls it for the plan; DependencyTimeoutError when one does not within ``timeout_s``."""
+    if key in _segments:
+        return _segments[key]
+    from jax._src.distributed import global_state
+
+    client = global_state.client
+    timeout_ms = max(1, round(timeout_s * 1000))
+    where = f"jax_mpk/{key}"
+    try:
+        if jax.process_index() == processes[0]:
+            segment = f"/jax_mpk_{key}_{secrets.token_hex(8)}"
+            client.key_value_set(f"{where}/segment", segment)
+        else:
+            segment = client.blocking_key_value_get(f"{where}/segment", timeout_ms)
+        try:
+            extension().share_comm_group(key, segment)
+            client.wait_at_barrier(f"{where}/mapped", timeout_ms, list(processes))
+        finally:
+            extension().unlink_shared_memory(segment)
+    except jax.errors.JaxRuntimeError as exc:
+        raise DependencyTimeoutError(
+            f"jax_mpk: the processes {list(processes)} of a shard_map did not all set up its plan {key} within "
+            f"{timeout_s} s (JAX_MPK_SETUP_TIMEOUT_S); did every process of the mesh call the function? ({exc})"
+        ) from exc
+    _segments[key] = segment
+    return segment

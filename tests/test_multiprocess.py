@@ -1,0 +1,100 @@
+"""One process per device (jax.distributed): a shard_map's megakernel over the CPU devices of 2 processes, whose
+communication buffers are POSIX shared memory; a process that never calls trips the watchdog; the CUDA runtime
+refuses such a mesh at plan time."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from jax_mpk.errors import UnsupportedPrimitiveError
+from jax_mpk.processes import check_platform
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import multiprocess as example  # noqa: E402
+
+TIMEOUT_S = 120  # a hang fails the test instead of CI
+
+
+def shm_segments() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("jax_mpk_")}
+
+
+@pytest.fixture
+def child_env(tmp_path, monkeypatch) -> dict[str, str]:
+    """The environment of the processes: a cache of their own, so that both plan (or one loads what the other
+    stored)."""
+    monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path / "cache"))
+    return dict(os.environ)
+
+
+@pytest.mark.parametrize("devices_per_process", [1, 2])
+def test_shard_map_over_processes_equals_numpy(devices_per_process, child_env):
+    """examples/multiprocess.py's launcher: 2 processes, a psum of a row-parallel product and an all_gather on
+    a jax.make_mesh mesh and a Mesh, 3 calls each on fresh random inputs, every process's shards checked against
+    numpy in float64 by the example itself; no shared-memory segment is left behind."""
+    before = shm_segments()
+    seed = int.from_bytes(os.urandom(4), "little")
+    command = [sys.executable, str(ROOT / "examples" / "multiprocess.py"), "--num-processes", "2",
+               "--devices-per-process", str(devices_per_process), "--calls", "3", "--seed", str(seed),
+               "--timeout", str(TIMEOUT_S)]  # fmt: skip
+    done = subprocess.run(command, env=child_env, capture_output=True, text=True, timeout=TIMEOUT_S + 10)
+    assert done.returncode == 0, f"seed {seed}\n{done.stdout}\n{done.stderr}"
+    # 2 processes x 2 meshes x 2 functions x 3 calls (the processes' lines may interleave)
+    checked = re.findall(r"process (\d): ([\w.]+): (\w+) call (\d): max error", done.stdout)
+    assert len(set(checked)) == 24, done.stdout
+    assert shm_segments() <= before
+
+
+def run_without_process_1(absence: str, env: dict[str, str]) -> dict:
+    """tests/multiprocess_worker.py in 2 processes, process 1 missing its call or its planning (``absence``);
+    returns process 0's report. Both must exit in time with status 0, leaving no shared-memory segment."""
+    before = shm_segments()
+    coordinator = f"localhost:{example.free_port()}"
+    worker = str(ROOT / "tests" / "multiprocess_worker.py")
+    children = [subprocess.Popen([sys.executable, worker, str(i), coordinator, absence], env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]  # fmt: skip
+    try:
+        outputs = [child.communicate(timeout=TIMEOUT_S) for child in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
+    assert [child.returncode for child in children] == [0, 0], outputs
+    assert shm_segments() <= before
+    return json.loads(outputs[0][0].strip().splitlines()[-1])
+
+
+def test_a_process_that_never_calls_trips_the_watchdog(child_env):
+    """Process 1 plans the megakernel (so that both map its buffers) and never calls it: process 0's call fails
+    after JAX_MPK_WATCHDOG_S with DependencyTimeoutError naming rank 1, and its next call is refused at once."""
+    child_env["JAX_MPK_WATCHDOG_S"] = "1"
+    report = run_without_process_1("call", child_env)
+    assert "first" in report, report  # the worker catches DependencyTimeoutError only
+    assert "jax_mpk watchdog" in report["first"] and "remote event 0 of rank 1" in report["first"]
+    assert report["seconds"] < 10
+    assert "restart the processes" in report["second"]
+    # unlinked once both processes had mapped it, before any call
+    assert len(report["segments"]) == 1 and report["named_after_setup"] == []
+
+
+def test_a_process_that_never_plans_trips_the_setup_timeout(child_env):
+    child_env["JAX_MPK_SETUP_TIMEOUT_S"] = "1"
+    report = run_without_process_1("plan", child_env)
+    assert "JAX_MPK_SETUP_TIMEOUT_S" in report["setup"] and report["seconds"] < 10
+
+
+def test_cuda_refuses_a_mesh_over_several_processes():
+    with pytest.raises(UnsupportedPrimitiveError, match="one process per GPU is not supported yet by the CUDA"):
+        check_platform("cuda", [0, 1])
+    check_platform("cuda", [0])
+    check_platform("cpu", [0, 1])
