@@ -193,6 +193,23 @@ def test_a_stacked_cache_append_spreads_its_heads_over_workers():
 
 
 @pytest.mark.parametrize(
+    "fn,shape",
+    [
+        (lambda x: jnp.swapaxes(x, 0, 1) * jax.lax.rsqrt(jnp.mean(x * x, -1)).T[..., None], (4, 3, 512)),
+        (lambda x: (x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True)))[None], (3, 512)),
+    ],
+    ids=["permuted_rows", "after_a_unit_dim"],
+)
+def test_row_reductions_read_at_other_rows_are_reduced_once_per_row(fn, shape):
+    """A norm read at the rows in another order, or past a leading dim of size 1 (as the stacked cache append's
+    per-head norm): the rows kind finds where it is read and reduces it once per row with the block, instead of
+    every thread folding the whole row for its own element (the flat form)."""
+    _, source = _generate(fn, jax.ShapeDtypeStruct(shape, jnp.float32), validate_graph=True)
+    assert "reduce::block_reduce<reduce::Sum<float>>" in source.text
+    compile_cubin(source.text, "9.0")
+
+
+@pytest.mark.parametrize(
     "shapes,dtypes,dot",
     [
         ([(8, 256), (256, 512)], ("float32", "float32"), "dot::columns_ring<float, 8>"),  # no float32 tensor cores

@@ -63,6 +63,11 @@ def _stacked_key_append(x, w, norm, cache):
         ("concat_rope", lambda x: jnp.concatenate([-x[..., 8:], x[..., :8]], -1) * x, [(2, 3, 16)], "float32"),
         ("integer", lambda a, b: (a * 3 - b) // 2, [(4, 33), (4, 33)], "int32"),
         ("stacked_key_append", _stacked_key_append, [(1, 1024), (1024, 1024), (128,), (3, 1, 64, 8, 128)], "bfloat16"),
+        # row reductions read at rows in another order, and after a leading dim of size 1 (the rows kind's probe)
+        ("rows_permuted", lambda x: jnp.swapaxes(x, 0, 1) * jax.lax.rsqrt(jnp.mean(x * x, -1)).T[..., None],
+         [(4, 3, 512)], "float32"),
+        ("rows_after_unit_dim", lambda x: (x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True)))[None], [(3, 512)],
+         "float32"),
     ],
 )
 def test_matches_jit(name, fn, shapes, dtype, rng):
