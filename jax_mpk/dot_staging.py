@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import math
 
-from .graph import Node, Piecewise, Reduce, Reindex
+from .graph import Node, Piecewise, Reduce, Reindex, fold_loads
 from .indexmap import Affine, rect_volume
 from .kernels import DotSpec, Kernel, KernelOutput, Tensor
 from .layout import TensorKind
 
-ROW_STAGING_MAX_INLINE = 64  # longest reduction a row-staging expression may recompute per element
+ROW_STAGING_MAX_INLINE = 64  # most loads a row-staging expression's reduction may fold per element (fold_loads)
 # Rows (a batch) that one task of a weight product multiplies with the weight tile it streams once.
 MAX_SHARED_WEIGHT_ROWS = 8
 
@@ -119,8 +119,7 @@ def _rows_indexed_by_prefix(root: Node, prefix: int) -> bool:
             stack.append((node.children[0], idx))
         elif isinstance(node, Reduce):
             child = node.children[0]
-            inner = math.prod(child.shape[len(node.shape) :])
-            if inner > ROW_STAGING_MAX_INLINE and idx != tuple(range(prefix)):
+            if fold_loads(node) > ROW_STAGING_MAX_INLINE and idx != tuple(range(prefix)):
                 return False
             stack.append((child, idx + (None,) * (len(child.shape) - len(node.shape))))
         elif isinstance(node, Piecewise):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .graph import Acc, Elementwise, Load, Node, Piecewise, Reduce, Reindex, topological
+from .graph import Acc, Elementwise, Load, Node, Piecewise, Reduce, Reindex, fold_loads, topological
 from .indexmap import Affine, IndexMap, linear_form
 from .kernels import Kernel, Tensor
 from .layout import DTYPES, SCALAR_OP_OF, DType, NodeOp, ReduceKind, TensorKind, dtype_code
@@ -99,16 +99,6 @@ def is_row_reduction(node: Node, minimum: int = ROW_REDUCTION) -> bool:
     ones (split-K sums) inline. A fold over a nested fold reads their product: a per-head norm of 128 sums of
     4 split-K partials is 512 loads, which one thread per element made the 8 us of Qwen3's key append."""
     return isinstance(node, Reduce) and fold_loads(node) >= minimum
-
-
-def fold_loads(node: Reduce) -> int:
-    """The values one inline fold of ``node`` reads: its length times the most its nested folds read at each
-    position. A nested reduction with no more values than ``node`` is read broadcast along the fold (a
-    softmax's max inside its sum) and computed once, before the loop (``_hoist_broadcast_reductions``)."""
-    rows = math.prod(node.shape)
-    nested = [fold_loads(n) for n in topological([node.children[0]])
-              if isinstance(n, Reduce) and math.prod(n.shape) > rows]  # fmt: skip
-    return math.prod(node.children[0].shape[len(node.shape) :]) * max(nested, default=1)
 
 
 def read_only(tensor: Tensor) -> bool:

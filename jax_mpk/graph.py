@@ -11,6 +11,7 @@ Nodes compare by identity: the graph is a DAG of shared Python objects.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -205,3 +206,14 @@ def clone(node: Node, children: tuple[Node, ...]) -> Node:
     """A node like ``node`` (same op and parameters, a new uid) over ``children``."""
     fields = {k: v for k, v in vars(node).items() if k not in ("children", "uid")}
     return type(node)(children=children, **fields)
+
+
+def fold_loads(node: Reduce) -> int:
+    """The values one inline fold of ``node`` reads: its length times the most its nested folds read at each
+    position (a per-head norm of 128 sums of 4 split-K partials reads 512). A nested reduction with no more
+    values than ``node`` is read broadcast along the fold (a softmax's max inside its sum): codegen computes it
+    once, before the loop."""
+    rows = math.prod(node.shape)
+    nested = [fold_loads(n) for n in topological([node.children[0]])
+              if isinstance(n, Reduce) and math.prod(n.shape) > rows]  # fmt: skip
+    return math.prod(node.children[0].shape[len(node.shape) :]) * max(nested, default=1)
