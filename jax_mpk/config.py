@@ -57,8 +57,8 @@ class Config:
     # testing: the CPU executor runs plans fused and tiled as for a GPU of JAX_MPK_NUM_WORKERS SMs
     # (JAX_MPK_GPU_FUSION), so that the GPU fusion's semantics are checked without a GPU
     gpu_fusion: bool
-    # GPU fusion: a batch's products also compute their rows (RMSNorm, SwiGLU) in their staging, one row after the
-    # other in every task (JAX_MPK_STAGE_SHARED_ROWS, default off: not yet measured)
+    # GPU fusion: a batch's products also compute their rows (RMSNorm, SwiGLU) in their staging, all rows side by
+    # side (JAX_MPK_STAGE_SHARED_ROWS, default off: measured mixed with the rows one after the other, see README)
     stage_shared_rows: bool
     # testing: schedule a random topological order on random workers (JAX_MPK_SCHEDULE_SEED; unset: list
     # scheduling by estimated cost)

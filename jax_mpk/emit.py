@@ -39,6 +39,7 @@ class _Fold:
     reducer: str  # the reduce:: combiner type
     arg: bool
     result: str  # expression of the reduced value
+    outer: list[str]  # the index it was folded at (with rows side by side: the row's names in the loop)
 
 
 @dataclass(frozen=True)
@@ -352,10 +353,31 @@ class Emitter:
         self.reductions[node.uid] = self.rounded(fold.result, dtype_code(node.dtype))
         self.reduction_rows[node.uid] = list(row)
 
-    def _fold(self, node: Reduce, outer: list[str], cooperative: bool) -> _Fold:
+    def row_reductions_together(self, node: Reduce, rows: int, row_outer) -> None:
+        """Cooperative reduction of ``rows`` rows at once (a batch's rows that one product task stages): one
+        accumulator per row, the rows' loads of a position issued together (``row_outer()`` emits the row
+        index of loop variable ``row`` and returns it, the same names for every row), one pair of barriers for
+        all rows. Each row's value equals ``row_reduction``'s bit for bit (the same partials, combined in the
+        same order). Float sums, products, max and min only (NotRowForm otherwise)."""
+        if node.kind not in _REDUCER or dtype_code(node.children[0].dtype) == DType.BOOL:
+            raise NotRowForm
+        fold = self._fold(node, [], cooperative=True, rows=rows, row_outer=row_outer)
+        value_t = VALUE[dtype_code(node.dtype)]
+        if fold.acc_t != "float" or value_t != "float":
+            raise NotRowForm
+        self.emit(f"reduce::block_reduce_rows<{fold.reducer}, {fold.acc_t}, {rows}>({fold.acc}, "
+                  f"reinterpret_cast<{fold.acc_t}*>({self.scratch}));")
+        fn = _ROUND.get(dtype_code(node.dtype))
+        if fn:
+            self.emit(f"for (int row = 0; row < {rows}; ++row) {fold.acc}[row] = {fn}({fold.acc}[row]);")
+        self.reductions[node.uid] = f"{fold.acc}[row]"  # read inside a loop over the rows named `row`
+        self.reduction_rows[node.uid] = list(fold.outer)
+
+    def _fold(self, node: Reduce, outer: list[str], cooperative: bool, rows: int = 0, row_outer=None) -> _Fold:
         """Emit an accumulator and the loop folding ``node``'s child over its inner positions: all of them,
         or (``cooperative``) this thread's share, positions threadIdx.x + k * THREADS, in a loop with a
-        compile-time trip count that the compiler unrolls so that a thread's loads are issued together."""
+        compile-time trip count that the compiler unrolls so that a thread's loads are issued together. With
+        ``rows``, one accumulator per row, the rows folded side by side (``row_reductions_together``)."""
         child = node.children[0]
         inner = child.shape[len(node.shape) :]
         code = dtype_code(child.dtype)
@@ -366,13 +388,18 @@ class Emitter:
             if arg
             else f"{_REDUCER[node.kind]}<{acc_t}>"
         )
-        self._hoist_broadcast_reductions(child, len(node.shape), outer)
+        if not rows:  # (rows side by side: each row's outer index is only known inside the loop over them)
+            self._hoist_broadcast_reductions(child, len(node.shape), outer)
         acc = self.fresh("red")
         length = math.prod(inner)
         init = f"{reducer}::init()"
         if node.kind == ReduceKind.SUM and length == 1 and acc_t == "float":
             init = "-0.0f"  # XLA: a sum of one element is that element (a single -0 stays -0); x + -0 == x
-        self.emit(f"{reducer} {acc} = {init};" if arg else f"{acc_t} {acc} = {init};")
+        if rows:
+            self.emit(f"{acc_t} {acc}[{rows}];")
+            self.emit(f"for (int row = 0; row < {rows}; ++row) {acc}[row] = {init};")
+        else:
+            self.emit(f"{reducer} {acc} = {init};" if arg else f"{acc_t} {acc} = {init};")
         if cooperative:
             self.emit(f"#pragma unroll {min(FOLD_UNROLL, -(-length // THREADS))}")
             self.emit(f"for (index_t j0 = 0; j0 < {length}; j0 += {THREADS}) {{")
@@ -383,16 +410,25 @@ class Emitter:
             self.emit(f"for (index_t j = 0; j < {length}; ++j) {{")
         self.push()
         jidx = self.delinearize("j", [str(s) for s in inner], ["0"] * len(inner))
+        target = acc
+        if rows:
+            self.emit("#pragma unroll")
+            self.emit(f"for (int row = 0; row < {rows}; ++row) {{")
+            self.push()
+            outer, target = row_outer(), f"{acc}[row]"
         v = self.value(child, list(outer) + jidx)
         item = f"{{static_cast<{acc_t}>({v}), static_cast<int32_t>(j)}}" if arg else f"static_cast<{acc_t}>({v})"
-        self.emit(f"{acc} = {reducer}::combine({acc}, {item});")
+        self.emit(f"{target} = {reducer}::combine({target}, {item});")
+        if rows:
+            self.pop()
+            self.emit("}")
         self.pop()
         self.emit("}")
         if cooperative:
             self.pop()
             self.emit("}")
         result = f"{acc}.index" if arg else f"static_cast<{VALUE[dtype_code(node.dtype)]}>({acc})"
-        return _Fold(acc, acc_t, reducer, arg, result)
+        return _Fold(acc, acc_t, reducer, arg, result, list(outer))
 
     def _hoist_broadcast_reductions(self, child: Node, outer_rank: int, outer: list[str]) -> None:
         """Compute before a fold's loop the reductions its child reads broadcast along the folded dims (a

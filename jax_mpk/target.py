@@ -33,7 +33,7 @@ class Target:
     # CUDA: attention as one kernel split along its keys (JAX_MPK_SPLIT_ATTENTION; not yet faster, so off)
     split_attention: bool = False
     # GPU fusion: products whose tasks share a weight tile over several rows (batch > 1) also compute those rows
-    # in their staging (JAX_MPK_STAGE_SHARED_ROWS; off until measured)
+    # in their staging (JAX_MPK_STAGE_SHARED_ROWS; off until it measures faster)
     stage_shared_rows: bool = False
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs

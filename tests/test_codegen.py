@@ -144,8 +144,9 @@ def test_batched_weight_products_share_the_weight_tile(tmp_path, monkeypatch):
 
 def test_batch_products_computing_their_rows_compile(tmp_path, monkeypatch):
     """JAX_MPK_STAGE_SHARED_ROWS: at batch 8 the QKV, gate/up and down products of a Llama-1B-shaped step compute
-    their 8 rows (RMSNorm, SwiGLU) in their staging; the source fits the shared memory and compiles. (Their
-    values: tests/test_fusion.py runs the same fusion on the CPU executor.)"""
+    their 8 rows (RMSNorm, SwiGLU) in their staging, the rows side by side (their norms in one pass, one block
+    reduction for the 8); the source fits the shared memory and compiles. (Their values: tests/test_fusion.py
+    runs the same fusion on the CPU executor, tests/test_gpu.py the CUDA megakernel.)"""
     monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
     cfg = TinyConfig(layers=2, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=8192, vocab=8192, max_seq=1024,
                      batch=8, dtype="bfloat16", theta=500000.0)  # fmt: skip
@@ -153,6 +154,7 @@ def test_batch_products_computing_their_rows_compile(tmp_path, monkeypatch):
     computed = [k for k in tasks.kernels.kernels if k.dot is not None and k.dot.lhs_expr is not None
                 and math.prod(k.domain[d] for d in shared_weight_dims(k)) == 8]  # fmt: skip
     assert len(computed) >= 2 * 3, [(k.name, k.domain) for k in computed]  # QKV (or fused), gate/up, down per layer
+    assert "reduce::block_reduce_rows<reduce::Sum<float>, float, 8>" in source.text
     compile_cubin(source.text, "9.0")
 
 

@@ -137,6 +137,19 @@ def test_gather_and_update(rng):
 def test_decode_steps_match_jit(cfg, split_attention, monkeypatch):
     # split attention: its queries RoPE'd (and QK-normed) by a kernel beside the cache append, merged by the last task
     monkeypatch.setenv("JAX_MPK_SPLIT_ATTENTION", split_attention)
+    _check_decode_steps(cfg)
+
+
+@pytest.mark.parametrize("batch", [2, 8])
+def test_batch_products_computing_their_rows_match_jit(batch, monkeypatch):
+    """JAX_MPK_STAGE_SHARED_ROWS: the batch's RMSNorm and SwiGLU rows computed in the staging of the products
+    that share a weight tile over them, all rows side by side (block_reduce_rows)."""
+    monkeypatch.setenv("JAX_MPK_STAGE_SHARED_ROWS", "1")
+    _check_decode_steps(TinyConfig(qk_norm=True, dtype="bfloat16", batch=batch))
+
+
+def _check_decode_steps(cfg: TinyConfig) -> None:
+    """Five chained decode steps of ``cfg`` through the megakernel against jax.jit's."""
     params = init_params(cfg, jax.random.PRNGKey(11))
     cache_k, cache_v = init_cache(cfg, jax.random.PRNGKey(12))
     step = make_decode_step(cfg)

@@ -10,12 +10,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..emit import STORAGE, THREADS, Emitter, KernelBody, Tiling, linear, read_only, tile_count
+from ..emit import STORAGE, THREADS, VALUE, Emitter, KernelBody, Tiling, is_row_reduction, linear, read_only, tile_count
 from ..dot_staging import MAX_SHARED_WEIGHT_ROWS, ROW_STAGING_MAX_INLINE, shared_weight_dims
 from ..graph import topological
 from ..indexmap import linear_form
 from ..kernels import Kernel
-from ..layout import DType, dtype_code
+from ..layout import DType, ReduceKind, dtype_code
 
 PREFETCH_BYTES = 64 * 1024  # weight bytes a task asks L2 for before it waits (products without a ring)
 # The weight ring of dot.cuh (columns-layout products with a weight operand): slots of shared memory that a
@@ -103,6 +103,8 @@ def render_together(body: KernelBody, plan: DotPlan):
         lhs_t = STORAGE[dtype_code(dot.lhs.buffer.dtype)]
         em.emit(f"dot::stage_rows<{R}, {plan.K}, {lhs_t}, {str(read_only(dot.lhs)).lower()}>("
                 f"xs, {x_stride}, {lhs}, {first}, {row_stride}, {plan.lhs_k});")
+    elif R > 1 and stages_rows_together(k):
+        stage_computed_rows_together(body, em, plan, R)
     else:
         em.emit(f"for (index_t row = 0; row < {R}; ++row) {{")
         em.push()
@@ -187,13 +189,18 @@ def stage_lhs(body: KernelBody, em: Emitter, plan: DotPlan, ridx: list[str], xs:
         stage_computed_row(body, em, ridx, plan.K, xs)
 
 
+def computed_lhs(dot):
+    """(the lhs expression, its map from (domain row ++ k), how many of its dims are the row, the zeros that
+    stand for the contraction when only the row is wanted)."""
+    value = dot.lhs_expr.children[0]
+    return value, dot.lhs_expr.map, len(value.shape) - len(dot.k_shape), ["0"] * (1 + len(dot.k_shape))
+
+
 def stage_computed_row(body: KernelBody, em: Emitter, ridx: list[str], K: int, xs: str) -> None:
     """xs[k] = the lhs expression at (row, k): the row's reductions block-cooperatively (scratch space
     after the accumulators, xs is being filled), then each thread computes its share of the k's."""
     dot = body.kernel.dot
-    value, lhs_map = dot.lhs_expr.children[0], dot.lhs_expr.map
-    prefix = len(value.shape) - len(dot.k_shape)
-    zeros = ["0"] * (1 + len(dot.k_shape))
+    value, lhs_map, prefix, zeros = computed_lhs(dot)
     rows = em.map_index(lhs_map, list(ridx) + zeros)[:prefix]
     em.rows_prefix, em.scratch, em.row_reduction_min = rows, "reinterpret_cast<char*>(scratch)", ROW_STAGING_MAX_INLINE + 1
     for node in topological([value]):
@@ -204,6 +211,57 @@ def stage_computed_row(body: KernelBody, em: Emitter, ridx: list[str], K: int, x
     kidx = em.delinearize("k", [str(s) for s in dot.k_shape], ["0"] * len(dot.k_shape))
     trailing = em.map_index(lhs_map, list(ridx) + ["0"] + kidx)[prefix:]
     em.emit(f"{xs}[k] = static_cast<float>({em.value(value, rows + trailing)});")
+    em.pop()
+    em.emit("}")
+
+
+def stages_rows_together(kernel: Kernel) -> bool:
+    """Whether the rows of a computed lhs can be staged side by side: its block reductions are float folds
+    (``Emitter.row_reductions_together``)."""
+    if kernel.dot.lhs_expr is None:
+        return False
+    for node in topological([kernel.dot.lhs_expr.children[0]]):
+        if is_row_reduction(node, ROW_STAGING_MAX_INLINE + 1):
+            child = node.children[0]
+            if node.kind not in (ReduceKind.SUM, ReduceKind.PROD, ReduceKind.MAX, ReduceKind.MIN) or \
+                    VALUE[dtype_code(child.dtype)] != "float" or VALUE[dtype_code(node.dtype)] != "float":
+                return False
+    return True
+
+
+def stage_computed_rows_together(body: KernelBody, em: Emitter, plan: DotPlan, R: int) -> None:
+    """xs[row][k] = the lhs expression at each of the tile's R rows, the rows side by side: every row
+    reduction of all rows in one pass (their loads in flight together, one pair of barriers), then each
+    thread computes its k's for all rows. Staging R rows one after the other costs R dependent passes over
+    L2 (~1.5 us each) per task, more than the dependency level it saves (JAX_MPK_STAGE_SHARED_ROWS)."""
+    dot, rank = body.kernel.dot, len(body.kernel.domain)
+    value, lhs_map, prefix, zeros = computed_lhs(dot)
+    names = [f"r{d}" for d in range(prefix)]
+    ridx: list[str] = []
+
+    def row_outer() -> list[str]:
+        """Emits, inside a loop over the rows named `row`, the row's domain index and its lhs row index as
+        r0, r1, ... (the same names in every loop, so that a row reduction is found at them)."""
+        ridx[:] = em.tile_index("row", range(rank - 1))
+        for d, name in enumerate(em.map_index(lhs_map, list(ridx) + zeros)[:prefix]):
+            em.emit(f"const index_t {names[d]} = {name};")
+        return names
+
+    em.rows_prefix, em.scratch, em.row_reduction_min = names, "reinterpret_cast<char*>(scratch)", ROW_STAGING_MAX_INLINE + 1
+    for node in topological([value]):
+        if em.is_row_reduction(node):
+            em.row_reductions_together(node, R, row_outer)
+    em.emit(f"for (index_t k = threadIdx.x; k < {plan.K}; k += {THREADS}) {{")
+    em.push()
+    kidx = em.delinearize("k", [str(s) for s in dot.k_shape], ["0"] * len(dot.k_shape))
+    em.emit("#pragma unroll")
+    em.emit(f"for (int row = 0; row < {R}; ++row) {{")
+    em.push()
+    rows = row_outer()
+    trailing = em.map_index(lhs_map, list(ridx) + ["0"] + kidx)[prefix:]
+    em.emit(f"xs[row * {plan.x_stride} + k] = static_cast<float>({em.value(value, rows + trailing)});")
+    em.pop()
+    em.emit("}")
     em.pop()
     em.emit("}")
 

@@ -36,6 +36,33 @@ __device__ T block_reduce(T value, T* scratch) {
   return value;
 }
 
+// block_reduce of kRows rows at once (a batch's rows that one product task stages): each row's partials are
+// combined exactly as block_reduce combines them (the same shuffle tree, then the warps in order), so a row's
+// value does not depend on how many rows are reduced with it; one pair of barriers for all rows.
+template <class Op, class T, int kRows>
+__device__ void block_reduce_rows(T (&values)[kRows], T* scratch) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kBlockThreads / 32;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    for (int offset = 16; offset > 0; offset /= 2) {
+      values[r] = Op::combine(values[r], __shfl_xor_sync(0xffffffffu, values[r], offset));
+    }
+  }
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) scratch[r * warps + warp] = values[r];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    T value = Op::init();
+#pragma unroll
+    for (int w = 0; w < warps; ++w) value = Op::combine(value, scratch[r * warps + w]);
+    values[r] = value;
+  }
+}
+
 // Arg-reductions carry (value, first position); NaN counts as the extreme, like XLA.
 template <bool kMax, class T>
 struct ArgBest {
