@@ -357,8 +357,9 @@ class Emitter:
         """Cooperative reduction of ``rows`` rows at once (a batch's rows that one product task stages): one
         accumulator per row, the rows' loads of a position issued together (``row_outer()`` emits the row
         index of loop variable ``row`` and returns it, the same names for every row), one pair of barriers for
-        all rows. Each row's value equals ``row_reduction``'s bit for bit (the same partials, combined in the
-        same order). Float sums, products, max and min only (NotRowForm otherwise)."""
+        all rows. Each row's partials and their combination are ``row_reduction``'s, in the same order (equal bits,
+        unless nvcc contracts a multiply-add differently in the two loops). Float sums, products, max and min only
+        (NotRowForm otherwise)."""
         if node.kind not in _REDUCER or dtype_code(node.children[0].dtype) == DType.BOOL:
             raise NotRowForm
         fold = self._fold(node, [], cooperative=True, rows=rows, row_outer=row_outer)
