@@ -247,7 +247,8 @@ def stage_computed_rows_together(body: KernelBody, em: Emitter, plan: DotPlan, R
             em.emit(f"const index_t {names[d]} = {name};")
         return names
 
-    em.rows_prefix, em.scratch, em.row_reduction_min = names, "reinterpret_cast<char*>(scratch)", ROW_STAGING_MAX_INLINE + 1
+    em.rows_prefix, em.scratch = names, "reinterpret_cast<char*>(scratch)"
+    em.row_reduction_min = ROW_STAGING_MAX_INLINE + 1
     for node in topological([value]):
         if em.is_row_reduction(node):
             em.row_reductions_together(node, R, row_outer)
