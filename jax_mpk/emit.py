@@ -102,6 +102,13 @@ def is_row_reduction(node: Node, minimum: int = ROW_REDUCTION) -> bool:
     return isinstance(node, Reduce) and fold_loads(node) >= minimum
 
 
+def folds_side_by_side(node: Reduce) -> bool:
+    """Whether ``Emitter.row_reductions_together`` can fold ``node`` for several rows at once: a float sum,
+    product, max or min (one float accumulator per row)."""
+    return node.kind in (ReduceKind.SUM, ReduceKind.PROD, ReduceKind.MAX, ReduceKind.MIN) and all(
+        VALUE[dtype_code(n.dtype)] == "float" for n in (node, node.children[0]))
+
+
 def read_only(tensor: Tensor) -> bool:
     return tensor.buffer.kind == TensorKind.INPUT
 
@@ -358,14 +365,10 @@ class Emitter:
         accumulator per row, the rows' loads of a position issued together (``row_outer()`` emits the row
         index of loop variable ``row`` and returns it, the same names for every row), one pair of barriers for
         all rows. Each row's partials and their combination are ``row_reduction``'s, in the same order (equal bits,
-        unless nvcc contracts a multiply-add differently in the two loops). Float sums, products, max and min only
-        (NotRowForm otherwise)."""
-        if node.kind not in _REDUCER or dtype_code(node.children[0].dtype) == DType.BOOL:
-            raise NotRowForm
+        unless nvcc contracts a multiply-add differently in the two loops). The caller checks
+        ``folds_side_by_side`` first (a refusal here would leave half-emitted code)."""
+        assert folds_side_by_side(node), node
         fold = self._fold(node, [], cooperative=True, rows=rows, row_outer=row_outer)
-        value_t = VALUE[dtype_code(node.dtype)]
-        if fold.acc_t != "float" or value_t != "float":
-            raise NotRowForm
         self.emit(f"reduce::block_reduce_rows<{fold.reducer}, {fold.acc_t}, {rows}>({fold.acc}, "
                   f"reinterpret_cast<{fold.acc_t}*>({self.scratch}));")
         fn = _ROUND.get(dtype_code(node.dtype))

@@ -10,12 +10,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..emit import STORAGE, THREADS, VALUE, Emitter, KernelBody, Tiling, is_row_reduction, linear, read_only, tile_count
+from ..emit import (STORAGE, THREADS, Emitter, KernelBody, Tiling, folds_side_by_side, is_row_reduction, linear,
+                    read_only, tile_count)
 from ..dot_staging import MAX_SHARED_WEIGHT_ROWS, ROW_STAGING_MAX_INLINE, shared_weight_dims
 from ..graph import topological
 from ..indexmap import linear_form
 from ..kernels import Kernel
-from ..layout import DType, ReduceKind, dtype_code
+from ..layout import DType, dtype_code
 
 PREFETCH_BYTES = 64 * 1024  # weight bytes a task asks L2 for before it waits (products without a ring)
 # The weight ring of dot.cuh (columns-layout products with a weight operand): slots of shared memory that a
@@ -216,17 +217,12 @@ def stage_computed_row(body: KernelBody, em: Emitter, ridx: list[str], K: int, x
 
 
 def stages_rows_together(kernel: Kernel) -> bool:
-    """Whether the rows of a computed lhs can be staged side by side: its block reductions are float folds
-    (``Emitter.row_reductions_together``)."""
+    """Whether the rows of a computed lhs can be staged side by side: each of its block reductions
+    ``folds_side_by_side``."""
     if kernel.dot.lhs_expr is None:
         return False
-    for node in topological([kernel.dot.lhs_expr.children[0]]):
-        if is_row_reduction(node, ROW_STAGING_MAX_INLINE + 1):
-            child = node.children[0]
-            if node.kind not in (ReduceKind.SUM, ReduceKind.PROD, ReduceKind.MAX, ReduceKind.MIN) or \
-                    VALUE[dtype_code(child.dtype)] != "float" or VALUE[dtype_code(node.dtype)] != "float":
-                return False
-    return True
+    return all(folds_side_by_side(node) for node in topological([kernel.dot.lhs_expr.children[0]])
+               if is_row_reduction(node, ROW_STAGING_MAX_INLINE + 1))  # fmt: skip
 
 
 def stage_computed_rows_together(body: KernelBody, em: Emitter, plan: DotPlan, R: int) -> None:
