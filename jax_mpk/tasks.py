@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import bodies
+from .emit import Tiling
 from .kernels import Kernel, KernelGraph, Tensor
 from .layout import TensorKind
 from .graph import Acc, Load, Node, Piecewise, Reduce, Reindex
@@ -135,10 +136,13 @@ def _level_tilings(kernels: list[Kernel], per_element: dict[int, float], num_wor
         work = {k.index: per_element[k.index] * math.prod(k.domain) for k in level_kernels}
         total = sum(work.values())
         share = {i: max(1, int(num_workers * w / total)) if w else 1 for i, w in work.items()}
-        tiles = {k.index: tile_domain(k, share[k.index], per_element[k.index], min_task_work) for k in level_kernels}
+        # each kind's rule once per kernel (the rows kind's renders the kernel to find its rows)
+        rules = {k.index: bodies.tiling(k) for k in level_kernels}
+        tiles = {k.index: tile_domain(k, rules[k.index], share[k.index], per_element[k.index], min_task_work)
+                 for k in level_kernels}  # fmt: skip
         while (free := num_workers - sum(len(t) for t in tiles.values())) > 0:
             for k in sorted(level_kernels, key=lambda k: -work[k.index] / max(len(tiles[k.index]), 1)):
-                wider = tile_domain(k, len(tiles[k.index]) + free, per_element[k.index], min_task_work)
+                wider = tile_domain(k, rules[k.index], len(tiles[k.index]) + free, per_element[k.index], min_task_work)
                 if len(wider) > len(tiles[k.index]):
                     tiles[k.index] = wider
                     break
@@ -160,14 +164,15 @@ def _cost_per_element(kernel: Kernel) -> float:
     return max(cost, 1.0)
 
 
-def tile_domain(kernel: Kernel, max_tiles: int, per_element: float, min_task_work: int) -> list[tuple[tuple, tuple]]:
-    """Tiles as (lo, hi): single indices on leading dims, a range on one dim, whole trailing dims, within the
-    rules of the body kind that takes the kernel (``bodies.tiling``: dims kept whole or single, the unit of the
-    last dim's ranges). A reduction indexed by a prefix of the domain (its shape is that prefix) is computed
-    once per row of those dims; the dims after that prefix, over which its value is broadcast, stay whole. A
-    reduction of another shape (reached through a reshape, as a cache append's normalized key heads in a
-    [layer, batch, position, head, dim] update are) is folded per element wherever it is read, so it does not
-    constrain the tiles."""
+def tile_domain(kernel: Kernel, rule: Tiling, max_tiles: int, per_element: float,
+                min_task_work: int) -> list[tuple[tuple, tuple]]:
+    """Tiles as (lo, hi): single indices on leading dims, a range on one dim, whole trailing dims, within
+    ``rule``, that of the body kind that takes the kernel (``bodies.tiling``: dims kept whole or single, the unit
+    of the last dim's ranges). A reduction indexed by a prefix of the domain (its shape is that prefix) is
+    computed once per row of those dims; the dims after that prefix, over which its value is broadcast, stay
+    whole. A reduction of another shape (reached through a reshape, as a cache append's normalized key heads in
+    a [layer, batch, position, head, dim] update are) leaves the tiles to the kind's rule: the rows kind keeps
+    whole the dims after those it is read at."""
     domain = kernel.domain
     if math.prod(domain) == 0:
         return []
@@ -181,7 +186,6 @@ def tile_domain(kernel: Kernel, max_tiles: int, per_element: float, min_task_wor
         # a task reduces its rows one after the other, each a chain of block-wide steps that latency, not
         # bandwidth, bounds: rows spread over the workers (the chunks of a split argmax over a vocabulary)
         wanted = max(wanted, min(math.prod(domain[:splittable]), max_tiles))
-    rule = bodies.tiling(kernel)
     last = len(domain) - 1
     tiles: list[tuple[tuple, tuple]] = [((), ())]
     dim = 0
