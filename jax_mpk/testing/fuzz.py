@@ -193,6 +193,11 @@ def reference_rounded(program: Program, args: Sequence[np.ndarray], trials: int 
         spacing = float(info.smallest_subnormal)
         return jnp.where(jnp.abs(x) < float(info.smallest_normal), jnp.round(x / spacing) * spacing, normal)
 
+    def evaluated(line: Line, env: dict) -> list:
+        """The line's results (a list, also for one) in float64 over ``env``."""
+        out = eval(line.expr, dict(FLOAT64_NAMESPACE), env)  # noqa: S307 - the fuzzer's own source
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
     def perturbed(key, line: Line, env: dict, value: Value, index: int, result):
         eps = float(jnp.finfo(DTYPES[value.dtype]).eps)
         scale = ELEMENTWISE_ULPS * eps * jnp.abs(result)
@@ -200,8 +205,7 @@ def reference_rounded(program: Program, args: Sequence[np.ndarray], trials: int 
         floats = {name for name in line.reads if name in env and jnp.issubdtype(env[name].dtype, jnp.floating)}
         if ACCUMULATING.match(line.expr) and floats:
             magnitudes = {**env, **{name: jnp.abs(env[name]) for name in floats}}
-            out = eval(line.expr, dict(FLOAT64_NAMESPACE), magnitudes)  # noqa: S307 - the fuzzer's own source
-            total = jnp.abs((out if isinstance(out, (list, tuple)) else [out])[index])
+            total = jnp.abs(evaluated(line, magnitudes)[index])
             terms = max([int(np.size(r)) // max(1, int(np.size(result))) for r in reads]
                         + [max(np.shape(r), default=1) for r in reads])  # fmt: skip
             scale = scale + np.sqrt(terms) * (eps / 2) * total  # sqrt(n) roundings of at most half an ulp
@@ -213,8 +217,7 @@ def reference_rounded(program: Program, args: Sequence[np.ndarray], trials: int 
             # the largest sub-product (every term of magnitude above 1) overflows: in about half of the trials
             # the product is +-inf as its association may make it (NaN where a zero term meets that inf)
             stretched = {**env, **{name: jnp.maximum(jnp.abs(env[name]), 1.0) for name in floats}}
-            out = eval(line.expr, dict(FLOAT64_NAMESPACE), stretched)  # noqa: S307 - the fuzzer's own source
-            largest = (out if isinstance(out, (list, tuple)) else [out])[index]
+            largest = evaluated(line, stretched)[index]
             overflows = (largest > float(jnp.finfo(DTYPES[value.dtype]).max)) & (noise > 0)
             infinite = jnp.where(result == 0, jnp.nan, jnp.copysign(jnp.inf, result))
             result = jnp.where(overflows, infinite, result)
@@ -223,8 +226,7 @@ def reference_rounded(program: Program, args: Sequence[np.ndarray], trials: int 
     def reference(key, *wide):
         env = dict(zip((a.name for a in program.args), wide))
         for number, line in enumerate(program.lines):
-            out = eval(line.expr, dict(FLOAT64_NAMESPACE), env)  # noqa: S307 - the fuzzer's own source
-            outs = out if isinstance(out, (list, tuple)) else [out]
+            outs = evaluated(line, env)
             results = []
             for index, (value, result) in enumerate(zip(line.outs, outs)):
                 if key is not None and value.dtype in FLOATS:
