@@ -174,10 +174,13 @@ class Emitter:
             names.append(name)
         return names
 
-    def tile_index(self, flat: str, dims) -> list[str]:
-        """Domain indices of position ``flat`` of the task's tile restricted to ``dims`` (row-major)."""
+    def tile_index(self, flat: str, dims, extents: list[int] | None = None) -> list[str]:
+        """Domain indices of position ``flat`` of the task's tile restricted to ``dims`` (row-major); with
+        ``extents``, the tile's sizes along ``dims`` when every task of the kernel has those (numbers fold
+        where the tile's t.hi - t.lo cost an integer division per index)."""
         dims = list(dims)
-        return self.delinearize(flat, [tile_size(d) for d in dims], [f"t.lo[{d}]" for d in dims])
+        sizes = [str(e) for e in extents] if extents is not None else [tile_size(d) for d in dims]
+        return self.delinearize(flat, sizes, [f"t.lo[{d}]" for d in dims])
 
     def rounded(self, expr: str, code: DType) -> str:
         name = self.fresh("v")
