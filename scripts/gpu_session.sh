@@ -9,7 +9,7 @@
 # results go to $OUT.
 #   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench,host,warm,taskcost,knob,fuzz,ab] [pytest -k expression]
 # decode and knob: DECODE_MODELS (default llama-3.2-1b,qwen3-0.6b,qwen3-8b), DECODE_BATCH (1,8), DECODE_CTX
-# (1024), DECODE_ARGS (extra arguments); warm: WARM_MODEL (qwen3-8b). "all" leaves out host, warm, taskcost, knob,
+# (1024), DECODE_ARGS (extra arguments); trace: TRACE_ARGS (e.g. "--model llama-3.2-1b --batch 8"); warm: WARM_MODEL (qwen3-8b). "all" leaves out host, warm, taskcost, knob,
 # fuzz, ab.
 # The device machine gets the working tree without .git: pass the commit.
 set -uo pipefail
@@ -39,7 +39,8 @@ if has decode; then
   grep -E "read bandwidth|^\[|agreement|=>" "$OUT/decode.log"
 fi
 if has trace; then
-  python3 benchmarks/profile_step.py --layers 2 --trace "$OUT/trace.json" --png "$OUT/trace.png" > "$OUT/profile.txt" 2>&1
+  # shellcheck disable=SC2086
+  python3 benchmarks/profile_step.py --layers 2 ${TRACE_ARGS:-} --trace "$OUT/trace.json" --png "$OUT/trace.png" > "$OUT/profile.txt" 2>&1
   head -12 "$OUT/profile.txt"
 fi
 if has bench; then
