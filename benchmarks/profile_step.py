@@ -3,6 +3,7 @@ per-SM trace of one call.
 
     python benchmarks/profile_step.py --layers 2                          # tests/tiny_models.py, Llama-3.2-1B shape
     python benchmarks/profile_step.py --model qwen3-0.6b --layers 4 --trace /tmp/q.json --png /tmp/q.png
+    python benchmarks/profile_step.py --model qwen3-8b --tp 2 --trace /tmp/tp.json      # a table per device
 
 Prints, per kernel of the first layers: tasks, the kernel's span (first start to last end), the mean time a task
 runs (start to signalled) and waits; the dependency hop (a task's start after its last dependency signalled,
@@ -42,14 +43,21 @@ def tiny_models_step(layers: int, ctx: int, batch: int):
     return make_decode_step(cfg), (params, jnp.arange(batch, dtype=jnp.int32) + 5, jnp.int32(ctx - 10), *cache)
 
 
-def flax_step(name: str, layers: int, ctx: int, batch: int):
+def flax_step(name: str, layers: int, ctx: int, batch: int, tp: int = 1):
+    """A preset's decode step; with ``tp`` > 1, tensor parallel over the first ``tp`` devices (one shard_map)."""
     import models
 
     config = dataclasses.replace(models.PRESETS[name], layers=layers)
     weights, merge = models.split(models.create(config))
     cache = models.init_cache(config, batch, ctx, jax.random.PRNGKey(1))
     tokens = jnp.arange(batch, dtype=jnp.int32) + 5
-    return models.make_decode_step(merge), (weights, tokens, jnp.int32(ctx - 1), cache)
+    if tp == 1:
+        return models.make_decode_step(merge), (weights, tokens, jnp.int32(ctx - 1), cache)
+    if len(jax.devices()) < tp:
+        raise SystemExit(f"--tp {tp} needs {tp} devices, this machine has {len(jax.devices())}")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:tp]), ("tp",))
+    weights, cache = models.tp_shard(mesh, config, weights, cache)
+    return models.make_tp_decode_step(config, mesh), (weights, tokens, jnp.int32(ctx - 1), cache)
 
 
 def kernel_kind(label: str) -> str:
@@ -68,7 +76,8 @@ def render(trace_path: str, png_path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    events = [e for e in json.load(open(trace_path))["traceEvents"] if e.get("ph") == "X" and e["cat"] == "run"]
+    events = [e for e in json.load(open(trace_path))["traceEvents"]
+              if e.get("ph") == "X" and e["cat"] == "run" and e["pid"] == 0]  # fmt: skip
     colours = {"dot": "tab:blue", "update_slice": "tab:green", "reduce": "tab:orange", "other": "tab:gray"}
     bars: dict[tuple[str, int], list] = {}
     for e in events:
@@ -94,19 +103,36 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor parallel over this many devices (a preset of examples/models.py): a table per "
+                             "device, and a process per device in the trace")  # fmt: skip
     parser.add_argument("--show", type=int, default=40)
     parser.add_argument("--trace", help="write a Chrome/Perfetto trace of the last profiled call here")
     parser.add_argument("--png", help="and a picture of it here")
     args = parser.parse_args()
     if args.model == "tiny-llama-1b":
+        if args.tp != 1:
+            parser.error("--tp needs a preset of examples/models.py (--model)")
         step, call_args = tiny_models_step(args.layers, args.ctx, args.batch)
     else:
-        step, call_args = flax_step(args.model, args.layers, args.ctx, args.batch)
+        step, call_args = flax_step(args.model, args.layers, args.ctx, args.batch, args.tp)
     mk = jax_mpk.compile(step, *call_args)
     for _ in range(5):
         jax.block_until_ready(mk(*call_args))
     runs = [mk.profile(*call_args, trace=args.trace) for _ in range(3)]
-    times = runs[-1]
+    per_device = runs[-1] if args.tp > 1 else runs[-1][None]
+    for rank, times in enumerate(per_device):
+        if args.tp > 1:
+            print(f"--- device {rank}")
+        summarize(mk, times, [r[rank] if args.tp > 1 else r for r in runs], args.show)
+    if args.trace and args.png:
+        tp = f", tp {args.tp} (device 0)" if args.tp > 1 else ""
+        render(args.trace, args.png, f"{args.model}, {args.layers} layers, batch {args.batch}, ctx {args.ctx}{tp}: {mk}")
+        print(f"wrote {args.trace} and {args.png}")
+
+
+def summarize(mk, times: np.ndarray, runs: list[np.ndarray], show: int) -> None:
+    """The call's span, the dependency hop and the per-kernel table of one device's profile."""
     tasks = mk.tasks.tasks
     print(f"{mk}\ncall span {times[:, 2].max():.1f} us (runs: {[round(float(r[:, 2].max()), 1) for r in runs]})")
     hops = dependency_hops(times, [t.deps for t in tasks])
@@ -114,16 +140,13 @@ def main() -> None:
         print(f"dependency hop (start after the last dependency signalled, {len(hops)} waiting tasks): median "
               f"{np.median(hops):.2f} us, p10 {np.percentile(hops, 10):.2f}, p90 {np.percentile(hops, 90):.2f}")
     print(f"{'kernel':55s} {'tasks':>5s} {'first':>8s} {'last':>8s} {'span':>7s} {'run':>6s} {'wait':>6s}")
-    for kernel in mk.graph.kernels[: args.show]:
+    for kernel in mk.graph.kernels[:show]:
         rows = np.array([t.index for t in tasks if t.kernel == kernel.index])
         if not len(rows):
             continue
         t = times[rows]
         print(f"{kernel.index:3d} {kernel.name[:50]:51s} {len(rows):5d} {t[:, 1].min():8.1f} {t[:, 2].max():8.1f} "
               f"{t[:, 2].max() - t[:, 1].min():7.1f} {np.mean(t[:, 2] - t[:, 1]):6.2f} {np.mean(t[:, 1] - t[:, 0]):6.2f}")
-    if args.trace and args.png:
-        render(args.trace, args.png, f"{args.model}, {args.layers} layers, batch {args.batch}, ctx {args.ctx}: {mk}")
-        print(f"wrote {args.trace} and {args.png}")
 
 
 if __name__ == "__main__":

@@ -300,14 +300,18 @@ class Megakernel:
             # Explicit mesh, the results are given the shardings jax.jit's would have, as their types say
             typed = [_resharded(r, s) for r, s in zip(results, self.out_shardings)]
             return typed + results[len(typed) :]
-        if keep_workspace:
-            raise ValueError("profiling a shard_map function is not supported")
         sm = self.shard_map
 
         def per_device(*local):
-            return tuple(self._emit_local([*local, _device_rank(sm.axis_sizes)], False))
+            results = self._emit_local([*local, _device_rank(sm.axis_sizes)], keep_workspace)
+            if keep_workspace:  # one row per device, in rank order
+                results[-1] = results[-1][None]
+            return tuple(results)
 
-        run = jax.shard_map(per_device, mesh=sm.mesh, in_specs=sm.in_specs, out_specs=sm.out_specs, check_vma=False)
+        out_specs = sm.out_specs
+        if keep_workspace:
+            out_specs = (*out_specs, jax.sharding.PartitionSpec(tuple(name for name, _ in sm.axis_sizes)))
+        run = jax.shard_map(per_device, mesh=sm.mesh, in_specs=sm.in_specs, out_specs=out_specs, check_vma=False)
         return list(run(*flat_args))
 
     def _emit_local(self, flat_args: list, keep_workspace: bool) -> list:
@@ -325,22 +329,26 @@ class Megakernel:
 
     def profile(self, *args, trace: str | None = None, **kwargs) -> np.ndarray:
         """Run once and return per-task [wait, start, end] times in microseconds from the first wait
-        (a plan compiled with JAX_MPK_PROFILE=1 on a GPU). Rows follow ``self.tasks.tasks``. With ``trace``,
-        also write the call as a Chrome/Perfetto trace there: one track per SM, a slice per task named by its
-        kernel, the wait before it apart (:mod:`jax_mpk.trace`)."""
+        (a plan compiled with JAX_MPK_PROFILE=1 on a GPU). Rows follow ``self.tasks.tasks``; for a shard_map,
+        one such array per device, stacked in rank order, from the first wait on any device (each device
+        stamps its own global timer: how well their times line up is how well those timers agree). With
+        ``trace``, also write the call as a Chrome/Perfetto trace there: one track per SM (a process per
+        device), a slice per task named by its kernel, the wait before it apart (:mod:`jax_mpk.trace`)."""
         if self.profile_offset is None:
             raise ValueError("compile with JAX_MPK_PROFILE=1 on a GPU to profile")
         flat = self.check_signature(args, kwargs)
-        workspace = jax.jit(lambda *f: self.emit(f, keep_workspace=True)[-1])(*flat)
-        raw = np.asarray(workspace)[self.profile_offset :].view(np.uint64).reshape(-1, 3)
-        times = (raw.astype(np.int64) - int(raw[:, 0].min())) / 1e3
+        workspace = np.asarray(jax.jit(lambda *f: self.emit(f, keep_workspace=True)[-1])(*flat))
+        per_device = workspace.reshape(-1, workspace.shape[-1])
+        raw = np.stack([w[self.profile_offset :].view(np.uint64).reshape(-1, 3) for w in per_device])
+        times = (raw.astype(np.int64) - int(raw[:, :, 0].min())) / 1e3
         if trace is not None:
             from . import trace as trace_module
 
             kernels = [t.kernel for t in self.tasks.tasks]
             names = [k.name for k in self.graph.kernels]
-            trace_module.save(trace_module.chrome_trace(times, self.schedule.workers, kernels, names, repr(self)), trace)
-        return times
+            title = repr(self) if len(times) == 1 else [f"device {rank}: {self!r}" for rank in range(len(times))]
+            trace_module.save(trace_module.chrome_trace(times, self.schedule.workers, kernels, names, title), trace)
+        return times if self.shard_map is not None else times[0]
 
     def __call__(self, *args, **kwargs):
         """Dispatch asynchronously (like any jitted function); see :meth:`check_errors`. The arguments go to

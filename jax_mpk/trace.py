@@ -15,25 +15,31 @@ import numpy as np
 
 
 def chrome_trace(times_us: np.ndarray, workers: Sequence[Sequence[int]], task_kernels: Sequence[int],
-                 kernel_names: Sequence[str], title: str = "megakernel") -> dict[str, Any]:  # fmt: skip
+                 kernel_names: Sequence[str], title: str | Sequence[str] = "megakernel") -> dict[str, Any]:  # fmt: skip
     """The Trace Event Format document of one call.
 
     ``times_us[t] = (wait, start, end)`` of task ``t`` in microseconds; ``workers[w]`` lists the tasks worker
-    ``w`` ran, in order; ``task_kernels[t]`` is the kernel of task ``t``, named ``kernel_names[k]``.
+    ``w`` ran, in order; ``task_kernels[t]`` is the kernel of task ``t``, named ``kernel_names[k]``. Several
+    devices running the same plan (a shard_map): ``times_us[r, t]`` and a title per device, one process each.
     """
-    events: list[dict[str, Any]] = [{"ph": "M", "pid": 0, "name": "process_name", "args": {"name": title}}]
-    for worker, tasks in enumerate(workers):
-        events.append({"ph": "M", "pid": 0, "tid": worker, "name": "thread_name", "args": {"name": f"SM {worker}"}})
-        for task in tasks:
-            wait, start, end = (float(x) for x in times_us[task])
-            kernel = task_kernels[task]
-            label = f"k{kernel} {kernel_names[kernel]}"
-            args = {"task": int(task), "kernel": int(kernel)}
-            if start > wait:
-                events.append({"ph": "X", "pid": 0, "tid": worker, "name": "wait", "cat": "wait", "ts": wait,
-                               "dur": start - wait, "args": {**args, "for": label}})  # fmt: skip
-            events.append({"ph": "X", "pid": 0, "tid": worker, "name": label, "cat": "run", "ts": start,
-                           "dur": max(end - start, 0.0), "args": args})  # fmt: skip
+    per_device = times_us[None] if times_us.ndim == 2 else times_us
+    titles = [title] if isinstance(title, str) else list(title)
+    assert len(titles) == len(per_device), (len(titles), per_device.shape)
+    events: list[dict[str, Any]] = []
+    for pid, (times, name) in enumerate(zip(per_device, titles)):
+        events.append({"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}})
+        for worker, tasks in enumerate(workers):
+            events.append({"ph": "M", "pid": pid, "tid": worker, "name": "thread_name", "args": {"name": f"SM {worker}"}})
+            for task in tasks:
+                wait, start, end = (float(x) for x in times[task])
+                kernel = task_kernels[task]
+                label = f"k{kernel} {kernel_names[kernel]}"
+                args = {"task": int(task), "kernel": int(kernel)}
+                if start > wait:
+                    events.append({"ph": "X", "pid": pid, "tid": worker, "name": "wait", "cat": "wait", "ts": wait,
+                                   "dur": start - wait, "args": {**args, "for": label}})  # fmt: skip
+                events.append({"ph": "X", "pid": pid, "tid": worker, "name": label, "cat": "run", "ts": start,
+                               "dur": max(end - start, 0.0), "args": args})  # fmt: skip
     return {"traceEvents": events, "displayTimeUnit": "ns"}
 
 

@@ -125,6 +125,26 @@ def test_two_dimensional_mesh(rng):
     check_calls(f, lambda: (random_array(rng, (4, 6), "float32"),))
 
 
+def test_each_device_keeps_its_workspace(rng):
+    """What Megakernel.profile reads: a shard_map's call, asked for its workspace, returns every device's, one row
+    per device (stacked over the mesh axes in the order of the plan's ranks), beside the results."""
+    mesh = mesh_of(4, ("a", "b"))
+
+    def body(x, w):
+        h = jnp.tanh(x @ w)  # stored in the workspace: the norm below reads all of it
+        return jax.lax.psum(h / jnp.sum(h * h), ("a", "b"))
+
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P("a", "b"), P("b", None)), out_specs=P())
+    x, w = random_array(rng, (4, 64), "float32"), random_array(rng, (64, 48), "float32")
+    fast = jax_mpk.megakernelize(f)
+    fast(x, w)
+    (plan,) = fast.plans.values()
+    result, workspace = jax.jit(lambda *v: plan.emit(v, keep_workspace=True))(x, w)
+    assert plan.workspace_bytes > 0 and workspace.shape == (4, plan.workspace_bytes)
+    with jax.default_matmul_precision("float32"):
+        assert_trees_close(result, jax.jit(f)(x, w), "float32")
+
+
 @pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tensor_parallel_decode_steps(n, dtype, platform, rng):
@@ -265,6 +285,24 @@ def test_shard_map_inside_other_work_is_refused(rng):
 def test_collective_outside_shard_map_is_refused(rng):
     with pytest.raises(Exception, match="axis name|unbound"):
         jax_mpk.megakernelize(lambda x: jax.lax.psum(x, "x"))(random_array(rng, (4,), "float32"))
+
+
+@pytest.mark.gpu
+def test_profile_of_a_tensor_parallel_step_has_every_devices_tasks(monkeypatch, rng):
+    """Megakernel.profile of a shard_map over 2 GPUs: each device's [wait, start, end] of every task."""
+    monkeypatch.setenv("JAX_MPK_PROFILE", "1")
+    mesh = mesh_of(2, platform="gpu")
+
+    def body(x, w):
+        return jax.lax.psum(jnp.tanh(x @ w), "x")
+
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P(None, "x"), P("x", None)), out_specs=P())
+    x, w = random_array(rng, (2, 512), "bfloat16"), random_array(rng, (512, 256), "bfloat16")
+    mk = jax_mpk.compile(f, x, w)
+    times = mk.profile(x, w)
+    assert times.shape == (2, len(mk.tasks.tasks), 3)
+    assert np.all(np.isfinite(times)) and times.min() == 0
+    assert np.all(times[:, :, 0] <= times[:, :, 1]) and np.all(times[:, :, 1] <= times[:, :, 2])
 
 
 @pytest.mark.gpu

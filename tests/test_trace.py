@@ -61,3 +61,19 @@ def test_trace_has_a_track_per_worker_and_recovers_the_hop(tmp_path):
     hops = dependency_hops(times, [t.deps for t in mk.tasks.tasks])
     assert len(hops) and np.all(hops >= 1.5 - 1e-9)
     assert np.median(hops) == 1.5  # tasks that waited started exactly one hop after their last dependency
+
+
+def test_trace_of_several_devices_has_a_process_per_device(tmp_path):
+    """A shard_map's profile holds one [task, (wait, start, end)] array per device: one process per device, each
+    with its workers' tracks and its own times."""
+    mk = jax_mpk.compile(lambda x: jnp.tanh(x) * 2, jnp.ones((64, 64)), num_workers=2)
+    times = np.stack([_simulate(mk, hop_us=1.0, run_us=2.0), _simulate(mk, hop_us=1.0, run_us=3.0) + 0.5])
+    trace = chrome_trace(times, mk.schedule.workers, [t.kernel for t in mk.tasks.tasks],
+                         [k.name for k in mk.graph.kernels], ["device 0", "device 1"])  # fmt: skip
+    events = trace["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert names == {0: "device 0", 1: "device 1"}
+    for pid in (0, 1):
+        runs = [e for e in events if e.get("cat") == "run" and e["pid"] == pid]
+        assert sorted(e["args"]["task"] for e in runs) == list(range(len(mk.tasks.tasks)))
+        assert {e["dur"] for e in runs} == {2.0 + pid}
