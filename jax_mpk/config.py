@@ -58,7 +58,7 @@ class Config:
     # (JAX_MPK_GPU_FUSION), so that the GPU fusion's semantics are checked without a GPU
     gpu_fusion: bool
     # GPU fusion: a batch's products also compute their rows (RMSNorm, SwiGLU) in their staging, all rows side by
-    # side (JAX_MPK_STAGE_SHARED_ROWS, default off: measured mixed with the rows one after the other, see README)
+    # side (JAX_MPK_STAGE_SHARED_ROWS, default off: measured mixed, see README)
     stage_shared_rows: bool
     # testing: schedule a random topological order on random workers (JAX_MPK_SCHEDULE_SEED; unset: list
     # scheduling by estimated cost)
