@@ -6,8 +6,9 @@ per-SM trace of one call.
     python benchmarks/profile_step.py --model qwen3-8b --tp 2 --trace /tmp/tp.json      # a table per device
 
 Prints, per kernel of the first layers: tasks, the kernel's span (first start to last end), the mean time a task
-runs (start to signalled) and waits; the dependency hop (a task's start after its last dependency signalled,
-over every task that was already waiting: median and p90); then the whole call's span. ``--trace`` writes a
+runs (start to signalled) and waits, and its run split into phases (product bodies: staging, the product, the
+epilogue; every body: the release fence and signal); the dependency hop (a task's start after its last
+dependency signalled, over every task that was already waiting: median and p90); then the whole call's span. ``--trace`` writes a
 Chrome/Perfetto JSON trace (one track per SM; https://ui.perfetto.dev), ``--png`` a picture of it.
 """
 
@@ -30,6 +31,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "examples"))
 import jax_mpk  # noqa: E402
+from jax_mpk.layout import PROFILE_STAMPS  # noqa: E402
 from jax_mpk.trace import dependency_hops  # noqa: E402
 
 
@@ -119,34 +121,47 @@ def main() -> None:
     mk = jax_mpk.compile(step, *call_args)
     for _ in range(5):
         jax.block_until_ready(mk(*call_args))
-    runs = [mk.profile(*call_args, trace=args.trace) for _ in range(3)]
-    per_device = runs[-1] if args.tp > 1 else runs[-1][None]
-    for rank, times in enumerate(per_device):
+    runs = [mk.profile(*call_args, trace=args.trace, phases=True) for _ in range(3)]
+    runs = [r if args.tp > 1 else r[None] for r in runs]
+    for rank in range(len(runs[-1])):
         if args.tp > 1:
             print(f"--- device {rank}")
-        summarize(mk, times, [r[rank] if args.tp > 1 else r for r in runs], args.show)
+        summarize(mk, runs[-1][rank], [r[rank] for r in runs], args.show)
     if args.trace and args.png:
         tp = f", tp {args.tp} (device 0)" if args.tp > 1 else ""
         render(args.trace, args.png, f"{args.model}, {args.layers} layers, batch {args.batch}, ctx {args.ctx}{tp}: {mk}")
         print(f"wrote {args.trace} and {args.png}")
 
 
-def summarize(mk, times: np.ndarray, runs: list[np.ndarray], show: int) -> None:
-    """The call's span, the dependency hop and the per-kernel table of one device's profile."""
+def summarize(mk, stamps: np.ndarray, runs: list[np.ndarray], show: int) -> None:
+    """The call's span, the dependency hop and the per-kernel table of one device's profile (``stamps``: every
+    stamp of layout.PROFILE_STAMPS per task). A task's run splits into its phases where its body marks them:
+    staging (start to staged), the product (staged to computed), the epilogue (to the body's end) and the
+    release fence and signal (to signalled)."""
     tasks = mk.tasks.tasks
-    print(f"{mk}\ncall span {times[:, 2].max():.1f} us (runs: {[round(float(r[:, 2].max()), 1) for r in runs]})")
+    wait, start, staged, computed, body_end, signalled = (PROFILE_STAMPS.index(n) for n in (
+        "wait", "start", "staged", "computed", "body_end", "signalled"))  # fmt: skip
+    times = stamps[:, [wait, start, signalled]]
+    last = [r[:, signalled].max() for r in runs]
+    print(f"{mk}\ncall span {times[:, 2].max():.1f} us (runs: {[round(float(x), 1) for x in last]})")
     hops = dependency_hops(times, [t.deps for t in tasks])
     if len(hops):
         print(f"dependency hop (start after the last dependency signalled, {len(hops)} waiting tasks): median "
               f"{np.median(hops):.2f} us, p10 {np.percentile(hops, 10):.2f}, p90 {np.percentile(hops, 90):.2f}")
-    print(f"{'kernel':55s} {'tasks':>5s} {'first':>8s} {'last':>8s} {'span':>7s} {'run':>6s} {'wait':>6s}")
+    phases = "stage   dot  epi  sig"
+    print(f"{'kernel':55s} {'tasks':>5s} {'first':>8s} {'last':>8s} {'span':>7s} {'run':>6s} {'wait':>6s}  {phases}")
     for kernel in mk.graph.kernels[:show]:
         rows = np.array([t.index for t in tasks if t.kernel == kernel.index])
         if not len(rows):
             continue
-        t = times[rows]
+        t, s = times[rows], stamps[rows]
+        if np.isnan(s[:, staged]).any():  # the body does not mark its phases: the body, then the signal
+            split = f"{'':>12s} {np.mean(s[:, body_end] - s[:, start]):4.1f} {np.mean(s[:, signalled] - s[:, body_end]):4.1f}"
+        else:
+            split = " ".join(f"{np.mean(s[:, b] - s[:, a]):4.1f}" for a, b in
+                             ((start, staged), (staged, computed), (computed, body_end), (body_end, signalled)))  # fmt: skip
         print(f"{kernel.index:3d} {kernel.name[:50]:51s} {len(rows):5d} {t[:, 1].min():8.1f} {t[:, 2].max():8.1f} "
-              f"{t[:, 2].max() - t[:, 1].min():7.1f} {np.mean(t[:, 2] - t[:, 1]):6.2f} {np.mean(t[:, 1] - t[:, 0]):6.2f}")
+              f"{t[:, 2].max() - t[:, 1].min():7.1f} {np.mean(t[:, 2] - t[:, 1]):6.2f} {np.mean(t[:, 1] - t[:, 0]):6.2f}  {split}")
 
 
 if __name__ == "__main__":

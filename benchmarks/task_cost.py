@@ -6,7 +6,8 @@ Two step functions, each timed as chained calls (one sync per chain) and profile
   costs when nothing else runs: the hop, the task's fixed cost, its two memory round trips (row, matrix).
 * wide: one product of a [1, 512] row with a 512 x (132 * 64) bfloat16 matrix: one task per SM, 64 KB each,
   how long a task runs when it moves little, in a level where every SM has one.
-The profile gives per-task run time (start to signalled), the hop (a task's start after its last dependency
+The profile gives per-task run time (start to signalled) and its phases (the row staged, the product computed,
+the body's end, signalled: where the tiny task's ~2.5 us go), the hop (a task's start after its last dependency
 signalled) and the wait. Prints a table and, with --out, writes JSON.
 
     python benchmarks/task_cost.py --out /tmp/task_cost.json
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_mpk
+from jax_mpk.layout import PROFILE_STAMPS
 from jax_mpk.trace import dependency_hops
 
 
@@ -63,14 +65,20 @@ def task_stats(fn, args) -> dict:
         mk = jax_mpk.compile(fn, *args)
     finally:
         del os.environ["JAX_MPK_PROFILE"]
-    times = mk.profile(*args)
+    stamps = mk.profile(*args, phases=True)
+    times = stamps[:, [PROFILE_STAMPS.index(n) for n in ("wait", "start", "signalled")]]
     hops = dependency_hops(times, [t.deps for t in mk.tasks.tasks])
+    phases = {}  # a task's run, phase by phase (medians; the product bodies mark staged and computed)
+    for a, b in zip(PROFILE_STAMPS[1:], PROFILE_STAMPS[2:]):
+        spans = stamps[:, PROFILE_STAMPS.index(b)] - stamps[:, PROFILE_STAMPS.index(a)]
+        phases[f"{a}_to_{b}_us"] = float(np.nanmedian(spans)) if not np.isnan(spans).all() else None
     return {
         "tasks": len(mk.tasks.tasks),
         "run_us": float(np.median(times[:, 2] - times[:, 1])),
         "wait_us": float(np.median(times[:, 1] - times[:, 0])),
         "hop_us": float(np.median(hops)) if len(hops) else None,
         "span_us": float(times[:, 2].max()),
+        "phases": phases,
     }
 
 

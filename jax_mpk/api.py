@@ -21,7 +21,7 @@ from .capture import Captured, ShardMap, capture, find_shard_map
 from .errors import DependencyTimeoutError, GraphTooLargeError, InvalidArgumentError, SignatureMismatchError
 from .fusion import fuse
 from .kernels import KernelGraph
-from .layout import Platform
+from .layout import PROFILE_STAMPS, Platform
 from .plan import plan_key, serialize
 from .plan_cache import CallPlan
 from .processes import check_platform, mesh_processes, share_comm_group
@@ -127,7 +127,7 @@ def _plan_stages(jaxpr, shard_map: ShardMap | None, target: Target, cfg: config_
     workspace_bytes, profile_offset, source = graph.workspace_bytes, None, None
     if cuda and cfg.profile:
         profile_offset = -(-workspace_bytes // 256) * 256
-        workspace_bytes = profile_offset + 24 * len(tasks.tasks)
+        workspace_bytes = profile_offset + 8 * len(PROFILE_STAMPS) * len(tasks.tasks)
     if cuda:
         from .codegen import generate
 
@@ -327,20 +327,26 @@ class Megakernel:
             comm_segment=self.comm_segment,
         )
 
-    def profile(self, *args, trace: str | None = None, **kwargs) -> np.ndarray:
+    def profile(self, *args, trace: str | None = None, phases: bool = False, **kwargs) -> np.ndarray:
         """Run once and return per-task [wait, start, end] times in microseconds from the first wait
         (a plan compiled with JAX_MPK_PROFILE=1 on a GPU). Rows follow ``self.tasks.tasks``; for a shard_map,
         one such array per device, stacked in rank order, from the first wait on any device (each device
         stamps its own global timer: how well their times line up is how well those timers agree). With
-        ``trace``, also write the call as a Chrome/Perfetto trace there: one track per SM (a process per
-        device), a slice per task named by its kernel, the wait before it apart (:mod:`jax_mpk.trace`)."""
+        ``phases``, every stamp of ``layout.PROFILE_STAMPS`` instead (wait, start, staged, computed, body_end,
+        signalled; NaN for a phase the task's body does not mark). With ``trace``, also write the call as a
+        Chrome/Perfetto trace there: one track per SM (a process per device), a slice per task named by its
+        kernel, the wait before it apart (:mod:`jax_mpk.trace`)."""
         if self.profile_offset is None:
             raise ValueError("compile with JAX_MPK_PROFILE=1 on a GPU to profile")
         flat = self.check_signature(args, kwargs)
         workspace = np.asarray(jax.jit(lambda *f: self.emit(f, keep_workspace=True)[-1])(*flat))
         per_device = workspace.reshape(-1, workspace.shape[-1])
-        raw = np.stack([w[self.profile_offset :].view(np.uint64).reshape(-1, 3) for w in per_device])
-        times = (raw.astype(np.int64) - int(raw[:, :, 0].min())) / 1e3
+        stamps = len(PROFILE_STAMPS)
+        raw = np.stack([w[self.profile_offset :].view(np.uint64).reshape(-1, stamps) for w in per_device])
+        wait = PROFILE_STAMPS.index("wait")
+        all_times = (raw.astype(np.int64) - int(raw[:, :, wait].min())) / 1e3
+        all_times[raw == 0] = np.nan  # a phase the body does not mark
+        times = all_times[:, :, [wait, PROFILE_STAMPS.index("start"), PROFILE_STAMPS.index("signalled")]]
         if trace is not None:
             from . import trace as trace_module
 
@@ -348,7 +354,8 @@ class Megakernel:
             names = [k.name for k in self.graph.kernels]
             title = repr(self) if len(times) == 1 else [f"device {rank}: {self!r}" for rank in range(len(times))]
             trace_module.save(trace_module.chrome_trace(times, self.schedule.workers, kernels, names, title), trace)
-        return times if self.shard_map is not None else times[0]
+        result = all_times if phases else times
+        return result if self.shard_map is not None else result[0]
 
     def __call__(self, *args, **kwargs):
         """Dispatch asynchronously (like any jitted function); see :meth:`check_errors`. The arguments go to

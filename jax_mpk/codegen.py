@@ -40,8 +40,9 @@ class GeneratedSource:
 
 def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = None) -> GeneratedSource:
     """The megakernel's source, within the shared memory of the GPU the graph was fused for (a CPU-fused graph:
-    the default architecture's). With ``profile_offset``, every task records its wait/start/end times (uint64
-    nanoseconds, 3 per task) in the workspace at that byte offset."""
+    the default architecture's). With ``profile_offset``, every task records the stamps of
+    ``layout.PROFILE_STAMPS`` (uint64 nanoseconds; product bodies mark their own phases) in the workspace at that
+    byte offset."""
     kg = graph.kernels
     budget = (kg.target or Target("cuda", 1)).shared_memory_bytes
     slots = _BufferSlots(len(kg.input_specs), len(kg.output_specs))
@@ -50,7 +51,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
     calls, prefetches = [], []
     smem, ring_offset = 0, None  # the ring sits above the shared memory of every task that uses one
     for kernel, tasks in zip(kg.kernels, graph.tasks_by_kernel()):
-        body = KernelBody(kernel, tasks, budget, graph.merge_counters.get(kernel.index, -1))
+        body = KernelBody(kernel, tasks, budget, graph.merge_counters.get(kernel.index, -1), profile_offset is not None)
         text, tensors, kernel_smem, prefetch = bodies.render(body)
         smem = max(smem, kernel_smem)
         if body.uses_ring:

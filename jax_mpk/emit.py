@@ -62,8 +62,10 @@ class KernelBody:
     """One kernel being rendered as a device function of (params, task, smem, tensor pointers...): what a body
     kind renders into."""
 
-    def __init__(self, kernel: Kernel, tasks, shared_memory_bytes: int, merge_counter: int = -1):
+    def __init__(self, kernel: Kernel, tasks, shared_memory_bytes: int, merge_counter: int = -1,
+                 profile: bool = False):  # fmt: skip
         self.kernel, self.tasks = kernel, tasks
+        self.profile = profile  # a JAX_MPK_PROFILE build: the body stamps its phases (mark_phase)
         self.shared_memory_bytes = shared_memory_bytes  # the target's budget (Target.shared_memory_bytes)
         self.merge_counter = merge_counter  # split attention: the event of its first group's merge counter
         # Pointer parameters: (tensor, constant element offset). Constant offsets (the layer index into
@@ -87,6 +89,12 @@ class KernelBody:
     def signature(self) -> str:
         params = ", ".join(f"char* b{i}" for i in range(len(self.tensors)))
         return f"__device__ __noinline__ void VARIANT(const MegakernelParams& p, const TaskRecord& t, char* smem{', ' if params else ''}{params})"
+
+    def mark_phase(self, em: Emitter, stamp: str) -> None:
+        """In a profiling build, the time the block reached this point (after a barrier) as the task's ``stamp``
+        (one of layout.PROFILE_STAMPS)."""
+        if self.profile:
+            em.emit(f"mark_phase(layout::kStamp{stamp.title().replace('_', '')});")
 
     def finish(self, em: Emitter, smem: int, prefetch):
         """(device function text, its pointer parameters, shared memory bytes, prefetch renderer or None)."""

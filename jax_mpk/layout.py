@@ -34,6 +34,10 @@ MAX_PLAN_RANKS = 1024
 # Devices a CUDA plan may run on together: the size of the peer arrays in the kernel's parameters
 # (runtime/params.h CommParams), which must stay small (the parameter block is limited to 4 KB).
 MAX_CUDA_RANKS = 8
+# A profiling build (JAX_MPK_PROFILE) records these global-timer stamps per task, in this order, as uint64 words
+# after the workspace: the wait begins, the body begins, its rows are staged, its products computed, the body
+# ends (the block's last barrier), the task has signalled. Staged and computed stay 0 in bodies without them.
+PROFILE_STAMPS = ("wait", "start", "staged", "computed", "body_end", "signalled")
 
 
 class Platform(enum.IntEnum):
@@ -205,6 +209,8 @@ def render_layout_header() -> str:
         f"inline constexpr int kTaskWords = {TASK_WORDS};",
         f"inline constexpr int64_t kMaxPlanRanks = {MAX_PLAN_RANKS};",
         f"inline constexpr int kMaxCudaRanks = {MAX_CUDA_RANKS};",
+        f"inline constexpr int kProfileStamps = {len(PROFILE_STAMPS)};  // {', '.join(PROFILE_STAMPS)}",
+        *(f"inline constexpr int kStamp{_camel(name.upper())} = {i};" for i, name in enumerate(PROFILE_STAMPS)),
         "",
     ]
     for enum_type in _ENUMS:

@@ -112,12 +112,16 @@ def test_sampling_over_a_vocabulary_compiles(tmp_path, monkeypatch):
 
 
 def test_profiling_build_compiles(tmp_path, monkeypatch):
+    """A profiling build passes the stamps' buffer to the runtime, and product bodies stamp their phases (rows
+    staged, product computed); a build without profiling renders no stamps."""
     monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
     graph = fuse(capture(jax.make_jaxpr(lambda x, w: jnp.argmax(x @ w, -1))(
         jax.ShapeDtypeStruct((1, 64), jnp.float32), jax.ShapeDtypeStruct((64, 64), jnp.float32))))  # fmt: skip
     tasks = build_task_graph(graph, H100_SMS)
     source = generate(tasks, schedule(tasks, H100_SMS), profile_offset=256)
     assert "reinterpret_cast<uint64_t*>" in source.text
+    assert "mark_phase(layout::kStampStaged);" in source.text and "mark_phase(layout::kStampComputed);" in source.text
+    assert "mark_phase" not in generate(tasks, schedule(tasks, H100_SMS)).text
     compile_cubin(source.text, "9.0")
 
 

@@ -8,6 +8,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from conftest import assert_model_outputs_close, assert_trees_close, check_against_jit, random_array
 from tiny_models import TinyConfig, init_cache, init_params, make_decode_step, random_tokens
@@ -206,6 +207,21 @@ def _entry_opcodes(hlo: str) -> list[str]:
             rest = rest.split(" ", 1)[1]
         opcodes.append(rest.split("(", 1)[0])
     return opcodes
+
+
+def test_profile_stamps_every_task_and_the_phases_of_products(rng, monkeypatch):
+    """JAX_MPK_PROFILE: every task's [wait, start, end], and with phases=True the product bodies' own stamps
+    (rows staged, product computed) in order between the start and the signal."""
+    monkeypatch.setenv("JAX_MPK_PROFILE", "1")
+    # (K under 1024: no split-K partials, whose sum would be a kernel of another kind)
+    x, w = random_array(rng, (4, 512), "bfloat16"), random_array(rng, (512, 1024), "bfloat16")
+    fn = lambda x, w: jnp.tanh(x @ w)  # noqa: E731
+    mk = jax_mpk.compile(fn, x, w)
+    times, stamps = mk.profile(x, w), mk.profile(x, w, phases=True)
+    assert times.shape == (len(mk.tasks.tasks), 3) and stamps.shape == (len(mk.tasks.tasks), 6)
+    assert np.nanmin(stamps) == 0 and not np.isnan(stamps).any()  # every task here is a product of the ring
+    assert np.all(np.diff(stamps, axis=1) >= 0)
+    assert_model_outputs_close(mk(x, w), jax.jit(fn)(x, w), "bfloat16")
 
 
 def test_one_launch_per_call():

@@ -115,6 +115,7 @@ def render_together(body: KernelBody, plan: DotPlan):
         em.pop()
         em.emit("}")
     em.emit("__syncthreads();")
+    body.mark_phase(em, "staged")
     w = f"reinterpret_cast<const {w_type}*>({rhs}) + ({weight_tile_origin(body, plan)})"
     if body.uses_ring:
         ring_dot = "columns_ring_mma" if plan.mma else "columns_ring"
@@ -124,6 +125,7 @@ def render_together(body: KernelBody, plan: DotPlan):
         em.emit(f"dot::rows_shared<{w_type}, {R}>(xs, {x_stride}, {w}, {plan.rhs_n}, {plan.K}, "
                 f"static_cast<int>(n_len), acc, {n_pad});")
     em.emit("__syncthreads();")
+    body.mark_phase(em, "computed")
 
     def element(e: str) -> list[str]:
         em.emit(f"const index_t row = {e} / n_len, col = {e} - row * n_len;")

@@ -12,6 +12,13 @@ inline constexpr int64_t kComputedOperand = -1;
 inline constexpr int kTaskWords = 25;
 inline constexpr int64_t kMaxPlanRanks = 1024;
 inline constexpr int kMaxCudaRanks = 8;
+inline constexpr int kProfileStamps = 6;  // wait, start, staged, computed, body_end, signalled
+inline constexpr int kStampWait = 0;
+inline constexpr int kStampStart = 1;
+inline constexpr int kStampStaged = 2;
+inline constexpr int kStampComputed = 3;
+inline constexpr int kStampBodyEnd = 4;
+inline constexpr int kStampSignalled = 5;
 
 enum class Platform : int64_t {
   kCpu = 0,

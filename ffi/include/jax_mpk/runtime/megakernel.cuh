@@ -128,8 +128,17 @@ __device__ __forceinline__ void copy_record(TaskRecord* to, const TaskRecord* fr
   if (lane < kWords) reinterpret_cast<int32_t*>(to)[lane] = __ldg(reinterpret_cast<const int32_t*>(from) + lane);
 }
 
-// When `profile` is not null (JAX_MPK_PROFILE builds), thread 0 records for every task the global timer
-// when it starts waiting, when it starts running and when it has signalled: 3 x uint64 per task.
+// Profiling builds (JAX_MPK_PROFILE): the record of the task running now (layout::kProfileStamps words), or null;
+// bodies stamp their phases into it with mark_phase after a barrier, so that the stamp holds for the block.
+__shared__ uint64_t* profile_record;
+
+__device__ __forceinline__ void mark_phase(int stamp) {
+  if (threadIdx.x == 0 && profile_record != nullptr) profile_record[stamp] = global_timer_ns();
+}
+
+// When `profile` is not null (JAX_MPK_PROFILE builds), thread 0 records for every task the global timer at the
+// layout::kProfileStamps moments (the wait begins, the body begins, the body's own phases, the body ends, the
+// task has signalled); a phase the body does not mark stays 0.
 template <class Dispatch>
 __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, const int32_t* signals,
                            const int32_t* remote_signals, const int32_t* worker_begin, const int32_t* worker_tasks,
@@ -145,7 +154,10 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
   __shared__ int32_t shared_go;
   const int32_t begin = worker_begin[blockIdx.x], end = worker_begin[blockIdx.x + 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (threadIdx.x == 0) shared_epoch = load_acquire(&p.control->epoch) + 1;
+  if (threadIdx.x == 0) {
+    shared_epoch = load_acquire(&p.control->epoch) + 1;
+    profile_record = nullptr;  // (bodies of builds without profiling do not read it)
+  }
   if (warp == 1 && begin < end) copy_record(&records[0], tasks + worker_tasks[begin], lane);
   __syncthreads();
   const uint64_t epoch = shared_epoch;
@@ -157,14 +169,20 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
         warp == 0 && lane < task.signal_count ? __ldg(signals + task.signal_begin + lane) : -1;
     if (warp == 1 && i + 1 < end) copy_record(&records[next_slot], tasks + worker_tasks[i + 1], lane);
     if (threadIdx.x == 0) {
-      if (profile) profile[3 * task_index] = global_timer_ns();
+      uint64_t* record = profile ? profile + layout::kProfileStamps * task_index : nullptr;
+      if (record) {  // the workspace is not cleared between calls: a phase this body does not mark reads 0
+        record[layout::kStampWait] = global_timer_ns();
+        record[layout::kStampStaged] = record[layout::kStampComputed] = 0;
+      }
       shared_go = wait_for_task(p, task, task_index, epoch);
-      if (profile) profile[3 * task_index + 1] = global_timer_ns();
+      if (record) record[layout::kStampStart] = global_timer_ns();
+      profile_record = record;
     }
     __syncthreads();
     if (!shared_go) break;
     dispatch.run(task, smem);
     __syncthreads();
+    if (profile) mark_phase(layout::kStampBodyEnd);
     // Signal: each lane of warp 0 fences (making the block's stores, ordered before it by the barrier,
     // visible at GPU scope: release), then adds to its share of the events. One release per event would
     // serialize a fence per event, and a task can feed a hundred events.
@@ -180,7 +198,7 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
           add_relaxed<true>(p.comm.counters[p.comm.rank] + remote_signals[task.remote_signal_begin + s], 1);
         }
       }
-      if (profile && threadIdx.x == 0) profile[3 * task_index + 2] = global_timer_ns();
+      if (profile && threadIdx.x == 0) profile[layout::kProfileStamps * task_index + layout::kStampSignalled] = global_timer_ns();
     }
     slot = next_slot;
   }
