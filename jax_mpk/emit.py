@@ -14,7 +14,7 @@ import numpy as np
 from .graph import Acc, Elementwise, Load, Node, Piecewise, Reduce, Reindex, fold_loads, topological
 from .indexmap import Affine, IndexMap, linear_form
 from .kernels import Kernel, Tensor
-from .layout import DTYPES, SCALAR_OP_OF, DType, NodeOp, ReduceKind, TensorKind, dtype_code
+from .layout import DTYPES, PROFILE_STAMPS, SCALAR_OP_OF, DType, NodeOp, ReduceKind, TensorKind, dtype_code
 
 THREADS = 512
 # Strided positions of a row that a thread folds per unrolled step of a cooperative reduction (their loads
@@ -93,6 +93,7 @@ class KernelBody:
     def mark_phase(self, em: Emitter, stamp: str) -> None:
         """In a profiling build, the time the block reached this point (after a barrier) as the task's ``stamp``
         (one of layout.PROFILE_STAMPS)."""
+        assert stamp in PROFILE_STAMPS, stamp
         if self.profile:
             em.emit(f"mark_phase(layout::kStamp{stamp.title().replace('_', '')});")
 
