@@ -353,7 +353,7 @@ class Megakernel:
             kernels = [t.kernel for t in self.tasks.tasks]
             names = [k.name for k in self.graph.kernels]
             title = repr(self) if len(times) == 1 else [f"device {rank}: {self!r}" for rank in range(len(times))]
-            trace_module.save(trace_module.chrome_trace(times, self.schedule.workers, kernels, names, title), trace)
+            trace_module.save(trace_module.chrome_trace(all_times, self.schedule.workers, kernels, names, title), trace)
         result = all_times if phases else times
         return result if self.shard_map is not None else result[0]
 

@@ -1,9 +1,10 @@
 """Per-SM timelines of one megakernel call, as a Chrome/Perfetto trace (https://ui.perfetto.dev).
 
 A profiled plan (``JAX_MPK_PROFILE=1``) records, for every task, when its worker began waiting for the task's
-dependencies, when it started running it and when it had signalled. :func:`chrome_trace` turns those times
-into one track per worker (an SM on the GPU) with a slice per task, named by its kernel, and the wait before
-it as a slice of its own, so that the gaps where a worker (and the memory system) idles are visible.
+dependencies, when it started running it, the phases its body marks, and when it had signalled.
+:func:`chrome_trace` turns those times into one track per worker (an SM on the GPU) with a slice per task,
+named by its kernel, its phases as slices inside it, and the wait before it as a slice of its own, so that the
+gaps where a worker (and the memory system) idles are visible.
 """
 
 from __future__ import annotations
@@ -13,25 +14,36 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .layout import PROFILE_STAMPS
+
+
+# A task's run, phase by phase, where its body stamps them (layout.PROFILE_STAMPS): (name, from, to)
+_PHASES = (("stage", "start", "staged"), ("product", "staged", "computed"), ("epilogue", "computed", "body_end"),
+           ("signal", "body_end", "signalled"))  # fmt: skip
+
 
 def chrome_trace(times_us: np.ndarray, workers: Sequence[Sequence[int]], task_kernels: Sequence[int],
                  kernel_names: Sequence[str], title: str | Sequence[str] = "megakernel") -> dict[str, Any]:  # fmt: skip
     """The Trace Event Format document of one call.
 
-    ``times_us[t] = (wait, start, end)`` of task ``t`` in microseconds; ``workers[w]`` lists the tasks worker
-    ``w`` ran, in order; ``task_kernels[t]`` is the kernel of task ``t``, named ``kernel_names[k]``. Several
-    devices running the same plan (a shard_map): ``times_us[r, t]`` and a title per device, one process each.
+    ``times_us[t] = (wait, start, end)`` of task ``t`` in microseconds, or every stamp of
+    ``layout.PROFILE_STAMPS`` (``Megakernel.profile(phases=True)``; a NaN for a phase the body does not mark),
+    which adds the phases as slices inside the task's; ``workers[w]`` lists the tasks worker ``w`` ran, in
+    order; ``task_kernels[t]`` is the kernel of task ``t``, named ``kernel_names[k]``. Several devices running
+    the same plan (a shard_map): ``times_us[r, t]`` and a title per device, one process each.
     """
     per_device = times_us[None] if times_us.ndim == 2 else times_us
     titles = [title] if isinstance(title, str) else list(title)
     assert len(titles) == len(per_device), (len(titles), per_device.shape)
+    stamps = per_device.shape[-1] == len(PROFILE_STAMPS)
+    columns = [PROFILE_STAMPS.index(n) for n in ("wait", "start", "signalled")] if stamps else [0, 1, 2]
     events: list[dict[str, Any]] = []
     for pid, (times, name) in enumerate(zip(per_device, titles)):
         events.append({"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}})
         for worker, tasks in enumerate(workers):
             events.append({"ph": "M", "pid": pid, "tid": worker, "name": "thread_name", "args": {"name": f"SM {worker}"}})
             for task in tasks:
-                wait, start, end = (float(x) for x in times[task])
+                wait, start, end = (float(times[task, c]) for c in columns)
                 kernel = task_kernels[task]
                 label = f"k{kernel} {kernel_names[kernel]}"
                 args = {"task": int(task), "kernel": int(kernel)}
@@ -40,6 +52,11 @@ def chrome_trace(times_us: np.ndarray, workers: Sequence[Sequence[int]], task_ke
                                    "dur": start - wait, "args": {**args, "for": label}})  # fmt: skip
                 events.append({"ph": "X", "pid": pid, "tid": worker, "name": label, "cat": "run", "ts": start,
                                "dur": max(end - start, 0.0), "args": args})  # fmt: skip
+                for phase, first, last in _PHASES if stamps else ():
+                    begin, finish = times[task, PROFILE_STAMPS.index(first)], times[task, PROFILE_STAMPS.index(last)]
+                    if not (np.isnan(begin) or np.isnan(finish)):
+                        events.append({"ph": "X", "pid": pid, "tid": worker, "name": phase, "cat": "phase",
+                                       "ts": float(begin), "dur": max(float(finish - begin), 0.0), "args": args})  # fmt: skip
     return {"traceEvents": events, "displayTimeUnit": "ns"}
 
 

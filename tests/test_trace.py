@@ -77,3 +77,20 @@ def test_trace_of_several_devices_has_a_process_per_device(tmp_path):
         runs = [e for e in events if e.get("cat") == "run" and e["pid"] == pid]
         assert sorted(e["args"]["task"] for e in runs) == list(range(len(mk.tasks.tasks)))
         assert {e["dur"] for e in runs} == {2.0 + pid}
+
+
+def test_trace_shows_the_phases_a_body_marks():
+    """Every stamp of layout.PROFILE_STAMPS: the task's slice, and inside it a slice per phase the body marked
+    (none where the stamps are NaN: a body without phases)."""
+    mk = jax_mpk.compile(lambda x: jnp.tanh(x) * 2, jnp.ones((64, 64)), num_workers=2)
+    n = len(mk.tasks.tasks)
+    stamps = np.tile(np.array([0.0, 1.0, 2.0, 4.0, 4.5, 5.0]), (n, 1))
+    stamps[0, 2:4] = np.nan  # task 0 marks no staging or product
+    trace = chrome_trace(stamps, mk.schedule.workers, [t.kernel for t in mk.tasks.tasks],
+                         [k.name for k in mk.graph.kernels])  # fmt: skip
+    phases = [e for e in trace["traceEvents"] if e.get("cat") == "phase"]
+    assert {(e["name"], e["ts"], e["dur"]) for e in phases if e["args"]["task"] == 1} == {
+        ("stage", 1.0, 1.0), ("product", 2.0, 2.0), ("epilogue", 4.0, 0.5), ("signal", 4.5, 0.5)}
+    assert {e["name"] for e in phases if e["args"]["task"] == 0} == {"signal"}
+    runs = [e for e in trace["traceEvents"] if e.get("cat") == "run"]
+    assert {(e["ts"], e["dur"]) for e in runs} == {(1.0, 4.0)}
