@@ -73,7 +73,7 @@ class _Fuser:
         self._assign_buffers()
         kernels = [self._build_kernel(n) for n in self.order if self._is_kernel_root(n)]
         kernels = self._order_kernels(kernels)
-        kernels = self._order_kernels(_merge_into_consumers(kernels))
+        kernels = self._order_kernels(_store_products_into_slots(_merge_into_consumers(kernels)))
         for name in self.target.fusion_passes if self.target is not None else ():
             kernels = self._order_kernels(PASSES[name](self, kernels))
         for i, kernel in enumerate(kernels):
@@ -692,6 +692,46 @@ def _merge_into_consumers(kernels: list[Kernel]) -> list[Kernel]:
             if not any(k is b for k in listed):
                 listed.append(b)
     return [k for k in merged if id(k) not in removed]
+
+
+def _store_products_into_slots(kernels: list[Kernel]) -> list[Kernel]:
+    """A collective's contribution stored straight where the other devices read it: a product kernel A whose
+    result only an update kernel U copies into a communication buffer's slot (``psum(x @ w)``: U writes this
+    rank's slot) stores its result there itself, through U's map and dynamic offsets, and U goes: one
+    dependency level less per collective of a product."""
+    readers: dict[int, list[Kernel]] = {}  # version -> kernels that read it
+    for k in kernels:
+        for version in {t.version for t in k.read_tensors()}:
+            readers.setdefault(version, []).append(k)
+    writer = {o.tensor.version: k for k in kernels for o in k.outputs}
+    removed: set[int] = set()
+    for u in kernels:
+        if len(u.outputs) != 1 or u.dot is not None or u.outputs[0].tensor.buffer.kind != TensorKind.COMM:
+            continue
+        out = u.outputs[0]
+        load = out.node
+        if not isinstance(load, Load) or load.dims or load.tensor.buffer.kind != TensorKind.WORKSPACE:
+            continue
+        a = writer.get(load.tensor.version)
+        if a is None or a.dot is None or len(a.outputs) != 1 or not a.outputs[0].map.is_identity or a.outputs[0].dyn:
+            continue
+        if readers.get(load.tensor.version) != [u] or math.prod(a.domain) != math.prod(u.domain):
+            continue
+        as_u = IndexMap.reshape(tuple(a.domain), tuple(u.domain))  # A's domain index -> U's, row-major
+        if not _same_map(load.map, IndexMap.reshape(tuple(u.domain), tuple(a.domain)), u.domain):
+            continue  # U reads A's result in another order than row-major (a transpose)
+        dyn = tuple((d, Reindex(shape=tuple(a.domain), dtype=x.dtype, children=x.children,
+                                map=IndexMap.affine(tuple(a.domain), (), [])), hi) for d, x, hi in out.dyn)  # fmt: skip
+        a.outputs = [KernelOutput(a.outputs[0].node, out.tensor, as_u.then(out.map), dyn)]
+        a.name = f"{a.name}|{u.name}"
+        removed.add(id(u))
+    return [k for k in kernels if id(k) not in removed]
+
+
+def _same_map(first: IndexMap, second: IndexMap, shape: Shape) -> bool:
+    """Whether two maps from ``shape`` agree (on the origin and every unit step: both are affine here)."""
+    probes = [tuple(0 for _ in shape)] + [tuple(int(d == e) for e in range(len(shape))) for d in range(len(shape)) if shape[d] > 1]
+    return all(first.apply(i) == second.apply(i) for i in probes)
 
 
 def _mergeable_producer(kernel: Kernel) -> bool:

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from tiny_models import TinyConfig, init_cache, init_params, make_decode_step, random_tokens, tp_specs
 
 import jax_mpk
+from jax_mpk.layout import TensorKind
 from jax_mpk.errors import UnsupportedPrimitiveError
 
 
@@ -69,6 +70,21 @@ def test_psum_of_a_row_parallel_product(n, dtype, platform, rng):
                        dtype=dtype)
     (plan,) = fast.plans.values()
     assert plan.graph.num_ranks == n and plan.tasks.num_remote_events >= 1
+
+
+def test_a_products_contribution_is_stored_in_its_slot_by_the_product(rng):
+    """psum(x @ w): the product kernel stores its result straight into this rank's slot of the communication
+    buffer (no copy kernel between them: one dependency level less per collective)."""
+    def body(x, w):
+        return jax.lax.psum(x @ w, "x")
+
+    f = jax.shard_map(body, mesh=mesh_of(2), in_specs=(P(None, "x"), P("x", None)), out_specs=P())
+    fast = check_calls(f, lambda: (random_array(rng, (2, 64), "float32"), random_array(rng, (64, 48), "float32")))
+    (plan,) = fast.plans.values()
+    (product,) = [k for k in plan.graph.kernels if k.dot is not None]
+    assert [o.tensor.buffer.kind for o in product.outputs] == [TensorKind.COMM]
+    assert not any(k.name.startswith("update_slice") for k in plan.graph.kernels)
+    assert max(k.level for k in plan.graph.kernels) == 1  # the product, then the sum over the slots
 
 
 @pytest.mark.parametrize("n", [2, 4])
