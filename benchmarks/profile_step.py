@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "examples"))
 import jax_mpk  # noqa: E402
 from jax_mpk.layout import PROFILE_STAMPS  # noqa: E402
-from jax_mpk.trace import dependency_hops  # noqa: E402
+from jax_mpk.trace import PHASES, dependency_hops, task_times  # noqa: E402
 
 
 def tiny_models_step(layers: int, ctx: int, batch: int):
@@ -139,27 +139,24 @@ def summarize(mk, stamps: np.ndarray, runs: list[np.ndarray], show: int) -> None
     staging (start to staged), the product (staged to computed), the epilogue (to the body's end) and the
     release fence and signal (to signalled)."""
     tasks = mk.tasks.tasks
-    wait, start, staged, computed, body_end, signalled = (PROFILE_STAMPS.index(n) for n in (
-        "wait", "start", "staged", "computed", "body_end", "signalled"))  # fmt: skip
-    times = stamps[:, [wait, start, signalled]]
-    last = [r[:, signalled].max() for r in runs]
-    print(f"{mk}\ncall span {times[:, 2].max():.1f} us (runs: {[round(float(x), 1) for x in last]})")
+    start, staged, body_end, signalled = (PROFILE_STAMPS.index(n) for n in ("start", "staged", "body_end", "signalled"))
+    times = task_times(stamps)
+    print(f"{mk}\ncall span {times[:, 2].max():.1f} us (runs: {[round(float(task_times(r)[:, 2].max()), 1) for r in runs]})")
     hops = dependency_hops(times, [t.deps for t in tasks])
     if len(hops):
         print(f"dependency hop (start after the last dependency signalled, {len(hops)} waiting tasks): median "
               f"{np.median(hops):.2f} us, p10 {np.percentile(hops, 10):.2f}, p90 {np.percentile(hops, 90):.2f}")
-    phases = "stage   dot  epi  sig"
+    phases = " ".join(f"{name[:5]:>5s}" for name, _, _ in PHASES)
     print(f"{'kernel':55s} {'tasks':>5s} {'first':>8s} {'last':>8s} {'span':>7s} {'run':>6s} {'wait':>6s}  {phases}")
     for kernel in mk.graph.kernels[:show]:
         rows = np.array([t.index for t in tasks if t.kernel == kernel.index])
         if not len(rows):
             continue
         t, s = times[rows], stamps[rows]
-        if np.isnan(s[:, staged]).any():  # the body does not mark its phases: the body, then the signal
-            split = f"{'':>12s} {np.mean(s[:, body_end] - s[:, start]):4.1f} {np.mean(s[:, signalled] - s[:, body_end]):4.1f}"
+        if np.isnan(s[:, staged]).any():  # the body does not mark its phases: the whole body, then the signal
+            split = f"{'':11s} {np.mean(s[:, body_end] - s[:, start]):5.1f} {np.mean(s[:, signalled] - s[:, body_end]):5.1f}"
         else:
-            split = " ".join(f"{np.mean(s[:, b] - s[:, a]):4.1f}" for a, b in
-                             ((start, staged), (staged, computed), (computed, body_end), (body_end, signalled)))  # fmt: skip
+            split = " ".join(f"{np.mean(s[:, last] - s[:, first]):5.1f}" for _, first, last in PHASES)
         print(f"{kernel.index:3d} {kernel.name[:50]:51s} {len(rows):5d} {t[:, 1].min():8.1f} {t[:, 2].max():8.1f} "
               f"{t[:, 2].max() - t[:, 1].min():7.1f} {np.mean(t[:, 2] - t[:, 1]):6.2f} {np.mean(t[:, 1] - t[:, 0]):6.2f}  {split}")
 

@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_mpk
-from jax_mpk.layout import PROFILE_STAMPS
-from jax_mpk.trace import dependency_hops
+from jax_mpk.trace import PHASES, dependency_hops, task_times
 
 
 def chain(n: int):
@@ -66,12 +65,12 @@ def task_stats(fn, args) -> dict:
     finally:
         del os.environ["JAX_MPK_PROFILE"]
     stamps = mk.profile(*args, phases=True)
-    times = stamps[:, [PROFILE_STAMPS.index(n) for n in ("wait", "start", "signalled")]]
+    times = task_times(stamps)
     hops = dependency_hops(times, [t.deps for t in mk.tasks.tasks])
     phases = {}  # a task's run, phase by phase (medians; the product bodies mark staged and computed)
-    for a, b in zip(PROFILE_STAMPS[1:], PROFILE_STAMPS[2:]):
-        spans = stamps[:, PROFILE_STAMPS.index(b)] - stamps[:, PROFILE_STAMPS.index(a)]
-        phases[f"{a}_to_{b}_us"] = float(np.nanmedian(spans)) if not np.isnan(spans).all() else None
+    for name, first, last in PHASES:
+        spans = stamps[:, last] - stamps[:, first]
+        phases[f"{name}_us"] = float(np.nanmedian(spans)) if not np.isnan(spans).all() else None
     return {
         "tasks": len(mk.tasks.tasks),
         "run_us": float(np.median(times[:, 2] - times[:, 1])),

@@ -343,12 +343,12 @@ class Megakernel:
         per_device = workspace.reshape(-1, workspace.shape[-1])
         stamps = len(PROFILE_STAMPS)
         raw = np.stack([w[self.profile_offset :].view(np.uint64).reshape(-1, stamps) for w in per_device])
-        wait = PROFILE_STAMPS.index("wait")
-        all_times = (raw.astype(np.int64) - int(raw[:, :, wait].min())) / 1e3
+        from . import trace as trace_module
+
+        all_times = (raw.astype(np.int64) - int(raw[:, :, PROFILE_STAMPS.index("wait")].min())) / 1e3
         all_times[raw == 0] = np.nan  # a phase the body does not mark
-        times = all_times[:, :, [wait, PROFILE_STAMPS.index("start"), PROFILE_STAMPS.index("signalled")]]
+        times = trace_module.task_times(all_times)
         if trace is not None:
-            from . import trace as trace_module
 
             kernels = [t.kernel for t in self.tasks.tasks]
             names = [k.name for k in self.graph.kernels]

@@ -17,9 +17,16 @@ import numpy as np
 from .layout import PROFILE_STAMPS
 
 
-# A task's run, phase by phase, where its body stamps them (layout.PROFILE_STAMPS): (name, from, to)
-_PHASES = (("stage", "start", "staged"), ("product", "staged", "computed"), ("epilogue", "computed", "body_end"),
-           ("signal", "body_end", "signalled"))  # fmt: skip
+# A task's run, phase by phase, where its body stamps them: (name, from, to), positions in layout.PROFILE_STAMPS
+PHASES = tuple((name, PROFILE_STAMPS.index(first), PROFILE_STAMPS.index(last)) for name, first, last in (
+    ("stage", "start", "staged"), ("product", "staged", "computed"), ("epilogue", "computed", "body_end"),
+    ("signal", "body_end", "signalled")))  # fmt: skip
+_TASK_TIMES = [PROFILE_STAMPS.index(n) for n in ("wait", "start", "signalled")]
+
+
+def task_times(stamps: np.ndarray) -> np.ndarray:
+    """Every task's (wait, start, end) from its stamps (``[..., len(layout.PROFILE_STAMPS)]``)."""
+    return stamps[..., _TASK_TIMES]
 
 
 def chrome_trace(times_us: np.ndarray, workers: Sequence[Sequence[int]], task_kernels: Sequence[int],
@@ -36,14 +43,14 @@ def chrome_trace(times_us: np.ndarray, workers: Sequence[Sequence[int]], task_ke
     titles = [title] if isinstance(title, str) else list(title)
     assert len(titles) == len(per_device), (len(titles), per_device.shape)
     stamps = per_device.shape[-1] == len(PROFILE_STAMPS)
-    columns = [PROFILE_STAMPS.index(n) for n in ("wait", "start", "signalled")] if stamps else [0, 1, 2]
     events: list[dict[str, Any]] = []
-    for pid, (times, name) in enumerate(zip(per_device, titles)):
+    for pid, (device_stamps, name) in enumerate(zip(per_device, titles)):
+        times = task_times(device_stamps) if stamps else device_stamps
         events.append({"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}})
         for worker, tasks in enumerate(workers):
             events.append({"ph": "M", "pid": pid, "tid": worker, "name": "thread_name", "args": {"name": f"SM {worker}"}})
             for task in tasks:
-                wait, start, end = (float(times[task, c]) for c in columns)
+                wait, start, end = (float(x) for x in times[task])
                 kernel = task_kernels[task]
                 label = f"k{kernel} {kernel_names[kernel]}"
                 args = {"task": int(task), "kernel": int(kernel)}
@@ -52,8 +59,8 @@ def chrome_trace(times_us: np.ndarray, workers: Sequence[Sequence[int]], task_ke
                                    "dur": start - wait, "args": {**args, "for": label}})  # fmt: skip
                 events.append({"ph": "X", "pid": pid, "tid": worker, "name": label, "cat": "run", "ts": start,
                                "dur": max(end - start, 0.0), "args": args})  # fmt: skip
-                for phase, first, last in _PHASES if stamps else ():
-                    begin, finish = times[task, PROFILE_STAMPS.index(first)], times[task, PROFILE_STAMPS.index(last)]
+                for phase, first, last in PHASES if stamps else ():
+                    begin, finish = device_stamps[task, first], device_stamps[task, last]
                     if not (np.isnan(begin) or np.isnan(finish)):
                         events.append({"ph": "X", "pid": pid, "tid": worker, "name": phase, "cat": "phase",
                                        "ts": float(begin), "dur": max(float(finish - begin), 0.0), "args": args})  # fmt: skip
