@@ -82,6 +82,9 @@ class KernelBody:
             self.tensors.append((tensor, element_offset))
         return self.tensor_names[key]
 
+    # what a prefetch renderer asks its slots (codegen's buffer slots before the wait; the body itself after it)
+    pointer = pointer_name
+
     def forget_pointers(self) -> None:
         """Back to no pointer parameters (a kind that gave up half-way)."""
         self.tensors, self.tensor_names = [], {}

@@ -233,6 +233,20 @@ def test_tensor_core_rows_only_where_exact(shapes, dtypes, dot, tmp_path, monkey
     compile_cubin(source.text, "9.0")
 
 
+def test_query_heads_share_their_kv_heads_pass(tmp_path, monkeypatch):
+    """Llama-1B's attention at batch 8: a task's two query heads (of the four of a KV head) read the keys once
+    (dot::rows_shared over the 64-wide head: rows_short) and the values once (the ring, started in the body after
+    the wait, since the step's own append writes the cache), their rows staged side by side."""
+    monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
+    cfg = TinyConfig(layers=1, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=512, vocab=512, max_seq=1024,
+                     batch=8, dtype="bfloat16", theta=500000.0)  # fmt: skip
+    tasks, source = _generate_decode_step(cfg)
+    assert "dot::rows_shared<__nv_bfloat16, 2>" in source.text
+    assert source.text.count("streams while the rows are staged") == 1
+    assert "reduce::block_reduce_rows<reduce::Max<float>, float, 2>" in source.text  # the softmax rows together
+    compile_cubin(source.text, "9.0")
+
+
 def test_batched_tied_head_reads_each_embedding_row_once(tmp_path, monkeypatch):
     """x @ E.T at batch 8 (a tied LM head): each task multiplies all 8 rows with the embedding rows it reads."""
     monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))

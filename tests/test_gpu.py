@@ -170,19 +170,25 @@ def _check_decode_steps(cfg: TinyConfig) -> None:
         k, v = actual[2], actual[3]
 
 
-@pytest.mark.parametrize("split_attention", ["0", "1"])
-def test_llama_1b_shaped_layers_bf16(split_attention, monkeypatch):
+@pytest.mark.parametrize("split_attention,batch", [("0", 1), ("1", 1), ("0", 8)])
+def test_llama_1b_shaped_layers_bf16(split_attention, batch, monkeypatch):
+    """At batch 8 the two query heads of a task share one pass over their KV head's keys (dot::rows_shared over
+    a 64-wide head) and values (the ring, started after the wait: the cache is written by the step)."""
     monkeypatch.setenv("JAX_MPK_SPLIT_ATTENTION", split_attention)
     cfg = TinyConfig(layers=2, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=8192, vocab=128256,
-                     max_seq=1024, dtype="bfloat16", theta=500000.0)  # fmt: skip
+                     max_seq=1024, batch=batch, dtype="bfloat16", theta=500000.0)  # fmt: skip
     params = init_params(cfg, jax.random.PRNGKey(3))
     cache = init_cache(cfg, jax.random.PRNGKey(4))
     step = make_decode_step(cfg)
     args = (params, random_tokens(cfg, 3), jnp.int32(700), *cache)
     with jax.default_matmul_precision("float32"):
         expected = jax.jit(step)(*args)
-    actual = jax_mpk.megakernelize(step)(*args)
+    fast = jax_mpk.megakernelize(step)
+    actual = fast(*args)
     assert_model_outputs_close(actual[1:], expected[1:], cfg.dtype)
+    if batch == 8:
+        text = _plan(fast).source.text
+        assert "dot::rows_shared<__nv_bfloat16, 2>" in text and "streams while the rows are staged" in text
 
 
 def _entry_opcodes(hlo: str) -> list[str]:

@@ -97,6 +97,10 @@ def render_together(body: KernelBody, plan: DotPlan):
     x_stride, n_pad = plan.x_stride, plan.n_pad
     smem = emit_dot_buffers(em, plan, R, scratch=True)
     em.emit(f"const index_t n_lo = t.lo[{rank - 1}], n_len = t.hi[{rank - 1}] - n_lo;")
+    prefetch = ring_begin(body, plan) if body.uses_ring else weight_prefetch(body, plan)
+    if body.uses_ring and not read_only(dot.rhs):  # written by the graph: streamed once the task may read it
+        em.emit(prefetch(body) + "  // the tile streams while the rows are staged")
+        prefetch = None
     row_stride = uniform_row_stride(body, plan) if R > 1 else None
     if row_stride is not None:  # one staging pass over all rows: all their loads in flight together
         lhs = body.pointer_name(dot.lhs, plan.lhs_const)
@@ -134,7 +138,6 @@ def render_together(body: KernelBody, plan: DotPlan):
 
     em.elements(f"{R} * n_len", element)
     em.emit("__syncthreads();")
-    prefetch = ring_prefetch(body, plan) if body.uses_ring else weight_prefetch(body, plan)
     return body.finish(em, smem=smem, prefetch=prefetch)
 
 
@@ -173,7 +176,9 @@ def weight_tile_origin(body: KernelBody, plan: DotPlan) -> str:
     return linear(0, plan.rhs_coefs, [f"t.lo[{d}]" for d in range(rank)])
 
 
-def ring_prefetch(body: KernelBody, plan: DotPlan):
+def ring_begin(body: KernelBody, plan: DotPlan):
+    """Renders the call that starts streaming the task's weight tile into the ring, given where the pointers
+    come from (codegen's buffer slots in Dispatch::prefetch, or the body)."""
     dot, rank = body.kernel.dot, len(body.kernel.domain)
     w_type = STORAGE[dtype_code(dot.rhs.buffer.dtype)]
     origin = weight_tile_origin(body, plan)
@@ -378,9 +383,11 @@ def rows_together(kernel: Kernel, tasks, plan: DotPlan) -> int:
     """Rows per task that share one pass over the weight tile (0: the task's rows go one by one): tiles of
     one row count (at most MAX_SHARED_WEIGHT_ROWS) whose rows share the weight tile (the weight does not
     vary along them), and
-    * columns_vec, a weight (never written): streamed through the ring, any row count; column tiles that fit
-      a slot and room for the ring above the task's shared memory;
-    * vector rows over K >= 256: dot::rows_shared, for two rows or more."""
+    * columns_vec: streamed through the ring, any row count for a weight (never written: the ring starts before
+      the task waits), two rows or more for an operand the graph writes (the query heads of a KV head over its
+      values: the ring starts after the wait); column tiles that fit a slot and room for the ring above the
+      task's shared memory;
+    * vector rows: dot::rows_shared, for two rows or more."""
     rank = len(kernel.domain)
     extents = {tuple(h - l for l, h in zip(t.lo[: rank - 1], t.hi[: rank - 1])) for t in tasks}
     if len(extents) != 1:
@@ -391,8 +398,8 @@ def rows_together(kernel: Kernel, tasks, plan: DotPlan) -> int:
         return 0
     base = dot_smem_bytes(plan, rows)
     if plan.layout == "rows":
-        return rows if plan.vector_rows and plan.K >= 256 and rows >= 2 and base <= plan.shared_memory_bytes else 0
-    if plan.layout != "columns_vec" or not read_only(kernel.dot.rhs):
+        return rows if plan.vector_rows and rows >= 2 and base <= plan.shared_memory_bytes else 0
+    if plan.layout != "columns_vec" or (rows < 2 and not read_only(kernel.dot.rhs)):
         return 0
     itemsize = np.dtype(kernel.dot.rhs.buffer.dtype).itemsize
     for t in tasks:

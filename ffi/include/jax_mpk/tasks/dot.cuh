@@ -151,41 +151,55 @@ __device__ void columns_scalar(const float* x, const W* w, int64_t k_stride, int
   }
 }
 
-// Rows layout: a group of lanes per output (a whole warp for long rows; for short ones, such as attention
-// scores over a 64-wide head, K/8 lanes, so that a warp works on several outputs at once); vector loads when
-// K % 8 == 0 and rows are 16-byte aligned.
+// Short rows (K < 256, vector loads), for R activation rows that share the weight: a group of lanes per output,
+// a power of two covering K / 8 vectors (attention scores over a 64-wide head: 8 lanes, so that a warp works on
+// four keys at once), each loaded weight vector multiplied with all R rows (the query heads of a KV head read
+// its keys once). acc[r * acc_stride + n] = sum_k xs[r * x_stride + k] * w[n * n_stride + k]; K % 8 == 0.
+template <class W, int R>
+__device__ void rows_short(const float* xs, int x_stride, const W* w, int64_t n_stride, int K, int n_len, float* acc,
+                           int acc_stride) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kBlockThreads / 32;
+  int group = 1;  // K <= 8 * group: one vector each
+  while (group * 8 < K && group < 32) group *= 2;
+  const int per_warp = 32 / group, member = lane % group, slot = lane / group;
+  const int rounds = (n_len + warps * per_warp - 1) / (warps * per_warp);
+  // kInFlight rounds' loads are issued before any is used: one round's 16 bytes per lane are too few bytes in
+  // flight to cover a memory round trip (attention scores over a cache are this loop)
+  constexpr int kInFlight = 4;
+#pragma unroll 1
+  for (int r0 = 0; r0 < rounds; r0 += kInFlight) {
+    float wv[kInFlight][8];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const int n = ((r0 + u) * warps + warp) * per_warp + slot;
+      if (n < n_len && member * 8 < K) load8(w + n * n_stride + member * 8, wv[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const int n = ((r0 + u) * warps + warp) * per_warp + slot;
+      float sum[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        sum[r] = 0.0f;
+        if (n < n_len && member * 8 < K) {
+#pragma unroll
+          for (int j = 0; j < 8; ++j) sum[r] += xs[r * x_stride + member * 8 + j] * wv[u][j];
+        }
+        for (int offset = group / 2; offset > 0; offset /= 2) sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], offset);
+        if (n < n_len && member == 0) acc[r * acc_stride + n] = sum[r];
+      }
+    }
+  }
+}
+
+// Rows layout: a group of lanes per output (a whole warp for long rows; for short ones, rows_short); vector loads
+// when K % 8 == 0 and rows are 16-byte aligned.
 template <class W>
 __device__ void rows(const float* x, const W* w, int64_t n_stride, int64_t k_stride, int K, int n_len, bool vectorized,
                      float* acc) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = kBlockThreads / 32;
   if (vectorized && K < 256) {
-    int group = 1;  // lanes per output: a power of two covering K / 8 vectors (K <= 8 * group: one vector each)
-    while (group * 8 < K && group < 32) group *= 2;
-    const int per_warp = 32 / group, member = lane % group, slot = lane / group;
-    const int rounds = (n_len + warps * per_warp - 1) / (warps * per_warp);
-    // kInFlight rounds' loads are issued before any is used: one round's 16 bytes per lane are too few bytes in
-    // flight to cover a memory round trip (attention scores over a cache are this loop)
-    constexpr int kInFlight = 4;
-#pragma unroll 1
-    for (int r0 = 0; r0 < rounds; r0 += kInFlight) {
-      float wv[kInFlight][8];
-#pragma unroll
-      for (int u = 0; u < kInFlight; ++u) {
-        const int n = ((r0 + u) * warps + warp) * per_warp + slot;
-        if (n < n_len && member * 8 < K) load8(w + n * n_stride + member * 8, wv[u]);
-      }
-#pragma unroll
-      for (int u = 0; u < kInFlight; ++u) {
-        const int n = ((r0 + u) * warps + warp) * per_warp + slot;
-        float sum = 0.0f;
-        if (n < n_len && member * 8 < K) {
-#pragma unroll
-          for (int j = 0; j < 8; ++j) sum += x[member * 8 + j] * wv[u][j];
-        }
-        for (int offset = group / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-        if (n < n_len && member == 0) acc[n] = sum;
-      }
-    }
+    rows_short<W, 1>(x, 0, w, n_stride, K, n_len, acc, 0);
     return;
   }
   for (int n = warp; n < n_len; n += warps) {
@@ -233,14 +247,19 @@ __device__ __forceinline__ float transpose_sum(float (&v)[V], int lane) {
   return total;
 }
 
-// Rows layout for R activation rows that share the weight (a batch through a tied LM head): each weight row
-// is read once for all of them. acc[r * acc_stride + n] = sum_k xs[r * x_stride + k] * w[n * n_stride + k].
-// A warp takes kOuts outputs at a time (their loads in flight together), lanes striding K by 256 with
-// 16-byte loads. K % 8 == 0, rows 16-byte aligned, x_stride % 4 == 0.
+// Rows layout for R activation rows that share the weight (a batch through a tied LM head; the query heads of a
+// KV head over its keys): each weight row is read once for all of them.
+// acc[r * acc_stride + n] = sum_k xs[r * x_stride + k] * w[n * n_stride + k]. Short rows: rows_short. Else a warp
+// takes kOuts outputs at a time (their loads in flight together), lanes striding K by 256 with 16-byte loads.
+// K % 8 == 0, rows 16-byte aligned, x_stride % 4 == 0.
 template <class W, int R>
 __device__ void rows_shared(const float* xs, int x_stride, const W* w, int64_t n_stride, int K, int n_len, float* acc,
                             int acc_stride) {
   static_assert(R >= 2 && R <= 8, "rows per task");
+  if (K < 256) {
+    rows_short<W, R>(xs, x_stride, w, n_stride, K, n_len, acc, acc_stride);
+    return;
+  }
   constexpr int kOuts = 4;
   constexpr int kRowsPow2 = R <= 2 ? 2 : R <= 4 ? 4 : 8;
   constexpr int V = kOuts * kRowsPow2;  // sums per lane: value o * kRowsPow2 + r
