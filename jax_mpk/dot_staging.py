@@ -16,12 +16,13 @@ ROW_STAGING_MAX_INLINE = 64  # most loads a row-staging expression's reduction m
 MAX_SHARED_WEIGHT_ROWS = 8
 
 
-def shared_weight_dims(kernel: Kernel) -> set[int]:
+def shared_weight_dims(kernel: Kernel, written: bool = False) -> set[int]:
     """Leading dims of a product with a weight (an operand no kernel writes) that do not index the weight:
     the rows of a batch. Tiles keep them whole, so that a task streams its weight tile once for all its rows
-    (up to MAX_SHARED_WEIGHT_ROWS of them) instead of each row's task streaming it again."""
+    (up to MAX_SHARED_WEIGHT_ROWS of them) instead of each row's task streaming it again. With ``written``, of
+    any right operand (attention: the query heads of a KV head, over the cache the step appends to)."""
     dot, domain = kernel.dot, kernel.domain
-    if dot is None or dot.rhs.buffer.kind != TensorKind.INPUT or len(domain) < 2:
+    if dot is None or (dot.rhs.buffer.kind != TensorKind.INPUT and not written) or len(domain) < 2:
         return set()
     dims = set()
     for d in range(len(domain) - 1):

@@ -234,16 +234,20 @@ def test_tensor_core_rows_only_where_exact(shapes, dtypes, dot, tmp_path, monkey
 
 
 def test_query_heads_share_their_kv_heads_pass(tmp_path, monkeypatch):
-    """Llama-1B's attention at batch 8: a task's two query heads (of the four of a KV head) read the keys once
-    (dot::rows_shared over the 64-wide head: rows_short) and the values once (the ring, started in the body after
-    the wait, since the step's own append writes the cache), their rows staged side by side."""
+    """Llama-1B's attention at batch 8: the four query heads of a KV head stay in one task (tiles keep the dims
+    that do not index the cache whole), which reads their keys once (dot::rows_shared over the 64-wide head:
+    rows_short) and their values once (the ring, started in the body after the wait, since the step's own
+    append writes the cache), the four rows staged side by side."""
     monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
     cfg = TinyConfig(layers=1, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=512, vocab=512, max_seq=1024,
                      batch=8, dtype="bfloat16", theta=500000.0)  # fmt: skip
     tasks, source = _generate_decode_step(cfg)
-    assert "dot::rows_shared<__nv_bfloat16, 2>" in source.text
+    for kernel, kernel_tasks in zip(tasks.kernels.kernels, tasks.tasks_by_kernel()):
+        if kernel.dot is not None and len(kernel.domain) == 5:  # scores [b, kv, 1, q, keys], P.V [b, kv, q, 1, d]
+            assert {math.prod(t.hi[d] - t.lo[d] for d in range(4)) for t in kernel_tasks} == {4}, kernel
+    assert "dot::rows_shared<__nv_bfloat16, 4>" in source.text
     assert source.text.count("streams while the rows are staged") == 1
-    assert "reduce::block_reduce_rows<reduce::Max<float>, float, 2>" in source.text  # the softmax rows together
+    assert "reduce::block_reduce_rows<reduce::Max<float>, float, 4>" in source.text  # the softmax rows together
     compile_cubin(source.text, "9.0")
 
 

@@ -30,12 +30,14 @@ COLUMN_ALIGN = 16
 
 
 def tiling(kernel: Kernel) -> Tiling | None:
-    """The rows that share a weight stay whole in every tile (each task streams its weight tile once for all of
-    them); columns in whole sectors where they divide."""
+    """The rows that share a weight, or an operand the graph writes (the query heads of a KV head), stay whole in
+    every tile (each task streams its tile of it once for all of them); columns in whole sectors where they
+    divide."""
     if kernel.dot is None:
         return None
     columns = kernel.domain[-1] if kernel.domain else 0
-    return Tiling(frozenset(shared_weight_dims(kernel)), last_unit=COLUMN_ALIGN if columns % COLUMN_ALIGN == 0 else 1)
+    return Tiling(frozenset(shared_weight_dims(kernel, written=True)),
+                  last_unit=COLUMN_ALIGN if columns % COLUMN_ALIGN == 0 else 1)  # fmt: skip
 
 
 def render(body: KernelBody):
