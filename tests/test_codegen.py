@@ -51,7 +51,8 @@ def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
     text = source.text
     assert "dot::columns_ring<__nv_bfloat16, 1>" in text  # x @ W streams weight tiles through shared memory
     assert "dot::ring_begin" in text  # ... whose first slots are issued before a task waits
-    assert "dot::columns_vec" in text  # P @ V streams the cache with 16-byte loads
+    # P @ V: the four query heads of a KV head read its values once, through the ring started after the wait
+    assert "dot::columns_ring_mma<__nv_bfloat16, 4>" in text and "streams while the rows are staged" in text
     assert "dot::rows(" in text  # the tied LM head reads embedding rows
     assert "dot::prefetch_l2" in text  # ... asking L2 for their head before the task waits
     assert "block_reduce" in text  # norms and softmax reduce cooperatively per row
