@@ -266,19 +266,24 @@ def stage_computed_rows_together(body: KernelBody, em: Emitter, plan: DotPlan, R
     for node in topological([value]):
         if em.is_row_reduction(node):
             em.row_reductions_together(node, R, row_outer)
-    em.emit(f"for (index_t k = threadIdx.x; k < {plan.K}; k += {THREADS}) {{")
-    em.push()
+    if plan.K < THREADS:  # rows short of a thread each: the threads take (row, k) pairs, all busy
+        em.emit(f"for (index_t e = threadIdx.x; e < {R * plan.K}; e += {THREADS}) {{")
+        em.push()
+        em.emit(f"const int row = e / {plan.K};")
+        em.emit(f"const index_t k = e - row * {plan.K};")
+    else:  # each thread's k for all rows: their loads in flight together
+        em.emit(f"for (index_t k = threadIdx.x; k < {plan.K}; k += {THREADS}) {{")
+        em.push()
+        em.emit("#pragma unroll")
+        em.emit(f"for (int row = 0; row < {R}; ++row) {{")
+        em.push()
     kidx = em.delinearize("k", [str(s) for s in dot.k_shape], ["0"] * len(dot.k_shape))
-    em.emit("#pragma unroll")
-    em.emit(f"for (int row = 0; row < {R}; ++row) {{")
-    em.push()
     rows = row_outer()
     trailing = em.map_index(lhs_map, list(ridx) + ["0"] + kidx)[prefix:]
     em.emit(f"xs[row * {plan.x_stride} + k] = static_cast<float>({em.value(value, rows + trailing)});")
-    em.pop()
-    em.emit("}")
-    em.pop()
-    em.emit("}")
+    for _ in range(1 if plan.K < THREADS else 2):
+        em.pop()
+        em.emit("}")
 
 
 def weight_prefetch(body: KernelBody, plan: DotPlan):

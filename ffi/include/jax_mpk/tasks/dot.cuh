@@ -64,14 +64,66 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// 16 bytes of T as 16 / sizeof(T) floats.
+__device__ __forceinline__ void unpack16(const uint4& v, const float*, float out[4]) {
+  out[0] = __uint_as_float(v.x), out[1] = __uint_as_float(v.y), out[2] = __uint_as_float(v.z), out[3] = __uint_as_float(v.w);
+}
+template <class T> __device__ __forceinline__ void unpack16(const uint4& v, const T* tag, float out[8]) { unpack8(v, tag, out); }
+
+// stage_rows when rows are contiguous and 16-byte aligned: one 16-byte load per 16 / sizeof(T) elements. The
+// rows' loads all go out before the first is used (up to 16 per thread): an activation that every SM stages at
+// once is a few hundred L2 lines each requested by all SMs, and there each request, not each byte, costs (8 rows
+// of 2048 bf16 took 10 us with 2-byte loads, in two rounds of 16 per thread).
+template <int R, int K, class T, bool kReadOnly>
+__device__ __forceinline__ void stage_rows_vec(float* xs, int x_stride, const T* first, int64_t row_stride) {
+  constexpr int kPer = 16 / static_cast<int>(sizeof(T));  // elements per load
+  constexpr int kVectors = R * K / kPer, kRowVectors = K / kPer;
+  constexpr int kChunk = 16 * kBlockThreads;
+#pragma unroll 1
+  for (int v0 = 0; v0 < kVectors; v0 += kChunk) {
+    constexpr int kPerThread = ((kVectors < kChunk ? kVectors : kChunk) + kBlockThreads - 1) / kBlockThreads;
+    uint4 staged[kPerThread];
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int v = v0 + u * kBlockThreads + threadIdx.x, r = v / kRowVectors, k = (v - r * kRowVectors) * kPer;
+      if (v < kVectors && v < v0 + kChunk) {
+        const uint4* source = reinterpret_cast<const uint4*>(first + r * row_stride + k);
+        staged[u] = kReadOnly ? __ldg(source) : __ldcg(source);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int v = v0 + u * kBlockThreads + threadIdx.x, r = v / kRowVectors, k = (v - r * kRowVectors) * kPer;
+      if (v < kVectors && v < v0 + kChunk) {
+        float values[kPer];
+        unpack16(staged[u], first, values);
+        float4* target = reinterpret_cast<float4*>(xs + r * x_stride + k);
+#pragma unroll
+        for (int i = 0; i < kPer / 4; ++i) target[i] = make_float4(values[4 * i], values[4 * i + 1], values[4 * i + 2], values[4 * i + 3]);
+      }
+    }
+  }
+}
+
 // Stage R activation rows, xs[r * x_stride + k] = base[offset + r * row_stride + k * k_stride] (k < K), in
-// shared memory as float. Each thread issues all its loads (up to 16 at a time) before its first shared
-// store: `xs` is a generic pointer that the compiler cannot tell from global memory, so interleaved loads
-// and stores would serialize on it and cost one memory round trip per element a thread stages instead of
+// shared memory as float. Each thread issues all its loads (up to 16 at a time) before its
+// first shared store: `xs` is a generic pointer that the compiler cannot tell from global memory, so interleaved
+// loads and stores would serialize on it and cost one memory round trip per element a thread stages instead of
 // one per 16.
 template <int R, int K, class T, bool kReadOnly>
 __device__ __forceinline__ void stage_rows(float* xs, int x_stride, const char* base, int64_t offset,
                                            int64_t row_stride, int64_t k_stride) {
+  constexpr int kPer = 16 / static_cast<int>(sizeof(T));
+  if constexpr ((std::is_same_v<T, float> || std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>) &&
+                K % kPer == 0) {
+    const T* first = reinterpret_cast<const T*>(base) + offset;
+    const bool aligned = (reinterpret_cast<uintptr_t>(first) | reinterpret_cast<uintptr_t>(xs)) % 16 == 0 &&
+                         (R == 1 || (row_stride % kPer == 0 && x_stride % 4 == 0));
+    if (k_stride == 1 && aligned) {  // the same in every thread
+      stage_rows_vec<R, K, T, kReadOnly>(xs, x_stride, first, row_stride);
+      return;
+    }
+  }
   constexpr int kTotal = R * K;
   constexpr int kChunk = 16 * kBlockThreads;
 #pragma unroll 1
