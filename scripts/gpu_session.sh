@@ -5,12 +5,13 @@
 # (taskcost), a knob off then on in one session (knob: KNOB, default JAX_MPK_SPLIT_ATTENTION), the differential fuzzer through the CUDA
 # megakernel (fuzz: FUZZ_COUNT programs of seed 2026 from 0, default 512, in 16 parallel shards, one records file
 # and one tally), the decode benchmark of another commit's tree and then of this one in one session (ab: AB_TREE,
-# e.g. `git archive REV | tar -x -C ab/REV`, carried to the device machine as the git-ignored ab/). Logs and
-# results go to $OUT.
-#   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench,host,warm,taskcost,knob,fuzz,ab] [pytest -k expression]
+# e.g. `git archive REV | tar -x -C ab/REV`, carried to the device machine as the git-ignored ab/), 2-layer
+# profiles of other trees and then of this one (abprofile: AB_TREES, space-separated; PROFILE_CONFIGS, lines of
+# "model batch", default Llama-1B b1 and b8, Qwen3-0.6B b8). Logs and results go to $OUT.
+#   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench,host,warm,taskcost,knob,fuzz,ab,abprofile] [pytest -k expression]
 # decode and knob: DECODE_MODELS (default llama-3.2-1b,qwen3-0.6b,qwen3-8b), DECODE_BATCH (1,8), DECODE_CTX
 # (1024), DECODE_ARGS (extra arguments); trace: TRACE_ARGS (e.g. "--model llama-3.2-1b --batch 8"); warm: WARM_MODEL (qwen3-8b). "all" leaves out host, warm, taskcost, knob,
-# fuzz, ab.
+# fuzz, ab, abprofile.
 # The device machine gets the working tree without .git: pass the commit.
 set -uo pipefail
 what=${1:-all}
@@ -26,7 +27,7 @@ fi
 echo "build: $(( $(date +%s) - start )) s"
 python3 -c "import jax, jax_mpk._ext as e; print(jax.__version__, jax.devices(), 'cuda backend:', e.has_cuda())"
 status=0
-has() { [[ ($what == all && ,host,warm,taskcost,knob,fuzz,ab, != *,$1,*) || ,$what, == *,$1,* ]]; }
+has() { [[ ($what == all && ,host,warm,taskcost,knob,fuzz,ab,abprofile, != *,$1,*) || ,$what, == *,$1,* ]]; }
 if has tests; then
   python3 -m pytest -q -m gpu tests/ -p no:cacheprovider ${select:+-k "$select"} > "$OUT/gpu_tests.log" 2>&1
   status=$?
@@ -83,6 +84,24 @@ if has ab; then
       --models "${DECODE_MODELS:-llama-3.2-1b,qwen3-0.6b}" --batch "${DECODE_BATCH:-1}" --ctx "${DECODE_CTX:-1024}" \
       --out "$OUT/ab_$name" ${DECODE_ARGS:-}) > "$OUT/ab_$name.log" 2>&1
     echo "$name ($tree):"; grep -E "^\[|=>" "$OUT/ab_$name.log"
+  done
+fi
+if has abprofile; then
+  # the other trees first, this one last (it stays installed): a 2-layer profile of each configuration per tree
+  for tree in ${AB_TREES:?abprofile needs AB_TREES} "$PWD"; do
+    name=$([[ $tree == "$PWD" ]] && echo head || basename "$tree")
+    if ! python3 -m pip install --no-build-isolation --no-deps -e "$tree" > "$OUT/build_$name.log" 2>&1; then
+      tail -30 "$OUT/build_$name.log"
+      continue
+    fi
+    while read -r model batch; do
+      log="$OUT/profile_${name}_${model}_b$batch.txt"
+      (cd "$tree" && JAX_MPK_CACHE_DIR="$JAX_MPK_CACHE_DIR/abprofile_$name" python3 benchmarks/profile_step.py \
+        --layers 2 --model "$model" --batch "$batch") > "$log" 2>&1
+      echo "$name $model b$batch: $(grep -E "^call span" "$log")"
+    done <<< "${PROFILE_CONFIGS:-llama-3.2-1b 1
+llama-3.2-1b 8
+qwen3-0.6b 8}"
   done
 fi
 if has fuzz; then
