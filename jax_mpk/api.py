@@ -345,11 +345,10 @@ class Megakernel:
         raw = np.stack([w[self.profile_offset :].view(np.uint64).reshape(-1, stamps) for w in per_device])
         from . import trace as trace_module
 
-        all_times = (raw.astype(np.int64) - int(raw[:, :, PROFILE_STAMPS.index("wait")].min())) / 1e3
+        all_times = (raw.astype(np.int64) - int(trace_module.task_times(raw)[..., 0].min())) / 1e3  # from the first wait
         all_times[raw == 0] = np.nan  # a phase the body does not mark
         times = trace_module.task_times(all_times)
         if trace is not None:
-
             kernels = [t.kernel for t in self.tasks.tasks]
             names = [k.name for k in self.graph.kernels]
             title = repr(self) if len(times) == 1 else [f"device {rank}: {self!r}" for rank in range(len(times))]

@@ -266,7 +266,8 @@ def stage_computed_rows_together(body: KernelBody, em: Emitter, plan: DotPlan, R
     for node in topological([value]):
         if em.is_row_reduction(node):
             em.row_reductions_together(node, R, row_outer)
-    if plan.K < THREADS:  # rows short of a thread each: the threads take (row, k) pairs, all busy
+    pairs = plan.K < THREADS  # rows short of a thread each: the threads take (row, k) pairs, all busy
+    if pairs:
         em.emit(f"for (index_t e = threadIdx.x; e < {R * plan.K}; e += {THREADS}) {{")
         em.push()
         em.emit(f"const int row = e / {plan.K};")
@@ -281,7 +282,7 @@ def stage_computed_rows_together(body: KernelBody, em: Emitter, plan: DotPlan, R
     rows = row_outer()
     trailing = em.map_index(lhs_map, list(ridx) + ["0"] + kidx)[prefix:]
     em.emit(f"xs[row * {plan.x_stride} + k] = static_cast<float>({em.value(value, rows + trailing)});")
-    for _ in range(1 if plan.K < THREADS else 2):
+    for _ in range(1 if pairs else 2):  # the loops opened above
         em.pop()
         em.emit("}")
 
