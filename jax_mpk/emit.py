@@ -45,13 +45,18 @@ class _Fold:
 @dataclass(frozen=True)
 class Tiling:
     """How a body kind wants its kernels' domains cut into tiles (``tasks.tile_domain`` applies it): dims every
-    tile holds whole, dims cut into single indices, the unit of the ranges along the last dim, and whether the
-    last dim is cut into such ranges even when fewer tiles are wanted than it has units."""
+    tile holds whole (some only while enough tiles remain), dims cut into single indices, the unit of the ranges
+    along the last dim, and whether the last dim is cut into such ranges even when fewer tiles are wanted than it
+    has units."""
 
     whole: frozenset[int] = frozenset()
     single: frozenset[int] = frozenset()
     last_unit: int = 1
     split_last: bool = False
+    # dims held whole only while the tiles still keep at least half the kernel's workers busy (else cut like
+    # the others): the query heads of a KV head share one pass over its keys and values at batch 8, but at
+    # batch 1 that left Llama-1B's P.V on 32 tasks for 132 SMs, 4 us per layer slower than 64 tasks of 2 heads
+    whole_if_busy: frozenset[int] = frozenset()
 
 
 class NotRowForm(Exception):

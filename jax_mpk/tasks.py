@@ -14,7 +14,7 @@ grouped into remote events the same way (counters in every device's communicatio
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -176,6 +176,12 @@ def tile_domain(kernel: Kernel, rule: Tiling, max_tiles: int, per_element: float
     domain = kernel.domain
     if math.prod(domain) == 0:
         return []
+    if rule.whole_if_busy:
+        held = tile_domain(kernel, replace(rule, whole=rule.whole | rule.whole_if_busy, whole_if_busy=frozenset()),
+                           max_tiles, per_element, min_task_work)  # fmt: skip
+        if 2 * len(held) >= max_tiles:
+            return held
+        rule = replace(rule, whole_if_busy=frozenset())
     work = per_element * math.prod(domain)
     # At most one round of tasks per kernel (max_tiles: its share of the workers): a task has a fixed cost
     # (wait, staging, signal) of a few microseconds, so fewer and larger tiles stream weights better.

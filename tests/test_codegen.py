@@ -51,8 +51,9 @@ def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
     text = source.text
     assert "dot::columns_ring<__nv_bfloat16, 1>" in text  # x @ W streams weight tiles through shared memory
     assert "dot::ring_begin" in text  # ... whose first slots are issued before a task waits
-    # P @ V: the four query heads of a KV head read its values once, through the ring started after the wait
-    assert "dot::columns_ring_mma<__nv_bfloat16, 4>" in text and "streams while the rows are staged" in text
+    # scores: the four query heads of a KV head read its keys once (128 tasks); P @ V keeps them together only
+    # while that leaves half the SMs busy (32 tasks would not): a head per task (test_query_heads_share_... at b8)
+    assert "dot::rows_shared<__nv_bfloat16, 4>" in text and "dot::columns_ring_mma" not in text
     assert "dot::rows(" in text  # the tied LM head reads embedding rows
     assert "dot::prefetch_l2" in text  # ... asking L2 for their head before the task waits
     assert "block_reduce" in text  # norms and softmax reduce cooperatively per row
@@ -247,6 +248,7 @@ def test_query_heads_share_their_kv_heads_pass(tmp_path, monkeypatch):
         if kernel.dot is not None and len(kernel.domain) == 5:  # scores [b, kv, 1, q, keys], P.V [b, kv, q, 1, d]
             assert {math.prod(t.hi[d] - t.lo[d] for d in range(4)) for t in kernel_tasks} == {4}, kernel
     assert "dot::rows_shared<__nv_bfloat16, 4>" in source.text
+    assert "dot::columns_ring_mma<__nv_bfloat16, 4>" in source.text  # P.V on tensor cores
     assert source.text.count("streams while the rows are staged") == 1
     assert "reduce::block_reduce_rows<reduce::Max<float>, float, 4>" in source.text  # the softmax rows together
     compile_cubin(source.text, "9.0")

@@ -30,14 +30,15 @@ COLUMN_ALIGN = 16
 
 
 def tiling(kernel: Kernel) -> Tiling | None:
-    """The rows that share a weight, or an operand the graph writes (the query heads of a KV head), stay whole in
-    every tile (each task streams its tile of it once for all of them); columns in whole sectors where they
-    divide."""
+    """The rows that share a weight stay whole in every tile (each task streams its tile of it once for all of
+    them), and those that share an operand the graph writes (the query heads of a KV head) while that leaves half
+    the workers busy; columns in whole sectors where they divide."""
     if kernel.dot is None:
         return None
     columns = kernel.domain[-1] if kernel.domain else 0
-    return Tiling(frozenset(shared_weight_dims(kernel, written=True)),
-                  last_unit=COLUMN_ALIGN if columns % COLUMN_ALIGN == 0 else 1)  # fmt: skip
+    weight_rows = shared_weight_dims(kernel)
+    return Tiling(frozenset(weight_rows), last_unit=COLUMN_ALIGN if columns % COLUMN_ALIGN == 0 else 1,
+                  whole_if_busy=frozenset(shared_weight_dims(kernel, written=True) - weight_rows))  # fmt: skip
 
 
 def render(body: KernelBody):
