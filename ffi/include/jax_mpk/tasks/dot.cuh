@@ -70,80 +70,71 @@ __device__ __forceinline__ void unpack16(const uint4& v, const float*, float out
 }
 template <class T> __device__ __forceinline__ void unpack16(const uint4& v, const T* tag, float out[8]) { unpack8(v, tag, out); }
 
-// stage_rows when rows are contiguous and 16-byte aligned: one 16-byte load per 16 / sizeof(T) elements. The
-// rows' loads all go out before the first is used (up to 16 per thread): an activation that every SM stages at
-// once is a few hundred L2 lines each requested by all SMs, and there each request, not each byte, costs (8 rows
-// of 2048 bf16 took 10 us with 2-byte loads, in two rounds of 16 per thread).
-template <int R, int K, class T, bool kReadOnly>
-__device__ __forceinline__ void stage_rows_vec(float* xs, int x_stride, const T* first, int64_t row_stride) {
-  constexpr int kPer = 16 / static_cast<int>(sizeof(T));  // elements per load
-  constexpr int kVectors = R * K / kPer, kRowVectors = K / kPer;
+// store(e, load(e)) for e < kTotal, every thread's loads (up to 16 at a time) issued before its first store:
+// `xs` is a generic pointer that the compiler cannot tell from global memory, so interleaved loads and stores
+// would serialize on it and cost one memory round trip per item a thread stages instead of one per 16.
+template <int kTotal, class Loaded, class Load, class Store>
+__device__ __forceinline__ void loads_then_stores(Load load, Store store) {
   constexpr int kChunk = 16 * kBlockThreads;
 #pragma unroll 1
-  for (int v0 = 0; v0 < kVectors; v0 += kChunk) {
-    constexpr int kPerThread = ((kVectors < kChunk ? kVectors : kChunk) + kBlockThreads - 1) / kBlockThreads;
-    uint4 staged[kPerThread];
+  for (int e0 = 0; e0 < kTotal; e0 += kChunk) {
+    constexpr int kPerThread = ((kTotal < kChunk ? kTotal : kChunk) + kBlockThreads - 1) / kBlockThreads;
+    Loaded staged[kPerThread];
 #pragma unroll
     for (int u = 0; u < kPerThread; ++u) {
-      const int v = v0 + u * kBlockThreads + threadIdx.x, r = v / kRowVectors, k = (v - r * kRowVectors) * kPer;
-      if (v < kVectors && v < v0 + kChunk) {
-        const uint4* source = reinterpret_cast<const uint4*>(first + r * row_stride + k);
-        staged[u] = kReadOnly ? __ldg(source) : __ldcg(source);
-      }
+      const int e = e0 + u * kBlockThreads + threadIdx.x;
+      if (e < kTotal && e < e0 + kChunk) staged[u] = load(e);
     }
 #pragma unroll
     for (int u = 0; u < kPerThread; ++u) {
-      const int v = v0 + u * kBlockThreads + threadIdx.x, r = v / kRowVectors, k = (v - r * kRowVectors) * kPer;
-      if (v < kVectors && v < v0 + kChunk) {
-        float values[kPer];
-        unpack16(staged[u], first, values);
-        float4* target = reinterpret_cast<float4*>(xs + r * x_stride + k);
-#pragma unroll
-        for (int i = 0; i < kPer / 4; ++i) target[i] = make_float4(values[4 * i], values[4 * i + 1], values[4 * i + 2], values[4 * i + 3]);
-      }
+      const int e = e0 + u * kBlockThreads + threadIdx.x;
+      if (e < kTotal && e < e0 + kChunk) store(e, staged[u]);
     }
   }
 }
 
 // Stage R activation rows, xs[r * x_stride + k] = base[offset + r * row_stride + k * k_stride] (k < K), in
-// shared memory as float. Each thread issues all its loads (up to 16 at a time) before its
-// first shared store: `xs` is a generic pointer that the compiler cannot tell from global memory, so interleaved
-// loads and stores would serialize on it and cost one memory round trip per element a thread stages instead of
-// one per 16.
+// shared memory as float. Contiguous rows, 16-byte aligned, load 16 bytes at a time: an activation that every SM
+// stages at once is a few hundred L2 lines each requested by all SMs, and there each request, not each byte,
+// costs (8 rows of 2048 bf16 took 10 us with 2-byte loads, 3.5 us with 16-byte ones).
 template <int R, int K, class T, bool kReadOnly>
 __device__ __forceinline__ void stage_rows(float* xs, int x_stride, const char* base, int64_t offset,
                                            int64_t row_stride, int64_t k_stride) {
-  constexpr int kPer = 16 / static_cast<int>(sizeof(T));
+  constexpr int kPer = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
   if constexpr ((std::is_same_v<T, float> || std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>) &&
                 K % kPer == 0) {
     const T* first = reinterpret_cast<const T*>(base) + offset;
     const bool aligned = (reinterpret_cast<uintptr_t>(first) | reinterpret_cast<uintptr_t>(xs)) % 16 == 0 &&
                          (R == 1 || (row_stride % kPer == 0 && x_stride % 4 == 0));
     if (k_stride == 1 && aligned) {  // the same in every thread
-      stage_rows_vec<R, K, T, kReadOnly>(xs, x_stride, first, row_stride);
+      constexpr int kRowVectors = K / kPer;
+      loads_then_stores<R * kRowVectors, uint4>(
+          [=](int v) {
+            const int r = v / kRowVectors;
+            const uint4* source = reinterpret_cast<const uint4*>(first + r * row_stride + (v - r * kRowVectors) * kPer);
+            return kReadOnly ? __ldg(source) : __ldcg(source);
+          },
+          [=](int v, const uint4& loaded) {
+            const int r = v / kRowVectors;
+            float values[kPer];
+            unpack16(loaded, first, values);
+            float4* target = reinterpret_cast<float4*>(xs + r * x_stride + (v - r * kRowVectors) * kPer);
+#pragma unroll
+            for (int i = 0; i < kPer / 4; ++i) target[i] = make_float4(values[4 * i], values[4 * i + 1], values[4 * i + 2], values[4 * i + 3]);
+          });
       return;
     }
   }
-  constexpr int kTotal = R * K;
-  constexpr int kChunk = 16 * kBlockThreads;
-#pragma unroll 1
-  for (int e0 = 0; e0 < kTotal; e0 += kChunk) {
-    constexpr int kPerThread = ((kTotal < kChunk ? kTotal : kChunk) + kBlockThreads - 1) / kBlockThreads;
-    float staged[kPerThread];
-#pragma unroll
-    for (int u = 0; u < kPerThread; ++u) {
-      const int e = e0 + u * kBlockThreads + threadIdx.x, r = e / K, k = e - r * K;
-      if (e < kTotal && e < e0 + kChunk) {
-        const int64_t index = offset + r * row_stride + k * k_stride;
-        staged[u] = kReadOnly ? ops::load_readonly<T>(base, index) : ops::load<T>(base, index);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kPerThread; ++u) {
-      const int e = e0 + u * kBlockThreads + threadIdx.x, r = e / K;
-      if (e < kTotal && e < e0 + kChunk) xs[r * x_stride + e - r * K] = staged[u];
-    }
-  }
+  loads_then_stores<R * K, float>(
+      [=](int e) {
+        const int r = e / K;
+        const int64_t index = offset + r * row_stride + (e - r * K) * k_stride;
+        return kReadOnly ? ops::load_readonly<T>(base, index) : ops::load<T>(base, index);
+      },
+      [=](int e, float loaded) {
+        const int r = e / K;
+        xs[r * x_stride + e - r * K] = loaded;
+      });
 }
 
 // Vector path of the columns layout: n_len % 8 == 0, w and k_stride 16-byte aligned.
