@@ -57,6 +57,9 @@ class Tiling:
     # the others): the query heads of a KV head share one pass over its keys and values at batch 8, but at
     # batch 1 that left Llama-1B's P.V on 32 tasks for 132 SMs, 4 us per layer slower than 64 tasks of 2 heads
     whole_if_busy: frozenset[int] = frozenset()
+    # > 0: the widest range along the last dim, even if that takes more than one round of tasks (a product's
+    # shared rows keep their accumulators for the tile in shared memory: wider, they stream one by one)
+    max_last: int = 0
 
 
 class NotRowForm(Exception):

@@ -28,6 +28,7 @@ import math
 import numpy as np
 
 from .attention import split_attention
+from .bodies.dot import rows_fit_beside_ring
 from .dot_staging import compute_rows_in_dot_staging
 from .capture import Captured
 from .graph import (
@@ -139,8 +140,12 @@ class _Fuser:
     def _split_narrow_products(self) -> None:
         """x @ W with few rows and a row-major weight W[K, N]: a task must read whole cache lines of W rows
         (SPLIT_K_COLUMNS columns at least) to stream at full bandwidth, and N / SPLIT_K_COLUMNS tiles leave
-        most SMs idle. Split K into S slices computed as a batched product of float32 partial sums, followed
-        by a sum over the slices that fuses into the consumer (RoPE, the residual add, the SwiGLU gate)."""
+        most SMs idle; and a task's rows share one pass over its weight tile only while they fit in shared
+        memory beside the weight ring (bodies.dot.rows_fit_beside_ring: at most 2048 long for 8 rows on
+        Hopper): longer, each row streamed the tile again (Qwen3-8B at batch 8: 8 times the MLP's weight
+        bytes, 38 ms a step). Split K into S slices computed as a batched product of float32 partial sums,
+        followed by a sum over the slices that fuses into the consumer (RoPE, the residual add, the SwiGLU
+        gate)."""
 
         def rewrite(node: Node) -> Node | None:
             slices = self._k_slices(node) if isinstance(node, Dot) else 1
@@ -163,9 +168,12 @@ class _Fuser:
         k, n = dot.k_shape[0], dot.shape[-1]
         if n_step != 1 or k < 1024 or n % SPLIT_K_COLUMNS:
             return 1
-        tiles = n // SPLIT_K_COLUMNS
+        tiles, rows = n // SPLIT_K_COLUMNS, math.prod(dot.shape[:-1])
         slices = 1
-        while tiles * slices * 2 <= self.num_workers and k % (slices * 2) == 0 and k // (slices * 2) >= 256:
+        while k % (slices * 2) == 0 and k // (slices * 2) >= 256:
+            idle_workers = tiles * slices * 2 <= self.num_workers
+            if not idle_workers and rows_fit_beside_ring(rows, k // slices, self.target.shared_memory_bytes):
+                break
             slices *= 2
         return slices
 

@@ -197,15 +197,17 @@ def tile_domain(kernel: Kernel, rule: Tiling, max_tiles: int, per_element: float
     dim = 0
     while dim < len(domain):
         size = domain[dim]
+        unit = rule.last_unit if dim == last else 1
+        # ranges of at most max_last, in whole units
+        narrowed = -(-(size // unit) // max(rule.max_last // unit, 1)) if dim == last and rule.max_last else 1
         if dim in rule.single:
             tiles = [(lo + (s,), hi + (s + 1,)) for lo, hi in tiles for s in range(size)]
             wanted = max(1, wanted // size)
-        elif dim >= splittable or wanted <= 1 or dim in rule.whole:
+        elif narrowed <= 1 and (dim >= splittable or wanted <= 1 or dim in rule.whole):
             tiles = [(lo + (0,), hi + (size,)) for lo, hi in tiles]
-        elif size >= wanted or (rule.split_last and dim == last):
+        elif size >= wanted or (rule.split_last and dim == last) or narrowed > 1:
             # ranges as even as whole units allow: the largest tile sets the kernel's time
-            unit = rule.last_unit if dim == last else 1
-            count = min(wanted, size // unit)
+            count = max(min(wanted, size // unit), narrowed)
             bounds = [size // unit * i // count * unit for i in range(count)] + [size]
             tiles = [(lo + (a,), hi + (b,)) for lo, hi in tiles for a, b in zip(bounds, bounds[1:])]
             wanted = 1

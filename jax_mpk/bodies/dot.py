@@ -32,13 +32,18 @@ COLUMN_ALIGN = 16
 def tiling(kernel: Kernel) -> Tiling | None:
     """The rows that share a weight stay whole in every tile (each task streams its tile of it once for all of
     them), and those that share an operand the graph writes (the query heads of a KV head) while that leaves half
-    the workers busy; columns in whole sectors where they divide."""
+    the workers busy; columns in whole sectors where they divide, and for rows that share a weight ring at most
+    as many as the tensor-core dot takes (an untied LM head at batch 8: 2302 columns a task left its 8 rows'
+    accumulators no room beside the ring, and each row streamed the tile again)."""
     if kernel.dot is None:
         return None
     columns = kernel.domain[-1] if kernel.domain else 0
     weight_rows = shared_weight_dims(kernel)
+    rhs = linear_form(kernel.dot.rhs_map, kernel.dot.rhs.shape)
+    streams_columns = rhs is not None and rhs[1][len(kernel.domain) - 1] == 1  # the weight ring's layout
     return Tiling(frozenset(weight_rows), last_unit=COLUMN_ALIGN if columns % COLUMN_ALIGN == 0 else 1,
-                  whole_if_busy=frozenset(shared_weight_dims(kernel, written=True) - weight_rows))  # fmt: skip
+                  whole_if_busy=frozenset(shared_weight_dims(kernel, written=True) - weight_rows),
+                  max_last=MMA_MAX_COLUMNS if weight_rows and streams_columns else 0)  # fmt: skip
 
 
 def render(body: KernelBody):
@@ -416,6 +421,15 @@ def rows_together(kernel: Kernel, tasks, plan: DotPlan) -> int:
         if n_len * itemsize > RING_SLOT_BYTES or n_len // 8 > THREADS:
             return 0
     return rows if -(-base // 128) * 128 + RING_BYTES <= plan.shared_memory_bytes else 0
+
+
+def rows_fit_beside_ring(rows: int, K: int, shared_memory_bytes: int) -> bool:
+    """Whether ``rows`` activation rows of a K-long contraction, staged for the tensor cores, fit beside the
+    weight ring with accumulators for the widest column tile: the shared memory condition of rows_together and
+    tensor_core_rows for any tiling. Fusion splits a weight product's K until it holds (_split_narrow_products):
+    rows that do not fit go one by one, each streaming the whole weight tile again."""
+    plan = DotPlan("columns_vec", K, MMA_MAX_COLUMNS, 0, [], 0, 0, [], 0, 1, False, shared_memory_bytes, rows, True)
+    return -(-dot_smem_bytes(plan, rows) // 128) * 128 + RING_BYTES <= shared_memory_bytes
 
 
 def tensor_core_rows(kernel: Kernel, tasks, plan: DotPlan) -> bool:
