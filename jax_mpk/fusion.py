@@ -169,10 +169,14 @@ class _Fuser:
         if n_step != 1 or k < 1024 or n % SPLIT_K_COLUMNS:
             return 1
         tiles, rows = n // SPLIT_K_COLUMNS, math.prod(dot.shape[:-1])
+
+        def fit(length: int) -> bool:
+            return rows_fit_beside_ring(rows, length, self.target.shared_memory_bytes)
+
+        can_fit = fit(SPLIT_K_MIN_SLICE)  # never, without room for the ring (99 KB a CTA on sm_89)
         slices = 1
-        while k % (slices * 2) == 0 and k // (slices * 2) >= 256:
-            idle_workers = tiles * slices * 2 <= self.num_workers
-            if not idle_workers and rows_fit_beside_ring(rows, k // slices, self.target.shared_memory_bytes):
+        while k % (slices * 2) == 0 and k // (slices * 2) >= SPLIT_K_MIN_SLICE:
+            if tiles * slices * 2 > self.num_workers and (fit(k // slices) or not can_fit):
                 break
             slices *= 2
         return slices
@@ -570,6 +574,7 @@ class _ExprBuilder:
 
 LONG_REDUCTION = 1 << 15  # reductions at least this long are split into chunks
 SPLIT_K_COLUMNS = 64  # narrowest column tile of a bf16 weight that reads whole 128-byte lines
+SPLIT_K_MIN_SLICE = 256  # shortest K slice (each slice adds a float32 partial result to store and sum again)
 
 
 def _split_k(dot: Dot, slices: int) -> Node:

@@ -93,8 +93,9 @@ class TaskGraph:
 
 
 def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 1 << 14) -> TaskGraph:
-    """Tasks of every kernel; a kernel is split into at most one task per worker, each of at least
-    ``min_task_work`` (elements x estimated per-element cost)."""
+    """Tasks of every kernel; a kernel is split into at most one task per worker (more where its body kind caps
+    a tile's width: ``Tiling.max_last``), each of at least ``min_task_work`` (elements x estimated per-element
+    cost)."""
     buffer_ids = {id(b): i for i, b in enumerate(graph.buffers)}
     tasks: list[Task] = []
     accesses: list[Accesses] = []
@@ -183,8 +184,9 @@ def tile_domain(kernel: Kernel, rule: Tiling, max_tiles: int, per_element: float
             return held
         rule = replace(rule, whole_if_busy=frozenset())
     work = per_element * math.prod(domain)
-    # At most one round of tasks per kernel (max_tiles: its share of the workers): a task has a fixed cost
-    # (wait, staging, signal) of a few microseconds, so fewer and larger tiles stream weights better.
+    # At most one round of tasks per kernel (max_tiles: its share of the workers), unless the kind caps the
+    # last dim's ranges: a task has a fixed cost (wait, staging, signal) of a few microseconds, so fewer and
+    # larger tiles stream weights better.
     wanted = int(min(max(work // max(min_task_work, 1), 1), max_tiles))
     reductions = [n for n in kernel.output_nodes() if isinstance(n, Reduce) and n.shape == domain[: len(n.shape)]]
     splittable = min([len(r.shape) for r in reductions] + [len(domain)])

@@ -148,6 +148,33 @@ def test_batched_weight_products_share_the_weight_tile(tmp_path, monkeypatch):
     compile_cubin(source.text, "9.0")
 
 
+def test_batch_rows_too_long_for_the_ring_are_split_along_k(tmp_path, monkeypatch):
+    """Qwen3-8B's MLP and untied LM head at batch 8: 8 rows of K = 4096 or 12288 floats do not fit in shared
+    memory beside the weight ring, and each row would stream the weight tile again. Fusion splits K until they
+    fit (2048 for 8 rows), and the head's column tiles stay within the tensor-core dot's 512 columns even though
+    that takes more than one task per SM: every product multiplies its 8 rows in one pass on tensor cores."""
+    monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
+
+    def mlp_and_head(x, g, w_gate, w_up, w_down, w_head):
+        h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * g
+        y = x + (jax.nn.silu(h @ w_gate) * (h @ w_up)) @ w_down
+        return y @ w_head
+
+    shapes = [(8, 4096), (4096,), (4096, 12288), (4096, 12288), (12288, 4096), (4096, 151936)]
+    tasks, source = _generate(mlp_and_head, *[jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes])
+    products = [(k, kt) for k, kt in zip(tasks.kernels.kernels, tasks.tasks_by_kernel()) if k.dot is not None]
+    assert len(products) == 4
+    for kernel, kernel_tasks in products:
+        assert kernel.dot.k_shape[0] <= 2048, (kernel.name, kernel.dot.k_shape)
+        assert {t.hi[-2] - t.lo[-2] for t in kernel_tasks} == {8}
+        assert max(t.hi[-1] - t.lo[-1] for t in kernel_tasks) <= 512
+    head = max(products, key=lambda p: p[0].domain[-1])
+    assert len(head[1]) > H100_SMS
+    assert "dot::columns_ring_mma<__nv_bfloat16, 8>" in source.text  # (gate and up share one device function)
+    assert "dot::columns_vec(" not in source.text  # no row streams a weight tile on its own
+    compile_cubin(source.text, "9.0")
+
+
 def test_batch_products_computing_their_rows_compile(tmp_path, monkeypatch):
     """JAX_MPK_STAGE_SHARED_ROWS: at batch 8 the QKV, gate/up and down products of a Llama-1B-shaped step compute
     their 8 rows (RMSNorm, SwiGLU) in their staging, the rows side by side (their norms in one pass, one block
