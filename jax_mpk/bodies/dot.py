@@ -428,7 +428,9 @@ def rows_fit_beside_ring(rows: int, K: int, shared_memory_bytes: int) -> bool:
     weight ring with accumulators for the widest column tile: the shared memory condition of rows_together and
     tensor_core_rows for any tiling. Fusion splits a weight product's K until it holds (_split_narrow_products):
     rows that do not fit go one by one, each streaming the whole weight tile again."""
-    plan = DotPlan("columns_vec", K, MMA_MAX_COLUMNS, 0, [], 0, 0, [], 0, 1, False, shared_memory_bytes, rows, True)
+    plan = DotPlan(layout="columns_vec", K=K, max_n=MMA_MAX_COLUMNS, lhs_const=0, lhs_coefs=[], lhs_k=0, rhs_const=0,
+                   rhs_coefs=[], rhs_k=0, rhs_n=1, vector_rows=False, shared_memory_bytes=shared_memory_bytes,
+                   together=rows, mma=True)  # fmt: skip
     return -(-dot_smem_bytes(plan, rows) // 128) * 128 + RING_BYTES <= shared_memory_bytes
 
 
