@@ -7,7 +7,7 @@
 # and one tally), the decode benchmark of another commit's tree and then of this one in one session (ab: AB_TREE,
 # e.g. `git archive REV | tar -x -C ab/REV`, carried to the device machine as the git-ignored ab/), 2-layer
 # profiles of other trees and then of this one (abprofile: AB_TREES, space-separated; PROFILE_CONFIGS, lines of
-# "model batch", default Llama-1B b1 and b8, Qwen3-0.6B b8). Logs and results go to $OUT.
+# "model batch", default Llama-1B b1 and b8, Qwen3-0.6B b8; its logs come back as abprofile.tgz). Logs and results go to $OUT.
 #   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench,host,warm,taskcost,knob,fuzz,ab,abprofile] [pytest -k expression]
 # decode and knob: DECODE_MODELS (default llama-3.2-1b,qwen3-0.6b,qwen3-8b), DECODE_BATCH (1,8), DECODE_CTX
 # (1024), DECODE_ARGS (extra arguments); trace: TRACE_ARGS (e.g. "--model llama-3.2-1b --batch 8"); warm: WARM_MODEL (qwen3-8b). "all" leaves out host, warm, taskcost, knob,
@@ -103,6 +103,9 @@ if has abprofile; then
 llama-3.2-1b 8
 qwen3-0.6b 8}"
   done
+  # one archive: a device call brings back 8 files at most (session 7 lost 13 profiles to that)
+  tar czf "$OUT/abprofile.tgz" -C "$OUT" $(cd "$OUT" && ls profile_*.txt build_*.log 2>/dev/null) \
+    && (cd "$OUT" && rm -f profile_*.txt build_*.log)
 fi
 if has fuzz; then
   # 12 programs per megakernel: the cheapest nvcc time per program (docs/notes/fuzz.md)
