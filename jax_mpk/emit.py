@@ -164,6 +164,9 @@ class Emitter:
         self.row_reads: dict[int, list[str]] | None = None  # set: a probe recording where row reductions are read
         self.scratch = "smem"  # char* to shared memory that block reductions may use
         self.row_reduction_min = ROW_REDUCTION
+        # Load uid -> the array element a loop over a task's rows preloaded it into (preload_row_loads), read
+        # in place of the load while the loop that computes the rows' values is emitted
+        self.preloaded: dict[int, str] = {}
 
     def is_row_reduction(self, node: Node) -> bool:
         return is_row_reduction(node, self.row_reduction_min)
@@ -301,6 +304,8 @@ class Emitter:
         code = dtype_code(node.dtype)
         vt = VALUE[code]
         if isinstance(node, Load):
+            if node.uid in self.preloaded:
+                return self.preloaded[node.uid]
             dyn = [(d, self.value(c, idx), hi) for d, c, hi in zip(node.dims, node.children, node.his)]
             return self.load_value(node.tensor, node.map, idx, node.dtype, dyn)
         if isinstance(node, Acc):
@@ -400,6 +405,63 @@ class Emitter:
         self.reductions[node.uid] = f"{fold.acc}[row]"  # read inside a loop over the rows named `row`
         self.reduction_rows[node.uid] = list(fold.outer)
 
+    def preload_row_loads(self, root: Node, row_index, rows: int) -> None:
+        """Emits a loop over a task's ``rows`` that issues every load ``root`` reads at ``row_index()`` (the
+        row's index, emitted inside a loop over ``row``) through elementwise operations and views, into one
+        register array per load, so that the loop computing the rows' values next reads them there
+        (``preloaded``, until the caller resets it). A branch in a row's value (a NaN-propagating max, a
+        division's slow path) kept the next row's load waiting for it, as ptxas moves no load across a branch:
+        P.V's softmax staging at batch 8 made 3 passes of 8 serial L2 round trips (~12 us a task). Only loads
+        read at one index, and nowhere else that the values' loop computes (folds, gathers), are preloaded."""
+        saved, self.lines = self.lines, []
+        self.emit("#pragma unroll")
+        self.emit(f"for (int row = 0; row < {rows}; ++row) {{")
+        self.push()
+        found: dict[int, tuple[Load, list[tuple]]] = {}
+        stack, seen = [(root, tuple(row_index()))], set()
+        while stack:
+            node, at = stack.pop()
+            if (node.uid, at) in seen:
+                continue
+            seen.add((node.uid, at))
+            if isinstance(node, Load) and not node.children:
+                found.setdefault(node.uid, (node, []))[1].append(at)
+            elif isinstance(node, Reindex):
+                stack.append((node.children[0], tuple(self.map_index(node.map, list(at)))))
+            elif isinstance(node, Elementwise):
+                stack.extend((c, at) for c in reversed(node.children))
+        arrays, elsewhere = [], self._loads_read_elsewhere(root)
+        for uid, (load, ats) in found.items():
+            if len(ats) == 1 and uid not in elsewhere:
+                arrays.append((uid, self.fresh("pre"), VALUE[dtype_code(load.dtype)], self.value(load, list(ats[0]))))
+        for _, array, _, name in arrays:
+            self.emit(f"{array}[row] = {name};")
+        self.pop()
+        self.emit("}")
+        loop, self.lines = self.lines, saved
+        if not arrays:
+            return
+        for uid, array, value_t, _ in arrays:
+            self.emit(f"{value_t} {array}[{rows}];")
+            self.preloaded[uid] = f"{array}[row]"
+        self.lines += loop
+
+    def _loads_read_elsewhere(self, root: Node) -> set[int]:
+        """Loads below ``root`` that computing it reads through anything but elementwise operations and views:
+        inside a fold, a concatenation, a gather's operand or index (row reductions already computed are only
+        looked up)."""
+        elsewhere, stack, seen = set(), [(root, False)], set()
+        while stack:
+            node, opaque = stack.pop()
+            if (node.uid, opaque) in seen or (isinstance(node, Reduce) and node.uid in self.reductions):
+                continue
+            seen.add((node.uid, opaque))
+            if isinstance(node, Load) and opaque:
+                elsewhere.add(node.uid)
+            inside = opaque or not isinstance(node, (Elementwise, Reindex))
+            stack.extend((c, inside) for c in node.children)
+        return elsewhere
+
     def _fold(self, node: Reduce, outer: list[str], cooperative: bool, rows: int = 0, row_outer=None) -> _Fold:
         """Emit an accumulator and the loop folding ``node``'s child over its inner positions: all of them,
         or (``cooperative``) this thread's share, positions threadIdx.x + k * THREADS, in a loop with a
@@ -437,18 +499,27 @@ class Emitter:
             self.emit(f"for (index_t j = 0; j < {length}; ++j) {{")
         self.push()
         jidx = self.delinearize("j", [str(s) for s in inner], ["0"] * len(inner))
-        target = acc
+        item_t = reducer if arg else acc_t
         if rows:
+            # every row's loads first, then their values, then the folds (see preload_row_loads)
+            self.preload_row_loads(child, lambda: list(row_outer()) + jidx, rows)
+            items = self.fresh("item")
+            self.emit(f"{item_t} {items}[{rows}];")
             self.emit("#pragma unroll")
             self.emit(f"for (int row = 0; row < {rows}; ++row) {{")
             self.push()
-            outer, target = row_outer(), f"{acc}[row]"
+            outer = row_outer()
         v = self.value(child, list(outer) + jidx)
         item = f"{{static_cast<{acc_t}>({v}), static_cast<int32_t>(j)}}" if arg else f"static_cast<{acc_t}>({v})"
-        self.emit(f"{target} = {reducer}::combine({target}, {item});")
         if rows:
+            self.emit(f"{items}[row] = {item_t}{item};" if arg else f"{items}[row] = {item};")
             self.pop()
             self.emit("}")
+            self.preloaded = {}
+            self.emit("#pragma unroll")
+            self.emit(f"for (int row = 0; row < {rows}; ++row) {acc}[row] = {reducer}::combine({acc}[row], {items}[row]);")
+        else:
+            self.emit(f"{acc} = {reducer}::combine({acc}, {item});")
         self.pop()
         self.emit("}")
         if cooperative:

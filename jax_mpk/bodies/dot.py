@@ -281,13 +281,19 @@ def stage_computed_rows_together(body: KernelBody, em: Emitter, plan: DotPlan, R
     else:  # each thread's k for all rows: their loads in flight together
         em.emit(f"for (index_t k = threadIdx.x; k < {plan.K}; k += {THREADS}) {{")
         em.push()
+    kidx = em.delinearize("k", [str(s) for s in dot.k_shape], ["0"] * len(dot.k_shape))
+
+    def row_position() -> list[str]:
+        rows = row_outer()
+        return rows + em.map_index(lhs_map, list(ridx) + ["0"] + kidx)[prefix:]
+
+    if not pairs:
+        em.preload_row_loads(value, row_position, R)
         em.emit("#pragma unroll")
         em.emit(f"for (int row = 0; row < {R}; ++row) {{")
         em.push()
-    kidx = em.delinearize("k", [str(s) for s in dot.k_shape], ["0"] * len(dot.k_shape))
-    rows = row_outer()
-    trailing = em.map_index(lhs_map, list(ridx) + ["0"] + kidx)[prefix:]
-    em.emit(f"xs[row * {plan.x_stride} + k] = static_cast<float>({em.value(value, rows + trailing)});")
+    em.emit(f"xs[row * {plan.x_stride} + k] = static_cast<float>({em.value(value, row_position())});")
+    em.preloaded = {}
     for _ in range(1 if pairs else 2):  # the loops opened above
         em.pop()
         em.emit("}")
