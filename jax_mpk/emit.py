@@ -17,9 +17,10 @@ from .kernels import Kernel, Tensor
 from .layout import DTYPES, PROFILE_STAMPS, SCALAR_OP_OF, DType, NodeOp, ReduceKind, TensorKind, dtype_code
 
 THREADS = 512
-# Strided positions of a row that a thread folds per unrolled step of a cooperative reduction (their loads
-# are issued together). Output loops are not unrolled: batching 2-4 positions' values before their stores
-# raised the kernel's register count and broke the load schedule of the GEMV variants, which share it.
+# Strided positions of a row whose loads a thread issues together before using any (a cooperative reduction,
+# a product's computed row: Emitter.open_position_groups). Output loops are not grouped: batching 2-4
+# positions' values before their global stores raised the kernel's register count and broke the load schedule
+# of the GEMV variants, which share it (again on branch elements-in-flight: the tied LM head 124 -> 227 us).
 FOLD_UNROLL = 4
 ROW_REDUCTION = 256  # reductions at least this long are done by the whole block, row by row; shorter inline
 
@@ -405,7 +406,7 @@ class Emitter:
         self.reductions[node.uid] = f"{fold.acc}[row]"  # read inside a loop over the rows named `row`
         self.reduction_rows[node.uid] = list(fold.outer)
 
-    def preload_row_loads(self, root: Node, row_index, rows: int) -> None:
+    def preload_row_loads(self, root: Node, row_index, rows: int, var: str = "row") -> None:
         """Emits a loop over a task's ``rows`` that issues every load ``root`` reads at ``row_index()`` (the
         row's index, emitted inside a loop over ``row``) through elementwise operations and views, into one
         register array per load, so that the loop computing the rows' values next reads them there
@@ -415,7 +416,7 @@ class Emitter:
         read at one index, and nowhere else that the values' loop computes (folds, gathers), are preloaded."""
         saved, self.lines = self.lines, []
         self.emit("#pragma unroll")
-        self.emit(f"for (int row = 0; row < {rows}; ++row) {{")
+        self.emit(f"for (int {var} = 0; {var} < {rows}; ++{var}) {{")
         self.push()
         found: dict[int, tuple[Load, list[tuple]]] = {}
         stack, seen = [(root, tuple(row_index()))], set()
@@ -435,7 +436,7 @@ class Emitter:
             if len(ats) == 1 and uid not in elsewhere:
                 arrays.append((uid, self.fresh("pre"), VALUE[dtype_code(load.dtype)], self.value(load, list(ats[0]))))
         for _, array, _, name in arrays:
-            self.emit(f"{array}[row] = {name};")
+            self.emit(f"{array}[{var}] = {name};")
         self.pop()
         self.emit("}")
         loop, self.lines = self.lines, saved
@@ -443,7 +444,7 @@ class Emitter:
             return
         for uid, array, value_t, _ in arrays:
             self.emit(f"{value_t} {array}[{rows}];")
-            self.preloaded[uid] = f"{array}[row]"
+            self.preloaded[uid] = f"{array}[{var}]"
         self.lines += loop
 
     def _loads_read_elsewhere(self, root: Node) -> set[int]:
@@ -464,9 +465,9 @@ class Emitter:
 
     def _fold(self, node: Reduce, outer: list[str], cooperative: bool, rows: int = 0, row_outer=None) -> _Fold:
         """Emit an accumulator and the loop folding ``node``'s child over its inner positions: all of them,
-        or (``cooperative``) this thread's share, positions threadIdx.x + k * THREADS, in a loop with a
-        compile-time trip count that the compiler unrolls so that a thread's loads are issued together. With
-        ``rows``, one accumulator per row, the rows folded side by side (``row_reductions_together``)."""
+        or (``cooperative``) this thread's share, positions threadIdx.x + k * THREADS, their loads issued
+        together before any is used (_fold_positions_together). With ``rows``, one accumulator per row, the rows
+        folded side by side (``row_reductions_together``), their loads first (preload_row_loads)."""
         child = node.children[0]
         inner = child.shape[len(node.shape) :]
         code = dtype_code(child.dtype)
@@ -489,8 +490,11 @@ class Emitter:
             self.emit(f"for (int row = 0; row < {rows}; ++row) {acc}[row] = {init};")
         else:
             self.emit(f"{reducer} {acc} = {init};" if arg else f"{acc_t} {acc} = {init};")
+        per_thread = -(-length // THREADS)
+        if cooperative and not rows and per_thread > 1:
+            return self._fold_positions_together(node, child, inner, acc, acc_t, reducer, arg, outer)
         if cooperative:
-            self.emit(f"#pragma unroll {min(FOLD_UNROLL, -(-length // THREADS))}")
+            self.emit(f"#pragma unroll {min(FOLD_UNROLL, per_thread)}")
             self.emit(f"for (index_t j0 = 0; j0 < {length}; j0 += {THREADS}) {{")
             self.push()
             self.emit("const index_t j = j0 + threadIdx.x;")
@@ -525,6 +529,55 @@ class Emitter:
         if cooperative:
             self.pop()
             self.emit("}")
+        result = f"{acc}.index" if arg else f"static_cast<{VALUE[dtype_code(node.dtype)]}>({acc})"
+        return _Fold(acc, acc_t, reducer, arg, result, list(outer))
+
+    def open_position_groups(self, name: str, length: int):
+        """Opens a loop over a thread's positions ``name`` of a block-strided range of ``length``, FOLD_UNROLL of
+        them at a time, for code that loads every position of a group first (preload_row_loads over ``u``).
+        Returns the group size, a function that emits (inside a loop over ``u``) the position, clamped to the
+        range (loads in bounds), and returns its name, and the test a position must pass to be used: None when
+        every group is full (ptxas answers such a test by sinking the position's load below it). The caller
+        closes the loop (pop, then "}")."""
+        group = min(FOLD_UNROLL, -(-length // THREADS))
+        step = group * THREADS
+        self.emit(f"for (index_t {name}0 = 0; {name}0 < {length}; {name}0 += {step}) {{")
+        self.push()
+
+        def position() -> str:
+            self.emit(f"const index_t {name} = min({name}0 + u * {THREADS} + threadIdx.x, (index_t){length - 1});")
+            return name
+
+        return group, position, None if length % step == 0 else f"{name}0 + u * {THREADS} + threadIdx.x < {length}"
+
+    def _fold_positions_together(self, node: Reduce, child: Node, inner, acc: str, acc_t: str, reducer: str,
+                                 arg: bool, outer: list[str]) -> _Fold:
+        """A block's fold of one row, a group of a thread's positions at a time (open_position_groups): first
+        every position's loads, then their values, then the folds in position order (the bits of the
+        one-position loop). One at a time, a fold or a value's branch (a NaN-propagating max) between two
+        positions' loads kept the second waiting."""
+        group, position, guard = self.open_position_groups("j", math.prod(inner))
+
+        def index() -> list[str]:
+            return list(outer) + self.delinearize(position(), [str(s) for s in inner], ["0"] * len(inner))
+
+        self.preload_row_loads(child, index, group, var="u")
+        items, item_t = self.fresh("item"), reducer if arg else acc_t
+        self.emit(f"{item_t} {items}[{group}];")
+        self.emit("#pragma unroll")
+        self.emit(f"for (int u = 0; u < {group}; ++u) {{")
+        self.push()
+        v = self.value(child, index())
+        self.emit(f"{items}[u] = {reducer}{{static_cast<{acc_t}>({v}), static_cast<int32_t>(j)}};" if arg
+                  else f"{items}[u] = static_cast<{acc_t}>({v});")  # fmt: skip
+        self.pop()
+        self.emit("}")
+        self.preloaded = {}
+        fold = f"{acc} = {reducer}::combine({acc}, {items}[u]);"
+        self.emit("#pragma unroll")
+        self.emit(f"for (int u = 0; u < {group}; ++u) {fold if guard is None else f'if ({guard}) {fold}'}")
+        self.pop()
+        self.emit("}")
         result = f"{acc}.index" if arg else f"static_cast<{VALUE[dtype_code(node.dtype)]}>({acc})"
         return _Fold(acc, acc_t, reducer, arg, result, list(outer))
 

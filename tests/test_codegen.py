@@ -282,26 +282,28 @@ def test_query_heads_share_their_kv_heads_pass(tmp_path, monkeypatch):
     compile_cubin(source.text, "9.0")
 
 
-def test_rows_side_by_side_issue_their_loads_before_computing(tmp_path, monkeypatch):
-    """P.V's softmax at batch 8, four rows side by side: in each of its three passes a loop over the rows issues
-    every row's score load into a register array before any row's value, fold or division (a branch between two
-    loads kept the second waiting for the first: 24 serial L2 round trips a task)."""
+@pytest.mark.parametrize("batch,group", [(8, 4), (1, 2)])
+def test_softmax_passes_issue_their_loads_before_computing(batch, group, tmp_path, monkeypatch):
+    """P.V's softmax staged by each task: in each of its three passes (max, sum, the staged row) a loop of loads
+    alone fills a register array for the group, before any value, fold or division is computed -- the four
+    rows side by side at batch 8, a thread's two positions of the one row at batch 1. (A branch between two
+    loads kept the second waiting for the first: 24 serial L2 round trips a task at batch 8, 6 at batch 1.)"""
     monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
     cfg = TinyConfig(layers=1, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=512, vocab=512, max_seq=1024,
-                     batch=8, dtype="bfloat16", theta=500000.0)  # fmt: skip
+                     batch=batch, dtype="bfloat16", theta=500000.0)  # fmt: skip
     _, source = _generate_decode_step(cfg)
-    body = next(b for b in source.text.split("__device__ __noinline__")
-                if "columns_ring_mma<__nv_bfloat16, 4>" in b)  # P.V
-    passes = body.split("reduce::block_reduce_rows")
-    assert len(passes) == 3  # max, sum, then the pass that stages the rows
+    body = next(b for b in source.text.split("__device__ __noinline__") if "reduce::Max<float>::combine" in b)
+    passes = body.split("reduce::block_reduce")
+    assert len(passes) == 3  # max, sum, then the pass that stages the row(s)
+    computing = r"ops::(exp|div|sub|mul)\(|::combine\("
     for code in passes:
-        arrays = re.search(r"float pre\d+\[4\];", code)  # the preloading loop: from its arrays to their last fill
+        arrays = re.search(rf"float pre\d+\[{group}\];", code)  # the loads' loop: its arrays to their last fill
         assert arrays, code
-        fills = list(re.finditer(r"pre\d+\[row\] = \w+;", code))
+        fills = list(re.finditer(r"pre\d+\[(row|u)\] = \w+;", code))
         preloading = code[arrays.start() : fills[-1].end()]
         assert "ops::load<__nv_bfloat16>" in preloading  # the scores
-        assert not re.search(r"ops::(exp|div|sub|mul)\(|::combine\(", preloading), preloading
-        assert re.search(r"ops::(exp|div|sub|mul)\(|::combine\(", code[fills[-1].end() :])
+        assert not re.search(computing, preloading), preloading
+        assert re.search(computing, code[fills[-1].end() :])
     compile_cubin(source.text, "9.0")
 
 

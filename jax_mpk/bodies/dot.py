@@ -231,11 +231,32 @@ def stage_computed_row(body: KernelBody, em: Emitter, ridx: list[str], K: int, x
     for node in topological([value]):
         if em.is_row_reduction(node):
             em.row_reduction(node, rows)
-    em.emit(f"for (index_t k = threadIdx.x; k < {K}; k += {THREADS}) {{")
+    if K <= THREADS:
+        em.emit(f"for (index_t k = threadIdx.x; k < {K}; k += {THREADS}) {{")
+        em.push()
+        kidx = em.delinearize("k", [str(s) for s in dot.k_shape], ["0"] * len(dot.k_shape))
+        trailing = em.map_index(lhs_map, list(ridx) + ["0"] + kidx)[prefix:]
+        em.emit(f"{xs}[k] = static_cast<float>({em.value(value, rows + trailing)});")
+        em.pop()
+        em.emit("}")
+        return
+    # a group of a thread's k's at a time, their loads first (a division's slow path between two k's loads
+    # kept the second waiting)
+    group, position, guard = em.open_position_groups("k", K)
+
+    def index() -> list[str]:
+        kidx = em.delinearize(position(), [str(s) for s in dot.k_shape], ["0"] * len(dot.k_shape))
+        return rows + em.map_index(lhs_map, list(ridx) + ["0"] + kidx)[prefix:]
+
+    em.preload_row_loads(value, index, group, var="u")
+    em.emit("#pragma unroll")
+    em.emit(f"for (int u = 0; u < {group}; ++u) {{")
     em.push()
-    kidx = em.delinearize("k", [str(s) for s in dot.k_shape], ["0"] * len(dot.k_shape))
-    trailing = em.map_index(lhs_map, list(ridx) + ["0"] + kidx)[prefix:]
-    em.emit(f"{xs}[k] = static_cast<float>({em.value(value, rows + trailing)});")
+    store = f"{xs}[k] = static_cast<float>({em.value(value, index())});"
+    em.emit(store if guard is None else f"if ({guard}) {store}")
+    em.pop()
+    em.emit("}")
+    em.preloaded = {}
     em.pop()
     em.emit("}")
 
