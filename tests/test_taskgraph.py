@@ -244,3 +244,28 @@ def test_reader_refuses_a_scalar_op_on_operands_its_table_entry_does_not_accept(
     words[at[0]] = int(layout.NodeOp.SHIFT_LEFT)
     with pytest.raises(ValueError, match=f"op {int(layout.NodeOp.SHIFT_LEFT)} is not defined on f32 operands"):
         register_plan("refused-scalar-op", words)
+
+
+def test_equal_kernels_of_a_level_get_equal_tilings():
+    """Qwen3-8B's Q, K and V products at batch 8 share a dependency level and 132 workers; K and V are the same
+    product (split along K in 8 slices, tiled in steps of 8 tasks). Their tilings are equal, and the level's
+    largest task no larger than Q's: V was left at 16 tasks of 4.2 M work next to K's 24 and Q's 92 of 3.2 M."""
+    from jax_mpk.capture import capture
+    from jax_mpk.fusion import fuse
+    from jax_mpk.target import Target
+    from jax_mpk.tasks import build_task_graph
+
+    def qkv(x, g, wq, wk, wv):
+        h = (x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * g).astype(jnp.bfloat16)
+        return h @ wq, h @ wk, h @ wv
+
+    shapes = [(8, 4096), (4096,), (4096, 4096), (4096, 1024), (4096, 1024)]
+    avals = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
+    graph = fuse(capture(jax.make_jaxpr(qkv)(*avals)), Target("cuda", 132, "9.0"))
+    tasks = build_task_graph(graph, 132)
+    products = [(k, kt) for k, kt in zip(tasks.kernels.kernels, tasks.tasks_by_kernel()) if k.dot is not None]
+    assert len(products) == 3 and len({k.level for k, _ in products}) == 1
+    (_, q_tasks), (_, k_tasks), (_, v_tasks) = sorted(products, key=lambda p: -p[0].domain[-1])  # Q: 4096 columns
+    assert len(k_tasks) == len(v_tasks) and len(q_tasks) + len(k_tasks) + len(v_tasks) <= 132
+    largest = lambda kernel_tasks: max(t.cost for t in kernel_tasks)  # noqa: E731
+    assert max(largest(k_tasks), largest(v_tasks)) <= largest(q_tasks)
