@@ -24,7 +24,7 @@ import numpy as np
 
 from .graph import Acc, Elementwise, Load, Node, Reduce, Reindex, substitute, topological
 from .indexmap import IndexMap, linear_form
-from .kernels import AttentionSpec, Kernel, KernelOutput, Tensor
+from .kernels import AttentionSpec, DotSpec, Kernel, KernelOutput, Tensor
 from .layout import NodeOp, ReduceKind, TensorKind
 
 MIN_CHUNK = 32  # keys per task at least: fewer would not cover the task's fixed cost
@@ -56,7 +56,7 @@ def split_attention(kernels: list[Kernel], num_workers: int, new_tensor: NewTens
         match = _match(values_product, writer, readers)
         if match is None:
             continue
-        scores_product, probs_kernel, score, rows_dims = match
+        scores_product, qk, probs_kernel, score, rows_dims = match
         rows, head_dim = tuple(values_product.domain[:-1]), values_product.domain[-1]
         keys = scores_product.domain[-1]
         row_count = math.prod(rows[d] for d in rows_dims)
@@ -72,7 +72,7 @@ def split_attention(kernels: list[Kernel], num_workers: int, new_tensor: NewTens
             partial_max=new_tensor(rows + (chunks,), f32, f"{name}m"), partial_sum=new_tensor(rows + (chunks,), f32, f"{name}l"),
         )  # fmt: skip
         attention = Kernel(
-            name="attention", domain=tuple(scores_product.domain), outputs=[], dot=scores_product.dot,
+            name="attention", domain=rows + (keys,), outputs=[], dot=qk,
             source=values_product.source or scores_product.source, attention=spec,
         )  # fmt: skip
         queries = _store_queries_beside(attention, writer, new_tensor)
@@ -116,9 +116,9 @@ def _chunk(keys: int, row_groups: int, num_workers: int, max_chunk: int) -> int 
 
 
 def _match(values_product: Kernel, writer, readers):
-    """(scores product, softmax kernel or None, score expression, rows dims) when ``values_product``
-    multiplies values by a softmax along its contraction (computed while staged, or stored by a kernel of its own
-    that only it reads) of a value that a scores product alone stores; else None."""
+    """(scores product, its product over the values' rows, softmax kernel or None, score expression, rows dims)
+    when ``values_product`` multiplies values by a softmax along its contraction (computed while staged, or
+    stored by a kernel of its own that only it reads) of a value that a scores product alone stores; else None."""
     dot = values_product.dot
     if dot is None or values_product.attention is not None or len(dot.k_shape) != 1 or len(values_product.outputs) != 1:
         return None
@@ -147,7 +147,7 @@ def _match(values_product: Kernel, writer, readers):
     loads = [n for n in topological([x]) if isinstance(n, Load)]
     scores = [n for n in loads if (id(n.tensor.buffer), n.tensor.version) in writer
               and writer[(id(n.tensor.buffer), n.tensor.version)].dot is not None]  # fmt: skip
-    if len(scores) != 1 or scores[0].dims or not scores[0].map.is_identity:
+    if len(scores) != 1 or scores[0].dims or not _in_own_order(scores[0].map, scores[0].tensor.shape):
         return None
     scores_load = scores[0]
     scores_key = (id(scores_load.tensor.buffer), scores_load.tensor.version)
@@ -156,16 +156,47 @@ def _match(values_product: Kernel, writer, readers):
     if (
         scores_product.attention is not None or len(scores_product.outputs) != 1
         or not isinstance(scores_product.outputs[0].node, Acc) or not scores_product.outputs[0].map.is_identity
-        or scores_product.outputs[0].dyn or tuple(scores_product.domain) != rows + (keys,)
+        or scores_product.outputs[0].dyn or _non_unit(scores_product.domain) != _non_unit(rows + (keys,))
         or tuple(qk.k_shape) != (head_dim,) or readers.get(scores_key) != [probs_kernel or values_product]
         or scores_load.tensor.buffer.kind != TensorKind.WORKSPACE
     ):  # fmt: skip
         return None
+    qk, acc = _over_rows(qk, scores_product.outputs[0].node, tuple(scores_product.domain), rows + (keys,))
     rows_dims = _rows_dims(qk, dot, rows, head_dim, keys)
     if rows_dims is None:
         return None
-    score = substitute(x, {scores_load.uid: scores_product.outputs[0].node})
-    return scores_product, probs_kernel, score, rows_dims
+    score = substitute(x, {scores_load.uid: acc})
+    return scores_product, qk, probs_kernel, score, rows_dims
+
+
+def _non_unit(shape) -> tuple[int, ...]:
+    return tuple(n for n in shape if n != 1)
+
+
+def _in_own_order(index_map: IndexMap, tensor_shape) -> bool:
+    """Whether ``index_map`` reads a dense tensor of ``tensor_shape`` at the row-major position of its own index
+    (the identity, or a view that only moves length-1 axes: a decode step's one query position sits between
+    the heads in the scores and after them in the values' product)."""
+    form = linear_form(index_map, tensor_shape)
+    in_shape = tuple(index_map.in_shape)
+    if form is None or form[0] != 0 or math.prod(in_shape) != math.prod(tensor_shape):
+        return False
+    own = [math.prod(in_shape[d + 1 :]) for d in range(len(in_shape))]
+    return all(c == o for c, o, n in zip(form[1], own, in_shape) if n != 1)
+
+
+def _over_rows(qk: DotSpec, acc: Acc, domain: tuple, rows_keys: tuple) -> tuple[DotSpec, Acc]:
+    """The scores' product over the values' product's rows ++ (key,), ``domain`` with its length-1 axes moved
+    there (the attention kernel takes one domain for both), and its accumulator over that domain."""
+    if domain == rows_keys:
+        return qk, acc
+    relabel = IndexMap.reshape(rows_keys + tuple(qk.k_shape), domain + tuple(qk.k_shape))
+    lhs_expr = qk.lhs_expr
+    if lhs_expr is not None:  # a Reindex of the computed queries through lhs_map (see DotSpec)
+        lhs_expr = Reindex(shape=relabel.in_shape, dtype=lhs_expr.dtype, children=lhs_expr.children,
+                           source=lhs_expr.source, map=relabel.then(lhs_expr.map))  # fmt: skip
+    over_rows = DotSpec(qk.k_shape, qk.lhs, relabel.then(qk.lhs_map), qk.rhs, relabel.then(qk.rhs_map), qk.acc_dtype, lhs_expr)
+    return over_rows, Acc(shape=rows_keys, dtype=acc.dtype, source=acc.source)
 
 
 def _softmax_input(probs: Node) -> Node | None:

@@ -323,6 +323,31 @@ def test_gpu_plans_split_attention_along_the_keys():
         assert lo[3] % spec.chunk == 0 and hi[3] % spec.chunk == 0
 
 
+def _attention_one_query_position(q, keys, values, wo, pos):
+    """As examples/models.py writes it: the scores' rows (batch, kv head, position, group) and the values'
+    (batch, kv head, group, position) differ in where the one query position sits."""
+    b, seq, _, head_dim = keys.shape
+    groups = q[:, None]  # [batch, 1 position, kv heads, group, head dim]
+    scores = jnp.einsum("btgrd,bsgd->bgrts", groups, keys).astype(jnp.float32) * head_dim**-0.5
+    probs = jax.nn.softmax(jnp.where(jnp.arange(seq) <= pos, scores, -1e30), axis=-1).astype(values.dtype)
+    return jnp.einsum("bgrts,bsgd->btgrd", probs, values).reshape(b, -1) @ wo
+
+
+def test_split_attention_takes_scores_whose_unit_axes_sit_elsewhere():
+    """The scores product stores its rows with the query position between the heads, the values' product reads
+    them with it after: the same memory order, so the pair is still one split-attention kernel, over the values'
+    rows, whose tasks take all the query heads of their KV head."""
+    from jax_mpk.tasks import build_task_graph
+
+    closed = jax.make_jaxpr(_attention_one_query_position)(*_attention_args(2, 4, 4, 64, 512))
+    fused = fuse(capture(closed), GPU_SPLIT_ATTENTION)
+    (attention,) = [k for k in fused.kernels if k.attention is not None]
+    assert attention.domain == (2, 4, 4, 1, 512) and attention.attention.rows_dims == (2,)
+    assert not any(k.dot is not None and k.domain[-1] == 512 for k in fused.kernels if k is not attention)
+    tiles = [(t.lo, t.hi) for t in build_task_graph(fused, 132).tasks if t.kernel == attention.index]
+    assert all((lo[2], hi[2]) == (0, 4) for lo, hi in tiles)
+
+
 def test_split_attention_needs_whole_chunks():
     """A prime number of keys above the largest chunk has no whole chunks: the two products stay as they were."""
     closed = jax.make_jaxpr(_attention)(*_attention_args(1, 2, 2, 128, 1031))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -138,7 +139,8 @@ def test_gather_and_update(rng):
 def test_decode_steps_match_jit(cfg, split_attention, monkeypatch):
     # split attention: its queries RoPE'd (and QK-normed) by a kernel beside the cache append, merged by the last task
     monkeypatch.setenv("JAX_MPK_SPLIT_ATTENTION", split_attention)
-    _check_decode_steps(cfg)
+    fast = _check_decode_steps(cfg)
+    assert ("attention::chunk" in _plan(fast).source.text) == (split_attention == "1")
 
 
 @pytest.mark.parametrize("batch", [2, 8])
@@ -149,8 +151,8 @@ def test_batch_products_computing_their_rows_match_jit(batch, monkeypatch):
     _check_decode_steps(TinyConfig(qk_norm=True, dtype="bfloat16", batch=batch))
 
 
-def _check_decode_steps(cfg: TinyConfig) -> None:
-    """Five chained decode steps of ``cfg`` through the megakernel against jax.jit's."""
+def _check_decode_steps(cfg: TinyConfig) -> Callable:
+    """Five chained decode steps of ``cfg`` through the megakernel against jax.jit's; returns the megakernel."""
     params = init_params(cfg, jax.random.PRNGKey(11))
     cache_k, cache_v = init_cache(cfg, jax.random.PRNGKey(12))
     step = make_decode_step(cfg)
@@ -168,6 +170,7 @@ def _check_decode_steps(cfg: TinyConfig) -> None:
         assert_model_outputs_close(actual[1:], expected[1:], cfg.dtype)
         tokens, ref_k, ref_v = expected[0], expected[2], expected[3]
         k, v = actual[2], actual[3]
+    return fast
 
 
 @pytest.mark.parametrize("split_attention,batch", [("0", 1), ("1", 1), ("0", 8)])
@@ -187,8 +190,9 @@ def test_llama_1b_shaped_layers_bf16(split_attention, batch, monkeypatch):
     fast = jax_mpk.megakernelize(step)
     actual = fast(*args)
     assert_model_outputs_close(actual[1:], expected[1:], cfg.dtype)
+    text = _plan(fast).source.text
+    assert ("attention::chunk" in text) == (split_attention == "1")
     if split_attention == "0":
-        text = _plan(fast).source.text
         assert "dot::rows_shared<__nv_bfloat16, 4>" in text
         assert ("streams while the rows are staged" in text) == (batch == 8)
 
