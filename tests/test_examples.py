@@ -69,21 +69,21 @@ def test_greedy_decode_matches_jit_for_32_steps(name, rng):
 @pytest.mark.parametrize("name,batch", [("llama-tiny", 1), ("qwen3-tiny", 2)])
 def test_split_attention_decode_matches_jit(name, batch, rng, monkeypatch):
     """JAX_MPK_SPLIT_ATTENTION on the examples' layout (the query position between the heads in the scores, after
-    them in the values' product): the plan has the split-attention body, and chained steps over a 256-key cache
-    (several chunks per KV head) equal jax.jit's."""
+    them in the values' product), bf16 (the split body reads two-byte keys and values): the plan has the
+    split-attention body, and steps over a 256-key cache (several chunks per KV head) equal jax.jit's."""
     monkeypatch.setenv("JAX_MPK_SPLIT_ATTENTION", "1")
-    config = models.PRESETS[name]
+    config = dataclasses.replace(models.PRESETS[name], dtype="bfloat16")
     weights, merge = models.split(models.create(config, _seed(rng)))
     step = models.make_decode_step(merge)
     reference, fast = jax.jit(step), jax_mpk.megakernelize(step)
     cache = models.init_cache(config, batch, 256, key=jax.random.PRNGKey(_seed(rng)))
     tokens = _prompt(rng, config, batch, 1)[:, 0]
-    ref_tokens, ref_cache, fast_tokens, fast_cache = tokens, cache, tokens, cache
+    ref_cache, fast_cache = cache, cache
     for pos in range(200, 206):
-        ref_tokens, ref_logits, ref_cache = reference(weights, ref_tokens, jnp.int32(pos), ref_cache)
-        fast_tokens, logits, fast_cache = fast(weights, fast_tokens, jnp.int32(pos), fast_cache)
-        assert_model_outputs_close((logits, fast_cache), (ref_logits, ref_cache), "float32")
-        np.testing.assert_array_equal(fast_tokens, ref_tokens, err_msg=f"position {pos}")
+        ref_next, ref_logits, ref_cache = reference(weights, tokens, jnp.int32(pos), ref_cache)
+        _, logits, fast_cache = fast(weights, tokens, jnp.int32(pos), fast_cache)
+        assert_model_outputs_close((logits, fast_cache), (ref_logits, ref_cache), "bfloat16")
+        tokens = ref_next  # both continue from jax.jit's tokens: a bf16 near-tie cannot fork them
     (plan,) = fast.plans.values()
     assert "attention::chunk" in plan.source.text
 
