@@ -82,16 +82,18 @@ def test_split_attention_decode_matches_jit(name, batch, rng, monkeypatch):
     exact_weights, exact_cache = jax.tree.map(lambda a: a.astype(jnp.float32), (weights, cache))
     tokens = _prompt(rng, config, batch, 1)[:, 0]
     ref_cache, fast_cache = cache, cache
+    fast_errors, xla_errors = [], []
     for pos in range(200, 206):
         ref_next, ref_logits, ref_cache = reference(weights, tokens, jnp.int32(pos), ref_cache)
         _, logits, fast_cache = fast(weights, tokens, jnp.int32(pos), fast_cache)
         with jax.default_matmul_precision("float32"):
             _, exact_logits, exact_cache = jax.jit(step)(exact_weights, tokens, jnp.int32(pos), exact_cache)
         assert_model_outputs_close(fast_cache, ref_cache, "bfloat16")
-        errors = [np.linalg.norm(np.float64(x) - np.float64(exact_logits)) / np.linalg.norm(np.float64(exact_logits))
-                  for x in (logits, ref_logits)]  # fmt: skip
-        assert errors[0] <= 1.5 * errors[1], f"position {pos}: megakernel {errors[0]:.2e}, XLA {errors[1]:.2e} from float32"
+        for errors, x in zip((fast_errors, xla_errors), (logits, ref_logits)):
+            errors.append(np.linalg.norm(np.float64(x) - np.float64(exact_logits)) / np.linalg.norm(np.float64(exact_logits)))
         tokens = ref_next  # both continue from jax.jit's tokens: a bf16 near-tie cannot fork them
+    # benchmarks/decode.py's agreement rule: the largest error over the steps, within 1.5 times XLA's
+    assert max(fast_errors) <= 1.5 * max(xla_errors), f"from float32: megakernel {fast_errors}, XLA {xla_errors}"
     (plan,) = fast.plans.values()
     assert "attention::chunk" in plan.source.text
 
