@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import pathlib
 import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -315,3 +319,18 @@ def test_batched_tied_head_reads_each_embedding_row_once(tmp_path, monkeypatch):
     assert "dot::rows_shared<__nv_bfloat16, 8>" in source.text
     assert "dot::prefetch_l2" in source.text
     compile_cubin(source.text, "9.0")
+
+
+def test_register_report_of_a_decode_step(tmp_path):
+    """benchmarks/registers.py on a tiny model: ptxas's report parsed into the kernel's registers (within the
+    512-thread budget of 128), its stack and spills, and the spilling variants with their kernels; files written."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "benchmarks" / "registers.py"), "--models", "llama-tiny", "--batch", "2",
+               "--ctx", "64", "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "registers_sm90.json").read_text())
+    (row,) = report["results"]
+    assert 16 <= row["registers"] <= 128 and row["stack_bytes"] >= 0 and row["spill_store_bytes"] >= 0
+    assert all(v["kernels"] for v in row["spilling_variants"])
+    assert "| llama-tiny | 2 |" in (tmp_path / "registers_sm90.md").read_text()
