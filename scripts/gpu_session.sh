@@ -7,7 +7,7 @@
 # and one tally), the decode benchmark of another commit's tree and then of this one in one session (ab: AB_TREE,
 # e.g. `git archive REV | tar -x -C ab/REV`, carried to the device machine as the git-ignored ab/), 2-layer
 # profiles of other trees and then of this one (abprofile: AB_TREES, space-separated; PROFILE_CONFIGS, lines of
-# "model batch", default Llama-1B b1 and b8, Qwen3-0.6B b8; its logs come back as abprofile.tgz). Logs and results go to $OUT.
+# "model batch [KNOB=value ...]", default Llama-1B b1 and b8, Qwen3-0.6B b8; its logs come back as abprofile.tgz). Logs and results go to $OUT.
 #   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench,host,warm,taskcost,knob,fuzz,ab,abprofile] [pytest -k expression]
 # decode and knob: DECODE_MODELS (default llama-3.2-1b,qwen3-0.6b,qwen3-8b), DECODE_BATCH (1,8), DECODE_CTX
 # (1024), DECODE_ARGS (extra arguments); trace: TRACE_ARGS (e.g. "--model llama-3.2-1b --batch 8"); warm: WARM_MODEL (qwen3-8b). "all" leaves out host, warm, taskcost, knob,
@@ -94,11 +94,13 @@ if has abprofile; then
       tail -30 "$OUT/build_$name.log"
       continue
     fi
-    while read -r model batch; do
-      log="$OUT/profile_${name}_${model}_b$batch.txt"
-      (cd "$tree" && JAX_MPK_CACHE_DIR="$JAX_MPK_CACHE_DIR/abprofile_$name" python3 benchmarks/profile_step.py \
-        --layers 2 --model "$model" --batch "$batch") > "$log" 2>&1
-      echo "$name $model b$batch: $(grep -E "^call span" "$log")"
+    while read -r model batch knobs; do
+      # optional knobs after the batch (e.g. JAX_MPK_SPLIT_ATTENTION=1): set for that profile only
+      log="$OUT/profile_${name}_${model}_b$batch${knobs:+_${knobs//[^A-Za-z0-9]/_}}.txt"
+      # shellcheck disable=SC2086
+      (cd "$tree" && env $knobs JAX_MPK_CACHE_DIR="$JAX_MPK_CACHE_DIR/abprofile_$name" python3 \
+        benchmarks/profile_step.py --layers 2 --model "$model" --batch "$batch") > "$log" 2>&1
+      echo "$name $model b$batch${knobs:+ $knobs}: $(grep -E "^call span" "$log")"
     done <<< "${PROFILE_CONFIGS:-llama-3.2-1b 1
 llama-3.2-1b 8
 qwen3-0.6b 8}"
