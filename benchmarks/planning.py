@@ -58,21 +58,15 @@ def main() -> None:
     cfg = models.PRESETS[args.model]
     if args.layers:
         cfg = dataclasses.replace(cfg, layers=args.layers)
-    weights, merge = models.split(models.abstract(cfg))
-    cache = jax.eval_shape(lambda: models.init_cache(cfg, args.batch, args.ctx, layout=args.cache_layout))
-    tokens, pos = jax.ShapeDtypeStruct((args.batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
     profiler = cProfile.Profile()
     start = time.perf_counter()
     cpu_start = time.process_time()
-    closed = jax.make_jaxpr(models.make_decode_step(merge))(weights, tokens, pos, cache)
+    closed = trace_decode_step(cfg, args.batch, args.ctx, args.cache_layout)
     traced, cpu_traced = time.perf_counter(), time.process_time()
     print(f"make_jaxpr: {traced - start:.2f} s ({cpu_traced - cpu_start:.2f} s CPU, {len(closed.eqns)} equations)")
     if args.profile:
         profiler.enable()
-    knobs = config.load()
-    target = Target("cuda", args.sms, args.arch, split_attention=knobs.split_attention,
-                    stage_shared_rows=knobs.stage_shared_rows)  # fmt: skip
-    stages = plan_stages(closed, find_shard_map(closed), target, knobs)
+    stages = plan_for_gpu(closed, args.sms, args.arch)
     profiler.disable()
     plan = stages.plan
     # on a shared machine the CPU time is the steadier figure (planning runs on one thread)
@@ -87,6 +81,23 @@ def main() -> None:
         print_levels(stages, args.levels, cfg.layers)
     if args.profile:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
+
+
+def trace_decode_step(cfg: models.ModelConfig, batch: int, ctx: int, cache_layout: str = "stacked"):
+    """The jaxpr of ``cfg``'s decode step on abstract weights and cache (no memory for them)."""
+    weights, merge = models.split(models.abstract(cfg))
+    cache = jax.eval_shape(lambda: models.init_cache(cfg, batch, ctx, layout=cache_layout))
+    tokens, pos = jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
+    return jax.make_jaxpr(models.make_decode_step(merge))(weights, tokens, pos, cache)
+
+
+def plan_for_gpu(closed, sms: int, arch: str):
+    """megakernelize's pipeline on ``closed`` for a GPU of ``sms`` SMs and compute capability ``arch``, with the
+    GPU knobs of the environment; its stages."""
+    knobs = config.load()
+    target = Target("cuda", sms, arch, split_attention=knobs.split_attention,
+                    stage_shared_rows=knobs.stage_shared_rows)  # fmt: skip
+    return plan_stages(closed, find_shard_map(closed), target, knobs)
 
 
 def print_levels(stages, first: int, layers: int) -> None:

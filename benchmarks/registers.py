@@ -2,7 +2,7 @@
 
 One kernel carries every task body, so the heaviest body sets every body's register budget (512 threads: at
 most 128 each), and a spill on a streaming path costs local-memory round trips. This plans the decode step for
-a GPU target without a GPU (as benchmarks/planning.py does), compiles the generated source with the toolchain's
+a GPU target without a GPU (benchmarks/planning.py's tracing and planning), compiles the generated source with the toolchain's
 own flags plus ``-Xptxas -v`` and reports, per configuration, the kernel's registers, stack frame and spill
 bytes, and every task-body variant (a noinline function) that spills, with its kernels. A compile-time fact:
 comparing branches needs no GPU. Needs nvcc.
@@ -27,16 +27,11 @@ import sys
 import tempfile
 
 import jax
-import jax.numpy as jnp
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-import models  # noqa: E402
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from planning import models, plan_for_gpu, trace_decode_step  # noqa: E402
 
-from jax_mpk import config  # noqa: E402
-from jax_mpk.api import plan_stages  # noqa: E402
-from jax_mpk.capture import find_shard_map  # noqa: E402
-from jax_mpk.target import Target  # noqa: E402
 from jax_mpk.toolchain import NVCC_FLAGS, arch_flags, include_dir, nvcc, nvcc_version  # noqa: E402
 
 KERNEL = "jax_mpk_megakernel"
@@ -52,13 +47,7 @@ def plan_source(model: str, batch: int, ctx: int, layers: int, arch: str, sms: i
     cfg = models.PRESETS[model]
     if layers:
         cfg = dataclasses.replace(cfg, layers=layers)
-    weights, merge = models.split(models.abstract(cfg))
-    cache = jax.eval_shape(lambda: models.init_cache(cfg, batch, ctx))
-    tokens, pos = jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
-    closed = jax.make_jaxpr(models.make_decode_step(merge))(weights, tokens, pos, cache)
-    knobs = config.load()
-    target = Target("cuda", sms, arch, split_attention=knobs.split_attention, stage_shared_rows=knobs.stage_shared_rows)
-    stages = plan_stages(closed, find_shard_map(closed), target, knobs)
+    stages = plan_for_gpu(trace_decode_step(cfg, batch, ctx), sms, arch)
     return stages.plan.source.text, [k.name for k in stages.graph.kernels]
 
 

@@ -71,6 +71,8 @@ def test_split_attention_decode_matches_jit(name, batch, rng, monkeypatch):
     """JAX_MPK_SPLIT_ATTENTION on the examples' layout (the query position between the heads in the scores, after
     them in the values' product), bf16 (the split body reads two-byte keys and values): the plan has the
     split-attention body, and steps over a 256-key cache (several chunks per KV head) equal jax.jit's."""
+    import decode
+
     monkeypatch.setenv("JAX_MPK_SPLIT_ATTENTION", "1")
     config = dataclasses.replace(models.PRESETS[name], dtype="bfloat16")
     weights, merge = models.split(models.create(config, _seed(rng)))
@@ -89,8 +91,8 @@ def test_split_attention_decode_matches_jit(name, batch, rng, monkeypatch):
         with jax.default_matmul_precision("float32"):
             _, exact_logits, exact_cache = jax.jit(step)(exact_weights, tokens, jnp.int32(pos), exact_cache)
         assert_model_outputs_close(fast_cache, ref_cache, "bfloat16")
-        for errors, x in zip((fast_errors, xla_errors), (logits, ref_logits)):
-            errors.append(np.linalg.norm(np.float64(x) - np.float64(exact_logits)) / np.linalg.norm(np.float64(exact_logits)))
+        fast_errors.append(decode.relative_error(logits, exact_logits))
+        xla_errors.append(decode.relative_error(ref_logits, exact_logits))
         tokens = ref_next  # both continue from jax.jit's tokens: a bf16 near-tie cannot fork them
     # benchmarks/decode.py's agreement rule: the largest error over the steps, within 1.5 times XLA's
     assert max(fast_errors) <= 1.5 * max(xla_errors), f"from float32: megakernel {fast_errors}, XLA {xla_errors}"
