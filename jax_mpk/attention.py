@@ -25,10 +25,10 @@ import numpy as np
 from .graph import Acc, Elementwise, Load, Node, Reduce, Reindex, substitute, topological
 from .indexmap import IndexMap, linear_form
 from .kernels import AttentionSpec, DotSpec, Kernel, KernelOutput, Tensor
+from .bodies.attention import shared_memory_bytes as attention_smem_bytes
 from .layout import NodeOp, ReduceKind, TensorKind
 
 MIN_CHUNK = 32  # keys per task at least: fewer would not cover the task's fixed cost
-MAX_VALUE_TILE_BYTES = 32 * 1024  # a chunk's values, copied to shared memory while its scores are computed
 MAX_ROWS = 8  # query rows per task (the query heads that share one key/value head): the body's registers
 MAX_ROW_VALUES = 1024  # rows x head dim: the warps' partial sums of the output in shared memory
 VECTOR = 8  # keys and values are read 16 bytes (8 two-byte elements) per lane
@@ -36,9 +36,11 @@ VECTOR = 8  # keys and values are read 16 bytes (8 two-byte elements) per lane
 NewTensor = Callable[[tuple, np.dtype, str], Tensor]
 
 
-def split_attention(kernels: list[Kernel], num_workers: int, new_tensor: NewTensor) -> list[Kernel]:
+def split_attention(kernels: list[Kernel], num_workers: int, shared_memory_bytes: int,
+                    new_tensor: NewTensor) -> list[Kernel]:
     """``kernels`` with every scores/values product pair that matches replaced by one split-attention kernel
-    (at the scores' position) that writes what the values' product wrote."""
+    (at the scores' position) that writes what the values' product wrote. A chunk's keys and values sit in
+    shared memory together (``shared_memory_bytes`` a task), so that all of its bytes are in flight at once."""
 
     def key(tensor: Tensor) -> tuple[int, int]:
         return id(tensor.buffer), tensor.version
@@ -60,7 +62,8 @@ def split_attention(kernels: list[Kernel], num_workers: int, new_tensor: NewTens
         rows, head_dim = tuple(values_product.domain[:-1]), values_product.domain[-1]
         keys = scores_product.domain[-1]
         row_count = math.prod(rows[d] for d in rows_dims)
-        chunk = _chunk(keys, math.prod(rows) // row_count, num_workers, MAX_VALUE_TILE_BYTES // (2 * head_dim))
+        fits = [c for c in range(1, keys + 1) if attention_smem_bytes(row_count, head_dim, c) <= shared_memory_bytes]
+        chunk = _chunk(keys, math.prod(rows) // row_count, num_workers, max(fits, default=0))
         if chunk is None:
             continue
         chunks = keys // chunk

@@ -73,7 +73,7 @@ def test_split_attention_decode_step_compiles(head_dim, batch):
     cfg = TinyConfig(layers=2, hidden=2048, heads=2048 // head_dim, kv_heads=8, head_dim=head_dim, mlp=4096,
                      vocab=4096, max_seq=1024, batch=batch, dtype="bfloat16", qk_norm=head_dim == 128)  # fmt: skip
     tasks, source = _generate_decode_step(cfg, validate_graph=True, split_attention=True)
-    assert f"attention::chunk<__nv_bfloat16, {2048 // head_dim // 8}, {head_dim}>" in source.text  # a task: the 4 or 2 query heads of a KV head
+    assert f"attention::keys_in_chunks<__nv_bfloat16, {2048 // head_dim // 8}, {head_dim}," in source.text  # a task: the 4 or 2 query heads of a KV head
     assert len(compile_cubin(source.text, "9.0")) > 10_000
 
 

@@ -141,7 +141,7 @@ def test_decode_steps_match_jit(cfg, split_attention, monkeypatch):
     monkeypatch.setenv("JAX_MPK_SPLIT_ATTENTION", split_attention)
     fast = _check_decode_steps(cfg)
     # split attention reads two-byte keys and values only: the float32 model keeps the two products
-    assert ("attention::chunk" in _plan(fast).source.text) == (split_attention == "1" and cfg.dtype != "float32")
+    assert ("attention::keys_in_chunks" in _plan(fast).source.text) == (split_attention == "1" and cfg.dtype != "float32")
 
 
 @pytest.mark.parametrize("batch", [2, 8])
@@ -192,7 +192,7 @@ def test_llama_1b_shaped_layers_bf16(split_attention, batch, monkeypatch):
     actual = fast(*args)
     assert_model_outputs_close(actual[1:], expected[1:], cfg.dtype)
     text = _plan(fast).source.text
-    assert ("attention::chunk" in text) == (split_attention == "1")
+    assert ("attention::keys_in_chunks" in text) == (split_attention == "1")
     if split_attention == "0":
         assert "dot::rows_shared<__nv_bfloat16, 4>" in text
         assert ("streams while the rows are staged" in text) == (batch == 8)

@@ -29,6 +29,24 @@ def render(body: KernelBody):
     return render_attention(body) if body.kernel.attention is not None else None
 
 
+def shared_memory_bytes(rows: int, head_dim: int, chunk: int) -> int:
+    """Shared memory of a split-attention task (the layout render_attention lays out; attention.cuh's
+    scratch_bytes and scores_stride, which the rendered body checks): the query rows, their scores, the chunk's
+    keys and values beside the warps' partial sums (at least the staging's block-reduction scratch), the
+    chunk's partials and the merge flag. The pass sizes chunks by it, so one formula decides both."""
+    scores_stride = -(-chunk // 4) * 4
+    return 4 * (rows * (_x_stride(head_dim) + scores_stride) + rows * head_dim + 2 * rows) + _scratch_bytes(rows, head_dim, chunk) + 16
+
+
+def _x_stride(head_dim: int) -> int:
+    return -(-head_dim // 4) * 4
+
+
+def _scratch_bytes(rows: int, head_dim: int, chunk: int) -> int:
+    kv_tiles = 2 * chunk * head_dim * 2  # two-byte keys and values (attention._rows_dims)
+    return max(4 * 8 * THREADS, kv_tiles + (THREADS // 32) * rows * head_dim * 4)
+
+
 def render_attention(body: KernelBody):
     """Split attention (attention.cuh): the task's query rows staged once, then per chunk of its keys the
     scores, their softmax's partial sums and the chunk's share of the output, stored as the chunk's partials."""
@@ -38,16 +56,21 @@ def render_attention(body: KernelBody):
     key_form, value_form = linear_form(dot.rhs_map, dot.rhs.shape), linear_form(spec.values_map, spec.values.shape)
     assert plan is not None and key_form is not None and value_form is not None, "checked by attention.py"
     rows = math.prod(k.domain[d] for d in spec.rows_dims)
+    # every task holds the rows dims whole and one index of the others (tiling): row positions fold with numbers
+    extents = [k.domain[d] if d in spec.rows_dims else 1 for d in range(rank - 1)]
+    assert all([h - lo for lo, h in zip(t.lo[: rank - 1], t.hi[: rank - 1])] == extents for t in body.tasks)
     head_dim, chunk = spec.partial_out.shape[-1], spec.chunk
-    chunk_pad, x_stride = -(-chunk // 4) * 4, plan.x_stride
+    chunk_pad, x_stride = -(-chunk // 4) * 4, _x_stride(head_dim)
     kv_type = STORAGE[dtype_code(dot.rhs.buffer.dtype)]
-    scratch_bytes = max(4 * 8 * THREADS, chunk * head_dim * 2 + (THREADS // 32) * rows * head_dim * 4)
+    scratch_bytes = _scratch_bytes(rows, head_dim, chunk)
     em = Emitter(body, rows_prefix=None)
+    em.emit(f"static_assert(attention::scratch_bytes<{kv_type}, {rows}, {head_dim}>({chunk}) <= {scratch_bytes} && "
+            f"attention::scores_stride({chunk}) == {chunk_pad}, \"bodies/attention.py lays out what attention.cuh uses\");")
     em.emit("float* xs = reinterpret_cast<float*>(smem);")
     em.emit(f"float* scores = xs + {rows * x_stride};")
     em.emit(f"float* scratch = scores + {rows * chunk_pad};")
     em.emit(f"float* out = scratch + {scratch_bytes // 4};")
-    smem = 4 * (rows * (x_stride + chunk_pad) + rows * head_dim + 2 * rows) + scratch_bytes
+    smem = shared_memory_bytes(rows, head_dim, chunk)
     row_stride = uniform_row_stride(body, plan) if dot.lhs_expr is None else None
     if row_stride is not None:  # stored query rows (attention.py stores them when that costs no level)
         lhs = body.pointer_name(dot.lhs, plan.lhs_const)
@@ -55,52 +78,51 @@ def render_attention(body: KernelBody):
         lhs_t = STORAGE[dtype_code(dot.lhs.buffer.dtype)]
         em.emit(f"dot::stage_rows<{rows}, {plan.K}, {lhs_t}, {str(read_only(dot.lhs)).lower()}>("
                 f"xs, {x_stride}, {lhs}, {first}, {row_stride}, {plan.lhs_k});")
-    elif not stage_computed_rows_at_once(body, em, rows, plan.K, x_stride):
+    elif not stage_computed_rows_at_once(body, em, rows, plan.K, x_stride, extents):
         em.emit(f"for (index_t row = 0; row < {rows}; ++row) {{")
         em.push()
-        stage_lhs(body, em, plan, em.tile_index("row", range(rank - 1)), f"(xs + row * {x_stride})")
+        stage_lhs(body, em, plan, em.tile_index("row", range(rank - 1), extents), f"(xs + row * {x_stride})")
         em.pop()
         em.emit("}")
     em.emit("__syncthreads();")
+    body.mark_phase(em, "staged")
     lead = [f"t.lo[{d}]" for d in range(rank - 1)]
     (key_const, key_coefs), (value_const, value_coefs) = key_form, value_form
     keys = body.pointer_name(dot.rhs, key_const)
     values = body.pointer_name(spec.values, value_const)
-    em.emit(f"for (index_t first = t.lo[{rank - 1}]; first < t.hi[{rank - 1}]; first += {chunk}) {{")
+    em.emit(f"const {kv_type}* keys = reinterpret_cast<const {kv_type}*>({keys}) + {linear(0, key_coefs[: rank - 1], lead)};")
+    em.emit(f"const {kv_type}* values = reinterpret_cast<const {kv_type}*>({values}) + {linear(0, value_coefs[: rank - 1], lead)};")
+    em.emit("auto score = [&](int row, index_t key, float qk) -> float {")
     em.push()
-    em.emit(f"const {kv_type}* keys = reinterpret_cast<const {kv_type}*>({keys}) + "
-            f"({linear(0, key_coefs[: rank - 1], lead)} + first * {key_coefs[rank - 1]});")
-    em.emit(f"const {kv_type}* values = reinterpret_cast<const {kv_type}*>({values}) + "
-            f"({linear(0, value_coefs[: rank - 1], lead)} + first * {value_coefs[rank]});")
-    em.emit("auto score = [&](int row, int key, float qk) -> float {")
-    em.push()
-    idx = em.tile_index("row", range(rank - 1)) + ["(first + key)"]
+    idx = em.tile_index("row", range(rank - 1), extents) + ["key"]
     em.acc = em.rounded("qk", dtype_code(dot.acc_dtype))
     em.emit(f"return static_cast<float>({em.value(spec.score, idx)});")
     em.pop()
     em.emit("};")
-    em.emit(f"attention::chunk<{kv_type}, {rows}, {head_dim}>(xs, {x_stride}, keys, {key_coefs[rank - 1]}, values, "
-            f"{value_coefs[rank]}, {chunk}, scores, {chunk_pad}, reinterpret_cast<char*>(scratch), out, score);")
-    em.emit(f"const index_t part = first / {chunk};")
+    em.emit("auto store = [&](index_t part) {")
+    em.push()
     for tensor, count, source in ((spec.partial_out, rows * head_dim, "out[e]"),
                                   (spec.partial_max, rows, f"out[{rows * head_dim} + e]"),
                                   (spec.partial_sum, rows, f"out[{rows * head_dim + rows} + e]")):  # fmt: skip
         per_row = head_dim if tensor is spec.partial_out else 1
         em.emit(f"for (index_t e = threadIdx.x; e < {count}; e += {THREADS}) {{")
         em.push()
-        ridx = em.tile_index(f"e / {per_row}", range(rank - 1))
+        ridx = em.tile_index(f"e / {per_row}", range(rank - 1), extents)
         index = ridx + ["part"] + ([f"e % {per_row}"] if per_row > 1 else [])
         em.emit(f"ops::store<float>({', '.join(_element(em, tensor, index))}, {source});")
         em.pop()
         em.emit("}")
-    em.emit("__syncthreads();")
     em.pop()
-    em.emit("}")
-    merge_if_last(body, em, rows, f"reinterpret_cast<int*>(out + {rows * head_dim + 2 * rows})")
-    return body.finish(em, smem=smem + 16, prefetch=None)
+    em.emit("};")
+    em.emit(f"attention::keys_in_chunks<{kv_type}, {rows}, {head_dim}, {chunk}>(xs, {x_stride}, keys, {key_coefs[rank - 1]}, "
+            f"values, {value_coefs[rank]}, t.lo[{rank - 1}], t.hi[{rank - 1}], scores, reinterpret_cast<char*>(scratch), "
+            f"out, score, store);")
+    body.mark_phase(em, "computed")
+    merge_if_last(body, em, rows, extents, f"reinterpret_cast<int*>(out + {rows * head_dim + 2 * rows})")
+    return body.finish(em, smem=smem, prefetch=None)
 
 
-def merge_if_last(body: KernelBody, em: Emitter, rows: int, flag: str) -> None:
+def merge_if_last(body: KernelBody, em: Emitter, rows: int, extents: list[int], flag: str) -> None:
     """The task that brings its group's counter to the group's task count (this call's share: counters only
     grow, as events do) merges the group's chunks into the output. Every task released its stores of
     partials before it counted; the merger's fence after counting orders its loads after them."""
@@ -124,7 +146,7 @@ def merge_if_last(body: KernelBody, em: Emitter, rows: int, flag: str) -> None:
     em.emit(f"for (index_t e = threadIdx.x; e < {rows * head_dim}; e += {THREADS}) {{")
     em.push()
     em.emit(f"const index_t d = e % {head_dim};")
-    ridx = em.tile_index(f"e / {head_dim}", range(rank - 1))
+    ridx = em.tile_index(f"e / {head_dim}", range(rank - 1), extents)
 
     m_ptr, o_ptr, l_ptr = (body.pointer_name(t) for t in (spec.partial_max, spec.partial_out, spec.partial_sum))
     em.emit(f"const index_t per_chunk = {_element(em, spec.partial_max, ridx + ['0'])[1]}, "
@@ -150,7 +172,8 @@ def _element(em: Emitter, tensor: Tensor, index: list[str]) -> tuple[str, str]:
     return em.element_offset(tensor, IndexMap.identity(tensor.shape), index, ())
 
 
-def stage_computed_rows_at_once(body: KernelBody, em: Emitter, rows: int, K: int, x_stride: int) -> bool:
+def stage_computed_rows_at_once(body: KernelBody, em: Emitter, rows: int, K: int, x_stride: int,
+                                extents: list[int]) -> bool:
     """xs[row * x_stride + k] = the computed lhs for all the task's rows in one loop, so that every thread's
     loads for every row are in flight together (a row at a time costs a memory round trip per row, the
     q rows with RoPE of a key/value head's query heads). Only without block reductions (they go row by
@@ -164,7 +187,7 @@ def stage_computed_rows_at_once(body: KernelBody, em: Emitter, rows: int, K: int
     em.emit(f"for (index_t e = threadIdx.x; e < {rows * K}; e += {THREADS}) {{")
     em.push()
     em.emit(f"const index_t row = e / {K}, k = e - row * {K};")
-    ridx = em.tile_index("row", range(rank - 1))
+    ridx = em.tile_index("row", range(rank - 1), extents)
     kidx = em.delinearize("k", [str(s) for s in dot.k_shape], ["0"] * len(dot.k_shape))
     value_idx = em.map_index(lhs_map, ridx + ["0"] + kidx)
     em.emit(f"xs[row * {x_stride} + k] = static_cast<float>({em.value(value, value_idx)});")
