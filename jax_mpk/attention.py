@@ -29,9 +29,10 @@ from .bodies.attention import shared_memory_bytes as attention_smem_bytes
 from .layout import NodeOp, ReduceKind, TensorKind
 
 MIN_CHUNK = 32  # keys per task at least: fewer would not cover the task's fixed cost
-MAX_ROWS = 8  # query rows per task (the query heads that share one key/value head): the body's registers
-MAX_ROW_VALUES = 1024  # rows x head dim: the warps' partial sums of the output in shared memory
-VECTOR = 8  # keys and values are read 16 bytes (8 two-byte elements) per lane
+MAX_ROWS = 8  # query rows per task (the query heads that share one key/value head): the mma's 8 columns
+VECTOR = 8  # keys and values are copied 16 bytes (8 two-byte elements) at a time
+MMA_STEP = 16  # keys per mma tile and head elements per mma step (attention.cuh: m16n8k16)
+MAX_HEAD_DIM = 256
 
 NewTensor = Callable[[tuple, np.dtype, str], Tensor]
 
@@ -110,11 +111,11 @@ def _store_queries_beside(attention: Kernel, writer, new_tensor: NewTensor) -> K
 
 def _chunk(keys: int, row_groups: int, num_workers: int, max_chunk: int) -> int | None:
     """Keys per chunk: enough chunks that the row groups times the chunks occupy the workers, each chunk at least
-    MIN_CHUNK (or all the keys) and at most ``max_chunk`` keys, dividing the key count (so every chunk is whole);
-    None when no such chunk exists (a prime count of keys above ``max_chunk``)."""
+    MIN_CHUNK (or all the keys) and at most ``max_chunk`` keys, whole mma tiles, dividing the key count (so every
+    chunk is whole); None when no such chunk exists (a key count that is not a multiple of 16)."""
     wanted = max(1, num_workers // max(row_groups, 1))
     target = min(max(-(-keys // wanted), MIN_CHUNK), max_chunk)
-    divisors = [c for c in range(min(MIN_CHUNK, keys), min(keys, max_chunk) + 1) if keys % c == 0]
+    divisors = [c for c in range(min(MIN_CHUNK, keys), min(keys, max_chunk) + 1) if keys % c == 0 and c % MMA_STEP == 0]
     return min(divisors, key=lambda c: (abs(c - target), -c)) if divisors else None
 
 
@@ -242,10 +243,14 @@ def _drop_axis(shape: tuple, axis: int) -> IndexMap:
 def _rows_dims(qk, pv, rows: tuple, head_dim: int, keys: int) -> tuple[int, ...] | None:
     """The row dims that index neither keys nor values (one task takes them whole and reads its chunk of keys
     and values once for all of them), when both are two-byte tensors read along whole 16-byte vectors of the
-    head dim at 16-byte aligned offsets and the task's rows fit the body; else None."""
+    head dim at 16-byte aligned offsets, the queries are of their type, the head dim is whole mma steps and the
+    task's rows fit the body; else None."""
     if qk.rhs.buffer.dtype != pv.rhs.buffer.dtype or np.dtype(qk.rhs.buffer.dtype).itemsize != 2:
         return None
-    if head_dim % VECTOR or 32 % (head_dim // VECTOR):  # a key's lanes: a power of two, within one warp
+    # the queries enter the scores' mma in the keys' type: only when that is their own (no rounding added)
+    if np.dtype(qk.lhs_expr.dtype if qk.lhs_expr is not None else qk.lhs.buffer.dtype) != np.dtype(qk.rhs.buffer.dtype):
+        return None
+    if head_dim % MMA_STEP or head_dim > MAX_HEAD_DIM:
         return None
     key_form = linear_form(qk.rhs_map, qk.rhs.shape)  # over rows ++ (key, d)
     value_form = linear_form(pv.rhs_map, pv.rhs.shape)  # over rows ++ (d, key)
@@ -259,4 +264,4 @@ def _rows_dims(qk, pv, rows: tuple, head_dim: int, keys: int) -> tuple[int, ...]
         return None
     dims = tuple(d for d in range(len(rows)) if rows[d] > 1 and key_coefs[d] == 0 and value_coefs[d] == 0)
     row_count = math.prod(rows[d] for d in dims)
-    return dims if row_count <= MAX_ROWS and row_count * head_dim <= MAX_ROW_VALUES else None
+    return dims if row_count <= MAX_ROWS else None

@@ -34,17 +34,23 @@ def shared_memory_bytes(rows: int, head_dim: int, chunk: int) -> int:
     scratch_bytes and scores_stride, which the rendered body checks): the query rows, their scores, the chunk's
     keys and values beside the warps' partial sums (at least the staging's block-reduction scratch), the
     chunk's partials and the merge flag. The pass sizes chunks by it, so one formula decides both."""
-    scores_stride = -(-chunk // 4) * 4
-    return 4 * (rows * (_x_stride(head_dim) + scores_stride) + rows * head_dim + 2 * rows) + _scratch_bytes(rows, head_dim, chunk) + 16
+    return (4 * (rows * (_x_stride(head_dim) + _scores_stride(chunk)) + rows * head_dim + 2 * rows)
+            + _scratch_bytes(rows, head_dim, chunk) + 16)  # fmt: skip
 
 
 def _x_stride(head_dim: int) -> int:
     return -(-head_dim // 4) * 4
 
 
+def _scores_stride(chunk: int) -> int:
+    return -(-chunk // 32) * 32 + 8
+
+
 def _scratch_bytes(rows: int, head_dim: int, chunk: int) -> int:
     kv_tiles = 2 * chunk * head_dim * 2  # two-byte keys and values (attention._rows_dims)
-    return max(4 * 8 * THREADS, kv_tiles + (THREADS // 32) * rows * head_dim * 4)
+    warps, head_tiles = THREADS // 32, head_dim // 16
+    key_groups = warps // head_tiles if warps >= head_tiles else 1  # attention.cuh's Geometry::kKeyGroups
+    return max(4 * 8 * THREADS, kv_tiles + key_groups * rows * head_dim * 4)
 
 
 def render_attention(body: KernelBody):
@@ -60,7 +66,7 @@ def render_attention(body: KernelBody):
     extents = [k.domain[d] if d in spec.rows_dims else 1 for d in range(rank - 1)]
     assert all([h - lo for lo, h in zip(t.lo[: rank - 1], t.hi[: rank - 1])] == extents for t in body.tasks)
     head_dim, chunk = spec.partial_out.shape[-1], spec.chunk
-    chunk_pad, x_stride = -(-chunk // 4) * 4, _x_stride(head_dim)
+    chunk_pad, x_stride = _scores_stride(chunk), _x_stride(head_dim)
     kv_type = STORAGE[dtype_code(dot.rhs.buffer.dtype)]
     scratch_bytes = _scratch_bytes(rows, head_dim, chunk)
     em = Emitter(body, rows_prefix=None)

@@ -10,8 +10,12 @@
 // keys into registers four per lane group at a time and capped the values' tile at 32 KB: a batch-8 task of
 // Qwen3-8B moved 6 GB/s, one sixth of its SM's share.)
 //
-// Threads: a key's D values are kLanes = D / 8 lanes of 16 bytes, so a pass of the block covers
-// kBlockThreads / kLanes keys.
+// Arithmetic on tensor cores: with the tiles in shared memory, CUDA-core FMAs (q re-read from shared memory per
+// key, a shuffle reduction per key and row) took ~10 us a 256-key chunk of Qwen3-8B at batch 8, 2.5x the chunk's
+// bytes at the SM's share of HBM (benchmarks/micro/attention_chunk.cu). Scores: S^T = K q^T with mma.sync
+// m16n8k16, the key tile as A (16 keys x 16 of D, ldmatrix), the query rows as B (rows past R zero); output:
+// o^T = V^T p^T, the value tile as A (ldmatrix.trans), the probabilities as B, rounded to the values' type as the
+// unsplit form rounds them (after exp, before the sum over chunks). Float accumulation in both.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -24,33 +28,45 @@
 
 namespace jax_mpk::attention {
 
+// Tiles: key s's D elements as D / 8 vectors of 16 bytes, vector c stored at position c ^ f(s), so that the
+// 8 rows of an 8 x 8 ldmatrix (8 consecutive keys, one vector each) fall in 8 different bank groups.
 template <int D> struct Geometry {
-  static_assert(D % 8 == 0 && D / 8 <= 32 && (32 % (D / 8)) == 0, "a key's 16-byte vectors fill whole lane groups of a warp");
-  static constexpr int kLanes = D / 8;                         // lanes per key
-  static constexpr int kKeysPerPass = kBlockThreads / kLanes;  // keys the block reads at once
+  static_assert(D % 16 == 0 && D <= 256, "whole 16-wide mma steps along the head");
+  static constexpr int kVectors = D / 8;  // 16-byte vectors per key
   static constexpr int kWarps = kBlockThreads / 32;
+  static constexpr int kHeadTiles = D / 16;  // the output's 16-row mma tiles along the head
+  // warps that share one head tile of the output, each over part of the chunk's keys (their sums added at the end)
+  static constexpr int kKeyGroups = kWarps >= kHeadTiles ? kWarps / kHeadTiles : 1;
 };
 
-// Shared memory (bytes) of scratch: a chunk's keys, its values, then the warps' partial sums of o.
-template <class T, int R, int D>
-__host__ __device__ constexpr int scratch_bytes(int chunk) {
-  return 2 * chunk * D * static_cast<int>(sizeof(T)) + Geometry<D>::kWarps * R * D * 4;
+template <int D>
+__device__ __forceinline__ int tile_offset(int s, int c) {  // bytes
+  constexpr int kVectors = Geometry<D>::kVectors;
+  constexpr int kKeysPerLine = kVectors >= 8 ? 1 : 8 / kVectors;  // keys in 128 bytes (one pass over the banks)
+  constexpr int kMask = kVectors >= 8 ? 7 : kVectors - 1;
+  return (s * kVectors + (c ^ ((s / kKeysPerLine) & kMask))) * 16;
 }
 
-// Floats from one row's scores to the next.
-__host__ __device__ constexpr int scores_stride(int chunk) { return (chunk + 3) / 4 * 4; }
+// Shared memory (bytes) of scratch: a chunk's keys, its values, then the key groups' partial sums of o.
+template <class T, int R, int D>
+__host__ __device__ constexpr int scratch_bytes(int chunk) {
+  return 2 * chunk * D * static_cast<int>(sizeof(T)) + Geometry<D>::kKeyGroups * R * D * 4;
+}
 
-// Issue (and commit as one group) the copies of kChunk keys' D elements, key s from src + s * stride, to
-// tile[s * D ...].
+// Floats from one row's scores to the next: 8 more than a multiple of 32, so that the probabilities' B loads (8
+// rows at one key) use 8 different banks.
+__host__ __device__ constexpr int scores_stride(int chunk) { return (chunk + 31) / 32 * 32 + 8; }
+
+// Issue (and commit as one group) the copies of kChunk keys' D elements, key s from src + s * stride, into tile.
 template <class T, int D, int kChunk>
 __device__ __forceinline__ void copy_async(T* tile, const T* src, int64_t stride) {
-  using G = Geometry<D>;
-  const int lane = threadIdx.x % G::kLanes, slot = threadIdx.x / G::kLanes;
-  const uint32_t base = dot::shared_address(tile) + lane * 16;
+  constexpr int kVectors = Geometry<D>::kVectors;
+  const uint32_t base = dot::shared_address(tile);
 #pragma unroll 4
-  for (int s = slot; s < kChunk; s += G::kKeysPerPass) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(base + s * D * static_cast<int>(sizeof(T))),
-                 "l"(src + s * stride + lane * 8) : "memory");
+  for (int v = threadIdx.x; v < kChunk * kVectors; v += kBlockThreads) {
+    const int s = v / kVectors, c = v % kVectors;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(base + tile_offset<D>(s, c)),
+                 "l"(src + s * stride + c * 8) : "memory");
   }
   asm volatile("cp.async.commit_group;" ::: "memory");
 }
@@ -59,55 +75,64 @@ __device__ __forceinline__ void commit_empty() { asm volatile("cp.async.commit_g
 // Every copy group but the newest one has landed (this thread's; a barrier makes it everyone's).
 __device__ __forceinline__ void wait_all_but_newest() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 
-// q: R rows of D floats (row stride q_stride) in shared memory. keys/values: key s of the task's KV head at
-// keys + s * key_stride, values + s * value_stride (D contiguous two-byte elements, 16-byte aligned). The task
-// takes keys [first, last), whole chunks of kChunk. scores: R rows of scores_stride(kChunk) floats; scratch:
-// scratch_bytes<T, R, D>(kChunk), 16-byte aligned; out: R * D + 2 * R floats. score(r, s, dot) is the softmax's
-// input for row r and key s given q . k (the user's scaling and masking). Per chunk, store(part) is called by
-// every thread with out[r * D + d] = o, out[R * D + r] = m, out[R * D + R + r] = l (part = first key / kChunk).
-// Ends with a barrier; no copy is left in flight.
+// q: R rows of D floats (row stride q_stride) in shared memory, values of T. keys/values: key s of the task's KV
+// head at keys + s * key_stride, values + s * value_stride (D contiguous two-byte elements, 16-byte aligned).
+// The task takes keys [first, last), whole chunks of kChunk (a multiple of 16). scores: R rows of
+// scores_stride(kChunk) floats; scratch: scratch_bytes<T, R, D>(kChunk), 16-byte aligned; out: R * D + 2 * R
+// floats. score(r, s, dot) is the softmax's input for row r and key s given q . k (the user's scaling and
+// masking). Per chunk, store(part) is called by every thread with out[r * D + d] = o, out[R * D + r] = m,
+// out[R * D + R + r] = l (part = first key / kChunk). Ends with a barrier; no copy is left in flight.
 template <class T, int R, int D, int kChunk, class Score, class Store>
 __device__ void keys_in_chunks(const float* q, int q_stride, const T* keys, int64_t key_stride, const T* values,
                                int64_t value_stride, int first, int last, float* scores, char* scratch, float* out,
                                Score score, Store store) {
   using G = Geometry<D>;
-  static_assert(R >= 1 && R <= 8, "query rows per task");
-  static_assert(kChunk >= 1 && (kChunk * D * sizeof(T)) % 16 == 0, "whole 16-byte vectors");
-  constexpr int kStride = scores_stride(kChunk);
-  const int lane = threadIdx.x % G::kLanes, slot = threadIdx.x / G::kLanes;
-  const int warp = threadIdx.x / 32, warp_lane = threadIdx.x % 32;
+  static_assert(R >= 1 && R <= 8, "query rows per task: the 8 columns of B");
+  static_assert(kChunk % 16 == 0, "whole 16-key mma tiles");
+  constexpr int kStride = scores_stride(kChunk), kKeyTiles = kChunk / 16, kHeadSteps = D / 16;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, q4 = lane % 4;  // mma fragments: B column (query row) g, k-pairs 2 q4 and 2 q4 + 8
   T* key_tile = reinterpret_cast<T*>(scratch);
   T* value_tile = key_tile + kChunk * D;
-  float* warp_sums = reinterpret_cast<float*>(value_tile + kChunk * D);
+  float* partial_o = reinterpret_cast<float*>(value_tile + kChunk * D);  // [key group][row][D]
+  const uint32_t key_base = dot::shared_address(key_tile), value_base = dot::shared_address(value_tile);
 
   copy_async<T, D, kChunk>(key_tile, keys + first * key_stride, key_stride);
   copy_async<T, D, kChunk>(value_tile, values + first * value_stride, value_stride);
+  // the query rows as B fragments, once per task: q[g][16 step + 2 q4 (+1)] and 8 further
+  uint32_t qb[kHeadSteps][2];
+#pragma unroll
+  for (int step = 0; step < kHeadSteps; ++step) {
+    const float* row = q + (g < R ? g : 0) * q_stride + 16 * step + 2 * q4;
+    qb[step][0] = g < R ? dot::pack2(row[0], row[1], key_tile) : 0u;
+    qb[step][1] = g < R ? dot::pack2(row[8], row[9], key_tile) : 0u;
+  }
+  // ldmatrix: lane L addresses row L % 8 of the 8 x 8 matrix L / 8
+  const int ld_row = lane % 8, ld_matrix = lane / 8;
 #pragma unroll 1
   for (int begin = first; begin < last; begin += kChunk) {
     const bool more = begin + kChunk < last;
     wait_all_but_newest();  // this chunk's keys (its values may still be on their way)
     __syncthreads();
 
-    // 1. scores from the key tile: a lane group per key
-#pragma unroll 2
-    for (int base = 0; base < kChunk; base += G::kKeysPerPass) {  // warp-uniform: the lanes shuffle
-      const int s = base + slot;
-      float k[8];
-      if (s < kChunk) {
-        dot::unpack8(*reinterpret_cast<const uint4*>(key_tile + s * D + lane * 8), key_tile, k);
-      } else {
+    // 1. scores: a warp per 16 keys; A = the keys (matrices: keys 0-7 / 8-15 x head 0-7, then head 8-15)
+#pragma unroll 1
+    for (int tile = warp; tile < kKeyTiles; tile += G::kWarps) {
+      float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      const int key = 16 * tile + ld_row + 8 * (ld_matrix % 2);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) k[j] = 0.0f;
+      for (int step = 0; step < kHeadSteps; ++step) {
+        uint32_t a[4];
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                     : "r"(key_base + tile_offset<D>(key, 2 * step + ld_matrix / 2)));
+        dot::mma_16x8x16<T>(c, a, qb[step][0], qb[step][1]);
       }
+      // c[i]: key 16 tile + g (+ 8 for i >= 2), query row 2 q4 (+ 1 for odd i)
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float4 a = *reinterpret_cast<const float4*>(q + r * q_stride + lane * 8);
-        const float4 b = *reinterpret_cast<const float4*>(q + r * q_stride + lane * 8 + 4);
-        float sum = a.x * k[0] + a.y * k[1] + a.z * k[2] + a.w * k[3] + b.x * k[4] + b.y * k[5] + b.z * k[6] +
-                    b.w * k[7];
-#pragma unroll
-        for (int offset = G::kLanes / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-        if (lane == 0 && s < kChunk) scores[r * kStride + s] = score(r, begin + s, sum);
+      for (int i = 0; i < 4; ++i) {
+        const int row = 2 * q4 + (i & 1), s = 16 * tile + g + 8 * (i >> 1);
+        if (row < R) scores[row * kStride + s] = score(row, begin + s, c[i]);
       }
     }
     __syncthreads();  // the key tile is free, the scores complete
@@ -120,18 +145,18 @@ __device__ void keys_in_chunks(const float* q, int q_stride, const T* keys, int6
     // 2. per row (a warp each): m, p = exp(score - m) in place, l
     for (int r = warp; r < R; r += G::kWarps) {
       float m = -INFINITY;
-      for (int s = warp_lane; s < kChunk; s += 32) m = fmaxf(m, scores[r * kStride + s]);
+      for (int s = lane; s < kChunk; s += 32) m = fmaxf(m, scores[r * kStride + s]);
       for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
       // a chunk whose scores are all -inf (masked) contributes nothing, not exp(-inf - -inf) = NaN
       const float reference = m == -INFINITY ? 0.0f : m;
       float l = 0.0f;
-      for (int s = warp_lane; s < kChunk; s += 32) {
+      for (int s = lane; s < kChunk; s += 32) {
         const float p = expf(scores[r * kStride + s] - reference);
         scores[r * kStride + s] = p;
         l += p;
       }
       l = dot::warp_sum(l);
-      if (warp_lane == 0) {
+      if (lane == 0) {
         out[R * D + r] = m;
         out[R * D + R + r] = l;
       }
@@ -139,33 +164,33 @@ __device__ void keys_in_chunks(const float* q, int q_stride, const T* keys, int6
     wait_all_but_newest();  // this chunk's values
     __syncthreads();
 
-    // 3. o = p . values: each thread sums its keys for its 8 columns, then the lane groups of a warp, then the warps
-    float acc[R][8];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[r][j] = 0.0f;
+    // 3. o^T = V^T p^T: a warp per 16 of the head and key group; A = the values transposed (matrices: head 0-7 /
+    // 8-15 x keys 0-7, then keys 8-15), B = the probabilities
+    const int head_tile = warp % G::kHeadTiles, group = warp / G::kHeadTiles;
+    if (group < G::kKeyGroups) {
+      float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      const float* p_lane = scores + (g < R ? g : 0) * kStride + 2 * q4;
 #pragma unroll 2
-    for (int s = slot; s < kChunk; s += G::kKeysPerPass) {
-      float v[8];
-      dot::unpack8(*reinterpret_cast<const uint4*>(value_tile + s * D + lane * 8), value_tile, v);
+      for (int step = group; step < kKeyTiles; step += G::kKeyGroups) {
+        uint32_t a[4];
+        const int key = 16 * step + ld_row + 8 * (ld_matrix / 2);
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                     : "r"(value_base + tile_offset<D>(key, 2 * head_tile + ld_matrix % 2)));
+        const float2 lo = *reinterpret_cast<const float2*>(p_lane + 16 * step);
+        const float2 hi = *reinterpret_cast<const float2*>(p_lane + 16 * step + 8);
+        const uint32_t b0 = g < R ? dot::pack2(lo.x, lo.y, value_tile) : 0u;
+        const uint32_t b1 = g < R ? dot::pack2(hi.x, hi.y, value_tile) : 0u;
+        dot::mma_16x8x16<T>(o, a, b0, b1);
+      }
+      // o[i]: head element 16 head_tile + g (+ 8 for i >= 2), query row 2 q4 (+ 1 for odd i)
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float p = scores[r * kStride + s];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[r][j] += p * v[j];
+      for (int i = 0; i < 4; ++i) {
+        const int row = 2 * q4 + (i & 1), d = 16 * head_tile + g + 8 * (i >> 1);
+        if (row < R) partial_o[(group * R + row) * D + d] = o[i];
       }
     }
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        float x = acc[r][j];
-#pragma unroll
-        for (int offset = 16; offset >= G::kLanes; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-        if (warp_lane < G::kLanes) warp_sums[(warp * R + r) * D + lane * 8 + j] = x;
-      }
-    __syncthreads();  // the value tile is free, the warps' sums complete
+    __syncthreads();  // the value tile is free, the groups' sums complete
     if (more) {
       copy_async<T, D, kChunk>(value_tile, values + (begin + kChunk) * value_stride, value_stride);
     } else {
@@ -174,12 +199,12 @@ __device__ void keys_in_chunks(const float* q, int q_stride, const T* keys, int6
     for (int e = threadIdx.x; e < R * D; e += kBlockThreads) {
       float total = 0.0f;
 #pragma unroll
-      for (int w = 0; w < G::kWarps; ++w) total += warp_sums[w * R * D + e];
+      for (int w = 0; w < G::kKeyGroups; ++w) total += partial_o[w * R * D + e];
       out[e] = total;
     }
     __syncthreads();
     store(begin / kChunk);
-    __syncthreads();  // out, the scores and the warps' sums are the next chunk's
+    __syncthreads();  // out, the scores and the groups' sums are the next chunk's
   }
   asm volatile("cp.async.wait_all;" ::: "memory");  // only empty groups remain; leave none behind
 }
