@@ -194,7 +194,10 @@ def _cost_per_element(kernel: Kernel) -> float:
         else:
             cost += 1
     if kernel.dot is not None:
-        cost += 2 * math.prod(kernel.dot.k_shape)
+        # a split-attention kernel does both of attention's products per (query row, key): q . k and p . v (costed
+        # as one, the scheduler stacked two of Qwen3-8B b8's attention tasks on one SM in 14 places)
+        products = 2 if kernel.attention is not None else 1
+        cost += products * 2 * math.prod(kernel.dot.k_shape)
     return max(cost, 1.0)
 
 
