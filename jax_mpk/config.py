@@ -52,7 +52,8 @@ class Config:
     cache_dir: str  # plans and compiled megakernels (JAX_MPK_CACHE_DIR, default ~/.cache/jax_mpk)
     force_compile: bool  # plan and compile again, ignoring the cache (JAX_MPK_FORCE_COMPILE)
     # CUDA: attention as one split-along-the-keys kernel (flash-decoding, jax_mpk/attention.py), merged by the
-    # output projection (JAX_MPK_SPLIT_ATTENTION, default off: not yet faster, see docs/notes/cuda_megakernel.md)
+    # last task of each group of query rows (JAX_MPK_SPLIT_ATTENTION, default on since its tensor-core body: never
+    # slower in the 2-layer profiles of the benchmark models, 1-8% faster at batch 8; docs/notes/cuda_megakernel.md)
     split_attention: bool
     # testing: the CPU executor runs plans fused and tiled as for a GPU of JAX_MPK_NUM_WORKERS SMs
     # (JAX_MPK_GPU_FUSION), so that the GPU fusion's semantics are checked without a GPU
@@ -85,7 +86,7 @@ def load() -> Config:
         cache_dir=os.environ.get("JAX_MPK_CACHE_DIR")
         or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jax_mpk"),
         force_compile=_env_flag("JAX_MPK_FORCE_COMPILE", False),
-        split_attention=_env_flag("JAX_MPK_SPLIT_ATTENTION", False),
+        split_attention=_env_flag("JAX_MPK_SPLIT_ATTENTION", True),
         gpu_fusion=_env_flag("JAX_MPK_GPU_FUSION", False),
         stage_shared_rows=_env_flag("JAX_MPK_STAGE_SHARED_ROWS", False),
         schedule_seed=_env("JAX_MPK_SCHEDULE_SEED", None, int, expected="an integer"),

@@ -30,7 +30,7 @@ class Target:
     platform: str  # "cpu" or "cuda"
     num_workers: int
     compute_capability: str | None = None
-    # CUDA: attention as one kernel split along its keys (JAX_MPK_SPLIT_ATTENTION; not yet faster, so off)
+    # CUDA: attention as one kernel split along its keys (JAX_MPK_SPLIT_ATTENTION, which defaults to on)
     split_attention: bool = False
     # GPU fusion: products whose tasks share a weight tile over several rows (batch > 1) also compute those rows
     # in their staging (JAX_MPK_STAGE_SHARED_ROWS; off until it measures faster)
