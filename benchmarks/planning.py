@@ -95,9 +95,7 @@ def plan_for_gpu(closed, sms: int, arch: str):
     """megakernelize's pipeline on ``closed`` for a GPU of ``sms`` SMs and compute capability ``arch``, with the
     GPU knobs of the environment; its stages."""
     knobs = config.load()
-    target = Target("cuda", sms, arch, split_attention=knobs.split_attention,
-                    stage_shared_rows=knobs.stage_shared_rows)  # fmt: skip
-    return plan_stages(closed, find_shard_map(closed), target, knobs)
+    return plan_stages(closed, find_shard_map(closed), Target.cuda(sms, arch, knobs), knobs)
 
 
 def print_levels(stages, first: int, layers: int) -> None:

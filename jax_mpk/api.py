@@ -187,8 +187,7 @@ class Megakernel:
         self.device = jax.devices("gpu")[0] if self.platform == "cuda" else None
         # On the GPU a worker is an SM: exactly one CTA per SM, all co-resident.
         if self.device is not None:
-            self.target = Target("cuda", self.device.core_count, str(self.device.compute_capability),
-                                 split_attention=cfg.split_attention, stage_shared_rows=cfg.stage_shared_rows)
+            self.target = Target.cuda(self.device.core_count, str(self.device.compute_capability), cfg)
         else:
             self.target = Target("cpu", num_workers or cfg.num_workers, gpu_fusion=cfg.gpu_fusion,
                                  stage_shared_rows=cfg.stage_shared_rows)

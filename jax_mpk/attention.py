@@ -124,7 +124,8 @@ def _match(values_product: Kernel, writer, readers):
     when ``values_product`` multiplies values by a softmax along its contraction (computed while staged, or
     stored by a kernel of its own that only it reads) of a value that a scores product alone stores; else None."""
     dot = values_product.dot
-    if dot is None or values_product.attention is not None or len(dot.k_shape) != 1 or len(values_product.outputs) != 1:
+    if (dot is None or values_product.attention is not None or len(dot.k_shape) != 1 or len(values_product.outputs) != 1
+            or len(values_product.domain) < 2):  # rows ++ (head dim,): a vector's dot has no rows
         return None
     out = values_product.outputs[0]
     if not isinstance(out.node, Acc) or not out.map.is_identity or out.dyn or tuple(out.tensor.shape) != tuple(values_product.domain):

@@ -42,6 +42,13 @@ class Target:
     def __post_init__(self) -> None:
         assert not (self.split_attention and self.platform != "cuda"), "split attention runs on CUDA only"
 
+    @staticmethod
+    def cuda(num_workers: int, compute_capability: str, knobs) -> Target:
+        """The CUDA megakernel's target for a GPU of ``num_workers`` SMs, with the GPU knobs of ``knobs`` (a
+        config.Config): what megakernelize plans for, and so what any planning on its behalf must use."""
+        return Target("cuda", num_workers, compute_capability, split_attention=knobs.split_attention,
+                      stage_shared_rows=knobs.stage_shared_rows)  # fmt: skip
+
     @property
     def shared_memory_bytes(self) -> int:
         """The shared memory a task body may use: the architecture's opt-in limit (the smallest listed one for

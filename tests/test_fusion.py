@@ -348,6 +348,14 @@ def test_split_attention_takes_scores_whose_unit_axes_sit_elsewhere():
     assert all((lo[2], hi[2]) == (0, 4) for lo, hi in tiles)
 
 
+def test_split_attention_leaves_products_without_rows():
+    """A dot of two vectors (no rows, found by the GPU fuzzer once split attention was on by default) is not the
+    values' product of an attention: the pass leaves it, where it used to index its empty domain."""
+    closed = jax.make_jaxpr(lambda a, b: jax.lax.dot_general(a, b, (((0,), (0,)), ((), ()))))(
+        jax.ShapeDtypeStruct((6,), jnp.float32), jax.ShapeDtypeStruct((6,), jnp.float32))
+    assert not any(k.attention is not None for k in fuse(capture(closed), GPU_SPLIT_ATTENTION).kernels)
+
+
 def test_split_attention_needs_whole_chunks():
     """A prime number of keys above the largest chunk has no whole chunks: the two products stay as they were."""
     closed = jax.make_jaxpr(_attention)(*_attention_args(1, 2, 2, 128, 1031))

@@ -133,14 +133,15 @@ def test_gather_and_update(rng):
 @pytest.mark.parametrize("split_attention", ["0", "1"])
 @pytest.mark.parametrize(
     "cfg",
-    [TinyConfig(), TinyConfig(qk_norm=True, dtype="bfloat16", batch=2)],
+    [TinyConfig(), TinyConfig(qk_norm=True, dtype="bfloat16", batch=2, max_seq=32)],
     ids=["llama-f32", "qwen3-bf16-b2"],
 )
 def test_decode_steps_match_jit(cfg, split_attention, monkeypatch):
     # split attention: its queries RoPE'd (and QK-normed) by a kernel beside the cache append, merged by the last task
     monkeypatch.setenv("JAX_MPK_SPLIT_ATTENTION", split_attention)
     fast = _check_decode_steps(cfg)
-    # split attention reads two-byte keys and values only: the float32 model keeps the two products
+    # split attention reads two-byte keys and values only, in whole 16-key mma tiles (32 keys: 2 chunks of 16 or
+    # one of 32): the float32 model keeps the two products
     assert ("attention::keys_in_chunks" in _plan(fast).source.text) == (split_attention == "1" and cfg.dtype != "float32")
 
 

@@ -274,7 +274,8 @@ def check_gpu_plan(program: Program) -> Outcome:
     closed = jax.make_jaxpr(program.function())(*program.inputs())
     try:
         with program.knobs.applied(GPU_PLAN):
-            plan_stages(closed, None, Target("cuda", GPU_PLAN_SMS, GPU_PLAN_ARCH), config.load())
+            knobs = config.load()
+            plan_stages(closed, None, Target.cuda(GPU_PLAN_SMS, GPU_PLAN_ARCH, knobs), knobs)
     except Exception as exc:
         return _raised(exc)
     return Outcome("ok")
@@ -398,7 +399,7 @@ def snippet(program: Program, platform: str = "cpu") -> str:
         run = ["from jax_mpk import config",
                "from jax_mpk.api import plan_stages",
                "from jax_mpk.target import Target",
-               f'plan_stages(jax.make_jaxpr(f)(*args), None, Target("cuda", {GPU_PLAN_SMS}, "{GPU_PLAN_ARCH}"), '
+               f'plan_stages(jax.make_jaxpr(f)(*args), None, Target.cuda({GPU_PLAN_SMS}, "{GPU_PLAN_ARCH}", config.load()), '
                "config.load())"]  # fmt: skip
     else:
         run = [f"with jax.default_matmul_precision({ORACLE_PRECISION!r}): expected = jax.jit(f)(*args)",
