@@ -52,14 +52,14 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
     smem, ring_offset = 0, None  # the ring sits above the shared memory of every task that uses one
     for kernel, tasks in zip(kg.kernels, graph.tasks_by_kernel()):
         body = KernelBody(kernel, tasks, budget, graph.merge_counters.get(kernel.index, -1), profile_offset is not None)
-        text, tensors, kernel_smem, prefetch = bodies.render(body)
+        text, kernel_smem, prefetch = bodies.render(body)
         smem = max(smem, kernel_smem)
         if body.uses_ring:
             ring_offset = max(ring_offset or 0, -(-kernel_smem // 128) * 128)
         if text not in variants:
             variants[text] = len(variants)
             variant_texts.append(text.replace("VARIANT", f"variant_{variants[text]}"))
-        args = ", ".join(slots.pointer(t, offset) for t, offset in tensors)
+        args = ", ".join(body.arguments(slots.pointer))
         calls.append(f"      case {kernel.index}: variant_{variants[text]}(p, t, smem{', ' if args else ''}{args}); break;")
         if prefetch:
             prefetches.append(f"      case {kernel.index}: {{ {prefetch(slots)} }} break;")

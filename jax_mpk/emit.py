@@ -99,8 +99,14 @@ class KernelBody:
         self.tensors, self.tensor_names = [], {}
 
     def signature(self) -> str:
-        params = ", ".join(f"char* b{i}" for i in range(len(self.tensors)))
-        return f"__device__ __noinline__ void VARIANT(const MegakernelParams& p, const TaskRecord& t, char* smem{', ' if params else ''}{params})"
+        params = [f"char* b{i}" for i in range(len(self.tensors))]
+        if self.merge_counter >= 0:  # a parameter, not a number in the text: every layer's kernel shares one variant
+            params.append("int64_t merge_counter")
+        return f"__device__ __noinline__ void VARIANT(const MegakernelParams& p, const TaskRecord& t, char* smem{''.join(', ' + q for q in params)})"
+
+    def arguments(self, pointer) -> list[str]:
+        """What a call passes for the signature's parameters, ``pointer(tensor, offset)`` naming a tensor's."""
+        return [pointer(t, offset) for t, offset in self.tensors] + ([str(self.merge_counter)] if self.merge_counter >= 0 else [])
 
     def mark_phase(self, em: Emitter, stamp: str) -> None:
         """In a profiling build, the time the block reached this point (after a barrier) as the task's ``stamp``
@@ -110,10 +116,10 @@ class KernelBody:
             em.emit(f"mark_phase(layout::kStamp{stamp.title().replace('_', '')});")
 
     def finish(self, em: Emitter, smem: int, prefetch):
-        """(device function text, its pointer parameters, shared memory bytes, prefetch renderer or None)."""
+        """(device function text, shared memory bytes, prefetch renderer or None)."""
         body = "\n".join("  " + line for line in em.lines)
         text = f"{self.signature()} {{\n{body}\n}}\n"
-        return text, list(self.tensors), smem, prefetch
+        return text, smem, prefetch
 
 
 def is_row_reduction(node: Node, minimum: int = ROW_REDUCTION) -> bool:

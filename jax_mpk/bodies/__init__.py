@@ -1,8 +1,8 @@
 """Task-body kinds: how the CUDA megakernel runs a kind of kernel. Each kind is a module with
 ``tiling(kernel) -> Tiling | None``, how it wants the kernels it may take cut into tasks (None: no rule of its own
 for this kernel), and
-``render(body) -> (text, pointer parameters, shared memory bytes, prefetch renderer) | None`` (None: not this kind's
-kernel) over an :class:`jax_mpk.emit.KernelBody`, paired with a header under ``ffi/include/jax_mpk/tasks/``. The
+``render(body) -> (text, shared memory bytes, prefetch renderer) | None`` (None: not this kind's kernel; the
+body's parameters are ``KernelBody.arguments``) over an :class:`jax_mpk.emit.KernelBody`, paired with a header under ``ffi/include/jax_mpk/tasks/``. The
 kinds are tried in order; ``flat`` takes any kernel. A kind can still decline a kernel it tiled when it renders
 (a product whose operands have no linear layout renders as ``flat``, tiled as a product).
 

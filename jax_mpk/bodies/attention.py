@@ -141,7 +141,7 @@ def merge_if_last(body: KernelBody, em: Emitter, rows: int, extents: list[int], 
     head_dim, chunks = spec.partial_out.shape[-1], spec.partial_out.shape[-2]
     em.emit("if (threadIdx.x == 0) {")
     em.emit("  fence_release();")
-    em.emit(f"  const uint64_t arrived = atomicAdd(reinterpret_cast<unsigned long long*>(p.counters + {body.merge_counter} + "
+    em.emit(f"  const uint64_t arrived = atomicAdd(reinterpret_cast<unsigned long long*>(p.counters + merge_counter + "
             f"{group}), 1ull) + 1;")
     em.emit(f"  *{flag} = arrived == {per_group}ull * (load_acquire(&p.control->epoch) + 1);")
     em.emit(f"  if (*{flag}) fence_release();")
