@@ -27,7 +27,7 @@ from .plan_cache import CallPlan
 from .processes import check_platform, mesh_processes, share_comm_group
 from .target import Target
 from .runtime import check_cuda_error, emit_call, extension, register_cuda_plan, register_plan
-from .schedule import Schedule, schedule, shuffled_schedule
+from .schedule import Schedule, fixed_task_cost, schedule, shuffled_schedule
 from .tasks import TaskGraph, build_task_graph
 from .validate import validate
 
@@ -116,7 +116,7 @@ def _plan_stages(jaxpr, shard_map: ShardMap | None, target: Target, cfg: config_
         )
     with _stage("scheduling"):
         if cfg.schedule_seed is None:
-            sched = schedule(tasks, target.num_workers)
+            sched = schedule(tasks, target.num_workers, fixed_task_cost(tasks) if cfg.task_fixed_cost else 0.0)
         else:
             sched = shuffled_schedule(tasks, target.num_workers, cfg.schedule_seed)
     if cfg.validate:
@@ -161,7 +161,7 @@ def cached_plan(jaxpr, shard_map: ShardMap | None, signature: str, target: Targe
     cache, or planned and stored. Returns it with the stages that made it (None when loaded)."""
     with _stage("looking up the plan cache"):
         knobs = (cfg.min_task_work, cfg.max_tasks, cfg.max_workspace_bytes, cfg.validate, cfg.profile,
-                 cfg.schedule_seed)  # fmt: skip
+                 cfg.schedule_seed, cfg.task_fixed_cost)  # fmt: skip
         key = plan_cache.cache_key(jaxpr, signature, target, knobs)
         plan = None if cfg.force_compile else plan_cache.load(cfg.cache_dir, key)
     if plan is not None:

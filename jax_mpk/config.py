@@ -64,6 +64,9 @@ class Config:
     # testing: schedule a random topological order on random workers (JAX_MPK_SCHEDULE_SEED; unset: list
     # scheduling by estimated cost)
     schedule_seed: int | None
+    # list scheduling: every task's estimate includes a fixed cost (schedule.fixed_task_cost), so that a small task
+    # does not make its SM look idle (JAX_MPK_TASK_FIXED_COST, default off until it is measured on a GPU)
+    task_fixed_cost: bool
 
 
 def load() -> Config:
@@ -90,4 +93,5 @@ def load() -> Config:
         gpu_fusion=_env_flag("JAX_MPK_GPU_FUSION", False),
         stage_shared_rows=_env_flag("JAX_MPK_STAGE_SHARED_ROWS", False),
         schedule_seed=_env("JAX_MPK_SCHEDULE_SEED", None, int, expected="an integer"),
+        task_fixed_cost=_env_flag("JAX_MPK_TASK_FIXED_COST", False),
     )

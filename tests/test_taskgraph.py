@@ -19,7 +19,7 @@ import jax_mpk
 from jax_mpk import layout
 from jax_mpk.plan import plan_key, serialize
 from jax_mpk.runtime import emit_call, register_plan
-from jax_mpk.schedule import Schedule, shuffled_schedule
+from jax_mpk.schedule import FIXED_COST_WEIGHT_BYTES, Schedule, fixed_task_cost, schedule, shuffled_schedule
 from jax_mpk.validate import validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -269,3 +269,32 @@ def test_equal_kernels_of_a_level_get_equal_tilings():
     assert len(k_tasks) == len(v_tasks) and len(q_tasks) + len(k_tasks) + len(v_tasks) <= 132
     largest = lambda kernel_tasks: max(t.cost for t in kernel_tasks)  # noqa: E731
     assert max(largest(k_tasks), largest(v_tasks)) <= largest(q_tasks)
+
+
+def test_fixed_task_cost_keeps_a_levels_small_tasks_apart():
+    """Qwen3-8B's decode step at batch 8 (1 layer, planned for 132 SMs on the CPU): list-scheduled on estimates
+    without a fixed cost, V-append tasks queue behind K-append tasks of the same level on the same SMs (their
+    estimated costs are ~1/60 of a product tile's, so such an SM looks idle; on the H200 the V append ran after
+    the K append, ~7 us a layer); with schedule.fixed_task_cost (JAX_MPK_TASK_FIXED_COST) none do."""
+    import dataclasses
+    import sys
+
+    sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
+    import models
+    import planning
+
+    cfg = dataclasses.replace(models.PRESETS["qwen3-8b"], layers=1)
+    graph = planning.plan_for_gpu(planning.trace_decode_step(cfg, 8, 1024), 132, "9.0").tasks
+    appends = {k.index for k in graph.kernels.kernels if k.name.startswith("update_slice")}
+
+    def appends_back_to_back(sched: Schedule) -> int:
+        kernels = [[graph.tasks[t].kernel for t in tasks] for tasks in sched.workers]
+        return sum(a != b and {a, b} <= appends for ks in kernels for a, b in zip(ks, ks[1:]))
+
+    assert len(appends) == 2 and appends_back_to_back(schedule(graph, 132)) > 0
+    fixed = fixed_task_cost(graph)
+    # products of 8 rows: 16 units of work (2 per multiply-add) per 2 bytes of bf16 weight
+    assert fixed == pytest.approx(8 * FIXED_COST_WEIGHT_BYTES, rel=0.01)
+    sched = schedule(graph, 132, fixed)
+    validate(graph, sched)
+    assert appends_back_to_back(sched) == 0
