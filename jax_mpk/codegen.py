@@ -44,14 +44,16 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
     ``layout.PROFILE_STAMPS`` (uint64 nanoseconds; product bodies mark their own phases) in the workspace at that
     byte offset."""
     kg = graph.kernels
-    budget = (kg.target or Target("cuda", 1)).shared_memory_bytes
+    target = kg.target or Target("cuda", 1)
+    budget = target.shared_memory_bytes
     slots = _BufferSlots(len(kg.input_specs), len(kg.output_specs))
     variants: dict[str, int] = {}
     variant_texts: list[str] = []
     calls, prefetches = [], []
     smem, ring_offset = 0, None  # the ring sits above the shared memory of every task that uses one
     for kernel, tasks in zip(kg.kernels, graph.tasks_by_kernel()):
-        body = KernelBody(kernel, tasks, budget, graph.merge_counters.get(kernel.index, -1), profile_offset is not None)
+        body = KernelBody(kernel, tasks, budget, graph.merge_counters.get(kernel.index, -1), profile_offset is not None,
+                          target.uniform_tile_extents)  # fmt: skip
         text, kernel_smem, prefetch = bodies.render(body)
         smem = max(smem, kernel_smem)
         if body.uses_ring:

@@ -72,8 +72,10 @@ class KernelBody:
     kind renders into."""
 
     def __init__(self, kernel: Kernel, tasks, shared_memory_bytes: int, merge_counter: int = -1,
-                 profile: bool = False):  # fmt: skip
+                 profile: bool = False, uniform_extents: bool = False):  # fmt: skip
         self.kernel, self.tasks = kernel, tasks
+        # a tile extent every task of the kernel shares is a number in the text (Target.uniform_tile_extents)
+        self.uniform_extents = uniform_extents
         self.profile = profile  # a JAX_MPK_PROFILE build: the body stamps its phases (mark_phase)
         self.shared_memory_bytes = shared_memory_bytes  # the target's budget (Target.shared_memory_bytes)
         self.merge_counter = merge_counter  # split attention: the event of its first group's merge counter
@@ -108,6 +110,19 @@ class KernelBody:
         """What a call passes for the signature's parameters, ``pointer(tensor, offset)`` naming a tensor's."""
         return [pointer(t, offset) for t, offset in self.tensors] + ([str(self.merge_counter)] if self.merge_counter >= 0 else [])
 
+    def tile_size(self, dim: int) -> str:
+        """The task's tile extent along ``dim``: with uniform_extents, a number when every task of the kernel has
+        the same one (the index divisions by it fold: session 8 read 17248 -> 15696 SASS instructions for Llama-1B
+        b8), else t.hi - t.lo. Kernels share a variant only if their texts, numbers included, are equal."""
+        extents = {t.hi[dim] - t.lo[dim] for t in self.tasks}
+        if self.uniform_extents and len(extents) == 1:
+            return str(extents.pop())
+        return f"(t.hi[{dim}] - t.lo[{dim}])"
+
+    def tile_count(self, rank: int) -> str:
+        """Elements of the task's tile over its first ``rank`` dims."""
+        return " * ".join(f"(index_t){self.tile_size(d)}" for d in range(rank)) or "1"
+
     def mark_phase(self, em: Emitter, stamp: str) -> None:
         """In a profiling build, the time the block reached this point (after a barrier) as the task's ``stamp``
         (one of layout.PROFILE_STAMPS)."""
@@ -138,14 +153,6 @@ def folds_side_by_side(node: Reduce) -> bool:
 
 def read_only(tensor: Tensor) -> bool:
     return tensor.buffer.kind == TensorKind.INPUT
-
-
-def tile_size(dim: int) -> str:
-    return f"(t.hi[{dim}] - t.lo[{dim}])"
-
-
-def tile_count(rank: int) -> str:
-    return " * ".join(f"(index_t)(t.hi[{d}] - t.lo[{d}])" for d in range(rank)) or "1"
 
 
 def linear(const: int, coefs, idx) -> str:
@@ -209,7 +216,7 @@ class Emitter:
         ``extents``, the tile's sizes along ``dims`` when every task of the kernel has those (numbers fold
         where the tile's t.hi - t.lo cost an integer division per index)."""
         dims = list(dims)
-        sizes = [str(e) for e in extents] if extents is not None else [tile_size(d) for d in dims]
+        sizes = [str(e) for e in extents] if extents is not None else [self.body.tile_size(d) for d in dims]
         return self.delinearize(flat, sizes, [f"t.lo[{d}]" for d in dims])
 
     def rounded(self, expr: str, code: DType) -> str:

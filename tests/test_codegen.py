@@ -66,6 +66,29 @@ def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
     assert len(cubin) > 10_000
 
 
+def test_uniform_tile_extents_are_numbers_in_the_text():
+    """Target.uniform_tile_extents (JAX_MPK_UNIFORM_TILE_EXTENTS): a kernel whose tasks all have one extent along a
+    dim renders that extent as a number (its index divisions fold), one whose tasks differ keeps t.hi - t.lo; the
+    source compiles. Llama-1B-shaped layers (16): the layers still share their variants (kernels of one text with
+    t.hi - t.lo may differ in their numbers: one more here)."""
+    cfg = TinyConfig(layers=16, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=8192, vocab=128256,
+                     max_seq=1024, dtype="bfloat16", theta=500000.0)  # fmt: skip
+    tasks, dynamic = _generate_decode_step(cfg)
+    _, numbers = _generate_decode_step(cfg, uniform_tile_extents=True)
+    assert numbers.num_variants <= dynamic.num_variants + 2 <= 24
+    assert numbers.text.count("t.hi[") < dynamic.text.count("t.hi[")
+    checked = 0
+    for kernel, ktasks in zip(tasks.kernels.kernels, tasks.tasks_by_kernel()):
+        varied = any(len({t.hi[d] - t.lo[d] for t in ktasks}) > 1 for d in range(len(kernel.domain)))
+        if kernel.dot is None and kernel.attention is None and not varied:  # flat and row bodies: none left
+            variant = re.search(rf"case {kernel.index}: (variant_\d+)\(", numbers.text).group(1)
+            body = numbers.text.split(f"void {variant}(")[1].split("\n}\n")[0]
+            assert "t.hi[" not in body, (kernel.name, body[:400])
+            checked += 1
+    assert checked >= 16  # a layer's norms, appends, residual adds and SwiGLU
+    assert len(compile_cubin(numbers.text, "9.0")) > 10_000
+
+
 @pytest.mark.parametrize("head_dim,batch", [(64, 1), (128, 8)])
 def test_split_attention_decode_step_compiles(head_dim, batch):
     """attention.cuh instantiated by a decode step (Llama's 64-wide heads at batch 1 with their RoPE staged in one

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..emit import (STORAGE, THREADS, Emitter, KernelBody, Tiling, folds_side_by_side, is_row_reduction, linear,
-                    read_only, tile_count)
+                    read_only)
 from ..dot_staging import MAX_SHARED_WEIGHT_ROWS, ROW_STAGING_MAX_INLINE, shared_weight_dims
 from ..graph import topological
 from ..indexmap import linear_form
@@ -64,8 +64,8 @@ def render_columns_or_rows(body: KernelBody, plan: DotPlan):
     rhs = body.pointer_name(dot.rhs, plan.rhs_const)
     w_type = STORAGE[dtype_code(dot.rhs.buffer.dtype)]
     smem = emit_dot_buffers(em, plan, 1, scratch=plan.layout == "columns_vec" or dot.lhs_expr is not None)
-    em.emit(f"const index_t rows = {tile_count(rank - 1)};")
-    em.emit(f"const index_t n_lo = t.lo[{rank - 1}], n_len = t.hi[{rank - 1}] - n_lo;")
+    em.emit(f"const index_t rows = {body.tile_count(rank - 1)};")
+    em.emit(f"const index_t n_lo = t.lo[{rank - 1}], n_len = {body.tile_size(rank - 1)};")
     em.emit("for (index_t row = 0; row < rows; ++row) {")
     em.push()
     ridx = em.tile_index("row", range(rank - 1))
@@ -104,7 +104,7 @@ def render_together(body: KernelBody, plan: DotPlan):
     w_type = STORAGE[dtype_code(dot.rhs.buffer.dtype)]
     x_stride, n_pad = plan.x_stride, plan.n_pad
     smem = emit_dot_buffers(em, plan, R, scratch=True)
-    em.emit(f"const index_t n_lo = t.lo[{rank - 1}], n_len = t.hi[{rank - 1}] - n_lo;")
+    em.emit(f"const index_t n_lo = t.lo[{rank - 1}], n_len = {body.tile_size(rank - 1)};")
     prefetch = ring_begin(body, plan) if body.uses_ring else weight_prefetch(body, plan)
     if body.uses_ring and not read_only(dot.rhs):  # written by the graph: streamed once the task may read it
         em.emit(prefetch(body) + "  // the tile streams while the rows are staged")
@@ -195,7 +195,7 @@ def ring_begin(body: KernelBody, plan: DotPlan):
         return (
             f"dot::ring_begin<{w_type}, {str(plan.mma).lower()}>(smem + kRingOffset, reinterpret_cast<const {w_type}*>("
             f"{slots.pointer(dot.rhs, plan.rhs_const)}) + ({origin}), {plan.rhs_k}, {plan.K}, "
-            f"t.hi[{rank - 1}] - t.lo[{rank - 1}]);"
+            f"{body.tile_size(rank - 1)});"
         )
 
     return render

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from ..emit import THREADS, Emitter, KernelBody, Tiling, tile_count
+from ..emit import THREADS, Emitter, KernelBody, Tiling
 from ..kernels import Kernel
 from ..layout import dtype_code
 
@@ -25,7 +25,7 @@ def render_flat(body: KernelBody):
     k = body.kernel
     em = Emitter(body, rows_prefix=None)
     rank = len(k.domain)
-    em.emit(f"const index_t count = {tile_count(rank)};")
+    em.emit(f"const index_t count = {body.tile_count(rank)};")
 
     def element(e: str) -> list[str]:
         idx = em.tile_index(e, range(rank))

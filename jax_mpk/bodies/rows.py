@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from ..emit import THREADS, Emitter, KernelBody, NotRowForm, Tiling, is_row_reduction, tile_count, tile_size
+from ..emit import THREADS, Emitter, KernelBody, NotRowForm, Tiling, is_row_reduction
 from ..kernels import Kernel
 
 
@@ -77,7 +77,7 @@ def render_rows(body: KernelBody, rows: int | None = None, reads: dict[int, list
         raise NotRowForm  # read only inside another row reduction's fold: the probe did not reach it
     rank = len(k.domain)
     em = Emitter(body, rows_prefix=[f"r{d}" for d in range(prefix)])
-    em.emit(f"const index_t rows = {tile_count(prefix)};")
+    em.emit(f"const index_t rows = {body.tile_count(prefix)};")
     em.emit("for (index_t row = 0; row < rows; ++row) {")
     em.push()
     rows_idx = em.tile_index("row", range(prefix))
@@ -85,7 +85,7 @@ def render_rows(body: KernelBody, rows: int | None = None, reads: dict[int, list
         em.emit(f"const index_t r{d} = {name};")
     for r in reduces:
         em.row_reduction(r, [f"r{d}" for d in range(prefix)][: len(r.shape)] if reads is None else reads[r.uid])
-    trailing = [tile_size(d) for d in range(prefix, rank)]
+    trailing = [body.tile_size(d) for d in range(prefix, rank)]
     em.emit(f"const index_t count = {' * '.join(trailing) if trailing else '1'};")
     em.elements("count", lambda e: [f"r{d}" for d in range(prefix)] + em.tile_index(e, range(prefix, rank)))
     em.pop()
