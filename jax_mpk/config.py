@@ -70,6 +70,9 @@ class Config:
     # CUDA: tile extents every task of a kernel shares are numbers in the generated code (Target.uniform_tile_extents;
     # JAX_MPK_UNIFORM_TILE_EXTENTS, default off until it is measured on a GPU)
     uniform_tile_extents: bool
+    # CUDA: a flat kernel's thread issues the loads of all its 2-8 elements before computing them
+    # (Target.element_batches; JAX_MPK_ELEMENT_BATCHES, default off until it is measured on a GPU)
+    element_batches: bool
 
 
 def load() -> Config:
@@ -98,4 +101,5 @@ def load() -> Config:
         schedule_seed=_env("JAX_MPK_SCHEDULE_SEED", None, int, expected="an integer"),
         task_fixed_cost=_env_flag("JAX_MPK_TASK_FIXED_COST", False),
         uniform_tile_extents=_env_flag("JAX_MPK_UNIFORM_TILE_EXTENTS", False),
+        element_batches=_env_flag("JAX_MPK_ELEMENT_BATCHES", False),
     )

@@ -89,6 +89,22 @@ def test_uniform_tile_extents_are_numbers_in_the_text():
     assert len(compile_cubin(numbers.text, "9.0")) > 10_000
 
 
+def test_element_batches_issue_a_threads_loads_first():
+    """Target.element_batches (JAX_MPK_ELEMENT_BATCHES): Llama-1B's SwiGLU at batch 8 (8 elements a thread) issues
+    the gate's and the up projection's loads of all 8 elements in a loop of loads alone, then computes and stores
+    them; without the knob one element at a time. Compiles."""
+    cfg = TinyConfig(layers=2, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=8192, vocab=4096,
+                     max_seq=1024, dtype="bfloat16", theta=500000.0, batch=8)  # fmt: skip
+    _, plain = _generate_decode_step(cfg)
+    _, batched = _generate_decode_step(cfg, element_batches=True)
+    loads_first = re.compile(r"float (pre\d+)\[8\];\n  float (pre\d+)\[8\];\n  #pragma unroll\n"
+                             r"  for \(int batch = 0; batch < 8; \+\+batch\) \{\n(?:    const index_t .*\n)*"
+                             r"    const float (x\d+) = ops::load<__nv_bfloat16>.*\n    const float (x\d+) = ops::load<__nv_bfloat16>")
+    assert loads_first.search(batched.text) and not loads_first.search(plain.text)
+    assert "ops::logistic(pre" in batched.text  # the values' loop reads the preloaded gate
+    assert len(compile_cubin(batched.text, "9.0")) > 10_000
+
+
 @pytest.mark.parametrize("head_dim,batch", [(64, 1), (128, 8)])
 def test_split_attention_decode_step_compiles(head_dim, batch):
     """attention.cuh instantiated by a decode step (Llama's 64-wide heads at batch 1 with their RoPE staged in one
