@@ -176,6 +176,32 @@ def megakernel_first_calls(step: Callable, weights, tokens, pos, fresh: Callable
     return fast, cold, warm
 
 
+@contextlib.contextmanager
+def knobs_set(knobs: dict[str, str]) -> Iterator[None]:
+    """The environment with ``knobs`` set (jax_mpk reads them when a megakernel is made), then as it was."""
+    previous = {name: os.environ.get(name) for name in knobs}
+    os.environ.update(knobs)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """``NAME:KNOB=VALUE[,KNOB=VALUE...]`` -> (name, knobs); ValueError naming what is wrong."""
+    name, _, assignments = spec.partition(":")
+    knobs = dict(a.split("=", 1) for a in assignments.split(",") if "=" in a)
+    if not name or not knobs or len(knobs) != len(assignments.split(",")):
+        raise ValueError(f"--variant {spec!r}: expected NAME:KNOB=VALUE[,KNOB=VALUE...]")
+    if not all(k.startswith("JAX_MPK_") for k in knobs):
+        raise ValueError(f"--variant {spec!r}: only jax_mpk's knobs (JAX_MPK_...) make a megakernel variant")
+    return name, knobs
+
+
 def agreement(xla: Callable, fast: Callable, weights, tokens, config: models.ModelConfig, batch: int, ctx: int,
               steps: int, mesh=None, layout: str = "stacked") -> dict[str, Any]:  # fmt: skip
     """Compare the two variants over ``steps`` steps at positions ctx - steps .. ctx - 1.
@@ -276,6 +302,17 @@ def run_config(model: str, config: models.ModelConfig, weights, merge, batch: in
           flush=True)  # fmt: skip
 
     variants = {"jax.jit": xla, "megakernel": fast}
+    variant_agreement = {}
+    for name, knobs in args.variant.items():  # the same step planned with other knobs, timed in the same rounds
+        with knobs_set(knobs):
+            variant = jax_mpk.megakernelize(step, donate_argnums=(3,))
+            with progress(f"megakernel[{name}]: first call"):
+                first_call_s(variant, weights, tokens, pos, fresh())
+        variant_agreement[name] = agreement(xla, variant, weights, tokens, config, batch, ctx, args.check_steps, mesh,
+                                            args.cache_layout)  # fmt: skip
+        print(f"  megakernel[{name}] ({', '.join(f'{k}={v}' for k, v in knobs.items())}): agreement "
+              f"{'yes' if variant_agreement[name]['agree'] else 'NO'}", flush=True)  # fmt: skip
+        variants[f"megakernel[{name}]"] = variant
     fori = {f"{name}_fori": fori_steps(fn, args.steps) for name, fn in variants.items()}
     chained: dict[str, list[float]] = {name: [] for name in [*variants, *fori]}
     synced: dict[str, list[float]] = {name: [] for name in variants}
@@ -316,6 +353,9 @@ def run_config(model: str, config: models.ModelConfig, weights, merge, batch: in
                             "workers": plan.num_workers},
         "agreement": check,
     }  # fmt: skip
+    if variant_agreement:
+        result["variants"] = {name: {"knobs": args.variant[name], "agreement": variant_agreement[name]}
+                              for name in args.variant}  # fmt: skip
     print(f"  => floor {floor_ms:.3f} ms; " + ", ".join(
         f"{name} {v:.3f} ms ({result['pct_of_floor'][name]:.0f}%)" for name, v in ms.items())
         + f"; megakernel over the better jax.jit: {result['speedup_over_best_xla']:.2f}x", flush=True)  # fmt: skip
@@ -440,6 +480,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help=f"rounds per variant (default {DEFAULTS['repeats']})")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps before each timed chain")
     parser.add_argument("--chains", type=int, default=5, help="timed chains (and fori_loop calls) per round and variant")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KNOB=VALUE[,KNOB=VALUE]",
+                        help="also time the megakernel planned with these knobs, in the same process and rounds as "
+                             "the others (an A/B of a knob without a second run of jax.jit), as ms['megakernel[NAME]']; "
+                             "its logits are checked against jax.jit's too. Repeatable")  # fmt: skip
     parser.add_argument("--compile-times", action=argparse.BooleanOptionalAction, default=True,
                         help="also time a second megakernelize's first call on the filled cache (warm start)")
     parser.add_argument("--check-steps", type=int, help=f"agreement steps (default {DEFAULTS['check_steps']})")
@@ -452,6 +496,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="KV cache: two stacked arrays, or one array per layer for keys and for values")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    try:
+        args.variant = dict(parse_variant(spec) for spec in args.variant)
+    except ValueError as error:
+        parser.error(str(error))
     for field, default in DEFAULTS.items():
         if getattr(args, field) is None:
             setattr(args, field, QUICK[field] if args.quick else default)
@@ -519,7 +567,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             del weights
         del whole, merge
     write_outputs(results, device.device_kind, args.out)
-    if not all(r["agreement"]["agree"] for r in results):
+    checks = [r["agreement"] for r in results] + [v["agreement"] for r in results for v in r.get("variants", {}).values()]
+    if not all(c["agree"] for c in checks):
         raise SystemExit("the megakernel's logits disagree with jax.jit's beyond tolerance (see 'agreement')")
     return results
 

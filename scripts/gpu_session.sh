@@ -2,7 +2,8 @@
 # One device-machine session: build the extension, then any of: the GPU tests, the decode benchmark of the Flax
 # examples, a per-SM trace of one step, the Llama-shaped decode_step benchmark, the per-call host overhead, the
 # warm start (first call in a new process, plan cached) of a model's step, the per-task and per-level cost
-# (taskcost), a knob off then on in one session (knob: KNOB, default JAX_MPK_SPLIT_ATTENTION), the differential fuzzer through the CUDA
+# (taskcost), the decode benchmark with a knob's variant timed beside the default in one process (knob: KNOB, default
+# JAX_MPK_TASK_FIXED_COST, set to KNOB_VALUE, default 1), the differential fuzzer through the CUDA
 # megakernel (fuzz: FUZZ_COUNT programs of seed 2026 from 0, default 512, in 16 parallel shards, one records file
 # and one tally), the decode benchmark of another commit's tree and then of this one in one session (ab: AB_TREE,
 # e.g. `git archive REV | tar -x -C ab/REV`, carried to the device machine as the git-ignored ab/), 2-layer
@@ -61,14 +62,15 @@ if has taskcost; then
   tail -6 "$OUT/task_cost.log"
 fi
 if has knob; then
-  knob=${KNOB:-JAX_MPK_SPLIT_ATTENTION}
-  for on in 0 1; do
-    mkdir -p "$OUT/knob$on"
-    # shellcheck disable=SC2086
-    env "$knob=$on" python3 benchmarks/decode.py --models "${DECODE_MODELS:-llama-3.2-1b,qwen3-0.6b,qwen3-8b}" \
-      --batch "${DECODE_BATCH:-1,8}" --ctx "${DECODE_CTX:-1024}" --out "$OUT/knob$on" ${DECODE_ARGS:-} > "$OUT/knob$on.log" 2>&1
-    echo "$knob=$on:"; grep -E "^\[|=>" "$OUT/knob$on.log"
-  done
+  # the default megakernel and the one planned with KNOB=KNOB_VALUE, timed in the same process and rounds
+  # (decode.py --variant: jax.jit runs once, not once per setting)
+  knob=${KNOB:-JAX_MPK_TASK_FIXED_COST}
+  mkdir -p "$OUT/knob"
+  # shellcheck disable=SC2086
+  python3 benchmarks/decode.py --models "${DECODE_MODELS:-llama-3.2-1b,qwen3-0.6b,qwen3-8b}" \
+    --batch "${DECODE_BATCH:-1,8}" --ctx "${DECODE_CTX:-1024}" --out "$OUT/knob" \
+    --variant "knob:$knob=${KNOB_VALUE:-1}" ${DECODE_ARGS:-} > "$OUT/knob.log" 2>&1
+  echo "$knob=${KNOB_VALUE:-1} as megakernel[knob]:"; grep -E "^\[|=>|agreement" "$OUT/knob.log"
 fi
 if has ab; then
   # the other tree first, this one last, so that this tree is what stays installed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import struct
 import sys
@@ -339,6 +340,23 @@ def test_benchmark_quick_run(tmp_path):
     (written,) = tmp_path.glob("decode_*.json")
     assert [(r["batch"], r["ctx"]) for r in json.loads(written.read_text())["results"]] == [(1, 40), (1, 128)]
     assert written.with_suffix(".md").read_text().count("| qwen3-tiny-untied |") == 2
+
+
+def test_benchmark_times_a_knob_variant_in_the_same_rounds(tmp_path):
+    """decode.py --variant NAME:KNOB=VALUE: the megakernel planned with the knob set is checked against jax.jit and
+    timed in the same rounds (ms['megakernel[NAME]'], its fori form too), the knob unset again afterwards; a
+    malformed spec or a knob not of jax_mpk's is refused."""
+    import decode
+
+    (result,) = decode.main(["--quick", "--models", "llama-tiny", "--steps", "2", "--warmup", "1", "--chains", "1",
+                             "--no-compile-times", "--variant", "fixed:JAX_MPK_TASK_FIXED_COST=1", "--out", str(tmp_path)])
+    assert {"megakernel[fixed]", "megakernel[fixed]_fori"} <= set(result["ms"])
+    assert result["variants"]["fixed"]["knobs"] == {"JAX_MPK_TASK_FIXED_COST": "1"}
+    assert result["variants"]["fixed"]["agreement"]["agree"]
+    assert "JAX_MPK_TASK_FIXED_COST" not in os.environ
+    for spec in ("fixed", "fixed:", "x:PATH=1", "x:JAX_MPK_TASK_FIXED_COST"):
+        with pytest.raises(SystemExit):
+            decode.parse_args(["--variant", spec])
 
 
 # ----------------------------------------------------------------------------------------- tensor parallelism
