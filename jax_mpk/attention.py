@@ -11,8 +11,9 @@ l = sum exp(score - m) and o = sum exp(score - m) * value. The last task of a gr
     M = max_j m_j,    out = sum_j exp(m_j - M) o_j / sum_j exp(m_j - M) l_j
 
 which is the softmax-weighted sum exactly (for any per-row reference subtracted inside the user's exp), with
-the probabilities kept in float32 where the unsplit form rounds them to the values' type first
-(docs/float_contract.md). Its readers are unchanged.
+the probabilities rounded to the values' type before the normalization where the unsplit form rounds them
+after it (docs/float_contract.md). Both products run on tensor cores (ffi/include/jax_mpk/tasks/attention.cuh).
+Its readers are unchanged. On by default on CUDA (JAX_MPK_SPLIT_ATTENTION=0: the two products).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Task-body kind ``attention``: the split-attention kernels of :mod:`jax_mpk.attention` (flash-decoding), one
-chunk of keys per loop of a task, run by ``ffi/include/jax_mpk/tasks/attention.cuh``; the last task of each group
-of query rows merges the group's chunks."""
+"""Task-body kind ``attention``: the split-attention kernels of :mod:`jax_mpk.attention` (flash-decoding): a task
+stages its query rows, then ``ffi/include/jax_mpk/tasks/attention.cuh`` streams its chunks of keys and values
+through shared memory and multiplies them on tensor cores; the last task of each group of query rows merges the
+group's chunks."""
 
 from __future__ import annotations
 
