@@ -1,11 +1,13 @@
-"""One process per device: a shard_map with collectives, megakernelized, over the CPU devices of several processes.
+"""One process per device: a shard_map with collectives, megakernelized, over the devices of several processes.
 
     python examples/multiprocess.py                       # spawns 2 processes of one CPU device each, waits
     python examples/multiprocess.py --num-processes 4 --devices-per-process 2
+    python examples/multiprocess.py --platform cuda       # 2 processes of one GPU each (GPU i in process i)
     python examples/multiprocess.py --process-id 0 --num-processes 2 --coordinator localhost:1234   # one by hand
 
 Every process calls ``jax.distributed.initialize`` and runs the same program; each runs only its own devices'
-ranks of the megakernel, whose communication buffers are shared memory that all of them map. Two functions (a
+ranks of the megakernel, whose communication buffers all of them map: POSIX shared memory on the CPU, each
+GPU's buffer through CUDA IPC on the GPU (one GPU per process). Two functions (a
 row-parallel product summed with psum, and an all_gather), on a mesh made by ``jax.make_mesh`` and one made by
 ``jax.sharding.Mesh``, are called several times on fresh random inputs; each process checks the shards it holds
 against numpy in float64 and exits with an error if one differs.
@@ -29,8 +31,13 @@ from jax.sharding import PartitionSpec as P
 import jax_mpk
 
 
-def initialize(process_id: int, num_processes: int, coordinator: str, devices_per_process: int = 1) -> None:
-    """This process's part of a run on CPU devices (before jax uses any device)."""
+def initialize(process_id: int, num_processes: int, coordinator: str, devices_per_process: int = 1,
+               platform: str = "cpu") -> None:  # fmt: skip
+    """This process's part of a run on CPU devices, or on GPU ``process_id`` (before jax uses any device)."""
+    if platform == "cuda":
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id, local_device_ids=[process_id])  # fmt: skip
+        return
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", devices_per_process)
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
@@ -103,7 +110,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(num_processes: int, devices_per_process: int, calls: int, seed: int, timeout_s: float) -> int:
+def launch(num_processes: int, devices_per_process: int, calls: int, seed: int, timeout_s: float,
+           platform: str = "cpu") -> int:  # fmt: skip
     """Run every process of the example on this machine; the first nonzero exit status, or 0."""
     coordinator = f"localhost:{free_port()}"
     env = dict(os.environ)
@@ -113,7 +121,7 @@ def launch(num_processes: int, devices_per_process: int, calls: int, seed: int, 
     children = [
         subprocess.Popen([sys.executable, __file__, "--process-id", str(i), "--num-processes", str(num_processes),
                           "--coordinator", coordinator, "--devices-per-process", str(devices_per_process),
-                          "--calls", str(calls), "--seed", str(seed)], env=env)
+                          "--calls", str(calls), "--seed", str(seed), "--platform", platform], env=env)
         for i in range(num_processes)
     ]  # fmt: skip
     status, deadline = 0, time.monotonic() + timeout_s
@@ -140,10 +148,14 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds the launcher waits for a process")
+    parser.add_argument("--platform", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: one GPU per process (--devices-per-process must be 1)")
     args = parser.parse_args()
+    if args.platform == "cuda" and args.devices_per_process != 1:
+        parser.error("--platform cuda runs one GPU per process")
     if args.process_id is None:
-        return launch(args.num_processes, args.devices_per_process, args.calls, args.seed, args.timeout)
-    initialize(args.process_id, args.num_processes, args.coordinator, args.devices_per_process)
+        return launch(args.num_processes, args.devices_per_process, args.calls, args.seed, args.timeout, args.platform)
+    initialize(args.process_id, args.num_processes, args.coordinator, args.devices_per_process, args.platform)
     run(args.calls, args.seed)
     return 0
 

@@ -24,7 +24,7 @@ from .kernels import KernelGraph
 from .layout import PROFILE_STAMPS, Platform
 from .plan import plan_key, serialize
 from .plan_cache import CallPlan
-from .processes import check_platform, mesh_processes, share_comm_group
+from .processes import check_platform, mesh_processes, share_comm_group, share_cuda_comm
 from .target import Target
 from .runtime import check_cuda_error, emit_call, extension, register_cuda_plan, register_plan
 from .schedule import Schedule, fixed_task_cost, schedule, shuffled_schedule
@@ -184,7 +184,8 @@ class Megakernel:
         cfg = self._cfg = config_module.load()
         self.fn, self.in_tree, self.specs = fn, in_tree, specs
         self.platform = _default_platform()
-        self.device = jax.devices("gpu")[0] if self.platform == "cuda" else None
+        # this process's first GPU: under jax.distributed, jax.devices()[0] may be another process's
+        self.device = jax.local_devices(backend="gpu")[0] if self.platform == "cuda" else None
         # On the GPU a worker is an SM: exactly one CTA per SM, all co-resident.
         if self.device is not None:
             self.target = Target.cuda(self.device.core_count, str(self.device.compute_capability), cfg)
@@ -202,7 +203,9 @@ class Megakernel:
         self.shard_map: ShardMap | None = find_shard_map(closed)
         # the processes that run the plan's ranks: several under jax.distributed, each running its own devices
         self.processes = [jax.process_index()] if self.shard_map is None else mesh_processes(self.shard_map.mesh)
-        check_platform(self.platform, self.processes)
+        local_devices = 1 if self.shard_map is None else sum(
+            d.process_index == jax.process_index() for d in self.shard_map.mesh.devices.flat)  # fmt: skip
+        check_platform(self.platform, self.processes, local_devices)
         plan, stages = cached_plan(closed, self.shard_map, repr(specs), self.target, cfg)
         self.from_cache = stages is None
         if stages is not None:
@@ -219,6 +222,8 @@ class Megakernel:
                 self.comm_segment = share_comm_group(self.key, self.processes, cfg.setup_timeout_seconds)
         else:
             self._build_cuda()
+            if len(self.processes) > 1:
+                share_cuda_comm(self.key, self.processes, self._rank_devices(), cfg.setup_timeout_seconds)
         if cfg.dump_dir:
             self.dump(os.path.join(cfg.dump_dir, self.key))
 
@@ -265,7 +270,7 @@ class Megakernel:
             self.key, cubin, self.source.kernel_name, num_events=plan.num_events,
             threads=self.source.threads, smem_bytes=self.source.smem_bytes, arg_bytes=arg_bytes,
             ret_bytes=ret_bytes, aliases=plan.aliases, num_ctas=self.num_workers,
-            rank_devices=[d.local_hardware_id for d in self._devices()] if plan.num_ranks > 1 else (),
+            rank_devices=self._rank_devices() if plan.num_ranks > 1 else (),
             comm_bytes=plan.comm_bytes, num_remote_events=plan.num_remote_events,
         )  # fmt: skip
 
@@ -274,6 +279,11 @@ class Megakernel:
         if self.shard_map is None:
             return [self.device]
         return list(self.shard_map.mesh.devices.flat)
+
+    def _rank_devices(self) -> list[int]:
+        """The GPU ordinal of each rank in this process, -1 for another process's rank."""
+        me = jax.process_index()
+        return [d.local_hardware_id if d.process_index == me else -1 for d in self._devices()]
 
     # ----------------------------------------------------------------------------------------- calling
     def check_signature(self, args: tuple, kwargs: dict) -> list:
@@ -371,7 +381,9 @@ class Megakernel:
     def raise_device_error(self) -> None:
         """Raise the watchdog failure a finished CUDA call left behind, if any."""
         if self.device is not None:
-            messages = [check_cuda_error(self.key, d.local_hardware_id) for d in self._devices()]
+            # this process's ranks only: another process's GPU is not this process's to check
+            messages = [check_cuda_error(self.key, d.local_hardware_id) for d in self._devices()
+                        if d.process_index == jax.process_index()]  # fmt: skip
             if any(messages):
                 raise DependencyTimeoutError("; ".join(m for m in messages if m))
 

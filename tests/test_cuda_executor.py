@@ -200,6 +200,32 @@ def test_register_is_lazy_and_validates():
                                    ret_bytes=[])
 
 
+@needs_cuda_build
+def test_ranks_of_other_processes_register_and_their_exchange_refuses_bad_input():
+    """A plan whose ranks run in several processes lists -1 for the others' ranks; the exchange of communication
+    buffers (export_cuda_comm / import_cuda_comm, CUDA IPC) refuses, before touching a GPU: a plan without such
+    ranks, a device that runs none, a rank this process runs, a malformed handle."""
+    ext = runtime.extension()
+    plan = dict(num_events=1, threads=32, smem_bytes=0, arg_bytes=[8], ret_bytes=[8, 1], comm_bytes=64,
+                num_remote_events=2)  # fmt: skip
+    runtime.register_cuda_plan("ipc-two", b"x", "k", rank_devices=[0, -1], **plan)
+    runtime.register_cuda_plan("ipc-local", b"x", "k", rank_devices=[0, 1], **plan)
+    for devices in ([-1, -1], [0, -2], [1, 1, -1]):
+        with pytest.raises(ValueError, match="register_cuda_plan"):
+            runtime.register_cuda_plan("ipc-bad", b"x", "k", rank_devices=devices, **plan)
+    with pytest.raises(ValueError, match="no rank in another process"):
+        ext.export_cuda_comm("ipc-local", 0)
+    with pytest.raises(ValueError, match="not registered"):
+        ext.import_cuda_comm("ipc-unknown", 0, 1, "00" * 64)
+    with pytest.raises(ValueError, match="runs no rank"):
+        ext.export_cuda_comm("ipc-two", 3)
+    with pytest.raises(ValueError, match="not another process's"):
+        ext.import_cuda_comm("ipc-two", 0, 0, "00" * 64)
+    for handle in ("00" * 63, "zz" * 64, "00" * 65):
+        with pytest.raises(ValueError, match="hex digits"):
+            ext.import_cuda_comm("ipc-two", 0, 1, handle)
+
+
 # --- on a GPU ---
 
 

@@ -1,6 +1,6 @@
 """One process per device (jax.distributed): a shard_map's megakernel over the CPU devices of 2 processes, whose
-communication buffers are POSIX shared memory; a process that never calls trips the watchdog; the CUDA runtime
-refuses such a mesh at plan time."""
+communication buffers are POSIX shared memory, and over the GPUs of 2 processes (CUDA IPC; needs 2 GPUs); a
+process that never calls trips the watchdog; the CUDA runtime takes one GPU per process."""
 
 from __future__ import annotations
 
@@ -54,6 +54,23 @@ def test_shard_map_over_processes_equals_numpy(devices_per_process, child_env):
     assert shm_segments() <= before
 
 
+@pytest.mark.gpu
+def test_shard_map_over_gpus_of_two_processes_equals_numpy(child_env):
+    """examples/multiprocess.py --platform cuda: 2 processes of one GPU each, their communication buffers mapped
+    into each other through CUDA IPC; every process's shards against numpy, as on the CPU."""
+    import jax
+
+    if len(jax.devices("gpu")) < 2:
+        pytest.skip("needs 2 GPUs")
+    seed = int.from_bytes(os.urandom(4), "little")
+    command = [sys.executable, str(ROOT / "examples" / "multiprocess.py"), "--platform", "cuda", "--calls", "3",
+               "--seed", str(seed), "--timeout", str(TIMEOUT_S)]  # fmt: skip
+    done = subprocess.run(command, env=child_env, capture_output=True, text=True, timeout=TIMEOUT_S + 10)
+    assert done.returncode == 0, f"seed {seed}\n{done.stdout}\n{done.stderr}"
+    checked = re.findall(r"process (\d): ([\w.]+): (\w+) call (\d): max error", done.stdout)
+    assert len(set(checked)) == 24, done.stdout
+
+
 def run_without_process_1(absence: str, env: dict[str, str]) -> dict:
     """tests/multiprocess_worker.py in 2 processes, process 1 missing its call or its planning (``absence``);
     returns process 0's report. Both must exit in time with status 0, leaving no shared-memory segment."""
@@ -93,8 +110,11 @@ def test_a_process_that_never_plans_trips_the_setup_timeout(child_env):
     assert "JAX_MPK_SETUP_TIMEOUT_S" in report["setup"] and report["seconds"] < 10
 
 
-def test_cuda_refuses_a_mesh_over_several_processes():
-    with pytest.raises(UnsupportedPrimitiveError, match="one process per GPU is not supported yet by the CUDA"):
-        check_platform("cuda", [0, 1])
-    check_platform("cuda", [0])
-    check_platform("cpu", [0, 1])
+def test_cuda_takes_one_gpu_per_process_across_processes():
+    """Across processes the CUDA runtime runs one GPU per process (each maps the others' buffers through CUDA
+    IPC); a process holding several of the mesh's GPUs is refused at plan time, with the fix in the message."""
+    with pytest.raises(UnsupportedPrimitiveError, match="one GPU per process.*local_device_ids"):
+        check_platform("cuda", [0, 1], local_devices=2)
+    check_platform("cuda", [0, 1], local_devices=1)
+    check_platform("cuda", [0], local_devices=4)
+    check_platform("cpu", [0, 1], local_devices=2)

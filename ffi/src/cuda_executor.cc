@@ -113,7 +113,14 @@ struct CudaPlan {
   std::vector<uint64_t*> comm_counters;
   int comm_registered = 0;
   std::condition_variable comm_ready;
+  // Ranks in several processes: a failed call cannot be restarted in step with the other processes' ranks
+  // (ranks of one process reset together), so the plan refuses every later call in this process.
+  std::atomic<bool> failed_across_processes{false};
 };
+
+bool SpansProcesses(const CudaPlanSpec& spec) {
+  return std::any_of(spec.rank_devices.begin(), spec.rank_devices.end(), [](int64_t d) { return d < 0; });
+}
 
 struct Registry {
   std::mutex mutex;
@@ -249,7 +256,7 @@ ffi::Error AllocateState(const CudaPlan& plan, DeviceState& state) {
                                               plan.key, "' (a shard_map over devices ", devices, ")"));
   }
   for (const int64_t peer : spec.rank_devices) {
-    if (peer == state.device) continue;
+    if (peer == state.device || peer < 0) continue;  // another process's rank: mapped by ImportCudaComm
     int can_access = 0;
     JAX_MPK_RETURN_IF_CUDA_ERROR(cudaDeviceCanAccessPeer(&can_access, state.device, static_cast<int>(peer)),
                                  StrCat("cudaDeviceCanAccessPeer(", state.device, ", ", peer, ")"));
@@ -486,9 +493,17 @@ void TakeRecord(DeviceState& state) {
 // return would only be logged by XLA, which then fails the execution with an unrelated message; the captured
 // launch is preceded by a reset anyway (MegakernelCuda), so the call runs and the message waits for the next
 // call that is not captured, or for CheckCudaError. Caller holds state.mutex.
-ffi::Error TakeDeferredError(const CudaPlan& plan, DeviceState& state, cudaStream_t stream, bool capturing) {
+ffi::Error TakeDeferredError(CudaPlan& plan, DeviceState& state, cudaStream_t stream, bool capturing) {
   TakeRecord(state);
   if (capturing || state.unreported.empty()) return ffi::Error::Success();
+  if (SpansProcesses(plan.spec)) {
+    plan.failed_across_processes = true;
+    std::string message = std::exchange(state.unreported, std::string());
+    return ffi::Error(state.unreported_code,
+                      StrCat(message, ". Reported by a later call of plan '", plan.key, "', which did not run; its ranks "
+                             "run in several processes, which cannot restart in step, so this process refuses its "
+                             "later calls (restart the processes)"));
+  }
   JAX_MPK_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(state.block, 0, state.block_bytes, stream),
                                "resetting the event counters and control after a failed call");
   if (state.comm) {  // epochs restart at 1: so do this rank's remote counters (the other ranks failed as well)
@@ -589,6 +604,11 @@ ffi::Error MegakernelCuda(cudaStream_t stream, int32_t device, ffi::RemainingArg
   if (!found) return found.error();
   DeviceState& state = **found;
   std::lock_guard<std::mutex> lock(state.mutex);
+  if (plan->failed_across_processes) {
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                      StrCat("jax_mpk: an earlier call of plan '", plan_key, "' failed, and its ranks run in several "
+                             "processes, which cannot restart in step: restart the processes"));
+  }
   if (ffi::Error error = TakeDeferredError(*plan, state, stream, capturing); error.failure()) return error;
 
   MegakernelParams params{};
@@ -639,9 +659,15 @@ void CheckSpec(const CudaPlanSpec& spec) {
                 layout::kMaxCudaRanks, " (MAX_CUDA_RANKS in jax_mpk/layout.py)"));
   }
   for (size_t r = 0; r < spec.rank_devices.size(); ++r) {
-    if (std::count(spec.rank_devices.begin(), spec.rank_devices.end(), spec.rank_devices[r]) != 1) {
-      fail(StrCat("device ", spec.rank_devices[r], " is listed for more than one rank"));
+    const int64_t device = spec.rank_devices[r];
+    if (device < -1) fail(StrCat("rank ", r, "'s device ", device, " is neither an ordinal nor -1 (another process)"));
+    if (device >= 0 && std::count(spec.rank_devices.begin(), spec.rank_devices.end(), device) != 1) {
+      fail(StrCat("device ", device, " is listed for more than one rank"));
     }
+  }
+  if (!spec.rank_devices.empty() &&
+      std::none_of(spec.rank_devices.begin(), spec.rank_devices.end(), [](int64_t d) { return d >= 0; })) {
+    fail("every rank is another process's (-1): this process runs none of the plan's ranks");
   }
   if (spec.comm_bytes < 0 || spec.comm_bytes > kMaxBufferBytes || spec.num_remote_events < 0 ||
       spec.num_remote_events > kMaxEvents) {
@@ -719,7 +745,87 @@ std::optional<std::string> CheckCudaError(std::string_view key, int device) {
   }
   check(cudaStreamSynchronize(state->side_stream), "cudaStreamSynchronize");
   std::string message = std::exchange(state->unreported, std::string());
+  if (SpansProcesses(plan->spec)) {
+    plan->failed_across_processes = true;
+    message += "; the plan's ranks run in several processes, which cannot restart in step, so this process "
+               "refuses its later calls (restart the processes)";
+  }
   return message;
+}
+
+namespace {
+
+// The plan of `key` whose ranks run in several processes, for Export/ImportCudaComm.
+std::shared_ptr<CudaPlan> PlanAcrossProcesses(std::string_view key, const char* what) {
+  std::shared_ptr<CudaPlan> plan = FindCudaPlan(key);
+  if (!plan) throw std::invalid_argument(StrCat("jax_mpk: ", what, ": CUDA plan not registered in this process: '", key, "'"));
+  if (!SpansProcesses(plan->spec)) {
+    throw std::invalid_argument(StrCat("jax_mpk: ", what, ": plan '", key, "' has no rank in another process"));
+  }
+  return plan;
+}
+
+void CheckCuda(cudaError_t status, const std::string& what) {
+  if (status != cudaSuccess) throw std::runtime_error(StrCat("jax_mpk: ", what, " failed (", CudaStatusText(status), ")"));
+}
+
+}  // namespace
+
+std::string ExportCudaComm(std::string_view key, int device) {
+  const std::shared_ptr<CudaPlan> plan = PlanAcrossProcesses(key, "export_cuda_comm");
+  const auto& devices = plan->spec.rank_devices;
+  if (std::find(devices.begin(), devices.end(), device) == devices.end()) {
+    throw std::invalid_argument(StrCat("jax_mpk: export_cuda_comm: device ", device, " runs no rank of plan '", key, "'"));
+  }
+  ScopedDevice scoped_device;
+  CheckCuda(scoped_device.Enter(device), StrCat("making device ", device, " current"));
+  ffi::ErrorOr<DeviceState*> state = GetOrCreateState(*plan, device, /*capturing=*/false);
+  if (!state) throw std::runtime_error(std::string(state.error().message()));
+  cudaIpcMemHandle_t handle{};
+  CheckCuda(cudaIpcGetMemHandle(&handle, (*state)->comm),
+            StrCat("cudaIpcGetMemHandle of plan '", key, "''s communication buffer on device ", device));
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string hex;
+  for (const unsigned char byte : std::string_view(handle.reserved, sizeof(handle.reserved))) {
+    hex += kHex[byte >> 4];
+    hex += kHex[byte & 15];
+  }
+  return hex;
+}
+
+void ImportCudaComm(std::string_view key, int device, int rank, std::string_view handle_hex) {
+  const std::shared_ptr<CudaPlan> plan = PlanAcrossProcesses(key, "import_cuda_comm");
+  const auto& devices = plan->spec.rank_devices;
+  if (rank < 0 || rank >= static_cast<int>(devices.size()) || devices[rank] >= 0) {
+    throw std::invalid_argument(StrCat("jax_mpk: import_cuda_comm: rank ", rank, " of plan '", key,
+                                       "' is not another process's (its ranks' devices here: -1 for those)"));
+  }
+  cudaIpcMemHandle_t handle{};
+  if (handle_hex.size() != 2 * sizeof(handle.reserved) ||
+      handle_hex.find_first_not_of("0123456789abcdef") != std::string_view::npos) {
+    throw std::invalid_argument(StrCat("jax_mpk: import_cuda_comm: the handle of rank ", rank, " is not ",
+                                       2 * sizeof(handle.reserved), " lowercase hex digits"));
+  }
+  auto nibble = [](char c) { return c <= '9' ? c - '0' : c - 'a' + 10; };
+  for (size_t i = 0; i < sizeof(handle.reserved); ++i) {
+    handle.reserved[i] = static_cast<char>(nibble(handle_hex[2 * i]) << 4 | nibble(handle_hex[2 * i + 1]));
+  }
+  {
+    std::lock_guard<std::mutex> lock(plan->mutex);
+    if (plan->comm_peers.size() == devices.size() && plan->comm_peers[rank]) return;  // imported before
+  }
+  ScopedDevice scoped_device;
+  CheckCuda(scoped_device.Enter(device), StrCat("making device ", device, " current"));
+  void* peer = nullptr;  // mapped for the plan's life, as the plan's own buffers are
+  CheckCuda(cudaIpcOpenMemHandle(&peer, handle, cudaIpcMemLazyEnablePeerAccess),
+            StrCat("cudaIpcOpenMemHandle of rank ", rank, "'s communication buffer of plan '", key, "' on device ", device));
+  std::lock_guard<std::mutex> lock(plan->mutex);
+  plan->comm_peers.resize(devices.size(), nullptr);
+  plan->comm_counters.resize(devices.size(), nullptr);
+  plan->comm_peers[rank] = static_cast<char*>(peer);
+  plan->comm_counters[rank] = reinterpret_cast<uint64_t*>(static_cast<char*>(peer) + 2 * plan->spec.comm_bytes);
+  ++plan->comm_registered;
+  plan->comm_ready.notify_all();
 }
 
 }  // namespace jax_mpk

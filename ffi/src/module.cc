@@ -116,6 +116,31 @@ std::optional<std::string> CheckCudaErrorFromPython(const std::string& key, int 
 #endif
 }
 
+std::string ExportCudaCommFromPython(const std::string& key, int device) {
+  RequireCuda();
+#ifdef JAX_MPK_WITH_CUDA
+  nb::gil_scoped_release no_gil;  // loads the kernel, allocates and zeroes the buffer
+  return ExportCudaComm(key, device);
+#else
+  (void)key;
+  (void)device;
+  return {};
+#endif
+}
+
+void ImportCudaCommFromPython(const std::string& key, int device, int rank, const std::string& handle) {
+  RequireCuda();
+#ifdef JAX_MPK_WITH_CUDA
+  nb::gil_scoped_release no_gil;
+  ImportCudaComm(key, device, rank, handle);
+#else
+  (void)key;
+  (void)device;
+  (void)rank;
+  (void)handle;
+#endif
+}
+
 void RegisterPlanFromWords(std::string key, const PlanWords& words) {
   // ParsePlan's std::invalid_argument reaches Python as ValueError.
   auto plan = std::make_shared<const Plan>(ParsePlan(words.data(), words.shape(0)));
@@ -143,8 +168,17 @@ NB_MODULE(_ext, m) {
         "the CUDA handler. Nothing touches the GPU here: the image is loaded on the first call on each device. "
         "An identical registration keeps the existing plan; a different one replaces it. num_ctas = 0 launches "
         "one CTA per SM. A plan that several devices run together (a shard_map body) lists their ordinals in rank "
-        "order in rank_devices, with the bytes of one rank's communication buffer and its remote event count. "
-        "Raises ValueError for invalid arguments, RuntimeError without CUDA.");
+        "order in rank_devices (-1 for a rank that another process runs), with the bytes of one rank's "
+        "communication buffer and its remote event count. Raises ValueError for invalid arguments, RuntimeError "
+        "without CUDA.");
+  m.def("export_cuda_comm", &jax_mpk::ExportCudaCommFromPython, "key"_a, "device"_a,
+        "For a registered CUDA plan with ranks in other processes: creates its state on device ordinal `device` "
+        "(one of its ranks') and returns a CUDA IPC handle of its communication buffer, as hex. Raises ValueError "
+        "for a plan or device that is not such, RuntimeError for a CUDA failure.");
+  m.def("import_cuda_comm", &jax_mpk::ImportCudaCommFromPython, "key"_a, "device"_a, "rank"_a, "handle"_a,
+        "Maps rank `rank`'s communication buffer (an export_cuda_comm handle from its process) into device "
+        "`device`'s context for the plan's calls; a second import of a rank is ignored. Raises ValueError for a "
+        "rank this process runs or a malformed handle, RuntimeError for a CUDA failure.");
   m.def("has_cuda_plan", &jax_mpk::HasCudaPlanFromPython, "key"_a,
         "Whether a CUDA plan is registered under `key` in this process (always False without CUDA).");
   m.def("check_cuda_error", &jax_mpk::CheckCudaErrorFromPython, "key"_a, "device"_a,

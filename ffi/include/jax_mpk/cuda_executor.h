@@ -53,8 +53,9 @@ struct CudaPlanSpec {
   std::vector<std::pair<int64_t, int64_t>> aliases;  // (operand, result) pairs that must be one buffer
   int64_t num_ctas = 0;       // grid size; 0: the device's SM count
   // Several devices running the plan together (a shard_map body; empty: one device). Device ordinals in rank
-  // order; each rank allocates a communication buffer of 2 * comm_bytes and num_remote_events counters, and
-  // every rank's kernel gets every rank's addresses (runtime/params.h, CommParams).
+  // order, -1 for a rank that another process runs; each rank allocates a communication buffer of
+  // 2 * comm_bytes and num_remote_events counters, and every rank's kernel gets every rank's addresses
+  // (runtime/params.h, CommParams): another process's through ExportCudaComm / ImportCudaComm (CUDA IPC).
   std::vector<int64_t> rank_devices;
   int64_t comm_bytes = 0;
   int64_t num_remote_events = 0;
@@ -81,6 +82,17 @@ bool HasCudaPlan(std::string_view key);
 // (resetting the plan's state there, as the handler would), or nullopt when there is none or the plan never
 // ran on that device. Throws UnknownCudaPlanError for an unknown key, std::runtime_error for a CUDA failure.
 std::optional<std::string> CheckCudaError(std::string_view key, int device);
+
+// A plan whose ranks run in several processes (rank_devices holds -1): makes its state on `device` now (the
+// kernel loaded, the communication buffer allocated) and returns a CUDA IPC handle of that buffer as hex, for
+// the other processes' ImportCudaComm. Throws std::invalid_argument for a plan that is not such a plan or a
+// device that is not one of its ranks', std::runtime_error for a CUDA failure.
+std::string ExportCudaComm(std::string_view key, int device);
+
+// Maps another process's communication buffer of rank `rank` (an ExportCudaComm handle) into `device`'s context,
+// for this process's ranks' kernels; once per plan and rank (a second import of a rank is ignored). Throws as
+// ExportCudaComm does, and std::invalid_argument for a rank this process runs or a malformed handle.
+void ImportCudaComm(std::string_view key, int device, int rank, std::string_view handle_hex);
 
 }  // namespace jax_mpk
 
