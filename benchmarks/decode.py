@@ -66,6 +66,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 import jax_mpk  # noqa: E402
+from jax_mpk.config import overridden  # noqa: E402
 import models  # noqa: E402
 from bandwidth import read_bandwidth  # noqa: E402
 
@@ -174,21 +175,6 @@ def megakernel_first_calls(step: Callable, weights, tokens, pos, fresh: Callable
             os.environ["JAX_MPK_CACHE_DIR"] = previous
         shutil.rmtree(cache_dir, ignore_errors=True)
     return fast, cold, warm
-
-
-@contextlib.contextmanager
-def knobs_set(knobs: dict[str, str]) -> Iterator[None]:
-    """The environment with ``knobs`` set (jax_mpk reads them when a megakernel is made), then as it was."""
-    previous = {name: os.environ.get(name) for name in knobs}
-    os.environ.update(knobs)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name)
-            else:
-                os.environ[name] = value
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
@@ -304,7 +290,7 @@ def run_config(model: str, config: models.ModelConfig, weights, merge, batch: in
     variants = {"jax.jit": xla, "megakernel": fast}
     variant_agreement = {}
     for name, knobs in args.variant.items():  # the same step planned with other knobs, timed in the same rounds
-        with knobs_set(knobs):
+        with overridden(knobs):
             variant = jax_mpk.megakernelize(step, donate_argnums=(3,))
             with progress(f"megakernel[{name}]: first call"):
                 first_call_s(variant, weights, tokens, pos, fresh())

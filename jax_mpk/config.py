@@ -6,8 +6,10 @@ variable and the value, not an error deep in planning or at call time.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import InvalidArgumentError
@@ -73,6 +75,21 @@ class Config:
     # CUDA: a flat kernel's thread issues the loads of all its 2-8 elements before computing them
     # (Target.element_batches; JAX_MPK_ELEMENT_BATCHES, default off until it is measured on a GPU)
     element_batches: bool
+
+
+@contextlib.contextmanager
+def overridden(knobs: dict[str, str]) -> Iterator[None]:
+    """The environment with ``knobs`` set (they are read when a megakernel is made: ``load``), then as it was."""
+    saved = {name: os.environ.get(name) for name in knobs}
+    os.environ.update(knobs)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def load() -> Config:

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from .. import config
 
 # The platform that plans for a GPU without running: what a GPU-free machine can check of the CUDA target.
 GPU_PLAN, GPU_PLAN_SMS, GPU_PLAN_ARCH = "cuda-plan", 132, "9.0"
@@ -74,19 +75,8 @@ class Knobs:
             "JAX_MPK_GPU_FUSION": "1" if platform == GPU_FUSED else "0",
         }
 
-    @contextlib.contextmanager
-    def applied(self, platform: str) -> Iterator[None]:
-        env = self.env(platform)
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    def applied(self, platform: str) -> contextlib.AbstractContextManager[None]:
+        return config.overridden(self.env(platform))
 
 
 @dataclass(frozen=True)
