@@ -105,6 +105,22 @@ def test_element_batches_issue_a_threads_loads_first():
     assert len(compile_cubin(batched.text, "9.0")) > 10_000
 
 
+def test_attention_microbenchmark_compiles(tmp_path):
+    """benchmarks/micro/attention_chunk.cu (attention.cuh alone, with its host reference) builds against the
+    headers as they are, with the flags its header comment gives."""
+    from jax_mpk.toolchain import nvcc
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    source = root / "benchmarks" / "micro" / "attention_chunk.cu"
+    flags = re.search(r"//   nvcc (.*?) \\\n//\s+(.*?) \\\n", source.read_text())
+    assert flags, "the build command in the header comment"
+    command = [nvcc(), *flags.group(1).split(), *flags.group(2).split(), str(source), "-o", str(tmp_path / "bench")]
+    command = [f"-I{root / 'ffi' / 'include'}" if c == "-I" else c for c in command if c != "ffi/include"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "bench").stat().st_size > 100_000
+
+
 @pytest.mark.parametrize("head_dim,batch", [(64, 1), (128, 8)])
 def test_split_attention_decode_step_compiles(head_dim, batch):
     """attention.cuh instantiated by a decode step (Llama's 64-wide heads at batch 1 with their RoPE staged in one

@@ -1,7 +1,8 @@
 // Microbenchmark of attention::keys_in_chunks (ffi/include/jax_mpk/tasks/attention.cuh) alone: one CTA per SM,
 // each the task of one (sequence, KV head) group as the megakernel runs it, on a random bf16 cache. Reports
-// per-block time of the whole call and of its parts (copies only; arithmetic on tiles already in shared memory),
-// so that a task's time can be split into memory and arithmetic without the rest of the megakernel.
+// per-block time of the whole call, of its copies alone, and of the whole call with every block reading the same
+// keys (from L2), so that a task's time can be split into memory and arithmetic without the rest of the
+// megakernel; the whole call's partials are checked against a host reference first.
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I ffi/include -DJAX_MPK_BLOCK_THREADS=512 \
 //        -DJAX_MPK_RING_SLOTS=4 -DJAX_MPK_RING_SLOT_BYTES=32768 -DJAX_MPK_RING_MAX_ROWS=8 -DJAX_MPK_MMA_MAX_COLUMNS=512 \
 //        benchmarks/micro/attention_chunk.cu -o /tmp/attention_chunk && /tmp/attention_chunk
