@@ -64,8 +64,8 @@ def split_attention(kernels: list[Kernel], num_workers: int, shared_memory_bytes
         rows, head_dim = tuple(values_product.domain[:-1]), values_product.domain[-1]
         keys = scores_product.domain[-1]
         row_count = math.prod(rows[d] for d in rows_dims)
-        fits = [c for c in range(1, keys + 1) if attention_smem_bytes(row_count, head_dim, c) <= shared_memory_bytes]
-        chunk = _chunk(keys, math.prod(rows) // row_count, num_workers, max(fits, default=0))
+        chunk = _chunk(keys, math.prod(rows) // row_count, num_workers,
+                       lambda c: attention_smem_bytes(row_count, head_dim, c) <= shared_memory_bytes)  # fmt: skip
         if chunk is None:
             continue
         chunks = keys // chunk
@@ -110,14 +110,17 @@ def _store_queries_beside(attention: Kernel, writer, new_tensor: NewTensor) -> K
                   outputs=[KernelOutput(value, tensor, IndexMap.identity(value.shape))], source=attention.source)  # fmt: skip
 
 
-def _chunk(keys: int, row_groups: int, num_workers: int, max_chunk: int) -> int | None:
+def _chunk(keys: int, row_groups: int, num_workers: int, fits: Callable[[int], bool]) -> int | None:
     """Keys per chunk: enough chunks that the row groups times the chunks occupy the workers, each chunk at least
-    MIN_CHUNK (or all the keys) and at most ``max_chunk`` keys, whole mma tiles, dividing the key count (so every
-    chunk is whole); None when no such chunk exists (a key count that is not a multiple of 16)."""
+    MIN_CHUNK (or all the keys), whole mma tiles, dividing the key count (so every chunk is whole) and small
+    enough that ``fits(chunk)`` (shared memory); None when no such chunk exists (a key count that is not a
+    multiple of 16)."""
     wanted = max(1, num_workers // max(row_groups, 1))
-    target = min(max(-(-keys // wanted), MIN_CHUNK), max_chunk)
-    divisors = [c for c in range(min(MIN_CHUNK, keys), min(keys, max_chunk) + 1) if keys % c == 0 and c % MMA_STEP == 0]
-    return min(divisors, key=lambda c: (abs(c - target), -c)) if divisors else None
+    divisors = [c for c in range(min(MIN_CHUNK, keys), keys + 1) if keys % c == 0 and c % MMA_STEP == 0 and fits(c)]
+    if not divisors:
+        return None
+    target = min(max(-(-keys // wanted), MIN_CHUNK), max(divisors))
+    return min(divisors, key=lambda c: (abs(c - target), -c))
 
 
 def _match(values_product: Kernel, writer, readers):

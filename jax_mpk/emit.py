@@ -118,9 +118,10 @@ class KernelBody:
         """The task's tile extent along ``dim``: with uniform_extents, a number when every task of the kernel has
         the same one (the index divisions by it fold: session 8 read 17248 -> 15696 SASS instructions for Llama-1B
         b8), else t.hi - t.lo. Kernels share a variant only if their texts, numbers included, are equal."""
-        extents = {t.hi[dim] - t.lo[dim] for t in self.tasks}
-        if self.uniform_extents and len(extents) == 1:
-            return str(extents.pop())
+        if self.uniform_extents:
+            extents = {t.hi[dim] - t.lo[dim] for t in self.tasks}
+            if len(extents) == 1:
+                return str(extents.pop())
         return f"(t.hi[{dim}] - t.lo[{dim}])"
 
     def tile_count(self, rank: int) -> str:
@@ -130,8 +131,10 @@ class KernelBody:
     def elements_per_thread(self, rank: int) -> int:
         """With element_batches, how many of the tile's positions over its first ``rank`` dims every thread takes
         when that is the same whole number from 2 to 8 for every task; else 0."""
+        if not self.element_batches:
+            return 0
         counts = {math.prod(h - lo for lo, h in zip(t.lo[:rank], t.hi[:rank])) for t in self.tasks}
-        if not self.element_batches or len(counts) != 1:
+        if len(counts) != 1:
             return 0
         (count,) = counts
         return count // THREADS if count % THREADS == 0 and 2 <= count // THREADS <= MAX_ELEMENT_BATCH else 0

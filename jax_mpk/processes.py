@@ -92,8 +92,9 @@ def share_cuda_comm(key: str, processes: Sequence[int], rank_devices: Sequence[i
     client = global_state.client
     timeout_ms = max(1, round(timeout_s * 1000))
     where = f"jax_mpk/{key}/cuda_comm"
-    (rank, device), *others = [(r, d) for r, d in enumerate(rank_devices) if d >= 0] or [(-1, -1)]
-    assert rank >= 0 and not others, "check_platform: one GPU of the mesh per process"
+    local = [(r, d) for r, d in enumerate(rank_devices) if d >= 0]
+    assert len(local) == 1, "check_platform: one GPU of the mesh per process"
+    ((rank, device),) = local
     try:
         client.key_value_set(f"{where}/{rank}", extension().export_cuda_comm(key, device))
         for peer, peer_device in enumerate(rank_devices):

@@ -281,14 +281,15 @@ ffi::Error AllocateState(const CudaPlan& plan, DeviceState& state) {
   return ffi::Error::Success();
 }
 
-// Publishes this device's communication buffer to the plan's other ranks. Caller holds plan.mutex.
-void RegisterComm(CudaPlan& plan, const DeviceState& state) {
+// Publishes rank `rank`'s communication buffer (this process's, or another's mapped by ImportCudaComm) to the
+// plan's ranks in this process. Caller holds plan.mutex.
+void RegisterComm(CudaPlan& plan, int rank, char* comm) {
   const size_t num_ranks = plan.spec.rank_devices.size();
   if (num_ranks == 0) return;
   plan.comm_peers.resize(num_ranks, nullptr);
   plan.comm_counters.resize(num_ranks, nullptr);
-  plan.comm_peers[state.rank] = state.comm;
-  plan.comm_counters[state.rank] = reinterpret_cast<uint64_t*>(state.comm + 2 * plan.spec.comm_bytes);
+  plan.comm_peers[rank] = comm;
+  plan.comm_counters[rank] = reinterpret_cast<uint64_t*>(comm + 2 * plan.spec.comm_bytes);
   ++plan.comm_registered;
   plan.comm_ready.notify_all();
 }
@@ -427,7 +428,7 @@ ffi::ErrorOr<DeviceState*> GetOrCreateState(CudaPlan& plan, int device, bool cap
   if (!state) return ffi::Unexpected(state.error());
   DeviceState* created = state->get();
   plan.states.emplace(device, std::move(*state));
-  RegisterComm(plan, *created);
+  RegisterComm(plan, created->rank, created->comm);
   return created;
 }
 
@@ -715,6 +716,16 @@ void RegisterCudaPlan(std::string key, CudaPlanSpec spec) {
 
 bool HasCudaPlan(std::string_view key) { return FindCudaPlan(key) != nullptr; }
 
+namespace {
+
+// Throws std::runtime_error naming `what` when `status` is a failure (the host-side entry points; the handler
+// returns ffi errors instead).
+void CheckCuda(cudaError_t status, const std::string& what) {
+  if (status != cudaSuccess) throw std::runtime_error(StrCat("jax_mpk: ", what, " failed (", CudaStatusText(status), ")"));
+}
+
+}  // namespace
+
 std::optional<std::string> CheckCudaError(std::string_view key, int device) {
   const std::shared_ptr<CudaPlan> plan = FindCudaPlan(key);
   if (!plan) throw UnknownCudaPlanError(StrCat("jax_mpk: CUDA plan not registered in this process: '", key, "'"));
@@ -726,10 +737,7 @@ std::optional<std::string> CheckCudaError(std::string_view key, int device) {
     state = found->second.get();
   }
   auto check = [&](cudaError_t status, const char* what) {
-    if (status != cudaSuccess) {
-      throw std::runtime_error(StrCat("jax_mpk: check_cuda_error: ", what, " on device ", device, " failed (",
-                                      CudaStatusText(status), ")"));
-    }
+    CheckCuda(status, StrCat("check_cuda_error: ", what, " on device ", device));
   };
   ScopedDevice scoped_device;
   check(scoped_device.Enter(device), "making the device current");
@@ -763,10 +771,6 @@ std::shared_ptr<CudaPlan> PlanAcrossProcesses(std::string_view key, const char* 
     throw std::invalid_argument(StrCat("jax_mpk: ", what, ": plan '", key, "' has no rank in another process"));
   }
   return plan;
-}
-
-void CheckCuda(cudaError_t status, const std::string& what) {
-  if (status != cudaSuccess) throw std::runtime_error(StrCat("jax_mpk: ", what, " failed (", CudaStatusText(status), ")"));
 }
 
 }  // namespace
@@ -820,12 +824,7 @@ void ImportCudaComm(std::string_view key, int device, int rank, std::string_view
   CheckCuda(cudaIpcOpenMemHandle(&peer, handle, cudaIpcMemLazyEnablePeerAccess),
             StrCat("cudaIpcOpenMemHandle of rank ", rank, "'s communication buffer of plan '", key, "' on device ", device));
   std::lock_guard<std::mutex> lock(plan->mutex);
-  plan->comm_peers.resize(devices.size(), nullptr);
-  plan->comm_counters.resize(devices.size(), nullptr);
-  plan->comm_peers[rank] = static_cast<char*>(peer);
-  plan->comm_counters[rank] = reinterpret_cast<uint64_t*>(static_cast<char*>(peer) + 2 * plan->spec.comm_bytes);
-  ++plan->comm_registered;
-  plan->comm_ready.notify_all();
+  RegisterComm(*plan, rank, static_cast<char*>(peer));
 }
 
 }  // namespace jax_mpk
