@@ -15,6 +15,7 @@ JAX_MPK_UNIFORM_TILE_EXTENTS, JAX_MPK_ELEMENT_BATCHES; JAX_MPK_TASK_FIXED_COST i
     python benchmarks/planning.py --model qwen3-0.6b --profile 25
     python benchmarks/planning.py --model llama-3.2-1b --fingerprint
     python benchmarks/planning.py --model llama-3.2-1b --batch 8 --layers 2 --levels 30
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/planning.py --tp 2 --layers 2 --levels 20
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N slowest functions")
     parser.add_argument("--fingerprint", action="store_true", help="print the sha256 of the words and the source")
     parser.add_argument("--layers", type=int, help="plan this many layers of the model (default: all)")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor parallel over this many devices (one device's plan; CPU devices stand in)")
     parser.add_argument("--levels", type=int, default=0, metavar="N", help="print the kernels of the first N levels")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -62,7 +65,7 @@ def main() -> None:
     profiler = cProfile.Profile()
     start = time.perf_counter()
     cpu_start = time.process_time()
-    closed = trace_decode_step(cfg, args.batch, args.ctx, args.cache_layout)
+    closed = trace_decode_step(cfg, args.batch, args.ctx, args.cache_layout, args.tp)
     traced, cpu_traced = time.perf_counter(), time.process_time()
     print(f"make_jaxpr: {traced - start:.2f} s ({cpu_traced - cpu_start:.2f} s CPU, {len(closed.eqns)} equations)")
     if args.profile:
@@ -84,12 +87,14 @@ def main() -> None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
 
 
-def trace_decode_step(cfg: models.ModelConfig, batch: int, ctx: int, cache_layout: str = "stacked"):
-    """The jaxpr of ``cfg``'s decode step on abstract weights and cache (no memory for them)."""
+def trace_decode_step(cfg: models.ModelConfig, batch: int, ctx: int, cache_layout: str = "stacked", tp: int = 1):
+    """The jaxpr of ``cfg``'s decode step on abstract weights and cache (no memory for them); tensor parallel
+    over the first ``tp`` devices when ``tp`` > 1."""
     weights, merge = models.split(models.abstract(cfg))
     cache = jax.eval_shape(lambda: models.init_cache(cfg, batch, ctx, layout=cache_layout))
     tokens, pos = jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
-    return jax.make_jaxpr(models.make_decode_step(merge))(weights, tokens, pos, cache)
+    step = models.make_decode_step(merge) if tp == 1 else models.make_tp_decode_step(cfg, models.tp_mesh(tp))
+    return jax.make_jaxpr(step)(weights, tokens, pos, cache)
 
 
 def plan_for_gpu(closed, sms: int, arch: str):

@@ -131,8 +131,8 @@ class _BufferSlots:
     def pointer(self, tensor: Tensor, element_offset: int = 0) -> str:
         b = tensor.buffer
         byte_offset = element_offset * np.dtype(b.dtype).itemsize
-        if b.kind == TensorKind.COMM:  # in rank 0's buffer, this call's half; codegen moves to other ranks
-            return f"(p.comm.peers[0] + comm::half_offset(p) + {b.index + byte_offset})"
+        if b.kind == TensorKind.COMM:  # in this rank's buffer, this call's half (stores go to every rank's)
+            return f"(comm::local(p) + {b.index + byte_offset})"
         if b.kind == TensorKind.INPUT:
             slot = b.index
         elif b.kind == TensorKind.OUTPUT:

@@ -60,7 +60,7 @@ def compute_rows_in_dot_staging(kernels: list[Kernel], shared_rows: bool = False
             # a reads a version that an in-place update overwrites: the product would have to run before that
             # update and, if it reads the update's result too, after it (fuzz 2026:1492: rem(x, y) . x.at[i].set(u))
             continue
-        if a.dot is None and not a.reads_comm() and _stages_as_rows(out, dot, len(b.domain)):
+        if a.dot is None and _stages_as_rows(out, dot, len(b.domain)):
             dot.lhs_expr = Reindex(shape=tuple(b.domain) + tuple(dot.k_shape), dtype=out.node.dtype,
                                    children=(out.node,), map=dot.lhs_map)  # fmt: skip
     # Drop only the stores this rewrite made unread. A stored value that no kernel reads as such may still be

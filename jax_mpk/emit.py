@@ -311,13 +311,15 @@ class Emitter:
             offset = linear(0, coefs, idx)
         for dim, value, hi in dyn:
             offset = f"{offset} + {strides[dim]} * static_cast<index_t>(ops::dynamic_offset({value}, {hi}))"
-        pointer = self.body.pointer_name(tensor, const)
-        if tensor.buffer.kind == TensorKind.COMM:  # slot r of the buffer lives on rank r
-            slot = math.prod(tensor.buffer.shape) // tensor.buffer.shape[0]
-            element = self.fresh("c")
-            self.emit(f"const index_t {element} = {offset};")
-            return f"comm::on_rank(p, {pointer}, {element} / {slot})", f"{element} % {slot}"
-        return pointer, offset
+        return self.body.pointer_name(tensor, const), offset
+
+    def store(self, tensor: Tensor, pointer: str, offset: str, value: str) -> str:
+        """The statement storing ``value`` at ``tensor``'s ``pointer[offset]``: a communication buffer's slot
+        goes to every rank's copy (reads of it are local)."""
+        storage = STORAGE[dtype_code(tensor.buffer.dtype)]
+        if tensor.buffer.kind == TensorKind.COMM:
+            return f"comm::store_everywhere<{storage}>(p, {pointer}, {offset}, {value});"
+        return f"ops::store<{storage}>({pointer}, {offset}, {value});"
 
     def load_value(self, tensor: Tensor, index_map: IndexMap, idx: list[str], dtype, dyn=()) -> str:
         code = dtype_code(tensor.buffer.dtype)
@@ -652,7 +654,7 @@ class Emitter:
             value = self.value(out.node, idx)
             dyn = [(dim, self.value(node, idx), hi) for dim, node, hi in out.dyn]
             ptr, offset = self.element_offset(out.tensor, out.map, idx, dyn)
-            stores.append(f"ops::store<{STORAGE[dtype_code(out.tensor.buffer.dtype)]}>({ptr}, {offset}, {value});")
+            stores.append(self.store(out.tensor, ptr, offset, value))
         for line in stores:
             self.emit(line)
         self.pop()

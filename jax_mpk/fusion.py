@@ -371,8 +371,9 @@ class _Fuser:
                 name = f"in{node.index}" if node.index < self.n_args else f"const{node.index - self.n_args}"
                 buffer = Buffer(TensorKind.INPUT, node.index, node.shape, node.dtype, name)
             elif isinstance(node, Comm):  # each value exchanged has a region of its own, never reused
+                # the whole [ranks, ...] tensor: the GPU keeps every rank's slot in every rank's buffer
                 buffer = Buffer(TensorKind.COMM, comm_offset, node.shape, node.dtype, f"comm{node.uid}")
-                comm_offset += -(-buffer.nbytes // node.shape[0] // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
+                comm_offset += -(-buffer.nbytes // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
             else:
                 j = result_of.get(self._chain_end(node).uid)
                 if j is not None:
@@ -383,7 +384,7 @@ class _Fuser:
             self.buffers.append(buffer)
             self.tensors[node.uid] = Tensor(buffer, node.shape, node.uid)
         self.workspace_bytes = offset
-        self.comm_bytes = comm_offset  # of one rank's slots
+        self.comm_bytes = comm_offset  # of one rank's buffer (one half)
 
 
     def _new_workspace_tensor(self, shape: Shape, dtype: np.dtype, name: str) -> Tensor:

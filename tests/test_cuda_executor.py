@@ -247,6 +247,24 @@ def test_epochs_persist_across_calls(donate):
 
 
 @pytest.mark.gpu
+def test_same_key_and_launch_keeps_the_device_state_whatever_the_image():
+    """nvcc embeds its build directory in the cubin's line info, so the same program compiled by another process
+    (and read back from the shared cache) has other bytes: registering it again keeps the loaded plan and its
+    device state (epochs go on; a plan whose communication buffer other processes mapped must not be replaced);
+    another launch under the key replaces it (epochs restart)."""
+    _skip_without_gpu()
+    _register("rereg", "add_epoch")
+    f = jax.jit(_call("rereg"))
+    base = np.arange(N, dtype=np.float32)
+    for epoch, change in [(1, None), (2, dict(image=_cubin() + b"\0")), (1, dict(smem_bytes=32 * 1024))]:
+        if change is not None:
+            _register("rereg", "add_epoch", **change)
+        y, seen = f(jnp.asarray(base))
+        np.testing.assert_array_equal(np.asarray(y), base + epoch)
+        assert np.asarray(seen)[1] == epoch, (change, np.asarray(seen))
+
+
+@pytest.mark.gpu
 def test_watchdog_is_reported_later_and_resets():
     _skip_without_gpu()
     _register("hang", "hang", smem_bytes=0)

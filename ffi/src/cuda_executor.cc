@@ -28,8 +28,8 @@ namespace ffi = xla::ffi;
 
 namespace jax_mpk {
 
-bool CudaPlanSpec::operator==(const CudaPlanSpec& other) const {
-  return image == other.image && kernel_name == other.kernel_name && num_events == other.num_events &&
+bool CudaPlanSpec::SameLaunch(const CudaPlanSpec& other) const {
+  return kernel_name == other.kernel_name && num_events == other.num_events &&
          threads == other.threads && smem_bytes == other.smem_bytes && arg_bytes == other.arg_bytes &&
          ret_bytes == other.ret_bytes && aliases == other.aliases && num_ctas == other.num_ctas &&
          rank_devices == other.rank_devices && comm_bytes == other.comm_bytes &&
@@ -710,7 +710,18 @@ void RegisterCudaPlan(std::string key, CudaPlanSpec spec) {
   Registry& registry = GlobalRegistry();
   std::lock_guard<std::mutex> lock(registry.mutex);
   std::shared_ptr<CudaPlan>& slot = registry.plans[key];
-  if (slot && slot->spec == spec) return;  // keep its loaded kernel and device state
+  // The same key and launch: keep the loaded kernel and device state. The image may differ and still be the same
+  // program: nvcc embeds its build directory in the line info, so a cubin compiled by another process (read back
+  // from the shared cache) differs in those bytes.
+  if (slot && slot->spec.SameLaunch(spec)) return;
+  if (slot && SpansProcesses(slot->spec)) {
+    std::lock_guard<std::mutex> plan_lock(slot->mutex);
+    if (!slot->states.empty()) {
+      throw std::invalid_argument(StrCat(
+          "jax_mpk: register_cuda_plan: plan '", key, "' runs ranks in other processes, which mapped its "
+          "communication buffer; another plan cannot replace it under the same key"));
+    }
+  }
   slot = std::make_shared<CudaPlan>(std::move(key), std::move(spec));
 }
 

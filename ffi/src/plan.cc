@@ -260,11 +260,11 @@ class PlanParser {
           }
           break;
         }
-        case TensorKind::kComm: {  // num_ranks slots (row-major), one in each rank's communication buffer
+        case TensorKind::kComm: {  // num_ranks slots (row-major); a region of the whole tensor in each rank's buffer
           Require(tensor.shape.NumElements() % plan_.num_ranks == 0,
                   "a COMM tensor holds one equal slot per rank");
           tensor.slot_elements = std::max<int64_t>(tensor.shape.NumElements() / plan_.num_ranks, 1);
-          const int64_t bytes = tensor.shape.NumElements() / plan_.num_ranks * ByteWidth(tensor.dtype);
+          const int64_t bytes = tensor.shape.NumElements() * ByteWidth(tensor.dtype);
           if (tensor.index < 0 || tensor.index > plan_.comm_bytes - bytes) {
             Fail(StrCat("bytes [", tensor.index, ", ", tensor.index + bytes, ") are not inside the ",
                         plan_.comm_bytes, "-byte communication buffer"));

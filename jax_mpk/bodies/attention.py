@@ -166,8 +166,7 @@ def merge_if_last(body: KernelBody, em: Emitter, rows: int, extents: list[int], 
     em.emit(f"  numerator += w * ops::load<float>({o_ptr}, values + j * {head_dim});")
     em.emit(f"  denominator += w * ops::load<float>({l_ptr}, per_chunk + j);")
     em.emit("}")
-    out_type = STORAGE[dtype_code(spec.output.buffer.dtype)]
-    em.emit(f"ops::store<{out_type}>({', '.join(_element(em, spec.output, ridx + ['d']))}, numerator / denominator);")
+    em.emit(em.store(spec.output, *_element(em, spec.output, ridx + ["d"]), "numerator / denominator"))
     em.pop()
     em.emit("}")
     em.pop()

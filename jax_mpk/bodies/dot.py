@@ -386,7 +386,7 @@ class DotPlan:
     def of(kernel: Kernel, tasks, shared_memory_bytes: int) -> DotPlan | None:
         dot = kernel.dot
         rank = len(kernel.domain)
-        if rank == 0 or not tasks or kernel.reads_comm():
+        if rank == 0 or not tasks:
             return None
         if dot.lhs_expr is None:
             lhs = linear_form(dot.lhs_map, dot.lhs.shape)

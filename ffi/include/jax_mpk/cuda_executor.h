@@ -60,7 +60,8 @@ struct CudaPlanSpec {
   int64_t comm_bytes = 0;
   int64_t num_remote_events = 0;
 
-  bool operator==(const CudaPlanSpec& other) const;
+  // Everything but the image: the launch and buffers a registered plan's device state was made for.
+  bool SameLaunch(const CudaPlanSpec& other) const;
 };
 
 // Raised by CheckCudaError for a key that names no CUDA plan.

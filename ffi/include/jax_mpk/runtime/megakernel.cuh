@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "jax_mpk/layout.h"
+#include "jax_mpk/runtime/comm.cuh"
 #include "jax_mpk/runtime/params.h"
 
 namespace jax_mpk {
@@ -41,18 +42,6 @@ template <bool kSystem = false> __device__ __forceinline__ void add_relaxed(uint
     asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
   }
 }
-
-namespace comm {
-// Byte offset of this call's half of every communication buffer (call e, counted from 1, uses half e % 2).
-// Control::epoch holds the calls completed, and changes only once every task of the call has run.
-__device__ __forceinline__ int64_t half_offset(const MegakernelParams& p) {
-  return static_cast<int64_t>((p.control->epoch + 1) & 1) * p.comm.half_bytes;
-}
-// `base` is an address in rank 0's buffer; the same place in rank `rank`'s buffer.
-__device__ __forceinline__ char* on_rank(const MegakernelParams& p, char* base, int64_t rank) {
-  return p.comm.peers[rank] + (base - p.comm.peers[0]);
-}
-}  // namespace comm
 
 // Release fence at GPU scope. __threadfence() is fence.sc (sequentially consistent), which the signal does
 // not need and which costs more on every task.

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "jax_mpk/runtime/comm.cuh"
 #include "jax_mpk/scalar_ops.h"
 
 namespace jax_mpk::ops {
@@ -68,6 +69,17 @@ template <> __device__ __forceinline__ void store<int8_t>(char* b, int64_t i, in
 template <> __device__ __forceinline__ void store<uint32_t>(char* b, int64_t i, uint32_t v) { reinterpret_cast<uint32_t*>(b)[i] = v; }
 template <> __device__ __forceinline__ void store<uint8_t>(char* b, int64_t i, uint32_t v) { reinterpret_cast<uint8_t*>(b)[i] = static_cast<uint8_t>(v); }
 template <> __device__ __forceinline__ void store<bool>(char* b, int64_t i, bool v) { reinterpret_cast<bool*>(b)[i] = v; }
+}  // namespace jax_mpk::ops
+
+namespace jax_mpk::comm {
+// A store into this rank's slot of a COMM tensor (`base` in this rank's buffer): into every rank's copy.
+template <class T, class V>
+__device__ __forceinline__ void store_everywhere(const MegakernelParams& p, char* base, int64_t index, V value) {
+  for (int r = 0; r < p.comm.num_ranks; ++r) ops::store<T>(on_rank(p, base, r), index, value);
+}
+}  // namespace jax_mpk::comm
+
+namespace jax_mpk::ops {
 
 // --------------------------------------------------------------------------------------- rounding
 __device__ __forceinline__ float round_bf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
