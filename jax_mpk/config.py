@@ -69,12 +69,10 @@ class Config:
     # list scheduling: every task's estimate includes a fixed cost (schedule.fixed_task_cost), so that a small task
     # does not make its SM look idle (JAX_MPK_TASK_FIXED_COST, default off until it is measured on a GPU)
     task_fixed_cost: bool
-    # CUDA: tile extents every task of a kernel shares are numbers in the generated code (Target.uniform_tile_extents;
-    # JAX_MPK_UNIFORM_TILE_EXTENTS, default off until it is measured on a GPU)
-    uniform_tile_extents: bool
-    # CUDA: a flat kernel's thread issues the loads of all its 2-8 elements before computing them
-    # (Target.element_batches; JAX_MPK_ELEMENT_BATCHES, default off until it is measured on a GPU)
-    element_batches: bool
+    # several devices: every rank keeps a copy of every rank's slot of a communication buffer, stores go to all
+    # copies, reads are local (Target.comm_copies; JAX_MPK_COMM_COPIES, default off until it is measured on two
+    # GPUs)
+    comm_copies: bool
 
 
 @contextlib.contextmanager
@@ -117,6 +115,5 @@ def load() -> Config:
         stage_shared_rows=_env_flag("JAX_MPK_STAGE_SHARED_ROWS", False),
         schedule_seed=_env("JAX_MPK_SCHEDULE_SEED", None, int, expected="an integer"),
         task_fixed_cost=_env_flag("JAX_MPK_TASK_FIXED_COST", False),
-        uniform_tile_extents=_env_flag("JAX_MPK_UNIFORM_TILE_EXTENTS", False),
-        element_batches=_env_flag("JAX_MPK_ELEMENT_BATCHES", False),
+        comm_copies=_env_flag("JAX_MPK_COMM_COPIES", False),
     )

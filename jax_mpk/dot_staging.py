@@ -32,14 +32,17 @@ def shared_weight_dims(kernel: Kernel, written: bool = False) -> set[int]:
     return dims if math.prod(domain[d] for d in dims) <= MAX_SHARED_WEIGHT_ROWS else set()
 
 
-def compute_rows_in_dot_staging(kernels: list[Kernel], shared_rows: bool = False) -> list[Kernel]:
+def compute_rows_in_dot_staging(kernels: list[Kernel], shared_rows: bool = False,
+                                comm_reads: bool = False) -> list[Kernel]:
     """A matrix product whose activation operand is produced by a row kernel (RMSNorm, softmax: block
     reductions over the row, then pointwise) computes that row itself while it stages the operand in shared
     memory, instead of waiting for it to be stored: one dependency level less per such pair, for the
     price of every task of the product recomputing its row (a few KB from L2). The producer keeps its
     other outputs (the residual sum) and disappears when none is left. A product whose tasks multiply several
     rows with one weight tile (a batch) computes them one after the other: only with ``shared_rows``
-    (JAX_MPK_STAGE_SHARED_ROWS, off until measured: docs/notes/cuda_megakernel.md)."""
+    (JAX_MPK_STAGE_SHARED_ROWS, off until measured: docs/notes/cuda_megakernel.md). A row that reads a
+    communication buffer (the RMSNorm after a psum) is staged only with ``comm_reads``: where every rank keeps a
+    copy of every slot (Target.comm_copies), the staging reads it like the workspace."""
     def key(tensor: Tensor) -> tuple[int, int]:
         return id(tensor.buffer), tensor.version
 
@@ -60,7 +63,7 @@ def compute_rows_in_dot_staging(kernels: list[Kernel], shared_rows: bool = False
             # a reads a version that an in-place update overwrites: the product would have to run before that
             # update and, if it reads the update's result too, after it (fuzz 2026:1492: rem(x, y) . x.at[i].set(u))
             continue
-        if a.dot is None and _stages_as_rows(out, dot, len(b.domain)):
+        if a.dot is None and (comm_reads or not a.reads_comm()) and _stages_as_rows(out, dot, len(b.domain)):
             dot.lhs_expr = Reindex(shape=tuple(b.domain) + tuple(dot.k_shape), dtype=out.node.dtype,
                                    children=(out.node,), map=dot.lhs_map)  # fmt: skip
     # Drop only the stores this rewrite made unread. A stored value that no kernel reads as such may still be

@@ -22,9 +22,6 @@ THREADS = 512
 # positions' values before their global stores raised the kernel's register count and broke the load schedule
 # of the GEMV variants, which share it (again on branch elements-in-flight: the tied LM head 124 -> 227 us).
 FOLD_UNROLL = 4
-# Elements a thread may preload together in a flat body (Target.element_batches, off by default: the grouping
-# above, tried on output loops, is why it is measured before it is on)
-MAX_ELEMENT_BATCH = 8
 ROW_REDUCTION = 256  # reductions at least this long are done by the whole block, row by row; shorter inline
 
 STORAGE = {code: info.cuda_storage for code, info in DTYPES.items()}
@@ -75,11 +72,11 @@ class KernelBody:
     kind renders into."""
 
     def __init__(self, kernel: Kernel, tasks, shared_memory_bytes: int, merge_counter: int = -1,
-                 profile: bool = False, uniform_extents: bool = False, element_batches: bool = False):  # fmt: skip
+                 profile: bool = False, comm_copies: bool = False):  # fmt: skip
         self.kernel, self.tasks = kernel, tasks
-        # a tile extent every task of the kernel shares is a number in the text (Target.uniform_tile_extents)
-        self.uniform_extents = uniform_extents
-        self.element_batches = element_batches  # Target.element_batches (Emitter.elements)
+        # every rank keeps a copy of every rank's slot of a COMM tensor (Target.comm_copies): stores go to all
+        # ranks' copies and reads are local; else slot r lives on rank r only and is read there
+        self.comm_copies = comm_copies
         self.profile = profile  # a JAX_MPK_PROFILE build: the body stamps its phases (mark_phase)
         self.shared_memory_bytes = shared_memory_bytes  # the target's budget (Target.shared_memory_bytes)
         self.merge_counter = merge_counter  # split attention: the event of its first group's merge counter
@@ -115,29 +112,13 @@ class KernelBody:
         return [pointer(t, offset) for t, offset in self.tensors] + ([str(self.merge_counter)] if self.merge_counter >= 0 else [])
 
     def tile_size(self, dim: int) -> str:
-        """The task's tile extent along ``dim``: with uniform_extents, a number when every task of the kernel has
-        the same one (the index divisions by it fold: session 8 read 17248 -> 15696 SASS instructions for Llama-1B
-        b8), else t.hi - t.lo. Kernels share a variant only if their texts, numbers included, are equal."""
-        if self.uniform_extents:
-            extents = {t.hi[dim] - t.lo[dim] for t in self.tasks}
-            if len(extents) == 1:
-                return str(extents.pop())
+        """The task's tile extent along ``dim``. (As a number where every task of the kernel shares it, the index
+        divisions fold, -6% SASS instructions, but the step did not get faster: session 10, notes.)"""
         return f"(t.hi[{dim}] - t.lo[{dim}])"
 
     def tile_count(self, rank: int) -> str:
         """Elements of the task's tile over its first ``rank`` dims."""
         return " * ".join(f"(index_t){self.tile_size(d)}" for d in range(rank)) or "1"
-
-    def elements_per_thread(self, rank: int) -> int:
-        """With element_batches, how many of the tile's positions over its first ``rank`` dims every thread takes
-        when that is the same whole number from 2 to 8 for every task; else 0."""
-        if not self.element_batches:
-            return 0
-        counts = {math.prod(h - lo for lo, h in zip(t.lo[:rank], t.hi[:rank])) for t in self.tasks}
-        if len(counts) != 1:
-            return 0
-        (count,) = counts
-        return count // THREADS if count % THREADS == 0 and 2 <= count // THREADS <= MAX_ELEMENT_BATCH else 0
 
     def mark_phase(self, em: Emitter, stamp: str) -> None:
         """In a profiling build, the time the block reached this point (after a barrier) as the task's ``stamp``
@@ -311,13 +292,19 @@ class Emitter:
             offset = linear(0, coefs, idx)
         for dim, value, hi in dyn:
             offset = f"{offset} + {strides[dim]} * static_cast<index_t>(ops::dynamic_offset({value}, {hi}))"
-        return self.body.pointer_name(tensor, const), offset
+        pointer = self.body.pointer_name(tensor, const)
+        if tensor.buffer.kind == TensorKind.COMM and not self.body.comm_copies:  # slot r only on rank r
+            slot = math.prod(tensor.buffer.shape) // tensor.buffer.shape[0]
+            element = self.fresh("c")
+            self.emit(f"const index_t {element} = {offset};")
+            return f"comm::on_rank(p, {pointer}, {element} / {slot})", f"{element} % {slot}"
+        return pointer, offset
 
     def store(self, tensor: Tensor, pointer: str, offset: str, value: str) -> str:
-        """The statement storing ``value`` at ``tensor``'s ``pointer[offset]``: a communication buffer's slot
-        goes to every rank's copy (reads of it are local)."""
+        """The statement storing ``value`` at ``tensor``'s ``pointer[offset]``: with comm_copies, a
+        communication buffer's slot goes to every rank's copy (reads of it are local)."""
         storage = STORAGE[dtype_code(tensor.buffer.dtype)]
-        if tensor.buffer.kind == TensorKind.COMM:
+        if tensor.buffer.kind == TensorKind.COMM and self.body.comm_copies:
             return f"comm::store_everywhere<{storage}>(p, {pointer}, {offset}, {value});"
         return f"ops::store<{storage}>({pointer}, {offset}, {value});"
 
@@ -626,28 +613,17 @@ class Emitter:
                 self.value(reduced, list(outer))
 
     # ------------------------------------------------------------------------------------------ stores
-    def elements(self, count: str, element, per_thread: int = 0) -> None:
+    def elements(self, count: str, element) -> None:
         """Every thread computes, then stores, the kernel's outputs at its share of ``count`` tile positions.
 
         ``element(e)`` emits the domain index of position ``e`` and returns it. All outputs' values are
         computed before the first store: a store may alias any later load as far as the compiler knows, so
-        a store between them would make the second output's loads wait for the first one's. For the same
-        reason, element by element each element's loads wait for the previous element's stores: with
-        ``per_thread`` (``KernelBody.elements_per_thread``) a loop of loads alone first issues those of all
-        the thread's elements (preload_row_loads; Llama-1B b8's SwiGLU: 8 elements a thread, 16 serial L2
-        round trips otherwise).
+        a store between them would make the second output's loads wait for the first one's. (Each element's
+        loads still wait for the previous element's stores; issuing a thread's 2-8 elements' loads first did not
+        make a step faster: session 10, notes.)
         """
-        if per_thread:  # (a name of its own: a fold's loop inside uses j)
-            position = f"(threadIdx.x + batch * {THREADS})"
-            for out in self.body.kernel.outputs:
-                self.preload_row_loads(out.node, lambda: element(position), per_thread, "batch")
-            self.emit("#pragma unroll")
-            self.emit(f"for (int batch = 0; batch < {per_thread}; ++batch) {{")
-            self.push()
-            self.emit(f"const index_t e = {position};")
-        else:
-            self.emit(f"for (index_t e = threadIdx.x; e < {count}; e += {THREADS}) {{")
-            self.push()
+        self.emit(f"for (index_t e = threadIdx.x; e < {count}; e += {THREADS}) {{")
+        self.push()
         idx = element("e")
         stores = []
         for out in self.body.kernel.outputs:
@@ -659,7 +635,6 @@ class Emitter:
             self.emit(line)
         self.pop()
         self.emit("}")
-        self.preloaded = {}
 
 
 def literal(value: float, code: DType) -> str:

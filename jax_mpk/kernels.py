@@ -158,6 +158,11 @@ class Kernel:
         attention = [self.attention.output, *self.attention.partials()] if self.attention is not None else []
         return [o.tensor for o in self.outputs] + attention
 
+    def reads_comm(self) -> bool:
+        """Whether it reads a communication buffer (element by element unless every rank keeps a copy of every
+        slot: Target.comm_copies)."""
+        return any(t.buffer.kind == TensorKind.COMM for t in self.read_tensors())
+
     def __repr__(self) -> str:
         outs = ", ".join(t.name for t in self.written_tensors())
         reads = ", ".join(sorted({t.name for t in self.read_tensors()}))

@@ -35,12 +35,11 @@ class Target:
     # GPU fusion: products whose tasks share a weight tile over several rows (batch > 1) also compute those rows
     # in their staging (JAX_MPK_STAGE_SHARED_ROWS; off until it measures faster)
     stage_shared_rows: bool = False
-    # CUDA code generation: a tile extent every task of a kernel shares is a number in its body's text, not
-    # t.hi - t.lo (JAX_MPK_UNIFORM_TILE_EXTENTS; off until it is measured on a GPU)
-    uniform_tile_extents: bool = False
-    # CUDA code generation: a flat kernel whose threads each take 2-8 whole elements issues all of a thread's
-    # loads before computing any (JAX_MPK_ELEMENT_BATCHES; off until it is measured on a GPU)
-    element_batches: bool = False
+    # Several devices: every rank's communication buffer keeps a copy of every rank's slot (a slot's writer stores
+    # into all of them; readers read their own, so a product may stage its rows from a psum); else slot r is
+    # only in rank r's buffer and read from there element by element (JAX_MPK_COMM_COPIES; off until it is
+    # measured on two GPUs)
+    comm_copies: bool = False
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False
@@ -53,8 +52,7 @@ class Target:
         """The CUDA megakernel's target for a GPU of ``num_workers`` SMs, with the GPU knobs of ``knobs`` (a
         config.Config): what megakernelize plans for, and so what any planning on its behalf must use."""
         return Target("cuda", num_workers, compute_capability, split_attention=knobs.split_attention,
-                      stage_shared_rows=knobs.stage_shared_rows, uniform_tile_extents=knobs.uniform_tile_extents,
-                      element_batches=knobs.element_batches)  # fmt: skip
+                      stage_shared_rows=knobs.stage_shared_rows, comm_copies=knobs.comm_copies)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:

@@ -66,45 +66,6 @@ def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
     assert len(cubin) > 10_000
 
 
-def test_uniform_tile_extents_are_numbers_in_the_text():
-    """Target.uniform_tile_extents (JAX_MPK_UNIFORM_TILE_EXTENTS): a kernel whose tasks all have one extent along a
-    dim renders that extent as a number (its index divisions fold), one whose tasks differ keeps t.hi - t.lo; the
-    source compiles. Llama-1B-shaped layers (16): the layers still share their variants (kernels of one text with
-    t.hi - t.lo may differ in their numbers: one more here)."""
-    cfg = TinyConfig(layers=16, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=8192, vocab=128256,
-                     max_seq=1024, dtype="bfloat16", theta=500000.0)  # fmt: skip
-    tasks, dynamic = _generate_decode_step(cfg)
-    _, numbers = _generate_decode_step(cfg, uniform_tile_extents=True)
-    assert numbers.num_variants <= dynamic.num_variants + 2 <= 24
-    assert numbers.text.count("t.hi[") < dynamic.text.count("t.hi[")
-    checked = 0
-    for kernel, ktasks in zip(tasks.kernels.kernels, tasks.tasks_by_kernel()):
-        varied = any(len({t.hi[d] - t.lo[d] for t in ktasks}) > 1 for d in range(len(kernel.domain)))
-        if kernel.dot is None and kernel.attention is None and not varied:  # flat and row bodies: none left
-            variant = re.search(rf"case {kernel.index}: (variant_\d+)\(", numbers.text).group(1)
-            body = numbers.text.split(f"void {variant}(")[1].split("\n}\n")[0]
-            assert "t.hi[" not in body, (kernel.name, body[:400])
-            checked += 1
-    assert checked >= 16  # a layer's norms, appends, residual adds and SwiGLU
-    assert len(compile_cubin(numbers.text, "9.0")) > 10_000
-
-
-def test_element_batches_issue_a_threads_loads_first():
-    """Target.element_batches (JAX_MPK_ELEMENT_BATCHES): Llama-1B's SwiGLU at batch 8 (8 elements a thread) issues
-    the gate's and the up projection's loads of all 8 elements in a loop of loads alone, then computes and stores
-    them; without the knob one element at a time. Compiles."""
-    cfg = TinyConfig(layers=2, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=8192, vocab=4096,
-                     max_seq=1024, dtype="bfloat16", theta=500000.0, batch=8)  # fmt: skip
-    _, plain = _generate_decode_step(cfg)
-    _, batched = _generate_decode_step(cfg, element_batches=True)
-    loads_first = re.compile(r"float (pre\d+)\[8\];\n  float (pre\d+)\[8\];\n  #pragma unroll\n"
-                             r"  for \(int batch = 0; batch < 8; \+\+batch\) \{\n(?:    const index_t .*\n)*"
-                             r"    const float (x\d+) = ops::load<__nv_bfloat16>.*\n    const float (x\d+) = ops::load<__nv_bfloat16>")
-    assert loads_first.search(batched.text) and not loads_first.search(plain.text)
-    assert "ops::logistic(pre" in batched.text  # the values' loop reads the preloaded gate
-    assert len(compile_cubin(batched.text, "9.0")) > 10_000
-
-
 def test_attention_microbenchmark_compiles(tmp_path):
     """benchmarks/micro/attention_chunk.cu (attention.cuh alone, with its host reference) builds against the
     headers as they are, with the flags its header comment gives."""

@@ -166,6 +166,24 @@ def test_each_device_keeps_its_workspace(rng):
 def test_tensor_parallel_decode_steps(n, dtype, platform, rng):
     """A tiny Llama-style step with Q/K/V, gate/up split by column and O/down by row (psum after each), over
     several steps: the megakernel equals jax.jit of the same shard_map and of the unsharded step."""
+    check_tensor_parallel_decode(n, dtype, platform, rng)
+
+
+def test_tensor_parallel_decode_with_comm_copies_fused_for_a_gpu(monkeypatch, rng):
+    """JAX_MPK_COMM_COPIES with the GPU's fusion on the CPU executor (JAX_MPK_GPU_FUSION): the products after
+    each psum compute its RMSNorm in their staging, reading the communication buffer; the steps still equal
+    jax.jit's."""
+    monkeypatch.setenv("JAX_MPK_GPU_FUSION", "1")
+    monkeypatch.setenv("JAX_MPK_COMM_COPIES", "1")
+    fast = check_tensor_parallel_decode(2, "float32", "cpu", rng)
+    (plan,) = fast.plans.values()
+    staged = [k for k in plan.graph.kernels
+              if k.dot is not None and k.dot.lhs_expr is not None and k.reads_comm()]  # fmt: skip
+    assert len(staged) >= 4, [k.name for k in plan.graph.kernels]  # gate and up after each layer's attention psum
+
+
+def check_tensor_parallel_decode(n, dtype, platform, rng):
+    """The megakernel of the tiny TP decode step equals jax.jit over 4 steps; returns it."""
     cfg = TinyConfig(layers=2, heads=4, kv_heads=4 if n == 4 else 2, mlp=96, dtype=dtype)
     params = init_params(cfg, jax.random.PRNGKey(int(rng.integers(1 << 30))))
     cache = init_cache(cfg, jax.random.PRNGKey(int(rng.integers(1 << 30))))
@@ -197,6 +215,7 @@ def test_tensor_parallel_decode_steps(n, dtype, platform, rng):
             np.testing.assert_array_equal(np.asarray(actual[0]), np.asarray(expected[0]))
         tokens, expected_cache, actual_cache = expected[0], expected[2:], actual[2:]
     fast.check_errors()
+    return fast
 
 
 AXIS_TYPES = [AxisType.Explicit, AxisType.Auto]
@@ -322,10 +341,13 @@ def test_profile_of_a_tensor_parallel_step_has_every_devices_tasks(monkeypatch, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("comm_copies", ["0", "1"])
 @pytest.mark.parametrize("shape", ["llama-3.2-1b", "qwen3-8b"])
-def test_tensor_parallel_full_width_layers_on_two_gpus(shape, rng):
-    """Two layers at the width of Llama-3.2-1B and Qwen3-8B (bf16, context 1024), split over 2 GPUs: the
-    megakernels equal jax.jit of the same shard_map over several steps."""
+def test_tensor_parallel_full_width_layers_on_two_gpus(shape, comm_copies, monkeypatch, rng):
+    """Two layers at the width of Llama-3.2-1B and Qwen3-8B (bf16, context 1024), split over 2 GPUs, with each
+    layout of the communication buffers (JAX_MPK_COMM_COPIES): the megakernels equal jax.jit of the same
+    shard_map over several steps."""
+    monkeypatch.setenv("JAX_MPK_COMM_COPIES", comm_copies)
     widths = {
         "llama-3.2-1b": dict(hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=8192, vocab=128256, theta=500000.0),
         "qwen3-8b": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, mlp=12288, vocab=151936, qk_norm=True,
@@ -347,3 +369,36 @@ def test_tensor_parallel_full_width_layers_on_two_gpus(shape, rng):
         assert_model_outputs_close(actual[1:], expected[1:], "bfloat16")
         tokens, expected_cache, actual_cache = expected[0], expected[2:], actual[2:]
     fast.check_errors()
+
+
+@pytest.mark.parametrize("comm_copies", [False, True])
+def test_cuda_source_of_a_tensor_parallel_step_reads_slots_as_its_comm_layout_says(comm_copies, rng):
+    """The generated CUDA source of the tiny TP step (2 ranks, bf16, no GPU needed): with Target.comm_copies a
+    slot is stored into every rank's copy (comm::store_everywhere) and read locally, the products after each
+    psum staging its RMSNorm (fewer kernels); without it, slot r is read from rank r element by element
+    (comm::on_rank). Compiles."""
+    from jax_mpk import config
+    from jax_mpk.api import plan_stages
+    from jax_mpk.capture import find_shard_map
+    from jax_mpk.target import Target
+    from jax_mpk.toolchain import compile_cubin
+
+    cfg = TinyConfig(layers=2, heads=4, kv_heads=2, mlp=96, dtype="bfloat16")
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    cache = jax.eval_shape(lambda: init_cache(cfg, jax.random.PRNGKey(1)))
+    cache_spec = P(None, None, None, "x", None)
+    tp_step = jax.shard_map(make_decode_step(cfg, "x"), mesh=mesh_of(2),
+                            in_specs=(tp_specs(params, "x"), P(), P(), cache_spec, cache_spec),
+                            out_specs=(P(), P(), cache_spec, cache_spec))  # fmt: skip
+    closed = jax.make_jaxpr(tp_step)(params, random_tokens(cfg, 0), jnp.int32(3), *cache)
+    knobs = config.load()
+
+    def source(copies: bool):
+        return plan_stages(closed, find_shard_map(closed), Target("cuda", 16, "9.0", comm_copies=copies), knobs).plan
+
+    plan, other = source(comm_copies), source(not comm_copies)
+    text = plan.source.text
+    assert ("comm::store_everywhere<" in text) == comm_copies
+    assert ("comm::on_rank(p, " in text) != comm_copies
+    assert (plan.num_kernels < other.num_kernels) == comm_copies, (plan.num_kernels, other.num_kernels)
+    assert len(compile_cubin(text, "9.0")) > 10_000

@@ -59,7 +59,7 @@ def render_attention(body: KernelBody):
     scores, their softmax's partial sums and the chunk's share of the output, stored as the chunk's partials."""
     k = body.kernel
     dot, spec, rank = k.dot, k.attention, len(k.domain)
-    plan = DotPlan.of(k, body.tasks, body.shared_memory_bytes)
+    plan = DotPlan.of(k, body.tasks, body.shared_memory_bytes, body.comm_copies)
     key_form, value_form = linear_form(dot.rhs_map, dot.rhs.shape), linear_form(spec.values_map, spec.values.shape)
     assert plan is not None and key_form is not None and value_form is not None, "checked by attention.py"
     rows = math.prod(k.domain[d] for d in spec.rows_dims)

@@ -50,7 +50,7 @@ def render(body: KernelBody):
     """This kind's rendering of the body's kernel, or None when it is not a product with linear layouts."""
     if body.kernel.dot is None or body.kernel.attention is not None:
         return None
-    plan = DotPlan.of(body.kernel, body.tasks, body.shared_memory_bytes)
+    plan = DotPlan.of(body.kernel, body.tasks, body.shared_memory_bytes, body.comm_copies)
     if plan is None:
         return None
     return render_together(body, plan) if plan.together else render_columns_or_rows(body, plan)
@@ -383,10 +383,12 @@ class DotPlan:
         return -(-self.max_n // 4) * 4
 
     @staticmethod
-    def of(kernel: Kernel, tasks, shared_memory_bytes: int) -> DotPlan | None:
+    def of(kernel: Kernel, tasks, shared_memory_bytes: int, comm_copies: bool = False) -> DotPlan | None:
+        """The vector form of ``kernel``'s product (None: the generic form, element by element). A communication
+        buffer is read through the vector paths only where every rank keeps a copy of every slot (comm_copies)."""
         dot = kernel.dot
         rank = len(kernel.domain)
-        if rank == 0 or not tasks:
+        if rank == 0 or not tasks or (kernel.reads_comm() and not comm_copies):
             return None
         if dot.lhs_expr is None:
             lhs = linear_form(dot.lhs_map, dot.lhs.shape)

@@ -33,7 +33,7 @@ def render_flat(body: KernelBody):
             em.acc = generic_accumulator(body, em, idx)
         return idx
 
-    em.elements("count", element, 0 if k.dot is not None else body.elements_per_thread(rank))
+    em.elements("count", element)
     return body.finish(em, smem=8 * THREADS, prefetch=None)
 
 
