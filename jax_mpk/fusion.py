@@ -38,6 +38,7 @@ from .graph import (
 from .indexmap import IndexMap, Shape
 from .kernels import WORKSPACE_ALIGN, Buffer, DotSpec, Kernel, KernelGraph, KernelOutput, Tensor, make_load
 from .layout import NodeOp, ReduceKind, TensorKind
+from .lowering import move_axes_last, reindex, transpose_map
 from .target import Target
 
 
@@ -63,6 +64,8 @@ class _Fuser:
         self._split_long_reductions()
         if self.num_workers:
             self._split_narrow_products()
+            if self.target.comm_copies:
+                self._exchange_split_partials()
         self._index_graph()
         self.materialized = self._choose_materialized()
         self.chain_buffer_output = self._alias_update_chains()
@@ -150,6 +153,48 @@ class _Fuser:
         def rewrite(node: Node) -> Node | None:
             slices = self._k_slices(node) if isinstance(node, Dot) else 1
             return _split_k(node, slices) if slices > 1 else None
+
+        self._replace_nodes(rewrite)
+
+    def _exchange_split_partials(self) -> None:
+        """psum(x) where x is a split-K product's sum over its slices (a row-parallel O or down projection): the
+        float32 partials themselves are exchanged, [ranks, S, ...] instead of [ranks, ...], and the psum sums
+        over ranks and slices at once. The product then stores its partial tiles straight into the slots
+        (_store_products_into_slots), so the one-task sum of the slices before the exchange goes: one
+        dependency level less per psum. With every rank keeping a copy of every slot (Target.comm_copies) the
+        consumer reads them locally. In a low-precision type this drops the program's rounding of each rank's
+        sum before the exchange (docs/float_contract.md)."""
+
+        def rewrite(node: Node) -> Node | None:
+            if not (isinstance(node, Reduce) and node.kind == ReduceKind.SUM and node.n_inner == 1):
+                return None
+            moved = node.children[0]
+            if not (isinstance(moved, Reindex) and isinstance(moved.children[0], UpdateSlice)):
+                return None
+            update = moved.children[0]
+            slots, value, rank, *zeros = update.children
+            if not (isinstance(slots, Comm) and isinstance(value, Reindex)):
+                return None
+            if not _same_map(value.map, IndexMap.reshape(value.shape, value.children[0].shape), value.shape):
+                return None
+            if not _same_map(moved.map, transpose_map(moved.shape, [*range(1, len(slots.shape)), 0]), moved.shape):
+                return None
+            total = value.children[0]
+            if isinstance(total, Elementwise) and total.op == NodeOp.CONVERT:
+                total = total.children[0]
+            partials = _split_k_partials(total)
+            if partials is None:
+                return None
+            ranks, shape = slots.shape[0], tuple(node.shape)
+            exchanged = Comm(shape=(ranks, *partials.shape), dtype=partials.dtype, source=slots.source)
+            mine = reindex(partials, (1, *partials.shape), IndexMap.reshape((1, *partials.shape), partials.shape))
+            stored = UpdateSlice(shape=exchanged.shape, dtype=partials.dtype,
+                                 children=(exchanged, mine, rank, *zeros, zeros[0]), source=update.source)  # fmt: skip
+            summed = Reduce(shape=shape, dtype=partials.dtype, children=(move_axes_last(stored, [0, 1]),),
+                            kind=ReduceKind.SUM, n_inner=2, source=node.source)  # fmt: skip
+            if np.dtype(node.dtype) == np.dtype(summed.dtype):
+                return summed
+            return Elementwise(shape=shape, dtype=node.dtype, children=(summed,), op=NodeOp.CONVERT, source=node.source)
 
         self._replace_nodes(rewrite)
 
@@ -600,6 +645,21 @@ def _split_k(dot: Dot, slices: int) -> Node:
     if np.dtype(dot.dtype) == np.dtype("float32"):
         return total
     return Elementwise(shape=tuple(dot.shape), dtype=dot.dtype, children=(total,), op=NodeOp.CONVERT, source=dot.source)
+
+
+def _split_k_partials(node: Node) -> Dot | None:
+    """The batched product of float32 partials [S, ...] whose sum over S ``node`` is, as _split_k makes it."""
+    if not (isinstance(node, Reduce) and node.kind == ReduceKind.SUM and node.n_inner == 1):
+        return None
+    moved = node.children[0]
+    if not (isinstance(moved, Reindex) and isinstance(moved.children[0], Dot)):
+        return None
+    partials = moved.children[0]
+    rank = len(node.shape)
+    rotation = IndexMap.affine(tuple(moved.shape), tuple(partials.shape), _rotate(rank))
+    if partials.shape[1:] != node.shape or not _same_map(moved.map, rotation, moved.shape):
+        return None
+    return partials
 
 
 def _rotate(rank: int) -> list[list[int]]:

@@ -87,6 +87,37 @@ def test_a_products_contribution_is_stored_in_its_slot_by_the_product(rng):
     assert max(k.level for k in plan.graph.kernels) == 1  # the product, then the sum over the slots
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_split_k_products_partials_are_exchanged_with_comm_copies(dtype, monkeypatch, rng):
+    """JAX_MPK_COMM_COPIES with the GPU's fusion (JAX_MPK_GPU_FUSION, 16 SMs): psum(x @ w) of a long
+    contraction split along K exchanges the float32 partials of the slices, [ranks, S, ...], stored into the
+    slots by the product itself; the sum over ranks and slices is the only kernel after it. Equals jax.jit."""
+    monkeypatch.setenv("JAX_MPK_GPU_FUSION", "1")
+    monkeypatch.setenv("JAX_MPK_NUM_WORKERS", "16")
+    monkeypatch.setenv("JAX_MPK_COMM_COPIES", "1")
+
+    def body(x, w):
+        return jax.lax.psum(x @ w, "x")
+
+    f = jax.shard_map(body, mesh=mesh_of(2), in_specs=(P(None, "x"), P("x", None)), out_specs=P())
+    fast = jax_mpk.megakernelize(f)
+    for _ in range(3):  # the buffers' two halves, and back
+        x, w = random_array(rng, (1, 4096), dtype), random_array(rng, (4096, 128), dtype)
+        with jax.default_matmul_precision("float32"):
+            expected = np.asarray(jax.jit(f)(x, w), np.float64)
+        # sums of 4096 terms in another order: elementwise, a cancelling column is off by ~1e-4 of the others'
+        # size; against the whole result's size the orders agree to float32 (bf16: its one rounding, or XLA's)
+        error = np.linalg.norm(np.asarray(fast(x, w), np.float64) - expected) / np.linalg.norm(expected)
+        assert error < (1e-6 if dtype == "float32" else 8e-3), error
+    fast.check_errors()
+    (plan,) = fast.plans.values()
+    (product,) = [k for k in plan.graph.kernels if k.dot is not None]
+    (slots,) = [o.tensor for o in product.outputs]
+    assert slots.buffer.kind == TensorKind.COMM and slots.buffer.dtype == np.float32
+    assert len(slots.shape) == 4 and slots.shape[0] == 2 and slots.shape[1] > 1, slots.shape  # ranks, slices, row, columns
+    assert len(plan.graph.kernels) == 2 and max(k.level for k in plan.graph.kernels) == 1
+
+
 @pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.parametrize("axis,tiled", [(0, True), (1, True), (1, False), (2, False)])
 def test_all_gather(n, axis, tiled, platform, rng):
