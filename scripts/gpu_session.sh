@@ -3,7 +3,7 @@
 # examples, a per-SM trace of one step, the Llama-shaped decode_step benchmark, the per-call host overhead, the
 # warm start (first call in a new process, plan cached) of a model's step, the per-task and per-level cost
 # (taskcost), the decode benchmark with a knob's variant timed beside the default in one process (knob: KNOB, default
-# JAX_MPK_TASK_FIXED_COST, set to KNOB_VALUE, default 1), the differential fuzzer through the CUDA
+# JAX_MPK_COMM_COPIES, set to KNOB_VALUE, default 1), the differential fuzzer through the CUDA
 # megakernel (fuzz: FUZZ_COUNT programs of seed 2026 from 0, default 512, in 16 parallel shards, one records file
 # and one tally), the decode benchmark of another commit's tree and then of this one in one session (ab: AB_TREE,
 # e.g. `git archive REV | tar -x -C ab/REV`, carried to the device machine as the git-ignored ab/), 2-layer
@@ -64,7 +64,7 @@ fi
 if has knob; then
   # the default megakernel and the one planned with KNOB=KNOB_VALUE, timed in the same process and rounds
   # (decode.py --variant: jax.jit runs once, not once per setting)
-  knob=${KNOB:-JAX_MPK_TASK_FIXED_COST}
+  knob=${KNOB:-JAX_MPK_COMM_COPIES}
   mkdir -p "$OUT/knob"
   # shellcheck disable=SC2086
   python3 benchmarks/decode.py --models "${DECODE_MODELS:-llama-3.2-1b,qwen3-0.6b,qwen3-8b}" \

@@ -349,10 +349,10 @@ def test_benchmark_times_a_knob_variant_in_the_same_rounds(tmp_path):
     import decode
 
     (result,) = decode.main(["--quick", "--models", "llama-tiny", "--steps", "2", "--warmup", "1", "--chains", "1",
-                             "--no-compile-times", "--variant", "fixed:JAX_MPK_TASK_FIXED_COST=1", "--out", str(tmp_path)])
-    assert {"megakernel[fixed]", "megakernel[fixed]_fori"} <= set(result["ms"])
-    assert result["variants"]["fixed"]["knobs"] == {"JAX_MPK_TASK_FIXED_COST": "1"}
-    assert result["variants"]["fixed"]["agreement"]["agree"]
+                             "--no-compile-times", "--variant", "unfixed:JAX_MPK_TASK_FIXED_COST=0", "--out", str(tmp_path)])
+    assert {"megakernel[unfixed]", "megakernel[unfixed]_fori"} <= set(result["ms"])
+    assert result["variants"]["unfixed"]["knobs"] == {"JAX_MPK_TASK_FIXED_COST": "0"}
+    assert result["variants"]["unfixed"]["agreement"]["agree"]
     assert "JAX_MPK_TASK_FIXED_COST" not in os.environ
     for spec in ("fixed", "fixed:", "x:PATH=1", "x:JAX_MPK_TASK_FIXED_COST"):
         with pytest.raises(SystemExit):
