@@ -166,12 +166,10 @@ class _Fuser:
         sum before the exchange (docs/float_contract.md)."""
 
         def rewrite(node: Node) -> Node | None:
-            if not (isinstance(node, Reduce) and node.kind == ReduceKind.SUM and node.n_inner == 1):
+            summed_view = _sum_over_a_view(node, UpdateSlice)
+            if summed_view is None:
                 return None
-            moved = node.children[0]
-            if not (isinstance(moved, Reindex) and isinstance(moved.children[0], UpdateSlice)):
-                return None
-            update = moved.children[0]
+            moved, update = summed_view
             slots, value, rank, *zeros = update.children
             if not (isinstance(slots, Comm) and isinstance(value, Reindex)):
                 return None
@@ -647,14 +645,23 @@ def _split_k(dot: Dot, slices: int) -> Node:
     return Elementwise(shape=tuple(dot.shape), dtype=dot.dtype, children=(total,), op=NodeOp.CONVERT, source=dot.source)
 
 
-def _split_k_partials(node: Node) -> Dot | None:
-    """The batched product of float32 partials [S, ...] whose sum over S ``node`` is, as _split_k makes it."""
+def _sum_over_a_view(node: Node, kind: type) -> tuple[Reindex, Node] | None:
+    """(view, x) when ``node`` sums the last dim of a view of a node x of type ``kind`` (a psum's sum over the
+    slots, a split-K product's over its slices), else None."""
     if not (isinstance(node, Reduce) and node.kind == ReduceKind.SUM and node.n_inner == 1):
         return None
-    moved = node.children[0]
-    if not (isinstance(moved, Reindex) and isinstance(moved.children[0], Dot)):
+    view = node.children[0]
+    if not (isinstance(view, Reindex) and isinstance(view.children[0], kind)):
         return None
-    partials = moved.children[0]
+    return view, view.children[0]
+
+
+def _split_k_partials(node: Node) -> Dot | None:
+    """The batched product of float32 partials [S, ...] whose sum over S ``node`` is, as _split_k makes it."""
+    summed_view = _sum_over_a_view(node, Dot)
+    if summed_view is None:
+        return None
+    moved, partials = summed_view
     rank = len(node.shape)
     rotation = IndexMap.affine(tuple(moved.shape), tuple(partials.shape), _rotate(rank))
     if partials.shape[1:] != node.shape or not _same_map(moved.map, rotation, moved.shape):
