@@ -213,6 +213,40 @@ def test_tensor_parallel_decode_with_comm_copies_fused_for_a_gpu(monkeypatch, rn
     assert len(staged) >= 4, [k.name for k in plan.graph.kernels]  # gate and up after each layer's attention psum
 
 
+def test_llama_width_tensor_parallel_layer_with_comm_copies_fused_for_a_gpu(monkeypatch, rng):
+    """A Llama-3.2-1B-wide layer split over 2 devices, fused as for a 132-SM GPU on the CPU executor with
+    JAX_MPK_COMM_COPIES: the O and down projections are split along K (1024 and 4096 long per device) and exchange
+    their float32 partials (dot|update_slice(copy) into [2, S, 1, 2048] slots), the next products stage the
+    psum's RMSNorm; two steps equal jax.jit's (float32: logits and cache to 1e-5 of their size, tokens exactly)."""
+    monkeypatch.setenv("JAX_MPK_GPU_FUSION", "1")
+    monkeypatch.setenv("JAX_MPK_NUM_WORKERS", "132")
+    monkeypatch.setenv("JAX_MPK_COMM_COPIES", "1")
+    cfg = TinyConfig(layers=1, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=8192, vocab=4096, max_seq=256,
+                     theta=500000.0)  # fmt: skip
+    params = init_params(cfg, jax.random.PRNGKey(int(rng.integers(1 << 30))))
+    cache = init_cache(cfg, jax.random.PRNGKey(int(rng.integers(1 << 30))))
+    cache_spec = P(None, None, None, "x", None)
+    step = jax.shard_map(make_decode_step(cfg, "x"), mesh=mesh_of(2),
+                         in_specs=(tp_specs(params, "x"), P(), P(), cache_spec, cache_spec),
+                         out_specs=(P(), P(), cache_spec, cache_spec))  # fmt: skip
+    fast, tokens = jax_mpk.megakernelize(step), random_tokens(cfg, 0)
+    for pos in (100, 101):
+        with jax.default_matmul_precision("float32"):
+            expected = jax.jit(step)(params, tokens, jnp.int32(pos), *cache)
+        actual = fast(params, tokens, jnp.int32(pos), *cache)
+        # logits of ~100 from 2048- and 8192-long float32 sums: XLA's rounding is ~1e-4 of a small one, ~1e-6
+        # of the whole (the CPU executor sums in double); so the logits and the caches against their size
+        for a, e in zip(jax.tree_util.tree_leaves(actual[1:]), jax.tree_util.tree_leaves(expected[1:])):
+            a64, e64 = np.asarray(a, np.float64), np.asarray(e, np.float64)
+            assert np.linalg.norm(a64 - e64) <= 1e-5 * np.linalg.norm(e64)
+        np.testing.assert_array_equal(np.asarray(actual[0]), np.asarray(expected[0]))
+    fast.check_errors()
+    (plan,) = fast.plans.values()
+    exchanged = [o.tensor.shape for k in plan.graph.kernels if k.dot is not None for o in k.outputs
+                 if o.tensor.buffer.kind == TensorKind.COMM]  # fmt: skip
+    assert len(exchanged) == 2 and all(s[0] == 2 and s[1] > 1 and s[-1] == 2048 for s in exchanged), exchanged
+
+
 def check_tensor_parallel_decode(n, dtype, platform, rng):
     """The megakernel of the tiny TP decode step equals jax.jit over 4 steps; returns it."""
     cfg = TinyConfig(layers=2, heads=4, kv_heads=4 if n == 4 else 2, mlp=96, dtype=dtype)
