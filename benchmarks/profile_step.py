@@ -15,6 +15,7 @@ Chrome/Perfetto JSON trace (one track per SM; https://ui.perfetto.dev), ``--png`
 from __future__ import annotations
 
 import argparse
+import logging
 import dataclasses
 import json
 import os
@@ -121,6 +122,8 @@ def main() -> None:
     mk = jax_mpk.compile(step, *call_args)
     for _ in range(5):
         jax.block_until_ready(mk(*call_args))
+    if args.tp > 1:  # profile() logs how far each device's timer was moved onto device 0's
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs = [mk.profile(*call_args, trace=args.trace, phases=True) for _ in range(3)]
     runs = [r if args.tp > 1 else r[None] for r in runs]
     for rank in range(len(runs[-1])):

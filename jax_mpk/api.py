@@ -340,7 +340,8 @@ class Megakernel:
         """Run once and return per-task [wait, start, end] times in microseconds from the first wait
         (a plan compiled with JAX_MPK_PROFILE=1 on a GPU). Rows follow ``self.tasks.tasks``; for a shard_map,
         one such array per device, stacked in rank order, from the first wait on any device (each device
-        stamps its own global timer: how well their times line up is how well those timers agree). With
+        stamps its own global timer, and those disagree: each device's times are shifted onto device 0's timer
+        by the waits of its tasks for the other's, :func:`jax_mpk.trace.clock_offsets`). With
         ``phases``, every stamp of ``layout.PROFILE_STAMPS`` instead (wait, start, staged, computed, body_end,
         signalled; NaN for a phase the task's body does not mark). With ``trace``, also write the call as a
         Chrome/Perfetto trace there: one track per SM (a process per device), a slice per task named by its
@@ -356,6 +357,12 @@ class Megakernel:
 
         all_times = (raw.astype(np.int64) - int(trace_module.task_times(raw)[..., 0].min())) / 1e3  # from the first wait
         all_times[raw == 0] = np.nan  # a phase the body does not mark
+        if len(all_times) > 1:  # the devices' timers disagree: put them on device 0's by the remote waits
+            offsets = trace_module.clock_offsets(all_times, [t.remote_deps for t in self.tasks.tasks])
+            log.info("jax_mpk: profile: device timers minus device 0's, from the remote waits: %s us",
+                     ", ".join(f"{o:.1f}" for o in offsets[1:]))
+            all_times -= offsets[:, None, None]
+            all_times -= np.nanmin(trace_module.task_times(all_times)[..., 0])
         times = trace_module.task_times(all_times)
         if trace is not None:
             kernels = [t.kernel for t in self.tasks.tasks]

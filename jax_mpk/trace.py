@@ -73,6 +73,27 @@ def save(trace: dict[str, Any], path: str) -> None:
 
 
 
+def clock_offsets(stamps_us: np.ndarray, remote_deps: Sequence[Sequence[int]]) -> np.ndarray:
+    """Each device's global timer minus device 0's (µs), from the devices' stamps of one call
+    (``[devices, tasks, len(PROFILE_STAMPS)]``) and each task's producers on the other devices: the GPUs' timers
+    are not synchronized (2.8 ms apart on a 2x H200), but a task that waited for another device's task started
+    after that task's body ended (its signal comes after), whatever the timers say. For device d, each wait of a
+    task on d for device 0 bounds the offset from above, each wait of a task on device 0 for d from below; the
+    estimate is the middle of what the tightest bounds leave (0 where the waits do not bound it from both
+    sides)."""
+    start, body_end = PROFILE_STAMPS.index("start"), PROFILE_STAMPS.index("body_end")
+    offsets = np.zeros(stamps_us.shape[0])
+    waiting = [(task, deps) for task, deps in enumerate(remote_deps) if deps]
+    if not waiting:
+        return offsets
+    for d in range(1, stamps_us.shape[0]):
+        upper = min(stamps_us[d, t, start] - max(stamps_us[0, p, body_end] for p in deps) for t, deps in waiting)
+        lower = max(max(stamps_us[d, p, body_end] for p in deps) - stamps_us[0, t, start] for t, deps in waiting)
+        if lower <= upper:
+            offsets[d] = (lower + upper) / 2
+    return offsets
+
+
 def dependency_hops(times_us: np.ndarray, task_deps: Sequence[Sequence[int]]) -> np.ndarray:
     """For every task that was already waiting when its last dependency signalled (or began to wait at that
     moment): how long after that signal it started running (µs). This is the cost of one dependency hop (the

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_mpk
-from jax_mpk.trace import chrome_trace, dependency_hops, save
+from jax_mpk.layout import PROFILE_STAMPS
+from jax_mpk.trace import chrome_trace, clock_offsets, dependency_hops, save
 
 
 def _simulate(mk, hop_us: float, run_us: float) -> np.ndarray:
@@ -94,3 +95,19 @@ def test_trace_shows_the_phases_a_body_marks():
     assert {e["name"] for e in phases if e["args"]["task"] == 0} == {"signal"}
     runs = [e for e in trace["traceEvents"] if e.get("cat") == "run"]
     assert {(e["ts"], e["dur"]) for e in runs} == {(1.0, 4.0)}
+
+
+def test_clock_offsets_put_the_devices_on_one_timer_by_their_remote_waits():
+    """Two devices whose timers are 2800 us apart, each running a producer (task 0) and a task that waits for
+    both devices' producers (task 1): the waits bound the offset from both sides ([2799, 2802.5] here), and the
+    estimate is their middle; without waits for another device, 0."""
+    start, body_end = PROFILE_STAMPS.index("start"), PROFILE_STAMPS.index("body_end")
+    true = np.zeros((2, 2, len(PROFILE_STAMPS)))
+    true[0, 0, body_end], true[1, 0, body_end] = 10.0, 11.0  # the producers' bodies end
+    true[0, 1, start], true[1, 1, start] = 12.0, 12.5  # the waiting tasks start after both
+    stamps = true.copy()
+    stamps[1] += 2800.0
+    (offset,) = clock_offsets(stamps, [[], [0]])[1:]
+    assert 2799.0 <= offset <= 2802.5 and offset == (2799.0 + 2802.5) / 2
+    assert clock_offsets(stamps, [[], []]).tolist() == [0.0, 0.0]
+
