@@ -15,9 +15,9 @@ Chrome/Perfetto JSON trace (one track per SM; https://ui.perfetto.dev), ``--png`
 from __future__ import annotations
 
 import argparse
-import logging
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import sys
