@@ -288,10 +288,11 @@ AXIS_TYPES = [AxisType.Explicit, AxisType.Auto]
 
 @pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=lambda t: t.name)
-def test_meshes_made_by_make_mesh(n, axis_type, rng):
-    """Arguments placed on a jax.make_mesh mesh: with Explicit axes their shardings are part of their types,
-    which the shard_map checks its in_specs against; results have jax.jit's types."""
-    mesh = mesh_of(n, ("a", "b") if n == 4 else ("x",), axis_type=axis_type)
+def test_meshes_made_by_make_mesh(n, axis_type, platform, rng):
+    """Arguments placed on a jax.make_mesh mesh (CPU devices, and GPUs where there are n): with Explicit axes
+    their shardings are part of their types, which the shard_map checks its in_specs against; results have
+    jax.jit's types."""
+    mesh = mesh_of(n, ("a", "b") if n == 4 else ("x",), platform=platform, axis_type=axis_type)
     axes = tuple(mesh.axis_names)
     in_specs = (P(None, axes), P(axes, None))
     f = jax.shard_map(lambda x, w: jax.lax.psum(x @ w, axes), mesh=mesh, in_specs=in_specs, out_specs=P())
