@@ -116,7 +116,7 @@ def _plan_stages(jaxpr, shard_map: ShardMap | None, target: Target, cfg: config_
         )
     with _stage("scheduling"):
         if cfg.schedule_seed is None:
-            sched = schedule(tasks, target.num_workers, fixed_task_cost(tasks) if cfg.task_fixed_cost else 0.0)
+            sched = schedule(tasks, target.num_workers, cfg.task_fixed_cost * fixed_task_cost(tasks))
         else:
             sched = shuffled_schedule(tasks, target.num_workers, cfg.schedule_seed)
     if cfg.validate:

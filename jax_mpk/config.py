@@ -67,8 +67,9 @@ class Config:
     # scheduling by estimated cost)
     schedule_seed: int | None
     # list scheduling: every task's estimate includes a fixed cost (schedule.fixed_task_cost), so that a small task
-    # does not make its SM look idle (JAX_MPK_TASK_FIXED_COST, default on: Qwen3-8B b8 -9%, Llama-1B b1/b8 -0.3%)
-    task_fixed_cost: bool
+    # does not make its SM look idle (JAX_MPK_TASK_FIXED_COST: a multiple of schedule.FIXED_COST_WEIGHT_BYTES' cost,
+    # default 1: Qwen3-8B b8 -9%, Llama-1B b1/b8 -0.3%; 0: estimates alone)
+    task_fixed_cost: float
     # several devices: every rank keeps a copy of every rank's slot of a communication buffer, stores go to all
     # copies, reads are local (Target.comm_copies; JAX_MPK_COMM_COPIES, default off until it is measured on two
     # GPUs)
@@ -114,6 +115,6 @@ def load() -> Config:
         gpu_fusion=_env_flag("JAX_MPK_GPU_FUSION", False),
         stage_shared_rows=_env_flag("JAX_MPK_STAGE_SHARED_ROWS", False),
         schedule_seed=_env("JAX_MPK_SCHEDULE_SEED", None, int, expected="an integer"),
-        task_fixed_cost=_env_flag("JAX_MPK_TASK_FIXED_COST", True),
+        task_fixed_cost=_env("JAX_MPK_TASK_FIXED_COST", 1.0, float, lambda v: 0 <= v < 1e6, "a number in [0, 1e6)"),
         comm_copies=_env_flag("JAX_MPK_COMM_COPIES", False),
     )
