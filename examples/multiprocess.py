@@ -10,7 +10,8 @@ ranks of the megakernel, whose communication buffers all of them map: POSIX shar
 GPU's buffer through CUDA IPC on the GPU (one GPU per process). Two functions (a
 row-parallel product summed with psum, and an all_gather), on a mesh made by ``jax.make_mesh`` and one made by
 ``jax.sharding.Mesh``, are called several times on fresh random inputs; each process checks the shards it holds
-against numpy in float64 and exits with an error if one differs.
+against numpy in float64 and exits with an error if one differs. Then a tiny Llama's decode step, tensor
+parallel over the processes' devices, is checked step by step against the whole step on each process's own device.
 """
 
 from __future__ import annotations
@@ -102,6 +103,40 @@ def run(calls: int, seed: int) -> None:
                 error = check_shards(fast(*args), expected)
                 print(f"process {me}: {mesh_name}: {make.__name__} call {call}: max error {error:.1e}", flush=True)
             fast.check_errors()
+    tensor_parallel_decode(meshes()["jax.make_mesh"], calls, seed)
+
+
+def tensor_parallel_decode(mesh: jax.sharding.Mesh, steps: int, seed: int) -> None:
+    """The tiny Llama of examples/models.py split over the mesh's devices (models.make_tp_decode_step),
+    megakernelized, against the same model's whole step jitted on this process's own device: the next tokens
+    equal and the logits close, step after step (each side feeding back its own cache)."""
+    import models
+
+    cfg = models.PRESETS["llama-tiny"]
+    me = jax.process_index()
+    if cfg.kv_heads % mesh.size:
+        print(f"process {me}: tensor_parallel_decode skipped: {cfg.kv_heads} KV heads over {mesh.size} devices")
+        return
+    weights, merge = models.split(models.create(cfg, seed))
+    cache = models.init_cache(cfg, batch=1, max_seq=32, key=jax.random.PRNGKey(seed))
+    host = lambda tree: jax.tree_util.tree_map(np.asarray, tree)  # noqa: E731  (the same in every process)
+    (axis,) = mesh.axis_names
+    tp_weights = [global_array(mesh, s, w) for w, s in zip(host(weights), models.tp_weight_specs(cfg, axis))]
+    tp_cache = models.KVCache(*(global_array(mesh, s, c) for c, s in zip(host(cache), models.tp_cache_spec(axis))))
+    whole, split = jax.jit(models.make_decode_step(merge)), jax_mpk.megakernelize(models.make_tp_decode_step(cfg, mesh))
+    tokens = np.array([seed % cfg.vocab], np.int32)
+    for step in range(steps):
+        pos = np.int32(3 + step)
+        with jax.default_matmul_precision("float32"):
+            next_tokens, logits, cache = whole(weights, jnp.asarray(tokens), jnp.asarray(pos), cache)
+        tp_tokens, tp_logits, tp_cache = split(tp_weights, global_array(mesh, P(), tokens), global_array(mesh, P(), pos),
+                                               tp_cache)  # fmt: skip
+        expected = np.asarray(logits, np.float64)
+        error = check_shards(tp_logits, expected)
+        assert all(np.array_equal(np.asarray(s.data), np.asarray(next_tokens)) for s in tp_tokens.addressable_shards)
+        print(f"process {me}: tensor_parallel_decode step {step}: max logits error {error:.1e}", flush=True)
+        tokens = np.asarray(next_tokens)
+    split.check_errors()
 
 
 def free_port() -> int:

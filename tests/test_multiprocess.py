@@ -40,7 +40,9 @@ def child_env(tmp_path, monkeypatch) -> dict[str, str]:
 def test_shard_map_over_processes_equals_numpy(devices_per_process, child_env):
     """examples/multiprocess.py's launcher: 2 processes, a psum of a row-parallel product and an all_gather on
     a jax.make_mesh mesh and a Mesh, 3 calls each on fresh random inputs, every process's shards checked against
-    numpy in float64 by the example itself; no shared-memory segment is left behind."""
+    numpy in float64 by the example itself, then 3 steps of a tiny Llama tensor parallel over the processes'
+    devices against the whole step on each process's own device (2 KV heads: not over 4 devices); no
+    shared-memory segment is left behind."""
     before = shm_segments()
     seed = int.from_bytes(os.urandom(4), "little")
     command = [sys.executable, str(ROOT / "examples" / "multiprocess.py"), "--num-processes", "2",
@@ -51,13 +53,15 @@ def test_shard_map_over_processes_equals_numpy(devices_per_process, child_env):
     # 2 processes x 2 meshes x 2 functions x 3 calls (the processes' lines may interleave)
     checked = re.findall(r"process (\d): ([\w.]+): (\w+) call (\d): max error", done.stdout)
     assert len(set(checked)) == 24, done.stdout
+    assert_decode_checked(done.stdout, skipped=devices_per_process > 1)
     assert shm_segments() <= before
 
 
 @pytest.mark.gpu
 def test_shard_map_over_gpus_of_two_processes_equals_numpy(child_env):
     """examples/multiprocess.py --platform cuda: 2 processes of one GPU each, their communication buffers mapped
-    into each other through CUDA IPC; every process's shards against numpy, as on the CPU."""
+    into each other through CUDA IPC; every process's shards against numpy, and the tensor-parallel decode
+    against the whole step on each process's GPU, as on the CPU."""
     import jax
 
     if len(jax.devices("gpu")) < 2:
@@ -71,6 +75,16 @@ def test_shard_map_over_gpus_of_two_processes_equals_numpy(child_env):
     assert done.returncode == 0, f"seed {seed}\n{done.stdout}\n{done.stderr}"
     checked = re.findall(r"process (\d): ([\w.]+): (\w+) call (\d): max error", done.stdout)
     assert len(set(checked)) == 24, done.stdout
+    assert_decode_checked(done.stdout)
+
+
+def assert_decode_checked(stdout: str, skipped: bool = False) -> None:
+    """The example's tensor-parallel decode: 3 steps checked in each of the 2 processes, or skipped in both."""
+    steps = set(re.findall(r"process (\d): tensor_parallel_decode step (\d): max logits error", stdout))
+    if skipped:
+        assert not steps and stdout.count("tensor_parallel_decode skipped") == 2, stdout
+    else:
+        assert len(steps) == 6, stdout
 
 
 def run_without_process_1(absence: str, env: dict[str, str]) -> dict:
