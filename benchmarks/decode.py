@@ -26,8 +26,8 @@ For each model x batch x context, both variants run in this process on the defau
   against N): the tensor-parallel step (models.make_tp_decode_step) over the first N devices of the default
   device's platform, weights and cache placed on them once; both variants run it (the megakernel: one per
   device, with collectives inside it). The floor is then bytes per device / bandwidth
-  of one device (the devices read in parallel): the weights and KV divided by N, except that the replicated
-  weights (embedding, norms, output head) are read whole by every device. On the CPU, N devices need
+  of one device (the devices read in parallel): the weights and KV divided by N (the embedding table and the
+  output head along the vocabulary), except that the norms are read whole by every device. On the CPU, N devices need
   XLA_FLAGS=--xla_force_host_platform_device_count=N (they share the host's memory bandwidth, so a CPU floor
   for N > 1 is optimistic).
 
@@ -245,12 +245,13 @@ def stats(samples: Sequence[float]) -> dict[str, Any]:
 
 def floor_bytes(config: models.ModelConfig, weights, batch: int, ctx: int, tp: int = 1) -> tuple[int, int]:
     """(weight bytes, KV bytes) one decode step must read; tensor parallel over ``tp`` devices, those of one
-    device: 1/tp of each split weight and of the KV cache, every replicated weight whole."""
+    device: 1/tp of each split weight (the embedding and head along the vocabulary) and of the KV cache, every
+    replicated weight (the norms) whole."""
     itemsize = jnp.dtype(config.dtype).itemsize
     split = [any(spec) for spec in models.tp_weight_specs(config)] if tp > 1 else [False] * len(weights)
     weight_bytes = sum(w.nbytes // (tp if s else 1) for w, s in zip(weights, split))
-    if not config.tied:  # the embedding table (replicated): only the batch's rows are read
-        weight_bytes -= (config.vocab - batch) * config.hidden * itemsize
+    if not config.tied:  # of the embedding table (a device's share of it) only the batch's rows are read, at most
+        weight_bytes -= (config.vocab // tp - batch) * config.hidden * itemsize
     kv_bytes = 2 * config.layers * batch * ctx * config.kv_heads * config.head_dim * itemsize // tp
     return weight_bytes, kv_bytes
 

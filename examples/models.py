@@ -17,9 +17,11 @@ Tensor parallelism (Megatron style, over a 1-D mesh axis): :func:`make_tp_decode
 as ``jax.shard_map`` over ``tp`` devices. Each device holds its share of the query and KV heads (column-parallel
 q/k/v projections, the KV cache split along its kv_heads axis) and of the MLP's intermediate features
 (column-parallel gate/up); the row-parallel o_proj and down_proj give partial sums that ``jax.lax.psum``
-adds up. The embedding, the norms and the output head are replicated. The per-device model is the ordinary
-:class:`Decoder` of a smaller config (:func:`tp_local_config`) whose ``tp_axis`` makes attention and MLP sum
-their outputs over the mesh.
+adds up. The embedding table and the output head are split along the vocabulary (vocab-parallel): a device looks
+up the tokens in its rows only (zeros for the others', a psum adds the devices' rows), and computes the logits of
+its share of the vocabulary, which ``jax.lax.all_gather`` puts together; the norms are replicated. The
+per-device model is the ordinary :class:`Decoder` of a smaller config (:func:`tp_local_config`) whose
+``tp_axis`` makes it sum or gather its outputs over the mesh.
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ class ModelConfig:
     rope_scaling: Llama3RopeScaling | None = None
     norm_eps: float = 1e-6
     dtype: str = "bfloat16"  # of the weights, the activations and the KV cache
-    # Tensor parallelism: the shard_map axis over which attention and MLP sum their (partial) outputs; set by
-    # tp_local_config on the per-device config, whose heads, kv_heads and mlp are then the device's share.
+    # Tensor parallelism: the shard_map axis over which attention and MLP sum their (partial) outputs and the
+    # vocabulary's shares are put together; set by tp_local_config on the per-device config, whose heads,
+    # kv_heads, mlp and vocab are then the device's share.
     tp_axis: str | None = None
 
     def __post_init__(self) -> None:
@@ -289,15 +292,23 @@ class Decoder(nnx.Module):
     def hidden_states(self, tokens: jax.Array, pos: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """``tokens`` [batch, T] at positions ``pos ..`` -> final-normed hidden states [batch, T, hidden], new
         cache."""
-        h = self.embed(tokens)
+        axis = self.config.tp_axis
+        if axis is None:
+            h = self.embed(tokens)
+        else:  # this device's rows of the table are tokens [rank * vocab, (rank + 1) * vocab)
+            local = tokens - jax.lax.axis_index(axis) * self.config.vocab
+            mine = (local >= 0) & (local < self.config.vocab)
+            h = jax.lax.psum(jnp.where(mine[..., None], self.embed(jnp.where(mine, local, 0)), 0), axis)
         for i, layer in enumerate(self.layers):
             h, cache = layer(h, pos, cache, i)
         return self.norm(h), cache
 
     def logits(self, h: jax.Array) -> jax.Array:
         """The output head: float32 logits [..., vocab] of hidden states [..., hidden]."""
-        logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
-        return logits.astype(jnp.float32)
+        logits = (self.embed.attend(h) if self.lm_head is None else self.lm_head(h)).astype(jnp.float32)
+        if self.config.tp_axis is not None:  # this device's share of the vocabulary
+            logits = jax.lax.all_gather(logits, self.config.tp_axis, axis=logits.ndim - 1, tiled=True)
+        return logits
 
     def __call__(self, tokens: jax.Array, pos: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """``tokens`` [batch, T] at positions ``pos ..`` -> float32 logits [batch, T, vocab], new cache."""
@@ -358,9 +369,10 @@ def make_prefill(merge: Callable[[Weights], Decoder]) -> DecodeStep:
 
 # ----------------------------------------------------------------------------------------- tensor parallelism
 TP_AXIS = "tp"
-# The layers whose output features (columns of the [in, out] kernel) are split across devices, and those
-# whose input features (rows) are; every other weight is replicated.
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+# The layers whose output features (columns of the [in, out] kernel) are split across devices (the untied
+# head's are the vocabulary), and those whose input features (rows) are; the embedding table is split along the
+# vocabulary too, every other weight (the norms) is replicated.
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
 ROW_PARALLEL = ("o_proj", "down_proj")
 
 
@@ -380,22 +392,24 @@ def tp_mesh(tp: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 def tp_local_config(config: ModelConfig, tp: int, axis: str = TP_AXIS) -> ModelConfig:
     """The config of one device's share of ``config`` split ``tp`` ways: heads / tp query heads, kv_heads / tp
-    KV heads, mlp / tp intermediate features, outputs summed over ``axis``."""
+    KV heads, mlp / tp intermediate features, vocab / tp rows of the embedding and logits, outputs summed or
+    gathered over ``axis``."""
     if config.tp_axis is not None:
         raise ValueError(f"the config is already one device's share (tp_axis={config.tp_axis!r})")
     if tp < 1:
         raise ValueError(f"tensor parallelism needs tp >= 1, got {tp}")
-    uneven = [f"{name}={getattr(config, name)}" for name in ("heads", "kv_heads", "mlp") if getattr(config, name) % tp]
+    split = ("heads", "kv_heads", "mlp", "vocab")
+    uneven = [f"{name}={getattr(config, name)}" for name in split if getattr(config, name) % tp]
     if uneven:
-        raise ValueError(f"tensor parallelism over {tp} devices needs heads, kv_heads and mlp divisible by {tp}; "
-                         f"this model has {', '.join(uneven)}")  # fmt: skip
-    return dataclasses.replace(
-        config, heads=config.heads // tp, kv_heads=config.kv_heads // tp, mlp=config.mlp // tp, tp_axis=axis
-    )
+        raise ValueError(f"tensor parallelism over {tp} devices needs heads, kv_heads, mlp and vocab divisible by "
+                         f"{tp}; this model has {', '.join(uneven)}")  # fmt: skip
+    return dataclasses.replace(config, **{name: getattr(config, name) // tp for name in split}, tp_axis=axis)
 
 
 def _weight_spec(path: tuple, axis: str) -> PartitionSpec:
     names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    if "embedding" in names:  # [vocab, hidden]: vocab-parallel
+        return PartitionSpec(axis, None)
     if "kernel" in names:
         layer = names[names.index("kernel") - 1]
         if layer in COLUMN_PARALLEL:
@@ -439,7 +453,9 @@ def _tensor_parallel(make: Callable[[Callable[[Weights], Decoder]], DecodeStep],
     replicated = PartitionSpec()
     in_specs = (tp_weight_specs(config, axis), replicated, replicated, tp_cache_spec(axis))
     out_specs = (replicated, replicated, tp_cache_spec(axis))
-    return jax.shard_map(make(merge_local), mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    # check_vma=False: the logits, all-gathered over the vocabulary, and the tokens taken from them are the same on
+    # every device, which jax's replication check does not infer through all_gather
+    return jax.shard_map(make(merge_local), mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 def make_tp_decode_step(config: ModelConfig, mesh: Mesh) -> DecodeStep:

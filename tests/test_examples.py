@@ -419,8 +419,11 @@ def test_tensor_parallel_weight_specs_and_refusals():
     specs = models.tp_weight_specs(config)
     assert len(specs) == len(weights)
     split = [(w.shape, s) for w, s in zip(weights, specs) if any(s)]
-    assert len(split) == 7 * config.layers  # q, k, v, o, gate, up, down of every layer; the rest replicated
-    assert sum(s == jax.sharding.PartitionSpec("tp", None) for _, s in split) == 2 * config.layers  # o, down
+    # q, k, v, o, gate, up, down of every layer, the embedding table and the head (vocab-parallel); the norms
+    # replicated
+    assert len(split) == 7 * config.layers + 2
+    rows = [shape for shape, s in split if s == jax.sharding.PartitionSpec("tp", None)]
+    assert len(rows) == 2 * config.layers + 1 and (config.vocab, config.hidden) in rows  # o, down, the table
     with pytest.raises(ValueError, match="divisible by 2; this model has kv_heads=1"):
         models.tp_local_config(config, 2)
     local = models.tp_local_config(dataclasses.replace(config, kv_heads=2), 2)
@@ -446,6 +449,21 @@ def test_scripts_with_tensor_parallelism(tmp_path, capsys):
     assert result["kv_bytes"] == single[1] // 2 and result["weight_bytes"] < single[0]
     table = (tmp_path / "decode_cpu.md").read_text()
     assert "| llama-tiny | 2 | 1 | 128 |" in table and "| llama-tiny | 1 | 1 | 128 |" in table
+
+
+def test_floor_bytes_count_a_devices_share_of_the_vocabulary():
+    """decode.floor_bytes of an untied model: of the embedding table one row per sequence is read, of the whole
+    table or, tensor parallel, of a device's share of the vocabulary; the head and the layers' split weights
+    count 1/tp, the norms whole."""
+    import decode
+
+    config = models.PRESETS["qwen3-tiny-untied"]
+    weights = models.split(models.create(config))[0]
+    specs, row = models.tp_weight_specs(config), config.hidden * 4  # float32
+    for tp in (1, 2):
+        share = sum(w.nbytes // (tp if any(s) else 1) for w, s in zip(weights, specs))
+        weight_bytes, _ = decode.floor_bytes(config, weights, 1, 16, tp)
+        assert weight_bytes == share - config.vocab // tp * row + row
 
 
 def test_scripts_refuse_a_tensor_parallel_split_that_does_not_fit():
