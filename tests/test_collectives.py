@@ -106,9 +106,10 @@ def test_a_split_k_products_partials_are_exchanged_with_comm_copies(dtype, monke
         with jax.default_matmul_precision("float32"):
             expected = np.asarray(jax.jit(f)(x, w), np.float64)
         # sums of 4096 terms in another order: elementwise, a cancelling column is off by ~1e-4 of the others'
-        # size; against the whole result's size the orders agree to float32 (bf16: its one rounding, or XLA's)
+        # size; against the whole result's size XLA's float32 sums are ~1e-7 to 1e-6 off (1.02e-6 seen), a slice
+        # summed twice or left out ~1e-1 (bf16: its one rounding, or XLA's)
         error = np.linalg.norm(np.asarray(fast(x, w), np.float64) - expected) / np.linalg.norm(expected)
-        assert error < (1e-6 if dtype == "float32" else 8e-3), error
+        assert error < (1e-5 if dtype == "float32" else 8e-3), error
     fast.check_errors()
     (plan,) = fast.plans.values()
     (product,) = [k for k in plan.graph.kernels if k.dot is not None]
