@@ -19,11 +19,16 @@ from jax_mpk.layout import TensorKind
 from jax_mpk.errors import UnsupportedPrimitiveError
 
 
-PLATFORMS = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
+PLATFORMS = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu), pytest.param("gpu-comm-copies", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture(params=PLATFORMS)
-def platform(request) -> str:
+def platform(request, monkeypatch) -> str:
+    """The devices' platform; "gpu-comm-copies": the GPUs, with every slot copied to every GPU
+    (JAX_MPK_COMM_COPIES=1)."""
+    if request.param == "gpu-comm-copies":
+        monkeypatch.setenv("JAX_MPK_COMM_COPIES", "1")
+        return "gpu"
     return request.param
 
 
