@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         except ValueError as error:
             raise SystemExit(f"--tp {args.tp}: {error}") from error
         print(f"tensor parallel over {args.tp} devices, each: {local.heads} query heads, {local.kv_heads} KV "
-              f"heads, {local.mlp} MLP features")  # fmt: skip
+              f"heads, {local.mlp} MLP features, {local.vocab} of the vocabulary")  # fmt: skip
     print(f"device: {f'{args.tp} x ' if mesh else ''}{device.device_kind}, jax {jax.__version__}")
 
     if args.prompt_tokens:
