@@ -66,13 +66,14 @@ def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
     assert len(cubin) > 10_000
 
 
-def test_attention_microbenchmark_compiles(tmp_path):
-    """benchmarks/micro/attention_chunk.cu (attention.cuh alone, with its host reference) builds against the
-    headers as they are, with the flags its header comment gives."""
+@pytest.mark.parametrize("name", ["attention_chunk", "weight_stream"])
+def test_microbenchmarks_compile(name, tmp_path):
+    """benchmarks/micro/*.cu (attention.cuh, dot.cuh's weight ring, alone with their checks) build against the
+    headers as they are, with the flags their header comment gives."""
     from jax_mpk.toolchain import nvcc
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    source = root / "benchmarks" / "micro" / "attention_chunk.cu"
+    source = root / "benchmarks" / "micro" / f"{name}.cu"
     flags = re.search(r"//   nvcc (.*?) \\\n//\s+(.*?) \\\n", source.read_text())
     assert flags, "the build command in the header comment"
     command = [nvcc(), *flags.group(1).split(), *flags.group(2).split(), str(source), "-o", str(tmp_path / "bench")]

@@ -15,6 +15,10 @@ from ..kernels import Kernel, Tensor
 from ..layout import dtype_code
 from .dot import DotPlan, stage_lhs, uniform_row_stride
 
+# Chunks whose partials the merge loads before combining any (3 floats each in registers): the loads of a batch
+# are in flight together instead of each waiting for the previous chunk's arithmetic.
+MERGE_UNROLL = 8
+
 
 def tiling(kernel: Kernel) -> Tiling | None:
     """A task: all the query rows of one key/value head, whole chunks of keys."""
@@ -131,8 +135,11 @@ def render_attention(body: KernelBody):
 
 def merge_if_last(body: KernelBody, em: Emitter, rows: int, extents: list[int], flag: str) -> None:
     """The task that brings its group's counter to the group's task count (this call's share: counters only
-    grow, as events do) merges the group's chunks into the output. Every task released its stores of
-    partials before it counted; the merger's fence after counting orders its loads after them."""
+    grow, as events do) merges the group's chunks into the output. The merge is on the critical path (the
+    output projection waits for the last group), so it is kept to two round trips to L2: one acq_rel atomic
+    (it releases this task's partials, which the barrier after ``store`` ordered before it, and acquires the
+    others'), then every chunk's maximum, sum and output loaded together (an online softmax merge, unrolled,
+    whose loads do not depend on its running values)."""
     k = body.kernel
     spec, rank = k.attention, len(k.domain)
     group_dims = spec.group_dims(k.domain)
@@ -141,11 +148,8 @@ def merge_if_last(body: KernelBody, em: Emitter, rows: int, extents: list[int], 
     per_group = len(body.tasks) // spec.groups(k.domain)
     head_dim, chunks = spec.partial_out.shape[-1], spec.partial_out.shape[-2]
     em.emit("if (threadIdx.x == 0) {")
-    em.emit("  fence_release();")
-    em.emit(f"  const uint64_t arrived = atomicAdd(reinterpret_cast<unsigned long long*>(p.counters + merge_counter + "
-            f"{group}), 1ull) + 1;")
-    em.emit(f"  *{flag} = arrived == {per_group}ull * (load_acquire(&p.control->epoch) + 1);")
-    em.emit(f"  if (*{flag}) fence_release();")
+    em.emit(f"  const uint64_t arrived = add_acq_rel(p.counters + merge_counter + {group}, 1) + 1;")
+    em.emit(f"  *{flag} = arrived == {per_group}ull * call_epoch;")
     em.emit("}")
     em.emit("__syncthreads();")
     em.emit(f"if (*{flag}) {{")
@@ -159,12 +163,15 @@ def merge_if_last(body: KernelBody, em: Emitter, rows: int, extents: list[int], 
     em.emit(f"const index_t per_chunk = {_element(em, spec.partial_max, ridx + ['0'])[1]}, "
             f"values = {_element(em, spec.partial_out, ridx + ['0', 'd'])[1]};")
     em.emit("float largest = -INFINITY, numerator = 0.0f, denominator = 0.0f;")
-    em.emit(f"for (index_t j = 0; j < {chunks}; ++j) largest = fmaxf(largest, ops::load<float>({m_ptr}, per_chunk + j));")
+    em.emit(f"#pragma unroll {min(chunks, MERGE_UNROLL)}")
     em.emit(f"for (index_t j = 0; j < {chunks}; ++j) {{")
-    em.emit(f"  const float m = ops::load<float>({m_ptr}, per_chunk + j);")
-    em.emit("  const float w = m == -INFINITY ? 0.0f : expf(m - largest);  // a wholly masked chunk adds nothing")
-    em.emit(f"  numerator += w * ops::load<float>({o_ptr}, values + j * {head_dim});")
-    em.emit(f"  denominator += w * ops::load<float>({l_ptr}, per_chunk + j);")
+    em.emit(f"  const float m = ops::load<float>({m_ptr}, per_chunk + j), o = ops::load<float>({o_ptr}, values + j * {head_dim}),")
+    em.emit(f"              l = ops::load<float>({l_ptr}, per_chunk + j);")
+    em.emit("  if (m == -INFINITY) continue;  // a wholly masked chunk adds nothing")
+    em.emit("  const float merged = fmaxf(largest, m), kept = expf(largest - merged), w = expf(m - merged);")
+    em.emit("  numerator = numerator * kept + w * o;")
+    em.emit("  denominator = denominator * kept + w * l;")
+    em.emit("  largest = merged;")
     em.emit("}")
     em.emit(em.store(spec.output, *_element(em, spec.output, ridx + ["d"]), "numerator / denominator"))
     em.pop()

@@ -35,6 +35,15 @@ template <bool kSystem = false> __device__ __forceinline__ uint64_t load_acquire
   return value;
 }
 
+// A counter a task both publishes its stores by and learns from whether every other contributor has published
+// theirs (split attention's merge: the task that arrives last reads the others' partials): release and acquire
+// in one round trip to L2, where a fence, an atomic and a second fence took three.
+__device__ __forceinline__ uint64_t add_acq_rel(uint64_t* address, uint64_t value) {
+  uint64_t before;
+  asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], %2;" : "=l"(before) : "l"(address), "l"(value) : "memory");
+  return before;
+}
+
 template <bool kSystem = false> __device__ __forceinline__ void add_relaxed(uint64_t* address, uint64_t value) {
   if constexpr (kSystem) {
     asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
@@ -117,6 +126,11 @@ __device__ __forceinline__ void copy_record(TaskRecord* to, const TaskRecord* fr
   if (lane < kWords) reinterpret_cast<int32_t*>(to)[lane] = __ldg(reinterpret_cast<const int32_t*>(from) + lane);
 }
 
+// This call's epoch (calls completed before it, plus one: every event target of the call is a multiple of it), set
+// by run_worker before the first task, so that a body that needs it (a merge counter's target) reads shared
+// memory instead of Control in global memory.
+__shared__ uint64_t call_epoch;
+
 // Profiling builds (JAX_MPK_PROFILE): the record of the task running now (layout::kProfileStamps words), or null;
 // bodies stamp their phases into it with mark_phase after a barrier, so that the stamp holds for the block.
 __shared__ uint64_t* profile_record;
@@ -139,17 +153,16 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
   // warp 0 still reads record i while it signals, after the other warps may have moved on to i + 1), and
   // warp 0's lanes load the first events task i will signal.
   __shared__ TaskRecord records[3];
-  __shared__ uint64_t shared_epoch;
   __shared__ int32_t shared_go;
   const int32_t begin = worker_begin[blockIdx.x], end = worker_begin[blockIdx.x + 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
-    shared_epoch = load_acquire(&p.control->epoch) + 1;
+    call_epoch = load_acquire(&p.control->epoch) + 1;
     profile_record = nullptr;  // (bodies of builds without profiling do not read it)
   }
   if (warp == 1 && begin < end) copy_record(&records[0], tasks + worker_tasks[begin], lane);
   __syncthreads();
-  const uint64_t epoch = shared_epoch;
+  const uint64_t epoch = call_epoch;
   for (int32_t i = begin, slot = 0; i < end; ++i) {
     const int32_t task_index = worker_tasks[i], next_slot = slot == 2 ? 0 : slot + 1;
     const TaskRecord& task = records[slot];
