@@ -23,6 +23,10 @@ THREADS = 512
 # of the GEMV variants, which share it (again on branch elements-in-flight: the tied LM head 124 -> 227 us).
 FOLD_UNROLL = 4
 ROW_REDUCTION = 256  # reductions at least this long are done by the whole block, row by row; shorter inline
+# A concatenation whose pieces are this small is computed piece by piece at clamped indices and selected, without
+# a branch (Emitter._piecewise_selected); larger ones branch, so that only the piece an element lies in is computed.
+SELECTED_PIECES_MAX_NODES = 64
+SELECTED_PIECES_MAX_FOLD = 16
 
 STORAGE = {code: info.cuda_storage for code, info in DTYPES.items()}
 VALUE = {code: info.cuda_value for code, info in DTYPES.items()}
@@ -366,9 +370,11 @@ class Emitter:
     def _piecewise(self, node: Piecewise, idx: list[str]) -> str:
         code = dtype_code(node.dtype)
         result = self.fresh("pw")
-        self.emit(f"{VALUE[code]} {result};")
         bounds = list(node.los) + [node.shape[node.axis]]
         axis_index = idx[node.axis]
+        if self._branches_cheap(node):
+            return self._piecewise_selected(node, idx, result, bounds)
+        self.emit(f"{VALUE[code]} {result};")
         for k, child in enumerate(node.children):
             if bounds[k + 1] <= bounds[k]:
                 continue
@@ -381,6 +387,51 @@ class Emitter:
             self.pop()
         self.emit("}")
         return result
+
+    def _piecewise_selected(self, node: Piecewise, idx: list[str], result: str, bounds: list[int]) -> str:
+        """Every piece computed at its index clamped into its range, then one select: no branch, so the loads
+        of all pieces (and of what comes after) are in flight together. As branches, a RoPE's rotate-half
+        concatenation made three round trips to L2 in a row (ptxas moves no load across a branch)."""
+        axis_index = idx[node.axis]
+        pieces = []
+        for k, child in enumerate(node.children):
+            lo, hi = bounds[k], bounds[k + 1]
+            if hi <= lo:
+                continue
+            shifted = list(idx)
+            shifted[node.axis] = self.fresh("at")
+            low = "0" if lo == 0 else f"{axis_index} < {lo} ? 0 : "
+            inside = f"({axis_index} < {hi} ? {axis_index} - {lo} : {hi - lo - 1})"
+            self.emit(f"const index_t {shifted[node.axis]} = {inside if lo == 0 else low + inside};")
+            pieces.append((hi, self.value(child, shifted)))
+        expr = pieces[-1][1]
+        for hi, value in reversed(pieces[:-1]):
+            expr = f"({axis_index} < {hi} ? {value} : {expr})"
+        self.emit(f"const {VALUE[dtype_code(node.dtype)]} {result} = {expr};")
+        return result
+
+    def _branches_cheap(self, node: Piecewise) -> bool:
+        """Whether computing every piece of ``node`` whatever the index costs little: at most
+        SELECTED_PIECES_MAX_NODES nodes below it, folds of at most SELECTED_PIECES_MAX_FOLD elements (a split-K
+        product's partial sums), no row reduction of a staging (read at one index only) and no read of another
+        device's communication buffer."""
+        seen, stack = set(), list(node.children)
+        while stack:
+            current = stack.pop()
+            if current.uid in seen:
+                continue
+            seen.add(current.uid)
+            if len(seen) > SELECTED_PIECES_MAX_NODES:
+                return False
+            if isinstance(current, Reduce):
+                if math.prod(current.children[0].shape[len(current.shape):]) > SELECTED_PIECES_MAX_FOLD:
+                    return False
+                if self.rows_prefix is not None and self.is_row_reduction(current):
+                    return False
+            if isinstance(current, Load) and current.tensor.buffer.kind == TensorKind.COMM:
+                return False
+            stack.extend(current.children)
+        return True
 
     # ------------------------------------------------------------------------------------- reductions
     def _reduce(self, node: Reduce, idx: list[str]) -> str:

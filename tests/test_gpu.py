@@ -100,6 +100,8 @@ def _attend(q, keys, values, wo, pos, masked=-1e30):
         (2, 2, 2, 128, 384, 5, -jnp.inf, "bfloat16"),  # most chunks wholly masked with -inf
         (1, 1, 1, 32, 96, 95, -1e30, "float16"),  # one query row per task
         (8, 8, 2, 128, 1024, 1000, -1e30, "bfloat16"),  # batch 8: tasks of several chunks
+        (2, 2, 2, 128, 768, 700, -1e30, "bfloat16"),  # 24 chunks a group: merged in batches of 16 and 8
+        (1, 1, 1, 32, 1536, 100, -jnp.inf, "float16"),  # 48 chunks, all but 2 wholly masked
     ],
 )
 def test_split_attention_matches_jit(batch, kv_heads, group, head_dim, seq, pos, masked, dtype, rng, monkeypatch):
