@@ -74,6 +74,10 @@ class Config:
     # copies, reads are local (Target.comm_copies; JAX_MPK_COMM_COPIES, default off until it is measured on two
     # GPUs)
     comm_copies: bool
+    # CUDA: weights and the KV cache, read once a step, are streamed through L2 with an evict-first policy, so that
+    # activations, partials, task tables and code stay there (Target.stream_evict_first; JAX_MPK_STREAM_EVICT_FIRST,
+    # default off until it measures faster)
+    stream_evict_first: bool
 
 
 @contextlib.contextmanager
@@ -117,4 +121,5 @@ def load() -> Config:
         schedule_seed=_env("JAX_MPK_SCHEDULE_SEED", None, int, expected="an integer"),
         task_fixed_cost=_env("JAX_MPK_TASK_FIXED_COST", 1.0, float, lambda v: 0 <= v < 1e6, "a number in [0, 1e6)"),
         comm_copies=_env_flag("JAX_MPK_COMM_COPIES", False),
+        stream_evict_first=_env_flag("JAX_MPK_STREAM_EVICT_FIRST", False),
     )

@@ -40,6 +40,9 @@ class Target:
     # only in rank r's buffer and read from there element by element (JAX_MPK_COMM_COPIES; off until it is
     # measured on two GPUs)
     comm_copies: bool = False
+    # CUDA: weight and KV-cache streams carry an L2 evict-first policy (JAX_MPK_STREAM_EVICT_FIRST; off until it
+    # measures faster)
+    stream_evict_first: bool = False
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False
@@ -52,7 +55,8 @@ class Target:
         """The CUDA megakernel's target for a GPU of ``num_workers`` SMs, with the GPU knobs of ``knobs`` (a
         config.Config): what megakernelize plans for, and so what any planning on its behalf must use."""
         return Target("cuda", num_workers, compute_capability, split_attention=knobs.split_attention,
-                      stage_shared_rows=knobs.stage_shared_rows, comm_copies=knobs.comm_copies)  # fmt: skip
+                      stage_shared_rows=knobs.stage_shared_rows, comm_copies=knobs.comm_copies,
+                      stream_evict_first=knobs.stream_evict_first)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:

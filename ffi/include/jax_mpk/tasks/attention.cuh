@@ -65,8 +65,7 @@ __device__ __forceinline__ void copy_async(T* tile, const T* src, int64_t stride
 #pragma unroll 4
   for (int v = threadIdx.x; v < kChunk * kVectors; v += kBlockThreads) {
     const int s = v / kVectors, c = v % kVectors;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(base + tile_offset<D>(s, c)),
-                 "l"(src + s * stride + c * 8) : "memory");
+    dot::copy16_streamed(base + tile_offset<D>(s, c), src + s * stride + c * 8);
   }
   asm volatile("cp.async.commit_group;" ::: "memory");
 }
