@@ -141,7 +141,7 @@ def merge_if_last(body: KernelBody, em: Emitter, rows: int, extents: list[int], 
     output projection waits for the last group), so it is kept to two round trips to L2: one acq_rel atomic
     (it releases this task's partials, which the barrier after ``store`` ordered before it, and acquires the
     others'), then the chunks' maxima, sums and outputs loaded in batches, each combined after it has landed
-    (an online softmax merge)."""
+    (the batch's maximum first, so that its exponentials are independent; the batches before are rescaled)."""
     k = body.kernel
     spec, rank = k.attention, len(k.domain)
     group_dims = spec.group_dims(k.domain)
@@ -177,14 +177,17 @@ def merge_if_last(body: KernelBody, em: Emitter, rows: int, extents: list[int], 
     em.emit(f"  o[b] = ops::load<float>({o_ptr}, values + (first + b) * {head_dim});")
     em.emit(f"  l[b] = ops::load<float>({l_ptr}, per_chunk + first + b);")
     em.emit("}")
+    em.emit("float batch_largest = m[0];")
     em.emit("#pragma unroll")
-    em.emit(f"for (int b = 0; b < {batch}; ++b) {{  // selects, not branches: no load waits on a value")
-    em.emit("  const float merged = fmaxf(largest, m[b]);")
-    em.emit("  const float kept = merged == -INFINITY ? 1.0f : expf(largest - merged);")
+    em.emit(f"for (int b = 1; b < {batch}; ++b) batch_largest = fmaxf(batch_largest, m[b]);")
+    em.emit("const float merged = fmaxf(largest, batch_largest);")
+    em.emit("const float kept = merged == -INFINITY ? 1.0f : expf(largest - merged);  // the batches before")
+    em.emit("numerator *= kept, denominator *= kept, largest = merged;")
+    em.emit("#pragma unroll")
+    em.emit(f"for (int b = 0; b < {batch}; ++b) {{  // selects, not branches; the exponentials independent")
     em.emit("  const float w = m[b] == -INFINITY ? 0.0f : expf(m[b] - merged);  // a wholly masked chunk adds nothing")
-    em.emit("  numerator = numerator * kept + w * o[b];")
-    em.emit("  denominator = denominator * kept + w * l[b];")
-    em.emit("  largest = merged;")
+    em.emit("  numerator += w * o[b];")
+    em.emit("  denominator += w * l[b];")
     em.emit("}")
     em.pop()
     em.emit("}")
