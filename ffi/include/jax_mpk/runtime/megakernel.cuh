@@ -131,17 +131,22 @@ __device__ __forceinline__ void copy_record(TaskRecord* to, const TaskRecord* fr
 // memory instead of Control in global memory.
 __shared__ uint64_t call_epoch;
 
-// Profiling builds (JAX_MPK_PROFILE): the record of the task running now (layout::kProfileStamps words), or null;
-// bodies stamp their phases into it with mark_phase after a barrier, so that the stamp holds for the block.
-__shared__ uint64_t* profile_record;
+// Profiling builds (JAX_MPK_PROFILE): the stamps of the task running now (layout::kProfileStamps), kept in shared
+// memory by thread 0 and stored to the task's record only after the task has signalled: stores to the workspace
+// during the task would be drained by the fence before its signal, on the dependency chain, and a profile then
+// overstated every small task (by ~1-1.5 us at Llama-1B b1, session 11). Bodies stamp their phases with
+// mark_phase after a barrier, so that the stamp holds for the block.
+__shared__ uint64_t task_stamps[layout::kProfileStamps];
+__shared__ bool profiling;
 
 __device__ __forceinline__ void mark_phase(int stamp) {
-  if (threadIdx.x == 0 && profile_record != nullptr) profile_record[stamp] = global_timer_ns();
+  if (threadIdx.x == 0 && profiling) task_stamps[stamp] = global_timer_ns();
 }
 
 // When `profile` is not null (JAX_MPK_PROFILE builds), thread 0 records for every task the global timer at the
 // layout::kProfileStamps moments (the wait begins, the body begins, the body's own phases, the body ends, the
-// task has signalled); a phase the body does not mark stays 0.
+// task has signalled); a phase the body does not mark stays 0. A task given up (watchdog, abort) leaves its
+// record as the previous call wrote it.
 template <class Dispatch>
 __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, const int32_t* signals,
                            const int32_t* remote_signals, const int32_t* worker_begin, const int32_t* worker_tasks,
@@ -158,7 +163,7 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
     call_epoch = load_acquire(&p.control->epoch) + 1;
-    profile_record = nullptr;  // (bodies of builds without profiling do not read it)
+    profiling = profile != nullptr;
   }
   if (warp == 1 && begin < end) copy_record(&records[0], tasks + worker_tasks[begin], lane);
   __syncthreads();
@@ -171,14 +176,12 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
         warp == 0 && lane < task.signal_count ? __ldg(signals + task.signal_begin + lane) : -1;
     if (warp == 1 && i + 1 < end) copy_record(&records[next_slot], tasks + worker_tasks[i + 1], lane);
     if (threadIdx.x == 0) {
-      uint64_t* record = profile ? profile + layout::kProfileStamps * task_index : nullptr;
-      if (record) {  // the workspace is not cleared between calls: a phase this body does not mark reads 0
-        record[layout::kStampWait] = global_timer_ns();
-        record[layout::kStampStaged] = record[layout::kStampComputed] = 0;
+      if (profile) {  // a phase this body does not mark stays 0
+        task_stamps[layout::kStampWait] = global_timer_ns();
+        task_stamps[layout::kStampStaged] = task_stamps[layout::kStampComputed] = 0;
       }
       shared_go = wait_for_task(p, task, task_index, epoch);
-      if (record) record[layout::kStampStart] = global_timer_ns();
-      profile_record = record;
+      if (profile) task_stamps[layout::kStampStart] = global_timer_ns();
     }
     __syncthreads();
     if (!shared_go) break;
@@ -200,7 +203,12 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
           add_relaxed<true>(p.comm.counters[p.comm.rank] + remote_signals[task.remote_signal_begin + s], 1);
         }
       }
-      if (profile && threadIdx.x == 0) profile[layout::kProfileStamps * task_index + layout::kStampSignalled] = global_timer_ns();
+      if (profile && threadIdx.x == 0) {
+        task_stamps[layout::kStampSignalled] = global_timer_ns();
+        uint64_t* record = profile + layout::kProfileStamps * task_index;
+#pragma unroll
+        for (int stamp = 0; stamp < layout::kProfileStamps; ++stamp) record[stamp] = task_stamps[stamp];
+      }
     }
     slot = next_slot;
   }
