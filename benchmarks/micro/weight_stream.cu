@@ -2,7 +2,8 @@
 // its tile(s) of a bf16 W[K, N] (row-major: the columns layout of x @ W) as the megakernel's products do, with no
 // dependency waits, so that a level's bandwidth can be split into DRAM access pattern, ring protocol and
 // arithmetic. For each weight shape and column-tile width it reports the aggregate TB/s of
-//   read        plain 16-byte loads of the same tiles, 8 in flight per thread (what the access pattern allows)
+//   read        plain 16-byte loads of the same tiles, JAX_MPK_READ_DEPTH (default 8) in flight per thread (what
+//               the access pattern allows at one CTA per SM)
 //   ring copies ring_begin / ring_advance alone, each thread adding up its share of every slot
 //   ring dot    ring_begin + columns_ring<bf16, 1> (a b1 product task, checked against a host reference)
 //   bulk copies the same ring filled by cp.async.bulk (one copy per tile row, issued by warp 0, completion on an
@@ -58,19 +59,24 @@ __device__ __forceinline__ float add_slot(uint32_t slot, int rows, int row_bytes
   return total;
 }
 
-// Plain loads of the tile, 8 chunks in flight per thread.
+#ifndef JAX_MPK_READ_DEPTH
+#define JAX_MPK_READ_DEPTH 8
+#endif
+inline constexpr int kReadDepth = JAX_MPK_READ_DEPTH;
+
+// Plain loads of the tile, kReadDepth chunks in flight per thread.
 __device__ float read_tile(const T* w, int64_t k_stride, int K, int n_len) {
   const int chunks_per_row = n_len * static_cast<int>(sizeof(T)) / 16, chunks = K * chunks_per_row;
   float total = 0.0f;
-  for (int base = threadIdx.x; base < chunks; base += 8 * kBlockThreads) {
-    uint4 v[8];
+  for (int base = threadIdx.x; base < chunks; base += kReadDepth * kBlockThreads) {
+    uint4 v[kReadDepth];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
+    for (int i = 0; i < kReadDepth; ++i) {
       const int c = base + i * kBlockThreads, r = c / chunks_per_row, chunk = c - r * chunks_per_row;
       v[i] = c < chunks ? __ldg(reinterpret_cast<const uint4*>(w + r * k_stride) + chunk) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
+    for (int i = 0; i < kReadDepth; ++i) {
       float f[8];
       dot::unpack8(v[i], static_cast<const T*>(nullptr), f);
 #pragma unroll
@@ -335,7 +341,8 @@ int main() {
   fill<<<8 * sms, 256>>>(w, buffer, 12345u);
   CHECK(cudaGetLastError());
   CHECK(cudaDeviceSynchronize());
-  std::printf("ring: %d slots x %d bytes, %d threads, %d SMs\n", dot::kRingSlots, dot::kRingSlotBytes, kBlockThreads, sms);
+  std::printf("ring: %d slots x %d bytes, %d threads, %d SMs, plain reads %d in flight a thread\n", dot::kRingSlots,
+              dot::kRingSlotBytes, kBlockThreads, sms, kReadDepth);
   struct Shape {
     const char* name;
     int K, N;
