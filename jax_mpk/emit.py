@@ -391,7 +391,8 @@ class Emitter:
     def _piecewise_selected(self, node: Piecewise, idx: list[str], result: str, bounds: list[int]) -> str:
         """Every piece computed at its index clamped into its range, then one select: no branch, so the loads
         of all pieces (and of what comes after) are in flight together. As branches, a RoPE's rotate-half
-        concatenation made three round trips to L2 in a row (ptxas moves no load across a branch)."""
+        concatenation kept its loads (split-K partials, the frequency table) one behind another, as ptxas moves
+        no load across a branch."""
         axis_index = idx[node.axis]
         pieces = []
         for k, child in enumerate(node.children):

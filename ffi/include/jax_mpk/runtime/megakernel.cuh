@@ -133,9 +133,9 @@ __shared__ uint64_t call_epoch;
 
 // Profiling builds (JAX_MPK_PROFILE): the stamps of the task running now (layout::kProfileStamps), kept in shared
 // memory by thread 0 and stored to the task's record only after the task has signalled: stores to the workspace
-// during the task would be drained by the fence before its signal, on the dependency chain, and a profile then
-// overstated every small task (by ~1-1.5 us at Llama-1B b1, session 11). Bodies stamp their phases with
-// mark_phase after a barrier, so that the stamp holds for the block.
+// during the task are drained by the fence before its signal, on the dependency chain (suspected of making
+// profiled small tasks slower than they run unprofiled: docs/notes/cuda_megakernel.md, session 11). Bodies stamp
+// their phases with mark_phase after a barrier, so that the stamp holds for the block.
 __shared__ uint64_t task_stamps[layout::kProfileStamps];
 __shared__ bool profiling;
 

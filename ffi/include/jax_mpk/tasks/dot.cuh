@@ -36,10 +36,10 @@ __device__ __forceinline__ void unpack8(const uint4& v, const __half*, float out
   }
 }
 
-// Weights and the KV cache are read once a step: streamed through L2 with its default policy they push out
-// what the dependency chain reads again soon (activations, split-K partials, the task tables, the kernel's code),
-// so that the next small task finds them in DRAM. With JAX_MPK_STREAM_EVICT_FIRST the stream's loads and copies
-// carry an evict-first policy: they replace one another before anything else.
+// Weights and the KV cache are read once a step: streamed through L2 with its default policy they may push out
+// what the dependency chain reads again soon (activations, split-K partials, the task tables, the kernel's code).
+// With JAX_MPK_STREAM_EVICT_FIRST (off: no gain measured at the step yet) the stream's loads and copies carry an
+// evict-first policy, so that they replace one another before anything else.
 #ifndef JAX_MPK_STREAM_EVICT_FIRST
 #define JAX_MPK_STREAM_EVICT_FIRST 0
 #endif
