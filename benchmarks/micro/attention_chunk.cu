@@ -15,24 +15,10 @@
 #include <vector>
 
 #include "jax_mpk/tasks/attention.cuh"
-
-#define CHECK(call)                                                                            \
-  do {                                                                                         \
-    cudaError_t e = (call);                                                                    \
-    if (e != cudaSuccess) {                                                                    \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e)); \
-      std::exit(1);                                                                            \
-    }                                                                                          \
-  } while (0)
+#include "micro.cuh"
 
 using namespace jax_mpk;
 using T = __nv_bfloat16;
-
-__device__ __forceinline__ unsigned long long now_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
-  return t;
-}
 
 // mode 0: the whole call; 1: the copies alone (both tiles, waited); 2: the whole call with every block reading
 // the same keys and values (from L2 after the first: the arithmetic, barriers and stores at L2 latency)

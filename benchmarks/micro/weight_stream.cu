@@ -23,27 +23,13 @@
 #include <vector>
 
 #include "jax_mpk/tasks/dot.cuh"
-
-#define CHECK(call)                                                                            \
-  do {                                                                                         \
-    cudaError_t e = (call);                                                                    \
-    if (e != cudaSuccess) {                                                                    \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e)); \
-      std::exit(1);                                                                            \
-    }                                                                                          \
-  } while (0)
+#include "micro.cuh"
 
 using namespace jax_mpk;
 using T = __nv_bfloat16;
 
 enum Mode { kRead, kRingCopies, kRingDot, kBulkCopies, kModes };
 const char* kModeNames[kModes] = {"read", "ring copies", "ring dot", "bulk copies"};
-
-__device__ __forceinline__ unsigned long long now_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
-  return t;
-}
 
 // The sum of this thread's 16-byte chunks of a slot holding `rows` rows of `row_bytes` bytes `stride` apart.
 __device__ __forceinline__ float add_slot(uint32_t slot, int rows, int row_bytes, int stride) {
