@@ -62,6 +62,10 @@ def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
     assert "dot::rows(" in text  # the tied LM head reads embedding rows
     assert "dot::prefetch_l2" in text  # ... asking L2 for their head before the task waits
     assert "block_reduce" in text  # norms and softmax reduce cooperatively per row
+    # RoPE's rotate-half and cos/sin concatenations are computed piece by piece at clamped indices and selected:
+    # no branch holds a load, so the loads of the key append are in flight together
+    append = next(v for v in text.split("__device__ __noinline__ void ")[1:] if "ops::cos(" in v)
+    assert "const index_t at" in append and "} else if (" not in append
     cubin = compile_cubin(text, "9.0")
     assert len(cubin) > 10_000
 
