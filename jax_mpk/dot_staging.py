@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from .graph import Node, Piecewise, Reduce, Reindex, fold_loads
+from .graph import Node, Piecewise, Reduce, Reindex, fold_loads, topological
 from .indexmap import Affine, rect_volume
 from .kernels import DotSpec, Kernel, KernelOutput, Tensor
 from .layout import TensorKind
@@ -33,14 +33,16 @@ def shared_weight_dims(kernel: Kernel, written: bool = False) -> set[int]:
 
 
 def compute_rows_in_dot_staging(kernels: list[Kernel], shared_rows: bool = False,
-                                comm_reads: bool = False) -> list[Kernel]:
+                                comm_reads: bool = False, shared_pointwise: bool = False) -> list[Kernel]:
     """A matrix product whose activation operand is produced by a row kernel (RMSNorm, softmax: block
     reductions over the row, then pointwise) computes that row itself while it stages the operand in shared
     memory, instead of waiting for it to be stored: one dependency level less per such pair, for the
     price of every task of the product recomputing its row (a few KB from L2). The producer keeps its
     other outputs (the residual sum) and disappears when none is left. A product whose tasks multiply several
     rows with one weight tile (a batch) computes them one after the other: only with ``shared_rows``
-    (JAX_MPK_STAGE_SHARED_ROWS, off until measured: docs/notes/cuda_megakernel.md). A row that reads a
+    (JAX_MPK_STAGE_SHARED_ROWS, off until measured: docs/notes/cuda_megakernel.md), or with ``shared_pointwise``
+    for rows that need no reduction (a SwiGLU: a level of ~10 us a Llama-1B layer at batch 8 without it, where the
+    norms' block reductions are what made the recomputation cost). A row that reads a
     communication buffer (the RMSNorm after a psum) is staged only with ``comm_reads``: where every rank keeps a
     copy of every slot (Target.comm_copies), the staging reads it like the workspace."""
     def key(tensor: Tensor) -> tuple[int, int]:
@@ -57,7 +59,8 @@ def compute_rows_in_dot_staging(kernels: list[Kernel], shared_rows: bool = False
         if dot is None or key(dot.lhs) not in writer:
             continue
         a, out = writer[key(dot.lhs)]
-        if math.prod(b.domain[d] for d in shared_weight_dims(b)) > 1 and not shared_rows:
+        shared = math.prod(b.domain[d] for d in shared_weight_dims(b)) > 1
+        if shared and not (shared_rows or (shared_pointwise and _pointwise(out.node))):
             continue  # a task of it multiplies several rows: it would compute them one after the other
         if any(versions_written.get(id(t.buffer), {t.version}) - {t.version} for t in a.read_tensors()):
             # a reads a version that an in-place update overwrites: the product would have to run before that
@@ -74,6 +77,11 @@ def compute_rows_in_dot_staging(kernels: list[Kernel], shared_rows: bool = False
     for a in kernels:
         a.outputs = [o for o in a.outputs if key(o.tensor) not in unread or o.tensor.buffer.kind != TensorKind.WORKSPACE]
     return [k for k in kernels if k.outputs]
+
+
+def _pointwise(node: Node) -> bool:
+    """Whether ``node`` is computed without any reduction (loads, views and elementwise operations)."""
+    return not any(isinstance(n, Reduce) for n in topological([node]))
 
 
 def _stages_as_rows(out: KernelOutput, dot: DotSpec, rank: int) -> bool:

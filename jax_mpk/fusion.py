@@ -720,7 +720,8 @@ def _split_reduction(node: Reduce, chunk: int, forced: set[int]) -> Node:
 # The rewrites a target may ask for after the target-neutral fusion (Target.fusion_passes), by name.
 PASSES = {
     "rows_in_dot_staging": lambda fuser, kernels: compute_rows_in_dot_staging(kernels, fuser.target.stage_shared_rows,
-                                                                                  fuser.target.comm_copies),
+                                                                                  fuser.target.comm_copies,
+                                                                                  fuser.target.stage_shared_pointwise),
     "split_attention": lambda fuser, kernels: split_attention(kernels, fuser.num_workers, fuser.target.shared_memory_bytes,
                                                           fuser._new_workspace_tensor),
 }

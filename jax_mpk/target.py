@@ -35,6 +35,9 @@ class Target:
     # GPU fusion: products whose tasks share a weight tile over several rows (batch > 1) also compute those rows
     # in their staging (JAX_MPK_STAGE_SHARED_ROWS; off until it measures faster)
     stage_shared_rows: bool = False
+    # ... only the rows that need no reduction (a SwiGLU), the norms still stored (JAX_MPK_STAGE_SHARED_POINTWISE; off
+    # until it is measured)
+    stage_shared_pointwise: bool = False
     # Several devices: every rank's communication buffer keeps a copy of every rank's slot (a slot's writer stores
     # into all of them; readers read their own, so a product may stage its rows from a psum); else slot r is
     # only in rank r's buffer and read from there element by element (JAX_MPK_COMM_COPIES; off until it is
@@ -55,8 +58,8 @@ class Target:
         """The CUDA megakernel's target for a GPU of ``num_workers`` SMs, with the GPU knobs of ``knobs`` (a
         config.Config): what megakernelize plans for, and so what any planning on its behalf must use."""
         return Target("cuda", num_workers, compute_capability, split_attention=knobs.split_attention,
-                      stage_shared_rows=knobs.stage_shared_rows, comm_copies=knobs.comm_copies,
-                      stream_evict_first=knobs.stream_evict_first)  # fmt: skip
+                      stage_shared_rows=knobs.stage_shared_rows, stage_shared_pointwise=knobs.stage_shared_pointwise,
+                      comm_copies=knobs.comm_copies, stream_evict_first=knobs.stream_evict_first)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:
