@@ -781,8 +781,9 @@ def _merge_into_consumers(kernels: list[Kernel]) -> list[Kernel]:
 def _store_products_into_slots(kernels: list[Kernel]) -> list[Kernel]:
     """A collective's contribution stored straight where the other devices read it: a product kernel A whose
     result only an update kernel U copies into a communication buffer's slot (``psum(x @ w)``: U writes this
-    rank's slot) stores its result there itself, through U's map and dynamic offsets, and U goes: one
-    dependency level less per collective of a product."""
+    rank's slot), converted or not on the way (a vocabulary-parallel head's float32 logits, all-gathered),
+    stores it there itself, through U's map and dynamic offsets, and U goes: one dependency level less per
+    collective of a product."""
     readers: dict[int, list[Kernel]] = {}  # version -> kernels that read it
     for k in kernels:
         for version in {t.version for t in k.read_tensors()}:
@@ -793,23 +794,53 @@ def _store_products_into_slots(kernels: list[Kernel]) -> list[Kernel]:
         if len(u.outputs) != 1 or u.dot is not None or u.outputs[0].tensor.buffer.kind != TensorKind.COMM:
             continue
         out = u.outputs[0]
-        load = out.node
-        if not isinstance(load, Load) or load.dims or load.tensor.buffer.kind != TensorKind.WORKSPACE:
+        copied = _copied_load(out.node)
+        if copied is None or copied[0].tensor.buffer.kind != TensorKind.WORKSPACE:
             continue
+        load, to_tensor, conversions = copied
         a = writer.get(load.tensor.version)
         if a is None or a.dot is None or len(a.outputs) != 1 or not a.outputs[0].map.is_identity or a.outputs[0].dyn:
             continue
         if readers.get(load.tensor.version) != [u] or math.prod(a.domain) != math.prod(u.domain):
             continue
         as_u = IndexMap.reshape(tuple(a.domain), tuple(u.domain))  # A's domain index -> U's, row-major
-        if not _same_map(load.map, IndexMap.reshape(tuple(u.domain), tuple(a.domain)), u.domain):
+        in_order = IndexMap.reshape(tuple(u.domain), tuple(a.domain))
+        if any(tuple(to_tensor(i)) != tuple(in_order.apply(i)) for i in _probes(tuple(u.domain))):
             continue  # U reads A's result in another order than row-major (a transpose)
         dyn = tuple((d, Reindex(shape=tuple(a.domain), dtype=x.dtype, children=x.children,
                                 map=IndexMap.affine(tuple(a.domain), (), [])), hi) for d, x, hi in out.dyn)  # fmt: skip
-        a.outputs = [KernelOutput(a.outputs[0].node, out.tensor, as_u.then(out.map), dyn)]
+        value = a.outputs[0].node
+        for converted in reversed(conversions):  # the innermost conversion first
+            value = Elementwise(shape=tuple(a.domain), dtype=converted.dtype, children=(value,), op=NodeOp.CONVERT,
+                                source=converted.source)  # fmt: skip
+        a.outputs = [KernelOutput(value, out.tensor, as_u.then(out.map), dyn)]
         a.name = f"{a.name}|{u.name}"
         removed.add(id(u))
     return [k for k in kernels if id(k) not in removed]
+
+
+def _copied_load(node: Node) -> tuple[Load, object, list[Elementwise]] | None:
+    """(load, index function of the copy's domain to the loaded tensor, the conversions from the outermost) when
+    ``node`` is a plain load seen through views and type conversions only, else None."""
+    to_node, conversions = (lambda index: tuple(index)), []
+    while True:
+        if isinstance(node, Reindex):
+            to_node = (lambda f, m: lambda index: m.apply(f(index)))(to_node, node.map)
+        elif isinstance(node, Elementwise) and node.op == NodeOp.CONVERT:
+            conversions.append(node)
+        else:
+            break
+        node = node.children[0]
+    if not isinstance(node, Load) or node.dims:
+        return None
+    return node, (lambda index: node.map.apply(to_node(index))), conversions
+
+
+def _probes(shape: Shape) -> list[tuple[int, ...]]:
+    """The origin, a unit step along every dim longer than 1, and the last index: enough to tell two reshapes or
+    affine maps from ``shape`` apart."""
+    return [tuple(0 for _ in shape), tuple(s - 1 for s in shape)] + [
+        tuple(int(d == e) for e in range(len(shape))) for d in range(len(shape)) if shape[d] > 1]
 
 
 def _same_map(first: IndexMap, second: IndexMap, shape: Shape) -> bool:

@@ -92,6 +92,23 @@ def test_a_products_contribution_is_stored_in_its_slot_by_the_product(rng):
     assert max(k.level for k in plan.graph.kernels) == 1  # the product, then the sum over the slots
 
 
+def test_a_products_converted_contribution_is_stored_in_its_slot_by_the_product(rng):
+    """all_gather(float32(x @ w)) of bfloat16 operands (a vocabulary-parallel head's logits): the product stores
+    its result converted to float32 straight into this rank's slot; no copy kernel between them."""
+    def body(x, w):
+        return jax.lax.all_gather((x @ w).astype(jnp.float32), "x", axis=1, tiled=True)
+
+    # check_vma=False: jax marks all_gather's result varying (as test_all_gather)
+    f = jax.shard_map(body, mesh=mesh_of(2), in_specs=(P(), P(None, "x")), out_specs=P(), check_vma=False)
+    fast = check_calls(f, lambda: (random_array(rng, (2, 64), "bfloat16"), random_array(rng, (64, 96), "bfloat16")),
+                       dtype="bfloat16")  # fmt: skip
+    (plan,) = fast.plans.values()
+    (product,) = [k for k in plan.graph.kernels if k.dot is not None]
+    assert [o.tensor.buffer.kind for o in product.outputs] == [TensorKind.COMM]
+    assert product.outputs[0].tensor.buffer.dtype == np.float32
+    assert not any(k.name.startswith("update_slice") for k in plan.graph.kernels)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_split_k_products_partials_are_exchanged_with_comm_copies(dtype, monkeypatch, rng):
     """JAX_MPK_COMM_COPIES with the GPU's fusion (JAX_MPK_GPU_FUSION, 16 SMs): psum(x @ w) of a long
