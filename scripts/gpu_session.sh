@@ -9,7 +9,9 @@
 # e.g. `git archive REV | tar -x -C ab/REV`, carried to the device machine as the git-ignored ab/), 2-layer
 # profiles of other trees and then of this one (abprofile: AB_TREES, space-separated; PROFILE_CONFIGS, lines of
 # "model batch [KNOB=value ...]", default Llama-1B b1 and b8, Qwen3-0.6B b8; its logs come back as abprofile.tgz). Logs and results go to $OUT.
-#   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench,host,warm,taskcost,knob,fuzz,ab,abprofile] [pytest -k expression]
+#   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench,host,warm,taskcost,knob,fuzz,ab,abprofile,micro] [pytest -k expression]
+# micro: the microbenchmarks of benchmarks/micro/ built with the flags their header gives (weight_stream also with
+# JAX_MPK_READ_DEPTH=16, MICRO_FLAGS added to every build), run one after the other, a log each.
 # decode and knob: DECODE_MODELS (default llama-3.2-1b,qwen3-0.6b,qwen3-8b), DECODE_BATCH (1,8), DECODE_CTX
 # (1024), DECODE_ARGS (extra arguments); trace: TRACE_ARGS (e.g. "--model llama-3.2-1b --batch 8"); warm: WARM_MODEL (qwen3-8b). "all" leaves out host, warm, taskcost, knob,
 # fuzz, ab, abprofile.
@@ -28,7 +30,7 @@ fi
 echo "build: $(( $(date +%s) - start )) s"
 python3 -c "import jax, jax_mpk._ext as e; print(jax.__version__, jax.devices(), 'cuda backend:', e.has_cuda())"
 status=0
-has() { [[ ($what == all && ,host,warm,taskcost,knob,fuzz,ab,abprofile, != *,$1,*) || ,$what, == *,$1,* ]]; }
+has() { [[ ($what == all && ,host,warm,taskcost,knob,fuzz,ab,abprofile,micro, != *,$1,*) || ,$what, == *,$1,* ]]; }
 if has tests; then
   python3 -m pytest -q -m gpu tests/ -p no:cacheprovider ${select:+-k "$select"} > "$OUT/gpu_tests.log" 2>&1
   status=$?
@@ -126,6 +128,19 @@ if has fuzz; then
   python3 -m jax_mpk.testing.fuzz --tally "$OUT"/fuzz/gpu_*.jsonl > "$OUT/fuzz_tally.json"
   tar czf "$OUT/fuzz_logs.tgz" -C "$OUT" fuzz && rm -r "$OUT/fuzz"
   head -12 "$OUT/fuzz_tally.json"
+fi
+if has micro; then
+  for variant in attention_chunk weight_stream weight_stream:-DJAX_MPK_READ_DEPTH=16; do
+    name=${variant%%:*} extra=${variant#"$name"}
+    log="$OUT/micro_${name}${extra:+_depth16}.txt"
+    # shellcheck disable=SC2086
+    if nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I ffi/include -DJAX_MPK_BLOCK_THREADS=512 \
+      -DJAX_MPK_RING_SLOTS=4 -DJAX_MPK_RING_SLOT_BYTES=32768 -DJAX_MPK_RING_MAX_ROWS=8 -DJAX_MPK_MMA_MAX_COLUMNS=512 \
+      ${extra#:} ${MICRO_FLAGS:-} "benchmarks/micro/$name.cu" -o "/tmp/micro_$name" > "$log" 2>&1; then
+      timeout 150 "/tmp/micro_$name" >> "$log" 2>&1 || echo "$name: exit $?" >> "$log"
+    fi
+    echo "$log:"; grep -cE "TB/s|us \(" "$log"
+  done
 fi
 echo "session: $(( $(date +%s) - start )) s"
 exit $status
