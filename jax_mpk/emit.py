@@ -372,7 +372,7 @@ class Emitter:
         result = self.fresh("pw")
         bounds = list(node.los) + [node.shape[node.axis]]
         axis_index = idx[node.axis]
-        if self._branches_cheap(node):
+        if self._pieces_cheap(node):
             return self._piecewise_selected(node, idx, result, bounds)
         self.emit(f"{VALUE[code]} {result};")
         for k, child in enumerate(node.children):
@@ -411,7 +411,7 @@ class Emitter:
         self.emit(f"const {VALUE[dtype_code(node.dtype)]} {result} = {expr};")
         return result
 
-    def _branches_cheap(self, node: Piecewise) -> bool:
+    def _pieces_cheap(self, node: Piecewise) -> bool:
         """Whether computing every piece of ``node`` whatever the index costs little: at most
         SELECTED_PIECES_MAX_NODES nodes below it, folds of at most SELECTED_PIECES_MAX_FOLD elements (a split-K
         product's partial sums), no row reduction of a staging (read at one index only) and no read of another

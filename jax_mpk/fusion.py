@@ -844,9 +844,8 @@ def _probes(shape: Shape) -> list[tuple[int, ...]]:
 
 
 def _same_map(first: IndexMap, second: IndexMap, shape: Shape) -> bool:
-    """Whether two maps from ``shape`` agree (on the origin and every unit step: both are affine here)."""
-    probes = [tuple(0 for _ in shape)] + [tuple(int(d == e) for e in range(len(shape))) for d in range(len(shape)) if shape[d] > 1]
-    return all(first.apply(i) == second.apply(i) for i in probes)
+    """Whether two maps from ``shape`` agree (on ``_probes``: both are affine or reshapes here)."""
+    return all(first.apply(i) == second.apply(i) for i in _probes(shape))
 
 
 def _mergeable_producer(kernel: Kernel) -> bool:
