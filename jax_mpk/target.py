@@ -35,17 +35,14 @@ class Target:
     # GPU fusion: products whose tasks share a weight tile over several rows (batch > 1) also compute those rows
     # in their staging (JAX_MPK_STAGE_SHARED_ROWS; off until it measures faster)
     stage_shared_rows: bool = False
-    # ... only the rows that need no reduction (a SwiGLU), the norms still stored (JAX_MPK_STAGE_SHARED_POINTWISE; off
-    # until it is measured)
-    stage_shared_pointwise: bool = False
+    # ... only the rows that need no block reduction (a SwiGLU), the norms still stored (JAX_MPK_STAGE_SHARED_POINTWISE,
+    # which defaults to on)
+    stage_shared_pointwise: bool = True
     # Several devices: every rank's communication buffer keeps a copy of every rank's slot (a slot's writer stores
     # into all of them; readers read their own, so a product may stage its rows from a psum); else slot r is
     # only in rank r's buffer and read from there element by element (JAX_MPK_COMM_COPIES; off until it is
     # measured on two GPUs)
     comm_copies: bool = False
-    # CUDA: weight and KV-cache streams carry an L2 evict-first policy (JAX_MPK_STREAM_EVICT_FIRST; off until it
-    # measures faster)
-    stream_evict_first: bool = False
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False
@@ -59,7 +56,7 @@ class Target:
         config.Config): what megakernelize plans for, and so what any planning on its behalf must use."""
         return Target("cuda", num_workers, compute_capability, split_attention=knobs.split_attention,
                       stage_shared_rows=knobs.stage_shared_rows, stage_shared_pointwise=knobs.stage_shared_pointwise,
-                      comm_copies=knobs.comm_copies, stream_evict_first=knobs.stream_evict_first)  # fmt: skip
+                      comm_copies=knobs.comm_copies)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:

@@ -87,16 +87,13 @@ def test_microbenchmarks_compile(name, tmp_path):
     assert (tmp_path / "bench").stat().st_size > 100_000
 
 
-@pytest.mark.parametrize("head_dim,batch,evict_first", [(64, 1, False), (128, 8, False), (64, 1, True)])
-def test_split_attention_decode_step_compiles(head_dim, batch, evict_first):
+@pytest.mark.parametrize("head_dim,batch", [(64, 1), (128, 8)])
+def test_split_attention_decode_step_compiles(head_dim, batch):
     """attention.cuh instantiated by a decode step (Llama's 64-wide heads at batch 1 with their RoPE staged in one
-    pass; Qwen3's 128-wide heads with QK-norm at batch 8), compiled for sm_90; also with the weight and KV-cache
-    streams' L2 evict-first policy (JAX_MPK_STREAM_EVICT_FIRST: its cache-hinted copies and loads)."""
+    pass; Qwen3's 128-wide heads with QK-norm at batch 8), compiled for sm_90."""
     cfg = TinyConfig(layers=2, hidden=2048, heads=2048 // head_dim, kv_heads=8, head_dim=head_dim, mlp=4096,
                      vocab=4096, max_seq=1024, batch=batch, dtype="bfloat16", qk_norm=head_dim == 128)  # fmt: skip
-    tasks, source = _generate_decode_step(cfg, validate_graph=True, split_attention=True,
-                                          stream_evict_first=evict_first)
-    assert f"#define JAX_MPK_STREAM_EVICT_FIRST {int(evict_first)}" in source.text
+    tasks, source = _generate_decode_step(cfg, validate_graph=True, split_attention=True)
     assert f"attention::keys_in_chunks<__nv_bfloat16, {2048 // head_dim // 8}, {head_dim}," in source.text  # a task: the 4 or 2 query heads of a KV head
     # both layers' attention kernels are one variant: their merge counters are a parameter, not a number in the
     # text (a variant per layer doubled Llama-1B's compile time)
