@@ -49,7 +49,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
     slots = _BufferSlots(len(kg.input_specs), len(kg.output_specs))
     variants: dict[str, int] = {}
     variant_texts: list[str] = []
-    calls, prefetches = [], []
+    calls, prefetches, weight_tiles = [], [], []
     smem, ring_offset = 0, None  # the ring sits above the shared memory of every task that uses one
     for kernel, tasks in zip(kg.kernels, graph.tasks_by_kernel()):
         body = KernelBody(kernel, tasks, budget, graph.merge_counters.get(kernel.index, -1), profile_offset is not None,
@@ -65,6 +65,8 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         calls.append(f"      case {kernel.index}: variant_{variants[text]}(p, t, smem{', ' if args else ''}{args}); break;")
         if prefetch:
             prefetches.append(f"      case {kernel.index}: {{ {prefetch(slots)} }} break;")
+        if body.weight_tile and target.idle_prefetch_bytes:
+            weight_tiles.append(f"      case {kernel.index}: {{ {body.weight_tile(slots)} }}")
     profile = "nullptr"
     if profile_offset is not None:
         workspace = slots.num_inputs + slots.num_outputs
@@ -82,6 +84,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         f"#define JAX_MPK_RING_SLOT_BYTES {RING_SLOT_BYTES}",
         f"#define JAX_MPK_RING_MAX_ROWS {MAX_SHARED_WEIGHT_ROWS}",
         f"#define JAX_MPK_MMA_MAX_COLUMNS {MMA_MAX_COLUMNS}",
+        f"#define JAX_MPK_IDLE_PREFETCH_BYTES {target.idle_prefetch_bytes}",
         '#include "jax_mpk/runtime/megakernel.cuh"',
         *[f'#include "jax_mpk/tasks/{header}.cuh"' for header in bodies.HEADERS],
         "",
@@ -100,6 +103,13 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         "    switch (t.kernel) {",
         *prefetches,
         "      default: break;",
+        "    }",
+        "  }",
+        "  // the weight tile of a task of a product (empty: no weight ahead of it; JAX_MPK_IDLE_PREFETCH_KB)",
+        "  __device__ TileSpan weight_tile(const TaskRecord& t) {",
+        "    switch (t.kernel) {",
+        *weight_tiles,
+        "      default: return TileSpan{};",
         "    }",
         "  }",
         "  __device__ void run(const TaskRecord& t, char* smem) {",

@@ -78,6 +78,10 @@ class Config:
     # copies, reads are local (Target.comm_copies; JAX_MPK_COMM_COPIES, default off until it is measured on two
     # GPUs)
     comm_copies: bool
+    # CUDA: an SM waiting for a task's dependencies asks L2 for the weight tiles of its coming tasks (up to
+    # IDLE_PREFETCH_AHEAD_BYTES of megakernel.cuh past the task), this many KB each time it polls, so that HBM
+    # streams the MLP's weights during the attention chain (JAX_MPK_IDLE_PREFETCH_KB, default 0: off until measured)
+    idle_prefetch_kb: int
 
 
 @contextlib.contextmanager
@@ -122,4 +126,5 @@ def load() -> Config:
         schedule_seed=_env("JAX_MPK_SCHEDULE_SEED", None, int, expected="an integer"),
         task_fixed_cost=_env("JAX_MPK_TASK_FIXED_COST", 1.0, float, lambda v: 0 <= v < 1e6, "a number in [0, 1e6)"),
         comm_copies=_env_flag("JAX_MPK_COMM_COPIES", False),
+        idle_prefetch_kb=_env("JAX_MPK_IDLE_PREFETCH_KB", 0, int, lambda v: 0 <= v <= 1024, "an integer in [0, 1024]"),
     )

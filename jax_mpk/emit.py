@@ -90,6 +90,9 @@ class KernelBody:
         self.tensors: list[tuple[Tensor, int]] = []
         self.tensor_names: dict[tuple, str] = {}
         self.uses_ring = False
+        # a renderer of the code that returns the task's weight tile as a TileSpan (slots -> text), set by a kind
+        # whose tasks stream a read-only weight: what a waiting SM asks L2 for ahead of its coming tasks
+        self.weight_tile = None
 
     def pointer_name(self, tensor: Tensor, element_offset: int = 0) -> str:
         key = (id(tensor.buffer), element_offset)

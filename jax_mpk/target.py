@@ -43,6 +43,9 @@ class Target:
     # only in rank r's buffer and read from there element by element (JAX_MPK_COMM_COPIES; off until it is
     # measured on two GPUs)
     comm_copies: bool = False
+    # CUDA: while an SM waits for a task's dependencies it asks L2 for the weight tiles of its coming tasks, this many
+    # bytes a poll (JAX_MPK_IDLE_PREFETCH_KB; 0, the default: it does not)
+    idle_prefetch_bytes: int = 0
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False
@@ -56,7 +59,7 @@ class Target:
         config.Config): what megakernelize plans for, and so what any planning on its behalf must use."""
         return Target("cuda", num_workers, compute_capability, split_attention=knobs.split_attention,
                       stage_shared_rows=knobs.stage_shared_rows, stage_shared_pointwise=knobs.stage_shared_pointwise,
-                      comm_copies=knobs.comm_copies)  # fmt: skip
+                      comm_copies=knobs.comm_copies, idle_prefetch_bytes=knobs.idle_prefetch_kb * 1024)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:

@@ -87,13 +87,21 @@ def test_microbenchmarks_compile(name, tmp_path):
     assert (tmp_path / "bench").stat().st_size > 100_000
 
 
-@pytest.mark.parametrize("head_dim,batch", [(64, 1), (128, 8)])
-def test_split_attention_decode_step_compiles(head_dim, batch):
+@pytest.mark.parametrize("head_dim,batch,idle_prefetch", [(64, 1, 0), (128, 8, 0), (64, 1, 16384)])
+def test_split_attention_decode_step_compiles(head_dim, batch, idle_prefetch):
     """attention.cuh instantiated by a decode step (Llama's 64-wide heads at batch 1 with their RoPE staged in one
-    pass; Qwen3's 128-wide heads with QK-norm at batch 8), compiled for sm_90."""
+    pass; Qwen3's 128-wide heads with QK-norm at batch 8), compiled for sm_90; also with the idle prefetch (JAX_MPK_IDLE_PREFETCH_KB: a weight tile for every product that
+    streams a read-only weight, asked of L2 by waiting SMs)."""
     cfg = TinyConfig(layers=2, hidden=2048, heads=2048 // head_dim, kv_heads=8, head_dim=head_dim, mlp=4096,
                      vocab=4096, max_seq=1024, batch=batch, dtype="bfloat16", qk_norm=head_dim == 128)  # fmt: skip
-    tasks, source = _generate_decode_step(cfg, validate_graph=True, split_attention=True)
+    tasks, source = _generate_decode_step(cfg, validate_graph=True, split_attention=True,
+                                          idle_prefetch_bytes=idle_prefetch)
+    assert f"#define JAX_MPK_IDLE_PREFETCH_BYTES {idle_prefetch}" in source.text
+    # a weight tile for every product whose weight is prefetched before its wait (a read-only weight)
+    text = source.text
+    prefetched = text[text.index("void prefetch(") : text.index("weight_tile(")].count("case ")
+    tiles = text[text.index("weight_tile(") : text.index("void run(")].count("return TileSpan{start")
+    assert prefetched > 0 and tiles == (prefetched if idle_prefetch else 0)
     assert f"attention::keys_in_chunks<__nv_bfloat16, {2048 // head_dim // 8}, {head_dim}," in source.text  # a task: the 4 or 2 query heads of a KV head
     # both layers' attention kernels are one variant: their merge counters are a parameter, not a number in the
     # text (a variant per layer doubled Llama-1B's compile time)

@@ -155,6 +155,16 @@ def test_batch_products_computing_their_rows_match_jit(batch, monkeypatch):
     _check_decode_steps(TinyConfig(qk_norm=True, dtype="bfloat16", batch=batch))
 
 
+@pytest.mark.parametrize("batch", [1, 8])
+def test_decode_steps_with_idle_prefetch_match_jit(batch, monkeypatch):
+    """JAX_MPK_IDLE_PREFETCH_KB: SMs waiting for a dependency ask L2 for the weight tiles of their coming products
+    (bulk prefetches of the tiles' rows, 16 KB a poll): the steps still agree with jax.jit."""
+    monkeypatch.setenv("JAX_MPK_IDLE_PREFETCH_KB", "16")
+    fast = _check_decode_steps(TinyConfig(qk_norm=True, dtype="bfloat16", batch=batch))
+    text = _plan(fast).source.text
+    assert "#define JAX_MPK_IDLE_PREFETCH_BYTES 16384" in text and "return TileSpan{start" in text
+
+
 def _check_decode_steps(cfg: TinyConfig) -> Callable:
     """Five chained decode steps of ``cfg`` through the megakernel against jax.jit's; returns the megakernel."""
     params = init_params(cfg, jax.random.PRNGKey(11))
