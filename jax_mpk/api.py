@@ -134,7 +134,7 @@ def _plan_stages(jaxpr, shard_map: ShardMap | None, target: Target, cfg: config_
         with _stage("code generation"):
             source = generate(tasks, sched, profile_offset)
     plan = CallPlan(
-        key=plan_key(words), words=words, consts=[np.asarray(c) for c in captured.consts],
+        key=plan_key(words, source.text if source else ""), words=words, consts=[np.asarray(c) for c in captured.consts],
         input_specs=list(graph.input_specs), output_specs=list(graph.output_specs), aliases=dict(graph.aliases),
         workspace_bytes=workspace_bytes, profile_offset=profile_offset, num_ranks=graph.num_ranks,
         comm_bytes=graph.comm_bytes, num_tasks=len(tasks.tasks), num_events=tasks.num_events,

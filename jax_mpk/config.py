@@ -63,8 +63,8 @@ class Config:
     # GPU fusion: a batch's products also compute their rows (RMSNorm, SwiGLU) in their staging, all rows side by
     # side (JAX_MPK_STAGE_SHARED_ROWS, default off: measured mixed, see README)
     stage_shared_rows: bool
-    # GPU fusion: at batch > 1 the products compute in their staging the rows that need no block reduction (a SwiGLU
-    # before the down projection, its split-K partials summed inline), the norms still stored
+    # GPU fusion: at batch > 1 the products compute in their staging the rows that need no reduction (a SwiGLU
+    # before the down projection, not one of split-K partials), the norms still stored
     # (JAX_MPK_STAGE_SHARED_POINTWISE, default on: Llama-1B b8 -8%; JAX_MPK_STAGE_SHARED_ROWS does all rows)
     stage_shared_pointwise: bool
     # testing: schedule a random topological order on random workers (JAX_MPK_SCHEDULE_SEED; unset: list
@@ -82,6 +82,10 @@ class Config:
     # IDLE_PREFETCH_AHEAD_BYTES of megakernel.cuh past the task), this many KB each time it polls, so that HBM
     # streams the MLP's weights during the attention chain (JAX_MPK_IDLE_PREFETCH_KB, default 0: off until measured)
     idle_prefetch_kb: int
+    # CUDA: weights and the KV cache, read once a step, are streamed through L2 with an evict-first policy, so that
+    # activations, partials, task tables and code stay there (Target.stream_evict_first; JAX_MPK_STREAM_EVICT_FIRST,
+    # default off until it measures faster)
+    stream_evict_first: bool
 
 
 @contextlib.contextmanager
@@ -126,5 +130,6 @@ def load() -> Config:
         schedule_seed=_env("JAX_MPK_SCHEDULE_SEED", None, int, expected="an integer"),
         task_fixed_cost=_env("JAX_MPK_TASK_FIXED_COST", 1.0, float, lambda v: 0 <= v < 1e6, "a number in [0, 1e6)"),
         comm_copies=_env_flag("JAX_MPK_COMM_COPIES", False),
+        stream_evict_first=_env_flag("JAX_MPK_STREAM_EVICT_FIRST", False),
         idle_prefetch_kb=_env("JAX_MPK_IDLE_PREFETCH_KB", 0, int, lambda v: 0 <= v <= 1024, "an integer in [0, 1024]"),
     )

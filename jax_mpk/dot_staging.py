@@ -41,7 +41,7 @@ def compute_rows_in_dot_staging(kernels: list[Kernel], shared_rows: bool = False
     other outputs (the residual sum) and disappears when none is left. A product whose tasks multiply several
     rows with one weight tile (a batch) computes them one after the other: only with ``shared_rows``
     (JAX_MPK_STAGE_SHARED_ROWS, off until measured: docs/notes/cuda_megakernel.md), or with ``shared_pointwise``
-    for rows that need no block reduction (a SwiGLU: Llama-1B b8 1.93 -> 1.78 ms with it; the norms' block reductions
+    for rows that need no reduction (a SwiGLU: Llama-1B b8 1.93 -> 1.78 ms with it; the norms' block reductions
     are what made the recomputation of every row cost). A row that reads a
     communication buffer (the RMSNorm after a psum) is staged only with ``comm_reads``: where every rank keeps a
     copy of every slot (Target.comm_copies), the staging reads it like the workspace."""
@@ -80,9 +80,10 @@ def compute_rows_in_dot_staging(kernels: list[Kernel], shared_rows: bool = False
 
 
 def _pointwise(node: Node) -> bool:
-    """Whether ``node`` is computed element by element: loads, views, elementwise operations and reductions short
-    enough to fold inline (a sum of split-K partials), no block reduction over a row (a norm)."""
-    return not any(isinstance(n, Reduce) and fold_loads(n) > ROW_STAGING_MAX_INLINE for n in topological([node]))
+    """Whether ``node`` is computed without any reduction (loads, views and elementwise operations). Not even a
+    sum of split-K partials: Qwen3-8B b8's SwiGLU of 2 partials in the down projection's staging measured 7.785 ->
+    7.989 ms (each down task read ~196 KB of float32 partials; docs/notes/cuda_megakernel.md, session 12)."""
+    return not any(isinstance(n, Reduce) for n in topological([node]))
 
 
 def _stages_as_rows(out: KernelOutput, dot: DotSpec, rank: int) -> bool:

@@ -35,7 +35,7 @@ class Target:
     # GPU fusion: products whose tasks share a weight tile over several rows (batch > 1) also compute those rows
     # in their staging (JAX_MPK_STAGE_SHARED_ROWS; off until it measures faster)
     stage_shared_rows: bool = False
-    # ... only the rows that need no block reduction (a SwiGLU), the norms still stored (JAX_MPK_STAGE_SHARED_POINTWISE,
+    # ... only the rows that need no reduction (a SwiGLU), the norms still stored (JAX_MPK_STAGE_SHARED_POINTWISE,
     # which defaults to on)
     stage_shared_pointwise: bool = True
     # Several devices: every rank's communication buffer keeps a copy of every rank's slot (a slot's writer stores
@@ -46,6 +46,9 @@ class Target:
     # CUDA: while an SM waits for a task's dependencies it asks L2 for the weight tiles of its coming tasks, this many
     # bytes a poll (JAX_MPK_IDLE_PREFETCH_KB; 0, the default: it does not)
     idle_prefetch_bytes: int = 0
+    # CUDA: weight and KV-cache streams carry an L2 evict-first policy (JAX_MPK_STREAM_EVICT_FIRST; off until it
+    # measures faster)
+    stream_evict_first: bool = False
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False
@@ -59,7 +62,8 @@ class Target:
         config.Config): what megakernelize plans for, and so what any planning on its behalf must use."""
         return Target("cuda", num_workers, compute_capability, split_attention=knobs.split_attention,
                       stage_shared_rows=knobs.stage_shared_rows, stage_shared_pointwise=knobs.stage_shared_pointwise,
-                      comm_copies=knobs.comm_copies, idle_prefetch_bytes=knobs.idle_prefetch_kb * 1024)  # fmt: skip
+                      comm_copies=knobs.comm_copies, idle_prefetch_bytes=knobs.idle_prefetch_kb * 1024,
+                      stream_evict_first=knobs.stream_evict_first)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:

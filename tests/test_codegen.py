@@ -87,16 +87,19 @@ def test_microbenchmarks_compile(name, tmp_path):
     assert (tmp_path / "bench").stat().st_size > 100_000
 
 
-@pytest.mark.parametrize("head_dim,batch,idle_prefetch", [(64, 1, 0), (128, 8, 0), (64, 1, 16384)])
-def test_split_attention_decode_step_compiles(head_dim, batch, idle_prefetch):
+@pytest.mark.parametrize("head_dim,batch,idle_prefetch,evict_first",
+                         [(64, 1, 0, False), (128, 8, 0, False), (64, 1, 16384, True)])
+def test_split_attention_decode_step_compiles(head_dim, batch, idle_prefetch, evict_first):
     """attention.cuh instantiated by a decode step (Llama's 64-wide heads at batch 1 with their RoPE staged in one
     pass; Qwen3's 128-wide heads with QK-norm at batch 8), compiled for sm_90; also with the idle prefetch (JAX_MPK_IDLE_PREFETCH_KB: a weight tile for every product that
-    streams a read-only weight, asked of L2 by waiting SMs)."""
+    streams a read-only weight, asked of L2 by waiting SMs) and the streams' L2 evict-first policy
+    (JAX_MPK_STREAM_EVICT_FIRST: its cache-hinted copies and loads)."""
     cfg = TinyConfig(layers=2, hidden=2048, heads=2048 // head_dim, kv_heads=8, head_dim=head_dim, mlp=4096,
                      vocab=4096, max_seq=1024, batch=batch, dtype="bfloat16", qk_norm=head_dim == 128)  # fmt: skip
     tasks, source = _generate_decode_step(cfg, validate_graph=True, split_attention=True,
-                                          idle_prefetch_bytes=idle_prefetch)
+                                          idle_prefetch_bytes=idle_prefetch, stream_evict_first=evict_first)
     assert f"#define JAX_MPK_IDLE_PREFETCH_BYTES {idle_prefetch}" in source.text
+    assert f"#define JAX_MPK_STREAM_EVICT_FIRST {int(evict_first)}" in source.text
     # a weight tile for every product whose weight is prefetched before its wait (a read-only weight)
     text = source.text
     prefetched = text[text.index("void prefetch(") : text.index("weight_tile(")].count("case ")
@@ -366,3 +369,19 @@ def test_register_report_of_a_decode_step(tmp_path):
     assert 16 <= row["registers"] <= 128 and row["stack_bytes"] >= 0 and row["spill_store_bytes"] >= 0
     assert all(v["kernels"] for v in row["spilling_variants"])
     assert "| llama-tiny | 2 |" in (tmp_path / "registers_sm90.md").read_text()
+
+
+def test_a_knob_that_only_codegen_reads_gives_another_plan_key(monkeypatch):
+    """The extension keeps one loaded kernel per plan key: a variant that differs only in its generated source
+    (JAX_MPK_IDLE_PREFETCH_KB) must not share the default's key, or a same-process A/B times one kernel twice."""
+    from jax_mpk import config
+    from jax_mpk.api import plan_stages
+
+    closed = jax.make_jaxpr(lambda x, w: jnp.tanh(x @ w))(jnp.ones((1, 256)), jnp.ones((256, 512)))
+    plans = []
+    for kb in ("0", "16"):
+        monkeypatch.setenv("JAX_MPK_IDLE_PREFETCH_KB", kb)
+        knobs = config.load()
+        plans.append(plan_stages(closed, None, Target.cuda(H100_SMS, "9.0", knobs), knobs).plan)
+    assert (plans[0].words == plans[1].words).all() and plans[0].source.text != plans[1].source.text
+    assert plans[0].key != plans[1].key

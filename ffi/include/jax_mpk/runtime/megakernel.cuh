@@ -82,9 +82,9 @@ __device__ inline void report_failure(const MegakernelParams& p, int32_t code, i
 // Thread 0 only: waits until `*counter >= target` (an acquire at system scope for another rank's counter).
 // Returns false when the call is being aborted (watchdog here or elsewhere); `event` names the counter in
 // the error record.
-template <bool kSystem, class Idle>
+template <bool kSystem>
 __device__ inline bool wait_until(const MegakernelParams& p, const uint64_t* counter, uint64_t target,
-                                  int32_t task_index, int32_t kernel, int32_t event, Idle& idle) {
+                                  int32_t task_index, int32_t kernel, int32_t event) {
   if (load_acquire<kSystem>(counter) >= target) return true;
   const uint64_t start = global_timer_ns();
   unsigned sleep_ns = 16;  // short: a dependency usually completes within a few microseconds
@@ -96,26 +96,24 @@ __device__ inline bool wait_until(const MegakernelParams& p, const uint64_t* cou
       report_failure(p, kErrorWatchdog, task_index, kernel, event, value, target);
       return false;
     }
-    idle();
     __nanosleep(sleep_ns);
     if (sleep_ns < 128) sleep_ns *= 2;
   }
 }
 
-// Thread 0 only: the task's local event, then its remote event on every rank; `idle()` runs once a poll that
-// finds the event short. In the error record a remote event r of rank k is event -(1 + r * layout::kMaxCudaRanks + k).
-template <class Idle>
+// Thread 0 only: the task's local event, then its remote event on every rank. In the error record a
+// remote event r of rank k is event -(1 + r * layout::kMaxCudaRanks + k).
 __device__ inline bool wait_for_task(const MegakernelParams& p, const TaskRecord& task, int32_t task_index,
-                                     uint64_t epoch, Idle& idle) {
+                                     uint64_t epoch) {
   if (task.wait_event >= 0 &&
       !wait_until<false>(p, p.counters + task.wait_event, static_cast<uint64_t>(task.wait_count) * epoch,
-                         task_index, task.kernel, task.wait_event, idle)) {
+                         task_index, task.kernel, task.wait_event)) {
     return false;
   }
   for (int32_t rank = 0; task.remote_wait_event >= 0 && rank < p.comm.num_ranks; ++rank) {
     if (!wait_until<true>(p, p.comm.counters[rank] + task.remote_wait_event,
                           static_cast<uint64_t>(task.remote_wait_count) * epoch, task_index, task.kernel,
-                          -(1 + task.remote_wait_event * layout::kMaxCudaRanks + rank), idle)) {
+                          -(1 + task.remote_wait_event * layout::kMaxCudaRanks + rank))) {
       return false;
     }
   }
@@ -123,11 +121,14 @@ __device__ inline bool wait_for_task(const MegakernelParams& p, const TaskRecord
 }
 
 // Idle prefetch (JAX_MPK_IDLE_PREFETCH_BYTES > 0, from JAX_MPK_IDLE_PREFETCH_KB): during the attention chain most
-// SMs wait while HBM idles, and the weights of their coming products are known. So thread 0 of a waiting SM asks
-// L2 for the weight tiles of its coming tasks, kIdlePrefetchBytes each time it polls (the pace: an earlier
-// look-ahead that requested 128-384 KB an SM in one burst before every wait queued ahead of the chain's own
-// loads and made the step slower), and never more than kIdlePrefetchAheadBytes past the task it waits for (L2,
-// 50 MB on an H200, is shared by every SM and also holds what the chain reads).
+// SMs wait while HBM idles, and the weights of their coming products are known. So while thread 0 waits for a
+// task's dependencies, thread 32 asks L2 for the weight tiles of the worker's coming tasks, one 128-byte line a
+// prefetch, and looks whether the wait is over after every kIdlePrefetchBytes (so that the task starts at most
+// that many lines late), never more than kIdlePrefetchAheadBytes past the task waited for (L2, 50 MB on an H200,
+// is shared by every SM and also holds what the chain reads). Not thread 0: a first form prefetched from the
+// poll loop itself and delayed every task's start by its prefetches (a 2-layer profile: 275 -> 696 us).
+// An earlier look-ahead that requested 128-384 KB an SM in one burst by all threads before every wait queued
+// ahead of the chain's own loads and made the step slower.
 #ifndef JAX_MPK_IDLE_PREFETCH_BYTES
 #define JAX_MPK_IDLE_PREFETCH_BYTES 0
 #endif
@@ -142,35 +143,43 @@ struct TileSpan {
   __device__ int64_t bytes() const { return row_bytes * rows; }
 };
 
-// Thread 0's cursor over the weight tiles of the worker's coming tasks, in shared memory (not registers that
+// Thread 32's cursor over the weight tiles of the worker's coming tasks, in shared memory (not registers that
 // would stay live across every task body).
 struct IdlePrefetch {
   int32_t position;  // the worker's task whose tile is being requested
   int64_t row;       // its next row
+  int64_t line;      // the next 128-byte line of that row
   int64_t ahead;     // bytes requested for tasks after the one waited for
   TileSpan tile;
 };
 
-// One poll's share: rows of the coming tiles asked of L2 with bulk prefetches (one instruction a row, no
-// completion to wait for, nothing held in shared memory).
+// Thread 32, while thread 0 waits for the task at `position` (until `*waited_for` becomes it): the lines of the
+// coming tiles, kIdlePrefetchBytes between two looks at the wait.
 template <class Dispatch>
-__device__ void prefetch_while_idle(IdlePrefetch& look, Dispatch& dispatch, const TaskRecord* tasks,
-                                    const int32_t* worker_tasks, int32_t end) {
-  int64_t budget = kIdlePrefetchBytes;
-  while (budget > 0 && look.ahead < kIdlePrefetchAheadBytes) {
-    if (look.row >= look.tile.rows) {
-      if (look.position + 1 >= end) return;
-      look.tile = dispatch.weight_tile(tasks[worker_tasks[++look.position]]);
-      look.row = 0;
-      continue;
+__device__ void prefetch_while_waiting(IdlePrefetch& look, Dispatch& dispatch, const TaskRecord& waiting_task,
+                                       int32_t position, const volatile int32_t* waited_for, const TaskRecord* tasks,
+                                       const int32_t* worker_tasks, int32_t end) {
+  if (look.position > position) {
+    look.ahead -= dispatch.weight_tile(waiting_task).bytes();  // requested while waiting for an earlier task
+  } else {  // the task's own tile is the ring's (Dispatch::prefetch): start after it
+    look.position = position, look.row = look.line = look.ahead = 0, look.tile = TileSpan{};
+  }
+  while (*waited_for != position && look.ahead < kIdlePrefetchAheadBytes) {
+    for (int64_t budget = kIdlePrefetchBytes; budget > 0 && look.ahead < kIdlePrefetchAheadBytes; budget -= 128) {
+      if (look.row >= look.tile.rows) {
+        if (look.position + 1 >= end) return;
+        look.tile = dispatch.weight_tile(tasks[worker_tasks[++look.position]]);
+        look.row = look.line = 0;
+        continue;
+      }
+      const char* row = look.tile.start + look.row * look.tile.row_stride;
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(row + look.line * 128));
+      look.line += 1;
+      if (look.line * 128 >= look.tile.row_bytes) {
+        look.ahead += look.tile.row_bytes;
+        look.row += 1, look.line = 0;
+      }
     }
-    const uintptr_t from = reinterpret_cast<uintptr_t>(look.tile.start + look.row * look.tile.row_stride);
-    const uintptr_t first = from & ~uintptr_t{15}, last = (from + look.tile.row_bytes + 15) & ~uintptr_t{15};
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(first), "r"(static_cast<uint32_t>(last - first))
-                 : "memory");
-    ++look.row;
-    budget -= look.tile.row_bytes;
-    look.ahead += look.tile.row_bytes;
   }
 }
 
@@ -214,12 +223,14 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
   __shared__ TaskRecord records[3];
   __shared__ int32_t shared_go;
   __shared__ IdlePrefetch look;
+  __shared__ volatile int32_t waited_for;  // the position of the last task thread 0 has waited for
   const int32_t begin = worker_begin[blockIdx.x], end = worker_begin[blockIdx.x + 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
     call_epoch = load_acquire(&p.control->epoch) + 1;
     profiling = profile != nullptr;
-    look.position = begin, look.row = look.ahead = 0, look.tile = TileSpan{};
+    look.position = begin, look.row = look.line = look.ahead = 0, look.tile = TileSpan{};
+    waited_for = begin - 1;
   }
   if (warp == 1 && begin < end) copy_record(&records[0], tasks + worker_tasks[begin], lane);
   __syncthreads();
@@ -236,19 +247,12 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
         task_stamps[layout::kStampWait] = global_timer_ns();
         task_stamps[layout::kStampStaged] = task_stamps[layout::kStampComputed] = 0;
       }
-      if constexpr (kIdlePrefetchBytes > 0) {
-        // task i's own tile is the ring's (Dispatch::prefetch): the look-ahead starts after it
-        if (look.position > i) {
-          look.ahead -= dispatch.weight_tile(task).bytes();  // requested while waiting for an earlier task
-        } else {
-          look.position = i, look.row = look.ahead = 0, look.tile = TileSpan{};
-        }
-      }
-      auto idle = [&] {
-        if constexpr (kIdlePrefetchBytes > 0) prefetch_while_idle(look, dispatch, tasks, worker_tasks, end);
-      };
-      shared_go = wait_for_task(p, task, task_index, epoch, idle);
+      shared_go = wait_for_task(p, task, task_index, epoch);
+      if constexpr (kIdlePrefetchBytes > 0) waited_for = i;
       if (profile) task_stamps[layout::kStampStart] = global_timer_ns();
+    }
+    if constexpr (kIdlePrefetchBytes > 0) {
+      if (threadIdx.x == 32) prefetch_while_waiting(look, dispatch, task, i, &waited_for, tasks, worker_tasks, end);
     }
     __syncthreads();
     if (!shared_go) break;

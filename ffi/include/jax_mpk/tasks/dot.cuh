@@ -36,14 +36,38 @@ __device__ __forceinline__ void unpack8(const uint4& v, const __half*, float out
   }
 }
 
-// cp.async of 16 bytes of a stream (a weight tile, a chunk of the KV cache) into shared memory. (An L2
-// evict-first policy on the streams measured no gain: docs/notes/cuda_megakernel.md, session 12.)
+// Weights and the KV cache are read once a step: streamed through L2 with its default policy they may push out
+// what the dependency chain reads again soon (activations, split-K partials, the task tables, the kernel's code).
+// With JAX_MPK_STREAM_EVICT_FIRST (off until a valid A/B: session 11's same-process one timed the default kernel
+// twice, docs/notes/cuda_megakernel.md, session 12) the stream's loads and copies carry an evict-first policy, so
+// that they replace one another before anything else.
+#ifndef JAX_MPK_STREAM_EVICT_FIRST
+#define JAX_MPK_STREAM_EVICT_FIRST 0
+#endif
+__device__ __forceinline__ uint64_t stream_policy() {
+  uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));  // not volatile: hoisted, shared
+  return policy;
+}
+// cp.async of 16 bytes of a stream (a weight tile, a chunk of the KV cache) into shared memory.
 __device__ __forceinline__ void copy16_streamed(uint32_t to, const void* from) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(from) : "memory");
+  if constexpr (JAX_MPK_STREAM_EVICT_FIRST) {
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(to), "l"(from),
+                 "l"(stream_policy()) : "memory");
+  } else {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(from) : "memory");
+  }
 }
 // 16 bytes of a weight through the read-only path.
 __device__ __forceinline__ uint4 load16_streamed(const void* from) {
-  return __ldg(reinterpret_cast<const uint4*>(from));
+  if constexpr (JAX_MPK_STREAM_EVICT_FIRST) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(from), "l"(stream_policy()));
+    return v;
+  } else {
+    return __ldg(reinterpret_cast<const uint4*>(from));
+  }
 }
 
 template <class W> __device__ __forceinline__ void load8(const W* p, float out[8]) {
