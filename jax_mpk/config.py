@@ -79,7 +79,7 @@ class Config:
     # GPUs)
     comm_copies: bool
     # CUDA: an SM waiting for a task's dependencies asks L2 for the weight tiles of its coming tasks (up to
-    # IDLE_PREFETCH_AHEAD_BYTES of megakernel.cuh past the task), this many KB each time it polls, so that HBM
+    # kIdlePrefetchAheadBytes of megakernel.cuh past the task), at most this many KB a microsecond, so that HBM
     # streams the MLP's weights during the attention chain (JAX_MPK_IDLE_PREFETCH_KB, default 0: off until measured)
     idle_prefetch_kb: int
     # CUDA: weights and the KV cache, read once a step, are streamed through L2 with an evict-first policy, so that

@@ -158,7 +158,7 @@ def test_batch_products_computing_their_rows_match_jit(batch, monkeypatch):
 @pytest.mark.parametrize("batch", [1, 8])
 def test_decode_steps_with_idle_prefetch_match_jit(batch, monkeypatch):
     """JAX_MPK_IDLE_PREFETCH_KB: SMs waiting for a dependency ask L2 for the weight tiles of their coming products
-    (bulk prefetches of the tiles' rows, 16 KB a poll): the steps still agree with jax.jit."""
+    (one thread, 16 KB a microsecond): the steps still agree with jax.jit."""
     monkeypatch.setenv("JAX_MPK_IDLE_PREFETCH_KB", "16")
     fast = _check_decode_steps(TinyConfig(qk_norm=True, dtype="bfloat16", batch=batch))
     text = _plan(fast).source.text

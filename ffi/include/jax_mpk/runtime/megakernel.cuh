@@ -123,9 +123,8 @@ __device__ inline bool wait_for_task(const MegakernelParams& p, const TaskRecord
 // Idle prefetch (JAX_MPK_IDLE_PREFETCH_BYTES > 0, from JAX_MPK_IDLE_PREFETCH_KB): during the attention chain most
 // SMs wait while HBM idles, and the weights of their coming products are known. So while thread 0 waits for a
 // task's dependencies, thread 32 asks L2 for the weight tiles of the worker's coming tasks, one 128-byte line a
-// prefetch, and looks whether the wait is over after every kIdlePrefetchBytes (so that the task starts at most
-// that many lines late), never more than kIdlePrefetchAheadBytes past the task waited for (L2, 50 MB on an H200,
-// is shared by every SM and also holds what the chain reads). Not thread 0: a first form prefetched from the
+// prefetch, paced at kIdlePrefetchBytes a microsecond, never more than kIdlePrefetchAheadBytes past the task waited
+// for (L2, 50 MB on an H200, is shared by every SM and also holds what the chain reads). Not thread 0: a first form prefetched from the
 // poll loop itself and delayed every task's start by its prefetches (a 2-layer profile: 275 -> 696 us).
 // An earlier look-ahead that requested 128-384 KB an SM in one burst by all threads before every wait queued
 // ahead of the chain's own loads and made the step slower.
@@ -154,33 +153,40 @@ struct IdlePrefetch {
 };
 
 // Thread 32, while thread 0 waits for the task at `position` (until `*waited_for` becomes it): the lines of the
-// coming tiles, kIdlePrefetchBytes between two looks at the wait.
+// coming tiles, at most kIdlePrefetchBytes a microsecond, looking at the wait after every line (a task starts at
+// most one prefetch late). The cursor lives in registers meanwhile: in shared memory its ~10 accesses a line cost
+// more than the line's prefetch.
 template <class Dispatch>
-__device__ void prefetch_while_waiting(IdlePrefetch& look, Dispatch& dispatch, const TaskRecord& waiting_task,
+__device__ void prefetch_while_waiting(IdlePrefetch& shared_look, Dispatch& dispatch, const TaskRecord& waiting_task,
                                        int32_t position, const volatile int32_t* waited_for, const TaskRecord* tasks,
                                        const int32_t* worker_tasks, int32_t end) {
+  IdlePrefetch look = shared_look;
   if (look.position > position) {
     look.ahead -= dispatch.weight_tile(waiting_task).bytes();  // requested while waiting for an earlier task
   } else {  // the task's own tile is the ring's (Dispatch::prefetch): start after it
     look.position = position, look.row = look.line = look.ahead = 0, look.tile = TileSpan{};
   }
+  const uint64_t start = global_timer_ns();
+  int64_t issued = 0;
   while (*waited_for != position && look.ahead < kIdlePrefetchAheadBytes) {
-    for (int64_t budget = kIdlePrefetchBytes; budget > 0 && look.ahead < kIdlePrefetchAheadBytes; budget -= 128) {
-      if (look.row >= look.tile.rows) {
-        if (look.position + 1 >= end) return;
-        look.tile = dispatch.weight_tile(tasks[worker_tasks[++look.position]]);
-        look.row = look.line = 0;
-        continue;
-      }
-      const char* row = look.tile.start + look.row * look.tile.row_stride;
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(row + look.line * 128));
-      look.line += 1;
-      if (look.line * 128 >= look.tile.row_bytes) {
-        look.ahead += look.tile.row_bytes;
-        look.row += 1, look.line = 0;
-      }
+    if (look.row >= look.tile.rows) {
+      if (look.position + 1 >= end) break;
+      look.tile = dispatch.weight_tile(tasks[worker_tasks[++look.position]]);
+      look.row = look.line = 0;
+      continue;
+    }
+    if (issued % 1024 == 0 && issued * 1000 > kIdlePrefetchBytes * static_cast<int64_t>(global_timer_ns() - start)) {
+      __nanosleep(64);  // ahead of the pace
+      continue;
+    }
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(look.tile.start + look.row * look.tile.row_stride + look.line * 128));
+    issued += 128;
+    if (++look.line * 128 >= look.tile.row_bytes) {
+      look.ahead += look.tile.row_bytes;
+      look.row += 1, look.line = 0;
     }
   }
+  shared_look = look;
 }
 
 // Copies a task record into shared memory: lanes 0 .. 24 of the calling warp, one word each.
