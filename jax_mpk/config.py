@@ -86,6 +86,10 @@ class Config:
     # activations, partials, task tables and code stay there (Target.stream_evict_first; JAX_MPK_STREAM_EVICT_FIRST,
     # default off until it measures faster)
     stream_evict_first: bool
+    # CUDA: batch-1 products stream their weight through a ring whose slots are divided between the warps, each
+    # copying what it multiplies, so that no block barrier per 32 KB slot waits for the slowest copy (dot.cuh's
+    # columns_warp_ring; JAX_MPK_WARP_RING, default off until it measures faster)
+    warp_ring: bool
 
 
 @contextlib.contextmanager
@@ -131,5 +135,6 @@ def load() -> Config:
         task_fixed_cost=_env("JAX_MPK_TASK_FIXED_COST", 1.0, float, lambda v: 0 <= v < 1e6, "a number in [0, 1e6)"),
         comm_copies=_env_flag("JAX_MPK_COMM_COPIES", False),
         stream_evict_first=_env_flag("JAX_MPK_STREAM_EVICT_FIRST", False),
+        warp_ring=_env_flag("JAX_MPK_WARP_RING", False),
         idle_prefetch_kb=_env("JAX_MPK_IDLE_PREFETCH_KB", 0, int, lambda v: 0 <= v <= 1024, "an integer in [0, 1024]"),
     )

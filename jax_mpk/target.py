@@ -49,6 +49,9 @@ class Target:
     # CUDA: weight and KV-cache streams carry an L2 evict-first policy (JAX_MPK_STREAM_EVICT_FIRST; off until it
     # measures faster)
     stream_evict_first: bool = False
+    # CUDA: the CUDA-core ring products stream through the warp ring, each warp's part of a slot private to it
+    # (JAX_MPK_WARP_RING; off until it measures faster)
+    warp_ring: bool = False
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False
@@ -63,7 +66,7 @@ class Target:
         return Target("cuda", num_workers, compute_capability, split_attention=knobs.split_attention,
                       stage_shared_rows=knobs.stage_shared_rows, stage_shared_pointwise=knobs.stage_shared_pointwise,
                       comm_copies=knobs.comm_copies, idle_prefetch_bytes=knobs.idle_prefetch_kb * 1024,
-                      stream_evict_first=knobs.stream_evict_first)  # fmt: skip
+                      stream_evict_first=knobs.stream_evict_first, warp_ring=knobs.warp_ring)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:

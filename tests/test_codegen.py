@@ -87,17 +87,22 @@ def test_microbenchmarks_compile(name, tmp_path):
     assert (tmp_path / "bench").stat().st_size > 100_000
 
 
-@pytest.mark.parametrize("head_dim,batch,idle_prefetch,evict_first",
-                         [(64, 1, 0, False), (128, 8, 0, False), (64, 1, 16384, True)])
-def test_split_attention_decode_step_compiles(head_dim, batch, idle_prefetch, evict_first):
+@pytest.mark.parametrize("head_dim,batch,idle_prefetch,evict_first,warp_ring",
+                         [(64, 1, 0, False, False), (128, 8, 0, False, False), (64, 1, 16384, True, True)])
+def test_split_attention_decode_step_compiles(head_dim, batch, idle_prefetch, evict_first, warp_ring):
     """attention.cuh instantiated by a decode step (Llama's 64-wide heads at batch 1 with their RoPE staged in one
     pass; Qwen3's 128-wide heads with QK-norm at batch 8), compiled for sm_90; also with the idle prefetch (JAX_MPK_IDLE_PREFETCH_KB: a weight tile for every product that
     streams a read-only weight, asked of L2 by waiting SMs) and the streams' L2 evict-first policy
-    (JAX_MPK_STREAM_EVICT_FIRST: its cache-hinted copies and loads)."""
+    (JAX_MPK_STREAM_EVICT_FIRST: its cache-hinted copies and loads) and the warp ring (JAX_MPK_WARP_RING: the b1
+    products' ring and dot)."""
     cfg = TinyConfig(layers=2, hidden=2048, heads=2048 // head_dim, kv_heads=8, head_dim=head_dim, mlp=4096,
                      vocab=4096, max_seq=1024, batch=batch, dtype="bfloat16", qk_norm=head_dim == 128)  # fmt: skip
     tasks, source = _generate_decode_step(cfg, validate_graph=True, split_attention=True,
-                                          idle_prefetch_bytes=idle_prefetch, stream_evict_first=evict_first)
+                                          idle_prefetch_bytes=idle_prefetch, stream_evict_first=evict_first,
+                                          warp_ring=warp_ring)
+    assert ("dot::columns_warp_ring<" in source.text) == ("dot::warp_ring_begin<" in source.text) == warp_ring
+    if batch == 1:  # at batch 8 the products are on tensor cores (columns_ring_mma), with or without the knob
+        assert ("dot::columns_ring<" in source.text) != warp_ring
     assert f"#define JAX_MPK_IDLE_PREFETCH_BYTES {idle_prefetch}" in source.text
     assert f"#define JAX_MPK_STREAM_EVICT_FIRST {int(evict_first)}" in source.text
     # a weight tile for every product whose weight is prefetched before its wait (a read-only weight)

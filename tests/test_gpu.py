@@ -156,13 +156,18 @@ def test_batch_products_computing_their_rows_match_jit(batch, monkeypatch):
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-def test_decode_steps_with_idle_prefetch_match_jit(batch, monkeypatch):
-    """JAX_MPK_IDLE_PREFETCH_KB: SMs waiting for a dependency ask L2 for the weight tiles of their coming products
-    (one thread, 16 KB a microsecond): the steps still agree with jax.jit."""
-    monkeypatch.setenv("JAX_MPK_IDLE_PREFETCH_KB", "16")
-    fast = _check_decode_steps(TinyConfig(qk_norm=True, dtype="bfloat16", batch=batch))
-    text = _plan(fast).source.text
-    assert "#define JAX_MPK_IDLE_PREFETCH_BYTES 16384" in text and "return TileSpan{start" in text
+@pytest.mark.parametrize("knob,value,generated", [
+    ("JAX_MPK_IDLE_PREFETCH_KB", "16", "return TileSpan{start"),  # waiting SMs ask L2 for their coming weight tiles
+    ("JAX_MPK_WARP_RING", "1", "dot::columns_warp_ring<"),  # each warp streams and multiplies its part of a slot
+    ("JAX_MPK_STREAM_EVICT_FIRST", "1", "#define JAX_MPK_STREAM_EVICT_FIRST 1"),  # the streams' L2 evict-first policy
+])  # fmt: skip
+def test_decode_steps_with_codegen_knobs_match_jit(batch, knob, value, generated, monkeypatch):
+    """The knobs only codegen reads: the steps still agree with jax.jit (at batch 8 the bf16 products are on tensor
+    cores: the warp ring is used by the float32 model's)."""
+    monkeypatch.setenv(knob, value)
+    cfg = TinyConfig(qk_norm=True, dtype="float32" if knob == "JAX_MPK_WARP_RING" else "bfloat16", batch=batch)
+    fast = _check_decode_steps(cfg)
+    assert generated in _plan(fast).source.text
 
 
 def _check_decode_steps(cfg: TinyConfig) -> Callable:

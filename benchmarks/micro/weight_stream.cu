@@ -8,6 +8,8 @@
 //   ring dot    ring_begin + columns_ring<bf16, 1> (a b1 product task, checked against a host reference)
 //   bulk copies the same ring filled by cp.async.bulk (one copy per tile row, issued by warp 0, completion on an
 //               mbarrier per slot): fewer instructions per byte than cp.async's 16 bytes a thread
+//   warp ring   warp_ring_begin + columns_warp_ring<bf16, 1> (each warp's part of a slot private to it: no block
+//               barrier per slot; tiles of at most 256 columns), checked like the ring dot
 // for one level alone (16 launches, one matrix each: the ramp at a level's start and end included) and for 16
 // levels back to back in one launch (no ramps but the first and last). Every matrix is read from HBM: 16
 // different matrices, together far larger than L2. The copies modes check their sums against the host.
@@ -28,8 +30,8 @@
 using namespace jax_mpk;
 using T = __nv_bfloat16;
 
-enum Mode { kRead, kRingCopies, kRingDot, kBulkCopies, kModes };
-const char* kModeNames[kModes] = {"read", "ring copies", "ring dot", "bulk copies"};
+enum Mode { kRead, kRingCopies, kRingDot, kBulkCopies, kWarpRingDot, kModes };
+const char* kModeNames[kModes] = {"read", "ring copies", "ring dot", "bulk copies", "warp ring"};
 
 // The sum of this thread's 16-byte chunks of a slot holding `rows` rows of `row_bytes` bytes `stride` apart.
 __device__ __forceinline__ float add_slot(uint32_t slot, int rows, int row_bytes, int stride) {
@@ -176,10 +178,19 @@ __global__ void __launch_bounds__(JAX_MPK_BLOCK_THREADS, 1)
       } else if (mode == kBulkCopies) {
         total += bulk_copies(ring, bars, uses, tile_w, N, k_len, n_len);
       } else {
-        dot::ring_begin<T, false>(ring, tile_w, N, k_len, n_len);
+        const bool warp_ring = mode == kWarpRingDot;
+        if (warp_ring) {
+          dot::warp_ring_begin<T>(ring, tile_w, N, k_len, n_len);
+        } else {
+          dot::ring_begin<T, false>(ring, tile_w, N, k_len, n_len);
+        }
         for (int k = threadIdx.x; k < k_len; k += kBlockThreads) xs[k] = x[k0 + k];
         __syncthreads();
-        dot::columns_ring<T, 1>(xs, k_len, ring, tile_w, N, k_len, n_len, acc, n_len);
+        if (warp_ring) {
+          dot::columns_warp_ring<T, 1>(xs, k_len, ring, tile_w, N, k_len, n_len, acc, n_len);
+        } else {
+          dot::columns_ring<T, 1>(xs, k_len, ring, tile_w, N, k_len, n_len, acc, n_len);
+        }
         __syncthreads();
         for (int n = threadIdx.x; n < n_len; n += kBlockThreads) out[(int64_t(level) * tiles + tile) * n_len + n] = acc[n];
         __syncthreads();
@@ -191,7 +202,7 @@ __global__ void __launch_bounds__(JAX_MPK_BLOCK_THREADS, 1)
     stamps[2 * blockIdx.x] = start;
     stamps[2 * blockIdx.x + 1] = now_ns();
   }
-  if (mode != kRingDot) atomicAdd(sums, static_cast<double>(total));
+  if (mode != kRingDot && mode != kWarpRingDot) atomicAdd(sums, static_cast<double>(total));
 }
 
 __global__ void fill(T* w, int64_t n, unsigned seed) {
@@ -263,6 +274,7 @@ void measure(const char* name, T* w, int64_t buffer, int K, int N, int n_len, in
     const bool dot_fits = n_len / 8 <= kBlockThreads && n_len * int(sizeof(T)) <= dot::kRingSlotBytes;
     const bool ring_fits = n_len * int(sizeof(T)) <= dot::kRingSlotBytes;
     if ((mode == kRingDot && !dot_fits) || (mode != kRead && !ring_fits)) continue;
+    if (mode == kWarpRingDot && !dot::warp_ring_fits<T>(n_len)) continue;
     std::fprintf(stderr, "%s n_len %d: %s\n", name, n_len, kModeNames[mode]);
     auto launch = [&](int first_level, int count) {
       stream<<<sms, kBlockThreads, smem>>>(w + first_level * matrix, matrix, count, K, N, n_len, k_len, mode, x, out,
@@ -276,7 +288,7 @@ void measure(const char* name, T* w, int64_t buffer, int K, int N, int n_len, in
     CHECK(cudaMemset(sums, 0, sizeof(double)));
     launch(0, levels);
     const char* verdict = "";
-    if (mode != kRingDot) {
+    if (mode != kRingDot && mode != kWarpRingDot) {
       CHECK(cudaMemcpy(&got, sums, sizeof(double), cudaMemcpyDeviceToHost));
       if (std::abs(got - expected) > 1e-4 * expected) verdict = "  <-- WRONG SUM";
     } else {

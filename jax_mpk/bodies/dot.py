@@ -24,6 +24,7 @@ PREFETCH_BYTES = 64 * 1024  # weight bytes a task asks L2 for before it waits (p
 RING_SLOTS = 4
 RING_SLOT_BYTES = 32 * 1024
 RING_BYTES = RING_SLOTS * RING_SLOT_BYTES
+WARP_SLOT_BYTES = RING_SLOT_BYTES // (THREADS // 32)  # a warp's part of a slot in the warp ring (kWarpSlotBytes)
 MMA_MAX_COLUMNS = 512  # the widest column tile of the tensor-core dot (its accumulators are registers)
 # Output columns are tiled in multiples of this, so weight rows load as whole 32-byte sectors of bf16 weights.
 COLUMN_ALIGN = 16
@@ -131,7 +132,7 @@ def render_together(body: KernelBody, plan: DotPlan):
     body.mark_phase(em, "staged")
     w = f"reinterpret_cast<const {w_type}*>({rhs}) + ({weight_tile_origin(body, plan)})"
     if body.uses_ring:
-        ring_dot = "columns_ring_mma" if plan.mma else "columns_ring"
+        ring_dot = "columns_ring_mma" if plan.mma else "columns_warp_ring" if uses_warp_ring(body, plan) else "columns_ring"
         em.emit(f"dot::{ring_dot}<{w_type}, {R}>(xs, {x_stride}, smem + kRingOffset, {w}, {plan.rhs_k}, {plan.K}, "
                 f"static_cast<int>(n_len), acc, {n_pad});")
     else:
@@ -186,16 +187,25 @@ def weight_tile_origin(body: KernelBody, plan: DotPlan) -> str:
     return linear(0, plan.rhs_coefs, [f"t.lo[{d}]" for d in range(rank)])
 
 
+def uses_warp_ring(body: KernelBody, plan: DotPlan) -> bool:
+    """Whether the product streams through dot.cuh's warp ring (JAX_MPK_WARP_RING; CUDA-core dots whose widest tile
+    a warp covers, as warp_ring_fits)."""
+    elt = np.dtype(body.kernel.dot.rhs.buffer.dtype).itemsize
+    return (body.warp_ring and not plan.mma and plan.max_n % 8 == 0 and plan.max_n // 8 <= 32
+            and plan.max_n * elt <= WARP_SLOT_BYTES)  # fmt: skip
+
+
 def ring_begin(body: KernelBody, plan: DotPlan):
     """Renders the call that starts streaming the task's weight tile into the ring, given where the pointers
     come from (codegen's buffer slots in Dispatch::prefetch, or the body)."""
     dot, rank = body.kernel.dot, len(body.kernel.domain)
     w_type = STORAGE[dtype_code(dot.rhs.buffer.dtype)]
     origin = weight_tile_origin(body, plan)
+    begin = f"warp_ring_begin<{w_type}>" if uses_warp_ring(body, plan) else f"ring_begin<{w_type}, {str(plan.mma).lower()}>"
 
     def render(slots) -> str:
         return (
-            f"dot::ring_begin<{w_type}, {str(plan.mma).lower()}>(smem + kRingOffset, reinterpret_cast<const {w_type}*>("
+            f"dot::{begin}(smem + kRingOffset, reinterpret_cast<const {w_type}*>("
             f"{slots.pointer(dot.rhs, plan.rhs_const)}) + ({origin}), {plan.rhs_k}, {plan.K}, "
             f"{body.tile_size(rank - 1)});"
         )

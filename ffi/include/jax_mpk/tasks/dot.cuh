@@ -540,6 +540,102 @@ __device__ void columns_ring(const float* xs, int x_stride, char* ring, const W*
   sum_partials<R>(part, partials, n_len, acc, acc_stride);
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Warp ring (JAX_MPK_WARP_RING): the weight ring with each warp's share of every slot private to it. Warp w copies
+// the k-rows of a stage it will itself multiply (rows [w * per_warp, (w + 1) * per_warp) of the stage), so a
+// stage is published with __syncwarp instead of a block barrier and a warp refills its part of a slot as soon as
+// it is done with it: no warp waits for the slowest 16 bytes of the whole block's 32 KB, as columns_ring does
+// at every slot. (The ring's copies alone stream a Llama-1B gate matrix at 3.2-3.4 TB/s, plain loads with 128 KB
+// in flight an SM at 3.7-3.8: benchmarks/results/session12.) The block synchronizes once, for the partial sums.
+// Layout: warp w's part of a slot is kRingSlotBytes / kWarps bytes at w * that, rows packed back to back.
+// Supports n_len % 8 == 0, n_len / 8 <= 32 (a warp covers a row: 32 / vectors rows at once) and a row of at most
+// a warp's part of a slot (warp_ring_fits).
+inline constexpr int kRingWarps = kBlockThreads / 32;
+inline constexpr int kWarpSlotBytes = kRingSlotBytes / kRingWarps;
+static_assert(kRingSlotBytes % (16 * kRingWarps) == 0, "a warp's part of a slot holds whole 16-byte chunks");
+
+template <class W> __device__ __forceinline__ int warp_ring_rows(int n_len) {  // a warp's k-rows of a stage
+  return kWarpSlotBytes / (n_len * static_cast<int>(sizeof(W)));
+}
+template <class W> __host__ __device__ constexpr bool warp_ring_fits(int n_len) {
+  return n_len % 8 == 0 && n_len / 8 <= 32 && n_len * static_cast<int>(sizeof(W)) <= kWarpSlotBytes;
+}
+
+// This warp's copies of stage `stage`, then one commit (empty past the end of the tile) by each lane.
+template <class W>
+__device__ __forceinline__ void warp_ring_issue(char* ring, const W* w, int64_t k_stride, int K, int n_len, int stage) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int per_warp = warp_ring_rows<W>(n_len), row_bytes = n_len * static_cast<int>(sizeof(W));
+  const int k0 = stage * per_warp * kRingWarps + warp * per_warp;
+  const int rows = K - k0 < per_warp ? K - k0 : per_warp;  // <= 0 past the end
+  const int chunks_per_row = row_bytes / 16;
+  const uint32_t part = shared_address(ring) + (stage % kRingSlots) * kRingSlotBytes + warp * kWarpSlotBytes;
+#pragma unroll 1
+  for (int c = lane; c < rows * chunks_per_row; c += 32) {
+    const int r = c / chunks_per_row, chunk = c - r * chunks_per_row;
+    copy16_streamed(part + r * row_bytes + chunk * 16, reinterpret_cast<const char*>(w + (k0 + r) * k_stride) + chunk * 16);
+  }
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// Start streaming the tile: stages 0 .. kRingSlots - 2 (every thread of the block, before the task waits).
+template <class W>
+__device__ __forceinline__ void warp_ring_begin(char* ring, const W* w, int64_t k_stride, int K, int n_len) {
+#pragma unroll 1
+  for (int s = 0; s < kRingSlots - 1; ++s) warp_ring_issue<W>(ring, w, k_stride, K, n_len, s);
+}
+
+// columns_ring's product through the warp ring: acc[r * acc_stride + n] = sum_k xs[r * x_stride + k] * w[k, n],
+// after warp_ring_begin(ring, w, k_stride, K, n_len); warp_ring_fits<W>(n_len).
+template <class W, int R>
+__device__ void columns_warp_ring(const float* xs, int x_stride, char* ring, const W* w, int64_t k_stride, int K,
+                                  int n_len, float* acc, int acc_stride) {
+  static_assert(R >= 1 && R <= kRingMaxRows, "rows per task");
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int vectors = n_len / 8, at_once = 32 / vectors;  // lanes past at_once * vectors idle
+  const int v = lane % vectors, sub = lane / vectors;
+  const int per_warp = warp_ring_rows<W>(n_len), row_bytes = n_len * static_cast<int>(sizeof(W));
+  const int stages = (K + per_warp * kRingWarps - 1) / (per_warp * kRingWarps);
+  const uint32_t base = shared_address(ring) + warp * kWarpSlotBytes + v * 8 * static_cast<int>(sizeof(W));
+  float sum[R][8];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) sum[r][j] = 0.0f;
+#pragma unroll 1
+  for (int s = 0; s < stages; ++s) {
+    asm volatile("cp.async.wait_group %0;" ::"n"(kRingSlots - 2) : "memory");
+    __syncwarp();  // the warp's copies of stage s are visible to all its lanes, and its reads of stage s - 1 done
+    warp_ring_issue<W>(ring, w, k_stride, K, n_len, s + kRingSlots - 1);
+    const int k0 = s * per_warp * kRingWarps + warp * per_warp;
+    const int rows = sub < at_once ? min(K - k0, per_warp) : 0;
+    const uint32_t slot = base + (s % kRingSlots) * kRingSlotBytes;
+#pragma unroll 4
+    for (int k = sub; k < rows; k += at_once) {
+      float wv[8];
+      load8_shared(slot + k * row_bytes, w, wv);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float xk = xs[r * x_stride + k0 + k];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) sum[r][j] += xk * wv[j];
+      }
+    }
+  }
+  // Every (warp, sub) holds partial sums of its columns: written over the ring once every warp is done with it.
+  const int partials = kRingWarps * at_once;
+  __syncthreads();
+  float* part = reinterpret_cast<float*>(ring);
+  if (sub < at_once) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) part[(r * partials + warp * at_once + sub) * n_len + v * 8 + j] = sum[r][j];
+  }
+  __syncthreads();
+  sum_partials<R>(part, partials, n_len, acc, acc_stride);
+}
+
 // The tensor-core form of columns_ring, for 2 .. 8 rows whose staged values are exactly W's values (a bf16 or f16
 // activation times a weight of the same type; CUDA-core FMAs cannot keep up with the weight stream at 8 rows: 64
 // FMAs per 16 bytes). One mma.sync m16n8k16 per 16 output columns x 16 k: the weight tile is A (read from the ring
