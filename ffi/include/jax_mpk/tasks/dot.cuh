@@ -476,6 +476,24 @@ template <class W> __device__ __forceinline__ void load8_shared(uint32_t address
   unpack8(v, tag, out);
 }
 
+// sum[r][j] += xs[r * x_stride + k0 + k] * (the 8 weights at `slot` + k * row_bytes)[j] for k = first, first + step,
+// ... < rows: a thread's share of a ring slot, for its 8 columns.
+template <class W, int R>
+__device__ __forceinline__ void multiply_slot_rows(uint32_t slot, int row_bytes, int first, int rows, int step,
+                                                   const float* xs, int x_stride, int k0, float (&sum)[R][8]) {
+#pragma unroll 4
+  for (int k = first; k < rows; k += step) {
+    float wv[8];
+    load8_shared(slot + k * row_bytes, static_cast<const W*>(nullptr), wv);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float xk = xs[r * x_stride + k0 + k];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sum[r][j] += xk * wv[j];
+    }
+  }
+}
+
 // acc[r * acc_stride + n] = sum_k xs[r * x_stride + k] * w[k * k_stride + n] for r < R, n < n_len, after
 // ring_begin(ring, w, k_stride, K, n_len). n_len % 8 == 0, n_len / 8 <= kBlockThreads.
 // Thread (v, group) accumulates columns 8v .. 8v+7 over the k-rows group, group + groups, ... of every
@@ -505,17 +523,7 @@ __device__ void columns_ring(const float* xs, int x_stride, char* ring, const W*
     const int k0 = s * slot_rows;
     const int rows = min(min(K - k0, slot_rows), active_rows);
     const uint32_t slot = ring_base + (s % kRingSlots) * kRingSlotBytes + v * 8 * static_cast<int>(sizeof(W));
-#pragma unroll 4
-    for (int k = group; k < rows; k += groups) {
-      float wv[8];
-      load8_shared(slot + k * row_bytes, w, wv);
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float xk = xs[r * x_stride + k0 + k];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) sum[r][j] += xk * wv[j];
-      }
-    }
+    multiply_slot_rows<W, R>(slot, row_bytes, group, rows, groups, xs, x_stride, k0, sum);
   }
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const bool shuffle = vectors < 32 && 32 % vectors == 0;  // a warp holds 32 / vectors whole groups
@@ -597,11 +605,7 @@ __device__ void columns_warp_ring(const float* xs, int x_stride, char* ring, con
   const int per_warp = warp_ring_rows<W>(n_len), row_bytes = n_len * static_cast<int>(sizeof(W));
   const int stages = (K + per_warp * kRingWarps - 1) / (per_warp * kRingWarps);
   const uint32_t base = shared_address(ring) + warp * kWarpSlotBytes + v * 8 * static_cast<int>(sizeof(W));
-  float sum[R][8];
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int j = 0; j < 8; ++j) sum[r][j] = 0.0f;
+  float sum[R][8] = {};
 #pragma unroll 1
   for (int s = 0; s < stages; ++s) {
     asm volatile("cp.async.wait_group %0;" ::"n"(kRingSlots - 2) : "memory");
@@ -610,17 +614,7 @@ __device__ void columns_warp_ring(const float* xs, int x_stride, char* ring, con
     const int k0 = s * per_warp * kRingWarps + warp * per_warp;
     const int rows = sub < at_once ? min(K - k0, per_warp) : 0;
     const uint32_t slot = base + (s % kRingSlots) * kRingSlotBytes;
-#pragma unroll 4
-    for (int k = sub; k < rows; k += at_once) {
-      float wv[8];
-      load8_shared(slot + k * row_bytes, w, wv);
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const float xk = xs[r * x_stride + k0 + k];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) sum[r][j] += xk * wv[j];
-      }
-    }
+    multiply_slot_rows<W, R>(slot, row_bytes, sub, rows, at_once, xs, x_stride, k0, sum);
   }
   // Every (warp, sub) holds partial sums of its columns: written over the ring once every warp is done with it.
   const int partials = kRingWarps * at_once;
