@@ -129,18 +129,20 @@ def main() -> None:
     for rank in range(len(runs[-1])):
         if args.tp > 1:
             print(f"--- device {rank}")
-        summarize(mk, runs[-1][rank], [r[rank] for r in runs], args.show)
+        summarize(mk, runs[-1][rank], [r[rank] for r in runs], args.show, mk.profile_sms[rank])
     if args.trace and args.png:
         tp = f", tp {args.tp} (device 0)" if args.tp > 1 else ""
         render(args.trace, args.png, f"{args.model}, {args.layers} layers, batch {args.batch}, ctx {args.ctx}{tp}: {mk}")
         print(f"wrote {args.trace} and {args.png}")
 
 
-def summarize(mk, stamps: np.ndarray, runs: list[np.ndarray], show: int) -> None:
+def summarize(mk, stamps: np.ndarray, runs: list[np.ndarray], show: int, sms: np.ndarray) -> None:
     """The call's span, the dependency hop and the per-kernel table of one device's profile (``stamps``: every
     stamp of layout.PROFILE_STAMPS per task). A task's run splits into its phases where its body marks them:
     staging (start to staged), the product (staged to computed), the epilogue (to the body's end) and the
-    release fence and signal (to signalled)."""
+    release fence and signal (to signalled). Then the workers whose product phases are the slowest against the
+    median task of the same kernel, with the physical SM each ran on (``sms``): slow SMs that are the same
+    physical ones in every call would be a property of the chip a schedule could plan for."""
     tasks = mk.tasks.tasks
     start, staged, body_end, signalled = (PROFILE_STAMPS.index(n) for n in ("start", "staged", "body_end", "signalled"))
     times = task_times(stamps)
@@ -162,6 +164,28 @@ def summarize(mk, stamps: np.ndarray, runs: list[np.ndarray], show: int) -> None
             split = " ".join(f"{np.mean(s[:, last] - s[:, first]):5.1f}" for _, first, last in PHASES)
         print(f"{kernel.index:3d} {kernel.name[:50]:51s} {len(rows):5d} {t[:, 1].min():8.1f} {t[:, 2].max():8.1f} "
               f"{t[:, 2].max() - t[:, 1].min():7.1f} {np.mean(t[:, 2] - t[:, 1]):6.2f} {np.mean(t[:, 1] - t[:, 0]):6.2f}  {split}")
+
+    slowest_workers(mk, stamps, sms)
+
+
+def slowest_workers(mk, stamps: np.ndarray, sms: np.ndarray, count: int = 8, min_tasks: int = 64) -> None:
+    """The ``count`` workers whose product phases (staged to computed) take longest relative to their kernel's
+    median, over the kernels of at least ``min_tasks`` tasks (a level of products: the same work on every SM)."""
+    staged, computed = PROFILE_STAMPS.index("staged"), PROFILE_STAMPS.index("computed")
+    worker_of = {task: w for w, order in enumerate(mk.schedule.workers) for task in order}
+    ratios: dict[int, list[float]] = {}
+    for kernel in mk.graph.kernels:
+        tasks = [t for t in mk.tasks.tasks if t.kernel == kernel.index]
+        product = np.array([stamps[t.index, computed] - stamps[t.index, staged] for t in tasks])
+        if len(tasks) < min_tasks or np.isnan(product).any():
+            continue
+        median = np.median(product)
+        for t, p in zip(tasks, product):
+            ratios.setdefault(worker_of[t.index], []).append(p / median)
+    if ratios:
+        mean = sorted(((np.mean(r), w) for w, r in ratios.items()), reverse=True)[:count]
+        print("slowest workers in the products (mean product phase / its kernel's median; worker (physical SM)): "
+              + ", ".join(f"{w} ({int(sms[w])}): {m:.2f}" for m, w in mean))
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ def _plan_stages(jaxpr, shard_map: ShardMap | None, target: Target, cfg: config_
     workspace_bytes, profile_offset, source = graph.workspace_bytes, None, None
     if cuda and cfg.profile:
         profile_offset = -(-workspace_bytes // 256) * 256
-        workspace_bytes = profile_offset + 8 * len(PROFILE_STAMPS) * len(tasks.tasks)
+        # every task's stamps, then every worker's SM (%smid: which physical SM ran it this call)
+        workspace_bytes = profile_offset + 8 * len(PROFILE_STAMPS) * len(tasks.tasks) + 8 * target.num_workers
     if cuda:
         from .codegen import generate
 
@@ -346,14 +347,18 @@ class Megakernel:
         ``phases``, every stamp of ``layout.PROFILE_STAMPS`` instead (wait, start, staged, computed, body_end,
         signalled; NaN for a phase the task's body does not mark). With ``trace``, also write the call as a
         Chrome/Perfetto trace there: one track per SM (a process per device), a slice per task named by its
-        kernel, the wait before it apart (:mod:`jax_mpk.trace`)."""
+        kernel, the wait before it apart (:mod:`jax_mpk.trace`). Also sets ``profile_sms``: the physical SM
+        (``%smid``) each worker ran on in this call, ``[devices, workers]``."""
         if self.profile_offset is None:
             raise ValueError("compile with JAX_MPK_PROFILE=1 on a GPU to profile")
         flat = self.check_signature(args, kwargs)
         workspace = np.asarray(jax.jit(lambda *f: self.emit(f, keep_workspace=True)[-1])(*flat))
         per_device = workspace.reshape(-1, workspace.shape[-1])
-        stamps = len(PROFILE_STAMPS)
-        raw = np.stack([w[self.profile_offset :].view(np.uint64).reshape(-1, stamps) for w in per_device])
+        stamps_end = self.profile_offset + 8 * len(PROFILE_STAMPS) * len(self.tasks.tasks)
+        raw = np.stack([w[self.profile_offset : stamps_end].view(np.uint64).reshape(-1, len(PROFILE_STAMPS))
+                        for w in per_device])  # fmt: skip
+        self.profile_sms = np.stack([w[stamps_end : stamps_end + 8 * self.num_workers].view(np.uint64).astype(np.int64)
+                                     for w in per_device])  # fmt: skip
         from . import trace as trace_module
 
         all_times = (raw.astype(np.int64) - int(trace_module.task_times(raw)[..., 0].min())) / 1e3  # from the first wait
@@ -369,7 +374,8 @@ class Megakernel:
             kernels = [t.kernel for t in self.tasks.tasks]
             names = [k.name for k in self.graph.kernels]
             title = repr(self) if len(times) == 1 else [f"device {rank}: {self!r}" for rank in range(len(times))]
-            trace_module.save(trace_module.chrome_trace(all_times, self.schedule.workers, kernels, names, title), trace)
+            trace_module.save(trace_module.chrome_trace(all_times, self.schedule.workers, kernels, names, title,
+                                                        self.profile_sms), trace)  # fmt: skip
         result = all_times if phases else times
         return result if self.shard_map is not None else result[0]
 

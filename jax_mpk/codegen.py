@@ -20,7 +20,7 @@ from .bodies.dot import MMA_MAX_COLUMNS, RING_BYTES, RING_SLOT_BYTES, RING_SLOTS
 from .dot_staging import MAX_SHARED_WEIGHT_ROWS
 from .emit import THREADS, KernelBody
 from .kernels import Tensor
-from .layout import TaskField, TensorKind
+from .layout import PROFILE_STAMPS, TaskField, TensorKind
 from .plan import task_records
 from .schedule import Schedule
 from .target import Target
@@ -67,10 +67,11 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
             prefetches.append(f"      case {kernel.index}: {{ {prefetch(slots)} }} break;")
         if body.weight_tile and target.idle_prefetch_bytes:
             weight_tiles.append(f"      case {kernel.index}: {{ {body.weight_tile(slots)} }}")
-    profile = "nullptr"
+    profile = profile_sms = "nullptr"
     if profile_offset is not None:
         workspace = slots.num_inputs + slots.num_outputs
         profile = f"reinterpret_cast<uint64_t*>(p.buffers[{workspace}] + {profile_offset})"
+        profile_sms = f"{profile} + {len(PROFILE_STAMPS) * len(graph.tasks)}"  # after every task's stamps
     if ring_offset is not None:
         smem = max(smem, ring_offset + RING_BYTES)
     # every kind keeps within the budget (the ring's users leave room for it): a violation is a bug of a kind
@@ -125,7 +126,8 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         f'extern "C" __global__ void __launch_bounds__({THREADS}, 1) {KERNEL_NAME}(const Params p) {{',
         "  extern __shared__ __align__(16) char smem[];",
         "  Dispatch dispatch{p};",
-        f"  run_worker(p, kTasks, kSignals, kRemoteSignals, kWorkerBegin, kWorkerTasks, smem, dispatch, {profile});",
+        f"  run_worker(p, kTasks, kSignals, kRemoteSignals, kWorkerBegin, kWorkerTasks, smem, dispatch, {profile},",
+        f"             {profile_sms});",
         "}",
         "",
     ]

@@ -30,14 +30,16 @@ def task_times(stamps: np.ndarray) -> np.ndarray:
 
 
 def chrome_trace(times_us: np.ndarray, workers: Sequence[Sequence[int]], task_kernels: Sequence[int],
-                 kernel_names: Sequence[str], title: str | Sequence[str] = "megakernel") -> dict[str, Any]:  # fmt: skip
+                 kernel_names: Sequence[str], title: str | Sequence[str] = "megakernel",
+                 sms: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
     """The Trace Event Format document of one call.
 
     ``times_us[t] = (wait, start, end)`` of task ``t`` in microseconds, or every stamp of
     ``layout.PROFILE_STAMPS`` (``Megakernel.profile(phases=True)``; a NaN for a phase the body does not mark),
     which adds the phases as slices inside the task's; ``workers[w]`` lists the tasks worker ``w`` ran, in
     order; ``task_kernels[t]`` is the kernel of task ``t``, named ``kernel_names[k]``. Several devices running
-    the same plan (a shard_map): ``times_us[r, t]`` and a title per device, one process each.
+    the same plan (a shard_map): ``times_us[r, t]`` and a title per device, one process each. ``sms[r, w]``, when
+    given, names the physical SM worker ``w`` ran on (``Megakernel.profile_sms``).
     """
     per_device = times_us[None] if times_us.ndim == 2 else times_us
     titles = [title] if isinstance(title, str) else list(title)
@@ -48,7 +50,8 @@ def chrome_trace(times_us: np.ndarray, workers: Sequence[Sequence[int]], task_ke
         times = task_times(device_stamps) if stamps else device_stamps
         events.append({"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}})
         for worker, tasks in enumerate(workers):
-            events.append({"ph": "M", "pid": pid, "tid": worker, "name": "thread_name", "args": {"name": f"SM {worker}"}})
+            track = f"worker {worker} (SM {int(sms[pid][worker])})" if sms is not None else f"SM {worker}"
+            events.append({"ph": "M", "pid": pid, "tid": worker, "name": "thread_name", "args": {"name": track}})
             for task in tasks:
                 wait, start, end = (float(x) for x in times[task])
                 kernel = task_kernels[task]

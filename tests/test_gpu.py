@@ -242,7 +242,7 @@ def _entry_opcodes(hlo: str) -> list[str]:
 
 def test_profile_stamps_every_task_and_the_phases_of_products(rng, monkeypatch):
     """JAX_MPK_PROFILE: every task's [wait, start, end], and with phases=True the product bodies' own stamps
-    (rows staged, product computed) in order between the start and the signal."""
+    (rows staged, product computed) in order between the start and the signal; the physical SM of every worker."""
     monkeypatch.setenv("JAX_MPK_PROFILE", "1")
     # (K under 1024: no split-K partials, whose sum would be a kernel of another kind)
     x, w = random_array(rng, (4, 512), "bfloat16"), random_array(rng, (512, 1024), "bfloat16")
@@ -252,6 +252,9 @@ def test_profile_stamps_every_task_and_the_phases_of_products(rng, monkeypatch):
     assert times.shape == (len(mk.tasks.tasks), 3) and stamps.shape == (len(mk.tasks.tasks), 6)
     assert np.nanmin(stamps) == 0 and not np.isnan(stamps).any()  # every task here is a product of the ring
     assert np.all(np.diff(stamps, axis=1) >= 0)
+    # one CTA per SM: every worker on a different physical SM
+    (sms,) = mk.profile_sms
+    assert len(set(sms.tolist())) == mk.num_workers and sms.min() >= 0 and sms.max() < mk.device.core_count
     assert_model_outputs_close(mk(x, w), jax.jit(fn)(x, w), "bfloat16")
 
 

@@ -62,6 +62,11 @@ def test_trace_has_a_track_per_worker_and_recovers_the_hop(tmp_path):
     hops = dependency_hops(times, [t.deps for t in mk.tasks.tasks])
     assert len(hops) and np.all(hops >= 1.5 - 1e-9)
     assert np.median(hops) == 1.5  # tasks that waited started exactly one hop after their last dependency
+    # with the physical SM of each worker (Megakernel.profile_sms), the tracks say which SM ran them
+    named = chrome_trace(times, mk.schedule.workers, [t.kernel for t in mk.tasks.tasks],
+                         [k.name for k in mk.graph.kernels], "test", np.array([[7, 3, 5]]))  # fmt: skip
+    tracks = {e["tid"]: e["args"]["name"] for e in named["traceEvents"] if e["name"] == "thread_name"}
+    assert tracks == {0: "worker 0 (SM 7)", 1: "worker 1 (SM 3)", 2: "worker 2 (SM 5)"}
 
 
 def test_trace_of_several_devices_has_a_process_per_device(tmp_path):

@@ -215,11 +215,11 @@ __device__ __forceinline__ void mark_phase(int stamp) {
 // When `profile` is not null (JAX_MPK_PROFILE builds), thread 0 records for every task the global timer at the
 // layout::kProfileStamps moments (the wait begins, the body begins, the body's own phases, the body ends, the
 // task has signalled); a phase the body does not mark stays 0. A task given up (watchdog, abort) leaves its
-// record as the previous call wrote it.
+// record as the previous call wrote it. `profile_sms[worker]` gets the physical SM the worker ran on.
 template <class Dispatch>
 __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, const int32_t* signals,
                            const int32_t* remote_signals, const int32_t* worker_begin, const int32_t* worker_tasks,
-                           char* smem, Dispatch& dispatch, uint64_t* profile) {
+                           char* smem, Dispatch& dispatch, uint64_t* profile, uint64_t* profile_sms) {
   static_assert(sizeof(TaskRecord) % sizeof(int32_t) == 0 && sizeof(TaskRecord) / sizeof(int32_t) <= 32);
   // The tables are read once per call, and the weights streamed in between evict them from L2: a table read
   // after a task's wait is a DRAM round trip (~1 us) on the dependency chain, at every level. So while
@@ -235,6 +235,11 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
   if (threadIdx.x == 0) {
     call_epoch = load_acquire(&p.control->epoch) + 1;
     profiling = profile != nullptr;
+    if (profile_sms != nullptr) {  // which physical SM this worker runs on in this call (are slow SMs physical?)
+      uint32_t sm;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      profile_sms[blockIdx.x] = sm;
+    }
     look.position = begin, look.row = look.line = look.ahead = 0, look.tile = TileSpan{};
     waited_for = begin - 1;
   }
