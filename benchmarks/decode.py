@@ -297,8 +297,11 @@ def run_config(model: str, config: models.ModelConfig, weights, merge, batch: in
                 first_call_s(variant, weights, tokens, pos, fresh())
         variant_agreement[name] = agreement(xla, variant, weights, tokens, config, batch, ctx, args.check_steps, mesh,
                                             args.cache_layout)  # fmt: skip
+        # a knob this model's plan does not react to gives the default's kernel again: timing it compares nothing
+        variant_agreement[name]["same_plan_as_default"] = same = {m.key for m in variant.plans.values()} == {plan.key}
         print(f"  megakernel[{name}] ({', '.join(f'{k}={v}' for k, v in knobs.items())}): agreement "
-              f"{'yes' if variant_agreement[name]['agree'] else 'NO'}", flush=True)  # fmt: skip
+              f"{'yes' if variant_agreement[name]['agree'] else 'NO'}"
+              f"{'; THE SAME PLAN AS THE DEFAULT: the knob changes nothing here' if same else ''}", flush=True)  # fmt: skip
         variants[f"megakernel[{name}]"] = variant
     fori = {f"{name}_fori": fori_steps(fn, args.steps) for name, fn in variants.items()}
     chained: dict[str, list[float]] = {name: [] for name in [*variants, *fori]}
