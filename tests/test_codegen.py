@@ -105,11 +105,15 @@ def test_split_attention_decode_step_compiles(head_dim, batch, idle_prefetch, ev
         assert ("dot::columns_ring<" in source.text) != warp_ring
     assert f"#define JAX_MPK_IDLE_PREFETCH_BYTES {idle_prefetch}" in source.text
     assert f"#define JAX_MPK_STREAM_EVICT_FIRST {int(evict_first)}" in source.text
-    # a weight tile for every product whose weight is prefetched before its wait (a read-only weight)
+    # a streamed span for every product whose weight is prefetched before its wait (a read-only weight) and two for
+    # the attention chunks (keys, values), which prefetch() does not start
     text = source.text
-    prefetched = text[text.index("void prefetch(") : text.index("weight_tile(")].count("case ")
-    tiles = text[text.index("weight_tile(") : text.index("void run(")].count("return TileSpan{start")
-    assert prefetched > 0 and tiles == (prefetched if idle_prefetch else 0)
+    prefetched = text[text.index("void prefetch(") : text.index("streamed_span(")].count("case ")
+    spans = text[text.index("streamed_span(") : text.index("streams_before_wait(")]
+    before_wait = text[text.index("streams_before_wait(") : text.index("void run(")].count("case ")
+    attention = text.count("attention::keys_in_chunks<") and spans.count("if (part == 1) return")
+    assert prefetched > 0 and before_wait == (prefetched if idle_prefetch else 0)
+    assert spans.count("case ") == (prefetched + attention if idle_prefetch else 0) and bool(attention) == bool(idle_prefetch)
     assert f"attention::keys_in_chunks<__nv_bfloat16, {2048 // head_dim // 8}, {head_dim}," in source.text  # a task: the 4 or 2 query heads of a KV head
     # both layers' attention kernels are one variant: their merge counters are a parameter, not a number in the
     # text (a variant per layer doubled Llama-1B's compile time)

@@ -157,7 +157,7 @@ def test_batch_products_computing_their_rows_match_jit(batch, monkeypatch):
 
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("knob,value,generated", [
-    ("JAX_MPK_IDLE_PREFETCH_KB", "16", "return TileSpan{start"),  # waiting SMs ask L2 for their coming weight tiles
+    ("JAX_MPK_IDLE_PREFETCH_KB", "16", "if (part == 0) return TileSpan{"),  # waiting SMs ask L2 for what comes
     ("JAX_MPK_WARP_RING", "1", "dot::columns_warp_ring<"),  # each warp streams and multiplies its part of a slot
     ("JAX_MPK_STREAM_EVICT_FIRST", "1", "#define JAX_MPK_STREAM_EVICT_FIRST 1"),  # the streams' L2 evict-first policy
 ])  # fmt: skip

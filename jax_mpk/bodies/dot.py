@@ -91,7 +91,7 @@ def render_columns_or_rows(body: KernelBody, plan: DotPlan):
     em.emit("__syncthreads();")
     em.pop()
     em.emit("}")
-    body.weight_tile = weight_tile_span(body, plan)
+    body.streamed_spans = weight_tile_span(body, plan)
     return body.finish(em, smem=smem, prefetch=weight_prefetch(body, plan))
 
 
@@ -148,7 +148,7 @@ def render_together(body: KernelBody, plan: DotPlan):
 
     em.elements(f"{R} * n_len", element)
     em.emit("__syncthreads();")
-    body.weight_tile = weight_tile_span(body, plan)
+    body.streamed_spans = weight_tile_span(body, plan)
     return body.finish(em, smem=smem, prefetch=prefetch)
 
 
@@ -369,16 +369,16 @@ def weight_prefetch(body: KernelBody, plan: DotPlan):
 
 
 def weight_tile_span(body: KernelBody, plan: DotPlan):
-    """Code that returns the whole weight tile of the task's first row as a TileSpan (what a waiting SM asks
-    L2 for ahead of its coming tasks: JAX_MPK_IDLE_PREFETCH_KB), or None."""
+    """The whole weight tile of the task's first row as the task's one streamed span (``KernelBody.streamed_spans``:
+    what a waiting SM asks L2 for ahead of its coming tasks, JAX_MPK_IDLE_PREFETCH_KB), or None."""
     tile = _weight_tile_rows(body, plan)
     if tile is None:
         return None
     row_bytes, rows, stride = tile
 
-    def render(slots) -> str:
-        return (f"{_weight_tile_start(body, plan, slots)} "
-                f"return TileSpan{{start, (int64_t)({row_bytes}), (int64_t)({rows}), {stride}}};")
+    def render(slots) -> tuple[str, list[str]]:
+        return (_weight_tile_start(body, plan, slots),
+                [f"TileSpan{{start, (int64_t)({row_bytes}), (int64_t)({rows}), {stride}}}"])
 
     return render
 

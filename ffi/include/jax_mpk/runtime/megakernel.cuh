@@ -122,7 +122,8 @@ __device__ inline bool wait_for_task(const MegakernelParams& p, const TaskRecord
 
 // Idle prefetch (JAX_MPK_IDLE_PREFETCH_BYTES > 0, from JAX_MPK_IDLE_PREFETCH_KB): during the attention chain most
 // SMs wait while HBM idles, and the weights of their coming products are known. So while thread 0 waits for a
-// task's dependencies, thread 32 asks L2 for the weight tiles of the worker's coming tasks, one 128-byte line a
+// task's dependencies, thread 32 asks L2 for what the worker's coming tasks stream (weight tiles; an attention
+// chunk's keys and values, also the waited task's own), one 128-byte line a
 // prefetch, paced at kIdlePrefetchBytes a microsecond, never more than kIdlePrefetchAheadBytes past the task waited
 // for (L2, 50 MB on an H200, is shared by every SM and also holds what the chain reads). Not thread 0: a first form prefetched from the
 // poll loop itself and delayed every task's start by its prefetches (a 2-layer profile: 275 -> 696 us).
@@ -135,43 +136,55 @@ inline constexpr int64_t kIdlePrefetchBytes = JAX_MPK_IDLE_PREFETCH_BYTES;
 inline constexpr int64_t kIdlePrefetchAheadBytes = 256 * 1024;
 static_assert(kIdlePrefetchBytes >= 0, "idle prefetch pace");
 
-// A task's weight tile as memory rows (Dispatch::weight_tile; rows == 0: none).
+// A span of memory a task streams, as rows (Dispatch::streamed_span; rows == 0: none).
 struct TileSpan {
   const char* start = nullptr;
   int64_t row_bytes = 0, rows = 0, row_stride = 0;
   __device__ int64_t bytes() const { return row_bytes * rows; }
 };
+inline constexpr int kStreamedParts = 2;  // a product's weight tile; an attention chunk's keys and values
 
-// Thread 32's cursor over the weight tiles of the worker's coming tasks, in shared memory (not registers that
-// would stay live across every task body).
+template <class Dispatch> __device__ int64_t streamed_bytes(Dispatch& dispatch, const TaskRecord& task) {
+  int64_t bytes = 0;
+  for (int part = 0; part < kStreamedParts; ++part) bytes += dispatch.streamed_span(task, part).bytes();
+  return bytes;
+}
+
+// Thread 32's cursor over the spans of the worker's coming tasks, in shared memory between waits.
 struct IdlePrefetch {
-  int32_t position;  // the worker's task whose tile is being requested
-  int64_t row;       // its next row
+  int32_t position;  // the worker's task whose span is being requested
+  int32_t part;      // which of its spans
+  int64_t row;       // the span's next row
   int64_t line;      // the next 128-byte line of that row
   int64_t ahead;     // bytes requested for tasks after the one waited for
   TileSpan tile;
 };
 
 // Thread 32, while thread 0 waits for the task at `position` (until `*waited_for` becomes it): the lines of the
-// coming tiles, at most kIdlePrefetchBytes a microsecond, looking at the wait after every line (a task starts at
-// most one prefetch late). The cursor lives in registers meanwhile: in shared memory its ~10 accesses a line cost
-// more than the line's prefetch.
+// spans the coming tasks stream (from the waited task's own when its prefetch() does not start them, as an
+// attention chunk's keys and values), at most kIdlePrefetchBytes a microsecond, looking at the wait after every
+// line (a task starts at most one prefetch late). The cursor lives in registers meanwhile: in shared memory its
+// ~10 accesses a line cost more than the line's prefetch.
 template <class Dispatch>
 __device__ void prefetch_while_waiting(IdlePrefetch& shared_look, Dispatch& dispatch, const TaskRecord& waiting_task,
                                        int32_t position, const volatile int32_t* waited_for, const TaskRecord* tasks,
                                        const int32_t* worker_tasks, int32_t end) {
   IdlePrefetch look = shared_look;
   if (look.position > position) {
-    look.ahead -= dispatch.weight_tile(waiting_task).bytes();  // requested while waiting for an earlier task
-  } else {  // the task's own tile is the ring's (Dispatch::prefetch): start after it
-    look.position = position, look.row = look.line = look.ahead = 0, look.tile = TileSpan{};
+    look.ahead -= streamed_bytes(dispatch, waiting_task);  // requested while waiting for an earlier task
+  } else {
+    look.position = position, look.part = 0, look.row = look.line = look.ahead = 0;
+    look.tile = dispatch.streams_before_wait(waiting_task) ? TileSpan{} : dispatch.streamed_span(waiting_task, 0);
   }
   const uint64_t start = global_timer_ns();
   int64_t issued = 0;
   while (*waited_for != position && look.ahead < kIdlePrefetchAheadBytes) {
-    if (look.row >= look.tile.rows) {
-      if (look.position + 1 >= end) break;
-      look.tile = dispatch.weight_tile(tasks[worker_tasks[++look.position]]);
+    if (look.row >= look.tile.rows) {  // this span done: the task's next span, else the next task's first
+      const bool next_part = look.tile.rows > 0 && look.part + 1 < kStreamedParts;
+      if (!next_part && look.position + 1 >= end) break;
+      look.position += next_part ? 0 : 1;
+      look.part = next_part ? look.part + 1 : 0;
+      look.tile = dispatch.streamed_span(tasks[worker_tasks[look.position]], look.part);
       look.row = look.line = 0;
       continue;
     }
@@ -182,7 +195,7 @@ __device__ void prefetch_while_waiting(IdlePrefetch& shared_look, Dispatch& disp
     asm volatile("prefetch.global.L2 [%0];" ::"l"(look.tile.start + look.row * look.tile.row_stride + look.line * 128));
     issued += 128;
     if (++look.line * 128 >= look.tile.row_bytes) {
-      look.ahead += look.tile.row_bytes;
+      if (look.position > position) look.ahead += look.tile.row_bytes;
       look.row += 1, look.line = 0;
     }
   }
@@ -240,7 +253,7 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
       asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
       profile_sms[blockIdx.x] = sm;
     }
-    look.position = begin, look.row = look.line = look.ahead = 0, look.tile = TileSpan{};
+    look.position = begin, look.part = 0, look.row = look.line = look.ahead = 0, look.tile = TileSpan{};
     waited_for = begin - 1;
   }
   if (warp == 1 && begin < end) copy_record(&records[0], tasks + worker_tasks[begin], lane);
