@@ -122,11 +122,11 @@ __device__ inline bool wait_for_task(const MegakernelParams& p, const TaskRecord
 
 // Idle prefetch (JAX_MPK_IDLE_PREFETCH_BYTES > 0, from JAX_MPK_IDLE_PREFETCH_KB): during the attention chain most
 // SMs wait while HBM idles, and the weights of their coming products are known. So while thread 0 waits for a
-// task's dependencies, thread 32 asks L2 for what the worker's coming tasks stream (weight tiles; an attention
-// chunk's keys and values, also the waited task's own), one 128-byte line a
-// prefetch, paced at kIdlePrefetchBytes a microsecond, never more than kIdlePrefetchAheadBytes past the task waited
-// for (L2, 50 MB on an H200, is shared by every SM and also holds what the chain reads). Not thread 0: a first form prefetched from the
-// poll loop itself and delayed every task's start by its prefetches (a 2-layer profile: 275 -> 696 us).
+// task's dependencies, warp 1 asks L2 for what the worker's coming tasks stream (weight tiles; an attention
+// chunk's keys and values, also the waited task's own), one 128-byte line a prefetch, paced at kIdlePrefetchBytes
+// a microsecond, never more than kIdlePrefetchAheadBytes past the task waited for (L2, 50 MB on an H200, is shared
+// by every SM and also holds what the chain reads). Not thread 0: a first form prefetched from the poll loop
+// itself and delayed every task's start by its prefetches (a 2-layer profile: 275 -> 696 us).
 // An earlier look-ahead that requested 128-384 KB an SM in one burst by all threads before every wait queued
 // ahead of the chain's own loads and made the step slower.
 #ifndef JAX_MPK_IDLE_PREFETCH_BYTES
@@ -140,66 +140,73 @@ static_assert(kIdlePrefetchBytes >= 0, "idle prefetch pace");
 struct TileSpan {
   const char* start = nullptr;
   int64_t row_bytes = 0, rows = 0, row_stride = 0;
-  __device__ int64_t bytes() const { return row_bytes * rows; }
+  __device__ int64_t lines_per_row() const { return (row_bytes + 127) / 128; }
+  __device__ int64_t lines() const { return rows * lines_per_row(); }  // 128-byte lines requested for it
 };
 inline constexpr int kStreamedParts = 2;  // a product's weight tile; an attention chunk's keys and values
 
-template <class Dispatch> __device__ int64_t streamed_bytes(Dispatch& dispatch, const TaskRecord& task) {
-  int64_t bytes = 0;
-  for (int part = 0; part < kStreamedParts; ++part) bytes += dispatch.streamed_span(task, part).bytes();
-  return bytes;
+template <class Dispatch> __device__ int64_t streamed_lines(Dispatch& dispatch, const TaskRecord& task) {
+  int64_t lines = 0;
+  for (int part = 0; part < kStreamedParts; ++part) lines += dispatch.streamed_span(task, part).lines();
+  return lines;
 }
 
-// Thread 32's cursor over the spans of the worker's coming tasks, in shared memory between waits.
+// Warp 1's cursor over the spans of the worker's coming tasks, in shared memory between waits.
 struct IdlePrefetch {
   int32_t position;  // the worker's task whose span is being requested
   int32_t part;      // which of its spans
-  int64_t row;       // the span's next row
-  int64_t line;      // the next 128-byte line of that row
-  int64_t ahead;     // bytes requested for tasks after the one waited for
+  int64_t line;      // the span's next line (row-major over its rows' lines)
+  int64_t ahead;     // lines requested for tasks after the one waited for
   TileSpan tile;
 };
 
-// Thread 32, while thread 0 waits for the task at `position` (until `*waited_for` becomes it): the lines of the
-// spans the coming tasks stream (from the waited task's own when its prefetch() does not start them, as an
-// attention chunk's keys and values), at most kIdlePrefetchBytes a microsecond, looking at the wait after every
-// line (a task starts at most one prefetch late). The cursor lives in registers meanwhile: in shared memory its
-// ~10 accesses a line cost more than the line's prefetch.
+// Warp 1, while thread 0 waits for the task at `position` (until `*waited_for` becomes it): the 128-byte lines of
+// the spans the coming tasks stream (from the waited task's own when its prefetch() does not start them, as an
+// attention chunk's keys and values), 32 a round (a lane each), at most kIdlePrefetchBytes a microsecond, looking
+// at the wait after every round (a task starts at most one round late). The cursor is the same in every lane and
+// lives in registers meanwhile (in shared memory its accesses cost more than the prefetches; from one thread
+// the prefetches came ~5 GB/s an SM at most).
 template <class Dispatch>
 __device__ void prefetch_while_waiting(IdlePrefetch& shared_look, Dispatch& dispatch, const TaskRecord& waiting_task,
                                        int32_t position, const volatile int32_t* waited_for, const TaskRecord* tasks,
                                        const int32_t* worker_tasks, int32_t end) {
+  const int lane = threadIdx.x % 32;
   IdlePrefetch look = shared_look;
   if (look.position > position) {
-    look.ahead -= streamed_bytes(dispatch, waiting_task);  // requested while waiting for an earlier task
+    look.ahead -= streamed_lines(dispatch, waiting_task);  // requested while waiting for an earlier task
   } else {
-    look.position = position, look.part = 0, look.row = look.line = look.ahead = 0;
+    look.position = position, look.part = 0, look.line = look.ahead = 0;
     look.tile = dispatch.streams_before_wait(waiting_task) ? TileSpan{} : dispatch.streamed_span(waiting_task, 0);
   }
   const uint64_t start = global_timer_ns();
   int64_t issued = 0;
-  while (*waited_for != position && look.ahead < kIdlePrefetchAheadBytes) {
-    if (look.row >= look.tile.rows) {  // this span done: the task's next span, else the next task's first
-      const bool next_part = look.tile.rows > 0 && look.part + 1 < kStreamedParts;
+  // every decision is lane 0's (the flag and the timer read by each lane could differ): the cursor stays uniform
+  while (__shfl_sync(0xffffffffu, *waited_for != position, 0) && look.ahead * 128 < kIdlePrefetchAheadBytes) {
+    const int64_t lines = look.tile.lines();
+    if (look.line >= lines) {  // this span done: the task's next span, else the next task's first
+      const bool next_part = lines > 0 && look.part + 1 < kStreamedParts;
       if (!next_part && look.position + 1 >= end) break;
       look.position += next_part ? 0 : 1;
       look.part = next_part ? look.part + 1 : 0;
       look.tile = dispatch.streamed_span(tasks[worker_tasks[look.position]], look.part);
-      look.row = look.line = 0;
+      look.line = 0;
       continue;
     }
-    if (issued % 1024 == 0 && issued * 1000 > kIdlePrefetchBytes * static_cast<int64_t>(global_timer_ns() - start)) {
+    if (__shfl_sync(0xffffffffu, issued * 1000 > kIdlePrefetchBytes * static_cast<int64_t>(global_timer_ns() - start), 0)) {
       __nanosleep(64);  // ahead of the pace
       continue;
     }
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(look.tile.start + look.row * look.tile.row_stride + look.line * 128));
-    issued += 128;
-    if (++look.line * 128 >= look.tile.row_bytes) {
-      if (look.position > position) look.ahead += look.tile.row_bytes;
-      look.row += 1, look.line = 0;
+    const int64_t line = look.line + lane, per_row = look.tile.lines_per_row();
+    if (line < lines) {
+      const int64_t row = line / per_row;
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(look.tile.start + row * look.tile.row_stride + (line - row * per_row) * 128));
     }
+    const int64_t round = lines - look.line < 32 ? lines - look.line : 32;
+    look.line += round;
+    issued += round * 128;
+    if (look.position > position) look.ahead += round;
   }
-  shared_look = look;
+  if (lane == 0) shared_look = look;
 }
 
 // Copies a task record into shared memory: lanes 0 .. 24 of the calling warp, one word each.
@@ -253,7 +260,7 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
       asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
       profile_sms[blockIdx.x] = sm;
     }
-    look.position = begin, look.part = 0, look.row = look.line = look.ahead = 0, look.tile = TileSpan{};
+    look.position = begin, look.part = 0, look.line = look.ahead = 0, look.tile = TileSpan{};
     waited_for = begin - 1;
   }
   if (warp == 1 && begin < end) copy_record(&records[0], tasks + worker_tasks[begin], lane);
@@ -276,7 +283,7 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
       if (profile) task_stamps[layout::kStampStart] = global_timer_ns();
     }
     if constexpr (kIdlePrefetchBytes > 0) {
-      if (threadIdx.x == 32) prefetch_while_waiting(look, dispatch, task, i, &waited_for, tasks, worker_tasks, end);
+      if (warp == 1) prefetch_while_waiting(look, dispatch, task, i, &waited_for, tasks, worker_tasks, end);
     }
     __syncthreads();
     if (!shared_go) break;
