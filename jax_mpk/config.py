@@ -78,15 +78,16 @@ class Config:
     # copies, reads are local (Target.comm_copies; JAX_MPK_COMM_COPIES, default off until it is measured on two
     # GPUs)
     comm_copies: bool
-    # CUDA: an SM waiting for a task's dependencies asks L2 for the weight tiles of its coming tasks (up to
-    # kIdlePrefetchAheadBytes of megakernel.cuh past the task), at most this many KB a microsecond, so that HBM
-    # streams the MLP's weights during the attention chain (JAX_MPK_IDLE_PREFETCH_KB, default 0: off until measured)
+    # CUDA: an SM waiting for a task's dependencies asks L2 for what its coming tasks stream (weight tiles, attention
+    # chunks' keys and values; up to kIdlePrefetchAheadBytes of megakernel.cuh past the task), at most this many KB
+    # a microsecond, so that HBM streams during the attention chain (JAX_MPK_IDLE_PREFETCH_KB, default 0: off until
+    # measured)
     idle_prefetch_kb: int
     # CUDA: weights and the KV cache, read once a step, are streamed through L2 with an evict-first policy, so that
     # activations, partials, task tables and code stay there (Target.stream_evict_first; JAX_MPK_STREAM_EVICT_FIRST,
     # default off until it measures faster)
     stream_evict_first: bool
-    # CUDA: batch-1 products stream their weight through a ring whose slots are divided between the warps, each
+    # CUDA: CUDA-core products stream their weight through a ring whose slots are divided between the warps, each
     # copying what it multiplies, so that no block barrier per 32 KB slot waits for the slowest copy (dot.cuh's
     # columns_warp_ring; JAX_MPK_WARP_RING, default off until it measures faster)
     warp_ring: bool

@@ -43,8 +43,8 @@ class Target:
     # only in rank r's buffer and read from there element by element (JAX_MPK_COMM_COPIES; off until it is
     # measured on two GPUs)
     comm_copies: bool = False
-    # CUDA: while an SM waits for a task's dependencies it asks L2 for the weight tiles of its coming tasks, at most
-    # this many bytes a microsecond (JAX_MPK_IDLE_PREFETCH_KB; 0, the default: it does not)
+    # CUDA: while an SM waits for a task's dependencies it asks L2 for what its coming tasks stream, at most this many
+    # bytes a microsecond (JAX_MPK_IDLE_PREFETCH_KB; 0, the default: it does not)
     idle_prefetch_bytes: int = 0
     # CUDA: weight and KV-cache streams carry an L2 evict-first policy (JAX_MPK_STREAM_EVICT_FIRST; off until it
     # measures faster)
