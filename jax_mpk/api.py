@@ -135,7 +135,8 @@ def _plan_stages(jaxpr, shard_map: ShardMap | None, target: Target, cfg: config_
         with _stage("code generation"):
             source = generate(tasks, sched, profile_offset)
     plan = CallPlan(
-        key=plan_key(words, source.text if source else ""), words=words, consts=[np.asarray(c) for c in captured.consts],
+        key=plan_key(words, source.text if source else ""), words=words,
+        consts=[np.asarray(c) for c in captured.consts],
         input_specs=list(graph.input_specs), output_specs=list(graph.output_specs), aliases=dict(graph.aliases),
         workspace_bytes=workspace_bytes, profile_offset=profile_offset, num_ranks=graph.num_ranks,
         comm_bytes=graph.comm_bytes, num_tasks=len(tasks.tasks), num_events=tasks.num_events,
@@ -215,6 +216,7 @@ class Megakernel:
         self.call_plan: CallPlan = plan
         self.key, self.words, self.consts, self.source = plan.key, plan.words, plan.consts, plan.source
         self.workspace_bytes, self.profile_offset = plan.workspace_bytes, plan.profile_offset
+        self.profile_sms: np.ndarray | None = None  # the physical SM of each worker in the last profile() call
         self._check_workspace(cfg)
         # the shared memory of the ranks' buffers when they run in several processes
         self.comm_segment = ""
