@@ -142,12 +142,17 @@ struct TileSpan {
   int64_t row_bytes = 0, rows = 0, row_stride = 0;
   __device__ int64_t lines_per_row() const { return (row_bytes + 127) / 128; }
   __device__ int64_t lines() const { return rows * lines_per_row(); }  // 128-byte lines requested for it
+  // Rows that start inside a line (a 48-column tile: 96 bytes at a 32-byte offset) also cover the line before.
+  __device__ TileSpan lines_aligned() const {
+    const int64_t head = static_cast<int64_t>(reinterpret_cast<uintptr_t>(start) % 128);
+    return TileSpan{start - head, row_bytes + head, rows, row_stride};
+  }
 };
 inline constexpr int kStreamedParts = 2;  // a product's weight tile; an attention chunk's keys and values
 
 template <class Dispatch> __device__ int64_t streamed_lines(Dispatch& dispatch, const TaskRecord& task) {
   int64_t lines = 0;
-  for (int part = 0; part < kStreamedParts; ++part) lines += dispatch.streamed_span(task, part).lines();
+  for (int part = 0; part < kStreamedParts; ++part) lines += dispatch.streamed_span(task, part).lines_aligned().lines();
   return lines;
 }
 
@@ -176,7 +181,8 @@ __device__ void prefetch_while_waiting(IdlePrefetch& shared_look, Dispatch& disp
     look.ahead -= streamed_lines(dispatch, waiting_task);  // requested while waiting for an earlier task
   } else {
     look.position = position, look.part = 0, look.line = look.ahead = 0;
-    look.tile = dispatch.streams_before_wait(waiting_task) ? TileSpan{} : dispatch.streamed_span(waiting_task, 0);
+    look.tile = dispatch.streams_before_wait(waiting_task) ? TileSpan{}
+                                                           : dispatch.streamed_span(waiting_task, 0).lines_aligned();
   }
   const uint64_t start = global_timer_ns();
   int64_t issued = 0;
@@ -188,18 +194,20 @@ __device__ void prefetch_while_waiting(IdlePrefetch& shared_look, Dispatch& disp
       if (!next_part && look.position + 1 >= end) break;
       look.position += next_part ? 0 : 1;
       look.part = next_part ? look.part + 1 : 0;
-      look.tile = dispatch.streamed_span(tasks[worker_tasks[look.position]], look.part);
+      look.tile = dispatch.streamed_span(tasks[worker_tasks[look.position]], look.part).lines_aligned();
       look.line = 0;
       continue;
     }
-    if (__shfl_sync(0xffffffffu, issued * 1000 > kIdlePrefetchBytes * static_cast<int64_t>(global_timer_ns() - start), 0)) {
+    const int64_t elapsed_ns = static_cast<int64_t>(global_timer_ns() - start);
+    if (__shfl_sync(0xffffffffu, issued * 1000 > kIdlePrefetchBytes * elapsed_ns, 0)) {
       __nanosleep(64);  // ahead of the pace
       continue;
     }
     const int64_t line = look.line + lane, per_row = look.tile.lines_per_row();
     if (line < lines) {
       const int64_t row = line / per_row;
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(look.tile.start + row * look.tile.row_stride + (line - row * per_row) * 128));
+      const char* at = look.tile.start + row * look.tile.row_stride + (line - row * per_row) * 128;
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(at));
     }
     const int64_t round = lines - look.line < 32 ? lines - look.line : 32;
     look.line += round;
