@@ -394,3 +394,18 @@ def test_a_knob_that_only_codegen_reads_gives_another_plan_key(monkeypatch):
         plans.append(plan_stages(closed, None, Target.cuda(H100_SMS, "9.0", knobs), knobs).plan)
     assert (plans[0].words == plans[1].words).all() and plans[0].source.text != plans[1].source.text
     assert plans[0].key != plans[1].key
+
+
+def test_the_idle_prefetch_cursor_walks_each_coming_line_once_within_its_budget(tmp_path):
+    """IdlePrefetch (runtime/megakernel.cuh) on the host, over a worker's fake task list waited for in order
+    (tests/cuda/idle_prefetch_walk.cu): only the waited task on (its own spans when its prefetch() does not stream
+    them), no later task's line twice, `ahead` exact and within the budget. On the GPU it only ever runs while an
+    SM waits, where a mistake would cost time and show in no result."""
+    from jax_mpk.toolchain import include_dir, nvcc
+
+    source = pathlib.Path(__file__).resolve().parent / "cuda" / "idle_prefetch_walk.cu"
+    binary = tmp_path / "walk"
+    subprocess.run([nvcc(), "-std=c++17", "-O1", f"-I{include_dir()}", "-o", str(binary), str(source)], check=True,
+                   capture_output=True, timeout=600)  # fmt: skip
+    done = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stdout + done.stderr

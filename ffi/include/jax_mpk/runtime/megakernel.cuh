@@ -140,29 +140,83 @@ static_assert(kIdlePrefetchBytes >= 0, "idle prefetch pace");
 struct TileSpan {
   const char* start = nullptr;
   int64_t row_bytes = 0, rows = 0, row_stride = 0;
-  __device__ int64_t lines_per_row() const { return (row_bytes + 127) / 128; }
-  __device__ int64_t lines() const { return rows * lines_per_row(); }  // 128-byte lines requested for it
+  __host__ __device__ int64_t lines_per_row() const { return (row_bytes + 127) / 128; }
+  __host__ __device__ int64_t lines() const { return rows * lines_per_row(); }  // 128-byte lines requested for it
   // Rows that start inside a line (a 48-column tile: 96 bytes at a 32-byte offset) also cover the line before.
-  __device__ TileSpan lines_aligned() const {
+  __host__ __device__ TileSpan lines_aligned() const {
     const int64_t head = static_cast<int64_t>(reinterpret_cast<uintptr_t>(start) % 128);
     return TileSpan{start - head, row_bytes + head, rows, row_stride};
+  }
+  __host__ __device__ const char* line_address(int64_t line) const {
+    const int64_t row = line / lines_per_row();
+    return start + row * row_stride + (line - row * lines_per_row()) * 128;
   }
 };
 inline constexpr int kStreamedParts = 2;  // a product's weight tile; an attention chunk's keys and values
 
-template <class Dispatch> __device__ int64_t streamed_lines(Dispatch& dispatch, const TaskRecord& task) {
-  int64_t lines = 0;
-  for (int part = 0; part < kStreamedParts; ++part) lines += dispatch.streamed_span(task, part).lines_aligned().lines();
-  return lines;
-}
-
-// Warp 1's cursor over the spans of the worker's coming tasks, in shared memory between waits.
+// The cursor over the spans of a worker's coming tasks, kept in shared memory between waits. `Spans` answers
+// span(position, part) (the task at that position of the worker's list; rows == 0 past its last part) and
+// streams_before_wait(position) (its prefetch() starts its own stream). The walk is separate from the warp that
+// issues the prefetches so that a host test can check it (tests/test_codegen.py: every line once, in order, never
+// more than the budget ahead).
 struct IdlePrefetch {
   int32_t position;  // the worker's task whose span is being requested
   int32_t part;      // which of its spans
   int64_t line;      // the span's next line (row-major over its rows' lines)
   int64_t ahead;     // lines requested for tasks after the one waited for
   TileSpan tile;
+
+  __host__ __device__ void reset(int32_t first) { position = first, part = 0, line = ahead = 0, tile = TileSpan{}; }
+
+  // The worker starts waiting for the task at `waited`: lines requested for it stop counting as ahead; a cursor
+  // not past it starts again at it (at its own spans unless its prefetch() streams them).
+  // (nv_exec_check_disable: `Spans` is the device's WorkerSpans or a host test's; each side calls its own)
+#pragma nv_exec_check_disable
+  template <class Spans> __host__ __device__ void begin_wait(int32_t waited, Spans& spans) {
+    if (position > waited) {
+      for (int p = 0; p < kStreamedParts; ++p) ahead -= spans.span(waited, p).lines_aligned().lines();
+    } else {
+      reset(waited);
+      if (!spans.streams_before_wait(waited)) tile = spans.span(waited, 0).lines_aligned();
+    }
+  }
+
+  // The next round of at most `width` lines, [*first, *first + *count) of `tile`; false when nothing is left
+  // before `end` or the budget (`ahead_lines` past the waited task) is used.
+#pragma nv_exec_check_disable
+  template <class Spans>
+  __host__ __device__ bool next_round(int32_t waited, int32_t end, int64_t ahead_lines, int width, Spans& spans,
+                                      int64_t* first, int64_t* count) {
+    while (line >= tile.lines()) {  // this span done: the task's next span, else the next task's first
+      const bool next_part = tile.lines() > 0 && part + 1 < kStreamedParts;
+      if (!next_part && position + 1 >= end) return false;
+      position += next_part ? 0 : 1;
+      part = next_part ? part + 1 : 0;
+      tile = spans.span(position, part).lines_aligned();
+      line = 0;
+    }
+    if (ahead >= ahead_lines) return false;
+    *first = line;
+    *count = tile.lines() - line < width ? tile.lines() - line : width;
+    line += *count;
+    if (position > waited) ahead += *count;
+    return true;
+  }
+};
+
+// The spans of a worker's tasks by position, for IdlePrefetch (the task records from global memory, but the
+// waited task's, which is in shared memory).
+template <class Dispatch> struct WorkerSpans {
+  Dispatch& dispatch;
+  const TaskRecord* tasks;
+  const int32_t* worker_tasks;
+  const TaskRecord& waiting_task;
+  int32_t waited;
+  __device__ const TaskRecord& record(int32_t position) const {
+    return position == waited ? waiting_task : tasks[worker_tasks[position]];
+  }
+  __device__ TileSpan span(int32_t position, int part) { return dispatch.streamed_span(record(position), part); }
+  __device__ bool streams_before_wait(int32_t position) { return dispatch.streams_before_wait(record(position)); }
 };
 
 // Warp 1, while thread 0 waits for the task at `position` (until `*waited_for` becomes it): the 128-byte lines of
@@ -176,43 +230,21 @@ __device__ void prefetch_while_waiting(IdlePrefetch& shared_look, Dispatch& disp
                                        int32_t position, const volatile int32_t* waited_for, const TaskRecord* tasks,
                                        const int32_t* worker_tasks, int32_t end) {
   const int lane = threadIdx.x % 32;
+  WorkerSpans<Dispatch> spans{dispatch, tasks, worker_tasks, waiting_task, position};
   IdlePrefetch look = shared_look;
-  if (look.position > position) {
-    look.ahead -= streamed_lines(dispatch, waiting_task);  // requested while waiting for an earlier task
-  } else {
-    look.position = position, look.part = 0, look.line = look.ahead = 0;
-    look.tile = dispatch.streams_before_wait(waiting_task) ? TileSpan{}
-                                                           : dispatch.streamed_span(waiting_task, 0).lines_aligned();
-  }
+  look.begin_wait(position, spans);
   const uint64_t start = global_timer_ns();
-  int64_t issued = 0;
+  int64_t issued = 0, first, count;
   // every decision is lane 0's (the flag and the timer read by each lane could differ): the cursor stays uniform
-  while (__shfl_sync(0xffffffffu, *waited_for != position, 0) && look.ahead * 128 < kIdlePrefetchAheadBytes) {
-    const int64_t lines = look.tile.lines();
-    if (look.line >= lines) {  // this span done: the task's next span, else the next task's first
-      const bool next_part = lines > 0 && look.part + 1 < kStreamedParts;
-      if (!next_part && look.position + 1 >= end) break;
-      look.position += next_part ? 0 : 1;
-      look.part = next_part ? look.part + 1 : 0;
-      look.tile = dispatch.streamed_span(tasks[worker_tasks[look.position]], look.part).lines_aligned();
-      look.line = 0;
-      continue;
-    }
+  while (__shfl_sync(0xffffffffu, *waited_for != position, 0)) {
     const int64_t elapsed_ns = static_cast<int64_t>(global_timer_ns() - start);
     if (__shfl_sync(0xffffffffu, issued * 1000 > kIdlePrefetchBytes * elapsed_ns, 0)) {
       __nanosleep(64);  // ahead of the pace
       continue;
     }
-    const int64_t line = look.line + lane, per_row = look.tile.lines_per_row();
-    if (line < lines) {
-      const int64_t row = line / per_row;
-      const char* at = look.tile.start + row * look.tile.row_stride + (line - row * per_row) * 128;
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(at));
-    }
-    const int64_t round = lines - look.line < 32 ? lines - look.line : 32;
-    look.line += round;
-    issued += round * 128;
-    if (look.position > position) look.ahead += round;
+    if (!look.next_round(position, end, kIdlePrefetchAheadBytes / 128, 32, spans, &first, &count)) break;
+    if (lane < count) asm volatile("prefetch.global.L2 [%0];" ::"l"(look.tile.line_address(first + lane)));
+    issued += count * 128;
   }
   if (lane == 0) shared_look = look;
 }
@@ -268,7 +300,7 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
       asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
       profile_sms[blockIdx.x] = sm;
     }
-    look.position = begin, look.part = 0, look.line = look.ahead = 0, look.tile = TileSpan{};
+    look.reset(begin);
     waited_for = begin - 1;
   }
   if (warp == 1 && begin < end) copy_record(&records[0], tasks + worker_tasks[begin], lane);
