@@ -174,8 +174,7 @@ def slowest_workers(mk, stamps: np.ndarray, sms: np.ndarray, count: int = 8, min
     staged, computed = PROFILE_STAMPS.index("staged"), PROFILE_STAMPS.index("computed")
     worker_of = {task: w for w, order in enumerate(mk.schedule.workers) for task in order}
     ratios: dict[int, list[float]] = {}
-    for kernel in mk.graph.kernels:
-        tasks = [t for t in mk.tasks.tasks if t.kernel == kernel.index]
+    for tasks in mk.tasks.tasks_by_kernel():
         product = np.array([stamps[t.index, computed] - stamps[t.index, staged] for t in tasks])
         if len(tasks) < min_tasks or np.isnan(product).any():
             continue

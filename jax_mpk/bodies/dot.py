@@ -133,6 +133,8 @@ def render_together(body: KernelBody, plan: DotPlan):
     w = f"reinterpret_cast<const {w_type}*>({rhs}) + ({weight_tile_origin(body, plan)})"
     if body.uses_ring:
         ring_dot = "columns_ring_mma" if plan.mma else "columns_warp_ring" if uses_warp_ring(body, plan) else "columns_ring"
+        if ring_dot == "columns_warp_ring":  # uses_warp_ring's test, checked against dot.cuh's own
+            em.emit(f"static_assert(dot::warp_ring_fits<{w_type}>({plan.max_n}), \"bodies/dot.py: uses_warp_ring\");")
         em.emit(f"dot::{ring_dot}<{w_type}, {R}>(xs, {x_stride}, smem + kRingOffset, {w}, {plan.rhs_k}, {plan.K}, "
                 f"static_cast<int>(n_len), acc, {n_pad});")
     else:

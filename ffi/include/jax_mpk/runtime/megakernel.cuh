@@ -157,8 +157,8 @@ inline constexpr int kStreamedParts = 2;  // a product's weight tile; an attenti
 // The cursor over the spans of a worker's coming tasks, kept in shared memory between waits. `Spans` answers
 // span(position, part) (the task at that position of the worker's list; rows == 0 past its last part) and
 // streams_before_wait(position) (its prefetch() starts its own stream). The walk is separate from the warp that
-// issues the prefetches so that a host test can check it (tests/test_codegen.py: every line once, in order, never
-// more than the budget ahead).
+// issues the prefetches so that a host test can check it (tests/cuda/idle_prefetch_walk.cu: only tasks from the
+// waited one on, no later task's line twice, `ahead` exact and within the budget).
 struct IdlePrefetch {
   int32_t position;  // the worker's task whose span is being requested
   int32_t part;      // which of its spans
@@ -300,8 +300,10 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
       asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
       profile_sms[blockIdx.x] = sm;
     }
-    look.reset(begin);
-    waited_for = begin - 1;
+    if constexpr (kIdlePrefetchBytes > 0) {
+      look.reset(begin);
+      waited_for = begin - 1;
+    }
   }
   if (warp == 1 && begin < end) copy_record(&records[0], tasks + worker_tasks[begin], lane);
   __syncthreads();

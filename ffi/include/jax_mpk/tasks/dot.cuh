@@ -555,7 +555,7 @@ __device__ void columns_ring(const float* xs, int x_stride, char* ring, const W*
 // it is done with it: no warp waits for the slowest 16 bytes of the whole block's 32 KB, as columns_ring does
 // at every slot. (The ring's copies alone stream a Llama-1B gate matrix at 3.2-3.4 TB/s, plain loads with 128 KB
 // in flight an SM at 3.7-3.8: benchmarks/results/session12.) The block synchronizes once, for the partial sums.
-// Layout: warp w's part of a slot is kRingSlotBytes / kWarps bytes at w * that, rows packed back to back.
+// Layout: warp w's part of a slot is kWarpSlotBytes = kRingSlotBytes / kRingWarps bytes at w * that, rows packed back to back.
 // Supports n_len % 8 == 0, n_len / 8 <= 32 (a warp covers a row: 32 / vectors rows at once) and a row of at most
 // a warp's part of a slot (warp_ring_fits).
 inline constexpr int kRingWarps = kBlockThreads / 32;
