@@ -49,7 +49,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
     slots = _BufferSlots(len(kg.input_specs), len(kg.output_specs))
     variants: dict[str, int] = {}
     variant_texts: list[str] = []
-    calls, prefetches, spans, streams_before_wait = [], [], [], []
+    calls, prefetches = [], []
     smem, ring_offset = 0, None  # the ring sits above the shared memory of every task that uses one
     for kernel, tasks in zip(kg.kernels, graph.tasks_by_kernel()):
         body = KernelBody(kernel, tasks, budget, graph.merge_counters.get(kernel.index, -1), profile_offset is not None,
@@ -65,12 +65,6 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         calls.append(f"      case {kernel.index}: variant_{variants[text]}(p, t, smem{', ' if args else ''}{args}); break;")
         if prefetch:
             prefetches.append(f"      case {kernel.index}: {{ {prefetch(slots)} }} break;")
-        if body.streamed_spans and target.idle_prefetch_bytes:
-            setup, parts = body.streamed_spans(slots)
-            returns = " ".join(f"if (part == {i}) return {span};" for i, span in enumerate(parts))
-            spans.append(f"      case {kernel.index}: {{ {setup} {returns} return TileSpan{{}}; }}")
-            if prefetch:
-                streams_before_wait.append(f"      case {kernel.index}:")
     profile = profile_sms = "nullptr"
     if profile_offset is not None:
         workspace = slots.num_inputs + slots.num_outputs
@@ -89,7 +83,6 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         f"#define JAX_MPK_RING_SLOT_BYTES {RING_SLOT_BYTES}",
         f"#define JAX_MPK_RING_MAX_ROWS {MAX_SHARED_WEIGHT_ROWS}",
         f"#define JAX_MPK_MMA_MAX_COLUMNS {MMA_MAX_COLUMNS}",
-        f"#define JAX_MPK_IDLE_PREFETCH_BYTES {target.idle_prefetch_bytes}",
         f"#define JAX_MPK_STREAM_EVICT_FIRST {int(target.stream_evict_first)}",
         '#include "jax_mpk/runtime/megakernel.cuh"',
         *[f'#include "jax_mpk/tasks/{header}.cuh"' for header in bodies.HEADERS],
@@ -109,22 +102,6 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         "    switch (t.kernel) {",
         *prefetches,
         "      default: break;",
-        "    }",
-        "  }",
-        "  // the part-th span of memory a task streams (a product's weight tile; an attention chunk's keys, then its",
-        "  // values; empty past the last): what a waiting SM asks L2 for (JAX_MPK_IDLE_PREFETCH_KB)",
-        "  __device__ TileSpan streamed_span(const TaskRecord& t, int part) {",
-        "    switch (t.kernel) {",
-        *spans,
-        "      default: return TileSpan{};",
-        "    }",
-        "  }",
-        "  // whether prefetch() starts the task's own stream before it waits (else a waiting SM asks L2 for it)",
-        "  __device__ bool streams_before_wait(const TaskRecord& t) {",
-        "    switch (t.kernel) {",
-        *streams_before_wait,
-        *(["        return true;"] if streams_before_wait else []),
-        "      default: return false;",
         "    }",
         "  }",
         "  __device__ void run(const TaskRecord& t, char* smem) {",

@@ -91,10 +91,6 @@ class KernelBody:
         self.tensors: list[tuple[Tensor, int]] = []
         self.tensor_names: dict[tuple, str] = {}
         self.uses_ring = False
-        # the memory a task streams (a product's weight tile; an attention chunk's keys and values), for a waiting SM
-        # to ask L2 for ahead of it (JAX_MPK_IDLE_PREFETCH_KB): slots -> (C++ statements over the task record t,
-        # [a TileSpan expression per part]), set by the kinds whose tasks stream
-        self.streamed_spans = None
 
     def pointer_name(self, tensor: Tensor, element_offset: int = 0) -> str:
         key = (id(tensor.buffer), element_offset)

@@ -112,7 +112,7 @@ def task_records(tasks) -> tuple[list[list[int]], list[int], list[int]]:
 
 def plan_key(words: np.ndarray, source: str = "") -> str:
     """The name a plan is registered under in the extension, which keeps one loaded kernel per name: the task words
-    and, for a CUDA plan, its generated source. A knob that only codegen reads (JAX_MPK_IDLE_PREFETCH_KB) changes
+    and, for a CUDA plan, its generated source. A knob that only codegen reads (JAX_MPK_STREAM_EVICT_FIRST) changes
     the source and not the words; keyed by the words alone, a variant planned in the same process ran the kernel
     loaded first (session 12 found a same-process A/B that timed one kernel twice)."""
     digest = hashlib.sha256(words.tobytes())

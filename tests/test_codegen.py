@@ -54,8 +54,9 @@ def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
     # the 16 identical layers share their device functions
     assert source.num_variants <= 24, source.num_variants
     text = source.text
-    assert "dot::columns_ring<__nv_bfloat16, 1>" in text  # x @ W streams weight tiles through shared memory
-    assert "dot::ring_begin" in text  # ... whose first slots are issued before a task waits
+    # x @ W streams weight tiles through shared memory, each warp its part of a slot (JAX_MPK_WARP_RING)
+    assert "dot::columns_warp_ring<__nv_bfloat16, 1>" in text
+    assert "dot::warp_ring_begin" in text  # ... whose first slots are issued before a task waits
     # scores: the four query heads of a KV head read its keys once (128 tasks); P @ V keeps them together only
     # while that leaves half the SMs busy (32 tasks would not): a head per task (test_query_heads_share_... at b8)
     assert "dot::rows_shared<__nv_bfloat16, 4>" in text and "dot::columns_ring_mma" not in text
@@ -87,33 +88,25 @@ def test_microbenchmarks_compile(name, tmp_path):
     assert (tmp_path / "bench").stat().st_size > 100_000
 
 
-@pytest.mark.parametrize("head_dim,batch,idle_prefetch,evict_first,warp_ring",
-                         [(64, 1, 0, False, False), (128, 8, 0, False, False), (64, 1, 16384, True, True)])
-def test_split_attention_decode_step_compiles(head_dim, batch, idle_prefetch, evict_first, warp_ring):
+@pytest.mark.parametrize("head_dim,batch,evict_first,warp_ring",
+                         [(64, 1, True, True), (128, 8, True, True), (64, 1, False, False)])
+def test_split_attention_decode_step_compiles(head_dim, batch, evict_first, warp_ring):
     """attention.cuh instantiated by a decode step (Llama's 64-wide heads at batch 1 with their RoPE staged in one
-    pass; Qwen3's 128-wide heads with QK-norm at batch 8), compiled for sm_90; also with the idle prefetch (JAX_MPK_IDLE_PREFETCH_KB: a weight tile for every product that
-    streams a read-only weight, asked of L2 by waiting SMs) and the streams' L2 evict-first policy
-    (JAX_MPK_STREAM_EVICT_FIRST: its cache-hinted copies and loads) and the warp ring (JAX_MPK_WARP_RING: the b1
-    products' ring and dot)."""
+    pass; Qwen3's 128-wide heads with QK-norm at batch 8), compiled for sm_90; also without the streams' L2
+    evict-first policy (JAX_MPK_STREAM_EVICT_FIRST=0: plain copies and loads instead of cache-hinted ones) and the
+    warp ring (JAX_MPK_WARP_RING=0: the b1 products' block-wide ring and dot), both on by default."""
     cfg = TinyConfig(layers=2, hidden=2048, heads=2048 // head_dim, kv_heads=8, head_dim=head_dim, mlp=4096,
                      vocab=4096, max_seq=1024, batch=batch, dtype="bfloat16", qk_norm=head_dim == 128)  # fmt: skip
     tasks, source = _generate_decode_step(cfg, validate_graph=True, split_attention=True,
-                                          idle_prefetch_bytes=idle_prefetch, stream_evict_first=evict_first,
-                                          warp_ring=warp_ring)
-    assert ("dot::columns_warp_ring<" in source.text) == ("dot::warp_ring_begin<" in source.text) == warp_ring
-    if batch == 1:  # at batch 8 the products are on tensor cores (columns_ring_mma), with or without the knob
+                                          stream_evict_first=evict_first, warp_ring=warp_ring)
+    uses_warp_ring = warp_ring and batch == 1  # at batch 8 the products are on tensor cores (columns_ring_mma)
+    assert ("dot::columns_warp_ring<" in source.text) == ("dot::warp_ring_begin<" in source.text) == uses_warp_ring
+    if batch == 1:
         assert ("dot::columns_ring<" in source.text) != warp_ring
-    assert f"#define JAX_MPK_IDLE_PREFETCH_BYTES {idle_prefetch}" in source.text
     assert f"#define JAX_MPK_STREAM_EVICT_FIRST {int(evict_first)}" in source.text
-    # a streamed span for every product whose weight is prefetched before its wait (a read-only weight) and two for
-    # the attention chunks (keys, values), which prefetch() does not start
     text = source.text
-    prefetched = text[text.index("void prefetch(") : text.index("streamed_span(")].count("case ")
-    spans = text[text.index("streamed_span(") : text.index("streams_before_wait(")]
-    before_wait = text[text.index("streams_before_wait(") : text.index("void run(")].count("case ")
-    attention = text.count("attention::keys_in_chunks<") and spans.count("if (part == 1) return")
-    assert prefetched > 0 and before_wait == (prefetched if idle_prefetch else 0)
-    assert spans.count("case ") == (prefetched + attention if idle_prefetch else 0) and bool(attention) == bool(idle_prefetch)
+    # the products of a read-only weight ask L2 for its head before they wait
+    assert text[text.index("void prefetch(") : text.index("void run(")].count("case ") > 0
     assert f"attention::keys_in_chunks<__nv_bfloat16, {2048 // head_dim // 8}, {head_dim}," in source.text  # a task: the 4 or 2 query heads of a KV head
     # both layers' attention kernels are one variant: their merge counters are a parameter, not a number in the
     # text (a variant per layer doubled Llama-1B's compile time)
@@ -296,14 +289,14 @@ def test_row_reductions_read_at_other_rows_are_reduced_once_per_row(fn, shape):
 @pytest.mark.parametrize(
     "shapes,dtypes,dot",
     [
-        ([(8, 256), (256, 512)], ("float32", "float32"), "dot::columns_ring<float, 8>"),  # no float32 tensor cores
-        ([(8, 256), (256, 512)], ("float32", "bfloat16"), "dot::columns_ring<__nv_bfloat16, 8>"),  # f32 rows
+        ([(8, 256), (256, 512)], ("float32", "float32"), "dot::columns_warp_ring<float, 8>"),  # no f32 tensor cores
+        ([(8, 256), (256, 512)], ("float32", "bfloat16"), "dot::columns_warp_ring<__nv_bfloat16, 8>"),  # f32 rows
         ([(3, 256), (256, 512)], ("float16", "float16"), "dot::columns_ring_mma<__half, 3>"),
     ],
 )
 def test_tensor_core_rows_only_where_exact(shapes, dtypes, dot, tmp_path, monkeypatch):
     """The tensor-core ring takes rows whose values are the weight's type (their conversion is exact); float32
-    weights or rows stay on the CUDA-core ring."""
+    weights or rows stay on a CUDA-core ring (the warp ring: JAX_MPK_WARP_RING)."""
     monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
     avals = [jax.ShapeDtypeStruct(s, d) for s, d in zip(shapes, dtypes)]
     _, source = _generate(lambda x, w: jnp.tanh(jnp.dot(x, w, preferred_element_type=jnp.float32)), *avals)
@@ -382,30 +375,15 @@ def test_register_report_of_a_decode_step(tmp_path):
 
 def test_a_knob_that_only_codegen_reads_gives_another_plan_key(monkeypatch):
     """The extension keeps one loaded kernel per plan key: a variant that differs only in its generated source
-    (JAX_MPK_IDLE_PREFETCH_KB) must not share the default's key, or a same-process A/B times one kernel twice."""
+    (JAX_MPK_STREAM_EVICT_FIRST) must not share the default's key, or a same-process A/B times one kernel twice."""
     from jax_mpk import config
     from jax_mpk.api import plan_stages
 
     closed = jax.make_jaxpr(lambda x, w: jnp.tanh(x @ w))(jnp.ones((1, 256)), jnp.ones((256, 512)))
     plans = []
-    for kb in ("0", "16"):
-        monkeypatch.setenv("JAX_MPK_IDLE_PREFETCH_KB", kb)
+    for flag in ("1", "0"):
+        monkeypatch.setenv("JAX_MPK_STREAM_EVICT_FIRST", flag)
         knobs = config.load()
         plans.append(plan_stages(closed, None, Target.cuda(H100_SMS, "9.0", knobs), knobs).plan)
     assert (plans[0].words == plans[1].words).all() and plans[0].source.text != plans[1].source.text
     assert plans[0].key != plans[1].key
-
-
-def test_the_idle_prefetch_cursor_walks_each_coming_line_once_within_its_budget(tmp_path):
-    """IdlePrefetch (runtime/megakernel.cuh) on the host, over a worker's fake task list waited for in order
-    (tests/cuda/idle_prefetch_walk.cu): only the waited task on (its own spans when its prefetch() does not stream
-    them), no later task's line twice, `ahead` exact and within the budget. On the GPU it only ever runs while an
-    SM waits, where a mistake would cost time and show in no result."""
-    from jax_mpk.toolchain import include_dir, nvcc
-
-    source = pathlib.Path(__file__).resolve().parent / "cuda" / "idle_prefetch_walk.cu"
-    binary = tmp_path / "walk"
-    subprocess.run([nvcc(), "-std=c++17", "-O1", f"-I{include_dir()}", "-o", str(binary), str(source)], check=True,
-                   capture_output=True, timeout=600)  # fmt: skip
-    done = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stdout + done.stderr

@@ -157,13 +157,12 @@ def test_batch_products_computing_their_rows_match_jit(batch, monkeypatch):
 
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("knob,value,generated", [
-    ("JAX_MPK_IDLE_PREFETCH_KB", "16", "if (part == 0) return TileSpan{"),  # waiting SMs ask L2 for what comes
-    ("JAX_MPK_WARP_RING", "1", "dot::columns_warp_ring<"),  # each warp streams and multiplies its part of a slot
-    ("JAX_MPK_STREAM_EVICT_FIRST", "1", "#define JAX_MPK_STREAM_EVICT_FIRST 1"),  # the streams' L2 evict-first policy
+    ("JAX_MPK_WARP_RING", "0", "dot::columns_ring<"),  # the block-wide ring, one barrier per slot
+    ("JAX_MPK_STREAM_EVICT_FIRST", "0", "#define JAX_MPK_STREAM_EVICT_FIRST 0"),  # L2's default policy for streams
 ])  # fmt: skip
 def test_decode_steps_with_codegen_knobs_match_jit(batch, knob, value, generated, monkeypatch):
-    """The knobs only codegen reads: the steps still agree with jax.jit (at batch 8 the bf16 products are on tensor
-    cores: the warp ring is used by the float32 model's)."""
+    """The knobs only codegen reads, off (both default on): the steps still agree with jax.jit (at batch 8 the bf16
+    products are on tensor cores: the warp ring's knob changes the float32 model's)."""
     monkeypatch.setenv(knob, value)
     cfg = TinyConfig(qk_norm=True, dtype="float32" if knob == "JAX_MPK_WARP_RING" else "bfloat16", batch=batch)
     fast = _check_decode_steps(cfg)

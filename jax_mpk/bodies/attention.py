@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from ..emit import STORAGE, THREADS, Emitter, KernelBody, Tiling, is_row_reduction, linear, read_only
 from ..dot_staging import ROW_STAGING_MAX_INLINE
 from ..graph import topological
@@ -134,17 +132,6 @@ def render_attention(body: KernelBody):
             f"out, score, store);")
     body.mark_phase(em, "computed")
     merge_if_last(body, em, rows, extents, f"reinterpret_cast<int*>(out + {rows * head_dim + 2 * rows})")
-    elt = np.dtype(dot.rhs.buffer.dtype).itemsize
-
-    def streamed_spans(slots) -> tuple[str, list[str]]:  # the chunk's keys, then its values
-        spans = []
-        for tensor, const, coefs, stride in ((dot.rhs, key_const, key_coefs, key_coefs[rank - 1]),
-                                             (spec.values, value_const, value_coefs, value_coefs[rank])):  # fmt: skip
-            start = f"{slots.pointer(tensor, const)} + ({linear(0, coefs[: rank - 1], lead)} + first * {stride}) * {elt}"
-            spans.append(f"TileSpan{{{start}, {head_dim * elt}, (int64_t)count, {stride * elt}}}")
-        return f"const index_t first = t.lo[{rank - 1}], count = t.hi[{rank - 1}] - first;", spans
-
-    body.streamed_spans = streamed_spans
     return body.finish(em, smem=smem, prefetch=None)
 
 

@@ -91,7 +91,6 @@ def render_columns_or_rows(body: KernelBody, plan: DotPlan):
     em.emit("__syncthreads();")
     em.pop()
     em.emit("}")
-    body.streamed_spans = weight_tile_span(body, plan)
     return body.finish(em, smem=smem, prefetch=weight_prefetch(body, plan))
 
 
@@ -150,7 +149,6 @@ def render_together(body: KernelBody, plan: DotPlan):
 
     em.elements(f"{R} * n_len", element)
     em.emit("__syncthreads();")
-    body.streamed_spans = weight_tile_span(body, plan)
     return body.finish(em, smem=smem, prefetch=prefetch)
 
 
@@ -334,53 +332,28 @@ def stage_computed_rows_together(body: KernelBody, em: Emitter, plan: DotPlan, R
         em.emit("}")
 
 
-def _weight_tile_rows(body: KernelBody, plan: DotPlan) -> tuple[str, str, int] | None:
-    """The task's weight tile (of its first row) as memory rows: (bytes a row, rows, bytes between rows), C++
-    expressions over ``n_len``; None where the weight is written by the graph or not read along rows."""
-    dot = body.kernel.dot
+def weight_prefetch(body: KernelBody, plan: DotPlan):
+    """Code that asks L2 for the head of the weight tile of the task's first row before the task waits."""
+    dot, rank = body.kernel.dot, len(body.kernel.domain)
     if not read_only(dot.rhs) or plan.layout == "columns_scalar":
         return None
     elt = np.dtype(dot.rhs.buffer.dtype).itemsize
+    # the tile as memory rows: bytes a row, rows, bytes between rows (C++ expressions over n_len)
     if plan.layout == "columns_vec":
-        return f"n_len * {elt}", f"(index_t){plan.K}", plan.rhs_k * elt
-    return str(plan.K * elt), "n_len", plan.rhs_n * elt
-
-
-def _weight_tile_start(body: KernelBody, plan: DotPlan, slots) -> str:
-    """Byte address of the task's weight tile, ``slots`` naming the buffers."""
-    dot, rank = body.kernel.dot, len(body.kernel.domain)
-    elt = np.dtype(dot.rhs.buffer.dtype).itemsize
-    return (f"const index_t n_len = max(t.hi[{rank - 1}] - t.lo[{rank - 1}], 1); "
-            f"const char* start = {slots.pointer(dot.rhs, plan.rhs_const)} + ({weight_tile_origin(body, plan)}) * {elt};")
-
-
-def weight_prefetch(body: KernelBody, plan: DotPlan):
-    """Code that asks L2 for the head of the weight tile of the task's first row before the task waits."""
-    tile = _weight_tile_rows(body, plan)
-    if tile is None:
-        return None
-    row_bytes, rows, stride = tile
+        row_bytes, rows, stride = f"n_len * {elt}", f"(index_t){plan.K}", plan.rhs_k * elt
+    else:
+        row_bytes, rows, stride = str(plan.K * elt), "n_len", plan.rhs_n * elt
     # Only the head of the tile: L2 holds ~50 MB for 132 SMs, and a prefetch larger than a task's share
     # is evicted before use while it competes with the loads of the tasks running now.
     head_rows = f"min({rows}, (index_t)max((index_t)1, (index_t){PREFETCH_BYTES} / (index_t)({row_bytes})))"
+    origin = weight_tile_origin(body, plan)
 
     def render(slots) -> str:
-        return f"{_weight_tile_start(body, plan, slots)} dot::prefetch_l2(start, {row_bytes}, {head_rows}, {stride});"
-
-    return render
-
-
-def weight_tile_span(body: KernelBody, plan: DotPlan):
-    """The whole weight tile of the task's first row as the task's one streamed span (``KernelBody.streamed_spans``:
-    what a waiting SM asks L2 for ahead of its coming tasks, JAX_MPK_IDLE_PREFETCH_KB), or None."""
-    tile = _weight_tile_rows(body, plan)
-    if tile is None:
-        return None
-    row_bytes, rows, stride = tile
-
-    def render(slots) -> tuple[str, list[str]]:
-        return (_weight_tile_start(body, plan, slots),
-                [f"TileSpan{{start, (int64_t)({row_bytes}), (int64_t)({rows}), {stride}}}"])
+        return (
+            f"const index_t n_len = max(t.hi[{rank - 1}] - t.lo[{rank - 1}], 1); "
+            f"const char* start = {slots.pointer(dot.rhs, plan.rhs_const)} + ({origin}) * {elt}; "
+            f"dot::prefetch_l2(start, {row_bytes}, {head_rows}, {stride});"
+        )
 
     return render
 

@@ -120,135 +120,6 @@ __device__ inline bool wait_for_task(const MegakernelParams& p, const TaskRecord
   return true;
 }
 
-// Idle prefetch (JAX_MPK_IDLE_PREFETCH_BYTES > 0, from JAX_MPK_IDLE_PREFETCH_KB): during the attention chain most
-// SMs wait while HBM idles, and the weights of their coming products are known. So while thread 0 waits for a
-// task's dependencies, warp 1 asks L2 for what the worker's coming tasks stream (weight tiles; an attention
-// chunk's keys and values, also the waited task's own), one 128-byte line a prefetch, paced at kIdlePrefetchBytes
-// a microsecond, never more than kIdlePrefetchAheadBytes past the task waited for (L2, 50 MB on an H200, is shared
-// by every SM and also holds what the chain reads). Not thread 0: a first form prefetched from the poll loop
-// itself and delayed every task's start by its prefetches (a 2-layer profile: 275 -> 696 us).
-// An earlier look-ahead that requested 128-384 KB an SM in one burst by all threads before every wait queued
-// ahead of the chain's own loads and made the step slower.
-#ifndef JAX_MPK_IDLE_PREFETCH_BYTES
-#define JAX_MPK_IDLE_PREFETCH_BYTES 0
-#endif
-inline constexpr int64_t kIdlePrefetchBytes = JAX_MPK_IDLE_PREFETCH_BYTES;
-inline constexpr int64_t kIdlePrefetchAheadBytes = 256 * 1024;
-static_assert(kIdlePrefetchBytes >= 0, "idle prefetch pace");
-
-// A span of memory a task streams, as rows (Dispatch::streamed_span; rows == 0: none).
-struct TileSpan {
-  const char* start = nullptr;
-  int64_t row_bytes = 0, rows = 0, row_stride = 0;
-  __host__ __device__ int64_t lines_per_row() const { return (row_bytes + 127) / 128; }
-  __host__ __device__ int64_t lines() const { return rows * lines_per_row(); }  // 128-byte lines requested for it
-  // Rows that start inside a line (a 48-column tile: 96 bytes at a 32-byte offset) also cover the line before.
-  __host__ __device__ TileSpan lines_aligned() const {
-    const int64_t head = static_cast<int64_t>(reinterpret_cast<uintptr_t>(start) % 128);
-    return TileSpan{start - head, row_bytes + head, rows, row_stride};
-  }
-  __host__ __device__ const char* line_address(int64_t line) const {
-    const int64_t row = line / lines_per_row();
-    return start + row * row_stride + (line - row * lines_per_row()) * 128;
-  }
-};
-inline constexpr int kStreamedParts = 2;  // a product's weight tile; an attention chunk's keys and values
-
-// The cursor over the spans of a worker's coming tasks, kept in shared memory between waits. `Spans` answers
-// span(position, part) (the task at that position of the worker's list; rows == 0 past its last part) and
-// streams_before_wait(position) (its prefetch() starts its own stream). The walk is separate from the warp that
-// issues the prefetches so that a host test can check it (tests/cuda/idle_prefetch_walk.cu: only tasks from the
-// waited one on, no later task's line twice, `ahead` exact and within the budget).
-struct IdlePrefetch {
-  int32_t position;  // the worker's task whose span is being requested
-  int32_t part;      // which of its spans
-  int64_t line;      // the span's next line (row-major over its rows' lines)
-  int64_t ahead;     // lines requested for tasks after the one waited for
-  TileSpan tile;
-
-  __host__ __device__ void reset(int32_t first) { position = first, part = 0, line = ahead = 0, tile = TileSpan{}; }
-
-  // The worker starts waiting for the task at `waited`: lines requested for it stop counting as ahead; a cursor
-  // not past it starts again at it (at its own spans unless its prefetch() streams them).
-  // (nv_exec_check_disable: `Spans` is the device's WorkerSpans or a host test's; each side calls its own)
-#pragma nv_exec_check_disable
-  template <class Spans> __host__ __device__ void begin_wait(int32_t waited, Spans& spans) {
-    if (position > waited) {
-      for (int p = 0; p < kStreamedParts; ++p) ahead -= spans.span(waited, p).lines_aligned().lines();
-    } else {
-      reset(waited);
-      if (!spans.streams_before_wait(waited)) tile = spans.span(waited, 0).lines_aligned();
-    }
-  }
-
-  // The next round of at most `width` lines, [*first, *first + *count) of `tile`; false when nothing is left
-  // before `end` or the budget (`ahead_lines` past the waited task) is used.
-#pragma nv_exec_check_disable
-  template <class Spans>
-  __host__ __device__ bool next_round(int32_t waited, int32_t end, int64_t ahead_lines, int width, Spans& spans,
-                                      int64_t* first, int64_t* count) {
-    while (line >= tile.lines()) {  // this span done: the task's next span, else the next task's first
-      const bool next_part = tile.lines() > 0 && part + 1 < kStreamedParts;
-      if (!next_part && position + 1 >= end) return false;
-      position += next_part ? 0 : 1;
-      part = next_part ? part + 1 : 0;
-      tile = spans.span(position, part).lines_aligned();
-      line = 0;
-    }
-    if (ahead >= ahead_lines) return false;
-    *first = line;
-    *count = tile.lines() - line < width ? tile.lines() - line : width;
-    line += *count;
-    if (position > waited) ahead += *count;
-    return true;
-  }
-};
-
-// The spans of a worker's tasks by position, for IdlePrefetch (the task records from global memory, but the
-// waited task's, which is in shared memory).
-template <class Dispatch> struct WorkerSpans {
-  Dispatch& dispatch;
-  const TaskRecord* tasks;
-  const int32_t* worker_tasks;
-  const TaskRecord& waiting_task;
-  int32_t waited;
-  __device__ const TaskRecord& record(int32_t position) const {
-    return position == waited ? waiting_task : tasks[worker_tasks[position]];
-  }
-  __device__ TileSpan span(int32_t position, int part) { return dispatch.streamed_span(record(position), part); }
-  __device__ bool streams_before_wait(int32_t position) { return dispatch.streams_before_wait(record(position)); }
-};
-
-// Warp 1, while thread 0 waits for the task at `position` (until `*waited_for` becomes it): the 128-byte lines of
-// the spans the coming tasks stream (from the waited task's own when its prefetch() does not start them, as an
-// attention chunk's keys and values), 32 a round (a lane each), at most kIdlePrefetchBytes a microsecond, looking
-// at the wait after every round (a task starts at most one round late). The cursor is the same in every lane and
-// lives in registers meanwhile (in shared memory its accesses cost more than the prefetches; from one thread
-// the prefetches came ~5 GB/s an SM at most).
-template <class Dispatch>
-__device__ void prefetch_while_waiting(IdlePrefetch& shared_look, Dispatch& dispatch, const TaskRecord& waiting_task,
-                                       int32_t position, const volatile int32_t* waited_for, const TaskRecord* tasks,
-                                       const int32_t* worker_tasks, int32_t end) {
-  const int lane = threadIdx.x % 32;
-  WorkerSpans<Dispatch> spans{dispatch, tasks, worker_tasks, waiting_task, position};
-  IdlePrefetch look = shared_look;
-  look.begin_wait(position, spans);
-  const uint64_t start = global_timer_ns();
-  int64_t issued = 0, first, count;
-  // every decision is lane 0's (the flag and the timer read by each lane could differ): the cursor stays uniform
-  while (__shfl_sync(0xffffffffu, *waited_for != position, 0)) {
-    const int64_t elapsed_ns = static_cast<int64_t>(global_timer_ns() - start);
-    if (__shfl_sync(0xffffffffu, issued * 1000 > kIdlePrefetchBytes * elapsed_ns, 0)) {
-      __nanosleep(64);  // ahead of the pace
-      continue;
-    }
-    if (!look.next_round(position, end, kIdlePrefetchAheadBytes / 128, 32, spans, &first, &count)) break;
-    if (lane < count) asm volatile("prefetch.global.L2 [%0];" ::"l"(look.tile.line_address(first + lane)));
-    issued += count * 128;
-  }
-  if (lane == 0) shared_look = look;
-}
-
 // Copies a task record into shared memory: lanes 0 .. 24 of the calling warp, one word each.
 __device__ __forceinline__ void copy_record(TaskRecord* to, const TaskRecord* from, int lane) {
   constexpr int kWords = sizeof(TaskRecord) / sizeof(int32_t);
@@ -288,8 +159,6 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
   // warp 0's lanes load the first events task i will signal.
   __shared__ TaskRecord records[3];
   __shared__ int32_t shared_go;
-  __shared__ IdlePrefetch look;
-  __shared__ volatile int32_t waited_for;  // the position of the last task thread 0 has waited for
   const int32_t begin = worker_begin[blockIdx.x], end = worker_begin[blockIdx.x + 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
@@ -299,10 +168,6 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
       uint32_t sm;
       asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
       profile_sms[blockIdx.x] = sm;
-    }
-    if constexpr (kIdlePrefetchBytes > 0) {
-      look.reset(begin);
-      waited_for = begin - 1;
     }
   }
   if (warp == 1 && begin < end) copy_record(&records[0], tasks + worker_tasks[begin], lane);
@@ -321,11 +186,7 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
         task_stamps[layout::kStampStaged] = task_stamps[layout::kStampComputed] = 0;
       }
       shared_go = wait_for_task(p, task, task_index, epoch);
-      if constexpr (kIdlePrefetchBytes > 0) waited_for = i;
       if (profile) task_stamps[layout::kStampStart] = global_timer_ns();
-    }
-    if constexpr (kIdlePrefetchBytes > 0) {
-      if (warp == 1) prefetch_while_waiting(look, dispatch, task, i, &waited_for, tasks, worker_tasks, end);
     }
     __syncthreads();
     if (!shared_go) break;
