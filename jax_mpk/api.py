@@ -194,7 +194,7 @@ class Megakernel:
         else:
             self.target = Target("cpu", num_workers or cfg.num_workers, gpu_fusion=cfg.gpu_fusion,
                                  stage_shared_rows=cfg.stage_shared_rows, comm_copies=cfg.comm_copies,
-                                 stage_shared_pointwise=cfg.stage_shared_pointwise, head_epilogues=cfg.head_epilogues)
+                                 stage_shared_pointwise=cfg.stage_shared_pointwise)
         self.num_workers = self.target.num_workers
         self.watchdog_ms = max(1, round(cfg.watchdog_seconds * 1000))
 

@@ -86,10 +86,6 @@ class Config:
     # copying what it multiplies, so that no block barrier per 32 KB slot waits for the slowest copy (dot.cuh's
     # columns_warp_ring; JAX_MPK_WARP_RING, default on: H200 Qwen3-8B b1 5.044 -> 4.999 ms, Llama-1B b1 1.181 -> 1.168)
     warp_ring: bool
-    # GPU fusion: Q/K/V projections whose per-head work (RoPE, QK-norm, the cache append, the stored queries) only
-    # they feed stay unsplit along K and do that work as their epilogue on tiles of whole heads (Target.
-    # head_epilogues, jax_mpk/head_epilogue.py; JAX_MPK_HEAD_EPILOGUES, default off until it measures faster)
-    head_epilogues: bool
 
 
 @contextlib.contextmanager
@@ -136,5 +132,4 @@ def load() -> Config:
         comm_copies=_env_flag("JAX_MPK_COMM_COPIES", False),
         stream_evict_first=_env_flag("JAX_MPK_STREAM_EVICT_FIRST", True),
         warp_ring=_env_flag("JAX_MPK_WARP_RING", True),
-        head_epilogues=_env_flag("JAX_MPK_HEAD_EPILOGUES", False),
     )

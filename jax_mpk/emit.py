@@ -175,11 +175,6 @@ class Emitter:
         self.scopes: list[dict] = [{}]
         self.counter = 0
         self.acc: str | None = None
-        # A product's epilogue: the domain index ``acc`` is the accumulator of, and the accumulator at another
-        # index of the same tile row (acc_at(index) -> its value's name: a head epilogue reads its head's other
-        # columns, jax_mpk/head_epilogue.py)
-        self.acc_index: list[str] | None = None
-        self.acc_at = None
         self.reductions: dict[int, str] = {}
         self.reduction_rows: dict[int, list[str]] = {}  # the row index each row reduction was computed at
         self.row_reads: dict[int, list[str]] | None = None  # set: a probe recording where row reductions are read
@@ -191,11 +186,6 @@ class Emitter:
 
     def is_row_reduction(self, node: Node) -> bool:
         return is_row_reduction(node, self.row_reduction_min)
-
-    def end_row_staging(self) -> None:
-        """After a product's rows are staged (their reductions block-cooperative, at the rows' index): the
-        epilogue's reductions (a head's QK-norm, jax_mpk/head_epilogue.py) are folded by each element's thread."""
-        self.rows_prefix, self.row_reduction_min, self.scratch = None, ROW_REDUCTION, "smem"
 
     # ---------------------------------------------------------------------------------------- output
     def emit(self, line: str) -> None:
@@ -343,8 +333,6 @@ class Emitter:
             dyn = [(d, self.value(c, idx), hi) for d, c, hi in zip(node.dims, node.children, node.his)]
             return self.load_value(node.tensor, node.map, idx, node.dtype, dyn)
         if isinstance(node, Acc):
-            if self.acc_at is not None and list(idx) != self.acc_index:
-                return self.acc_at(idx)
             return self.acc
         if isinstance(node, Reindex):
             return self.value(node.children[0], self.map_index(node.map, idx))

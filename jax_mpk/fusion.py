@@ -12,8 +12,7 @@ Decisions, in order:
    dot kernel's epilogue, unless (GPU plans) it reads two products that could run side by side (SwiGLU).
 4. GPU plans, as the target's passes (``PASSES``): a row kernel (RMSNorm, softmax, the SwiGLU product) that only
    a matrix product reads is computed in that product's staging of its activation row instead of being stored
-   (:mod:`jax_mpk.dot_staging`); attention split along its keys (:mod:`jax_mpk.attention`); a projection's
-   per-head work as its epilogue (:mod:`jax_mpk.head_epilogue`).
+   (:mod:`jax_mpk.dot_staging`); attention split along its keys (:mod:`jax_mpk.attention`).
 
 Over 600 lines because decisions 1-3 read and write one state (what is stored, the buffers and their versions,
 the in-place chains) in one walk of the op graph (``_Fuser``); the GPU passes, which only rewrite its kernels,
@@ -29,7 +28,6 @@ import math
 import numpy as np
 
 from .attention import split_attention
-from .head_epilogue import absorb_head_epilogues, feeds_head_epilogue
 from .bodies.dot import rows_fit_beside_ring
 from .dot_staging import compute_rows_in_dot_staging
 from .capture import Captured
@@ -150,16 +148,10 @@ class _Fuser:
         Hopper): longer, each row streamed the tile again (Qwen3-8B at batch 8: 8 times the MLP's weight
         bytes, 38 ms a step). Split K into S slices computed as a batched product of float32 partial sums,
         followed by a sum over the slices that fuses into the consumer (RoPE, the residual add, the SwiGLU
-        gate). With Target.head_epilogues, not the projections whose per-head work can be their epilogue
-        (head_epilogue.feeds_head_epilogue)."""
-        keep_whole = self.target.head_epilogues
-        users = consumers(topological(self.outputs)) if keep_whole else {}
-        results = {o.uid for o in self.outputs}
+        gate)."""
 
         def rewrite(node: Node) -> Node | None:
             slices = self._k_slices(node) if isinstance(node, Dot) else 1
-            if slices > 1 and keep_whole and feeds_head_epilogue(node, users, results):
-                return None
             return _split_k(node, slices) if slices > 1 else None
 
         self._replace_nodes(rewrite)
@@ -732,7 +724,6 @@ PASSES = {
                                                                                   fuser.target.stage_shared_pointwise),
     "split_attention": lambda fuser, kernels: split_attention(kernels, fuser.num_workers, fuser.target.shared_memory_bytes,
                                                           fuser._new_workspace_tensor),
-    "head_epilogues": lambda fuser, kernels: absorb_head_epilogues(kernels),
 }
 
 

@@ -128,9 +128,6 @@ class Kernel:
     index: int = -1
     level: int = 0  # longest chain of kernels before this one: kernels of one level can run together
     attention: AttentionSpec | None = None  # then ``dot`` is its scores' product and ``outputs`` is empty
-    # > 0: a product's tiles hold whole blocks of this many columns, as its epilogue reads the accumulators of its
-    # block (a head: jax_mpk/head_epilogue.py)
-    column_block: int = 0
 
     @property
     def kind(self) -> KernelKind:

@@ -49,9 +49,6 @@ class Target:
     # CUDA: the CUDA-core ring products stream through the warp ring, each warp's part of a slot private to it
     # (JAX_MPK_WARP_RING, which defaults to on: on an H200 Qwen3-8B b1 -0.9%, Llama-1B b1 -1.1%, b8 unchanged)
     warp_ring: bool = True
-    # GPU fusion: the Q/K/V projections' appends and queries as their epilogue, over tiles of whole heads
-    # (JAX_MPK_HEAD_EPILOGUES; off until it measures faster)
-    head_epilogues: bool = False
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False
@@ -66,7 +63,7 @@ class Target:
         return Target("cuda", num_workers, compute_capability, split_attention=knobs.split_attention,
                       stage_shared_rows=knobs.stage_shared_rows, stage_shared_pointwise=knobs.stage_shared_pointwise,
                       comm_copies=knobs.comm_copies, stream_evict_first=knobs.stream_evict_first,
-                      warp_ring=knobs.warp_ring, head_epilogues=knobs.head_epilogues)  # fmt: skip
+                      warp_ring=knobs.warp_ring)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:
@@ -84,5 +81,4 @@ class Target:
         """The rewrites fusion applies after its target-neutral part, in order (fusion.PASSES names them)."""
         if not self.fuses_for_gpu:
             return ()
-        return (("rows_in_dot_staging",) + (("split_attention",) if self.split_attention else ())
-                + (("head_epilogues",) if self.head_epilogues else ()))  # after split attention's queries kernel
+        return ("rows_in_dot_staging",) + (("split_attention",) if self.split_attention else ())

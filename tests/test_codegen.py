@@ -387,25 +387,3 @@ def test_a_knob_that_only_codegen_reads_gives_another_plan_key(monkeypatch):
         plans.append(plan_stages(closed, None, Target.cuda(H100_SMS, "9.0", knobs), knobs).plan)
     assert (plans[0].words == plans[1].words).all() and plans[0].source.text != plans[1].source.text
     assert plans[0].key != plans[1].key
-
-
-@pytest.mark.parametrize("head_dim,batch", [(64, 1), (128, 8)])
-def test_head_epilogues_decode_step_compiles(head_dim, batch):
-    """JAX_MPK_HEAD_EPILOGUES=1 for the GPU: the Q, K and V projections of a Llama-shaped (64-wide heads, batch 1)
-    and a Qwen3-shaped (128-wide heads with QK-norm, batch 8) decode step store the queries and append the keys and
-    values themselves, their epilogues reading the accumulators of the task's head in shared memory at other
-    columns (rotate-half, the QK-norm's sum); no appends or queries level is left, and it compiles for sm_90. (The
-    hidden sizes of Llama-1B and Qwen3-0.6B: a head's weight tile of 256 KB, head_epilogue.MAX_HEAD_TILE_BYTES.)"""
-    cfg = TinyConfig(layers=2, hidden=2048 if head_dim == 64 else 1024, heads=2048 // head_dim, kv_heads=8, head_dim=head_dim, mlp=4096,
-                     vocab=4096, max_seq=1024, batch=batch, dtype="bfloat16", qk_norm=head_dim == 128)  # fmt: skip
-    tasks, source = _generate_decode_step(cfg, validate_graph=True, split_attention=True, head_epilogues=True)
-    kernels = tasks.kernels.kernels
-    names = [k.name for k in kernels]
-    assert not any(n.startswith("update_slice") or n == "queries" for n in names), names
-    epilogues = [k for k in kernels if k.column_block]
-    assert len(epilogues) == 3 * cfg.layers and {k.column_block for k in epilogues} == {16, head_dim}  # V: a copy
-    plain, _ = _generate_decode_step(cfg, split_attention=True)
-    assert max(k.level for k in kernels) == max(k.level for k in plain.kernels.kernels) - cfg.layers  # a level a layer
-    text = source.text
-    assert re.search(r"acc\[(row \* \d+ \+ )?\(?\w+ - n_lo\)?\]", text), "no accumulator read at another column"
-    assert len(compile_cubin(text, "9.0")) > 10_000

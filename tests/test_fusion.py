@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -366,56 +365,3 @@ def test_split_attention_needs_whole_chunks():
     """A prime number of keys above the largest chunk has no whole chunks: the two products stay as they were."""
     closed = jax.make_jaxpr(_attention)(*_attention_args(1, 2, 2, 128, 1031))
     assert not any(k.attention is not None for k in fuse(capture(closed), GPU_SPLIT_ATTENTION).kernels)
-
-
-@pytest.mark.parametrize("hidden,qk_norm,batch", [(1024, False, 1), (256, True, 2)])
-def test_head_epilogues_append_from_the_projections_accumulators(hidden, qk_norm, batch, monkeypatch):
-    """JAX_MPK_HEAD_EPILOGUES=1 with the GPU's fusion on the CPU executor: the K and V projections are not split
-    along K (hidden 1024 would be) and their cache appends (RoPE, QK-norm) become the products' epilogues, tiles
-    of whole heads reading their head's accumulators at other columns (the values' tiles need no heads); several
-    decode steps agree with jax.jit."""
-    from tiny_models import TinyConfig, init_cache, init_params, make_decode_step, random_tokens
-
-    import jax_mpk
-
-    monkeypatch.setenv("JAX_MPK_GPU_FUSION", "1")
-    monkeypatch.setenv("JAX_MPK_HEAD_EPILOGUES", "1")
-    cfg = TinyConfig(qk_norm=qk_norm, hidden=hidden, heads=4, kv_heads=2, head_dim=64, mlp=512, batch=batch)
-    params, cache = init_params(cfg, jax.random.PRNGKey(7)), init_cache(cfg, jax.random.PRNGKey(8))
-    step = make_decode_step(cfg)
-    fast = jax_mpk.megakernelize(step, num_workers=16)
-    tokens, fast_cache, ref_cache = random_tokens(cfg, 9), cache, cache
-    for pos in range(3, 6):
-        ref_tokens, ref_logits, *ref_cache = jax.jit(step)(params, tokens, jnp.int32(pos), *ref_cache)
-        fast_tokens, fast_logits, *fast_cache = fast(params, tokens, jnp.int32(pos), *fast_cache)
-        # a contraction of 1024 in float32, summed in another order than XLA's (split or not): float16's tolerance
-        assert_trees_close((fast_logits, *fast_cache), (ref_logits, *ref_cache), "float16" if hidden > 256 else "float32")
-        tokens = ref_tokens
-    (mk,) = fast.plans.values()
-    kernels = mk.graph.kernels
-    assert not any(k.name.startswith("update_slice") for k in kernels), [k.name for k in kernels]
-    appending = [k for k in kernels if k.dot is not None and k.column_block]
-    # a key's RoPE (and QK-norm) reads its whole head; a value is copied as it is: whole 16-column units
-    assert sorted(k.column_block for k in appending) == [16] * cfg.layers + [cfg.head_dim] * cfg.layers
-    assert all(len(k.dot.k_shape) == 1 and k.dot.k_shape[0] == hidden for k in appending)  # not split along K
-    for k in appending:  # whole blocks in every tile
-        tiles = [(t.lo[-1], t.hi[-1]) for t in mk.tasks.tasks if t.kernel == k.index]
-        assert all(lo % k.column_block == 0 and hi % k.column_block == 0 for lo, hi in tiles), tiles
-
-
-def test_head_epilogues_leave_a_consumer_that_reads_other_heads_alone():
-    """A cache append whose value mixes heads (each head's key plus the next head's) cannot be a product's
-    epilogue: no block of at most MAX_BLOCK columns holds what a head reads (16 heads of 64), so the append stays
-    a kernel of its own."""
-
-    def f(x, w, cache, pos):
-        k = (x @ w).reshape(1, 16, 64)
-        mixed = k + jnp.roll(k, 1, axis=1)
-        return jax.lax.dynamic_update_slice(cache, mixed[:, None], (0, pos, 0, 0))
-
-    avals = [jax.ShapeDtypeStruct((1, 256), jnp.float32), jax.ShapeDtypeStruct((256, 1024), jnp.float32),
-             jax.ShapeDtypeStruct((1, 8, 16, 64), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32)]  # fmt: skip
-    target = dataclasses.replace(GPU, head_epilogues=True)
-    graph = fuse(capture(jax.make_jaxpr(f)(*avals)), target)
-    assert any(k.name.startswith("update_slice") for k in graph.kernels), graph
-    assert not any(k.column_block for k in graph.kernels)

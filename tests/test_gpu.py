@@ -155,21 +155,6 @@ def test_batch_products_computing_their_rows_match_jit(batch, monkeypatch):
     _check_decode_steps(TinyConfig(qk_norm=True, dtype="bfloat16", batch=batch))
 
 
-@pytest.mark.parametrize(
-    "cfg",
-    [TinyConfig(), TinyConfig(qk_norm=True, dtype="bfloat16", batch=2, max_seq=32),
-     TinyConfig(qk_norm=True, dtype="bfloat16", batch=8, hidden=256, heads=4, kv_heads=2, head_dim=64, max_seq=64)],
-    ids=["llama-f32", "qwen3-bf16-b2", "qwen3-bf16-b8-head64"],
-)  # fmt: skip
-def test_head_epilogues_match_jit(cfg, monkeypatch):
-    """JAX_MPK_HEAD_EPILOGUES: the K and V appends (RoPE, QK-norm) and the stored queries computed by the
-    projections' own tasks from their accumulators in shared memory, at other columns of the head (Emitter.acc_at);
-    at batch 8 on tensor cores."""
-    monkeypatch.setenv("JAX_MPK_HEAD_EPILOGUES", "1")
-    kernels = _plan(_check_decode_steps(cfg)).graph.kernels
-    assert any(k.column_block for k in kernels) and not any(k.name.startswith("update_slice") for k in kernels)
-
-
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("knob,value,generated", [
     ("JAX_MPK_WARP_RING", "0", "dot::columns_ring<"),  # the block-wide ring, one barrier per slot

@@ -42,10 +42,7 @@ def tiling(kernel: Kernel) -> Tiling | None:
     weight_rows = shared_weight_dims(kernel)
     rhs = linear_form(kernel.dot.rhs_map, kernel.dot.rhs.shape)
     streams_columns = rhs is not None and rhs[1][len(kernel.domain) - 1] == 1  # the weight ring's layout
-    unit = COLUMN_ALIGN if columns % COLUMN_ALIGN == 0 else 1
-    if kernel.column_block:  # its epilogue reads the accumulators of its block (head_epilogue.py)
-        unit = math.lcm(unit, kernel.column_block)
-    return Tiling(frozenset(weight_rows), last_unit=unit,
+    return Tiling(frozenset(weight_rows), last_unit=COLUMN_ALIGN if columns % COLUMN_ALIGN == 0 else 1,
                   whole_if_busy=frozenset(shared_weight_dims(kernel, written=True) - weight_rows),
                   max_last=MMA_MAX_COLUMNS if weight_rows and streams_columns else 0)  # fmt: skip
 
@@ -76,7 +73,6 @@ def render_columns_or_rows(body: KernelBody, plan: DotPlan):
     rhs_base = linear(0, plan.rhs_coefs[: rank - 1], ridx)
     em.emit(f"const index_t rhs_base = {rhs_base} + n_lo * {plan.rhs_n};")
     stage_lhs(body, em, plan, ridx, "xs")
-    em.end_row_staging()
     em.emit("__syncthreads();")
     w = f"reinterpret_cast<const {w_type}*>({rhs}) + rhs_base"
     if plan.layout == "columns_vec":
@@ -89,9 +85,7 @@ def render_columns_or_rows(body: KernelBody, plan: DotPlan):
 
     def element(e: str) -> list[str]:
         em.acc = em.rounded(f"acc[{e}]", dtype_code(dot.acc_dtype))
-        em.acc_index = list(ridx) + [f"(n_lo + {e})"]
-        em.acc_at = lambda at: em.rounded(f"acc[{at[-1]} - n_lo]", dtype_code(dot.acc_dtype))
-        return em.acc_index
+        return list(ridx) + [f"(n_lo + {e})"]
 
     em.elements("n_len", element)
     em.emit("__syncthreads();")
@@ -133,7 +127,6 @@ def render_together(body: KernelBody, plan: DotPlan):
         stage_lhs(body, em, plan, ridx, "x_row")
         em.pop()
         em.emit("}")
-    em.end_row_staging()
     em.emit("__syncthreads();")
     body.mark_phase(em, "staged")
     w = f"reinterpret_cast<const {w_type}*>({rhs}) + ({weight_tile_origin(body, plan)})"
@@ -152,9 +145,7 @@ def render_together(body: KernelBody, plan: DotPlan):
     def element(e: str) -> list[str]:
         em.emit(f"const index_t row = {e} / n_len, col = {e} - row * n_len;")
         em.acc = em.rounded(f"acc[row * {n_pad} + col]", dtype_code(dot.acc_dtype))
-        em.acc_index = together_row_index(em, body) + ["(n_lo + col)"]
-        em.acc_at = lambda at: em.rounded(f"acc[row * {n_pad} + ({at[-1]} - n_lo)]", dtype_code(dot.acc_dtype))
-        return em.acc_index
+        return together_row_index(em, body) + ["(n_lo + col)"]
 
     em.elements(f"{R} * n_len", element)
     em.emit("__syncthreads();")
