@@ -130,13 +130,17 @@ if has fuzz; then
   head -12 "$OUT/fuzz_tally.json"
 fi
 if has micro; then
+  # the nvcc flags a microbenchmark's header comment gives (test_microbenchmarks_compile builds it with them too)
+  header_flags() {
+    sed -n '/^\/\/   nvcc /,/\.cu /p' "$1" | sed -e 's|^//[[:space:]]*||' -e 's|\\$||' | tr '\n' ' ' \
+      | sed -e 's|^nvcc ||' -e 's| benchmarks/micro/.*||'
+  }
   for variant in attention_chunk weight_stream weight_stream:-DJAX_MPK_READ_DEPTH=16; do
     name=${variant%%:*} extra=${variant#"$name"}
     log="$OUT/micro_${name}${extra:+_depth16}.txt"
-    # shellcheck disable=SC2086
-    if nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I ffi/include -DJAX_MPK_BLOCK_THREADS=512 \
-      -DJAX_MPK_RING_SLOTS=4 -DJAX_MPK_RING_SLOT_BYTES=32768 -DJAX_MPK_RING_MAX_ROWS=8 -DJAX_MPK_MMA_MAX_COLUMNS=512 \
-      ${extra#:} ${MICRO_FLAGS:-} "benchmarks/micro/$name.cu" -o "/tmp/micro_$name" > "$log" 2>&1; then
+    # shellcheck disable=SC2046,SC2086
+    if nvcc $(header_flags "benchmarks/micro/$name.cu") ${extra#:} ${MICRO_FLAGS:-} "benchmarks/micro/$name.cu" \
+      -o "/tmp/micro_$name" > "$log" 2>&1; then
       timeout 150 "/tmp/micro_$name" >> "$log" 2>&1 || echo "$name: exit $?" >> "$log"
     fi
     echo "$log:"; grep -cE "TB/s|us \(" "$log"
