@@ -32,7 +32,8 @@ For each model x batch x context, both variants run in this process on the defau
   for N > 1 is optimistic).
 
 Results go to --out as decode_<device>.json (merged with the entries already there, so that configurations
-can be run in separate processes), a Markdown table (.md) and a chart (.png, when matplotlib is installed).
+can be run in separate processes), a Markdown table (.md) and a chart (.png, when matplotlib is installed), each
+configuration as soon as it is measured (a run stopped later keeps it).
 
     python benchmarks/decode.py                        # GPU: the three full models; CPU: their tiny stand-ins
     python benchmarks/decode.py --models qwen3-8b --batch 1 --ctx 1024
@@ -554,9 +555,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 label = f" tp {tp}" if mesh else ""
                 print(f"[{index}/{total}] {name}{label} batch {batch} ctx {ctx} ({config.dtype})", flush=True)
                 results.append({**run_config(name, config, weights, merge, batch, ctx, args, bandwidth, mesh), **run})
+                # written as each configuration ends: a run cut short (a device call's time limit) keeps the ones done
+                write_outputs(results[-1:], device.device_kind, args.out)
             del weights
         del whole, merge
-    write_outputs(results, device.device_kind, args.out)
     checks = [r["agreement"] for r in results] + [v["agreement"] for r in results for v in r.get("variants", {}).values()]
     if not all(c["agree"] for c in checks):
         raise SystemExit("the megakernel's logits disagree with jax.jit's beyond tolerance (see 'agreement')")

@@ -342,6 +342,26 @@ def test_benchmark_quick_run(tmp_path):
     assert written.with_suffix(".md").read_text().count("| qwen3-tiny-untied |") == 2
 
 
+def test_benchmark_writes_each_configuration_as_it_ends(tmp_path, monkeypatch):
+    """A run stopped in its second configuration (a device call's time limit) has written the first: decode.py
+    merges every configuration into its files as soon as it is measured."""
+    import decode
+
+    measured = decode.run_config
+
+    def second_fails(name, config, weights, merge, batch, ctx, *rest):
+        if ctx != 40:
+            raise KeyboardInterrupt("the time limit")
+        return measured(name, config, weights, merge, batch, ctx, *rest)
+
+    monkeypatch.setattr(decode, "run_config", second_fails)
+    with pytest.raises(KeyboardInterrupt):
+        decode.main(["--quick", "--models", "llama-tiny", "--steps", "2", "--warmup", "1", "--chains", "1",
+                     "--no-compile-times", "--ctx", "40,48", "--out", str(tmp_path)])  # fmt: skip
+    (written,) = tmp_path.glob("decode_*.json")
+    assert [(r["model"], r["ctx"]) for r in json.loads(written.read_text())["results"]] == [("llama-tiny", 40)]
+
+
 def test_benchmark_times_a_knob_variant_in_the_same_rounds(tmp_path):
     """decode.py --variant NAME:KNOB=VALUE: the megakernel planned with the knob set is checked against jax.jit and
     timed in the same rounds (ms['megakernel[NAME]'], its fori form too), the knob unset again afterwards; a
