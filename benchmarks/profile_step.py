@@ -170,21 +170,27 @@ def summarize(mk, stamps: np.ndarray, runs: list[np.ndarray], show: int, sms: np
 
 def slowest_workers(mk, stamps: np.ndarray, sms: np.ndarray, count: int = 8, min_tasks: int = 64) -> None:
     """The ``count`` workers whose product phases (staged to computed) take longest relative to their kernel's
-    median, over the kernels of at least ``min_tasks`` tasks (a level of products: the same work on every SM)."""
+    median, over the kernels of at least ``min_tasks`` tasks (a level of products: the same work on every SM), with
+    the planned work of their tasks relative to their kernels' medians: a slow worker with an average plan is slow
+    for when it starts or where it runs, not for what it reads (session 13: the same workers were slowest in two
+    processes, on other physical SMs each time, with planned work 0.94-1.00)."""
     staged, computed = PROFILE_STAMPS.index("staged"), PROFILE_STAMPS.index("computed")
     worker_of = {task: w for w, order in enumerate(mk.schedule.workers) for task in order}
     ratios: dict[int, list[float]] = {}
+    planned: dict[int, list[float]] = {}
     for tasks in mk.tasks.tasks_by_kernel():
         product = np.array([stamps[t.index, computed] - stamps[t.index, staged] for t in tasks])
         if len(tasks) < min_tasks or np.isnan(product).any():
             continue
-        median = np.median(product)
+        median, median_cost = np.median(product), np.median([t.cost for t in tasks])
         for t, p in zip(tasks, product):
             ratios.setdefault(worker_of[t.index], []).append(p / median)
+            planned.setdefault(worker_of[t.index], []).append(t.cost / median_cost)
     if ratios:
         mean = sorted(((np.mean(r), w) for w, r in ratios.items()), reverse=True)[:count]
-        print("slowest workers in the products (mean product phase / its kernel's median; worker (physical SM)): "
-              + ", ".join(f"{w} ({int(sms[w])}): {m:.2f}" for m, w in mean))
+        print("slowest workers in the products (mean product phase / its kernel's median, and planned work / its "
+              "kernel's median; worker (physical SM)): "
+              + ", ".join(f"{w} ({int(sms[w])}): {m:.2f} (plan {np.mean(planned[w]):.2f})" for m, w in mean))
 
 
 if __name__ == "__main__":
