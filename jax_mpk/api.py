@@ -21,7 +21,7 @@ from .capture import Captured, ShardMap, capture, find_shard_map
 from .errors import DependencyTimeoutError, GraphTooLargeError, InvalidArgumentError, SignatureMismatchError
 from .fusion import fuse
 from .kernels import KernelGraph
-from .layout import PROFILE_STAMPS, Platform
+from .layout import PROFILE_STAMPS, Platform, profile_sm_words
 from .plan import plan_key, serialize
 from .plan_cache import CallPlan
 from .processes import check_platform, mesh_processes, share_comm_group, share_cuda_comm
@@ -128,7 +128,7 @@ def _plan_stages(jaxpr, shard_map: ShardMap | None, target: Target, cfg: config_
     if cuda and cfg.profile:
         profile_offset = -(-workspace_bytes // 256) * 256
         # every task's stamps, then every worker's SM (%smid: which physical SM ran it this call)
-        workspace_bytes = profile_offset + 8 * len(PROFILE_STAMPS) * len(tasks.tasks) + 8 * target.num_workers
+        workspace_bytes = profile_offset + 8 * (profile_sm_words(len(tasks.tasks)) + target.num_workers)
     if cuda:
         from .codegen import generate
 
@@ -356,7 +356,7 @@ class Megakernel:
         flat = self.check_signature(args, kwargs)
         workspace = np.asarray(jax.jit(lambda *f: self.emit(f, keep_workspace=True)[-1])(*flat))
         per_device = workspace.reshape(-1, workspace.shape[-1])
-        stamps_end = self.profile_offset + 8 * len(PROFILE_STAMPS) * len(self.tasks.tasks)
+        stamps_end = self.profile_offset + 8 * profile_sm_words(len(self.tasks.tasks))
         raw = np.stack([w[self.profile_offset : stamps_end].view(np.uint64).reshape(-1, len(PROFILE_STAMPS))
                         for w in per_device])  # fmt: skip
         self.profile_sms = np.stack([w[stamps_end : stamps_end + 8 * self.num_workers].view(np.uint64).astype(np.int64)

@@ -20,7 +20,7 @@ from .bodies.dot import MMA_MAX_COLUMNS, RING_BYTES, RING_SLOT_BYTES, RING_SLOTS
 from .dot_staging import MAX_SHARED_WEIGHT_ROWS
 from .emit import THREADS, KernelBody
 from .kernels import Tensor
-from .layout import PROFILE_STAMPS, TaskField, TensorKind
+from .layout import TaskField, TensorKind, profile_sm_words
 from .plan import task_records
 from .schedule import Schedule
 from .target import Target
@@ -69,7 +69,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
     if profile_offset is not None:
         workspace = slots.num_inputs + slots.num_outputs
         profile = f"reinterpret_cast<uint64_t*>(p.buffers[{workspace}] + {profile_offset})"
-        profile_sms = f"{profile} + {len(PROFILE_STAMPS) * len(graph.tasks)}"  # after every task's stamps
+        profile_sms = f"{profile} + {profile_sm_words(len(graph.tasks))}"
     if ring_offset is not None:
         smem = max(smem, ring_offset + RING_BYTES)
     # every kind keeps within the budget (the ring's users leave room for it): a violation is a bug of a kind

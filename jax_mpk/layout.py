@@ -40,6 +40,12 @@ MAX_CUDA_RANKS = 8
 PROFILE_STAMPS = ("wait", "start", "staged", "computed", "body_end", "signalled")
 
 
+def profile_sm_words(num_tasks: int) -> int:
+    """Where the profile region's per-worker physical SM ids (%smid, one uint64 word a worker) start, in words from
+    the region's start: after every task's PROFILE_STAMPS. The region is that plus one word a worker."""
+    return len(PROFILE_STAMPS) * num_tasks
+
+
 class Platform(enum.IntEnum):
     CPU = 0
     CUDA = 1
