@@ -116,7 +116,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         f'extern "C" __global__ void __launch_bounds__({THREADS}, 1) {KERNEL_NAME}(const Params p) {{',
         "  extern __shared__ __align__(16) char smem[];",
         "  Dispatch dispatch{p};",
-        f"  run_worker(p, kTasks, kSignals, kRemoteSignals, kWorkerBegin, kWorkerTasks, smem, dispatch, {profile},",
+        f"  run_worker(p, kTasks, kSignals, kRemoteSignals, kCarries, kWorkerBegin, kWorkerTasks, smem, dispatch, {profile},",
         f"             {profile_sms});",
         "}",
         "",
@@ -156,7 +156,7 @@ def _task_tables(graph: TaskGraph, sched: Schedule) -> list[str]:
         remote = words[TaskField.REMOTE_WAIT_EVENT :]
         return f"{{{join(scalars)},{{{join(lo)}}},{{{join(hi)}}},{join(remote)}}}"
 
-    records, signals, remote_signals = task_records(graph.tasks)
+    records, signals, remote_signals, carries = task_records(graph.tasks)
     begin, flat = [0], []
     for worker in sched.workers:
         flat += worker
@@ -167,6 +167,7 @@ def _task_tables(graph: TaskGraph, sched: Schedule) -> list[str]:
         "};",
         f"__device__ const int32_t kSignals[] = {{{','.join(map(str, signals or [0]))}}};",
         f"__device__ const int32_t kRemoteSignals[] = {{{','.join(map(str, remote_signals or [0]))}}};",
+        f"__device__ const int32_t kCarries[] = {{{','.join(map(str, carries or [0]))}}};",
         f"__device__ const int32_t kWorkerBegin[] = {{{','.join(map(str, begin))}}};",
         f"__device__ const int32_t kWorkerTasks[] = {{{','.join(map(str, flat or [0]))}}};",
     ]

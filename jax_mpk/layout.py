@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from .scalar_ops import SCALAR_OPS, ScalarOp
 
 MAGIC = 0x4B504D58  # "XMPK"
-VERSION = 2
+VERSION = 3
 MAX_RANK = 8  # dims of a tensor, a kernel domain, or a domain followed by a contraction
 HEADER_WORDS = 17
 # In a DOT record's lhs_tensor: the lhs is not loaded but computed by the kernel's expression node whose
@@ -189,9 +189,13 @@ class TaskField(enum.IntEnum):
     REMOTE_WAIT_COUNT = 6 + 2 * MAX_RANK
     REMOTE_SIGNAL_BEGIN = 7 + 2 * MAX_RANK  # first entry in the remote signal list
     REMOTE_SIGNAL_COUNT = 8 + 2 * MAX_RANK
+    # Carried tasks (in no worker's list; see plan_format.md): this task arrives at each carried task in its slice
+    # of the carry list, and the task whose arrival completes a carried task's WAIT_COUNT runs it, then and there
+    CARRY_BEGIN = 9 + 2 * MAX_RANK
+    CARRY_COUNT = 10 + 2 * MAX_RANK
 
 
-TASK_WORDS = 9 + 2 * MAX_RANK
+TASK_WORDS = 11 + 2 * MAX_RANK
 
 _ENUMS = (Platform, DType, TensorKind, KernelKind, StageKind, ReduceKind, NodeOp, Header, TaskField)
 _INCLUDE = pathlib.Path(__file__).resolve().parent.parent / "ffi" / "include" / "jax_mpk"

@@ -55,6 +55,9 @@ class Task:
     remote_wait_event: int = -1
     remote_wait_count: int = 0
     remote_signals: list[int] = field(default_factory=list)
+    # carried: in no worker's list; the task whose arrival completes its wait runs it (carry_small_levels)
+    carried: bool = False
+    carries: list[int] = field(default_factory=list)  # the carried tasks this one arrives at, after its signals
 
     def __repr__(self) -> str:
         tile = ",".join(f"{a}:{b}" for a, b in zip(self.lo, self.hi))
@@ -64,7 +67,10 @@ class Task:
         signal = f" signal {['e%d' % e for e in self.signals]}" if self.signals else ""
         if self.remote_signals:
             signal += f" signal {['r%d' % e for e in self.remote_signals]}"
-        return f"task{self.index} k{self.kernel}[{tile}]{wait}{signal}"
+        if self.carries:
+            signal += f" arrive at {['task%d' % c for c in self.carries]}"
+        carried = " carried" if self.carried else ""
+        return f"task{self.index} k{self.kernel}[{tile}]{carried}{wait}{signal}"
 
 
 @dataclass
@@ -92,10 +98,11 @@ class TaskGraph:
         return "\n".join(lines)
 
 
-def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 1 << 14) -> TaskGraph:
+def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 1 << 14,
+                     carry_task_cost: float = 0.0) -> TaskGraph:
     """Tasks of every kernel; a kernel is split into at most one task per worker (more where its body kind caps
     a tile's width: ``Tiling.max_last``), each of at least ``min_task_work`` (elements x estimated per-element
-    cost)."""
+    cost). With ``carry_task_cost``, the levels of tasks that small are carried (:func:`carry_small_levels`)."""
     buffer_ids = {id(b): i for i, b in enumerate(graph.buffers)}
     tasks: list[Task] = []
     accesses: list[Accesses] = []
@@ -113,6 +120,8 @@ def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 
     _derive_dependencies(tasks, accesses, [len(b.shape) for b in graph.buffers], comm)
     num_events = _assign_events(tasks, "deps", "signals", "wait_event", "wait_count")
     num_remote = _assign_events(tasks, "remote_deps", "remote_signals", "remote_wait_event", "remote_wait_count")
+    if carry_task_cost:
+        num_events = carry_small_levels(graph.kernels, tasks, num_events, carry_task_cost)
     merge_counters = {}
     for kernel in graph.kernels:
         if kernel.attention is not None:
@@ -445,6 +454,39 @@ def _group_by_kernel(tasks: list[Task], num_kernels: int) -> list[list[Task]]:
     for task in tasks:
         groups[task.kernel].append(task)
     return groups
+
+
+def carry_small_levels(kernels: list[Kernel], tasks: list[Task], num_events: int, max_task_cost: float) -> int:
+    """Carry every task of each dependency level whose tasks are all small (estimated cost at most
+    ``max_task_cost``), wait on something and stay on this device: such a task leaves the worker lists and the
+    task that completes its wait runs it right after its own signals (split attention's merge, made general: a
+    level of a few small tasks -- the K/V cache appends and the stored queries after split-K projections, the
+    chunks of a split argmax -- costs a dependency hop and the chip idles during it). Each gets an event of its
+    own, at which its producers arrive (``Task.carries``) instead of signalling it. Returns the event count.
+
+    A carried task's producers are not carried (the runtime runs one carried task at a time, not chains of them),
+    so a level whose tasks wait on a carried level stays listed. Deadlock-free as the lists are: the producers
+    are listed tasks, each run to its end, and a carried task waits on nothing once it is due."""
+    by_level: dict[int, list[Kernel]] = {}
+    for kernel in kernels:
+        by_level.setdefault(kernel.level, []).append(kernel)
+    by_kernel = _group_by_kernel(tasks, len(kernels))
+    for level in sorted(by_level):
+        level_tasks = [t for k in by_level[level] for t in by_kernel[k.index]]
+        if not level_tasks or any(k.attention is not None for k in by_level[level]):
+            continue
+        if any(t.cost > max_task_cost or not t.deps or t.remote_deps or t.remote_signals
+               or any(tasks[d].carried for d in t.deps) for t in level_tasks):  # fmt: skip
+            continue
+        for task in level_tasks:
+            task.carried, task.wait_event = True, num_events
+            num_events += 1
+            for producer in task.deps:
+                tasks[producer].carries.append(task.index)
+    waited = {t.wait_event for t in tasks if not t.carried and t.wait_event >= 0}
+    for task in tasks:  # an event whose only waiters are now carried is not signalled
+        task.signals = [e for e in task.signals if e in waited]
+    return num_events
 
 
 def _assign_events(tasks: list[Task], deps: str, signals: str, wait_event: str, wait_count: str) -> int:

@@ -169,6 +169,20 @@ def test_decode_steps_with_codegen_knobs_match_jit(batch, knob, value, generated
     assert generated in _plan(fast).source.text
 
 
+@pytest.mark.parametrize("cost", [30000, 1 << 16, 1 << 20])
+@pytest.mark.parametrize("cfg", [TinyConfig(), TinyConfig(qk_norm=True, dtype="bfloat16", batch=8)],
+                         ids=["llama-f32", "qwen3-bf16-b8"])  # fmt: skip
+def test_decode_steps_with_carried_levels_match_jit(cfg, cost, monkeypatch):
+    """JAX_MPK_CARRY_TASK_COST: the small levels run by the task whose arrival completes their wait (on the tiny
+    models at these costs: cache appends, queries, attention, whole product levels with their rings' prefetch),
+    and the steps still agree with jax.jit."""
+    monkeypatch.setenv("JAX_MPK_CARRY_TASK_COST", str(cost))
+    fast = _check_decode_steps(cfg)
+    mk = _plan(fast)
+    assert any(t.carried for t in mk.tasks.tasks)
+    assert "kCarries[] = {0};" not in mk.source.text
+
+
 def _check_decode_steps(cfg: TinyConfig) -> Callable:
     """Five chained decode steps of ``cfg`` through the megakernel against jax.jit's; returns the megakernel."""
     params = init_params(cfg, jax.random.PRNGKey(11))

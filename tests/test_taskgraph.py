@@ -298,3 +298,105 @@ def test_fixed_task_cost_keeps_a_levels_small_tasks_apart():
     sched = schedule(graph, 132, fixed)
     validate(graph, sched)
     assert appends_back_to_back(sched) == 0
+
+
+# ------------------------------------------------------------------------------------------------ carried tasks
+
+
+# Between the tiny model's cache appends (28672) and the Q/K/V products they wait on (32832): carried are the
+# appends, the attention's second product, the argmax; listed the levels waiting on those
+TINY_CARRY_COST = 30000
+
+
+def _carried_decode(monkeypatch, batch=2):
+    """A Qwen3-style decode step fused and tiled for a GPU of 16 SMs, its small levels carried
+    (JAX_MPK_CARRY_TASK_COST), on the CPU executor; the step, its arguments and the megakernel."""
+    monkeypatch.setenv("JAX_MPK_GPU_FUSION", "1")
+    monkeypatch.setenv("JAX_MPK_CARRY_TASK_COST", str(TINY_CARRY_COST))
+    cfg = TinyConfig(qk_norm=True, hidden=256, heads=4, kv_heads=2, head_dim=64, mlp=512, batch=batch)
+    params, cache = init_params(cfg, jax.random.PRNGKey(11)), init_cache(cfg, jax.random.PRNGKey(12))
+    args = (params, random_tokens(cfg, 13), jnp.int32(4), *cache)
+    step = make_decode_step(cfg)
+    return step, args, jax_mpk.compile(step, *args, num_workers=16)
+
+
+def test_carried_levels_run_where_their_last_producer_ran(monkeypatch):
+    """With JAX_MPK_CARRY_TASK_COST the cache appends after the Q/K/V products are carried (in no worker's list,
+    run by the product task whose arrival completes their wait): the step agrees with jax.jit, and a shuffled
+    schedule of the same tasks gives the same bits."""
+    step, args, mk = _carried_decode(monkeypatch)
+    carried = [t for t in mk.tasks.tasks if t.carried]
+    appends = {k.index for k in mk.graph.kernels if k.name.startswith("update_slice")}
+    assert appends and appends <= {t.kernel for t in carried}
+    assert not any(t.index in w for w in mk.schedule.workers for t in carried)
+    assert all(t.wait_count == len(t.deps) == sum(t.index in mk.tasks.tasks[d].carries for d in t.deps) for t in carried)
+    assert "carried" in repr(mk.tasks) and "arrive at" in repr(mk.tasks)
+    result = mk(*args)
+    assert_trees_close(result, jax.jit(step)(*args), "float32")
+    sched = shuffled_schedule(mk.tasks, 16, seed=5)
+    validate(mk.tasks, sched)
+    shuffled = _run_plan(mk, serialize(mk.tasks, sched), *args)
+    for a, b in zip(jax.tree_util.tree_leaves(shuffled), jax.tree_util.tree_leaves(result)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_level_waiting_on_a_carried_level_is_not_carried(monkeypatch):
+    """The runtimes run one carried task at a time, not chains: no carried task's producer is carried, and a level
+    with a task above the cost stays listed (the products beside the norm it would delay)."""
+    _, _, mk = _carried_decode(monkeypatch)
+    tasks = mk.tasks.tasks
+    assert not any(tasks[d].carried for t in tasks if t.carried for d in t.deps)
+    assert all(not t.carried for t in tasks if t.cost > TINY_CARRY_COST)
+    assert any(not t.carried and t.deps and all(tasks[d].carried for d in t.deps) for t in tasks)  # the argmax's end
+
+
+@pytest.mark.parametrize("break_it, message", [
+    ("list", "does not list every task that is not carried"),
+    ("signal", "of its own that only arrivals count"),
+    ("arrival", "is arrived at"),
+])  # fmt: skip
+def test_validator_and_reader_refuse_a_broken_carry(break_it, message, monkeypatch):
+    """A carried task listed by a worker (it would run twice), its event also signalled (it would never run: no
+    arrival completes the wait), or an arrival missing: the validator names it, and the plan reader refuses the
+    same plan."""
+    _, _, mk = _carried_decode(monkeypatch, batch=1)
+    tasks, sched = copy.deepcopy(mk.tasks), copy.deepcopy(mk.schedule)
+    victim = next(t for t in tasks.tasks if t.carried and len(t.deps) > 1)
+    producer = tasks.tasks[victim.deps[0]]
+    if break_it == "list":
+        sched.workers[0].append(victim.index)
+    elif break_it == "signal":
+        producer.signals.append(victim.wait_event)
+        producer.carries.remove(victim.index)
+    else:
+        producer.carries.remove(victim.index)
+    with pytest.raises(jax_mpk.InvalidTaskGraphError, match=message):
+        validate(tasks, sched)
+    with pytest.raises(ValueError, match="carried"):
+        register_plan(f"broken-carry-{break_it}", serialize(tasks, sched))
+
+
+def test_a_carried_llama_layer_has_five_dependency_hops(monkeypatch):
+    """Llama-3.2-1B's decode step planned for 132 SMs (2 layers, on the CPU): its layer has six dependency levels,
+    the second of them the K and V cache appends and the stored queries after the split-K Q/K/V products (a few
+    tasks while 127 SMs wait, ~4 us a layer on an H200); with JAX_MPK_CARRY_TASK_COST=65536 exactly that level is
+    carried, leaving five hops a layer (runtime-v2's bound)."""
+    import dataclasses
+    import sys
+
+    sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
+    import models
+    import planning
+
+    monkeypatch.setenv("JAX_MPK_CARRY_TASK_COST", str(1 << 16))
+    cfg = dataclasses.replace(models.PRESETS["llama-3.2-1b"], layers=2)
+    stages = planning.plan_for_gpu(planning.trace_decode_step(cfg, 1, 1024), 132, "9.0")
+    validate(stages.tasks, stages.schedule)
+    kernels, tasks = stages.graph.kernels, stages.tasks.tasks
+    carried = {t.kernel for t in tasks if t.carried}
+    appends = [k for k in kernels if k.name.startswith("update_slice")]
+    second_layer = [k for k in kernels if appends[1].level - 1 <= k.level < appends[1].level + 5]  # QKV .. down
+    assert {k.index for k in appends} <= carried
+    assert len({k.level for k in second_layer}) == 6
+    assert len({k.level for k in second_layer if k.index not in carried}) == 5
+    assert all(not t.carried or t.cost <= 1 << 16 for t in tasks)

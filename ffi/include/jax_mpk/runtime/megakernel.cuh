@@ -120,7 +120,7 @@ __device__ inline bool wait_for_task(const MegakernelParams& p, const TaskRecord
   return true;
 }
 
-// Copies a task record into shared memory: lanes 0 .. 24 of the calling warp, one word each.
+// Copies a task record into shared memory: lanes 0 .. kTaskWords - 1 of the calling warp, one word each.
 __device__ __forceinline__ void copy_record(TaskRecord* to, const TaskRecord* from, int lane) {
   constexpr int kWords = sizeof(TaskRecord) / sizeof(int32_t);
   if (lane < kWords) reinterpret_cast<int32_t*>(to)[lane] = __ldg(reinterpret_cast<const int32_t*>(from) + lane);
@@ -143,22 +143,57 @@ __device__ __forceinline__ void mark_phase(int stamp) {
   if (threadIdx.x == 0 && profiling) task_stamps[stamp] = global_timer_ns();
 }
 
+// Warp 0 only: the signals of a task whose body has ended (its block's stores ordered before by a barrier). Each
+// lane fences (making those stores visible at GPU scope: release), then adds to its share of the events. One
+// release per event would serialize a fence per event, and a task can feed a hundred events. `first_signal` is
+// the lane's first event, loaded earlier (-1: none).
+__device__ __forceinline__ void signal_events(const MegakernelParams& p, const TaskRecord& task, int32_t first_signal,
+                                              const int32_t* signals, const int32_t* remote_signals) {
+  fence_release();
+  if (first_signal >= 0) add_relaxed(p.counters + first_signal, 1);
+  for (int32_t s = threadIdx.x + 32; s < task.signal_count; s += 32) {
+    add_relaxed(p.counters + signals[task.signal_begin + s], 1);
+  }
+  if (task.remote_signal_count > 0) {  // other ranks read what this task stored
+    asm volatile("fence.acq_rel.sys;" ::: "memory");
+    for (int32_t s = threadIdx.x; s < task.remote_signal_count; s += 32) {
+      add_relaxed<true>(p.comm.counters[p.comm.rank] + remote_signals[task.remote_signal_begin + s], 1);
+    }
+  }
+}
+
+// Thread 0, profiling: the task's stamps, once it has signalled, into its record.
+__device__ __forceinline__ void store_stamps(uint64_t* profile, int32_t task_index) {
+  task_stamps[layout::kStampSignalled] = global_timer_ns();
+  uint64_t* record = profile + layout::kProfileStamps * task_index;
+#pragma unroll
+  for (int stamp = 0; stamp < layout::kProfileStamps; ++stamp) record[stamp] = task_stamps[stamp];
+}
+
 // When `profile` is not null (JAX_MPK_PROFILE builds), thread 0 records for every task the global timer at the
 // layout::kProfileStamps moments (the wait begins, the body begins, the body's own phases, the body ends, the
 // task has signalled); a phase the body does not mark stays 0. A task given up (watchdog, abort) leaves its
 // record as the previous call wrote it. `profile_sms[worker]` gets the physical SM the worker ran on.
+//
+// Carried tasks (in no list; `carries` holds, per listed task, those it arrives at): after its signals a task
+// adds 1 to each carried task's event with one acq_rel atomic (releasing its stores, acquiring the others'); the
+// task that brings it to its target runs the carried task at once (its wait is over: its stamps "wait" and
+// "start" are the arrival), then signals for it. A carried task's event has no other signaller, so exactly one
+// arrival finds it complete.
 template <class Dispatch>
 __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, const int32_t* signals,
-                           const int32_t* remote_signals, const int32_t* worker_begin, const int32_t* worker_tasks,
-                           char* smem, Dispatch& dispatch, uint64_t* profile, uint64_t* profile_sms) {
+                           const int32_t* remote_signals, const int32_t* carries, const int32_t* worker_begin,
+                           const int32_t* worker_tasks, char* smem, Dispatch& dispatch, uint64_t* profile,
+                           uint64_t* profile_sms) {
   static_assert(sizeof(TaskRecord) % sizeof(int32_t) == 0 && sizeof(TaskRecord) / sizeof(int32_t) <= 32);
   // The tables are read once per call, and the weights streamed in between evict them from L2: a table read
   // after a task's wait is a DRAM round trip (~1 us) on the dependency chain, at every level. So while
   // thread 0 waits for task i, warp 1 copies the record of task i + 1 into shared memory (three slots:
-  // warp 0 still reads record i while it signals, after the other warps may have moved on to i + 1), and
-  // warp 0's lanes load the first events task i will signal.
+  // warp 0 still reads record i while it signals, after the other warps may have moved on to i + 1), warp 2 the
+  // record of the first task i carries, and warp 0's lanes load the first events task i will signal.
   __shared__ TaskRecord records[3];
-  __shared__ int32_t shared_go;
+  __shared__ TaskRecord carried;
+  __shared__ int32_t shared_go, carried_index;
   const int32_t begin = worker_begin[blockIdx.x], end = worker_begin[blockIdx.x + 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
@@ -173,6 +208,13 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
   if (warp == 1 && begin < end) copy_record(&records[0], tasks + worker_tasks[begin], lane);
   __syncthreads();
   const uint64_t epoch = call_epoch;
+  // Warp `copier`: the record of the carry-th task `task` carries into `carried`, its index into carried_index.
+  auto copy_carried = [&](const TaskRecord& task, int32_t carry, int copier) {
+    if (warp != copier) return;
+    const int32_t index = __ldg(carries + task.carry_begin + carry);
+    copy_record(&carried, tasks + index, lane);
+    if (lane == 0) carried_index = index;
+  };
   for (int32_t i = begin, slot = 0; i < end; ++i) {
     const int32_t task_index = worker_tasks[i], next_slot = slot == 2 ? 0 : slot + 1;
     const TaskRecord& task = records[slot];
@@ -180,6 +222,7 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
     const int32_t first_signal =
         warp == 0 && lane < task.signal_count ? __ldg(signals + task.signal_begin + lane) : -1;
     if (warp == 1 && i + 1 < end) copy_record(&records[next_slot], tasks + worker_tasks[i + 1], lane);
+    if (task.carry_count > 0) copy_carried(task, 0, 2);
     if (threadIdx.x == 0) {
       if (profile) {  // a phase this body does not mark stays 0
         task_stamps[layout::kStampWait] = global_timer_ns();
@@ -193,28 +236,40 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
     dispatch.run(task, smem);
     __syncthreads();
     if (profile) mark_phase(layout::kStampBodyEnd);
-    // Signal: each lane of warp 0 fences (making the block's stores, ordered before it by the barrier,
-    // visible at GPU scope: release), then adds to its share of the events. One release per event would
-    // serialize a fence per event, and a task can feed a hundred events.
     if (threadIdx.x < 32) {
-      fence_release();
-      if (first_signal >= 0) add_relaxed(p.counters + first_signal, 1);
-      for (int32_t s = threadIdx.x + 32; s < task.signal_count; s += 32) {
-        add_relaxed(p.counters + signals[task.signal_begin + s], 1);
+      signal_events(p, task, first_signal, signals, remote_signals);
+      if (profile && threadIdx.x == 0) store_stamps(profile, task_index);
+    }
+    for (int32_t carry = 0; carry < task.carry_count; ++carry) {
+      if (carry > 0) {  // the first was copied during the wait
+        __syncthreads();  // every thread is done with the previous one
+        copy_carried(task, carry, 0);
+        __syncthreads();
       }
-      if (task.remote_signal_count > 0) {  // other ranks read what this task stored
-        asm volatile("fence.acq_rel.sys;" ::: "memory");
-        for (int32_t s = threadIdx.x; s < task.remote_signal_count; s += 32) {
-          add_relaxed<true>(p.comm.counters[p.comm.rank] + remote_signals[task.remote_signal_begin + s], 1);
+      if (threadIdx.x == 0) {
+        if (profile) {
+          task_stamps[layout::kStampWait] = global_timer_ns();
+          task_stamps[layout::kStampStaged] = task_stamps[layout::kStampComputed] = 0;
         }
+        // the block's stores are ordered before this by the barrier after the body; warp 0 has fenced them too
+        const uint64_t arrived = add_acq_rel(p.counters + carried.wait_event, 1) + 1;
+        shared_go = arrived == static_cast<uint64_t>(carried.wait_count) * epoch;
+        if (profile) task_stamps[layout::kStampStart] = global_timer_ns();
       }
-      if (profile && threadIdx.x == 0) {
-        task_stamps[layout::kStampSignalled] = global_timer_ns();
-        uint64_t* record = profile + layout::kProfileStamps * task_index;
-#pragma unroll
-        for (int stamp = 0; stamp < layout::kProfileStamps; ++stamp) record[stamp] = task_stamps[stamp];
+      __syncthreads();
+      if (!shared_go) continue;  // thread 0 writes shared_go again only after the next barrier
+      dispatch.prefetch(carried, smem);  // a ring product's body expects its first slots issued before it runs
+      dispatch.run(carried, smem);
+      __syncthreads();
+      if (profile) mark_phase(layout::kStampBodyEnd);
+      if (threadIdx.x < 32) {
+        const int32_t first = lane < carried.signal_count ? __ldg(signals + carried.signal_begin + lane) : -1;
+        signal_events(p, carried, first, signals, remote_signals);
+        if (profile && threadIdx.x == 0) store_stamps(profile, carried_index);
       }
     }
+    // warp 2 copies the next carried record, and thread 0 writes shared_go, only after every thread is done
+    if (task.carry_count > 0) __syncthreads();
     slot = next_slot;
   }
   // A task given up (watchdog, abort) may leave weight copies in flight into shared memory.
