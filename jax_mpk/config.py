@@ -90,6 +90,9 @@ class Config:
     # the scheduler use: elements x per-element work) are carried, each run by the producer that completes its wait
     # instead of a worker's list (tasks.carry_small_levels; JAX_MPK_CARRY_TASK_COST, default 0: off until measured)
     carry_task_cost: float
+    # CUDA: each split-attention task asks L2 for its chunk of the KV cache before it waits, while the Q/K/V
+    # products and the appends run (Target.attention_prefetch; JAX_MPK_ATTENTION_PREFETCH, default off until measured)
+    attention_prefetch: bool
 
 
 @contextlib.contextmanager
@@ -136,5 +139,6 @@ def load() -> Config:
         comm_copies=_env_flag("JAX_MPK_COMM_COPIES", False),
         stream_evict_first=_env_flag("JAX_MPK_STREAM_EVICT_FIRST", True),
         warp_ring=_env_flag("JAX_MPK_WARP_RING", True),
+        attention_prefetch=_env_flag("JAX_MPK_ATTENTION_PREFETCH", False),
         carry_task_cost=_env("JAX_MPK_CARRY_TASK_COST", 0.0, float, lambda v: 0 <= v < 1e12, "a number in [0, 1e12)"),
     )
