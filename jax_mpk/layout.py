@@ -34,6 +34,9 @@ MAX_PLAN_RANKS = 1024
 # Devices a CUDA plan may run on together: the size of the peer arrays in the kernel's parameters
 # (runtime/params.h CommParams), which must stay small (the parameter block is limited to 4 KB).
 MAX_CUDA_RANKS = 8
+# Carried tasks one task may arrive at (CARRY_COUNT): the CUDA runtime arrives at all of them at once, a lane of
+# one warp each
+MAX_CARRIES = 32
 # A profiling build (JAX_MPK_PROFILE) records these global-timer stamps per task, in this order, as uint64 words
 # after the workspace: the wait begins, the body begins, its rows are staged, its products computed, the body
 # ends (the block's last barrier), the task has signalled. Staged and computed stay 0 in bodies without them.
@@ -219,6 +222,7 @@ def render_layout_header() -> str:
         f"inline constexpr int kTaskWords = {TASK_WORDS};",
         f"inline constexpr int64_t kMaxPlanRanks = {MAX_PLAN_RANKS};",
         f"inline constexpr int kMaxCudaRanks = {MAX_CUDA_RANKS};",
+        f"inline constexpr int kMaxCarries = {MAX_CARRIES};",
         f"inline constexpr int kProfileStamps = {len(PROFILE_STAMPS)};  // {', '.join(PROFILE_STAMPS)}",
         *(f"inline constexpr int kStamp{_camel(name.upper())} = {i};" for i, name in enumerate(PROFILE_STAMPS)),
         "",

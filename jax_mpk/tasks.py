@@ -14,6 +14,7 @@ grouped into remote events the same way (counters in every device's communicatio
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -21,9 +22,17 @@ import numpy as np
 from . import bodies
 from .emit import Tiling
 from .kernels import Kernel, KernelGraph, Tensor
-from .layout import TensorKind
+from .layout import MAX_CARRIES, TensorKind
 from .graph import Acc, Load, Node, Piecewise, Reduce, Reindex
 from .indexmap import reshape_rects, overlapping_pairs
+
+# A carried level is tiled with this much less work a task than a listed one (the minimum work at 16384: Llama-1B's
+# K append a task a head, its queries 29 tasks instead of 3)
+CARRIED_WORK_DIVISOR = 8
+# The carried tasks a producer may arrive at: it runs those it completes one after the other, and a level whose
+# tasks share their producers (the rows of a batch) would run on one SM, not side by side
+CARRIES_PER_PRODUCER = 4
+assert CARRIES_PER_PRODUCER <= MAX_CARRIES  # what the runtimes take
 
 @dataclass
 class Accesses:
@@ -102,12 +111,43 @@ def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 
                      carry_task_cost: float = 0.0) -> TaskGraph:
     """Tasks of every kernel; a kernel is split into at most one task per worker (more where its body kind caps
     a tile's width: ``Tiling.max_last``), each of at least ``min_task_work`` (elements x estimated per-element
-    cost). With ``carry_task_cost``, the levels of tasks that small are carried (:func:`carry_small_levels`)."""
+    cost). With ``carry_task_cost``, the levels of tasks that small are carried (:func:`carry_small_levels`),
+    tiled CARRIED_WORK_DIVISOR times finer."""
+    tasks, accesses, num_events, num_remote = _tasks_and_events(graph, num_workers, min_task_work, {})
+    if carry_task_cost:
+        # A carried task costs no worker a list slot, wait or hop: it runs on an SM whose product has just ended.
+        # Finer, each is shorter (fewer elements a thread, fewer serial round trips to L2) and more of them run
+        # side by side, each as soon as its own producers are done (Llama-1B's K append: a task per head, not one).
+        # A level that its finer tiling would leave uncarried (more tasks a producer) is tiled as before.
+        finer_work = max(1, min_task_work // CARRIED_WORK_DIVISOR)
+        levels = carried_levels(graph.kernels, tasks, carry_task_cost)
+        for _ in range(2):
+            if not levels:
+                break
+            tasks, accesses, num_events, num_remote = _tasks_and_events(
+                graph, num_workers, min_task_work, dict.fromkeys(levels, finer_work))
+            finer = carried_levels(graph.kernels, tasks, carry_task_cost)
+            if set(levels) <= set(finer):
+                break
+            levels = [level for level in levels if level in finer]
+        num_events = carry_small_levels(graph.kernels, tasks, num_events, carry_task_cost)
+    merge_counters = {}
+    for kernel in graph.kernels:
+        if kernel.attention is not None:
+            merge_counters[kernel.index] = num_events
+            num_events += kernel.attention.groups(kernel.domain)
+    return TaskGraph(graph, tasks, num_events, num_remote, accesses, merge_counters)
+
+
+def _tasks_and_events(graph: KernelGraph, num_workers: int, min_task_work: int,
+                      level_work: dict[int, int]) -> tuple[list[Task], list[Accesses], int, int]:
+    """Every kernel's tiles as tasks (a level in ``level_work`` tiled with that minimum work), their accesses,
+    dependencies and events (local, remote)."""
     buffer_ids = {id(b): i for i, b in enumerate(graph.buffers)}
     tasks: list[Task] = []
     accesses: list[Accesses] = []
     per_element = {k.index: _cost_per_element(k) for k in graph.kernels}
-    tilings = _level_tilings(graph.kernels, per_element, num_workers, min_task_work)
+    tilings = _level_tilings(graph.kernels, per_element, num_workers, min_task_work, level_work)
     for kernel in graph.kernels:
         tiles = tilings[kernel.index]
         first = len(tasks)
@@ -120,29 +160,24 @@ def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 
     _derive_dependencies(tasks, accesses, [len(b.shape) for b in graph.buffers], comm)
     num_events = _assign_events(tasks, "deps", "signals", "wait_event", "wait_count")
     num_remote = _assign_events(tasks, "remote_deps", "remote_signals", "remote_wait_event", "remote_wait_count")
-    if carry_task_cost:
-        num_events = carry_small_levels(graph.kernels, tasks, num_events, carry_task_cost)
-    merge_counters = {}
-    for kernel in graph.kernels:
-        if kernel.attention is not None:
-            merge_counters[kernel.index] = num_events
-            num_events += kernel.attention.groups(kernel.domain)
-    return TaskGraph(graph, tasks, num_events, num_remote, accesses, merge_counters)
+    return tasks, accesses, num_events, num_remote
 
 
 # ------------------------------------------------------------------------------------------------ tiling
 
 
-def _level_tilings(kernels: list[Kernel], per_element: dict[int, float], num_workers: int,
-                   min_task_work: int) -> dict[int, list[tuple[tuple, tuple]]]:
-    """The tiles of every kernel. Kernels of one level run side by side: they share the workers in proportion
-    to their work; then the workers their tilings leave idle (a split-K product tiles in whole slices) go,
-    one kernel at a time, to the kernel with the most work per task whose tiling grows with them."""
+def _level_tilings(kernels: list[Kernel], per_element: dict[int, float], num_workers: int, min_task_work: int,
+                   level_work: dict[int, int] | None = None) -> dict[int, list[tuple[tuple, tuple]]]:
+    """The tiles of every kernel (a level in ``level_work`` with that minimum work a task). Kernels of one level
+    run side by side: they share the workers in proportion to their work; then the workers their tilings leave
+    idle (a split-K product tiles in whole slices) go, one kernel at a time, to the kernel with the most work per
+    task whose tiling grows with them."""
     levels: dict[int, list[Kernel]] = {}
     for k in kernels:
         levels.setdefault(k.level, []).append(k)
     tilings: dict[int, list[tuple[tuple, tuple]]] = {}
-    for level_kernels in levels.values():
+    for level, level_kernels in levels.items():
+        min_task_work = (level_work or {}).get(level, min_task_work)
         work = {k.index: per_element[k.index] * math.prod(k.domain) for k in level_kernels}
         total = sum(work.values())
         share = {i: max(1, int(num_workers * w / total)) if w else 1 for i, w in work.items()}
@@ -456,33 +491,51 @@ def _group_by_kernel(tasks: list[Task], num_kernels: int) -> list[list[Task]]:
     return groups
 
 
-def carry_small_levels(kernels: list[Kernel], tasks: list[Task], num_events: int, max_task_cost: float) -> int:
-    """Carry every task of each dependency level whose tasks are all small (estimated cost at most
-    ``max_task_cost``), wait on something and stay on this device: such a task leaves the worker lists and the
-    task that completes its wait runs it right after its own signals (split attention's merge, made general: a
-    level of a few small tasks -- the K/V cache appends and the stored queries after split-K projections, the
-    chunks of a split argmax -- costs a dependency hop and the chip idles during it). Each gets an event of its
-    own, at which its producers arrive (``Task.carries``) instead of signalling it. Returns the event count.
-
-    A carried task's producers are not carried (the runtime runs one carried task at a time, not chains of them),
-    so a level whose tasks wait on a carried level stays listed. Deadlock-free as the lists are: the producers
-    are listed tasks, each run to its end, and a carried task waits on nothing once it is due."""
+def carried_levels(kernels: list[Kernel], tasks: list[Task], max_task_cost: float) -> list[int]:
+    """The dependency levels :func:`carry_small_levels` carries: those without products (a product streams its
+    weight from before it waits: listed) whose tasks all cost at most ``max_task_cost``, wait on something and
+    stay on this device, that wait on no carried level (the runtimes run one carried task at a time, not chains of
+    them) and whose producers would arrive at no more than CARRIES_PER_PRODUCER carried tasks each."""
     by_level: dict[int, list[Kernel]] = {}
     for kernel in kernels:
         by_level.setdefault(kernel.level, []).append(kernel)
     by_kernel = _group_by_kernel(tasks, len(kernels))
+    carried: set[int] = set()  # tasks
+    carries: Counter = Counter()  # producer -> carried tasks it arrives at
+    levels = []
     for level in sorted(by_level):
         level_tasks = [t for k in by_level[level] for t in by_kernel[k.index]]
-        if not level_tasks or any(k.attention is not None for k in by_level[level]):
+        if not level_tasks or any(k.dot is not None for k in by_level[level]):
             continue
         if any(t.cost > max_task_cost or not t.deps or t.remote_deps or t.remote_signals
-               or any(tasks[d].carried for d in t.deps) for t in level_tasks):  # fmt: skip
+               or any(d in carried for d in t.deps) for t in level_tasks):  # fmt: skip
             continue
-        for task in level_tasks:
-            task.carried, task.wait_event = True, num_events
-            num_events += 1
-            for producer in task.deps:
-                tasks[producer].carries.append(task.index)
+        more = carries + Counter(d for t in level_tasks for d in t.deps)
+        if max(more.values()) > CARRIES_PER_PRODUCER:
+            continue
+        carries = more
+        carried.update(t.index for t in level_tasks)
+        levels.append(level)
+    return levels
+
+
+def carry_small_levels(kernels: list[Kernel], tasks: list[Task], num_events: int, max_task_cost: float) -> int:
+    """Carry every task of the :func:`carried_levels`: such a task leaves the worker lists and the task that
+    completes its wait runs it right after its own signals (split attention's merge, made general: a level of a
+    few small tasks -- the K/V cache appends and the stored queries after split-K projections, the chunks of a
+    split argmax -- costs a dependency hop and the chip idles during it). Each gets an event of its own, at which
+    its producers arrive (``Task.carries``) instead of signalling it. Returns the event count.
+
+    Deadlock-free as the lists are: the producers are listed tasks, each run to its end, and a carried task waits
+    on nothing once it is due."""
+    levels = set(carried_levels(kernels, tasks, max_task_cost))
+    for task in tasks:
+        if kernels[task.kernel].level not in levels:
+            continue
+        task.carried, task.wait_event = True, num_events
+        num_events += 1
+        for producer in task.deps:
+            tasks[producer].carries.append(task.index)
     waited = {t.wait_event for t in tasks if not t.carried and t.wait_event >= 0}
     for task in tasks:  # an event whose only waiters are now carried is not signalled
         task.signals = [e for e in task.signals if e in waited]

@@ -10,7 +10,8 @@
     (a dropped kernel would leave the previous call's values there).
 5. The per-worker lists run to completion (no deadlock) when simulated with the event protocol.
 6. A carried task is in no list, waits on an event of its own, only its producers' arrivals count there (no
-   task signals it), carries nothing itself and has no remote events; every other task is in one list.
+   task signals it), carries nothing itself and has no remote events; every other task is in one list and
+   arrives at no more than MAX_CARRIES carried tasks.
 
 Every rank of a multi-rank plan runs the same lists, so one simulated rank stands for all of them, and a
 wait on a remote event (the producers on every rank) orders a task after its local producers too.
@@ -26,7 +27,7 @@ import numpy as np
 
 from .errors import InvalidTaskGraphError
 from .indexmap import overlapping_pairs
-from .layout import TensorKind
+from .layout import MAX_CARRIES, TensorKind
 from .schedule import Schedule
 from .tasks import TaskGraph
 
@@ -269,6 +270,8 @@ def _check_carries(graph: TaskGraph) -> None:
     for task in tasks:
         if any(not tasks[c].carried for c in task.carries) or len(set(task.carries)) < len(task.carries):
             raise InvalidTaskGraphError(f"{task!r} arrives at a task that is not carried, or twice at one")
+        if len(task.carries) > MAX_CARRIES:
+            raise InvalidTaskGraphError(f"{task!r} arrives at more than {MAX_CARRIES} carried tasks")
         if not task.carried:
             continue
         if task.wait_event < 0 or waiters[task.wait_event] != 1 or task.wait_event in signalled:

@@ -90,15 +90,16 @@ def test_microbenchmarks_compile(name, tmp_path):
 
 
 @pytest.mark.parametrize("head_dim,batch,evict_first,warp_ring,carry,kv_prefetch",
-                         [(64, 1, True, True, 0, False), (128, 8, True, True, 1 << 16, True),
+                         [(64, 1, True, True, 1 << 16, False), (128, 8, True, True, 0, True),
                           (64, 1, False, False, 0, False)])  # fmt: skip
 def test_split_attention_decode_step_compiles(head_dim, batch, evict_first, warp_ring, carry, kv_prefetch):
     """attention.cuh instantiated by a decode step (Llama's 64-wide heads at batch 1 with their RoPE staged in one
     pass; Qwen3's 128-wide heads with QK-norm at batch 8), compiled for sm_90; also without the streams' L2
     evict-first policy (JAX_MPK_STREAM_EVICT_FIRST=0: plain copies and loads instead of cache-hinted ones) and the
-    warp ring (JAX_MPK_WARP_RING=0: the b1 products' block-wide ring and dot), both on by default; the batch-8 step
-    with its small levels carried (JAX_MPK_CARRY_TASK_COST: the carry table and the arrivals in run_worker) and its
-    attention tasks asking L2 for their keys and values before they wait (JAX_MPK_ATTENTION_PREFETCH)."""
+    warp ring (JAX_MPK_WARP_RING=0: the b1 products' block-wide ring and dot), both on by default; the batch-1 step
+    with its small levels carried (JAX_MPK_CARRY_TASK_COST: the carry table and the arrivals in run_worker), the
+    batch-8 one with its attention tasks asking L2 for their keys and values before they wait
+    (JAX_MPK_ATTENTION_PREFETCH)."""
     cfg = TinyConfig(layers=2, hidden=2048, heads=2048 // head_dim, kv_heads=8, head_dim=head_dim, mlp=4096,
                      vocab=4096, max_seq=1024, batch=batch, dtype="bfloat16", qk_norm=head_dim == 128)  # fmt: skip
     tasks, source = _generate_decode_step(cfg, validate_graph=True, carry_task_cost=carry, split_attention=True,

@@ -303,8 +303,8 @@ def test_fixed_task_cost_keeps_a_levels_small_tasks_apart():
 # ------------------------------------------------------------------------------------------------ carried tasks
 
 
-# Between the tiny model's cache appends (28672) and the Q/K/V products they wait on (32832): carried are the
-# appends, the attention's second product, the argmax; listed the levels waiting on those
+# Above the tiny model's cache appends (28672, the first level after the Q/K/V products): carried are the appends
+# and the argmax's end; the products (the attention's too) are listed
 TINY_CARRY_COST = 30000
 
 
@@ -313,6 +313,7 @@ def _carried_decode(monkeypatch, batch=2):
     (JAX_MPK_CARRY_TASK_COST), on the CPU executor; the step, its arguments and the megakernel."""
     monkeypatch.setenv("JAX_MPK_GPU_FUSION", "1")
     monkeypatch.setenv("JAX_MPK_CARRY_TASK_COST", str(TINY_CARRY_COST))
+    monkeypatch.setenv("JAX_MPK_MIN_TASK_WORK", str(1 << 14))  # the default (conftest's 1 tiles to single elements)
     cfg = TinyConfig(qk_norm=True, hidden=256, heads=4, kv_heads=2, head_dim=64, mlp=512, batch=batch)
     params, cache = init_params(cfg, jax.random.PRNGKey(11)), init_cache(cfg, jax.random.PRNGKey(12))
     args = (params, random_tokens(cfg, 13), jnp.int32(4), *cache)
@@ -340,14 +341,21 @@ def test_carried_levels_run_where_their_last_producer_ran(monkeypatch):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_a_level_waiting_on_a_carried_level_is_not_carried(monkeypatch):
-    """The runtimes run one carried task at a time, not chains: no carried task's producer is carried, and a level
-    with a task above the cost stays listed (the products beside the norm it would delay)."""
+def test_which_levels_are_carried(monkeypatch):
+    """Carried are the levels of small tasks without products whose producers arrive at few carried tasks each:
+    no carried task's producer is carried (the runtimes run one carried task at a time, not chains), a level with
+    a task above the cost stays listed, products stay listed (they stream their weights from before they wait),
+    and no producer arrives at more than CARRIES_PER_PRODUCER (it runs those it completes one after another)."""
+    from jax_mpk.tasks import CARRIES_PER_PRODUCER
+
     _, _, mk = _carried_decode(monkeypatch)
     tasks = mk.tasks.tasks
     assert not any(tasks[d].carried for t in tasks if t.carried for d in t.deps)
     assert all(not t.carried for t in tasks if t.cost > TINY_CARRY_COST)
-    assert any(not t.carried and t.deps and all(tasks[d].carried for d in t.deps) for t in tasks)  # the argmax's end
+    assert all(not t.carried for t in tasks if mk.graph.kernels[t.kernel].dot is not None)
+    assert 0 < max(len(t.carries) for t in tasks) <= CARRIES_PER_PRODUCER
+    # listed tasks wait on carried ones (the attention's scores on the appended keys)
+    assert any(not t.carried and any(tasks[d].carried for d in t.deps) for t in tasks)
 
 
 @pytest.mark.parametrize("break_it, message", [
@@ -380,7 +388,7 @@ def test_a_carried_llama_layer_has_five_dependency_hops(monkeypatch):
     """Llama-3.2-1B's decode step planned for 132 SMs (2 layers, on the CPU): its layer has six dependency levels,
     the second of them the K and V cache appends and the stored queries after the split-K Q/K/V products (a few
     tasks while 127 SMs wait, ~4 us a layer on an H200); with JAX_MPK_CARRY_TASK_COST=65536 exactly that level is
-    carried, leaving five hops a layer (runtime-v2's bound)."""
+    carried, leaving five hops a layer (runtime-v2's bound), and tiled finer."""
     import dataclasses
     import sys
 
@@ -388,9 +396,12 @@ def test_a_carried_llama_layer_has_five_dependency_hops(monkeypatch):
     import models
     import planning
 
-    monkeypatch.setenv("JAX_MPK_CARRY_TASK_COST", str(1 << 16))
+    monkeypatch.setenv("JAX_MPK_MIN_TASK_WORK", str(1 << 14))  # the default (conftest's 1 tiles to single elements)
     cfg = dataclasses.replace(models.PRESETS["llama-3.2-1b"], layers=2)
-    stages = planning.plan_for_gpu(planning.trace_decode_step(cfg, 1, 1024), 132, "9.0")
+    closed = planning.trace_decode_step(cfg, 1, 1024)
+    listed = planning.plan_for_gpu(closed, 132, "9.0").tasks
+    monkeypatch.setenv("JAX_MPK_CARRY_TASK_COST", str(1 << 16))
+    stages = planning.plan_for_gpu(closed, 132, "9.0")
     validate(stages.tasks, stages.schedule)
     kernels, tasks = stages.graph.kernels, stages.tasks.tasks
     carried = {t.kernel for t in tasks if t.carried}
@@ -400,3 +411,6 @@ def test_a_carried_llama_layer_has_five_dependency_hops(monkeypatch):
     assert len({k.level for k in second_layer}) == 6
     assert len({k.level for k in second_layer if k.index not in carried}) == 5
     assert all(not t.carried or t.cost <= 1 << 16 for t in tasks)
+    # carried, a level is tiled finer: the key append a task per KV head (8), listed one task for all of them
+    key_append = appends[0].index
+    assert (sum(t.kernel == key_append for t in listed.tasks), sum(t.kernel == key_append for t in tasks)) == (1, 8)

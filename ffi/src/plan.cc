@@ -646,6 +646,7 @@ class PlanParser {
       task.remote_signal_count = field(TaskField::kRemoteSignalCount);
       task.carry_begin = field(TaskField::kCarryBegin);
       task.carry_count = field(TaskField::kCarryCount);
+      Require(task.carry_count <= layout::kMaxCarries, "CARRY_COUNT is more than MAX_CARRIES");
       Require(task.remote_wait_count >= 0 && task.remote_wait_count <= kMaxElements,
               "REMOTE_WAIT_COUNT is out of range");
       const Shape& domain = plan_.kernels[task.kernel].domain;

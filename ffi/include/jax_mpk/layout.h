@@ -12,6 +12,7 @@ inline constexpr int64_t kComputedOperand = -1;
 inline constexpr int kTaskWords = 27;
 inline constexpr int64_t kMaxPlanRanks = 1024;
 inline constexpr int kMaxCudaRanks = 8;
+inline constexpr int kMaxCarries = 32;
 inline constexpr int kProfileStamps = 6;  // wait, start, staged, computed, body_end, signalled
 inline constexpr int kStampWait = 0;
 inline constexpr int kStampStart = 1;

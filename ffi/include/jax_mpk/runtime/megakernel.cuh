@@ -175,25 +175,30 @@ __device__ __forceinline__ void store_stamps(uint64_t* profile, int32_t task_ind
 // task has signalled); a phase the body does not mark stays 0. A task given up (watchdog, abort) leaves its
 // record as the previous call wrote it. `profile_sms[worker]` gets the physical SM the worker ran on.
 //
-// Carried tasks (in no list; `carries` holds, per listed task, those it arrives at): after its signals a task
-// adds 1 to each carried task's event with one acq_rel atomic (releasing its stores, acquiring the others'); the
-// task that brings it to its target runs the carried task at once (its wait is over: its stamps "wait" and
-// "start" are the arrival), then signals for it. A carried task's event has no other signaller, so exactly one
-// arrival finds it complete.
+// Carried tasks (in no list; `carries` holds, per listed task, the at most layout::kMaxCarries it arrives at):
+// after its signals a task adds 1 to each carried task's event, lane c of warp 0 for the c-th, all at once, with
+// an acq_rel atomic (releasing the block's stores, acquiring the other arrivals'); the lanes whose arrival brings
+// an event to its target have completed those tasks' waits, and the block runs them one after the other, then
+// and there (their stamps "wait" and "start" are the arrival). A carried task's event has no other signaller, so
+// exactly one arrival finds it complete.
 template <class Dispatch>
 __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, const int32_t* signals,
                            const int32_t* remote_signals, const int32_t* carries, const int32_t* worker_begin,
                            const int32_t* worker_tasks, char* smem, Dispatch& dispatch, uint64_t* profile,
                            uint64_t* profile_sms) {
   static_assert(sizeof(TaskRecord) % sizeof(int32_t) == 0 && sizeof(TaskRecord) / sizeof(int32_t) <= 32);
+  static_assert(layout::kMaxCarries <= 32, "a lane of one warp arrives at each carried task");
   // The tables are read once per call, and the weights streamed in between evict them from L2: a table read
   // after a task's wait is a DRAM round trip (~1 us) on the dependency chain, at every level. So while
   // thread 0 waits for task i, warp 1 copies the record of task i + 1 into shared memory (three slots:
-  // warp 0 still reads record i while it signals, after the other warps may have moved on to i + 1), warp 2 the
-  // record of the first task i carries, and warp 0's lanes load the first events task i will signal.
+  // warp 0 still reads record i while it signals, after the other warps may have moved on to i + 1), warp 2
+  // the events and targets of the tasks i carries, and warp 0's lanes load the first events task i will signal.
   __shared__ TaskRecord records[3];
   __shared__ TaskRecord carried;
-  __shared__ int32_t shared_go, carried_index;
+  __shared__ int32_t shared_go;
+  __shared__ int32_t carried_index[layout::kMaxCarries], carried_event[layout::kMaxCarries];
+  __shared__ uint64_t carried_target[layout::kMaxCarries];
+  __shared__ uint32_t carried_due;  // bit c: this block's arrival completed the c-th carried task's wait
   const int32_t begin = worker_begin[blockIdx.x], end = worker_begin[blockIdx.x + 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
@@ -208,13 +213,6 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
   if (warp == 1 && begin < end) copy_record(&records[0], tasks + worker_tasks[begin], lane);
   __syncthreads();
   const uint64_t epoch = call_epoch;
-  // Warp `copier`: the record of the carry-th task `task` carries into `carried`, its index into carried_index.
-  auto copy_carried = [&](const TaskRecord& task, int32_t carry, int copier) {
-    if (warp != copier) return;
-    const int32_t index = __ldg(carries + task.carry_begin + carry);
-    copy_record(&carried, tasks + index, lane);
-    if (lane == 0) carried_index = index;
-  };
   for (int32_t i = begin, slot = 0; i < end; ++i) {
     const int32_t task_index = worker_tasks[i], next_slot = slot == 2 ? 0 : slot + 1;
     const TaskRecord& task = records[slot];
@@ -222,7 +220,12 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
     const int32_t first_signal =
         warp == 0 && lane < task.signal_count ? __ldg(signals + task.signal_begin + lane) : -1;
     if (warp == 1 && i + 1 < end) copy_record(&records[next_slot], tasks + worker_tasks[i + 1], lane);
-    if (task.carry_count > 0) copy_carried(task, 0, 2);
+    if (warp == 2 && lane < task.carry_count) {
+      const int32_t index = __ldg(carries + task.carry_begin + lane);
+      carried_index[lane] = index;
+      carried_event[lane] = __ldg(&tasks[index].wait_event);
+      carried_target[lane] = static_cast<uint64_t>(__ldg(&tasks[index].wait_count)) * epoch;
+    }
     if (threadIdx.x == 0) {
       if (profile) {  // a phase this body does not mark stays 0
         task_stamps[layout::kStampWait] = global_timer_ns();
@@ -239,37 +242,37 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
     if (threadIdx.x < 32) {
       signal_events(p, task, first_signal, signals, remote_signals);
       if (profile && threadIdx.x == 0) store_stamps(profile, task_index);
-    }
-    for (int32_t carry = 0; carry < task.carry_count; ++carry) {
-      if (carry > 0) {  // the first was copied during the wait
-        __syncthreads();  // every thread is done with the previous one
-        copy_carried(task, carry, 0);
-        __syncthreads();
+      if (task.carry_count > 0) {  // after the fence of signal_events: the arrivals, one round trip for all
+        const bool due = lane < task.carry_count &&
+                         add_acq_rel(p.counters + carried_event[lane], 1) + 1 == carried_target[lane];
+        const uint32_t mask = __ballot_sync(0xffffffffu, due);
+        if (lane == 0) carried_due = mask;
       }
-      if (threadIdx.x == 0) {
-        if (profile) {
-          task_stamps[layout::kStampWait] = global_timer_ns();
+    }
+    if (task.carry_count > 0) {
+      __syncthreads();
+      for (uint32_t due = carried_due; due != 0; due &= due - 1) {
+        const int32_t index = carried_index[__ffs(due) - 1];
+        if (warp == 0) copy_record(&carried, tasks + index, lane);
+        if (profile && threadIdx.x == 0) {
+          task_stamps[layout::kStampWait] = task_stamps[layout::kStampStart] = global_timer_ns();
           task_stamps[layout::kStampStaged] = task_stamps[layout::kStampComputed] = 0;
         }
-        // the block's stores are ordered before this by the barrier after the body; warp 0 has fenced them too
-        const uint64_t arrived = add_acq_rel(p.counters + carried.wait_event, 1) + 1;
-        shared_go = arrived == static_cast<uint64_t>(carried.wait_count) * epoch;
-        if (profile) task_stamps[layout::kStampStart] = global_timer_ns();
+        __syncthreads();
+        dispatch.prefetch(carried, smem);  // a ring product's body expects its first slots issued before it runs
+        dispatch.run(carried, smem);
+        __syncthreads();
+        if (profile) mark_phase(layout::kStampBodyEnd);
+        if (threadIdx.x < 32) {
+          const int32_t first = lane < carried.signal_count ? __ldg(signals + carried.signal_begin + lane) : -1;
+          signal_events(p, carried, first, signals, remote_signals);
+          if (profile && threadIdx.x == 0) store_stamps(profile, index);
+          __syncwarp();  // every lane has read `carried` before warp 0 copies the next record into it
+        }
       }
+      // warp 2 rewrites the carried tables, and warp 0 `carried` and carried_due, only after every thread is done
       __syncthreads();
-      if (!shared_go) continue;  // thread 0 writes shared_go again only after the next barrier
-      dispatch.prefetch(carried, smem);  // a ring product's body expects its first slots issued before it runs
-      dispatch.run(carried, smem);
-      __syncthreads();
-      if (profile) mark_phase(layout::kStampBodyEnd);
-      if (threadIdx.x < 32) {
-        const int32_t first = lane < carried.signal_count ? __ldg(signals + carried.signal_begin + lane) : -1;
-        signal_events(p, carried, first, signals, remote_signals);
-        if (profile && threadIdx.x == 0) store_stamps(profile, carried_index);
-      }
     }
-    // warp 2 copies the next carried record, and thread 0 writes shared_go, only after every thread is done
-    if (task.carry_count > 0) __syncthreads();
     slot = next_slot;
   }
   // A task given up (watchdog, abort) may leave weight copies in flight into shared memory.
