@@ -135,7 +135,7 @@ if has micro; then
     sed -n '/^\/\/   nvcc /,/\.cu /p' "$1" | sed -e 's|^//[[:space:]]*||' -e 's|\\$||' | tr '\n' ' ' \
       | sed -e 's|^nvcc ||' -e 's| benchmarks/micro/.*||'
   }
-  for variant in attention_chunk weight_stream weight_stream:-DJAX_MPK_READ_DEPTH=16; do
+  for variant in attention_chunk weight_stream weight_stream:-DJAX_MPK_READ_DEPTH=16 chain_under_stream; do
     name=${variant%%:*} extra=${variant#"$name"}
     log="$OUT/micro_${name}${extra:+_depth16}.txt"
     # shellcheck disable=SC2046,SC2086
@@ -143,7 +143,7 @@ if has micro; then
       -o "/tmp/micro_$name" > "$log" 2>&1; then
       timeout 150 "/tmp/micro_$name" >> "$log" 2>&1 || echo "$name: exit $?" >> "$log"
     fi
-    echo "$log:"; grep -cE "TB/s|us \(" "$log"
+    echo "$log:"; grep -cE "TB/s|us \(|^pause|^none" "$log"
   done
 fi
 echo "session: $(( $(date +%s) - start )) s"
