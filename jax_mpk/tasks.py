@@ -177,23 +177,23 @@ def _level_tilings(kernels: list[Kernel], per_element: dict[int, float], num_wor
         levels.setdefault(k.level, []).append(k)
     tilings: dict[int, list[tuple[tuple, tuple]]] = {}
     for level, level_kernels in levels.items():
-        min_task_work = (level_work or {}).get(level, min_task_work)
+        min_work = (level_work or {}).get(level, min_task_work)
         work = {k.index: per_element[k.index] * math.prod(k.domain) for k in level_kernels}
         total = sum(work.values())
         share = {i: max(1, int(num_workers * w / total)) if w else 1 for i, w in work.items()}
         # each kind's rule once per kernel (the rows kind's renders the kernel to find its rows)
         rules = {k.index: bodies.tiling(k) for k in level_kernels}
-        tiles = {k.index: tile_domain(k, rules[k.index], share[k.index], per_element[k.index], min_task_work)
+        tiles = {k.index: tile_domain(k, rules[k.index], share[k.index], per_element[k.index], min_work)
                  for k in level_kernels}  # fmt: skip
         while (free := num_workers - sum(len(t) for t in tiles.values())) > 0:
             for k in sorted(level_kernels, key=lambda k: -work[k.index] / max(len(tiles[k.index]), 1)):
-                wider = tile_domain(k, rules[k.index], len(tiles[k.index]) + free, per_element[k.index], min_task_work)
+                wider = tile_domain(k, rules[k.index], len(tiles[k.index]) + free, per_element[k.index], min_work)
                 if len(wider) > len(tiles[k.index]):
                     tiles[k.index] = wider
                     break
             else:
                 break  # no kernel's tiling grows with the idle workers
-        _relieve_busiest(level_kernels, tiles, rules, per_element, num_workers, min_task_work)
+        _relieve_busiest(level_kernels, tiles, rules, per_element, num_workers, min_work)
         tilings.update(tiles)
     return tilings
 
