@@ -112,25 +112,31 @@ def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 
     """Tasks of every kernel; a kernel is split into at most one task per worker (more where its body kind caps
     a tile's width: ``Tiling.max_last``), each of at least ``min_task_work`` (elements x estimated per-element
     cost). With ``carry_task_cost``, the levels of tasks that small are carried (:func:`carry_small_levels`),
-    tiled CARRIED_WORK_DIVISOR times finer."""
-    tasks, accesses, num_events, num_remote = _tasks_and_events(graph, num_workers, min_task_work, {})
+    tiled CARRIED_WORK_DIVISOR times finer, or with the dims their tiles' producers share held whole."""
+    tasks, accesses, num_events, num_remote = _tasks_and_events(graph, num_workers, min_task_work, {}, {})
     if carry_task_cost:
+        kernels = graph.kernels
         # A carried task costs no worker a list slot, wait or hop: it runs on an SM whose product has just ended.
         # Finer, each is shorter (fewer elements a thread, fewer serial round trips to L2) and more of them run
         # side by side, each as soon as its own producers are done (Llama-1B's K append: a task per head, not one).
-        # A level that its finer tiling would leave uncarried (more tasks a producer) is tiled as before.
+        # Tiles that would share all their producers (a batch's rows: every product task covers them all) would
+        # all run on the last producer, one after another: such dims stay whole, the level tiled as listed.
+        candidates = carried_levels(kernels, tasks, carry_task_cost, carries_per_producer=None)
+        by_kernel = _group_by_kernel(tasks, len(kernels))
+        whole = {k.index: dims for k in kernels if k.level in candidates
+                 if (dims := _producer_shared_dims(by_kernel[k.index]))}  # fmt: skip
         finer_work = max(1, min_task_work // CARRIED_WORK_DIVISOR)
-        levels = carried_levels(graph.kernels, tasks, carry_task_cost)
-        for _ in range(2):
-            if not levels:
-                break
-            tasks, accesses, num_events, num_remote = _tasks_and_events(
-                graph, num_workers, min_task_work, dict.fromkeys(levels, finer_work))
-            finer = carried_levels(graph.kernels, tasks, carry_task_cost)
-            if set(levels) <= set(finer):
-                break
-            levels = [level for level in levels if level in finer]
-        num_events = carry_small_levels(graph.kernels, tasks, num_events, carry_task_cost)
+        finer = dict.fromkeys(set(candidates) - {kernels[k].level for k in whole}, finer_work)
+        if candidates:
+            tasks, accesses, num_events, num_remote = _tasks_and_events(graph, num_workers, min_task_work,
+                                                                        finer, whole)  # fmt: skip
+            carried = set(carried_levels(kernels, tasks, carry_task_cost))
+            if not set(candidates) <= carried:  # the others tiled as listed (and carried if that passes)
+                finer = {level: work for level, work in finer.items() if level in carried}
+                whole = {k: dims for k, dims in whole.items() if kernels[k].level in carried}
+                tasks, accesses, num_events, num_remote = _tasks_and_events(graph, num_workers, min_task_work,
+                                                                            finer, whole)  # fmt: skip
+        num_events = carry_small_levels(kernels, tasks, num_events, carry_task_cost)
     merge_counters = {}
     for kernel in graph.kernels:
         if kernel.attention is not None:
@@ -139,15 +145,15 @@ def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 
     return TaskGraph(graph, tasks, num_events, num_remote, accesses, merge_counters)
 
 
-def _tasks_and_events(graph: KernelGraph, num_workers: int, min_task_work: int,
-                      level_work: dict[int, int]) -> tuple[list[Task], list[Accesses], int, int]:
-    """Every kernel's tiles as tasks (a level in ``level_work`` tiled with that minimum work), their accesses,
-    dependencies and events (local, remote)."""
+def _tasks_and_events(graph: KernelGraph, num_workers: int, min_task_work: int, level_work: dict[int, int],
+                      whole: dict[int, frozenset[int]]) -> tuple[list[Task], list[Accesses], int, int]:
+    """Every kernel's tiles as tasks (a level in ``level_work`` tiled with that minimum work, a kernel in ``whole``
+    holding those dims whole besides its kind's), their accesses, dependencies and events (local, remote)."""
     buffer_ids = {id(b): i for i, b in enumerate(graph.buffers)}
     tasks: list[Task] = []
     accesses: list[Accesses] = []
     per_element = {k.index: _cost_per_element(k) for k in graph.kernels}
-    tilings = _level_tilings(graph.kernels, per_element, num_workers, min_task_work, level_work)
+    tilings = _level_tilings(graph.kernels, per_element, num_workers, min_task_work, level_work, whole)
     for kernel in graph.kernels:
         tiles = tilings[kernel.index]
         first = len(tasks)
@@ -167,8 +173,10 @@ def _tasks_and_events(graph: KernelGraph, num_workers: int, min_task_work: int,
 
 
 def _level_tilings(kernels: list[Kernel], per_element: dict[int, float], num_workers: int, min_task_work: int,
-                   level_work: dict[int, int] | None = None) -> dict[int, list[tuple[tuple, tuple]]]:
-    """The tiles of every kernel (a level in ``level_work`` with that minimum work a task). Kernels of one level
+                   level_work: dict[int, int] | None = None,
+                   whole: dict[int, frozenset[int]] | None = None) -> dict[int, list[tuple[tuple, tuple]]]:
+    """The tiles of every kernel (a level in ``level_work`` with that minimum work a task, a kernel in ``whole``
+    holding those dims whole besides what its kind's rule holds). Kernels of one level
     run side by side: they share the workers in proportion to their work; then the workers their tilings leave
     idle (a split-K product tiles in whole slices) go, one kernel at a time, to the kernel with the most work per
     task whose tiling grows with them."""
@@ -183,6 +191,10 @@ def _level_tilings(kernels: list[Kernel], per_element: dict[int, float], num_wor
         share = {i: max(1, int(num_workers * w / total)) if w else 1 for i, w in work.items()}
         # each kind's rule once per kernel (the rows kind's renders the kernel to find its rows)
         rules = {k.index: bodies.tiling(k) for k in level_kernels}
+        for k in level_kernels:
+            if (whole or {}).get(k.index):
+                rule = rules[k.index]
+                rules[k.index] = replace(rule, whole=rule.whole | (whole[k.index] - rule.single))
         tiles = {k.index: tile_domain(k, rules[k.index], share[k.index], per_element[k.index], min_work)
                  for k in level_kernels}  # fmt: skip
         while (free := num_workers - sum(len(t) for t in tiles.values())) > 0:
@@ -491,11 +503,13 @@ def _group_by_kernel(tasks: list[Task], num_kernels: int) -> list[list[Task]]:
     return groups
 
 
-def carried_levels(kernels: list[Kernel], tasks: list[Task], max_task_cost: float) -> list[int]:
+def carried_levels(kernels: list[Kernel], tasks: list[Task], max_task_cost: float,
+                   carries_per_producer: int | None = CARRIES_PER_PRODUCER) -> list[int]:
     """The dependency levels :func:`carry_small_levels` carries: those without products (a product streams its
     weight from before it waits: listed) whose tasks all cost at most ``max_task_cost``, wait on something and
     stay on this device, that wait on no carried level (the runtimes run one carried task at a time, not chains of
-    them) and whose producers would arrive at no more than CARRIES_PER_PRODUCER carried tasks each."""
+    them) and whose producers would arrive at no more than ``carries_per_producer`` carried tasks each (None: any
+    number, the candidates before their tiling is settled)."""
     by_level: dict[int, list[Kernel]] = {}
     for kernel in kernels:
         by_level.setdefault(kernel.level, []).append(kernel)
@@ -511,12 +525,30 @@ def carried_levels(kernels: list[Kernel], tasks: list[Task], max_task_cost: floa
                or any(d in carried for d in t.deps) for t in level_tasks):  # fmt: skip
             continue
         more = carries + Counter(d for t in level_tasks for d in t.deps)
-        if max(more.values()) > CARRIES_PER_PRODUCER:
+        if carries_per_producer is not None and max(more.values()) > carries_per_producer:
             continue
         carries = more
         carried.update(t.index for t in level_tasks)
         levels.append(level)
     return levels
+
+
+def _producer_shared_dims(tasks: list[Task]) -> frozenset[int]:
+    """The dims along which a kernel's tiles are cut although the tiles on either side of every cut wait on the same
+    producers (a batch's rows after products that hold all rows): cut there, their carried tasks would all be run by
+    one producer, one after another."""
+    if len(tasks) < 2:
+        return frozenset()
+    rank = len(tasks[0].lo)
+    shared = set()
+    for dim in range(rank):
+        groups: dict[tuple, set] = {}
+        for t in tasks:
+            others = (t.lo[:dim] + t.lo[dim + 1 :], t.hi[:dim] + t.hi[dim + 1 :])
+            groups.setdefault(others, set()).add(frozenset(t.deps))
+        if len(groups) < len(tasks) and all(len(deps) == 1 for deps in groups.values()):
+            shared.add(dim)
+    return frozenset(shared)
 
 
 def carry_small_levels(kernels: list[Kernel], tasks: list[Task], num_events: int, max_task_cost: float) -> int:

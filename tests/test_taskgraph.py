@@ -414,3 +414,32 @@ def test_a_carried_llama_layer_has_five_dependency_hops(monkeypatch):
     # carried, a level is tiled finer: the key append a task per KV head (8), listed one task for all of them
     key_append = appends[0].index
     assert (sum(t.kernel == key_append for t in listed.tasks), sum(t.kernel == key_append for t in tasks)) == (1, 8)
+
+
+def test_a_batchs_rows_stay_together_when_carried(monkeypatch):
+    """Llama-3.2-1B at batch 8 (1 layer, 132 SMs, on the CPU): listed, its key append is a task per row, all waiting
+    on the same K-product tasks (each holds all 8 rows); carried that way, one producer would run all 8 one after
+    another. So a carried level keeps such dims whole: a task per KV head holding the 8 rows, each carrier
+    arriving at no more than CARRIES_PER_PRODUCER."""
+    import dataclasses
+    import sys
+
+    from jax_mpk.tasks import CARRIES_PER_PRODUCER
+
+    sys.path[:0] = [str(ROOT / "examples"), str(ROOT / "benchmarks")]
+    import models
+    import planning
+
+    monkeypatch.setenv("JAX_MPK_MIN_TASK_WORK", str(1 << 14))  # the default (conftest's 1 tiles to single elements)
+    cfg = dataclasses.replace(models.PRESETS["llama-3.2-1b"], layers=1)
+    closed = planning.trace_decode_step(cfg, 8, 1024)
+    listed = planning.plan_for_gpu(closed, 132, "9.0").tasks.tasks
+    monkeypatch.setenv("JAX_MPK_CARRY_TASK_COST", str(1 << 16))
+    stages = planning.plan_for_gpu(closed, 132, "9.0")
+    key_append = next(k.index for k in stages.graph.kernels if k.name.startswith("update_slice"))
+    rows = lambda t: t.hi[1] - t.lo[1]  # noqa: E731  (the append's domain: layer, batch, position, head, dim)
+    before = [t for t in listed if t.kernel == key_append]
+    after = [t for t in stages.tasks.tasks if t.kernel == key_append]
+    assert {rows(t) for t in before} == {1} and len({tuple(t.deps) for t in before}) == 1
+    assert all(t.carried and rows(t) == 8 for t in after) and len(after) == 8
+    assert max(len(t.carries) for t in stages.tasks.tasks) <= CARRIES_PER_PRODUCER
