@@ -127,16 +127,18 @@ def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 
                  if (dims := _producer_shared_dims(by_kernel[k.index]))}  # fmt: skip
         finer_work = max(1, min_task_work // CARRIED_WORK_DIVISOR)
         finer = dict.fromkeys(set(candidates) - {kernels[k].level for k in whole}, finer_work)
+        carried = []  # with the cap, a subset of the candidates
         if candidates:
             tasks, accesses, num_events, num_remote = _tasks_and_events(graph, num_workers, min_task_work,
                                                                         finer, whole)  # fmt: skip
-            carried = set(carried_levels(kernels, tasks, carry_task_cost))
-            if not set(candidates) <= carried:  # the others tiled as listed (and carried if that passes)
+            carried = carried_levels(kernels, tasks, carry_task_cost)
+            if not set(candidates) <= set(carried):  # the others tiled as listed (and carried if that passes)
                 finer = {level: work for level, work in finer.items() if level in carried}
                 whole = {k: dims for k, dims in whole.items() if kernels[k].level in carried}
                 tasks, accesses, num_events, num_remote = _tasks_and_events(graph, num_workers, min_task_work,
                                                                             finer, whole)  # fmt: skip
-        num_events = carry_small_levels(kernels, tasks, num_events, carry_task_cost)
+                carried = carried_levels(kernels, tasks, carry_task_cost)
+        num_events = carry_small_levels(kernels, tasks, num_events, set(carried))
     merge_counters = {}
     for kernel in graph.kernels:
         if kernel.attention is not None:
@@ -180,11 +182,8 @@ def _level_tilings(kernels: list[Kernel], per_element: dict[int, float], num_wor
     run side by side: they share the workers in proportion to their work; then the workers their tilings leave
     idle (a split-K product tiles in whole slices) go, one kernel at a time, to the kernel with the most work per
     task whose tiling grows with them."""
-    levels: dict[int, list[Kernel]] = {}
-    for k in kernels:
-        levels.setdefault(k.level, []).append(k)
     tilings: dict[int, list[tuple[tuple, tuple]]] = {}
-    for level, level_kernels in levels.items():
+    for level, level_kernels in _kernels_by_level(kernels).items():
         min_work = (level_work or {}).get(level, min_task_work)
         work = {k.index: per_element[k.index] * math.prod(k.domain) for k in level_kernels}
         total = sum(work.values())
@@ -496,6 +495,14 @@ def _transitively_reduced(found: tuple[int, ...], remote: tuple[int, ...], ances
     return deps, list(remote), bits
 
 
+def _kernels_by_level(kernels: list[Kernel]) -> dict[int, list[Kernel]]:
+    """Dependency level -> its kernels, in kernel order."""
+    levels: dict[int, list[Kernel]] = {}
+    for kernel in kernels:
+        levels.setdefault(kernel.level, []).append(kernel)
+    return levels
+
+
 def _group_by_kernel(tasks: list[Task], num_kernels: int) -> list[list[Task]]:
     groups: list[list[Task]] = [[] for _ in range(num_kernels)]
     for task in tasks:
@@ -510,9 +517,7 @@ def carried_levels(kernels: list[Kernel], tasks: list[Task], max_task_cost: floa
     stay on this device, that wait on no carried level (the runtimes run one carried task at a time, not chains of
     them) and whose producers would arrive at no more than ``carries_per_producer`` carried tasks each (None: any
     number, the candidates before their tiling is settled)."""
-    by_level: dict[int, list[Kernel]] = {}
-    for kernel in kernels:
-        by_level.setdefault(kernel.level, []).append(kernel)
+    by_level = _kernels_by_level(kernels)
     by_kernel = _group_by_kernel(tasks, len(kernels))
     carried: set[int] = set()  # tasks
     carries: Counter = Counter()  # producer -> carried tasks it arrives at
@@ -551,8 +556,8 @@ def _producer_shared_dims(tasks: list[Task]) -> frozenset[int]:
     return frozenset(shared)
 
 
-def carry_small_levels(kernels: list[Kernel], tasks: list[Task], num_events: int, max_task_cost: float) -> int:
-    """Carry every task of the :func:`carried_levels`: such a task leaves the worker lists and the task that
+def carry_small_levels(kernels: list[Kernel], tasks: list[Task], num_events: int, levels: set[int]) -> int:
+    """Carry every task of ``levels`` (:func:`carried_levels`): such a task leaves the worker lists and the task that
     completes its wait runs it right after its own signals (split attention's merge, made general: a level of a
     few small tasks -- the K/V cache appends and the stored queries after split-K projections, the chunks of a
     split argmax -- costs a dependency hop and the chip idles during it). Each gets an event of its own, at which
@@ -560,7 +565,6 @@ def carry_small_levels(kernels: list[Kernel], tasks: list[Task], num_events: int
 
     Deadlock-free as the lists are: the producers are listed tasks, each run to its end, and a carried task waits
     on nothing once it is due."""
-    levels = set(carried_levels(kernels, tasks, max_task_cost))
     for task in tasks:
         if kernels[task.kernel].level not in levels:
             continue
