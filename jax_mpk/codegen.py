@@ -116,8 +116,9 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         f'extern "C" __global__ void __launch_bounds__({THREADS}, 1) {KERNEL_NAME}(const Params p) {{',
         "  extern __shared__ __align__(16) char smem[];",
         "  Dispatch dispatch{p};",
-        f"  run_worker(p, kTasks, kSignals, kRemoteSignals, kCarries, kWorkerBegin, kWorkerTasks, smem, dispatch, {profile},",
-        f"             {profile_sms});",
+        # without carried tasks the second inlined copy of the bodies (the carried task's dispatch) is not compiled
+        f"  run_worker<{str(any(t.carries for t in graph.tasks)).lower()}>(p, kTasks, kSignals, kRemoteSignals, kCarries,",
+        f"                    kWorkerBegin, kWorkerTasks, smem, dispatch, {profile}, {profile_sms});",
         "}",
         "",
     ]

@@ -164,9 +164,10 @@ def test_batch_products_computing_their_rows_match_jit(batch, monkeypatch):
 def test_decode_steps_with_codegen_knobs_match_jit(batch, knob, value, generated, monkeypatch):
     """The knobs only codegen reads, set against their defaults (the warp ring and evict-first off, the attention's
     KV prefetch on): the steps still agree with jax.jit (at batch 8 the bf16 products are on tensor cores: the warp
-    ring's knob changes the float32 model's)."""
+    ring's knob changes the float32 model's; attention is split, and so prefetches, from 32 cache positions on)."""
     monkeypatch.setenv(knob, value)
-    cfg = TinyConfig(qk_norm=True, dtype="float32" if knob == "JAX_MPK_WARP_RING" else "bfloat16", batch=batch)
+    dtype = "float32" if knob == "JAX_MPK_WARP_RING" else "bfloat16"
+    cfg = TinyConfig(qk_norm=True, dtype=dtype, batch=batch, max_seq=32)
     fast = _check_decode_steps(cfg)
     assert generated in _plan(fast).source.text
 

@@ -181,7 +181,10 @@ __device__ __forceinline__ void store_stamps(uint64_t* profile, int32_t task_ind
 // an event to its target have completed those tasks' waits, and the block runs them one after the other, then
 // and there (their stamps "wait" and "start" are the arrival). A carried task's event has no other signaller, so
 // exactly one arrival finds it complete.
-template <class Dispatch>
+// `kRunsCarried` false (a plan without carried tasks) compiles none of it: a second inlined copy of every body
+// (dispatch.run for the carried task) made the megakernel 12-13% slower at batch 1 even when no task was carried
+// (H200, session 15: Llama-1B b1 1.129 -> 1.278 ms, Qwen3-0.6B 1.199 -> 1.342 ms).
+template <bool kRunsCarried, class Dispatch>
 __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, const int32_t* signals,
                            const int32_t* remote_signals, const int32_t* carries, const int32_t* worker_begin,
                            const int32_t* worker_tasks, char* smem, Dispatch& dispatch, uint64_t* profile,
@@ -220,7 +223,7 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
     const int32_t first_signal =
         warp == 0 && lane < task.signal_count ? __ldg(signals + task.signal_begin + lane) : -1;
     if (warp == 1 && i + 1 < end) copy_record(&records[next_slot], tasks + worker_tasks[i + 1], lane);
-    if (warp == 2 && lane < task.carry_count) {
+    if (kRunsCarried && warp == 2 && lane < task.carry_count) {
       const int32_t index = __ldg(carries + task.carry_begin + lane);
       carried_index[lane] = index;
       carried_event[lane] = __ldg(&tasks[index].wait_event);
@@ -242,36 +245,38 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
     if (threadIdx.x < 32) {
       signal_events(p, task, first_signal, signals, remote_signals);
       if (profile && threadIdx.x == 0) store_stamps(profile, task_index);
-      if (task.carry_count > 0) {  // after the fence of signal_events: the arrivals, one round trip for all
+      if (kRunsCarried && task.carry_count > 0) {  // after the fence of signal_events: the arrivals, one round trip for all
         const bool due = lane < task.carry_count &&
                          add_acq_rel(p.counters + carried_event[lane], 1) + 1 == carried_target[lane];
         const uint32_t mask = __ballot_sync(0xffffffffu, due);
         if (lane == 0) carried_due = mask;
       }
     }
-    if (task.carry_count > 0) {
-      __syncthreads();
-      for (uint32_t due = carried_due; due != 0; due &= due - 1) {
-        const int32_t index = carried_index[__ffs(due) - 1];
-        if (warp == 0) copy_record(&carried, tasks + index, lane);
-        if (profile && threadIdx.x == 0) {
-          task_stamps[layout::kStampWait] = task_stamps[layout::kStampStart] = global_timer_ns();
-          task_stamps[layout::kStampStaged] = task_stamps[layout::kStampComputed] = 0;
-        }
+    if constexpr (kRunsCarried) {
+      if (task.carry_count > 0) {
         __syncthreads();
-        dispatch.prefetch(carried, smem);  // a ring product's body expects its first slots issued before it runs
-        dispatch.run(carried, smem);
-        __syncthreads();
-        if (profile) mark_phase(layout::kStampBodyEnd);
-        if (threadIdx.x < 32) {
-          const int32_t first = lane < carried.signal_count ? __ldg(signals + carried.signal_begin + lane) : -1;
-          signal_events(p, carried, first, signals, remote_signals);
-          if (profile && threadIdx.x == 0) store_stamps(profile, index);
-          __syncwarp();  // every lane has read `carried` before warp 0 copies the next record into it
+        for (uint32_t due = carried_due; due != 0; due &= due - 1) {
+          const int32_t index = carried_index[__ffs(due) - 1];
+          if (warp == 0) copy_record(&carried, tasks + index, lane);
+          if (profile && threadIdx.x == 0) {
+            task_stamps[layout::kStampWait] = task_stamps[layout::kStampStart] = global_timer_ns();
+            task_stamps[layout::kStampStaged] = task_stamps[layout::kStampComputed] = 0;
+          }
+          __syncthreads();
+          dispatch.prefetch(carried, smem);  // a ring product's body expects its first slots issued before it runs
+          dispatch.run(carried, smem);
+          __syncthreads();
+          if (profile) mark_phase(layout::kStampBodyEnd);
+          if (threadIdx.x < 32) {
+            const int32_t first = lane < carried.signal_count ? __ldg(signals + carried.signal_begin + lane) : -1;
+            signal_events(p, carried, first, signals, remote_signals);
+            if (profile && threadIdx.x == 0) store_stamps(profile, index);
+            __syncwarp();  // every lane has read `carried` before warp 0 copies the next record into it
+          }
         }
+        // warp 2 rewrites the carried tables, and warp 0 `carried` and carried_due, only after every thread is done
+        __syncthreads();
       }
-      // warp 2 rewrites the carried tables, and warp 0 `carried` and carried_due, only after every thread is done
-      __syncthreads();
     }
     slot = next_slot;
   }
