@@ -108,20 +108,17 @@ def plan_for_gpu(closed, sms: int, arch: str):
 def print_levels(stages, first: int, layers: int) -> None:
     """Each kernel of the first ``first`` dependency levels: level, tasks, the largest task's estimated work."""
     by_kernel: dict[int, list[float]] = {}
-    carried = {t.kernel for t in stages.tasks.tasks if t.carried}
     for task in stages.tasks.tasks:
         by_kernel.setdefault(task.kernel, []).append(task.cost)
     kernels = stages.graph.kernels
     levels = max(k.level for k in kernels) + 1
-    carried_levels = {k.level for k in kernels if k.index in carried}
-    print(f"{levels} dependency levels for {layers} layers (and the embedding and head)"
-          + (f", {len(carried_levels)} of them carried (no hop: run by their producers)" if carried_levels else ""))
+    print(f"{levels} dependency levels for {layers} layers (and the embedding and head)")
     for k in sorted(kernels, key=lambda k: (k.level, k.index)):
         if k.level >= first:
             break
         costs = by_kernel.get(k.index, [0.0])
         print(f"  level {k.level:3d}  kernel {k.index:4d}  {len(costs):4d} tasks  largest {max(costs):10.0f}  "
-              f"{'carried ' if k.index in carried else ''}{k.name[:56]}  {list(k.domain)}")
+              f"{k.name[:56]}  {list(k.domain)}")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "examples"))
 import jax_mpk  # noqa: E402
 from jax_mpk.layout import PROFILE_STAMPS  # noqa: E402
-from jax_mpk.trace import PHASES, dependency_hops, task_times, workers_as_run  # noqa: E402
+from jax_mpk.trace import PHASES, dependency_hops, task_times  # noqa: E402
 
 
 def tiny_models_step(layers: int, ctx: int, batch: int):
@@ -147,7 +147,7 @@ def summarize(mk, stamps: np.ndarray, runs: list[np.ndarray], show: int, sms: np
     start, staged, body_end, signalled = (PROFILE_STAMPS.index(n) for n in ("start", "staged", "body_end", "signalled"))
     times = task_times(stamps)
     print(f"{mk}\ncall span {times[:, 2].max():.1f} us (runs: {[round(float(task_times(r)[:, 2].max()), 1) for r in runs]})")
-    hops = dependency_hops(times, [[] if t.carried else t.deps for t in tasks])
+    hops = dependency_hops(times, [t.deps for t in tasks])
     if len(hops):
         print(f"dependency hop (start after the last dependency signalled, {len(hops)} waiting tasks): median "
               f"{np.median(hops):.2f} us, p10 {np.percentile(hops, 10):.2f}, p90 {np.percentile(hops, 90):.2f}")
@@ -162,8 +162,7 @@ def summarize(mk, stamps: np.ndarray, runs: list[np.ndarray], show: int, sms: np
             split = f"{'':11s} {np.mean(s[:, body_end] - s[:, start]):5.1f} {np.mean(s[:, signalled] - s[:, body_end]):5.1f}"
         else:
             split = " ".join(f"{np.mean(s[:, last] - s[:, first]):5.1f}" for _, first, last in PHASES)
-        name = ("carried " if tasks[rows[0]].carried else "") + kernel.name
-        print(f"{kernel.index:3d} {name[:50]:51s} {len(rows):5d} {t[:, 1].min():8.1f} {t[:, 2].max():8.1f} "
+        print(f"{kernel.index:3d} {kernel.name[:50]:51s} {len(rows):5d} {t[:, 1].min():8.1f} {t[:, 2].max():8.1f} "
               f"{t[:, 2].max() - t[:, 1].min():7.1f} {np.mean(t[:, 2] - t[:, 1]):6.2f} {np.mean(t[:, 1] - t[:, 0]):6.2f}  {split}")
 
     slowest_workers(mk, stamps, sms)
@@ -176,8 +175,7 @@ def slowest_workers(mk, stamps: np.ndarray, sms: np.ndarray, count: int = 8, min
     for when it starts or where it runs, not for what it reads (session 13: the same workers were slowest in two
     processes, on other physical SMs each time, with planned work 0.94-1.00)."""
     staged, computed = PROFILE_STAMPS.index("staged"), PROFILE_STAMPS.index("computed")
-    worker_of = {task: w for w, order in enumerate(workers_as_run(mk.schedule.workers, mk.tasks.tasks, task_times(stamps)))
-                 for task in order}  # fmt: skip
+    worker_of = {task: w for w, order in enumerate(mk.schedule.workers) for task in order}
     ratios: dict[int, list[float]] = {}
     planned: dict[int, list[float]] = {}
     for tasks in mk.tasks.tasks_by_kernel():

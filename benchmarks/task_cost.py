@@ -66,7 +66,7 @@ def task_stats(fn, args) -> dict:
         del os.environ["JAX_MPK_PROFILE"]
     stamps = mk.profile(*args, phases=True)
     times = task_times(stamps)
-    hops = dependency_hops(times, [[] if t.carried else t.deps for t in mk.tasks.tasks])
+    hops = dependency_hops(times, [t.deps for t in mk.tasks.tasks])
     phases = {}  # a task's run, phase by phase (medians; the product bodies mark staged and computed)
     for name, first, last in PHASES:
         spans = stamps[:, last] - stamps[:, first]

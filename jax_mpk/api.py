@@ -109,7 +109,7 @@ def _plan_stages(jaxpr, shard_map: ShardMap | None, target: Target, cfg: config_
             f"{extension().max_cuda_buffers}, whose addresses fill its 32 KB parameter block"
         )
     with _stage("tiling"):
-        tasks = build_task_graph(graph, target.num_workers, cfg.min_task_work, cfg.carry_task_cost)
+        tasks = build_task_graph(graph, target.num_workers, cfg.min_task_work)
     if len(tasks.tasks) > cfg.max_tasks:
         raise GraphTooLargeError(
             f"the task graph has {len(tasks.tasks)} tasks, more than the {cfg.max_tasks} allowed (JAX_MPK_MAX_TASKS)"
@@ -163,7 +163,7 @@ def cached_plan(jaxpr, shard_map: ShardMap | None, signature: str, target: Targe
     cache, or planned and stored. Returns it with the stages that made it (None when loaded)."""
     with _stage("looking up the plan cache"):
         knobs = (cfg.min_task_work, cfg.max_tasks, cfg.max_workspace_bytes, cfg.validate, cfg.profile,
-                 cfg.schedule_seed, cfg.task_fixed_cost, cfg.carry_task_cost)  # fmt: skip
+                 cfg.schedule_seed, cfg.task_fixed_cost)  # fmt: skip
         key = plan_cache.cache_key(jaxpr, signature, target, knobs)
         plan = None if cfg.force_compile else plan_cache.load(cfg.cache_dir, key)
     if plan is not None:
@@ -376,10 +376,8 @@ class Megakernel:
             kernels = [t.kernel for t in self.tasks.tasks]
             names = [k.name for k in self.graph.kernels]
             title = repr(self) if len(times) == 1 else [f"device {rank}: {self!r}" for rank in range(len(times))]
-            # a carried task is drawn on the worker that ran it in device 0's call
-            workers = trace_module.workers_as_run(self.schedule.workers, self.tasks.tasks, times[0])
-            trace_module.save(trace_module.chrome_trace(all_times, workers, kernels, names, title, self.profile_sms),
-                              trace)  # fmt: skip
+            trace_module.save(trace_module.chrome_trace(all_times, self.schedule.workers, kernels, names, title,
+                                                        self.profile_sms), trace)  # fmt: skip
         result = all_times if phases else times
         return result if self.shard_map is not None else result[0]
 

@@ -53,7 +53,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
     smem, ring_offset = 0, None  # the ring sits above the shared memory of every task that uses one
     for kernel, tasks in zip(kg.kernels, graph.tasks_by_kernel()):
         body = KernelBody(kernel, tasks, budget, graph.merge_counters.get(kernel.index, -1), profile_offset is not None,
-                          target.comm_copies, target.warp_ring, target.attention_prefetch)  # fmt: skip
+                          target.comm_copies, target.warp_ring)  # fmt: skip
         text, kernel_smem, prefetch = bodies.render(body)
         smem = max(smem, kernel_smem)
         if body.uses_ring:
@@ -116,9 +116,8 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         f'extern "C" __global__ void __launch_bounds__({THREADS}, 1) {KERNEL_NAME}(const Params p) {{',
         "  extern __shared__ __align__(16) char smem[];",
         "  Dispatch dispatch{p};",
-        # without carried tasks the second inlined copy of the bodies (the carried task's dispatch) is not compiled
-        f"  run_worker<{str(any(t.carries for t in graph.tasks)).lower()}>(p, kTasks, kSignals, kRemoteSignals, kCarries,",
-        f"                    kWorkerBegin, kWorkerTasks, smem, dispatch, {profile}, {profile_sms});",
+        f"  run_worker(p, kTasks, kSignals, kRemoteSignals, kWorkerBegin, kWorkerTasks, smem, dispatch, {profile},",
+        f"             {profile_sms});",
         "}",
         "",
     ]
@@ -157,7 +156,7 @@ def _task_tables(graph: TaskGraph, sched: Schedule) -> list[str]:
         remote = words[TaskField.REMOTE_WAIT_EVENT :]
         return f"{{{join(scalars)},{{{join(lo)}}},{{{join(hi)}}},{join(remote)}}}"
 
-    records, signals, remote_signals, carries = task_records(graph.tasks)
+    records, signals, remote_signals = task_records(graph.tasks)
     begin, flat = [0], []
     for worker in sched.workers:
         flat += worker
@@ -168,7 +167,6 @@ def _task_tables(graph: TaskGraph, sched: Schedule) -> list[str]:
         "};",
         f"__device__ const int32_t kSignals[] = {{{','.join(map(str, signals or [0]))}}};",
         f"__device__ const int32_t kRemoteSignals[] = {{{','.join(map(str, remote_signals or [0]))}}};",
-        f"__device__ const int32_t kCarries[] = {{{','.join(map(str, carries or [0]))}}};",
         f"__device__ const int32_t kWorkerBegin[] = {{{','.join(map(str, begin))}}};",
         f"__device__ const int32_t kWorkerTasks[] = {{{','.join(map(str, flat or [0]))}}};",
     ]

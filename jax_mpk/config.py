@@ -86,13 +86,6 @@ class Config:
     # copying what it multiplies, so that no block barrier per 32 KB slot waits for the slowest copy (dot.cuh's
     # columns_warp_ring; JAX_MPK_WARP_RING, default on: H200 Qwen3-8B b1 5.044 -> 4.999 ms, Llama-1B b1 1.181 -> 1.168)
     warp_ring: bool
-    # tiling: the tasks of a dependency level whose tasks all cost at most this much (the estimate the tiling and
-    # the scheduler use: elements x per-element work) are carried, each run by the producer that completes its wait
-    # instead of a worker's list (tasks.carry_small_levels; JAX_MPK_CARRY_TASK_COST, default 0: off until measured)
-    carry_task_cost: float
-    # CUDA: each split-attention task asks L2 for its chunk of the KV cache before it waits, while the Q/K/V
-    # products and the appends run (Target.attention_prefetch; JAX_MPK_ATTENTION_PREFETCH, default off until measured)
-    attention_prefetch: bool
 
 
 @contextlib.contextmanager
@@ -139,6 +132,4 @@ def load() -> Config:
         comm_copies=_env_flag("JAX_MPK_COMM_COPIES", False),
         stream_evict_first=_env_flag("JAX_MPK_STREAM_EVICT_FIRST", True),
         warp_ring=_env_flag("JAX_MPK_WARP_RING", True),
-        attention_prefetch=_env_flag("JAX_MPK_ATTENTION_PREFETCH", False),
-        carry_task_cost=_env("JAX_MPK_CARRY_TASK_COST", 0.0, float, lambda v: 0 <= v < 1e12, "a number in [0, 1e12)"),
     )

@@ -76,11 +76,9 @@ class KernelBody:
     kind renders into."""
 
     def __init__(self, kernel: Kernel, tasks, shared_memory_bytes: int, merge_counter: int = -1,
-                 profile: bool = False, comm_copies: bool = False, warp_ring: bool = False,
-                 attention_prefetch: bool = False):  # fmt: skip
+                 profile: bool = False, comm_copies: bool = False, warp_ring: bool = False):  # fmt: skip
         self.kernel, self.tasks = kernel, tasks
         self.warp_ring = warp_ring  # CUDA-core ring products through dot.cuh's warp ring (Target.warp_ring)
-        self.attention_prefetch = attention_prefetch  # split attention asks L2 for its KV chunk (Target's)
         # every rank keeps a copy of every rank's slot of a COMM tensor (Target.comm_copies): stores go to all
         # ranks' copies and reads are local; else slot r lives on rank r only and is read there
         self.comm_copies = comm_copies

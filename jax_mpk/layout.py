@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from .scalar_ops import SCALAR_OPS, ScalarOp
 
 MAGIC = 0x4B504D58  # "XMPK"
-VERSION = 3
+VERSION = 2
 MAX_RANK = 8  # dims of a tensor, a kernel domain, or a domain followed by a contraction
 HEADER_WORDS = 17
 # In a DOT record's lhs_tensor: the lhs is not loaded but computed by the kernel's expression node whose
@@ -34,9 +34,6 @@ MAX_PLAN_RANKS = 1024
 # Devices a CUDA plan may run on together: the size of the peer arrays in the kernel's parameters
 # (runtime/params.h CommParams), which must stay small (the parameter block is limited to 4 KB).
 MAX_CUDA_RANKS = 8
-# Carried tasks one task may arrive at (CARRY_COUNT): the CUDA runtime arrives at all of them at once, a lane of
-# one warp each
-MAX_CARRIES = 32
 # A profiling build (JAX_MPK_PROFILE) records these global-timer stamps per task, in this order, as uint64 words
 # after the workspace: the wait begins, the body begins, its rows are staged, its products computed, the body
 # ends (the block's last barrier), the task has signalled. Staged and computed stay 0 in bodies without them.
@@ -192,13 +189,9 @@ class TaskField(enum.IntEnum):
     REMOTE_WAIT_COUNT = 6 + 2 * MAX_RANK
     REMOTE_SIGNAL_BEGIN = 7 + 2 * MAX_RANK  # first entry in the remote signal list
     REMOTE_SIGNAL_COUNT = 8 + 2 * MAX_RANK
-    # Carried tasks (in no worker's list; see plan_format.md): this task arrives at each carried task in its slice
-    # of the carry list, and the task whose arrival completes a carried task's WAIT_COUNT runs it, then and there
-    CARRY_BEGIN = 9 + 2 * MAX_RANK
-    CARRY_COUNT = 10 + 2 * MAX_RANK
 
 
-TASK_WORDS = 11 + 2 * MAX_RANK
+TASK_WORDS = 9 + 2 * MAX_RANK
 
 _ENUMS = (Platform, DType, TensorKind, KernelKind, StageKind, ReduceKind, NodeOp, Header, TaskField)
 _INCLUDE = pathlib.Path(__file__).resolve().parent.parent / "ffi" / "include" / "jax_mpk"
@@ -222,7 +215,6 @@ def render_layout_header() -> str:
         f"inline constexpr int kTaskWords = {TASK_WORDS};",
         f"inline constexpr int64_t kMaxPlanRanks = {MAX_PLAN_RANKS};",
         f"inline constexpr int kMaxCudaRanks = {MAX_CUDA_RANKS};",
-        f"inline constexpr int kMaxCarries = {MAX_CARRIES};",
         f"inline constexpr int kProfileStamps = {len(PROFILE_STAMPS)};  // {', '.join(PROFILE_STAMPS)}",
         *(f"inline constexpr int kStamp{_camel(name.upper())} = {i};" for i, name in enumerate(PROFILE_STAMPS)),
         "",

@@ -77,21 +77,20 @@ def serialize(graph: TaskGraph, sched: Schedule, platform: Platform = Platform.C
     for record in maps.records:
         words += record
     words += kernel_words
-    records, signals, remote_signals, carries = task_records(graph.tasks)
+    records, signals, remote_signals = task_records(graph.tasks)
     for record in records:
         words += record
     words += [len(signals), *signals]
     words += [len(remote_signals), *remote_signals]
-    words += [len(carries), *carries]
     for worker in sched.workers:
         words += [len(worker), *worker]
     return np.asarray(words, dtype=np.int64)
 
 
-def task_records(tasks) -> tuple[list[list[int]], list[int], list[int], list[int]]:
-    """Each task's fixed record (layout.TaskField) and the lists the records index (events, remote events, carried
-    tasks): the layout of the plan's task section and of the generated megakernel's task table alike."""
-    records, signals, remote_signals, carries = [], [], [], []
+def task_records(tasks) -> tuple[list[list[int]], list[int], list[int]]:
+    """Each task's fixed record (layout.TaskField) and the signal lists the records index (events, remote
+    events): the layout of the plan's task section and of the generated megakernel's task table alike."""
+    records, signals, remote_signals = [], [], []
     for task in tasks:
         record = [0] * TASK_WORDS
         record[TaskField.KERNEL] = task.kernel
@@ -105,13 +104,10 @@ def task_records(tasks) -> tuple[list[list[int]], list[int], list[int], list[int
         record[TaskField.REMOTE_WAIT_COUNT] = task.remote_wait_count
         record[TaskField.REMOTE_SIGNAL_BEGIN] = len(remote_signals)
         record[TaskField.REMOTE_SIGNAL_COUNT] = len(task.remote_signals)
-        record[TaskField.CARRY_BEGIN] = len(carries)
-        record[TaskField.CARRY_COUNT] = len(task.carries)
         signals += task.signals
         remote_signals += task.remote_signals
-        carries += task.carries
         records.append(record)
-    return records, signals, remote_signals, carries
+    return records, signals, remote_signals
 
 
 def plan_key(words: np.ndarray, source: str = "") -> str:

@@ -37,21 +37,16 @@ def schedule(graph: TaskGraph, num_workers: int, fixed_cost: float = 0.0) -> Sch
     """List scheduling with each task's estimated cost plus ``fixed_cost`` (``fixed_task_cost``, or 0)."""
     free_at = np.zeros(num_workers)
     finish = [0.0] * len(graph.tasks)
-    worker_of = [-1] * len(graph.tasks)
     workers: list[list[int]] = [[] for _ in range(num_workers)]
     for task in graph.tasks:  # tasks are created in a topological order
         ready = max((finish[d] for d in task.deps), default=0.0)
-        if task.carried:  # run right after its last producer (the latest estimated), which delays that worker
-            finish[task.index] = ready + task.cost + fixed_cost
-            free_at[worker_of[max(task.deps, key=lambda d: finish[d])]] += task.cost + fixed_cost
-            continue
         # among the workers that can start it as early, the one idle longest: without a fixed cost the estimate
         # lacks a task's few microseconds, so a worker that has just finished a tiny task is in fact still busy
         starts = np.maximum(free_at, ready)
         earliest = np.flatnonzero(starts == starts.min())
         worker = int(earliest[free_at[earliest].argmin()])  # argmin: the first of equals
         finish[task.index] = float(starts[worker] + task.cost + fixed_cost)
-        free_at[worker], worker_of[task.index] = finish[task.index], worker
+        free_at[worker] = finish[task.index]
         workers[worker].append(task.index)
     return Schedule(workers)
 
@@ -92,8 +87,7 @@ def shuffled_schedule(graph: TaskGraph, num_workers: int, seed: int) -> Schedule
     workers: list[list[int]] = [[] for _ in range(num_workers)]
     while ready:
         task = ready.pop(rnd.randrange(len(ready)))
-        if not graph.tasks[task].carried:  # a carried task runs where its last producer ran
-            workers[rnd.randrange(num_workers)].append(task)
+        workers[rnd.randrange(num_workers)].append(task)
         for f in followers[task]:
             waiting[f] -= 1
             if waiting[f] == 0:

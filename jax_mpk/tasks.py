@@ -14,7 +14,6 @@ grouped into remote events the same way (counters in every device's communicatio
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -22,17 +21,9 @@ import numpy as np
 from . import bodies
 from .emit import Tiling
 from .kernels import Kernel, KernelGraph, Tensor
-from .layout import MAX_CARRIES, TensorKind
+from .layout import TensorKind
 from .graph import Acc, Load, Node, Piecewise, Reduce, Reindex
 from .indexmap import reshape_rects, overlapping_pairs
-
-# A carried level is tiled with this much less work a task than a listed one (the minimum work at 16384: Llama-1B's
-# K append a task a head, its queries 29 tasks instead of 3)
-CARRIED_WORK_DIVISOR = 8
-# The carried tasks a producer may arrive at: it runs those it completes one after the other, and a level whose
-# tasks share their producers (the rows of a batch) would run on one SM, not side by side
-CARRIES_PER_PRODUCER = 4
-assert CARRIES_PER_PRODUCER <= MAX_CARRIES  # what the runtimes take
 
 @dataclass
 class Accesses:
@@ -64,9 +55,6 @@ class Task:
     remote_wait_event: int = -1
     remote_wait_count: int = 0
     remote_signals: list[int] = field(default_factory=list)
-    # carried: in no worker's list; the task whose arrival completes its wait runs it (carry_small_levels)
-    carried: bool = False
-    carries: list[int] = field(default_factory=list)  # the carried tasks this one arrives at, after its signals
 
     def __repr__(self) -> str:
         tile = ",".join(f"{a}:{b}" for a, b in zip(self.lo, self.hi))
@@ -76,10 +64,7 @@ class Task:
         signal = f" signal {['e%d' % e for e in self.signals]}" if self.signals else ""
         if self.remote_signals:
             signal += f" signal {['r%d' % e for e in self.remote_signals]}"
-        if self.carries:
-            signal += f" arrive at {['task%d' % c for c in self.carries]}"
-        carried = " carried" if self.carried else ""
-        return f"task{self.index} k{self.kernel}[{tile}]{carried}{wait}{signal}"
+        return f"task{self.index} k{self.kernel}[{tile}]{wait}{signal}"
 
 
 @dataclass
@@ -107,55 +92,15 @@ class TaskGraph:
         return "\n".join(lines)
 
 
-def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 1 << 14,
-                     carry_task_cost: float = 0.0) -> TaskGraph:
+def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 1 << 14) -> TaskGraph:
     """Tasks of every kernel; a kernel is split into at most one task per worker (more where its body kind caps
     a tile's width: ``Tiling.max_last``), each of at least ``min_task_work`` (elements x estimated per-element
-    cost). With ``carry_task_cost``, the levels of tasks that small are carried (:func:`carry_small_levels`),
-    tiled CARRIED_WORK_DIVISOR times finer, or with the dims their tiles' producers share held whole."""
-    tasks, accesses, num_events, num_remote = _tasks_and_events(graph, num_workers, min_task_work, {}, {})
-    if carry_task_cost:
-        kernels = graph.kernels
-        # A carried task costs no worker a list slot, wait or hop: it runs on an SM whose product has just ended.
-        # Finer, each is shorter (fewer elements a thread, fewer serial round trips to L2) and more of them run
-        # side by side, each as soon as its own producers are done (Llama-1B's K append: a task per head, not one).
-        # Tiles that would share all their producers (a batch's rows: every product task covers them all) would
-        # all run on the last producer, one after another: such dims stay whole, the level tiled as listed.
-        candidates = carried_levels(kernels, tasks, carry_task_cost, carries_per_producer=None)
-        by_kernel = _group_by_kernel(tasks, len(kernels))
-        whole = {k.index: dims for k in kernels if k.level in candidates
-                 if (dims := _producer_shared_dims(by_kernel[k.index]))}  # fmt: skip
-        finer_work = max(1, min_task_work // CARRIED_WORK_DIVISOR)
-        finer = dict.fromkeys(set(candidates) - {kernels[k].level for k in whole}, finer_work)
-        carried = []  # with the cap, a subset of the candidates
-        if candidates:
-            tasks, accesses, num_events, num_remote = _tasks_and_events(graph, num_workers, min_task_work,
-                                                                        finer, whole)  # fmt: skip
-            carried = carried_levels(kernels, tasks, carry_task_cost)
-            if not set(candidates) <= set(carried):  # the others tiled as listed (and carried if that passes)
-                finer = {level: work for level, work in finer.items() if level in carried}
-                whole = {k: dims for k, dims in whole.items() if kernels[k].level in carried}
-                tasks, accesses, num_events, num_remote = _tasks_and_events(graph, num_workers, min_task_work,
-                                                                            finer, whole)  # fmt: skip
-                carried = carried_levels(kernels, tasks, carry_task_cost)
-        num_events = carry_small_levels(kernels, tasks, num_events, set(carried))
-    merge_counters = {}
-    for kernel in graph.kernels:
-        if kernel.attention is not None:
-            merge_counters[kernel.index] = num_events
-            num_events += kernel.attention.groups(kernel.domain)
-    return TaskGraph(graph, tasks, num_events, num_remote, accesses, merge_counters)
-
-
-def _tasks_and_events(graph: KernelGraph, num_workers: int, min_task_work: int, level_work: dict[int, int],
-                      whole: dict[int, frozenset[int]]) -> tuple[list[Task], list[Accesses], int, int]:
-    """Every kernel's tiles as tasks (a level in ``level_work`` tiled with that minimum work, a kernel in ``whole``
-    holding those dims whole besides its kind's), their accesses, dependencies and events (local, remote)."""
+    cost)."""
     buffer_ids = {id(b): i for i, b in enumerate(graph.buffers)}
     tasks: list[Task] = []
     accesses: list[Accesses] = []
     per_element = {k.index: _cost_per_element(k) for k in graph.kernels}
-    tilings = _level_tilings(graph.kernels, per_element, num_workers, min_task_work, level_work, whole)
+    tilings = _level_tilings(graph.kernels, per_element, num_workers, min_task_work)
     for kernel in graph.kernels:
         tiles = tilings[kernel.index]
         first = len(tasks)
@@ -168,43 +113,43 @@ def _tasks_and_events(graph: KernelGraph, num_workers: int, min_task_work: int, 
     _derive_dependencies(tasks, accesses, [len(b.shape) for b in graph.buffers], comm)
     num_events = _assign_events(tasks, "deps", "signals", "wait_event", "wait_count")
     num_remote = _assign_events(tasks, "remote_deps", "remote_signals", "remote_wait_event", "remote_wait_count")
-    return tasks, accesses, num_events, num_remote
+    merge_counters = {}
+    for kernel in graph.kernels:
+        if kernel.attention is not None:
+            merge_counters[kernel.index] = num_events
+            num_events += kernel.attention.groups(kernel.domain)
+    return TaskGraph(graph, tasks, num_events, num_remote, accesses, merge_counters)
 
 
 # ------------------------------------------------------------------------------------------------ tiling
 
 
-def _level_tilings(kernels: list[Kernel], per_element: dict[int, float], num_workers: int, min_task_work: int,
-                   level_work: dict[int, int] | None = None,
-                   whole: dict[int, frozenset[int]] | None = None) -> dict[int, list[tuple[tuple, tuple]]]:
-    """The tiles of every kernel (a level in ``level_work`` with that minimum work a task, a kernel in ``whole``
-    holding those dims whole besides what its kind's rule holds). Kernels of one level
-    run side by side: they share the workers in proportion to their work; then the workers their tilings leave
-    idle (a split-K product tiles in whole slices) go, one kernel at a time, to the kernel with the most work per
-    task whose tiling grows with them."""
+def _level_tilings(kernels: list[Kernel], per_element: dict[int, float], num_workers: int,
+                   min_task_work: int) -> dict[int, list[tuple[tuple, tuple]]]:
+    """The tiles of every kernel. Kernels of one level run side by side: they share the workers in proportion
+    to their work; then the workers their tilings leave idle (a split-K product tiles in whole slices) go,
+    one kernel at a time, to the kernel with the most work per task whose tiling grows with them."""
+    levels: dict[int, list[Kernel]] = {}
+    for k in kernels:
+        levels.setdefault(k.level, []).append(k)
     tilings: dict[int, list[tuple[tuple, tuple]]] = {}
-    for level, level_kernels in _kernels_by_level(kernels).items():
-        min_work = (level_work or {}).get(level, min_task_work)
+    for level_kernels in levels.values():
         work = {k.index: per_element[k.index] * math.prod(k.domain) for k in level_kernels}
         total = sum(work.values())
         share = {i: max(1, int(num_workers * w / total)) if w else 1 for i, w in work.items()}
         # each kind's rule once per kernel (the rows kind's renders the kernel to find its rows)
         rules = {k.index: bodies.tiling(k) for k in level_kernels}
-        for k in level_kernels:
-            if (whole or {}).get(k.index):
-                rule = rules[k.index]
-                rules[k.index] = replace(rule, whole=rule.whole | (whole[k.index] - rule.single))
-        tiles = {k.index: tile_domain(k, rules[k.index], share[k.index], per_element[k.index], min_work)
+        tiles = {k.index: tile_domain(k, rules[k.index], share[k.index], per_element[k.index], min_task_work)
                  for k in level_kernels}  # fmt: skip
         while (free := num_workers - sum(len(t) for t in tiles.values())) > 0:
             for k in sorted(level_kernels, key=lambda k: -work[k.index] / max(len(tiles[k.index]), 1)):
-                wider = tile_domain(k, rules[k.index], len(tiles[k.index]) + free, per_element[k.index], min_work)
+                wider = tile_domain(k, rules[k.index], len(tiles[k.index]) + free, per_element[k.index], min_task_work)
                 if len(wider) > len(tiles[k.index]):
                     tiles[k.index] = wider
                     break
             else:
                 break  # no kernel's tiling grows with the idle workers
-        _relieve_busiest(level_kernels, tiles, rules, per_element, num_workers, min_work)
+        _relieve_busiest(level_kernels, tiles, rules, per_element, num_workers, min_task_work)
         tilings.update(tiles)
     return tilings
 
@@ -495,87 +440,11 @@ def _transitively_reduced(found: tuple[int, ...], remote: tuple[int, ...], ances
     return deps, list(remote), bits
 
 
-def _kernels_by_level(kernels: list[Kernel]) -> dict[int, list[Kernel]]:
-    """Dependency level -> its kernels, in kernel order."""
-    levels: dict[int, list[Kernel]] = {}
-    for kernel in kernels:
-        levels.setdefault(kernel.level, []).append(kernel)
-    return levels
-
-
 def _group_by_kernel(tasks: list[Task], num_kernels: int) -> list[list[Task]]:
     groups: list[list[Task]] = [[] for _ in range(num_kernels)]
     for task in tasks:
         groups[task.kernel].append(task)
     return groups
-
-
-def carried_levels(kernels: list[Kernel], tasks: list[Task], max_task_cost: float,
-                   carries_per_producer: int | None = CARRIES_PER_PRODUCER) -> list[int]:
-    """The dependency levels :func:`carry_small_levels` carries: those without products (a product streams its
-    weight from before it waits: listed) whose tasks all cost at most ``max_task_cost``, wait on something and
-    stay on this device, that wait on no carried level (the runtimes run one carried task at a time, not chains of
-    them) and whose producers would arrive at no more than ``carries_per_producer`` carried tasks each (None: any
-    number, the candidates before their tiling is settled)."""
-    by_level = _kernels_by_level(kernels)
-    by_kernel = _group_by_kernel(tasks, len(kernels))
-    carried: set[int] = set()  # tasks
-    carries: Counter = Counter()  # producer -> carried tasks it arrives at
-    levels = []
-    for level in sorted(by_level):
-        level_tasks = [t for k in by_level[level] for t in by_kernel[k.index]]
-        if not level_tasks or any(k.dot is not None for k in by_level[level]):
-            continue
-        if any(t.cost > max_task_cost or not t.deps or t.remote_deps or t.remote_signals
-               or any(d in carried for d in t.deps) for t in level_tasks):  # fmt: skip
-            continue
-        more = carries + Counter(d for t in level_tasks for d in t.deps)
-        if carries_per_producer is not None and max(more.values()) > carries_per_producer:
-            continue
-        carries = more
-        carried.update(t.index for t in level_tasks)
-        levels.append(level)
-    return levels
-
-
-def _producer_shared_dims(tasks: list[Task]) -> frozenset[int]:
-    """The dims along which a kernel's tiles are cut although the tiles on either side of every cut wait on the same
-    producers (a batch's rows after products that hold all rows): cut there, their carried tasks would all be run by
-    one producer, one after another."""
-    if len(tasks) < 2:
-        return frozenset()
-    rank = len(tasks[0].lo)
-    shared = set()
-    for dim in range(rank):
-        groups: dict[tuple, set] = {}
-        for t in tasks:
-            others = (t.lo[:dim] + t.lo[dim + 1 :], t.hi[:dim] + t.hi[dim + 1 :])
-            groups.setdefault(others, set()).add(frozenset(t.deps))
-        if len(groups) < len(tasks) and all(len(deps) == 1 for deps in groups.values()):
-            shared.add(dim)
-    return frozenset(shared)
-
-
-def carry_small_levels(kernels: list[Kernel], tasks: list[Task], num_events: int, levels: set[int]) -> int:
-    """Carry every task of ``levels`` (:func:`carried_levels`): such a task leaves the worker lists and the task that
-    completes its wait runs it right after its own signals (split attention's merge, made general: a level of a
-    few small tasks -- the K/V cache appends and the stored queries after split-K projections, the chunks of a
-    split argmax -- costs a dependency hop and the chip idles during it). Each gets an event of its own, at which
-    its producers arrive (``Task.carries``) instead of signalling it. Returns the event count.
-
-    Deadlock-free as the lists are: the producers are listed tasks, each run to its end, and a carried task waits
-    on nothing once it is due."""
-    for task in tasks:
-        if kernels[task.kernel].level not in levels:
-            continue
-        task.carried, task.wait_event = True, num_events
-        num_events += 1
-        for producer in task.deps:
-            tasks[producer].carries.append(task.index)
-    waited = {t.wait_event for t in tasks if not t.carried and t.wait_event >= 0}
-    for task in tasks:  # an event whose only waiters are now carried is not signalled
-        task.signals = [e for e in task.signals if e in waited]
-    return num_events
 
 
 def _assign_events(tasks: list[Task], deps: str, signals: str, wait_event: str, wait_count: str) -> int:

@@ -70,17 +70,6 @@ def chrome_trace(times_us: np.ndarray, workers: Sequence[Sequence[int]], task_ke
     return {"traceEvents": events, "displayTimeUnit": "ns"}
 
 
-def workers_as_run(workers: Sequence[Sequence[int]], tasks, times_us: np.ndarray) -> list[list[int]]:
-    """The tasks each worker ran in one call: its list, each carried task (``tasks[t].carried``, in no list) right
-    after the producer that ran it: the one whose task ended last (``times_us[t] = (wait, start, end)``), whose
-    arrival completed the carried task's wait."""
-    carried_after: dict[int, list[int]] = {}
-    for task in tasks:
-        if task.carried:
-            carried_after.setdefault(max(task.deps, key=lambda d: times_us[d, 2]), []).append(task.index)
-    return [[t for listed in order for t in (listed, *carried_after.get(listed, ()))] for order in workers]
-
-
 def save(trace: dict[str, Any], path: str) -> None:
     with open(path, "w") as f:
         json.dump(trace, f)
@@ -112,7 +101,7 @@ def dependency_hops(times_us: np.ndarray, task_deps: Sequence[Sequence[int]]) ->
     """For every task that was already waiting when its last dependency signalled (or began to wait at that
     moment): how long after that signal it started running (µs). This is the cost of one dependency hop (the
     producer's fence and counter add, the consumer's poll seeing it, its barrier), measured on the real
-    schedule. (A carried task makes no hop: pass it without dependencies.)"""
+    schedule."""
     hops = []
     for task, deps in enumerate(task_deps):
         if not deps:

@@ -9,9 +9,6 @@
     written before it by a task of an earlier kernel: nothing reads memory this call has not written
     (a dropped kernel would leave the previous call's values there).
 5. The per-worker lists run to completion (no deadlock) when simulated with the event protocol.
-6. A carried task is in no list, waits on an event of its own, only its producers' arrivals count there (no
-   task signals it), carries nothing itself and has no remote events; every other task is in one list and
-   arrives at no more than MAX_CARRIES carried tasks.
 
 Every rank of a multi-rank plan runs the same lists, so one simulated rank stands for all of them, and a
 wait on a remote event (the producers on every rank) orders a task after its local producers too.
@@ -27,7 +24,7 @@ import numpy as np
 
 from .errors import InvalidTaskGraphError
 from .indexmap import overlapping_pairs
-from .layout import MAX_CARRIES, TensorKind
+from .layout import TensorKind
 from .schedule import Schedule
 from .tasks import TaskGraph
 
@@ -35,7 +32,6 @@ from .tasks import TaskGraph
 def validate(graph: TaskGraph, sched: Schedule) -> None:
     tasks = graph.tasks
     _check_partitions(graph)
-    _check_carries(graph)
     signallers = _signallers(graph, "signals", "wait_event", "wait_count", "event")
     remote_signallers = _signallers(graph, "remote_signals", "remote_wait_event", "remote_wait_count", "remote event")
     ancestors = _Ancestors(graph, signallers, remote_signallers)
@@ -249,9 +245,6 @@ def _signallers(graph: TaskGraph, signals: str, wait_event: str, wait_count: str
     for task in graph.tasks:
         for event in getattr(task, signals):
             signallers.setdefault(event, []).append(task.index)
-        if signals == "signals":  # an arrival at a carried task counts at its event as a signal does
-            for carried in task.carries:
-                signallers.setdefault(graph.tasks[carried].wait_event, []).append(task.index)
     for task in graph.tasks:
         event, count = getattr(task, wait_event), getattr(task, wait_count)
         if event >= 0 and len(signallers.get(event, [])) != count:
@@ -262,33 +255,10 @@ def _signallers(graph: TaskGraph, signals: str, wait_event: str, wait_count: str
     return signallers
 
 
-def _check_carries(graph: TaskGraph) -> None:
-    tasks = graph.tasks
-    signalled = {e for t in tasks for e in t.signals}
-    waiters = Counter(t.wait_event for t in tasks if t.wait_event >= 0)
-    arrivals = Counter(c for t in tasks for c in t.carries)
-    for task in tasks:
-        if any(not tasks[c].carried for c in task.carries) or len(set(task.carries)) < len(task.carries):
-            raise InvalidTaskGraphError(f"{task!r} arrives at a task that is not carried, or twice at one")
-        if len(task.carries) > MAX_CARRIES:
-            raise InvalidTaskGraphError(f"{task!r} arrives at more than {MAX_CARRIES} carried tasks")
-        if not task.carried:
-            continue
-        if task.wait_event < 0 or waiters[task.wait_event] != 1 or task.wait_event in signalled:
-            raise InvalidTaskGraphError(f"carried {task!r} does not wait on an event of its own that only arrivals count")
-        if task.carries or task.remote_wait_event >= 0 or task.remote_signals:
-            raise InvalidTaskGraphError(f"carried {task!r} carries tasks or has remote events")
-        if arrivals[task.index] != task.wait_count:
-            raise InvalidTaskGraphError(
-                f"carried {task!r} is arrived at {arrivals[task.index]} times, not by each of its {task.wait_count} producers"
-            )
-
-
 def _check_schedule(graph: TaskGraph, sched: Schedule) -> None:
     listed = Counter(i for worker in sched.workers for i in worker)
-    expected = [t.index for t in graph.tasks if not t.carried]
-    if sorted(listed) != expected or any(c != 1 for c in listed.values()):
-        raise InvalidTaskGraphError("the schedule does not list every task that is not carried exactly once")
+    if sorted(listed) != list(range(len(graph.tasks))) or any(c != 1 for c in listed.values()):
+        raise InvalidTaskGraphError("the schedule does not list every task exactly once")
     counters: Counter = Counter()
     remote_counters: Counter = Counter()
     heads = [0] * len(sched.workers)
@@ -308,11 +278,6 @@ def _check_schedule(graph: TaskGraph, sched: Schedule) -> None:
                 heads[w] += 1
                 done += 1
                 progress = True
-                for carried in (graph.tasks[c] for c in task.carries):  # the last arrival runs it here
-                    counters[carried.wait_event] += 1
-                    if counters[carried.wait_event] == carried.wait_count:
-                        counters.update(carried.signals)
-                        done += 1
     if done != len(graph.tasks):
         stuck = [f"worker{w} at task{worker[heads[w]]}" for w, worker in enumerate(sched.workers) if heads[w] < len(worker)]
         raise InvalidTaskGraphError("the schedule deadlocks: " + ", ".join(stuck))

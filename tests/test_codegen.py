@@ -29,22 +29,21 @@ pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the 
 H100_SMS = 132
 
 
-def _generate(fn, *avals, validate_graph=False, carry_task_cost=0.0, **target):
+def _generate(fn, *avals, validate_graph=False, **target):
     graph = fuse(capture(jax.make_jaxpr(fn)(*avals)), Target("cuda", H100_SMS, **target))
-    tasks = build_task_graph(graph, H100_SMS, carry_task_cost=carry_task_cost)
+    tasks = build_task_graph(graph, H100_SMS)
     sched = schedule(tasks, H100_SMS)
     if validate_graph:
         validate(tasks, sched)
     return tasks, generate(tasks, sched)
 
 
-def _generate_decode_step(cfg: TinyConfig, validate_graph=False, carry_task_cost=0.0, **target):
+def _generate_decode_step(cfg: TinyConfig, validate_graph=False, **target):
     """``_generate`` of tiny_models' decode step at ``cfg``, on abstract weights and cache (no memory)."""
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
     cache = jax.eval_shape(lambda: init_cache(cfg, jax.random.PRNGKey(1)))
     tokens, pos = jax.ShapeDtypeStruct((cfg.batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
-    return _generate(make_decode_step(cfg), params, tokens, pos, *cache, validate_graph=validate_graph,
-                     carry_task_cost=carry_task_cost, **target)  # fmt: skip
+    return _generate(make_decode_step(cfg), params, tokens, pos, *cache, validate_graph=validate_graph, **target)
 
 
 def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
@@ -89,27 +88,17 @@ def test_microbenchmarks_compile(name, tmp_path):
     assert (tmp_path / "bench").stat().st_size > 100_000
 
 
-@pytest.mark.parametrize("head_dim,batch,evict_first,warp_ring,carry,kv_prefetch",
-                         [(64, 1, True, True, 1 << 16, False), (128, 8, True, True, 0, True),
-                          (64, 1, False, False, 0, False)])  # fmt: skip
-def test_split_attention_decode_step_compiles(head_dim, batch, evict_first, warp_ring, carry, kv_prefetch):
+@pytest.mark.parametrize("head_dim,batch,evict_first,warp_ring",
+                         [(64, 1, True, True), (128, 8, True, True), (64, 1, False, False)])
+def test_split_attention_decode_step_compiles(head_dim, batch, evict_first, warp_ring):
     """attention.cuh instantiated by a decode step (Llama's 64-wide heads at batch 1 with their RoPE staged in one
     pass; Qwen3's 128-wide heads with QK-norm at batch 8), compiled for sm_90; also without the streams' L2
     evict-first policy (JAX_MPK_STREAM_EVICT_FIRST=0: plain copies and loads instead of cache-hinted ones) and the
-    warp ring (JAX_MPK_WARP_RING=0: the b1 products' block-wide ring and dot), both on by default; the batch-1 step
-    with its small levels carried (JAX_MPK_CARRY_TASK_COST: the carry table and the arrivals in run_worker), the
-    batch-8 one with its attention tasks asking L2 for their keys and values before they wait
-    (JAX_MPK_ATTENTION_PREFETCH)."""
+    warp ring (JAX_MPK_WARP_RING=0: the b1 products' block-wide ring and dot), both on by default."""
     cfg = TinyConfig(layers=2, hidden=2048, heads=2048 // head_dim, kv_heads=8, head_dim=head_dim, mlp=4096,
                      vocab=4096, max_seq=1024, batch=batch, dtype="bfloat16", qk_norm=head_dim == 128)  # fmt: skip
-    tasks, source = _generate_decode_step(cfg, validate_graph=True, carry_task_cost=carry, split_attention=True,
-                                          stream_evict_first=evict_first, warp_ring=warp_ring,
-                                          attention_prefetch=kv_prefetch)  # fmt: skip
-    prefetches = source.text[source.text.index("void prefetch(") : source.text.index("void run(")]
-    assert ("const index_t keys = min(" in prefetches) == kv_prefetch
-    carries = [c for t in tasks.tasks for c in t.carries]
-    assert bool(carries) == bool(carry)
-    assert f"kCarries[] = {{{','.join(map(str, carries or [0]))}}};" in source.text
+    tasks, source = _generate_decode_step(cfg, validate_graph=True, split_attention=True,
+                                          stream_evict_first=evict_first, warp_ring=warp_ring)
     uses_warp_ring = warp_ring and batch == 1  # at batch 8 the products are on tensor cores (columns_ring_mma)
     assert ("dot::columns_warp_ring<" in source.text) == ("dot::warp_ring_begin<" in source.text) == uses_warp_ring
     if batch == 1:

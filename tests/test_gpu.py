@@ -159,31 +159,14 @@ def test_batch_products_computing_their_rows_match_jit(batch, monkeypatch):
 @pytest.mark.parametrize("knob,value,generated", [
     ("JAX_MPK_WARP_RING", "0", "dot::columns_ring<"),  # the block-wide ring, one barrier per slot
     ("JAX_MPK_STREAM_EVICT_FIRST", "0", "#define JAX_MPK_STREAM_EVICT_FIRST 0"),  # L2's default policy for streams
-    ("JAX_MPK_ATTENTION_PREFETCH", "1", "const index_t keys = min("),  # attention asks L2 for its KV chunk
 ])  # fmt: skip
 def test_decode_steps_with_codegen_knobs_match_jit(batch, knob, value, generated, monkeypatch):
-    """The knobs only codegen reads, set against their defaults (the warp ring and evict-first off, the attention's
-    KV prefetch on): the steps still agree with jax.jit (at batch 8 the bf16 products are on tensor cores: the warp
-    ring's knob changes the float32 model's; attention is split, and so prefetches, from 32 cache positions on)."""
+    """The knobs only codegen reads, off (both default on): the steps still agree with jax.jit (at batch 8 the bf16
+    products are on tensor cores: the warp ring's knob changes the float32 model's)."""
     monkeypatch.setenv(knob, value)
-    dtype = "float32" if knob == "JAX_MPK_WARP_RING" else "bfloat16"
-    cfg = TinyConfig(qk_norm=True, dtype=dtype, batch=batch, max_seq=32)
+    cfg = TinyConfig(qk_norm=True, dtype="float32" if knob == "JAX_MPK_WARP_RING" else "bfloat16", batch=batch)
     fast = _check_decode_steps(cfg)
     assert generated in _plan(fast).source.text
-
-
-@pytest.mark.parametrize("cfg", [TinyConfig(), TinyConfig(qk_norm=True, dtype="bfloat16", batch=2)],
-                         ids=["llama-f32", "qwen3-bf16-b2"])  # fmt: skip
-def test_decode_steps_with_carried_levels_match_jit(cfg, monkeypatch):
-    """JAX_MPK_CARRY_TASK_COST: the small levels run by the task whose arrival completes their wait (on the tiny
-    models: the cache appends, the norms of the batch-2 rows, the argmax; several carried tasks completed by one
-    arrival round), and the steps still agree with jax.jit."""
-    monkeypatch.setenv("JAX_MPK_CARRY_TASK_COST", str(1 << 16))
-    monkeypatch.setenv("JAX_MPK_MIN_TASK_WORK", str(1 << 14))  # the default (conftest's 1 tiles to single elements)
-    fast = _check_decode_steps(cfg)
-    mk = _plan(fast)
-    assert any(t.carried for t in mk.tasks.tasks)
-    assert "kCarries[] = {0};" not in mk.source.text
 
 
 def _check_decode_steps(cfg: TinyConfig) -> Callable:

@@ -10,8 +10,7 @@ import numpy as np
 
 import jax_mpk
 from jax_mpk.layout import PROFILE_STAMPS
-from jax_mpk.tasks import Task
-from jax_mpk.trace import chrome_trace, clock_offsets, dependency_hops, save, workers_as_run
+from jax_mpk.trace import chrome_trace, clock_offsets, dependency_hops, save
 
 
 def _simulate(mk, hop_us: float, run_us: float) -> np.ndarray:
@@ -117,13 +116,3 @@ def test_clock_offsets_put_the_devices_on_one_timer_by_their_remote_waits():
     assert 2799.0 <= offset <= 2802.5 and offset == (2799.0 + 2802.5) / 2
     assert clock_offsets(stamps, [[], []]).tolist() == [0.0, 0.0]
 
-
-
-def test_a_carried_task_is_drawn_after_the_producer_that_ran_it():
-    """Tasks 0 and 1 (workers 0 and 1) both produce carried task 2; task 1 ends last, so its worker ran task 2,
-    right after it and before its next task 3."""
-    tasks = [Task(0, 0, (0,), (1,), 1.0), Task(1, 0, (1,), (2,), 1.0), Task(2, 1, (0,), (1,), 1.0, deps=[0, 1]),
-             Task(3, 2, (0,), (1,), 1.0, deps=[2])]  # fmt: skip
-    tasks[2].carried = True
-    times = np.array([[0.0, 0.5, 3.0], [0.0, 0.5, 4.0], [4.1, 4.1, 5.0], [0.0, 5.2, 6.0]])
-    assert workers_as_run([[0], [1, 3]], tasks, times) == [[0], [1, 2, 3]]

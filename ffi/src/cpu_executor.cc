@@ -313,34 +313,21 @@ class TaskGraphRun {
     TileEvaluator evaluator(plan_, tensor_data_, comm_bases_);
     for (const int task_id : plan_.workers[worker]) {
       const Task& task = plan_.tasks[task_id];
-      if (!WaitForTask(task_id) || !RunAndSignal(evaluator, task_id)) return;
-      // the arrival that completes a carried task's wait runs it (acquiring its other producers' stores)
-      for (int64_t c = task.carry_begin; c < task.carry_begin + task.carry_count; ++c) {
-        const int carried_id = plan_.carries[c];
-        const Task& carried = plan_.tasks[carried_id];
-        const int64_t arrived = counters_[carried.wait_event].fetch_add(1, std::memory_order_acq_rel) + 1;
-        if (arrived == carried.wait_count * kEpoch && !RunAndSignal(evaluator, carried_id)) return;
+      if (!WaitForTask(task_id)) return;
+      try {
+        evaluator.RunTile(task);
+      } catch (const std::exception& error) {
+        Abort(ffi::ErrorCode::kInternal,
+              StrCat("jax_mpk: task ", task_id, " (kernel ", task.kernel, ") failed: ", error.what()));
+        return;
+      }
+      for (int64_t s = task.signal_begin; s < task.signal_begin + task.signal_count; ++s) {
+        counters_[plan_.signals[s]].fetch_add(1, std::memory_order_release);  // publishes the task's stores
+      }
+      for (int64_t s = task.remote_signal_begin; s < task.remote_signal_begin + task.remote_signal_count; ++s) {
+        comm_.group->rank(comm_.rank).counters[plan_.remote_signals[s]].fetch_add(1, std::memory_order_release);
       }
     }
-  }
-
-  // Returns false when the task failed (the run is then aborting).
-  bool RunAndSignal(TileEvaluator& evaluator, int task_id) {
-    const Task& task = plan_.tasks[task_id];
-    try {
-      evaluator.RunTile(task);
-    } catch (const std::exception& error) {
-      Abort(ffi::ErrorCode::kInternal,
-            StrCat("jax_mpk: task ", task_id, " (kernel ", task.kernel, ") failed: ", error.what()));
-      return false;
-    }
-    for (int64_t s = task.signal_begin; s < task.signal_begin + task.signal_count; ++s) {
-      counters_[plan_.signals[s]].fetch_add(1, std::memory_order_release);  // publishes the task's stores
-    }
-    for (int64_t s = task.remote_signal_begin; s < task.remote_signal_begin + task.remote_signal_count; ++s) {
-      comm_.group->rank(comm_.rank).counters[plan_.remote_signals[s]].fetch_add(1, std::memory_order_release);
-    }
-    return true;
   }
 
   // Returns false when the run is aborting, possibly by this wait's watchdog.

@@ -644,9 +644,6 @@ class PlanParser {
       task.remote_wait_count = field(TaskField::kRemoteWaitCount);
       task.remote_signal_begin = field(TaskField::kRemoteSignalBegin);
       task.remote_signal_count = field(TaskField::kRemoteSignalCount);
-      task.carry_begin = field(TaskField::kCarryBegin);
-      task.carry_count = field(TaskField::kCarryCount);
-      Require(task.carry_count <= layout::kMaxCarries, "CARRY_COUNT is more than MAX_CARRIES");
       Require(task.remote_wait_count >= 0 && task.remote_wait_count <= kMaxElements,
               "REMOTE_WAIT_COUNT is out of range");
       const Shape& domain = plan_.kernels[task.kernel].domain;
@@ -663,47 +660,17 @@ class PlanParser {
   }
 
   void ReadSignals() {
-    ReadSignalList("signals", "event", plan_.num_events, plan_.signals, &Task::signal_begin, &Task::signal_count);
-    ReadSignalList("remote signals", "event", plan_.num_remote_events, plan_.remote_signals,
-                   &Task::remote_signal_begin, &Task::remote_signal_count);
-    ReadSignalList("carries", "task", num_tasks_, plan_.carries, &Task::carry_begin, &Task::carry_count);
-    CheckCarries();
+    ReadSignalList("signals", plan_.num_events, plan_.signals, &Task::signal_begin, &Task::signal_count);
+    ReadSignalList("remote signals", plan_.num_remote_events, plan_.remote_signals, &Task::remote_signal_begin,
+                   &Task::remote_signal_count);
   }
 
-  // A carried task runs once, in the task whose arrival completes its wait: so only arrivals may count at its
-  // event (no signal, no other waiter), each of its producers arrives once, and it neither carries nor waits on
-  // other ranks (the runtimes run one carried task at a time, after a local arrival).
-  void CheckCarries() {
-    context_ = "carries";
-    std::vector<int64_t> arrivals(plan_.tasks.size(), 0), waiters(plan_.num_events, 0);
-    std::vector<bool> signalled(plan_.num_events, false);
-    plan_.carried.assign(plan_.tasks.size(), false);
-    for (const int event : plan_.signals) signalled[event] = true;
-    for (const Task& task : plan_.tasks) {
-      if (task.wait_event >= 0) ++waiters[task.wait_event];
-      for (int64_t c = task.carry_begin; c < task.carry_begin + task.carry_count; ++c) {
-        plan_.carried[plan_.carries[c]] = true;
-        ++arrivals[plan_.carries[c]];
-      }
-    }
-    for (size_t t = 0; t < plan_.tasks.size(); ++t) {
-      const Task& task = plan_.tasks[t];
-      if (!plan_.carried[t]) continue;
-      context_ = StrCat("carried task ", t);
-      Require(task.wait_event >= 0 && waiters[task.wait_event] == 1 && !signalled[task.wait_event],
-              "a carried task waits on an event of its own that no task signals");
-      Require(arrivals[t] == task.wait_count, "a carried task is arrived at once per signal its wait counts");
-      Require(task.carry_count == 0 && task.remote_wait_event == -1 && task.remote_signal_count == 0,
-              "a carried task carries no task and has no remote events");
-    }
-  }
-
-  void ReadSignalList(const char* what, const char* entry, int64_t num_ids, std::vector<int>& list,
-                      int64_t Task::*begin, int64_t Task::*count) {
+  void ReadSignalList(const char* what, int64_t num_events, std::vector<int>& list, int64_t Task::*begin,
+                      int64_t Task::*count) {
     context_ = what;
     const int64_t n_signals = ReadCount("n_signals");
     list.reserve(n_signals);
-    for (int64_t s = 0; s < n_signals; ++s) list.push_back(ReadId(entry, num_ids));
+    for (int64_t s = 0; s < n_signals; ++s) list.push_back(ReadId("event", num_events));
     for (size_t t = 0; t < plan_.tasks.size(); ++t) {
       const Task& task = plan_.tasks[t];
       if (task.*begin < 0 || task.*count < 0 || task.*begin > n_signals - task.*count) {
@@ -714,8 +681,7 @@ class PlanParser {
     }
   }
 
-  // Every task runs exactly once, so a task that is not carried appears in exactly one worker list, and a carried
-  // one in none.
+  // Every task runs exactly once, so it must appear in exactly one worker list.
   void ReadWorkers() {
     std::vector<int> owner(plan_.tasks.size(), -1);
     plan_.workers.resize(num_workers_);
@@ -725,16 +691,14 @@ class PlanParser {
       for (int64_t i = 0; i < n; ++i) {
         const int task = ReadId("task", num_tasks_);
         if (owner[task] != -1) Fail(StrCat("task ", task, " is already listed by worker ", owner[task]));
-        if (plan_.carried[task]) Fail(StrCat("task ", task, " is carried and listed"));
         owner[task] = static_cast<int>(w);
         plan_.workers[w].push_back(task);
       }
     }
-    for (size_t t = 0; t < owner.size(); ++t) {
-      if (owner[t] == -1 && !plan_.carried[t]) {
-        context_ = "workers";
-        Fail(StrCat("task ", t, " is neither carried nor in a worker list"));
-      }
+    const auto unlisted = std::find(owner.begin(), owner.end(), -1);
+    if (unlisted != owner.end()) {
+      context_ = "workers";
+      Fail(StrCat("task ", unlisted - owner.begin(), " is in no worker list"));
     }
   }
 

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from ..emit import STORAGE, THREADS, Emitter, KernelBody, Tiling, is_row_reduction, linear, read_only
 from ..dot_staging import ROW_STAGING_MAX_INLINE
 from ..graph import topological
 from ..indexmap import IndexMap, linear_form
 from ..kernels import Kernel, Tensor
 from ..layout import dtype_code
-from .dot import PREFETCH_BYTES, DotPlan, stage_lhs, uniform_row_stride
+from .dot import DotPlan, stage_lhs, uniform_row_stride
 
 # Chunks whose partials the merge loads before combining any (3 floats each in registers): the loads of a batch
 # are in flight together. A branch on loaded data between them serializes them: a first form that skipped masked
@@ -134,38 +132,7 @@ def render_attention(body: KernelBody):
             f"out, score, store);")
     body.mark_phase(em, "computed")
     merge_if_last(body, em, rows, extents, f"reinterpret_cast<int*>(out + {rows * head_dim + 2 * rows})")
-    prefetch = kv_prefetch(body, key_form, value_form, head_dim) if body.attention_prefetch else None
-    return body.finish(em, smem=smem, prefetch=prefetch)
-
-
-def kv_prefetch(body: KernelBody, key_form, value_form, head_dim: int):
-    """Code that asks L2 for the task's chunk of keys and values before the task waits (JAX_MPK_ATTENTION_PREFETCH):
-    the cache rows of earlier steps do not depend on what the task waits for (only this step's appended row does,
-    and L2 is coherent: a prefetch is a hint), and they are read from HBM otherwise, two round trips in its
-    product phase while the SMs that wait with it stream nothing. 16 KB a task at Llama-1B's batch 1; at most
-    PREFETCH_BYTES of each stream, as a product's weight prefetch (more is evicted before use)."""
-    k, rank = body.kernel, len(body.kernel.domain)
-    spec = k.attention
-    (key_const, key_coefs), (value_const, value_coefs) = key_form, value_form
-    # keys: domain ++ (d); values: rows ++ (d, key): a key's head_dim elements are contiguous in both
-    if key_coefs[rank] != 1 or value_coefs[rank - 1] != 1:
-        return None
-    elt = np.dtype(k.dot.rhs.buffer.dtype).itemsize
-    lead = [f"t.lo[{d}]" for d in range(rank - 1)]
-    streams = ((k.dot.rhs, key_const, linear(0, key_coefs[: rank - 1], lead), key_coefs[rank - 1]),
-               (spec.values, value_const, linear(0, value_coefs[: rank - 1], lead), value_coefs[rank]))  # fmt: skip
-
-    cap = max(1, PREFETCH_BYTES // (head_dim * elt))  # keys
-
-    def render(slots) -> str:
-        keys = f"const index_t keys = min((index_t)(t.hi[{rank - 1}] - t.lo[{rank - 1}]), (index_t){cap}); "
-        return keys + " ".join(
-            f"dot::prefetch_l2({slots.pointer(tensor, const)} + (({first}) + (index_t)t.lo[{rank - 1}] * {stride}) * {elt}, "
-            f"{head_dim * elt}, keys, {stride * elt});"
-            for tensor, const, first, stride in streams
-        )
-
-    return render
+    return body.finish(em, smem=smem, prefetch=None)
 
 
 def merge_if_last(body: KernelBody, em: Emitter, rows: int, extents: list[int], flag: str) -> None:

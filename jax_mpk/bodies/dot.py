@@ -18,7 +18,7 @@ from ..indexmap import linear_form
 from ..kernels import Kernel
 from ..layout import DType, dtype_code
 
-PREFETCH_BYTES = 64 * 1024  # bytes of a stream a task asks L2 for before it waits (products without a ring, attention)
+PREFETCH_BYTES = 64 * 1024  # weight bytes a task asks L2 for before it waits (products without a ring)
 # The weight ring of dot.cuh (columns-layout products with a weight operand): slots of shared memory that a
 # task's weight tile streams through with cp.async, the first RING_SLOTS - 1 issued before the task waits.
 RING_SLOTS = 4

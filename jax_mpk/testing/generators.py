@@ -445,8 +445,6 @@ def generate(seed: int, table: dict[str, Generator] | None = None) -> Program:
         num_workers=int(rng.choice([1, 2, 3, 4, 7])),
         min_task_work=int(rng.choice([16, 256, 4096, 1 << 14])),
         schedule_seed=int(rng.integers(1 << 30)) if rng.random() < 0.5 else None,
-        # drawn last: the programs and knobs of a seed drawn before it stay those the fuzz records name
-        carry_task_cost=int(rng.choice([0, 0, 1 << 10, 1 << 14, 1 << 20])),
     )
     program = Program(seed, tuple(b.args), tuple(b.lines), tuple(results), knobs)
     return program.without_dead_lines()

@@ -65,14 +65,12 @@ class Knobs:
     num_workers: int
     min_task_work: int
     schedule_seed: int | None  # JAX_MPK_SCHEDULE_SEED: a random topological order and random workers
-    carry_task_cost: int = 0  # JAX_MPK_CARRY_TASK_COST: levels of tasks this small are carried (0: none)
 
     def env(self, platform: str) -> dict[str, str]:
         """The knobs, and the fuzzer's ``platform`` as jax_mpk's knobs (what a run sets and a repro prints)."""
         return {
             "JAX_MPK_MIN_TASK_WORK": str(self.min_task_work),
             "JAX_MPK_SCHEDULE_SEED": "" if self.schedule_seed is None else str(self.schedule_seed),
-            "JAX_MPK_CARRY_TASK_COST": str(self.carry_task_cost),
             "JAX_MPK_PLATFORM": {GPU_PLAN: "cuda", GPU_FUSED: "cpu"}.get(platform, platform),
             "JAX_MPK_GPU_FUSION": "1" if platform == GPU_FUSED else "0",
         }

@@ -5,14 +5,13 @@
 namespace jax_mpk::layout {
 
 inline constexpr int64_t kMagic = 0x4B504D58;
-inline constexpr int64_t kVersion = 3;
+inline constexpr int64_t kVersion = 2;
 inline constexpr int kMaxRank = 8;
 inline constexpr int kHeaderWords = 17;
 inline constexpr int64_t kComputedOperand = -1;
-inline constexpr int kTaskWords = 27;
+inline constexpr int kTaskWords = 25;
 inline constexpr int64_t kMaxPlanRanks = 1024;
 inline constexpr int kMaxCudaRanks = 8;
-inline constexpr int kMaxCarries = 32;
 inline constexpr int kProfileStamps = 6;  // wait, start, staged, computed, body_end, signalled
 inline constexpr int kStampWait = 0;
 inline constexpr int kStampStart = 1;
@@ -163,8 +162,6 @@ enum class TaskField : int64_t {
   kRemoteWaitCount = 22,
   kRemoteSignalBegin = 23,
   kRemoteSignalCount = 24,
-  kCarryBegin = 25,
-  kCarryCount = 26,
 };
 
 // The C++ type a dtype's values are computed in: float (double on the CPU, float on the GPU), int32_t,
@@ -200,8 +197,6 @@ struct TaskRecord {
   int32_t remote_wait_count;
   int32_t remote_signal_begin;
   int32_t remote_signal_count;
-  int32_t carry_begin;
-  int32_t carry_count;
 };
 static_assert(sizeof(TaskRecord) == kTaskWords * sizeof(int32_t), "TaskRecord must match TaskField");
 

@@ -145,9 +145,6 @@ struct Task {
   int64_t remote_wait_count;
   int64_t remote_signal_begin;
   int64_t remote_signal_count;
-  // Carried tasks this one arrives at after its signals (the arrival that completes one's wait runs it).
-  int64_t carry_begin;
-  int64_t carry_count;
 };
 
 struct Plan {
@@ -167,8 +164,6 @@ struct Plan {
   std::vector<Task> tasks;
   std::vector<int> signals;               // event ids; tasks own slices of it
   std::vector<int> remote_signals;        // remote event ids; tasks own slices of it
-  std::vector<int> carries;               // carried task ids; tasks own slices of it
-  std::vector<bool> carried;              // per task: in no worker list, run by the arrival that completes its wait
   std::vector<std::vector<int>> workers;  // task ids, in execution order
 };
 

@@ -120,7 +120,7 @@ __device__ inline bool wait_for_task(const MegakernelParams& p, const TaskRecord
   return true;
 }
 
-// Copies a task record into shared memory: lanes 0 .. kTaskWords - 1 of the calling warp, one word each.
+// Copies a task record into shared memory: lanes 0 .. 24 of the calling warp, one word each.
 __device__ __forceinline__ void copy_record(TaskRecord* to, const TaskRecord* from, int lane) {
   constexpr int kWords = sizeof(TaskRecord) / sizeof(int32_t);
   if (lane < kWords) reinterpret_cast<int32_t*>(to)[lane] = __ldg(reinterpret_cast<const int32_t*>(from) + lane);
@@ -143,65 +143,22 @@ __device__ __forceinline__ void mark_phase(int stamp) {
   if (threadIdx.x == 0 && profiling) task_stamps[stamp] = global_timer_ns();
 }
 
-// Warp 0 only: the signals of a task whose body has ended (its block's stores ordered before by a barrier). Each
-// lane fences (making those stores visible at GPU scope: release), then adds to its share of the events. One
-// release per event would serialize a fence per event, and a task can feed a hundred events. `first_signal` is
-// the lane's first event, loaded earlier (-1: none).
-__device__ __forceinline__ void signal_events(const MegakernelParams& p, const TaskRecord& task, int32_t first_signal,
-                                              const int32_t* signals, const int32_t* remote_signals) {
-  fence_release();
-  if (first_signal >= 0) add_relaxed(p.counters + first_signal, 1);
-  for (int32_t s = threadIdx.x + 32; s < task.signal_count; s += 32) {
-    add_relaxed(p.counters + signals[task.signal_begin + s], 1);
-  }
-  if (task.remote_signal_count > 0) {  // other ranks read what this task stored
-    asm volatile("fence.acq_rel.sys;" ::: "memory");
-    for (int32_t s = threadIdx.x; s < task.remote_signal_count; s += 32) {
-      add_relaxed<true>(p.comm.counters[p.comm.rank] + remote_signals[task.remote_signal_begin + s], 1);
-    }
-  }
-}
-
-// Thread 0, profiling: the task's stamps, once it has signalled, into its record.
-__device__ __forceinline__ void store_stamps(uint64_t* profile, int32_t task_index) {
-  task_stamps[layout::kStampSignalled] = global_timer_ns();
-  uint64_t* record = profile + layout::kProfileStamps * task_index;
-#pragma unroll
-  for (int stamp = 0; stamp < layout::kProfileStamps; ++stamp) record[stamp] = task_stamps[stamp];
-}
-
 // When `profile` is not null (JAX_MPK_PROFILE builds), thread 0 records for every task the global timer at the
 // layout::kProfileStamps moments (the wait begins, the body begins, the body's own phases, the body ends, the
 // task has signalled); a phase the body does not mark stays 0. A task given up (watchdog, abort) leaves its
 // record as the previous call wrote it. `profile_sms[worker]` gets the physical SM the worker ran on.
-//
-// Carried tasks (in no list; `carries` holds, per listed task, the at most layout::kMaxCarries it arrives at):
-// after its signals a task adds 1 to each carried task's event, lane c of warp 0 for the c-th, all at once, with
-// an acq_rel atomic (releasing the block's stores, acquiring the other arrivals'); the lanes whose arrival brings
-// an event to its target have completed those tasks' waits, and the block runs them one after the other, then
-// and there (their stamps "wait" and "start" are the arrival). A carried task's event has no other signaller, so
-// exactly one arrival finds it complete.
-// `kRunsCarried` false (a plan without carried tasks) compiles none of it: a second inlined copy of every body
-// (dispatch.run for the carried task) made the megakernel 12-13% slower at batch 1 even when no task was carried
-// (H200, session 15: Llama-1B b1 1.129 -> 1.278 ms, Qwen3-0.6B 1.199 -> 1.342 ms).
-template <bool kRunsCarried, class Dispatch>
+template <class Dispatch>
 __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, const int32_t* signals,
-                           const int32_t* remote_signals, const int32_t* carries, const int32_t* worker_begin,
-                           const int32_t* worker_tasks, char* smem, Dispatch& dispatch, uint64_t* profile,
-                           uint64_t* profile_sms) {
+                           const int32_t* remote_signals, const int32_t* worker_begin, const int32_t* worker_tasks,
+                           char* smem, Dispatch& dispatch, uint64_t* profile, uint64_t* profile_sms) {
   static_assert(sizeof(TaskRecord) % sizeof(int32_t) == 0 && sizeof(TaskRecord) / sizeof(int32_t) <= 32);
-  static_assert(layout::kMaxCarries <= 32, "a lane of one warp arrives at each carried task");
   // The tables are read once per call, and the weights streamed in between evict them from L2: a table read
   // after a task's wait is a DRAM round trip (~1 us) on the dependency chain, at every level. So while
   // thread 0 waits for task i, warp 1 copies the record of task i + 1 into shared memory (three slots:
-  // warp 0 still reads record i while it signals, after the other warps may have moved on to i + 1), warp 2
-  // the events and targets of the tasks i carries, and warp 0's lanes load the first events task i will signal.
+  // warp 0 still reads record i while it signals, after the other warps may have moved on to i + 1), and
+  // warp 0's lanes load the first events task i will signal.
   __shared__ TaskRecord records[3];
-  __shared__ TaskRecord carried;
   __shared__ int32_t shared_go;
-  __shared__ int32_t carried_index[layout::kMaxCarries], carried_event[layout::kMaxCarries];
-  __shared__ uint64_t carried_target[layout::kMaxCarries];
-  __shared__ uint32_t carried_due;  // bit c: this block's arrival completed the c-th carried task's wait
   const int32_t begin = worker_begin[blockIdx.x], end = worker_begin[blockIdx.x + 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
@@ -223,12 +180,6 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
     const int32_t first_signal =
         warp == 0 && lane < task.signal_count ? __ldg(signals + task.signal_begin + lane) : -1;
     if (warp == 1 && i + 1 < end) copy_record(&records[next_slot], tasks + worker_tasks[i + 1], lane);
-    if (kRunsCarried && warp == 2 && lane < task.carry_count) {
-      const int32_t index = __ldg(carries + task.carry_begin + lane);
-      carried_index[lane] = index;
-      carried_event[lane] = __ldg(&tasks[index].wait_event);
-      carried_target[lane] = static_cast<uint64_t>(__ldg(&tasks[index].wait_count)) * epoch;
-    }
     if (threadIdx.x == 0) {
       if (profile) {  // a phase this body does not mark stays 0
         task_stamps[layout::kStampWait] = global_timer_ns();
@@ -242,40 +193,26 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
     dispatch.run(task, smem);
     __syncthreads();
     if (profile) mark_phase(layout::kStampBodyEnd);
+    // Signal: each lane of warp 0 fences (making the block's stores, ordered before it by the barrier,
+    // visible at GPU scope: release), then adds to its share of the events. One release per event would
+    // serialize a fence per event, and a task can feed a hundred events.
     if (threadIdx.x < 32) {
-      signal_events(p, task, first_signal, signals, remote_signals);
-      if (profile && threadIdx.x == 0) store_stamps(profile, task_index);
-      if (kRunsCarried && task.carry_count > 0) {  // after the fence of signal_events: the arrivals, one round trip for all
-        const bool due = lane < task.carry_count &&
-                         add_acq_rel(p.counters + carried_event[lane], 1) + 1 == carried_target[lane];
-        const uint32_t mask = __ballot_sync(0xffffffffu, due);
-        if (lane == 0) carried_due = mask;
+      fence_release();
+      if (first_signal >= 0) add_relaxed(p.counters + first_signal, 1);
+      for (int32_t s = threadIdx.x + 32; s < task.signal_count; s += 32) {
+        add_relaxed(p.counters + signals[task.signal_begin + s], 1);
       }
-    }
-    if constexpr (kRunsCarried) {
-      if (task.carry_count > 0) {
-        __syncthreads();
-        for (uint32_t due = carried_due; due != 0; due &= due - 1) {
-          const int32_t index = carried_index[__ffs(due) - 1];
-          if (warp == 0) copy_record(&carried, tasks + index, lane);
-          if (profile && threadIdx.x == 0) {
-            task_stamps[layout::kStampWait] = task_stamps[layout::kStampStart] = global_timer_ns();
-            task_stamps[layout::kStampStaged] = task_stamps[layout::kStampComputed] = 0;
-          }
-          __syncthreads();
-          dispatch.prefetch(carried, smem);  // a ring product's body expects its first slots issued before it runs
-          dispatch.run(carried, smem);
-          __syncthreads();
-          if (profile) mark_phase(layout::kStampBodyEnd);
-          if (threadIdx.x < 32) {
-            const int32_t first = lane < carried.signal_count ? __ldg(signals + carried.signal_begin + lane) : -1;
-            signal_events(p, carried, first, signals, remote_signals);
-            if (profile && threadIdx.x == 0) store_stamps(profile, index);
-            __syncwarp();  // every lane has read `carried` before warp 0 copies the next record into it
-          }
+      if (task.remote_signal_count > 0) {  // other ranks read what this task stored
+        asm volatile("fence.acq_rel.sys;" ::: "memory");
+        for (int32_t s = threadIdx.x; s < task.remote_signal_count; s += 32) {
+          add_relaxed<true>(p.comm.counters[p.comm.rank] + remote_signals[task.remote_signal_begin + s], 1);
         }
-        // warp 2 rewrites the carried tables, and warp 0 `carried` and carried_due, only after every thread is done
-        __syncthreads();
+      }
+      if (profile && threadIdx.x == 0) {
+        task_stamps[layout::kStampSignalled] = global_timer_ns();
+        uint64_t* record = profile + layout::kProfileStamps * task_index;
+#pragma unroll
+        for (int stamp = 0; stamp < layout::kProfileStamps; ++stamp) record[stamp] = task_stamps[stamp];
       }
     }
     slot = next_slot;
