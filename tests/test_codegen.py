@@ -21,7 +21,7 @@ from jax_mpk.dot_staging import shared_weight_dims
 from jax_mpk.fusion import fuse
 from jax_mpk.schedule import schedule
 from jax_mpk.tasks import build_task_graph
-from jax_mpk.target import Target
+from jax_mpk.target import SHARED_MEMORY_OPT_IN, Target
 from jax_mpk.toolchain import compile_cubin
 from jax_mpk.validate import validate
 
@@ -88,17 +88,22 @@ def test_microbenchmarks_compile(name, tmp_path):
     assert (tmp_path / "bench").stat().st_size > 100_000
 
 
-@pytest.mark.parametrize("head_dim,batch,evict_first,warp_ring",
-                         [(64, 1, True, True), (128, 8, True, True), (64, 1, False, False)])
-def test_split_attention_decode_step_compiles(head_dim, batch, evict_first, warp_ring):
+@pytest.mark.parametrize("head_dim,batch,evict_first,warp_ring,smem_offset",
+                         [(64, 1, True, True, None), (128, 8, True, True, 80), (64, 1, False, False, 0)])
+def test_split_attention_decode_step_compiles(head_dim, batch, evict_first, warp_ring, smem_offset):
     """attention.cuh instantiated by a decode step (Llama's 64-wide heads at batch 1 with their RoPE staged in one
     pass; Qwen3's 128-wide heads with QK-norm at batch 8), compiled for sm_90; also without the streams' L2
     evict-first policy (JAX_MPK_STREAM_EVICT_FIRST=0: plain copies and loads instead of cache-hinted ones) and the
-    warp ring (JAX_MPK_WARP_RING=0: the b1 products' block-wide ring and dot), both on by default."""
+    warp ring (JAX_MPK_WARP_RING=0: the b1 products' block-wide ring and dot), both on by default; with the bodies'
+    shared memory placed past a 128-byte boundary (JAX_MPK_SMEM_OFFSET), the padding within the opt-in limit."""
     cfg = TinyConfig(layers=2, hidden=2048, heads=2048 // head_dim, kv_heads=8, head_dim=head_dim, mlp=4096,
                      vocab=4096, max_seq=1024, batch=batch, dtype="bfloat16", qk_norm=head_dim == 128)  # fmt: skip
     tasks, source = _generate_decode_step(cfg, validate_graph=True, split_attention=True,
-                                          stream_evict_first=evict_first, warp_ring=warp_ring)
+                                          stream_evict_first=evict_first, warp_ring=warp_ring,
+                                          smem_offset=smem_offset)  # fmt: skip
+    placed = f"char* const smem = smem_block + (({smem_offset} - static_cast<int>(__cvta_generic_to_shared("
+    assert (placed in source.text) == (smem_offset is not None)
+    assert source.smem_bytes <= SHARED_MEMORY_OPT_IN["9.0"]
     uses_warp_ring = warp_ring and batch == 1  # at batch 8 the products are on tensor cores (columns_ring_mma)
     assert ("dot::columns_warp_ring<" in source.text) == ("dot::warp_ring_begin<" in source.text) == uses_warp_ring
     if batch == 1:
