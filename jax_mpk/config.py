@@ -92,6 +92,11 @@ class Config:
     # run_worker). Session 15 found main 12% slower at batch 1 with plans and device code identical but for 16 bytes
     # more static shared memory (and 8 bytes a task record): this knob times the dynamic base's alignment alone.
     smem_offset: int | None
+    # CUDA: the weight ring's slots (JAX_MPK_RING_SLOTS, unset: bodies.dot.RING_SLOTS, 4), as many of them as fit above
+    # the ring users' own shared memory; all but one are issued before a product task waits, so a deeper ring
+    # streams more of each task's weight tile while the SM waits on the chain (Target.ring_slots). At least 4: the
+    # ring holds a batch of 8 rows' partial sums (dot.cuh); at most 7 of 32 KB fit in 227 KB.
+    ring_slots: int | None
 
 
 @contextlib.contextmanager
@@ -140,4 +145,5 @@ def load() -> Config:
         warp_ring=_env_flag("JAX_MPK_WARP_RING", True),
         smem_offset=_env("JAX_MPK_SMEM_OFFSET", None, int, lambda v: 0 <= v < SMEM_ALIGNMENT and v % 16 == 0,
                          f"a multiple of 16 in [0, {SMEM_ALIGNMENT - 16}]"),
+        ring_slots=_env("JAX_MPK_RING_SLOTS", None, int, lambda v: 4 <= v <= 7, "an integer in [4, 7]"),
     )

@@ -56,6 +56,9 @@ class Target:
     # CUDA, measuring: the bodies' shared memory starts this many bytes past an SMEM_ALIGNMENT boundary
     # (JAX_MPK_SMEM_OFFSET; None: where the static shared memory leaves it)
     smem_offset: int | None = None
+    # CUDA: the weight ring's slots, as many of them as fit (JAX_MPK_RING_SLOTS; None: bodies.dot.RING_SLOTS, the
+    # depth fusion and tiling leave room for)
+    ring_slots: int | None = None
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False
@@ -70,7 +73,8 @@ class Target:
         return Target("cuda", num_workers, compute_capability, split_attention=knobs.split_attention,
                       stage_shared_rows=knobs.stage_shared_rows, stage_shared_pointwise=knobs.stage_shared_pointwise,
                       comm_copies=knobs.comm_copies, stream_evict_first=knobs.stream_evict_first,
-                      warp_ring=knobs.warp_ring, smem_offset=knobs.smem_offset)  # fmt: skip
+                      warp_ring=knobs.warp_ring, smem_offset=knobs.smem_offset,
+                      ring_slots=knobs.ring_slots)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:
