@@ -30,6 +30,10 @@ For each model x batch x context, both variants run in this process on the defau
   output head along the vocabulary), except that the norms are read whole by every device. On the CPU, N devices need
   XLA_FLAGS=--xla_force_host_platform_device_count=N (they share the host's memory bandwidth, so a CPU floor
   for N > 1 is optimistic).
+* --prewarm: each megakernel of the run (the default's and every --variant's, one-device configurations) is
+  planned and compiled first by a process of its own, half the CPUs' worth side by side, into the jax_mpk cache,
+  while this process measures the bandwidth, makes the weights and compiles jax.jit; its megakernels then load from
+  the cache (first-call times are not measured). Planning and nvcc cost ~30 s a megakernel one after another.
 
 Results go to --out as decode_<device>.json (merged with the entries already there, so that configurations
 can be run in separate processes), a Markdown table (.md) and a chart (.png, when matplotlib is installed), each
@@ -38,12 +42,14 @@ configuration as soon as it is measured (a run stopped later keeps it).
     python benchmarks/decode.py                        # GPU: the three full models; CPU: their tiny stand-ins
     python benchmarks/decode.py --models qwen3-8b --batch 1 --ctx 1024
     python benchmarks/decode.py --quick                # a smoke run: one small configuration per model
+    python benchmarks/decode.py --models llama-3.2-1b --batch 1 --ctx 1024 --prewarm --variant ring:JAX_MPK_RING_SLOTS=7
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/decode.py --quick --tp 1,2
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -75,6 +81,7 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 5e-2}
 FLOAT32_SLACK = 1.5  # bf16: the megakernel's logits error against float32, at most this times XLA's
 QUICK = {"batch": [1], "ctx": [128], "steps": 10, "repeats": 1, "check_steps": 4}
 DEFAULTS = {"batch": [1, 8], "ctx": [1024, 4096], "steps": 100, "repeats": 2, "check_steps": 8}
+PREWARM_TIMEOUT_S = 900  # a --prewarm process (Qwen3-8B plans and compiles in ~1-2 minutes)
 
 
 @contextlib.contextmanager
@@ -154,9 +161,16 @@ def time_steps(fn: Callable, weights, tokens, pos, cache, steps: int, warmup: in
     return samples, tokens, cache
 
 
-def megakernel_first_calls(step: Callable, weights, tokens, pos, fresh: Callable, warm_too: bool):
+def megakernel_first_calls(step: Callable, weights, tokens, pos, fresh: Callable, warm_too: bool,
+                           prewarmed: bool = False):  # fmt: skip
     """The megakernelized step and the seconds of its first call with an empty jax_mpk cache (trace, plan,
-    nvcc, load), and, with ``warm_too``, of a second wrapper's first call on that filled cache (no nvcc)."""
+    nvcc, load), and, with ``warm_too``, of a second wrapper's first call on that filled cache (no nvcc). With
+    ``prewarmed`` (--prewarm: a process has put its plan in the jax_mpk cache) neither: its first call loads it."""
+    if prewarmed:
+        fast = jax_mpk.megakernelize(step, donate_argnums=(3,))
+        with progress("megakernel: first call, prewarmed cache"):
+            first_call_s(fast, weights, tokens, pos, fresh())
+        return fast, None, None
     cache_dir = tempfile.mkdtemp(prefix="jax_mpk_cold_")
     previous = os.environ.get("JAX_MPK_CACHE_DIR")
     os.environ["JAX_MPK_CACHE_DIR"] = cache_dir
@@ -176,6 +190,58 @@ def megakernel_first_calls(step: Callable, weights, tokens, pos, fresh: Callable
             os.environ["JAX_MPK_CACHE_DIR"] = previous
         shutil.rmtree(cache_dir, ignore_errors=True)
     return fast, cold, warm
+
+
+def prewarm_one(spec: str) -> None:
+    """``MODEL:BATCH:CTX:DTYPE:LAYOUT``: plan and compile the megakernel of that configuration's decode step for
+    this process's knobs, on abstract weights (no memory for them), into the jax_mpk cache; the run that started
+    this process then loads it instead of planning and running nvcc itself."""
+    model, batch, ctx, dtype, layout = spec.split(":")
+    config = dataclasses.replace(models.PRESETS[model], dtype=dtype)
+    weights, merge = models.split(models.abstract(config))
+    cache = jax.eval_shape(lambda: fresh_cache(config, int(batch), int(ctx), layout=layout))
+    tokens, pos = jax.ShapeDtypeStruct((int(batch),), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
+    jax_mpk.compile(models.make_decode_step(merge), weights, tokens, pos, cache)
+
+
+def start_prewarms(args) -> dict[tuple, concurrent.futures.Future]:
+    """With --prewarm: a process per megakernel this run will make (every one-device configuration, the default
+    and each --variant), half the CPUs' worth at a time, started now: planning and nvcc take ~30 s a megakernel,
+    one after another in this process otherwise. Keyed by (model, batch, ctx, variant name or None); each
+    future gives the process's exit status and the end of its error output."""
+    if not args.prewarm or 1 not in args.tp:
+        return {}
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 2), thread_name_prefix="prewarm")
+    started = {}
+    for name in args.models:
+        dtype = args.dtype or models.PRESETS[name].dtype
+        for batch in args.batch:
+            for ctx in args.ctx:
+                for variant, knobs in [(None, {}), *args.variant.items()]:
+                    env = {**os.environ, **knobs, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+                    spec = f"{name}:{batch}:{ctx}:{dtype}:{args.cache_layout}"
+                    command = [sys.executable, __file__, "--prewarm-one", spec]
+                    started[name, batch, ctx, variant] = pool.submit(
+                        subprocess.run, command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                        text=True, timeout=PREWARM_TIMEOUT_S)  # fmt: skip
+    pool.shutdown(wait=False)  # the submitted ones still run; nothing more is submitted
+    return started
+
+
+def await_prewarm(prewarms: dict[tuple, concurrent.futures.Future], key: tuple) -> bool:
+    """Wait for the prewarm of ``key``; whether one was started. One that failed is reported, and this process
+    plans that megakernel itself."""
+    if key not in prewarms:
+        return False
+    try:
+        done = prewarms.pop(key).result()
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        failure = f"exit {done.returncode}: {tail}" if done.returncode else ""
+    except subprocess.TimeoutExpired:
+        failure = f"no result in {PREWARM_TIMEOUT_S} s"
+    if failure:
+        print(f"  prewarm {key} failed ({failure}); planned here instead", flush=True)
+    return True
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
@@ -258,9 +324,11 @@ def floor_bytes(config: models.ModelConfig, weights, batch: int, ctx: int, tp: i
 
 
 def run_config(model: str, config: models.ModelConfig, weights, merge, batch: int, ctx: int, args,
-               bandwidth: float, mesh=None) -> dict[str, Any]:  # fmt: skip
+               bandwidth: float, mesh=None, prewarms: dict | None = None) -> dict[str, Any]:  # fmt: skip
     """Compile, check and time both variants for one configuration (tensor parallel over ``mesh`` when given:
-    ``weights`` are then already placed on it, and ``merge`` is unused)."""
+    ``weights`` are then already placed on it, and ``merge`` is unused). ``prewarms``: start_prewarms's
+    processes, awaited before each megakernel's first call (one-device configurations only)."""
+    prewarms = prewarms if mesh is None else {}
     tp = 1 if mesh is None else mesh.size
     weight_bytes, kv_bytes = floor_bytes(config, weights, batch, ctx, tp)
     floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
@@ -278,9 +346,11 @@ def run_config(model: str, config: models.ModelConfig, weights, merge, batch: in
     with progress("jax.jit: first call"):
         xla_compile = first_call_s(xla, weights, tokens, pos, fresh())
     print(f"  jax.jit: first call {xla_compile:.1f} s", flush=True)
-    fast, cold, warm = megakernel_first_calls(step, weights, tokens, pos, fresh, args.compile_times)
+    prewarmed = await_prewarm(prewarms, (model, batch, ctx, None))
+    fast, cold, warm = megakernel_first_calls(step, weights, tokens, pos, fresh, args.compile_times, prewarmed)
     (plan,) = fast.plans.values()
-    print(f"  megakernel: first call {cold:.1f} s cold{f', {warm:.1f} s warm' if warm else ''}: {plan}", flush=True)
+    first = "from the prewarmed cache" if cold is None else f"{cold:.1f} s cold{f', {warm:.1f} s warm' if warm else ''}"
+    print(f"  megakernel: first call {first}: {plan}", flush=True)
 
     check = agreement(xla, fast, weights, tokens, config, batch, ctx, args.check_steps, mesh, args.cache_layout)
     print(f"  agreement over {check['steps']} steps: max logits relative error "
@@ -292,6 +362,7 @@ def run_config(model: str, config: models.ModelConfig, weights, merge, batch: in
     variants = {"jax.jit": xla, "megakernel": fast}
     variant_agreement = {}
     for name, knobs in args.variant.items():  # the same step planned with other knobs, timed in the same rounds
+        await_prewarm(prewarms, (model, batch, ctx, name))
         with overridden(knobs):
             variant = jax_mpk.megakernelize(step, donate_argnums=(3,))
             with progress(f"megakernel[{name}]: first call"):
@@ -300,6 +371,7 @@ def run_config(model: str, config: models.ModelConfig, weights, merge, batch: in
                                             args.cache_layout)  # fmt: skip
         # a knob this model's plan does not react to gives the default's kernel again: timing it compares nothing
         variant_agreement[name]["same_plan_as_default"] = same = {m.key for m in variant.plans.values()} == {plan.key}
+        variant_agreement[name]["plan_from_cache"] = all(m.from_cache for m in variant.plans.values())
         print(f"  megakernel[{name}] ({', '.join(f'{k}={v}' for k, v in knobs.items())}): agreement "
               f"{'yes' if variant_agreement[name]['agree'] else 'NO'}"
               f"{'; THE SAME PLAN AS THE DEFAULT: the knob changes nothing here' if same else ''}", flush=True)  # fmt: skip
@@ -341,7 +413,7 @@ def run_config(model: str, config: models.ModelConfig, weights, merge, batch: in
         "speedup_over_best_xla": best_xla / best_mk,
         "first_call_s": {"jax.jit": xla_compile, "megakernel_cold": cold, "megakernel_warm": warm},
         "megakernel_plan": {"kernels": plan.call_plan.num_kernels, "tasks": plan.call_plan.num_tasks,
-                            "workers": plan.num_workers},
+                            "workers": plan.num_workers, "from_cache": plan.from_cache},
         "agreement": check,
     }  # fmt: skip
     if variant_agreement:
@@ -371,7 +443,7 @@ def markdown(results: list[dict[str, Any]], device: str) -> str:
         "token), median over repetitions of chained steps (one synchronization per chain); `_fori`: the steps in a "
         "`lax.fori_loop` inside one jit. floor = bytes read (weights + KV) / read bandwidth measured in the same run "
         "(a streaming reduction; tp > 1: the bytes of one device). overhead = (megakernel - floor) / layers. "
-        "first calls: jax.jit, megakernel with an empty jax_mpk cache.",
+        "first calls: jax.jit, megakernel with an empty jax_mpk cache (-: planned beforehand, --prewarm).",
         "",
         "| model | tp | batch | ctx | read TB/s | floor ms | jax.jit | jax.jit_fori | megakernel | megakernel_fori | "
         "mk % floor | overhead µs/layer | mk vs better jit | first call s: jit / mk | logits err vs float32: jit / mk "
@@ -386,10 +458,14 @@ def markdown(results: list[dict[str, Any]], device: str) -> str:
             f"| {r['floor_ms']:.3f} | {ms['jax.jit']:.3f} | {ms['jax.jit_fori']:.3f} | {ms['megakernel']:.3f} "
             f"| {ms['megakernel_fori']:.3f} | {r['pct_of_floor']['megakernel']:.0f}% "
             f"| {r['per_layer_overhead_us']['megakernel']:.1f} | {r['speedup_over_best_xla']:.2f}x "
-            f"| {first['jax.jit']:.1f} / {first['megakernel_cold']:.1f} "
+            f"| {first['jax.jit']:.1f} / {_seconds(first['megakernel_cold'])} "
             f"| {versus_float32(a)}{'' if a['agree'] else ' (DISAGREE)'} | {a['steps_with_equal_tokens']}/{a['steps']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"  # None: not timed (--prewarm)
 
 
 def versus_float32(check: dict[str, Any]) -> str:
@@ -477,6 +553,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "its logits are checked against jax.jit's too. Repeatable")  # fmt: skip
     parser.add_argument("--compile-times", action=argparse.BooleanOptionalAction, default=True,
                         help="also time a second megakernelize's first call on the filled cache (warm start)")
+    parser.add_argument("--prewarm", action="store_true",
+                        help="plan and compile every megakernel of the run (the default's and each --variant's) in "
+                             "processes of their own started first, side by side, into the jax_mpk cache, so that "
+                             "this process only loads them (no compile times then)")  # fmt: skip
+    parser.add_argument("--prewarm-one", metavar="MODEL:BATCH:CTX:DTYPE:LAYOUT", help=argparse.SUPPRESS)
     parser.add_argument("--check-steps", type=int, help=f"agreement steps (default {DEFAULTS['check_steps']})")
     parser.add_argument("--dtype", help="override the presets' dtype (full presets: bfloat16, tiny: float32)")
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK} unless given")
@@ -487,6 +568,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="KV cache: two stacked arrays, or one array per layer for keys and for values")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    if args.prewarm_one:  # a process of --prewarm: it reads nothing else
+        return args
+    args.compile_times = args.compile_times and not args.prewarm
     try:
         args.variant = dict(parse_variant(spec) for spec in args.variant)
     except ValueError as error:
@@ -523,6 +607,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Run every configuration; returns their results (also written to --out)."""
     args = parse_args(argv)
+    if args.prewarm_one:
+        prewarm_one(args.prewarm_one)
+        return []
+    prewarms = start_prewarms(args)  # before anything else: they run while this process measures and compiles
     device = jnp.zeros(()).device  # the default device, where both variants run (tp = 1)
     on_gpu = device.platform == "gpu"
     meshes = {}  # tp -> its mesh (None: one device, no shard_map)
@@ -554,7 +642,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 index += 1
                 label = f" tp {tp}" if mesh else ""
                 print(f"[{index}/{total}] {name}{label} batch {batch} ctx {ctx} ({config.dtype})", flush=True)
-                results.append({**run_config(name, config, weights, merge, batch, ctx, args, bandwidth, mesh), **run})
+                results.append({**run_config(name, config, weights, merge, batch, ctx, args, bandwidth, mesh,
+                                             prewarms), **run})  # fmt: skip
                 # written as each configuration ends: a run cut short (a device call's time limit) keeps the ones done
                 write_outputs(results[-1:], device.device_kind, args.out)
             del weights

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
 import os
 import pathlib
 import struct
+import subprocess
 import sys
 
 import jax
@@ -360,6 +362,25 @@ def test_benchmark_writes_each_configuration_as_it_ends(tmp_path, monkeypatch):
                      "--no-compile-times", "--ctx", "40,48", "--out", str(tmp_path)])  # fmt: skip
     (written,) = tmp_path.glob("decode_*.json")
     assert [(r["model"], r["ctx"]) for r in json.loads(written.read_text())["results"]] == [("llama-tiny", 40)]
+
+
+def test_benchmark_prewarm_plans_each_megakernel_in_a_process_of_its_own(tmp_path, monkeypatch, capsys):
+    """decode.py --prewarm: the default's and each variant's megakernel are planned by processes started first,
+    into the jax_mpk cache, and this process loads them from it (no compile times then); a prewarm that fails is
+    reported and the megakernel planned here."""
+    import decode
+
+    monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path / "cache"))
+    (result,) = decode.main(["--quick", "--models", "llama-tiny", "--steps", "2", "--warmup", "1", "--chains", "1",
+                             "--prewarm", "--variant", "one:JAX_MPK_NUM_WORKERS=1", "--out", str(tmp_path)])  # fmt: skip
+    assert result["megakernel_plan"]["from_cache"] and result["variants"]["one"]["agreement"]["plan_from_cache"]
+    assert not result["variants"]["one"]["agreement"]["same_plan_as_default"]
+    assert result["first_call_s"]["megakernel_cold"] is None and result["agreement"]["agree"]
+    failed = concurrent.futures.Future()
+    failed.set_result(subprocess.CompletedProcess(["prewarm"], 1, stderr="first\nboom"))
+    capsys.readouterr()
+    assert decode.await_prewarm({"key": failed}, "key") and not decode.await_prewarm({}, "key")
+    assert "prewarm key failed (exit 1: first\nboom); planned here instead" in capsys.readouterr().out
 
 
 def test_benchmark_times_a_knob_variant_in_the_same_rounds(tmp_path):
