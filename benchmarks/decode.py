@@ -328,7 +328,7 @@ def run_config(model: str, config: models.ModelConfig, weights, merge, batch: in
     """Compile, check and time both variants for one configuration (tensor parallel over ``mesh`` when given:
     ``weights`` are then already placed on it, and ``merge`` is unused). ``prewarms``: start_prewarms's
     processes, awaited before each megakernel's first call (one-device configurations only)."""
-    prewarms = prewarms if mesh is None else {}
+    prewarms = prewarms if mesh is None and prewarms is not None else {}
     tp = 1 if mesh is None else mesh.size
     weight_bytes, kv_bytes = floor_bytes(config, weights, batch, ctx, tp)
     floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3

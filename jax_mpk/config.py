@@ -12,8 +12,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .bodies.dot import RING_SLOT_BYTES, RING_SLOTS
 from .errors import InvalidArgumentError
-from .target import SMEM_ALIGNMENT
+from .target import SHARED_MEMORY_OPT_IN, SMEM_ALIGNMENT
+
+# JAX_MPK_RING_SLOTS: no fewer than the ring tiling leaves room for (dot.cuh also needs them for 8 rows' partial
+# sums), no more than the largest opt-in shared memory holds
+RING_SLOTS_RANGE = (RING_SLOTS, max(SHARED_MEMORY_OPT_IN.values()) // RING_SLOT_BYTES)
 
 
 def _env(name: str, default, parse, valid=lambda v: True, expected: str = ""):
@@ -94,8 +99,7 @@ class Config:
     smem_offset: int | None
     # CUDA: the weight ring's slots (JAX_MPK_RING_SLOTS, unset: bodies.dot.RING_SLOTS, 4), as many of them as fit above
     # the ring users' own shared memory; all but one are issued before a product task waits, so a deeper ring
-    # streams more of each task's weight tile while the SM waits on the chain (Target.ring_slots). At least 4: the
-    # ring holds a batch of 8 rows' partial sums (dot.cuh); at most 7 of 32 KB fit in 227 KB.
+    # streams more of each task's weight tile while the SM waits on the chain (Target.ring_slots; RING_SLOTS_RANGE)
     ring_slots: int | None
 
 
@@ -145,5 +149,6 @@ def load() -> Config:
         warp_ring=_env_flag("JAX_MPK_WARP_RING", True),
         smem_offset=_env("JAX_MPK_SMEM_OFFSET", None, int, lambda v: 0 <= v < SMEM_ALIGNMENT and v % 16 == 0,
                          f"a multiple of 16 in [0, {SMEM_ALIGNMENT - 16}]"),
-        ring_slots=_env("JAX_MPK_RING_SLOTS", None, int, lambda v: 4 <= v <= 7, "an integer in [4, 7]"),
+        ring_slots=_env("JAX_MPK_RING_SLOTS", None, int, lambda v: RING_SLOTS_RANGE[0] <= v <= RING_SLOTS_RANGE[1],
+                        "an integer in [{}, {}]".format(*RING_SLOTS_RANGE)),
     )
