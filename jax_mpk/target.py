@@ -18,10 +18,6 @@ SHARED_MEMORY_OPT_IN = {
     "8.0": 163 * 1024, "8.6": 99 * 1024, "8.7": 163 * 1024, "8.9": 99 * 1024, "9.0": 227 * 1024,
     "10.0": 227 * 1024, "12.0": 99 * 1024,
 }  # fmt: skip
-# JAX_MPK_SMEM_OFFSET places the task bodies' shared memory at an offset from a boundary of this many bytes (the
-# largest alignment a shared-memory access pattern of the bodies could depend on: a 128-byte line of 32 banks),
-# paying that many bytes of the budget for the padding.
-SMEM_ALIGNMENT = 128
 # What plans made without a device are made for (the cuda-plan fuzz platform, the codegen tests): Hopper.
 DEFAULT_COMPUTE_CAPABILITY = "9.0"
 
@@ -53,9 +49,6 @@ class Target:
     # CUDA: the CUDA-core ring products stream through the warp ring, each warp's part of a slot private to it
     # (JAX_MPK_WARP_RING, which defaults to on: on an H200 Qwen3-8B b1 -0.9%, Llama-1B b1 -1.1%, b8 unchanged)
     warp_ring: bool = True
-    # CUDA, measuring: the bodies' shared memory starts this many bytes past an SMEM_ALIGNMENT boundary
-    # (JAX_MPK_SMEM_OFFSET; None: where the static shared memory leaves it)
-    smem_offset: int | None = None
     # CUDA: the weight ring's slots, as many of them as fit (JAX_MPK_RING_SLOTS; None: bodies.dot.RING_SLOTS, the
     # depth fusion and tiling leave room for)
     ring_slots: int | None = None
@@ -73,16 +66,15 @@ class Target:
         return Target("cuda", num_workers, compute_capability, split_attention=knobs.split_attention,
                       stage_shared_rows=knobs.stage_shared_rows, stage_shared_pointwise=knobs.stage_shared_pointwise,
                       comm_copies=knobs.comm_copies, stream_evict_first=knobs.stream_evict_first,
-                      warp_ring=knobs.warp_ring, smem_offset=knobs.smem_offset,
-                      ring_slots=knobs.ring_slots)  # fmt: skip
+                      warp_ring=knobs.warp_ring, ring_slots=knobs.ring_slots)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:
         """The shared memory a task body may use: the architecture's opt-in limit (the smallest listed one for
-        an architecture not listed), less the padding that places it at ``smem_offset``."""
+        an architecture not listed)."""
         opt_in = SHARED_MEMORY_OPT_IN.get(self.compute_capability or DEFAULT_COMPUTE_CAPABILITY,
                                           min(SHARED_MEMORY_OPT_IN.values()))  # fmt: skip
-        return opt_in - (SMEM_ALIGNMENT if self.smem_offset is not None else 0)
+        return opt_in
 
     @property
     def fuses_for_gpu(self) -> bool:
