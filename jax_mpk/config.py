@@ -12,13 +12,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .bodies.dot import RING_SLOT_BYTES, RING_SLOTS
 from .errors import InvalidArgumentError
-from .target import SHARED_MEMORY_OPT_IN
-
-# JAX_MPK_RING_SLOTS: no fewer than the ring tiling leaves room for (dot.cuh also needs them for 8 rows' partial
-# sums), no more than the largest opt-in shared memory holds
-RING_SLOTS_RANGE = (RING_SLOTS, max(SHARED_MEMORY_OPT_IN.values()) // RING_SLOT_BYTES)
 
 
 def _env(name: str, default, parse, valid=lambda v: True, expected: str = ""):
@@ -92,10 +86,6 @@ class Config:
     # copying what it multiplies, so that no block barrier per 32 KB slot waits for the slowest copy (dot.cuh's
     # columns_warp_ring; JAX_MPK_WARP_RING, default on: H200 Qwen3-8B b1 5.044 -> 4.999 ms, Llama-1B b1 1.181 -> 1.168)
     warp_ring: bool
-    # CUDA: the weight ring's slots (JAX_MPK_RING_SLOTS, unset: bodies.dot.RING_SLOTS, 4), as many of them as fit above
-    # the ring users' own shared memory; all but one are issued before a product task waits, so a deeper ring
-    # streams more of each task's weight tile while the SM waits on the chain (Target.ring_slots; RING_SLOTS_RANGE)
-    ring_slots: int | None
 
 
 @contextlib.contextmanager
@@ -142,6 +132,4 @@ def load() -> Config:
         comm_copies=_env_flag("JAX_MPK_COMM_COPIES", False),
         stream_evict_first=_env_flag("JAX_MPK_STREAM_EVICT_FIRST", True),
         warp_ring=_env_flag("JAX_MPK_WARP_RING", True),
-        ring_slots=_env("JAX_MPK_RING_SLOTS", None, int, lambda v: RING_SLOTS_RANGE[0] <= v <= RING_SLOTS_RANGE[1],
-                        "an integer in [{}, {}]".format(*RING_SLOTS_RANGE)),
     )
