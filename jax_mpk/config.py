@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import InvalidArgumentError
-from .target import SHARED_MEMORY_OPT_IN
 
 
 def _env(name: str, default, parse, valid=lambda v: True, expected: str = ""):
@@ -87,11 +86,6 @@ class Config:
     # copying what it multiplies, so that no block barrier per 32 KB slot waits for the slowest copy (dot.cuh's
     # columns_warp_ring; JAX_MPK_WARP_RING, default on: H200 Qwen3-8B b1 5.044 -> 4.999 ms, Llama-1B b1 1.181 -> 1.168)
     warp_ring: bool
-    # CUDA, measuring: the megakernel asks for at least this many bytes of dynamic shared memory (unused above what
-    # the bodies need; JAX_MPK_SMEM_FLOOR, default 0), so that the SM takes a larger shared-memory carveout and
-    # leaves L1 less: session 16's 7-slot ring was slower even where no tile used the extra slots, with L1 92 ->
-    # 28 KB; this times L1's part alone
-    smem_floor: int
 
 
 @contextlib.contextmanager
@@ -138,6 +132,4 @@ def load() -> Config:
         comm_copies=_env_flag("JAX_MPK_COMM_COPIES", False),
         stream_evict_first=_env_flag("JAX_MPK_STREAM_EVICT_FIRST", True),
         warp_ring=_env_flag("JAX_MPK_WARP_RING", True),
-        smem_floor=_env("JAX_MPK_SMEM_FLOOR", 0, int, lambda v: 0 <= v <= max(SHARED_MEMORY_OPT_IN.values()),
-                        f"an integer in [0, {max(SHARED_MEMORY_OPT_IN.values())}]"),
     )

@@ -18,7 +18,6 @@ from tiny_models import TinyConfig, init_cache, init_params, make_decode_step
 from jax_mpk.capture import capture
 from jax_mpk.codegen import generate
 from jax_mpk.dot_staging import shared_weight_dims
-from jax_mpk.errors import InvalidArgumentError
 from jax_mpk.fusion import fuse
 from jax_mpk.schedule import schedule
 from jax_mpk.tasks import build_task_graph
@@ -87,23 +86,6 @@ def test_microbenchmarks_compile(name, tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "bench").stat().st_size > 100_000
-
-
-def test_shared_memory_floor_asks_for_more_and_is_refused_beyond_the_opt_in_limit():
-    """JAX_MPK_SMEM_FLOOR (measuring: a larger carveout, less L1) raises the dynamic shared memory asked for, not what
-    the bodies use; above the architecture's opt-in limit it is refused naming the knob."""
-    def fn(x, w):
-        return jnp.tanh(x @ w)
-
-    avals = (jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16), jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16))
-    _, plain = _generate(fn, *avals)
-    _, floored = _generate(fn, *avals, smem_floor=200_000)
-    assert plain.smem_bytes < 200_000 == floored.smem_bytes
-    # the default's source but for a line (another plan key: the extension keeps one kernel per key)
-    line = "// JAX_MPK_SMEM_FLOOR: 200000 bytes of dynamic shared memory asked for\n"
-    assert floored.text.replace(line, "") == plain.text
-    with pytest.raises(InvalidArgumentError, match="JAX_MPK_SMEM_FLOOR=200000"):
-        _generate(fn, *avals, compute_capability="8.6", smem_floor=200_000)
 
 
 @pytest.mark.parametrize("head_dim,batch,evict_first,warp_ring",
