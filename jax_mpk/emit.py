@@ -76,9 +76,12 @@ class KernelBody:
     kind renders into."""
 
     def __init__(self, kernel: Kernel, tasks, shared_memory_bytes: int, merge_counter: int = -1,
-                 profile: bool = False, comm_copies: bool = False, warp_ring: bool = False):  # fmt: skip
+                 profile: bool = False, comm_copies: bool = False, warp_ring: bool = False,
+                 serial_fold_group: int = 1):  # fmt: skip
         self.kernel, self.tasks = kernel, tasks
         self.warp_ring = warp_ring  # CUDA-core ring products through dot.cuh's warp ring (Target.warp_ring)
+        # a thread's own fold over positions loads this many of them before folding any (Target.serial_fold_group)
+        self.serial_fold_group = serial_fold_group
         # every rank keeps a copy of every rank's slot of a COMM tensor (Target.comm_copies): stores go to all
         # ranks' copies and reads are local; else slot r lives on rank r only and is read there
         self.comm_copies = comm_copies
@@ -564,6 +567,8 @@ class Emitter:
         per_thread = -(-length // THREADS)
         if cooperative and not rows and per_thread > 1:
             return self._fold_positions_together(node, child, inner, acc, acc_t, reducer, arg, outer)
+        if not cooperative and not rows and length > 1 and self.body.serial_fold_group > 1:
+            return self._fold_positions_together(node, child, inner, acc, acc_t, reducer, arg, outer, serial=True)
         if cooperative:
             self.emit(f"#pragma unroll {min(FOLD_UNROLL, per_thread)}")
             self.emit(f"for (index_t j0 = 0; j0 < {length}; j0 += {THREADS}) {{")
@@ -603,31 +608,34 @@ class Emitter:
         result = f"{acc}.index" if arg else f"static_cast<{VALUE[dtype_code(node.dtype)]}>({acc})"
         return _Fold(acc, acc_t, reducer, arg, result, list(outer))
 
-    def open_position_groups(self, name: str, length: int):
+    def open_position_groups(self, name: str, length: int, serial: bool = False):
         """Opens a loop over a thread's positions ``name`` of a block-strided range of ``length``, FOLD_UNROLL of
-        them at a time, for code that loads every position of a group first (preload_row_loads over ``u``).
-        Returns the group size, a function that emits (inside a loop over ``u``) the position, clamped to the
-        range (loads in bounds), and returns its name, and the test a position must pass to be used: None when
-        every group is full (ptxas answers such a test by sinking the position's load below it). The caller
-        closes the loop (pop, then "}")."""
-        group = min(FOLD_UNROLL, -(-length // THREADS))
-        step = group * THREADS
+        them at a time (``serial``: all of ``length``, the body's serial_fold_group at a time), for code that
+        loads every position of a group first (preload_row_loads over ``u``). Returns the group size, a function
+        that emits (inside a loop over ``u``) the position, clamped to the range (loads in bounds), and returns
+        its name, and the test a position must pass to be used: None when every group is full (ptxas answers
+        such a test by sinking the position's load below it). The caller closes the loop (pop, then "}")."""
+        stride, first = (1, "") if serial else (THREADS, " + threadIdx.x")
+        group = min(self.body.serial_fold_group, length) if serial else min(FOLD_UNROLL, -(-length // THREADS))
+        step = group * stride
         self.emit(f"for (index_t {name}0 = 0; {name}0 < {length}; {name}0 += {step}) {{")
         self.push()
+        at = f"{name}0 + u * {stride}{first}" if stride > 1 else f"{name}0 + u"
 
         def position() -> str:
-            self.emit(f"const index_t {name} = min({name}0 + u * {THREADS} + threadIdx.x, (index_t){length - 1});")
+            self.emit(f"const index_t {name} = min({at}, (index_t){length - 1});")
             return name
 
-        return group, position, None if length % step == 0 else f"{name}0 + u * {THREADS} + threadIdx.x < {length}"
+        return group, position, None if length % step == 0 else f"{at} < {length}"
 
     def _fold_positions_together(self, node: Reduce, child: Node, inner, acc: str, acc_t: str, reducer: str,
-                                 arg: bool, outer: list[str]) -> _Fold:
-        """A block's fold of one row, a group of a thread's positions at a time (open_position_groups): first
-        every position's loads, then their values, then the folds in position order (the bits of the
-        one-position loop). One at a time, a fold or a value's branch (a NaN-propagating max) between two
-        positions' loads kept the second waiting."""
-        group, position, guard = self.open_position_groups("j", math.prod(inner))
+                                 arg: bool, outer: list[str], serial: bool = False) -> _Fold:
+        """A block's fold of one row (``serial``: one thread's fold of all of it), a group of a thread's
+        positions at a time (open_position_groups): first every position's loads, then their values, then the
+        folds in position order (the bits of the one-position loop). One at a time, a fold or a value's branch
+        (a NaN-propagating max, an argmax's comparisons) between two positions' loads kept the second waiting:
+        the split argmax's end, one thread folding 32 chunk results, took ~6.5 us (session 13's profile)."""
+        group, position, guard = self.open_position_groups("j", math.prod(inner), serial)
 
         def index() -> list[str]:
             return list(outer) + self.delinearize(position(), [str(s) for s in inner], ["0"] * len(inner))
