@@ -86,10 +86,11 @@ class Config:
     # copying what it multiplies, so that no block barrier per 32 KB slot waits for the slowest copy (dot.cuh's
     # columns_warp_ring; JAX_MPK_WARP_RING, default on: H200 Qwen3-8B b1 5.044 -> 4.999 ms, Llama-1B b1 1.181 -> 1.168)
     warp_ring: bool
-    # CUDA, measuring: a thread that folds a row alone (the split argmax's end, split-K partial sums in a pointwise
-    # kernel) loads this many positions before folding any (JAX_MPK_SERIAL_FOLD_GROUP, default 1: one at a time,
-    # each load waiting for the previous fold when the fold branches, as an argmax's does)
-    serial_fold_group: int
+    # CUDA, measuring: the positions a thread loads before folding any, in a block's fold of a row (unset: 4,
+    # emit.FOLD_UNROLL, or as many as it has) and in a fold one thread does alone (the split argmax's end, split-K
+    # partial sums in a pointwise kernel; unset: 1, each load waiting for the previous fold when the fold branches,
+    # as an argmax's does) (JAX_MPK_FOLD_GROUP)
+    fold_group: int | None
 
 
 @contextlib.contextmanager
@@ -136,5 +137,5 @@ def load() -> Config:
         comm_copies=_env_flag("JAX_MPK_COMM_COPIES", False),
         stream_evict_first=_env_flag("JAX_MPK_STREAM_EVICT_FIRST", True),
         warp_ring=_env_flag("JAX_MPK_WARP_RING", True),
-        serial_fold_group=_env("JAX_MPK_SERIAL_FOLD_GROUP", 1, int, lambda v: 1 <= v <= 32, "an integer in [1, 32]"),
+        fold_group=_env("JAX_MPK_FOLD_GROUP", None, int, lambda v: 1 <= v <= 32, "an integer in [1, 32]"),
     )

@@ -77,11 +77,12 @@ class KernelBody:
 
     def __init__(self, kernel: Kernel, tasks, shared_memory_bytes: int, merge_counter: int = -1,
                  profile: bool = False, comm_copies: bool = False, warp_ring: bool = False,
-                 serial_fold_group: int = 1):  # fmt: skip
+                 fold_group: int | None = None):  # fmt: skip
         self.kernel, self.tasks = kernel, tasks
         self.warp_ring = warp_ring  # CUDA-core ring products through dot.cuh's warp ring (Target.warp_ring)
-        # a thread's own fold over positions loads this many of them before folding any (Target.serial_fold_group)
-        self.serial_fold_group = serial_fold_group
+        # the positions a thread loads before folding any (Target.fold_group; None: FOLD_UNROLL in a block's
+        # fold, 1 in a thread's own)
+        self.fold_group = fold_group
         # every rank keeps a copy of every rank's slot of a COMM tensor (Target.comm_copies): stores go to all
         # ranks' copies and reads are local; else slot r lives on rank r only and is read there
         self.comm_copies = comm_copies
@@ -567,7 +568,7 @@ class Emitter:
         per_thread = -(-length // THREADS)
         if cooperative and not rows and per_thread > 1:
             return self._fold_positions_together(node, child, inner, acc, acc_t, reducer, arg, outer)
-        if not cooperative and not rows and length > 1 and self.body.serial_fold_group > 1:
+        if not cooperative and not rows and length > 1 and (self.body.fold_group or 1) > 1:
             return self._fold_positions_together(node, child, inner, acc, acc_t, reducer, arg, outer, serial=True)
         if cooperative:
             self.emit(f"#pragma unroll {min(FOLD_UNROLL, per_thread)}")
@@ -608,15 +609,15 @@ class Emitter:
         result = f"{acc}.index" if arg else f"static_cast<{VALUE[dtype_code(node.dtype)]}>({acc})"
         return _Fold(acc, acc_t, reducer, arg, result, list(outer))
 
-    def open_position_groups(self, name: str, length: int, serial: bool = False):
-        """Opens a loop over a thread's positions ``name`` of a block-strided range of ``length``, FOLD_UNROLL of
-        them at a time (``serial``: all of ``length``, the body's serial_fold_group at a time), for code that
-        loads every position of a group first (preload_row_loads over ``u``). Returns the group size, a function
-        that emits (inside a loop over ``u``) the position, clamped to the range (loads in bounds), and returns
-        its name, and the test a position must pass to be used: None when every group is full (ptxas answers
-        such a test by sinking the position's load below it). The caller closes the loop (pop, then "}")."""
+    def open_position_groups(self, name: str, length: int, limit: int = FOLD_UNROLL, serial: bool = False):
+        """Opens a loop over a thread's positions ``name`` of a block-strided range of ``length`` (``serial``: all
+        of them), at most ``limit`` of them at a time, for code that loads every position of a group first
+        (preload_row_loads over ``u``). Returns the group size, a function that emits (inside a loop over ``u``)
+        the position, clamped to the range (loads in bounds), and returns its name, and the test a position must
+        pass to be used: None when every group is full (ptxas answers such a test by sinking the position's load
+        below it). The caller closes the loop (pop, then "}")."""
         stride, first = (1, "") if serial else (THREADS, " + threadIdx.x")
-        group = min(self.body.serial_fold_group, length) if serial else min(FOLD_UNROLL, -(-length // THREADS))
+        group = min(limit, -(-length // stride))
         step = group * stride
         self.emit(f"for (index_t {name}0 = 0; {name}0 < {length}; {name}0 += {step}) {{")
         self.push()
@@ -635,7 +636,8 @@ class Emitter:
         folds in position order (the bits of the one-position loop). One at a time, a fold or a value's branch
         (a NaN-propagating max, an argmax's comparisons) between two positions' loads kept the second waiting:
         the split argmax's end, one thread folding 32 chunk results, took ~6.5 us (session 13's profile)."""
-        group, position, guard = self.open_position_groups("j", math.prod(inner), serial)
+        limit = self.body.fold_group or (1 if serial else FOLD_UNROLL)
+        group, position, guard = self.open_position_groups("j", math.prod(inner), limit, serial)
 
         def index() -> list[str]:
             return list(outer) + self.delinearize(position(), [str(s) for s in inner], ["0"] * len(inner))

@@ -49,8 +49,9 @@ class Target:
     # CUDA: the CUDA-core ring products stream through the warp ring, each warp's part of a slot private to it
     # (JAX_MPK_WARP_RING, which defaults to on: on an H200 Qwen3-8B b1 -0.9%, Llama-1B b1 -1.1%, b8 unchanged)
     warp_ring: bool = True
-    # CUDA, measuring: a thread's own fold loads this many positions before folding any (JAX_MPK_SERIAL_FOLD_GROUP)
-    serial_fold_group: int = 1
+    # CUDA, measuring: the positions a thread loads before folding any, in block and one-thread folds
+    # (JAX_MPK_FOLD_GROUP; None: 4 and 1)
+    fold_group: int | None = None
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False
@@ -66,7 +67,7 @@ class Target:
                       stage_shared_rows=knobs.stage_shared_rows, stage_shared_pointwise=knobs.stage_shared_pointwise,
                       comm_copies=knobs.comm_copies, stream_evict_first=knobs.stream_evict_first,
                       warp_ring=knobs.warp_ring,
-                      serial_fold_group=knobs.serial_fold_group)  # fmt: skip
+                      fold_group=knobs.fold_group)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:

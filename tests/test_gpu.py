@@ -159,11 +159,11 @@ def test_batch_products_computing_their_rows_match_jit(batch, monkeypatch):
 @pytest.mark.parametrize("knob,value,generated", [
     ("JAX_MPK_WARP_RING", "0", "dot::columns_ring<"),  # the block-wide ring, one barrier per slot
     ("JAX_MPK_STREAM_EVICT_FIRST", "0", "#define JAX_MPK_STREAM_EVICT_FIRST 0"),  # L2's default policy for streams
-    ("JAX_MPK_SERIAL_FOLD_GROUP", "3", "min(j0 + u, (index_t)"),  # a thread's own folds: 3 loads, then 3 folds
+    ("JAX_MPK_FOLD_GROUP", "3", "min(j0 + u, (index_t)"),  # folds load 3 positions a thread, then fold them
 ])  # fmt: skip
 def test_decode_steps_with_codegen_knobs_match_jit(batch, knob, value, generated, monkeypatch):
-    """The knobs codegen reads, set against their defaults (the warp ring and evict-first off, a thread's own folds
-    loading 3 positions at a time, the last group guarded where 3 does not divide a fold's length): the steps
+    """The knobs codegen reads, set against their defaults (the warp ring and evict-first off, folds loading 3
+    positions a thread at a time, the last group guarded where 3 does not divide a fold's length): the steps
     still agree with jax.jit (at batch 8 the bf16 products are on tensor cores: the warp ring's knob changes the
     float32 model's)."""
     monkeypatch.setenv(knob, value)
