@@ -91,6 +91,10 @@ class Config:
     # partial sums in a pointwise kernel; unset: 1, each load waiting for the previous fold when the fold branches,
     # as an argmax's does) (JAX_MPK_FOLD_GROUP)
     fold_group: int | None
+    # CUDA, measuring: a pointwise element computes every operand that is not elementwise at its own index (loads,
+    # reindexed and concatenated operands, a thread's own folds) before its arithmetic, so that no transcendental's
+    # branch separates two of its loads (JAX_MPK_ELEMENT_LOADS_FIRST, default 0)
+    element_loads_first: bool
 
 
 @contextlib.contextmanager
@@ -138,4 +142,5 @@ def load() -> Config:
         stream_evict_first=_env_flag("JAX_MPK_STREAM_EVICT_FIRST", True),
         warp_ring=_env_flag("JAX_MPK_WARP_RING", True),
         fold_group=_env("JAX_MPK_FOLD_GROUP", None, int, lambda v: 1 <= v <= 32, "an integer in [1, 32]"),
+        element_loads_first=_env_flag("JAX_MPK_ELEMENT_LOADS_FIRST", False),
     )

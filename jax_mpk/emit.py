@@ -77,12 +77,14 @@ class KernelBody:
 
     def __init__(self, kernel: Kernel, tasks, shared_memory_bytes: int, merge_counter: int = -1,
                  profile: bool = False, comm_copies: bool = False, warp_ring: bool = False,
-                 fold_group: int | None = None):  # fmt: skip
+                 fold_group: int | None = None, element_loads_first: bool = False):  # fmt: skip
         self.kernel, self.tasks = kernel, tasks
         self.warp_ring = warp_ring  # CUDA-core ring products through dot.cuh's warp ring (Target.warp_ring)
         # the positions a thread loads before folding any (Target.fold_group; None: FOLD_UNROLL in a block's
         # fold, 1 in a thread's own)
         self.fold_group = fold_group
+        # pointwise elements compute their operands before their arithmetic (Target.element_loads_first)
+        self.element_loads_first = element_loads_first
         # every rank keeps a copy of every rank's slot of a COMM tensor (Target.comm_copies): stores go to all
         # ranks' copies and reads are local; else slot r lives on rank r only and is read there
         self.comm_copies = comm_copies
@@ -270,8 +272,9 @@ class Emitter:
             name = self.scopes[-1][(node.uid, tuple(idx))] = self._compute(node, idx)
         return name
 
-    def _known(self, node: Node, idx: list[str]) -> str | None:
-        key = (node.uid, tuple(idx))
+    def _known(self, node, idx: list[str]):
+        """What this scope or an enclosing one computed of ``node`` (or of a key tuple) at ``idx``."""
+        key = (*node, tuple(idx)) if isinstance(node, tuple) else (node.uid, tuple(idx))
         return next((scope[key] for scope in reversed(self.scopes) if key in scope), None)
 
     def _unknown_elementwise_operands(self, node: Node, idx: list[str]) -> list[Node]:
@@ -339,7 +342,8 @@ class Emitter:
         if isinstance(node, Acc):
             return self.acc
         if isinstance(node, Reindex):
-            return self.value(node.children[0], self.map_index(node.map, idx))
+            mapped = self._known(("mapped", node.uid), idx)  # operands_first went through it
+            return self.value(node.children[0], mapped if mapped is not None else self.map_index(node.map, idx))
         if isinstance(node, Reduce):
             return self._reduce(node, idx)
         if isinstance(node, Piecewise):
@@ -402,19 +406,29 @@ class Emitter:
         pieces = []
         for k, child in enumerate(node.children):
             lo, hi = bounds[k], bounds[k + 1]
-            if hi <= lo:
-                continue
-            shifted = list(idx)
-            shifted[node.axis] = self.fresh("at")
-            low = "0" if lo == 0 else f"{axis_index} < {lo} ? 0 : "
-            inside = f"({axis_index} < {hi} ? {axis_index} - {lo} : {hi - lo - 1})"
-            self.emit(f"const index_t {shifted[node.axis]} = {inside if lo == 0 else low + inside};")
-            pieces.append((hi, self.value(child, shifted)))
+            if hi > lo:
+                pieces.append((hi, self.value(child, self._piece_index(node, idx, k, lo, hi))))
         expr = pieces[-1][1]
         for hi, value in reversed(pieces[:-1]):
             expr = f"({axis_index} < {hi} ? {value} : {expr})"
         self.emit(f"const {VALUE[dtype_code(node.dtype)]} {result} = {expr};")
         return result
+
+    def _piece_index(self, node: Piecewise, idx: list[str], k: int, lo: int, hi: int) -> list[str]:
+        """Where piece ``k`` (positions [lo, hi) along the axis) of a selected piecewise ``node`` reads for
+        ``idx``: the position clamped into its range, shifted to the piece's start. Emitted once in a scope
+        (operands_first goes through the pieces before _piecewise_selected selects among them)."""
+        known = self._known(("piece", node.uid, k), idx)
+        if known is not None:
+            return known
+        axis_index = idx[node.axis]
+        shifted = list(idx)
+        shifted[node.axis] = self.fresh("at")
+        low = "0" if lo == 0 else f"{axis_index} < {lo} ? 0 : "
+        inside = f"({axis_index} < {hi} ? {axis_index} - {lo} : {hi - lo - 1})"
+        self.emit(f"const index_t {shifted[node.axis]} = {inside if lo == 0 else low + inside};")
+        self.scopes[-1][("piece", node.uid, k, tuple(idx))] = shifted
+        return shifted
 
     def _pieces_cheap(self, node: Piecewise) -> bool:
         """Whether computing every piece of ``node`` whatever the index costs little: at most
@@ -675,6 +689,37 @@ class Emitter:
             if len(reduced.shape) == outer_rank and node.map.to_words() == prefix.to_words():
                 self.value(reduced, list(outer))
 
+    def operands_first(self, roots: list[Node], idx: list[str]) -> None:
+        """Computes every operand the elementwise expressions ``roots`` read at ``idx`` that is not itself
+        elementwise there (loads, reindexed and piecewise operands, a thread's own folds), before any elementwise
+        operation of theirs (Target.element_loads_first). ptxas moves no load across a branch, and a
+        transcendental's slow path is one: RoPE's cos between the key append's three sums of split-K partials
+        made their loads three L2 round trips one after another."""
+        operands, seen, stack = [], set(), [(root, tuple(idx)) for root in reversed(roots)]
+        while stack:
+            node, at = stack.pop()
+            if (node.uid, at) in seen or self._known(node, list(at)) is not None:
+                continue
+            seen.add((node.uid, at))
+            if isinstance(node, Elementwise):
+                stack.extend((child, at) for child in reversed(node.children))
+            elif isinstance(node, Reindex):  # through it, at its index (kept for _compute: the names match)
+                mapped = self.map_index(node.map, list(at))
+                self.scopes[-1][("mapped", node.uid, at)] = mapped
+                stack.append((node.children[0], tuple(mapped)))
+            elif isinstance(node, Piecewise) and self._pieces_cheap(node):  # through every piece, as selected
+                bounds = [*node.los, node.shape[node.axis]]
+                pieces = [(k, c) for k, c in enumerate(node.children) if bounds[k + 1] > bounds[k]]
+                for k, child in reversed(pieces):
+                    shifted = self._piece_index(node, list(at), k, bounds[k], bounds[k + 1])
+                    stack.append((child, tuple(shifted)))
+            elif not isinstance(node, Acc):
+                operands.append((node, at))
+        if operands:
+            self.emit("// JAX_MPK_ELEMENT_LOADS_FIRST: the operands first, then the arithmetic")
+        for node, at in operands:
+            self.value(node, list(at))
+
     # ------------------------------------------------------------------------------------------ stores
     def elements(self, count: str, element) -> None:
         """Every thread computes, then stores, the kernel's outputs at its share of ``count`` tile positions.
@@ -688,6 +733,9 @@ class Emitter:
         self.emit(f"for (index_t e = threadIdx.x; e < {count}; e += {THREADS}) {{")
         self.push()
         idx = element("e")
+        if self.body.element_loads_first:
+            roots = [root for out in self.body.kernel.outputs for root in (out.node, *(n for _, n, _ in out.dyn))]
+            self.operands_first(roots, idx)
         stores = []
         for out in self.body.kernel.outputs:
             value = self.value(out.node, idx)

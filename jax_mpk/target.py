@@ -52,6 +52,8 @@ class Target:
     # CUDA, measuring: the positions a thread loads before folding any, in block and one-thread folds
     # (JAX_MPK_FOLD_GROUP; None: 4 and 1)
     fold_group: int | None = None
+    # CUDA, measuring: a pointwise element's operands before its arithmetic (JAX_MPK_ELEMENT_LOADS_FIRST)
+    element_loads_first: bool = False
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False
@@ -67,7 +69,7 @@ class Target:
                       stage_shared_rows=knobs.stage_shared_rows, stage_shared_pointwise=knobs.stage_shared_pointwise,
                       comm_copies=knobs.comm_copies, stream_evict_first=knobs.stream_evict_first,
                       warp_ring=knobs.warp_ring,
-                      fold_group=knobs.fold_group)  # fmt: skip
+                      fold_group=knobs.fold_group, element_loads_first=knobs.element_loads_first)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:
