@@ -273,9 +273,13 @@ class Emitter:
         return name
 
     def _known(self, node, idx: list[str]):
-        """What this scope or an enclosing one computed of ``node`` (or of a key tuple) at ``idx``."""
+        """What this scope or an enclosing one computed of ``node`` (or of a key tuple: _remember's) at ``idx``."""
         key = (*node, tuple(idx)) if isinstance(node, tuple) else (node.uid, tuple(idx))
         return next((scope[key] for scope in reversed(self.scopes) if key in scope), None)
+
+    def _remember(self, key: tuple, idx: list[str], value) -> None:
+        """Keeps ``value`` under ``key`` at ``idx`` in this scope, for _known (index names emitted once)."""
+        self.scopes[-1][(*key, tuple(idx))] = value
 
     def _unknown_elementwise_operands(self, node: Node, idx: list[str]) -> list[Node]:
         """Elementwise nodes below ``node`` (through elementwise nodes, at the same index) not yet computed,
@@ -379,35 +383,29 @@ class Emitter:
     def _piecewise(self, node: Piecewise, idx: list[str]) -> str:
         code = dtype_code(node.dtype)
         result = self.fresh("pw")
-        bounds = list(node.los) + [node.shape[node.axis]]
         axis_index = idx[node.axis]
         if self._pieces_cheap(node):
-            return self._piecewise_selected(node, idx, result, bounds)
+            return self._piecewise_selected(node, idx, result)
         self.emit(f"{VALUE[code]} {result};")
-        for k, child in enumerate(node.children):
-            if bounds[k + 1] <= bounds[k]:
-                continue
+        for k, child, lo, hi in _pieces(node):
             keyword = "if" if k == 0 else "} else if"
-            self.emit(f"{keyword} ({axis_index} < {bounds[k + 1]}) {{")
+            self.emit(f"{keyword} ({axis_index} < {hi}) {{")
             self.push()
             shifted = list(idx)
-            shifted[node.axis] = f"({axis_index} - {bounds[k]})"
+            shifted[node.axis] = f"({axis_index} - {lo})"
             self.emit(f"{result} = {self.value(child, shifted)};")
             self.pop()
         self.emit("}")
         return result
 
-    def _piecewise_selected(self, node: Piecewise, idx: list[str], result: str, bounds: list[int]) -> str:
+    def _piecewise_selected(self, node: Piecewise, idx: list[str], result: str) -> str:
         """Every piece computed at its index clamped into its range, then one select: no branch, so the loads
         of all pieces (and of what comes after) are in flight together. As branches, a RoPE's rotate-half
         concatenation kept its loads (split-K partials, the frequency table) one behind another, as ptxas moves
         no load across a branch."""
         axis_index = idx[node.axis]
-        pieces = []
-        for k, child in enumerate(node.children):
-            lo, hi = bounds[k], bounds[k + 1]
-            if hi > lo:
-                pieces.append((hi, self.value(child, self._piece_index(node, idx, k, lo, hi))))
+        pieces = [(hi, self.value(child, self._piece_index(node, idx, k, lo, hi)))
+                  for k, child, lo, hi in _pieces(node)]
         expr = pieces[-1][1]
         for hi, value in reversed(pieces[:-1]):
             expr = f"({axis_index} < {hi} ? {value} : {expr})"
@@ -427,7 +425,7 @@ class Emitter:
         low = "0" if lo == 0 else f"{axis_index} < {lo} ? 0 : "
         inside = f"({axis_index} < {hi} ? {axis_index} - {lo} : {hi - lo - 1})"
         self.emit(f"const index_t {shifted[node.axis]} = {inside if lo == 0 else low + inside};")
-        self.scopes[-1][("piece", node.uid, k, tuple(idx))] = shifted
+        self._remember(("piece", node.uid, k), idx, shifted)
         return shifted
 
     def _pieces_cheap(self, node: Piecewise) -> bool:
@@ -630,12 +628,12 @@ class Emitter:
         the position, clamped to the range (loads in bounds), and returns its name, and the test a position must
         pass to be used: None when every group is full (ptxas answers such a test by sinking the position's load
         below it). The caller closes the loop (pop, then "}")."""
-        stride, first = (1, "") if serial else (THREADS, " + threadIdx.x")
+        stride = 1 if serial else THREADS
         group = min(limit, -(-length // stride))
         step = group * stride
         self.emit(f"for (index_t {name}0 = 0; {name}0 < {length}; {name}0 += {step}) {{")
         self.push()
-        at = f"{name}0 + u * {stride}{first}" if stride > 1 else f"{name}0 + u"
+        at = f"{name}0 + u" if serial else f"{name}0 + u * {THREADS} + threadIdx.x"
 
         def position() -> str:
             self.emit(f"const index_t {name} = min({at}, (index_t){length - 1});")
@@ -705,14 +703,11 @@ class Emitter:
                 stack.extend((child, at) for child in reversed(node.children))
             elif isinstance(node, Reindex):  # through it, at its index (kept for _compute: the names match)
                 mapped = self.map_index(node.map, list(at))
-                self.scopes[-1][("mapped", node.uid, at)] = mapped
+                self._remember(("mapped", node.uid), list(at), mapped)
                 stack.append((node.children[0], tuple(mapped)))
             elif isinstance(node, Piecewise) and self._pieces_cheap(node):  # through every piece, as selected
-                bounds = [*node.los, node.shape[node.axis]]
-                pieces = [(k, c) for k, c in enumerate(node.children) if bounds[k + 1] > bounds[k]]
-                for k, child in reversed(pieces):
-                    shifted = self._piece_index(node, list(at), k, bounds[k], bounds[k + 1])
-                    stack.append((child, tuple(shifted)))
+                for k, child, lo, hi in reversed(_pieces(node)):
+                    stack.append((child, tuple(self._piece_index(node, list(at), k, lo, hi))))
             elif not isinstance(node, Acc):
                 operands.append((node, at))
         if operands:
@@ -746,6 +741,12 @@ class Emitter:
             self.emit(line)
         self.pop()
         self.emit("}")
+
+
+def _pieces(node: Piecewise) -> list[tuple[int, Node, int, int]]:
+    """(k, child, lo, hi) of every piece of ``node`` that holds positions [lo, hi) along its axis (hi > lo)."""
+    bounds = [*node.los, node.shape[node.axis]]
+    return [(k, child, bounds[k], bounds[k + 1]) for k, child in enumerate(node.children) if bounds[k + 1] > bounds[k]]
 
 
 def literal(value: float, code: DType) -> str:

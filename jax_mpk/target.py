@@ -75,9 +75,8 @@ class Target:
     def shared_memory_bytes(self) -> int:
         """The shared memory a task body may use: the architecture's opt-in limit (the smallest listed one for
         an architecture not listed)."""
-        opt_in = SHARED_MEMORY_OPT_IN.get(self.compute_capability or DEFAULT_COMPUTE_CAPABILITY,
-                                          min(SHARED_MEMORY_OPT_IN.values()))  # fmt: skip
-        return opt_in
+        return SHARED_MEMORY_OPT_IN.get(self.compute_capability or DEFAULT_COMPUTE_CAPABILITY,
+                                        min(SHARED_MEMORY_OPT_IN.values()))  # fmt: skip
 
     @property
     def fuses_for_gpu(self) -> bool:
