@@ -95,6 +95,10 @@ class Config:
     # reindexed and concatenated operands, a thread's own folds) before its arithmetic, so that no transcendental's
     # branch separates two of its loads (JAX_MPK_ELEMENT_LOADS_FIRST, default 0)
     element_loads_first: bool
+    # CUDA, measuring: the ring products and the ring's first copies are functions of their own, shared by every
+    # task of a weight type, instead of inlined into every variant and every case of the prefetch (dot.cuh's
+    # JAX_MPK_SHARED_CODE, default 0)
+    shared_code: bool
 
 
 @contextlib.contextmanager
@@ -143,4 +147,5 @@ def load() -> Config:
         warp_ring=_env_flag("JAX_MPK_WARP_RING", True),
         fold_group=_env("JAX_MPK_FOLD_GROUP", None, int, lambda v: 1 <= v <= 32, "an integer in [1, 32]"),
         element_loads_first=_env_flag("JAX_MPK_ELEMENT_LOADS_FIRST", False),
+        shared_code=_env_flag("JAX_MPK_SHARED_CODE", False),
     )

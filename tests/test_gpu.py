@@ -161,11 +161,12 @@ def test_batch_products_computing_their_rows_match_jit(batch, monkeypatch):
     ("JAX_MPK_STREAM_EVICT_FIRST", "0", "#define JAX_MPK_STREAM_EVICT_FIRST 0"),  # L2's default policy for streams
     ("JAX_MPK_FOLD_GROUP", "3", "min(j0 + u, (index_t)"),  # folds load 3 positions a thread, then fold them
     ("JAX_MPK_ELEMENT_LOADS_FIRST", "1", "// JAX_MPK_ELEMENT_LOADS_FIRST"),  # operands before arithmetic
+    ("JAX_MPK_SHARED_CODE", "1", "#define JAX_MPK_SHARED_CODE 1"),  # ring products not inlined
 ])  # fmt: skip
 def test_decode_steps_with_codegen_knobs_match_jit(batch, knob, value, generated, monkeypatch):
     """The knobs codegen reads, set against their defaults (the warp ring and evict-first off, folds loading 3
     positions a thread at a time, the last group guarded where 3 does not divide a fold's length, pointwise
-    elements computing their operands before their arithmetic): the steps still agree with jax.jit (at batch 8
+    elements computing their operands before their arithmetic, the ring products' code shared): the steps still agree with jax.jit (at batch 8
     the bf16 products are on tensor cores: the warp ring's knob changes the float32 model's)."""
     monkeypatch.setenv(knob, value)
     cfg = TinyConfig(qk_norm=True, dtype="float32" if knob == "JAX_MPK_WARP_RING" else "bfloat16", batch=batch)

@@ -41,6 +41,23 @@ __device__ __forceinline__ void unpack8(const uint4& v, const __half*, float out
 // With JAX_MPK_STREAM_EVICT_FIRST (the default, as the knob's: on an H200 Qwen3-0.6B b1 1.336 -> 1.225 ms, Llama-1B
 // b1 1.181 -> 1.131, only Qwen3-8B b1 slower, +0.6%; 0 turns it off) the stream's loads and copies carry an
 // evict-first policy, so that they replace one another before anything else.
+// With JAX_MPK_SHARED_CODE (a measuring knob, default 0), the ring products and the ring's first copies are
+// functions of their own that every task of the same weight type calls, instead of a copy inlined into every
+// variant and into every case of Dispatch::prefetch: a task's code then runs from the instruction cache that
+// the same level of the previous layer filled, not from L2 (the first ncu run of a Qwen3-0.6B b1 step sampled
+// a third of its task bodies' warps stalled on instruction fetch; the megakernel's own function held ~40K
+// instructions, most of them the 368 inlined copies of warp_ring_begin).
+#ifndef JAX_MPK_SHARED_CODE
+#define JAX_MPK_SHARED_CODE 0
+#endif
+#if JAX_MPK_SHARED_CODE
+#define JAX_MPK_RING_FUNCTION __noinline__
+#define JAX_MPK_RING_BEGIN __noinline__
+#else
+#define JAX_MPK_RING_FUNCTION
+#define JAX_MPK_RING_BEGIN __forceinline__
+#endif
+
 #ifndef JAX_MPK_STREAM_EVICT_FIRST
 #define JAX_MPK_STREAM_EVICT_FIRST 1
 #endif
@@ -441,7 +458,7 @@ __device__ __forceinline__ void ring_issue(char* ring, const W* w, int64_t k_str
 // Start streaming the tile: stages 0 .. kRingSlots - 2. Called by every thread of the block; kMma must be the
 // same as the dot that consumes the ring (columns_ring_mma: true, columns_ring: false).
 template <class W, bool kMma = false>
-__device__ __forceinline__ void ring_begin(char* ring, const W* w, int64_t k_stride, int K, int n_len) {
+__device__ JAX_MPK_RING_BEGIN void ring_begin(char* ring, const W* w, int64_t k_stride, int K, int n_len) {
 #pragma unroll 1
   for (int s = 0; s < kRingSlots - 1; ++s) ring_issue<W, kMma>(ring, w, k_stride, K, n_len, s);
 }
@@ -501,7 +518,7 @@ __device__ __forceinline__ void multiply_slot_rows(uint32_t slot, int row_bytes,
 // (n_len / 8 a power of two below 32) they are summed with shuffles first; the partial sums, written over
 // the (by then idle) ring, are then added up per output.
 template <class W, int R>
-__device__ void columns_ring(const float* xs, int x_stride, char* ring, const W* w, int64_t k_stride, int K, int n_len,
+__device__ JAX_MPK_RING_FUNCTION void columns_ring(const float* xs, int x_stride, char* ring, const W* w, int64_t k_stride, int K, int n_len,
                              float* acc, int acc_stride) {
   static_assert(R >= 1 && R <= kRingMaxRows, "rows per task");
   const int vectors = n_len / 8;
@@ -588,7 +605,7 @@ __device__ __forceinline__ void warp_ring_issue(char* ring, const W* w, int64_t 
 
 // Start streaming the tile: stages 0 .. kRingSlots - 2 (every thread of the block, before the task waits).
 template <class W>
-__device__ __forceinline__ void warp_ring_begin(char* ring, const W* w, int64_t k_stride, int K, int n_len) {
+__device__ JAX_MPK_RING_BEGIN void warp_ring_begin(char* ring, const W* w, int64_t k_stride, int K, int n_len) {
 #pragma unroll 1
   for (int s = 0; s < kRingSlots - 1; ++s) warp_ring_issue<W>(ring, w, k_stride, K, n_len, s);
 }
@@ -596,7 +613,7 @@ __device__ __forceinline__ void warp_ring_begin(char* ring, const W* w, int64_t 
 // columns_ring's product through the warp ring: acc[r * acc_stride + n] = sum_k xs[r * x_stride + k] * w[k, n],
 // after warp_ring_begin(ring, w, k_stride, K, n_len); warp_ring_fits<W>(n_len).
 template <class W, int R>
-__device__ void columns_warp_ring(const float* xs, int x_stride, char* ring, const W* w, int64_t k_stride, int K,
+__device__ JAX_MPK_RING_FUNCTION void columns_warp_ring(const float* xs, int x_stride, char* ring, const W* w, int64_t k_stride, int K,
                                   int n_len, float* acc, int acc_stride) {
   static_assert(R >= 1 && R <= kRingMaxRows, "rows per task");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -668,7 +685,7 @@ __device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4
 #undef JAX_MPK_MMA_16X8X16
 
 template <class W, int R>
-__device__ void columns_ring_mma(const float* xs, int x_stride, char* ring, const W* w, int64_t k_stride, int K,
+__device__ JAX_MPK_RING_FUNCTION void columns_ring_mma(const float* xs, int x_stride, char* ring, const W* w, int64_t k_stride, int K,
                                  int n_len, float* acc, int acc_stride) {
   static_assert(R >= 2 && R <= 8, "rows per task: the 8 columns of B");
   constexpr int kWarps = kBlockThreads / 32;
