@@ -42,7 +42,7 @@ configuration as soon as it is measured (a run stopped later keeps it).
     python benchmarks/decode.py                        # GPU: the three full models; CPU: their tiny stand-ins
     python benchmarks/decode.py --models qwen3-8b --batch 1 --ctx 1024
     python benchmarks/decode.py --quick                # a smoke run: one small configuration per model
-    python benchmarks/decode.py --models llama-3.2-1b --batch 1 --ctx 1024 --prewarm --variant g8:JAX_MPK_FOLD_GROUP=8
+    python benchmarks/decode.py --models llama-3.2-1b --batch 1 --ctx 1024 --prewarm --variant shared:JAX_MPK_SHARED_CODE=1
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/decode.py --quick --tp 1,2
 """
 

@@ -86,14 +86,10 @@ class Config:
     # copying what it multiplies, so that no block barrier per 32 KB slot waits for the slowest copy (dot.cuh's
     # columns_warp_ring; JAX_MPK_WARP_RING, default on: H200 Qwen3-8B b1 5.044 -> 4.999 ms, Llama-1B b1 1.181 -> 1.168)
     warp_ring: bool
-    # CUDA, measuring: the positions a thread loads before folding any, in a block's fold of a row (unset: 4,
-    # emit.FOLD_UNROLL, or as many as it has) and in a fold one thread does alone (the split argmax's end, split-K
-    # partial sums in a pointwise kernel; unset: 1, each load waiting for the previous fold when the fold branches,
-    # as an argmax's does) (JAX_MPK_FOLD_GROUP)
-    fold_group: int | None
-    # CUDA, measuring: a pointwise element computes every operand that is not elementwise at its own index (loads,
-    # reindexed and concatenated operands, a thread's own folds) before its arithmetic, so that no transcendental's
-    # branch separates two of its loads (JAX_MPK_ELEMENT_LOADS_FIRST, default 0)
+    # CUDA: a pointwise element computes every operand that is not elementwise at its own index (loads, reindexed
+    # and concatenated operands, a thread's own folds) before its arithmetic, so that no transcendental's branch
+    # separates two of its loads (JAX_MPK_ELEMENT_LOADS_FIRST, default on: H200 Llama-1B b1 1.118 -> 1.113 ms,
+    # Qwen3-0.6B b1 1.197 -> 1.191, Qwen3-0.6B b8 1.843 -> 1.829, Llama-1B b8 unchanged)
     element_loads_first: bool
     # CUDA, measuring: the ring products and the ring's first copies are functions of their own, shared by every
     # task of a weight type, instead of inlined into every variant and every case of the prefetch (dot.cuh's
@@ -145,7 +141,6 @@ def load() -> Config:
         comm_copies=_env_flag("JAX_MPK_COMM_COPIES", False),
         stream_evict_first=_env_flag("JAX_MPK_STREAM_EVICT_FIRST", True),
         warp_ring=_env_flag("JAX_MPK_WARP_RING", True),
-        fold_group=_env("JAX_MPK_FOLD_GROUP", None, int, lambda v: 1 <= v <= 32, "an integer in [1, 32]"),
-        element_loads_first=_env_flag("JAX_MPK_ELEMENT_LOADS_FIRST", False),
+        element_loads_first=_env_flag("JAX_MPK_ELEMENT_LOADS_FIRST", True),
         shared_code=_env_flag("JAX_MPK_SHARED_CODE", False),
     )

@@ -77,12 +77,9 @@ class KernelBody:
 
     def __init__(self, kernel: Kernel, tasks, shared_memory_bytes: int, merge_counter: int = -1,
                  profile: bool = False, comm_copies: bool = False, warp_ring: bool = False,
-                 fold_group: int | None = None, element_loads_first: bool = False):  # fmt: skip
+                 element_loads_first: bool = True):  # fmt: skip
         self.kernel, self.tasks = kernel, tasks
         self.warp_ring = warp_ring  # CUDA-core ring products through dot.cuh's warp ring (Target.warp_ring)
-        # the positions a thread loads before folding any (Target.fold_group; None: FOLD_UNROLL in a block's
-        # fold, 1 in a thread's own)
-        self.fold_group = fold_group
         # pointwise elements compute their operands before their arithmetic (Target.element_loads_first)
         self.element_loads_first = element_loads_first
         # every rank keeps a copy of every rank's slot of a COMM tensor (Target.comm_copies): stores go to all
@@ -580,8 +577,6 @@ class Emitter:
         per_thread = -(-length // THREADS)
         if cooperative and not rows and per_thread > 1:
             return self._fold_positions_together(node, child, inner, acc, acc_t, reducer, arg, outer)
-        if not cooperative and not rows and length > 1 and (self.body.fold_group or 1) > 1:
-            return self._fold_positions_together(node, child, inner, acc, acc_t, reducer, arg, outer, serial=True)
         if cooperative:
             self.emit(f"#pragma unroll {min(FOLD_UNROLL, per_thread)}")
             self.emit(f"for (index_t j0 = 0; j0 < {length}; j0 += {THREADS}) {{")
@@ -621,19 +616,18 @@ class Emitter:
         result = f"{acc}.index" if arg else f"static_cast<{VALUE[dtype_code(node.dtype)]}>({acc})"
         return _Fold(acc, acc_t, reducer, arg, result, list(outer))
 
-    def open_position_groups(self, name: str, length: int, limit: int = FOLD_UNROLL, serial: bool = False):
-        """Opens a loop over a thread's positions ``name`` of a block-strided range of ``length`` (``serial``: all
-        of them), at most ``limit`` of them at a time, for code that loads every position of a group first
-        (preload_row_loads over ``u``). Returns the group size, a function that emits (inside a loop over ``u``)
-        the position, clamped to the range (loads in bounds), and returns its name, and the test a position must
-        pass to be used: None when every group is full (ptxas answers such a test by sinking the position's load
-        below it). The caller closes the loop (pop, then "}")."""
-        stride = 1 if serial else THREADS
-        group = min(limit, -(-length // stride))
-        step = group * stride
+    def open_position_groups(self, name: str, length: int):
+        """Opens a loop over a thread's positions ``name`` of a block-strided range of ``length``, FOLD_UNROLL of
+        them at a time, for code that loads every position of a group first (preload_row_loads over ``u``).
+        Returns the group size, a function that emits (inside a loop over ``u``) the position, clamped to the
+        range (loads in bounds), and returns its name, and the test a position must pass to be used: None when
+        every group is full (ptxas answers such a test by sinking the position's load below it). The caller
+        closes the loop (pop, then "}")."""
+        group = min(FOLD_UNROLL, -(-length // THREADS))
+        step = group * THREADS
         self.emit(f"for (index_t {name}0 = 0; {name}0 < {length}; {name}0 += {step}) {{")
         self.push()
-        at = f"{name}0 + u" if serial else f"{name}0 + u * {THREADS} + threadIdx.x"
+        at = f"{name}0 + u * {THREADS} + threadIdx.x"
 
         def position() -> str:
             self.emit(f"const index_t {name} = min({at}, (index_t){length - 1});")
@@ -642,14 +636,12 @@ class Emitter:
         return group, position, None if length % step == 0 else f"{at} < {length}"
 
     def _fold_positions_together(self, node: Reduce, child: Node, inner, acc: str, acc_t: str, reducer: str,
-                                 arg: bool, outer: list[str], serial: bool = False) -> _Fold:
-        """A block's fold of one row (``serial``: one thread's fold of all of it), a group of a thread's
-        positions at a time (open_position_groups): first every position's loads, then their values, then the
-        folds in position order (the bits of the one-position loop). One at a time, a fold or a value's branch
-        (a NaN-propagating max, an argmax's comparisons) between two positions' loads kept the second waiting:
-        the split argmax's end, one thread folding 32 chunk results, took ~6.5 us (session 13's profile)."""
-        limit = self.body.fold_group or (1 if serial else FOLD_UNROLL)
-        group, position, guard = self.open_position_groups("j", math.prod(inner), limit, serial)
+                                 arg: bool, outer: list[str]) -> _Fold:
+        """A block's fold of one row, a group of a thread's positions at a time (open_position_groups): first
+        every position's loads, then their values, then the folds in position order (the bits of the
+        one-position loop). One at a time, a fold or a value's branch (a NaN-propagating max) between two
+        positions' loads kept the second waiting."""
+        group, position, guard = self.open_position_groups("j", math.prod(inner))
 
         def index() -> list[str]:
             return list(outer) + self.delinearize(position(), [str(s) for s in inner], ["0"] * len(inner))

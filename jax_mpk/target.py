@@ -49,11 +49,9 @@ class Target:
     # CUDA: the CUDA-core ring products stream through the warp ring, each warp's part of a slot private to it
     # (JAX_MPK_WARP_RING, which defaults to on: on an H200 Qwen3-8B b1 -0.9%, Llama-1B b1 -1.1%, b8 unchanged)
     warp_ring: bool = True
-    # CUDA, measuring: the positions a thread loads before folding any, in block and one-thread folds
-    # (JAX_MPK_FOLD_GROUP; None: 4 and 1)
-    fold_group: int | None = None
-    # CUDA, measuring: a pointwise element's operands before its arithmetic (JAX_MPK_ELEMENT_LOADS_FIRST)
-    element_loads_first: bool = False
+    # CUDA: a pointwise element's operands before its arithmetic (JAX_MPK_ELEMENT_LOADS_FIRST, which defaults to
+    # on: on an H200 -0.4 to -0.8% at Llama-1B b1, Qwen3-0.6B b1 and b8, Llama-1B b8 unchanged)
+    element_loads_first: bool = True
     # CUDA, measuring: the ring products' code shared by their variants (JAX_MPK_SHARED_CODE)
     shared_code: bool = False
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
@@ -71,8 +69,7 @@ class Target:
                       stage_shared_rows=knobs.stage_shared_rows, stage_shared_pointwise=knobs.stage_shared_pointwise,
                       comm_copies=knobs.comm_copies, stream_evict_first=knobs.stream_evict_first,
                       warp_ring=knobs.warp_ring,
-                      fold_group=knobs.fold_group, element_loads_first=knobs.element_loads_first,
-                      shared_code=knobs.shared_code)  # fmt: skip
+                      element_loads_first=knobs.element_loads_first, shared_code=knobs.shared_code)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:

@@ -71,7 +71,7 @@ def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
     assert len(cubin) > 10_000
 
 
-@pytest.mark.parametrize("name", ["attention_chunk", "weight_stream", "chain_under_stream"])
+@pytest.mark.parametrize("name", ["attention_chunk", "weight_stream", "chain_under_stream", "l2_stage"])
 def test_microbenchmarks_compile(name, tmp_path):
     """benchmarks/micro/*.cu (attention.cuh, dot.cuh's weight ring, alone with their checks) build against the
     headers as they are, with the flags their header comment gives."""
@@ -88,29 +88,23 @@ def test_microbenchmarks_compile(name, tmp_path):
     assert (tmp_path / "bench").stat().st_size > 100_000
 
 
-@pytest.mark.parametrize("head_dim,batch,evict_first,warp_ring,fold_group,loads_first,shared_code",
-                         [(64, 1, True, True, None, False, True), (128, 8, True, True, 8, True, False),
-                          (64, 1, False, False, 3, True, True)])
-def test_split_attention_decode_step_compiles(head_dim, batch, evict_first, warp_ring, fold_group, loads_first,
-                                              shared_code):
+@pytest.mark.parametrize("head_dim,batch,evict_first,warp_ring,loads_first,shared_code",
+                         [(64, 1, True, True, False, True), (128, 8, True, True, True, False),
+                          (64, 1, False, False, True, True)])
+def test_split_attention_decode_step_compiles(head_dim, batch, evict_first, warp_ring, loads_first, shared_code):
     """attention.cuh instantiated by a decode step (Llama's 64-wide heads at batch 1 with their RoPE staged in one
     pass; Qwen3's 128-wide heads with QK-norm at batch 8), compiled for sm_90; also without the streams' L2
     evict-first policy (JAX_MPK_STREAM_EVICT_FIRST=0: plain copies and loads instead of cache-hinted ones) and the
-    warp ring (JAX_MPK_WARP_RING=0: the b1 products' block-wide ring and dot), both on by default; and with folds
-    loading 8 or 3 positions a thread before folding any, a block's and a thread's own (the argmax's end, split-K
-    partial sums; JAX_MPK_FOLD_GROUP; 3 divides none of 8 and 32); and with pointwise elements loading their
-    operands before their arithmetic (JAX_MPK_ELEMENT_LOADS_FIRST); and with the ring products' code shared by
-    their variants (JAX_MPK_SHARED_CODE: dot.cuh's ring functions not inlined)."""
+    warp ring (JAX_MPK_WARP_RING=0: the b1 products' block-wide ring and dot), both on by default; with and
+    without pointwise elements loading their operands before their arithmetic (JAX_MPK_ELEMENT_LOADS_FIRST, on by
+    default); and with the ring products' code shared by their variants (JAX_MPK_SHARED_CODE: dot.cuh's ring
+    functions not inlined)."""
     cfg = TinyConfig(layers=2, hidden=2048, heads=2048 // head_dim, kv_heads=8, head_dim=head_dim, mlp=4096,
                      vocab=4096, max_seq=1024, batch=batch, dtype="bfloat16", qk_norm=head_dim == 128)  # fmt: skip
     tasks, source = _generate_decode_step(cfg, validate_graph=True, split_attention=True,
                                           stream_evict_first=evict_first, warp_ring=warp_ring,
-                                          fold_group=fold_group, element_loads_first=loads_first,
-                                          shared_code=shared_code)  # fmt: skip
+                                          element_loads_first=loads_first, shared_code=shared_code)  # fmt: skip
     assert ("#define JAX_MPK_SHARED_CODE 1" in source.text) == shared_code
-    assert ("min(j0 + u, (index_t)" in source.text) == (fold_group is not None)
-    # groups of that many positions (unset: a block's folds 4 at a time, a thread's own one at a time)
-    assert (f"for (int u = 0; u < {fold_group}; ++u)" in source.text) == (fold_group is not None)
     # the key append and the queries: RoPE's cos and sin after every load of the element (the split-K partials')
     marker = "// JAX_MPK_ELEMENT_LOADS_FIRST: the operands first, then the arithmetic"
     elements = [part.split("ops::store")[0] for part in source.text.split(marker)[1:]]
