@@ -11,7 +11,8 @@
 # "model batch [KNOB=value ...]", default Llama-1B b1 and b8, Qwen3-0.6B b8; its logs come back as abprofile.tgz). Logs and results go to $OUT.
 #   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench,host,warm,taskcost,knob,fuzz,ab,abprofile,micro] [pytest -k expression]
 # micro: the microbenchmarks of benchmarks/micro/ built with the flags their header gives (weight_stream also with
-# JAX_MPK_READ_DEPTH=16, MICRO_FLAGS added to every build), run one after the other, a log each.
+# JAX_MPK_READ_DEPTH=16, MICRO_FLAGS added to every build), run one after the other, a log each; MICROS
+# (space-separated names, default all) picks some.
 # decode and knob: DECODE_MODELS (default llama-3.2-1b,qwen3-0.6b,qwen3-8b), DECODE_BATCH (1,8), DECODE_CTX
 # (1024), DECODE_ARGS (extra arguments); trace: TRACE_ARGS (e.g. "--model llama-3.2-1b --batch 8"); warm: WARM_MODEL (qwen3-8b). "all" leaves out host, warm, taskcost, knob,
 # fuzz, ab, abprofile.
@@ -135,7 +136,7 @@ if has micro; then
     sed -n '/^\/\/   nvcc /,/\.cu /p' "$1" | sed -e 's|^//[[:space:]]*||' -e 's|\\$||' | tr '\n' ' ' \
       | sed -e 's|^nvcc ||' -e 's| benchmarks/micro/.*||'
   }
-  for variant in attention_chunk weight_stream weight_stream:-DJAX_MPK_READ_DEPTH=16 chain_under_stream; do
+  for variant in ${MICROS:-attention_chunk weight_stream weight_stream:-DJAX_MPK_READ_DEPTH=16 chain_under_stream l2_stage}; do
     name=${variant%%:*} extra=${variant#"$name"}
     log="$OUT/micro_${name}${extra:+_depth16}.txt"
     # shellcheck disable=SC2046,SC2086

@@ -24,17 +24,11 @@
 #include "jax_mpk/runtime/megakernel.cuh"
 #include "jax_mpk/tasks/dot.cuh"
 #include "micro.cuh"
+#include "chain.cuh"
 
 using namespace jax_mpk;
 
-constexpr int kRowWords = 1024;  // a 4 KB row of uint32: what a small task of the chain reads and writes
 constexpr int kStreamDepth = 8;  // 16-byte loads in flight a streaming thread (weight_stream's plain reads)
-
-struct Chain {
-  uint64_t* counter;  // steps signalled so far
-  uint32_t* rows;     // [hops + 1][kRowWords]: row h is written by step h (row 0 by the host)
-  int hops;
-};
 
 struct Stream {
   const uint4* data;
@@ -44,22 +38,6 @@ struct Stream {
   volatile int* done;         // set by the CTA that runs the chain's last step
   uint32_t* sink;             // what the streamers read, folded (keeps their loads)
 };
-
-// Step h of the chain (run by CTA h % 2): wait for step h - 1, row h = row h - 1 plus h, signal.
-__device__ void chain_step(const Chain& c, int h) {
-  if (threadIdx.x == 0) {
-    while (load_acquire(c.counter) < static_cast<uint64_t>(h)) __nanosleep(16);
-  }
-  __syncthreads();
-  const uint32_t* previous = c.rows + static_cast<int64_t>(h) * kRowWords;
-  uint32_t* next = c.rows + static_cast<int64_t>(h + 1) * kRowWords;
-  for (int w = threadIdx.x; w < kRowWords; w += kBlockThreads) next[w] = __ldcg(previous + w) + static_cast<uint32_t>(h);
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    fence_release();
-    if (threadIdx.x == 0) add_relaxed(c.counter, 1);
-  }
-}
 
 __global__ void __launch_bounds__(JAX_MPK_BLOCK_THREADS, 1)
     run(Chain chain, Stream stream, int with_streamers, unsigned long long* chain_ns) {
@@ -105,7 +83,7 @@ int main() {
   }
   const int hops = 2000;
   const int64_t stream_bytes = int64_t(4) << 30;
-  Chain chain{nullptr, nullptr, hops};
+  Chain chain{nullptr, nullptr, nullptr, hops};
   Stream stream{nullptr, stream_bytes / 16, 0, nullptr, nullptr, nullptr};
   unsigned long long* chain_ns = nullptr;
   CHECK(cudaMalloc(&chain.counter, sizeof(uint64_t)));
