@@ -88,6 +88,21 @@ def test_microbenchmarks_compile(name, tmp_path):
     assert (tmp_path / "bench").stat().st_size > 100_000
 
 
+def test_experiment_trees_apply_to_this_tree(tmp_path):
+    """scripts/ab_trees.py's measuring changes (session 17's landed and twice trees) still find the text they
+    replace, once each: a change to dot.cuh or bodies/dot.py that moves it fails here, not on the GPU machine."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "scripts"))
+    try:
+        import ab_trees
+    finally:
+        sys.path.remove(str(root / "scripts"))
+    for name, changes in ab_trees.EXPERIMENTS.items():
+        for relative, old, new in changes:
+            assert (root / relative).read_text().count(old) == 1, (name, relative)
+            assert old != new
+
+
 @pytest.mark.parametrize("head_dim,batch,evict_first,warp_ring,loads_first,shared_code",
                          [(64, 1, True, True, False, True), (128, 8, True, True, True, False),
                           (64, 1, False, False, True, True)])
