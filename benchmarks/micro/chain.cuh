@@ -1,9 +1,11 @@
 // The dependency chain of chain_under_stream and l2_stage: two CTAs ping-pong `hops` steps, each what a megakernel
 // hop and a small task do. Include after jax_mpk/runtime/megakernel.cuh (its acquire load, fence and signal) and
-// micro.cuh (the timer).
+// micro.cuh (the timer and CHECK).
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
+#include <vector>
 
 constexpr int kRowWords = 1024;  // a 4 KB row of uint32: what a small task of the chain reads and writes
 
@@ -35,4 +37,20 @@ __device__ void chain_step(const Chain& c, int h) {
       if (c.step_end != nullptr) c.step_end[h] = now_ns();
     }
   }
+}
+
+// On the host, after a launch: whether the chain's last row is row 0 plus 0 + 1 + ... + (hops - 1) (reports the
+// first wrong word).
+inline bool chain_row_checks(const Chain& c, const std::vector<uint32_t>& row0) {
+  std::vector<uint32_t> last(kRowWords);
+  CHECK(cudaMemcpy(last.data(), c.rows + static_cast<int64_t>(c.hops) * kRowWords, sizeof(uint32_t) * kRowWords,
+                   cudaMemcpyDeviceToHost));
+  const uint32_t added = static_cast<uint32_t>(static_cast<uint64_t>(c.hops) * (c.hops - 1) / 2);
+  for (int w = 0; w < kRowWords; ++w) {
+    if (last[w] != row0[w] + added) {
+      std::fprintf(stderr, "chain row %d: %u, expected %u\n", w, last[w], row0[w] + added);
+      return false;
+    }
+  }
+  return true;
 }

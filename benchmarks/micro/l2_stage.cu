@@ -190,16 +190,7 @@ int main() {
     unsigned long long issued = 0;
     CHECK(cudaMemcpy(ends.data(), chain.step_end, sizeof(unsigned long long) * hops, cudaMemcpyDeviceToHost));
     CHECK(cudaMemcpy(&issued, done_ns, sizeof(issued), cudaMemcpyDeviceToHost));
-    std::vector<uint32_t> last(kRowWords);
-    CHECK(cudaMemcpy(last.data(), chain.rows + static_cast<int64_t>(hops) * kRowWords, sizeof(uint32_t) * kRowWords,
-                     cudaMemcpyDeviceToHost));
-    const uint32_t added = static_cast<uint32_t>(static_cast<uint64_t>(hops) * (hops - 1) / 2);
-    for (int w = 0; w < kRowWords; ++w) {
-      if (last[w] != row0[w] + added) {
-        std::fprintf(stderr, "chain row %d: %u, expected %u\n", w, last[w], row0[w] + added);
-        std::exit(1);
-      }
-    }
+    if (!chain_row_checks(chain, row0)) std::exit(1);
     std::vector<double> early_steps, late_steps;
     for (int h = 1; h < hops; ++h) (h <= early ? early_steps : late_steps).push_back((ends[h] - ends[h - 1]) / 1e3);
     std::sort(early_steps.begin(), early_steps.end());
