@@ -90,6 +90,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         f"#define JAX_MPK_MMA_MAX_COLUMNS {MMA_MAX_COLUMNS}",
         f"#define JAX_MPK_STREAM_EVICT_FIRST {int(target.stream_evict_first)}",
         *(["#define JAX_MPK_SHARED_CODE 1"] if target.shared_code else []),
+        *(["#define JAX_MPK_WARP_PARTIALS 1"] if target.warp_partials else []),
         '#include "jax_mpk/runtime/megakernel.cuh"',
         *[f'#include "jax_mpk/tasks/{header}.cuh"' for header in bodies.HEADERS],
         "",

@@ -95,6 +95,9 @@ class Config:
     # task of a weight type, instead of inlined into every variant and every case of the prefetch (dot.cuh's
     # JAX_MPK_SHARED_CODE, default 0)
     shared_code: bool
+    # CUDA, measuring: a product's partial sums added by all threads, a few lanes an output finishing with
+    # shuffles, the warp ring's lanes of the same columns added first (dot.cuh's JAX_MPK_WARP_PARTIALS, default 0)
+    warp_partials: bool
 
 
 @contextlib.contextmanager
@@ -143,4 +146,5 @@ def load() -> Config:
         warp_ring=_env_flag("JAX_MPK_WARP_RING", True),
         element_loads_first=_env_flag("JAX_MPK_ELEMENT_LOADS_FIRST", True),
         shared_code=_env_flag("JAX_MPK_SHARED_CODE", False),
+        warp_partials=_env_flag("JAX_MPK_WARP_PARTIALS", False),
     )

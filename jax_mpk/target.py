@@ -54,6 +54,8 @@ class Target:
     element_loads_first: bool = True
     # CUDA, measuring: the ring products' code shared by their variants (JAX_MPK_SHARED_CODE)
     shared_code: bool = False
+    # CUDA, measuring: products' partial sums added by all threads with shuffles (JAX_MPK_WARP_PARTIALS)
+    warp_partials: bool = False
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False
@@ -69,7 +71,8 @@ class Target:
                       stage_shared_rows=knobs.stage_shared_rows, stage_shared_pointwise=knobs.stage_shared_pointwise,
                       comm_copies=knobs.comm_copies, stream_evict_first=knobs.stream_evict_first,
                       warp_ring=knobs.warp_ring,
-                      element_loads_first=knobs.element_loads_first, shared_code=knobs.shared_code)  # fmt: skip
+                      element_loads_first=knobs.element_loads_first, shared_code=knobs.shared_code,
+                      warp_partials=knobs.warp_partials)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:

@@ -103,23 +103,26 @@ def test_experiment_trees_apply_to_this_tree(tmp_path):
             assert old != new
 
 
-@pytest.mark.parametrize("head_dim,batch,evict_first,warp_ring,loads_first,shared_code",
-                         [(64, 1, True, True, False, True), (128, 8, True, True, True, False),
-                          (64, 1, False, False, True, True)])
-def test_split_attention_decode_step_compiles(head_dim, batch, evict_first, warp_ring, loads_first, shared_code):
+@pytest.mark.parametrize("head_dim,batch,evict_first,warp_ring,loads_first,shared_code,warp_partials",
+                         [(64, 1, True, True, False, True, True), (128, 8, True, True, True, False, True),
+                          (64, 1, False, False, True, True, False)])
+def test_split_attention_decode_step_compiles(head_dim, batch, evict_first, warp_ring, loads_first, shared_code,
+                                              warp_partials):
     """attention.cuh instantiated by a decode step (Llama's 64-wide heads at batch 1 with their RoPE staged in one
     pass; Qwen3's 128-wide heads with QK-norm at batch 8), compiled for sm_90; also without the streams' L2
     evict-first policy (JAX_MPK_STREAM_EVICT_FIRST=0: plain copies and loads instead of cache-hinted ones) and the
     warp ring (JAX_MPK_WARP_RING=0: the b1 products' block-wide ring and dot), both on by default; with and
     without pointwise elements loading their operands before their arithmetic (JAX_MPK_ELEMENT_LOADS_FIRST, on by
     default); and with the ring products' code shared by their variants (JAX_MPK_SHARED_CODE: dot.cuh's ring
-    functions not inlined)."""
+    functions not inlined) and their partial sums added by all threads with shuffles (JAX_MPK_WARP_PARTIALS)."""
     cfg = TinyConfig(layers=2, hidden=2048, heads=2048 // head_dim, kv_heads=8, head_dim=head_dim, mlp=4096,
                      vocab=4096, max_seq=1024, batch=batch, dtype="bfloat16", qk_norm=head_dim == 128)  # fmt: skip
     tasks, source = _generate_decode_step(cfg, validate_graph=True, split_attention=True,
                                           stream_evict_first=evict_first, warp_ring=warp_ring,
-                                          element_loads_first=loads_first, shared_code=shared_code)  # fmt: skip
+                                          element_loads_first=loads_first, shared_code=shared_code,
+                                          warp_partials=warp_partials)  # fmt: skip
     assert ("#define JAX_MPK_SHARED_CODE 1" in source.text) == shared_code
+    assert ("#define JAX_MPK_WARP_PARTIALS 1" in source.text) == warp_partials
     # the key append and the queries: RoPE's cos and sin after every load of the element (the split-K partials')
     marker = "// JAX_MPK_ELEMENT_LOADS_FIRST: the operands first, then the arithmetic"
     elements = [part.split("ops::store")[0] for part in source.text.split(marker)[1:]]

@@ -58,6 +58,15 @@ __device__ __forceinline__ void unpack8(const uint4& v, const __half*, float out
 #define JAX_MPK_RING_BEGIN __forceinline__
 #endif
 
+// With JAX_MPK_WARP_PARTIALS (a measuring knob, default 0), a product's partial sums are added by all threads,
+// a few lanes per output finishing with shuffles, instead of one thread per output adding all of them while the
+// other warps wait at the barrier (a 64 KB warp-ring product summed 32 partials in 4 of its 16 warps); the warp
+// ring also adds its lanes' sums of the same columns with shuffles first, as the block ring does (32 -> 16
+// partials). Sums in another order: not bit-identical to the knob's 0.
+#ifndef JAX_MPK_WARP_PARTIALS
+#define JAX_MPK_WARP_PARTIALS 0
+#endif
+
 #ifndef JAX_MPK_STREAM_EVICT_FIRST
 #define JAX_MPK_STREAM_EVICT_FIRST 1
 #endif
@@ -472,9 +481,38 @@ __device__ __forceinline__ void ring_advance(char* ring, const W* w, int64_t k_s
   ring_issue<W, kMma>(ring, w, k_stride, K, n_len, s + kRingSlots - 1);
 }
 
-// acc[r * acc_stride + n] = the sum of `partials` partial sums part[(r * partials + p) * n_len + n].
+// sum[r][j] += the sums of the warp's other lane groups that hold the same columns (lane l's columns are those of
+// l % vectors; vectors a power of two below 32): afterwards every lane holds its columns' total over the warp.
+template <int R>
+__device__ __forceinline__ void add_lane_groups(float (&sum)[R][8], int vectors) {
+  for (int offset = 16; offset >= vectors; offset /= 2)
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) sum[r][j] += __shfl_xor_sync(0xffffffffu, sum[r][j], offset);
+}
+
+// acc[r * acc_stride + n] = the sum of `partials` partial sums part[(r * partials + p) * n_len + n]. Called by
+// every thread of the block.
 template <int R>
 __device__ __forceinline__ void sum_partials(const float* part, int partials, int n_len, float* acc, int acc_stride) {
+  if constexpr (JAX_MPK_WARP_PARTIALS) {
+    // `lanes` neighbouring lanes per output (a power of two: their shuffles stay within a warp), as many as the
+    // block's threads and the partials allow
+    const int outputs = R * n_len;
+    int lanes = 1;
+    while (lanes < 32 && 2 * lanes <= partials && 2 * lanes * outputs <= kBlockThreads) lanes *= 2;
+    if (lanes > 1) {
+      const int o = threadIdx.x / lanes, first = threadIdx.x % lanes, r = o / n_len, n = o - r * n_len;
+      float total = 0.0f;
+      if (o < outputs) {
+        for (int p = first; p < partials; p += lanes) total += part[(r * partials + p) * n_len + n];
+      }
+      for (int offset = lanes / 2; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
+      if (o < outputs && first == 0) acc[r * acc_stride + n] = total;
+      return;
+    }
+  }
   for (int o = threadIdx.x; o < R * n_len; o += kBlockThreads) {
     const int r = o / n_len, n = o - r * n_len;
     float total = 0.0f;
@@ -544,13 +582,7 @@ __device__ JAX_MPK_RING_FUNCTION void columns_ring(const float* xs, int x_stride
   }
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const bool shuffle = vectors < 32 && 32 % vectors == 0;  // a warp holds 32 / vectors whole groups
-  if (shuffle) {
-    for (int offset = 16; offset >= vectors; offset /= 2)
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) sum[r][j] += __shfl_xor_sync(0xffffffffu, sum[r][j], offset);
-  }
+  if (shuffle) add_lane_groups<R>(sum, vectors);
   const int partials = shuffle ? kBlockThreads / 32 : groups;
   const int slot_of = shuffle ? warp : group;
   __syncthreads();  // every thread is done reading the ring: it now holds the partial sums
@@ -633,15 +665,18 @@ __device__ JAX_MPK_RING_FUNCTION void columns_warp_ring(const float* xs, int x_s
     const uint32_t slot = base + (s % kRingSlots) * kRingSlotBytes;
     multiply_slot_rows<W, R>(slot, row_bytes, sub, rows, at_once, xs, x_stride, k0, sum);
   }
-  // Every (warp, sub) holds partial sums of its columns: written over the ring once every warp is done with it.
-  const int partials = kRingWarps * at_once;
+  // Every (warp, sub) holds partial sums of its columns (with JAX_MPK_WARP_PARTIALS, when the warp's lanes hold
+  // whole groups, added across its subs first): written over the ring once every warp is done with it.
+  const bool shuffle = JAX_MPK_WARP_PARTIALS && at_once > 1 && 32 % vectors == 0;
+  if (shuffle) add_lane_groups<R>(sum, vectors);
+  const int sums_per_warp = shuffle ? 1 : at_once, partials = kRingWarps * sums_per_warp;
   __syncthreads();
   float* part = reinterpret_cast<float*>(ring);
-  if (sub < at_once) {
+  if (sub < sums_per_warp) {
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int j = 0; j < 8; ++j) part[(r * partials + warp * at_once + sub) * n_len + v * 8 + j] = sum[r][j];
+      for (int j = 0; j < 8; ++j) part[(r * partials + warp * sums_per_warp + sub) * n_len + v * 8 + j] = sum[r][j];
   }
   __syncthreads();
   sum_partials<R>(part, partials, n_len, acc, acc_stride);
