@@ -136,7 +136,7 @@ if has micro; then
     sed -n '/^\/\/   nvcc /,/\.cu /p' "$1" | sed -e 's|^//[[:space:]]*||' -e 's|\\$||' | tr '\n' ' ' \
       | sed -e 's|^nvcc ||' -e 's| benchmarks/micro/.*||'
   }
-  for variant in ${MICROS:-attention_chunk weight_stream weight_stream:-DJAX_MPK_READ_DEPTH=16 chain_under_stream l2_stage}; do
+  for variant in ${MICROS:-attention_chunk weight_stream weight_stream:-DJAX_MPK_READ_DEPTH=16 chain_under_stream l2_stage icache}; do
     name=${variant%%:*} extra=${variant#"$name"}
     log="$OUT/micro_${name}${extra:+_depth16}.txt"
     # shellcheck disable=SC2046,SC2086
