@@ -43,10 +43,10 @@ __device__ __forceinline__ void unpack8(const uint4& v, const __half*, float out
 // evict-first policy, so that they replace one another before anything else.
 // With JAX_MPK_SHARED_CODE (a measuring knob, default 0), the ring products and the ring's first copies are
 // functions of their own that every task of the same weight type calls, instead of a copy inlined into every
-// variant and into every case of Dispatch::prefetch: a task's code then runs from the instruction cache that
-// the same level of the previous layer filled, not from L2 (the first ncu run of a Qwen3-0.6B b1 step sampled
-// a third of its task bodies' warps stalled on instruction fetch; the megakernel's own function held ~40K
-// instructions, most of them the 368 inlined copies of warp_ring_begin).
+// variant and into every case of Dispatch::prefetch (the megakernel's own function held ~40K instructions, most
+// of them 368 inlined copies of warp_ring_begin: ~20K with the knob). Built to test whether a third of the task
+// bodies' warps sampled stalled on instruction fetch (ncu, Qwen3-0.6B b1) were instruction-cache misses: on an
+// H200 the step time did not change (Llama-1B and Qwen3-0.6B b1), but nvcc runs in about half the time.
 #ifndef JAX_MPK_SHARED_CODE
 #define JAX_MPK_SHARED_CODE 0
 #endif
@@ -556,8 +556,8 @@ __device__ __forceinline__ void multiply_slot_rows(uint32_t slot, int row_bytes,
 // (n_len / 8 a power of two below 32) they are summed with shuffles first; the partial sums, written over
 // the (by then idle) ring, are then added up per output.
 template <class W, int R>
-__device__ JAX_MPK_RING_FUNCTION void columns_ring(const float* xs, int x_stride, char* ring, const W* w, int64_t k_stride, int K, int n_len,
-                             float* acc, int acc_stride) {
+__device__ JAX_MPK_RING_FUNCTION void columns_ring(const float* xs, int x_stride, char* ring, const W* w,
+                                                  int64_t k_stride, int K, int n_len, float* acc, int acc_stride) {
   static_assert(R >= 1 && R <= kRingMaxRows, "rows per task");
   const int vectors = n_len / 8;
   const int groups = kBlockThreads / vectors;
@@ -645,8 +645,8 @@ __device__ JAX_MPK_RING_BEGIN void warp_ring_begin(char* ring, const W* w, int64
 // columns_ring's product through the warp ring: acc[r * acc_stride + n] = sum_k xs[r * x_stride + k] * w[k, n],
 // after warp_ring_begin(ring, w, k_stride, K, n_len); warp_ring_fits<W>(n_len).
 template <class W, int R>
-__device__ JAX_MPK_RING_FUNCTION void columns_warp_ring(const float* xs, int x_stride, char* ring, const W* w, int64_t k_stride, int K,
-                                  int n_len, float* acc, int acc_stride) {
+__device__ JAX_MPK_RING_FUNCTION void columns_warp_ring(const float* xs, int x_stride, char* ring, const W* w,
+                                                       int64_t k_stride, int K, int n_len, float* acc, int acc_stride) {
   static_assert(R >= 1 && R <= kRingMaxRows, "rows per task");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int vectors = n_len / 8, at_once = 32 / vectors;  // lanes past at_once * vectors idle
@@ -720,8 +720,8 @@ __device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4
 #undef JAX_MPK_MMA_16X8X16
 
 template <class W, int R>
-__device__ JAX_MPK_RING_FUNCTION void columns_ring_mma(const float* xs, int x_stride, char* ring, const W* w, int64_t k_stride, int K,
-                                 int n_len, float* acc, int acc_stride) {
+__device__ JAX_MPK_RING_FUNCTION void columns_ring_mma(const float* xs, int x_stride, char* ring, const W* w,
+                                                      int64_t k_stride, int K, int n_len, float* acc, int acc_stride) {
   static_assert(R >= 2 && R <= 8, "rows per task: the 8 columns of B");
   constexpr int kWarps = kBlockThreads / 32;
   constexpr int kBlocksPerWarp = (kMmaMaxColumns / 16 + kWarps - 1) / kWarps;
