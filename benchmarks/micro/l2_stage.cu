@@ -8,11 +8,12 @@
 // or without an evict-last policy, a chunk of `chunk_kb` KB at a time and `pause` ns between chunks.
 // One trial: (1) L2 is flushed (a 512 MB read); (2) a cooperative launch: CTAs 0 and 1 run chain_under_stream's
 // chain (96 steps, each stamped when it signals), and `prefetchers` other CTAs prefetch the first `staged` MB of a
-// 256 MB weight buffer; (3) a normal launch on every SM reads those `staged` MB with the products' evict-first
-// 16-byte loads (hits, if L2 kept them), then, after another flush, as many bytes never prefetched (HBM), each
-// timed inside the kernel (first start to last end on the global timer). Reports the chain's median step time
-// over its first 16 steps (under the prefetch) and over the rest, how long the prefetchers took to issue, and the
-// consumer's TB/s for staged and cold bytes; the chain's last row and every consumer's fold checked on the host.
+// 256 MB weight buffer; (3) a normal launch on every SM reads those `staged` MB with evict-first 16-byte loads
+// (hits, if L2 kept them); (4) (1) and (2) again, then a read with the weight ring's evict-first cp.async copies
+// into shared memory; (5) each after another flush, as many bytes never prefetched (HBM) read both ways. Every
+// read is timed inside its kernel (first start to last end on the global timer). Reports the chain's median step
+// time over its first 16 steps (under the prefetch) and over the rest, how long the prefetchers took to issue, and
+// the four reads' TB/s; the chain's last row and every read's fold checked on the host.
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I ffi/include -DJAX_MPK_BLOCK_THREADS=512 \
 //        -DJAX_MPK_RING_SLOTS=4 -DJAX_MPK_RING_SLOT_BYTES=32768 -DJAX_MPK_RING_MAX_ROWS=8 -DJAX_MPK_MMA_MAX_COLUMNS=512 \
 //        benchmarks/micro/l2_stage.cu -o /tmp/l2_stage && /tmp/l2_stage
@@ -100,6 +101,46 @@ __global__ void __launch_bounds__(JAX_MPK_BLOCK_THREADS, 1)
   atomicAdd(sink, sum);
 }
 
+// consume's read through the products' path instead: 16-byte evict-first cp.async copies into shared memory
+// (dot.cuh's copy16_streamed, as the weight ring issues them), each thread two groups of kReadDepth in flight,
+// then folded from there.
+__global__ void __launch_bounds__(JAX_MPK_BLOCK_THREADS, 1)
+    consume_copies(const uint4* data, int64_t chunks, uint32_t* sink, unsigned long long* span) {
+  extern __shared__ uint4 staged[];  // [2][kReadDepth][kBlockThreads]: a thread reads only its own slots
+  __shared__ unsigned long long start;
+  if (threadIdx.x == 0) start = now_ns();
+  __syncthreads();
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kBlockThreads, group_stride = kReadDepth * stride;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kBlockThreads + threadIdx.x;
+  auto slot = [&](int buffer, int d) { return &staged[(buffer * kReadDepth + d) * kBlockThreads + threadIdx.x]; };
+  auto issue = [&](int64_t base, int buffer) {  // one commit group, empty past the end
+#pragma unroll
+    for (int d = 0; d < kReadDepth; ++d) {
+      const int64_t chunk = base + d * stride;
+      if (chunk < chunks) dot::copy16_streamed(dot::shared_address(slot(buffer, d)), data + chunk);
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  };
+  uint32_t sum = 0;
+  issue(first, 0);
+  int buffer = 0;
+  for (int64_t base = first; base < chunks; base += group_stride, buffer ^= 1) {
+    issue(base + group_stride, buffer ^ 1);
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+#pragma unroll
+    for (int d = 0; d < kReadDepth; ++d) {
+      if (base + d * stride < chunks) sum += slot(buffer, d)->x ^ slot(buffer, d)->w;
+    }
+  }
+  asm volatile("cp.async.wait_all;" ::: "memory");
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    atomicMin(&span[0], start);
+    atomicMax(&span[1], now_ns());
+  }
+  atomicAdd(sink, sum);
+}
+
 // Evicts what L2 holds: a plain read of a buffer ten times L2's size.
 __global__ void flush(const uint4* data, int64_t chunks, uint32_t* sink) {
   uint32_t sum = 0;
@@ -153,12 +194,20 @@ int main() {
     CHECK(cudaGetLastError());
     CHECK(cudaDeviceSynchronize());
   };
-  // One consumer read of [offset, offset + bytes): TB/s inside the kernel, the fold checked.
-  auto consume_region = [&](int64_t offset, int64_t bytes) {
+  const int copies_smem = 2 * kReadDepth * kBlockThreads * 16;
+  CHECK(cudaFuncSetAttribute(consume_copies, cudaFuncAttributeMaxDynamicSharedMemorySize, copies_smem));
+  // One consumer read of [offset, offset + bytes), with loads or with cp.async copies: TB/s inside the kernel,
+  // the fold checked.
+  auto consume_region = [&](int64_t offset, int64_t bytes, bool copies) {
     const unsigned long long initial[2] = {~0ull, 0ull};
     CHECK(cudaMemcpy(span, initial, sizeof(initial), cudaMemcpyHostToDevice));
     CHECK(cudaMemset(sink, 0, sizeof(uint32_t)));
-    consume<<<sms, kBlockThreads>>>(reinterpret_cast<const uint4*>(weights + offset), bytes / 16, sink, span);
+    const uint4* region = reinterpret_cast<const uint4*>(weights + offset);
+    if (copies) {
+      consume_copies<<<sms, kBlockThreads, copies_smem>>>(region, bytes / 16, sink, span);
+    } else {
+      consume<<<sms, kBlockThreads>>>(region, bytes / 16, sink, span);
+    }
     CHECK(cudaGetLastError());
     CHECK(cudaDeviceSynchronize());
     unsigned long long times[2];
@@ -200,13 +249,15 @@ int main() {
 
   std::printf("L2 %d MB; a chain of %d steps on 2 SMs (step times: median of steps 1-%d, early, and of the rest, "
               "late); prefetchers ask L2 for the first `staged` MB of a 256 MB buffer (cp.async.bulk.prefetch.L2 "
-              "from one thread each); then %d SMs read them with evict-first loads (staged), and as many bytes never "
-              "prefetched (cold)\n", l2_bytes >> 20, hops, early, sms);
-  std::printf("%-9s %-11s %5s %8s %6s | %8s %8s %9s | %11s %9s\n", "staged MB", "prefetchers", "chunk", "pause ns",
-              "policy", "early us", "late us", "issued us", "staged TB/s", "cold TB/s");
+              "from one thread each); then %d SMs read them with evict-first loads or cp.async copies (staged; each "
+              "after a prefetch of its own), and as many bytes never prefetched (cold)\n", l2_bytes >> 20, hops, early,
+              sms);
+  std::printf("%-9s %-11s %5s %8s %6s | %8s %8s %9s | %12s %12s %12s %12s\n", "staged MB", "prefetchers", "chunk",
+              "pause ns", "policy", "early us", "late us", "issued us", "staged loads", "staged cp", "cold loads",
+              "cold cp");
   const ChainTimes alone = run_stage(Prefetch{weights, 0, 16384, 0, 0, 0, done_ns});
-  std::printf("%-9s %-11s %5s %8s %6s | %8.3f %8.3f %9s | %11s %9s\n", "0", "0", "-", "-", "-", alone.early_us,
-              alone.late_us, "-", "-", "-");
+  std::printf("%-9s %-11s %5s %8s %6s | %8.3f %8.3f %9s |\n", "0", "0", "-", "-", "-", alone.early_us, alone.late_us,
+              "-");
   const int64_t staged_mb[] = {16, 32, 48};
   const int prefetcher_counts[] = {4, 16, 130};
   const unsigned pauses[] = {0, 1000};
@@ -217,12 +268,18 @@ int main() {
           const int64_t bytes = mb << 20;
           const Prefetch prefetch{weights, bytes, 16384, pause, evict_last, std::min(prefetchers, sms - 2), done_ns};
           const ChainTimes times = run_stage(prefetch);
-          const double staged = consume_region(0, bytes);
-          flush_l2();
-          const double cold = consume_region(weight_bytes - bytes, bytes);  // never prefetched
-          std::printf("%-9lld %-11d %5d %8u %6s | %8.3f %8.3f %9.1f | %11.2f %9.2f\n", static_cast<long long>(mb),
-                      prefetch.prefetchers, prefetch.chunk_bytes >> 10, pause, evict_last ? "last" : "normal",
-                      times.early_us, times.late_us, times.issued_us, staged, cold);
+          const double staged_loads = consume_region(0, bytes, false);
+          run_stage(prefetch);  // the loads' evict-first policy may have dropped what they read: stage again
+          const double staged_copies = consume_region(0, bytes, true);
+          double cold[2];
+          for (int copies = 0; copies <= 1; ++copies) {
+            flush_l2();
+            cold[copies] = consume_region(weight_bytes - bytes, bytes, copies);  // never prefetched
+          }
+          std::printf("%-9lld %-11d %5d %8u %6s | %8.3f %8.3f %9.1f | %12.2f %12.2f %12.2f %12.2f\n",
+                      static_cast<long long>(mb), prefetch.prefetchers, prefetch.chunk_bytes >> 10, pause,
+                      evict_last ? "last" : "normal", times.early_us, times.late_us, times.issued_us, staged_loads,
+                      staged_copies, cold[0], cold[1]);
         }
       }
     }
