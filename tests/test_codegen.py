@@ -88,7 +88,7 @@ def test_microbenchmarks_compile(name, tmp_path):
     assert (tmp_path / "bench").stat().st_size > 100_000
 
 
-def test_experiment_trees_apply_to_this_tree(tmp_path):
+def test_experiment_trees_apply_to_this_tree():
     """scripts/ab_trees.py's measuring changes (session 17's landed and twice trees) still find the text they
     replace, once each: a change to dot.cuh or bodies/dot.py that moves it fails here, not on the GPU machine."""
     root = pathlib.Path(__file__).resolve().parents[1]

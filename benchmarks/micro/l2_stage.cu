@@ -73,13 +73,27 @@ __global__ void __launch_bounds__(JAX_MPK_BLOCK_THREADS, 1)
   atomicMax(prefetch.done_ns, now_ns() - start);  // issued, not landed: the consumer tells what landed
 }
 
-// Every CTA reads its share of [data, data + bytes) with evict-first 16-byte loads; span[0] = the earliest start,
-// span[1] = the latest end (global timer).
-__global__ void __launch_bounds__(JAX_MPK_BLOCK_THREADS, 1)
-    consume(const uint4* data, int64_t chunks, uint32_t* sink, unsigned long long* span) {
+// A read's bracket: when the block starts (the global timer, the same in every thread), and at its end the
+// earliest start and the latest end over the blocks into span[0] and span[1], every thread's fold into sink.
+__device__ unsigned long long read_started() {
   __shared__ unsigned long long start;
   if (threadIdx.x == 0) start = now_ns();
   __syncthreads();
+  return start;
+}
+__device__ void read_finished(unsigned long long start, unsigned long long* span, uint32_t* sink, uint32_t sum) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    atomicMin(&span[0], start);
+    atomicMax(&span[1], now_ns());
+  }
+  atomicAdd(sink, sum);
+}
+
+// Every CTA reads its share of [data, data + bytes) with evict-first 16-byte loads.
+__global__ void __launch_bounds__(JAX_MPK_BLOCK_THREADS, 1)
+    consume(const uint4* data, int64_t chunks, uint32_t* sink, unsigned long long* span) {
+  const unsigned long long start = read_started();
   uint32_t sum = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kBlockThreads;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kBlockThreads + threadIdx.x; base < chunks;
@@ -93,12 +107,7 @@ __global__ void __launch_bounds__(JAX_MPK_BLOCK_THREADS, 1)
 #pragma unroll
     for (int d = 0; d < kReadDepth; ++d) sum += v[d].x ^ v[d].w;
   }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    atomicMin(&span[0], start);
-    atomicMax(&span[1], now_ns());
-  }
-  atomicAdd(sink, sum);
+  read_finished(start, span, sink, sum);
 }
 
 // consume's read through the products' path instead: 16-byte evict-first cp.async copies into shared memory
@@ -107,9 +116,7 @@ __global__ void __launch_bounds__(JAX_MPK_BLOCK_THREADS, 1)
 __global__ void __launch_bounds__(JAX_MPK_BLOCK_THREADS, 1)
     consume_copies(const uint4* data, int64_t chunks, uint32_t* sink, unsigned long long* span) {
   extern __shared__ uint4 staged[];  // [2][kReadDepth][kBlockThreads]: a thread reads only its own slots
-  __shared__ unsigned long long start;
-  if (threadIdx.x == 0) start = now_ns();
-  __syncthreads();
+  const unsigned long long start = read_started();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kBlockThreads, group_stride = kReadDepth * stride;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kBlockThreads + threadIdx.x;
   auto slot = [&](int buffer, int d) { return &staged[(buffer * kReadDepth + d) * kBlockThreads + threadIdx.x]; };
@@ -133,12 +140,7 @@ __global__ void __launch_bounds__(JAX_MPK_BLOCK_THREADS, 1)
     }
   }
   asm volatile("cp.async.wait_all;" ::: "memory");
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    atomicMin(&span[0], start);
-    atomicMax(&span[1], now_ns());
-  }
-  atomicAdd(sink, sum);
+  read_finished(start, span, sink, sum);
 }
 
 // Evicts what L2 holds: a plain read of a buffer ten times L2's size.
