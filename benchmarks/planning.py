@@ -10,7 +10,7 @@ task count and its largest task's estimated work (a level of one small kernel on
 the stacked cache's one-task key append and batch 8's extra levels were found this way). The environment's GPU
 knobs apply as megakernelize applies them (Target.cuda: JAX_MPK_SPLIT_ATTENTION, JAX_MPK_STAGE_SHARED_ROWS,
 JAX_MPK_STAGE_SHARED_POINTWISE, JAX_MPK_COMM_COPIES, JAX_MPK_STREAM_EVICT_FIRST, JAX_MPK_WARP_RING,
-JAX_MPK_ELEMENT_LOADS_FIRST, JAX_MPK_SHARED_CODE, JAX_MPK_WARP_PARTIALS; JAX_MPK_TASK_FIXED_COST in scheduling).
+JAX_MPK_ELEMENT_LOADS_FIRST, JAX_MPK_SHARED_CODE, JAX_MPK_STATIC_TILES; JAX_MPK_TASK_FIXED_COST in scheduling).
 
     python benchmarks/planning.py --model qwen3-8b                 # H100/H200: 132 SMs, sm_90
     python benchmarks/planning.py --model qwen3-0.6b --profile 25

@@ -91,13 +91,14 @@ class Config:
     # separates two of its loads (JAX_MPK_ELEMENT_LOADS_FIRST, default on: H200 Llama-1B b1 1.118 -> 1.113 ms,
     # Qwen3-0.6B b1 1.197 -> 1.191, Qwen3-0.6B b8 1.843 -> 1.829, Llama-1B b8 unchanged)
     element_loads_first: bool
-    # CUDA, measuring: the ring products and the ring's first copies are functions of their own, shared by every
-    # task of a weight type, instead of inlined into every variant and every case of the prefetch (dot.cuh's
-    # JAX_MPK_SHARED_CODE, default 0)
+    # CUDA: the ring products and the ring's first copies are functions of their own, shared by every task of a
+    # weight type and tile shape, instead of inlined into every variant and every case of the prefetch (dot.cuh's
+    # JAX_MPK_SHARED_CODE, default on: nvcc about twice as fast, H200 step times unchanged)
     shared_code: bool
-    # CUDA, measuring: a product's partial sums added by all threads, a few lanes an output finishing with
-    # shuffles, the warp ring's lanes of the same columns added first (dot.cuh's JAX_MPK_WARP_PARTIALS, default 0)
-    warp_partials: bool
+    # CUDA: the ring products take their tile's shape as template arguments where a kernel's tiles are all alike,
+    # so that their index arithmetic folds (dot.cuh's JAX_MPK_STATIC_TILES, default on: a 64 KB product's body
+    # 3,400 -> 1,700 cycles, benchmarks/micro/product_body.cu; 0 for measuring)
+    static_tiles: bool
 
 
 @contextlib.contextmanager
@@ -145,6 +146,6 @@ def load() -> Config:
         stream_evict_first=_env_flag("JAX_MPK_STREAM_EVICT_FIRST", True),
         warp_ring=_env_flag("JAX_MPK_WARP_RING", True),
         element_loads_first=_env_flag("JAX_MPK_ELEMENT_LOADS_FIRST", True),
-        shared_code=_env_flag("JAX_MPK_SHARED_CODE", False),
-        warp_partials=_env_flag("JAX_MPK_WARP_PARTIALS", False),
+        shared_code=_env_flag("JAX_MPK_SHARED_CODE", True),
+        static_tiles=_env_flag("JAX_MPK_STATIC_TILES", True),
     )

@@ -40,10 +40,10 @@ EXPERIMENTS: dict[str, list[tuple[str, str, str]]] = {
     )],
     "twice": [(
         "jax_mpk/bodies/dot.py",
-        """        em.emit(f"dot::{ring_dot}<{w_type}, {R}>(xs, {x_stride}, smem + kRingOffset, {w}, {plan.rhs_k}, {plan.K}, "
-                f"static_cast<int>(n_len), acc, {n_pad});")
+        """        em.emit(f"dot::{ring_dot}<{w_type}, {R}{shape}>(xs, {x_stride}, smem + kRingOffset, {w}, {plan.rhs_k}, "
+                f"{plan.K}, static_cast<int>(n_len), acc, {n_pad});")
 """,
-        """        call = (f"dot::{ring_dot}<{w_type}, {R}>(xs, {x_stride}, smem + kRingOffset, {w}, {plan.rhs_k}, "
+        """        call = (f"dot::{ring_dot}<{w_type}, {R}{shape}>(xs, {x_stride}, smem + kRingOffset, {w}, {plan.rhs_k}, "
                 f"{plan.K}, static_cast<int>(n_len), acc, {n_pad});")
         em.emit(call)
         em.emit("__syncthreads();  // EXPERIMENT twice: the product again, its code warm, the phase stamped between")

@@ -55,7 +55,7 @@ def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
     assert source.num_variants <= 24, source.num_variants
     text = source.text
     # x @ W streams weight tiles through shared memory, each warp its part of a slot (JAX_MPK_WARP_RING)
-    assert "dot::columns_warp_ring<__nv_bfloat16, 1>" in text
+    assert "dot::columns_warp_ring<__nv_bfloat16, 1" in text
     assert "dot::warp_ring_begin" in text  # ... whose first slots are issued before a task waits
     # scores: the four query heads of a KV head read its keys once (128 tasks); P @ V keeps them together only
     # while that leaves half the SMs busy (32 tasks would not): a head per task (test_query_heads_share_... at b8)
@@ -71,7 +71,7 @@ def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
     assert len(cubin) > 10_000
 
 
-@pytest.mark.parametrize("name", ["attention_chunk", "weight_stream", "chain_under_stream", "l2_stage", "icache"])
+@pytest.mark.parametrize("name", ["attention_chunk", "weight_stream", "chain_under_stream", "l2_stage", "icache", "product_body"])
 def test_microbenchmarks_compile(name, tmp_path):
     """benchmarks/micro/*.cu (attention.cuh, dot.cuh's weight ring, alone with their checks) build against the
     headers as they are, with the flags their header comment gives."""
@@ -103,26 +103,27 @@ def test_experiment_trees_apply_to_this_tree():
             assert old != new
 
 
-@pytest.mark.parametrize("head_dim,batch,evict_first,warp_ring,loads_first,shared_code,warp_partials",
+@pytest.mark.parametrize("head_dim,batch,evict_first,warp_ring,loads_first,shared_code,static_tiles",
                          [(64, 1, True, True, False, True, True), (128, 8, True, True, True, False, True),
                           (64, 1, False, False, True, True, False)])
 def test_split_attention_decode_step_compiles(head_dim, batch, evict_first, warp_ring, loads_first, shared_code,
-                                              warp_partials):
+                                              static_tiles):
     """attention.cuh instantiated by a decode step (Llama's 64-wide heads at batch 1 with their RoPE staged in one
     pass; Qwen3's 128-wide heads with QK-norm at batch 8), compiled for sm_90; also without the streams' L2
     evict-first policy (JAX_MPK_STREAM_EVICT_FIRST=0: plain copies and loads instead of cache-hinted ones) and the
     warp ring (JAX_MPK_WARP_RING=0: the b1 products' block-wide ring and dot), both on by default; with and
     without pointwise elements loading their operands before their arithmetic (JAX_MPK_ELEMENT_LOADS_FIRST, on by
-    default); and with the ring products' code shared by their variants (JAX_MPK_SHARED_CODE: dot.cuh's ring
-    functions not inlined) and their partial sums added by all threads with shuffles (JAX_MPK_WARP_PARTIALS)."""
+    default); with and without the ring products' code shared by their variants (JAX_MPK_SHARED_CODE: dot.cuh's
+    ring functions not inlined) and their tile shapes as template arguments (JAX_MPK_STATIC_TILES), both on by
+    default."""
     cfg = TinyConfig(layers=2, hidden=2048, heads=2048 // head_dim, kv_heads=8, head_dim=head_dim, mlp=4096,
                      vocab=4096, max_seq=1024, batch=batch, dtype="bfloat16", qk_norm=head_dim == 128)  # fmt: skip
     tasks, source = _generate_decode_step(cfg, validate_graph=True, split_attention=True,
                                           stream_evict_first=evict_first, warp_ring=warp_ring,
                                           element_loads_first=loads_first, shared_code=shared_code,
-                                          warp_partials=warp_partials)  # fmt: skip
-    assert ("#define JAX_MPK_SHARED_CODE 1" in source.text) == shared_code
-    assert ("#define JAX_MPK_WARP_PARTIALS 1" in source.text) == warp_partials
+                                          static_tiles=static_tiles)  # fmt: skip
+    assert f"#define JAX_MPK_SHARED_CODE {int(shared_code)}" in source.text
+    assert f"#define JAX_MPK_STATIC_TILES {int(static_tiles)}" in source.text
     # the key append and the queries: RoPE's cos and sin after every load of the element (the split-K partials')
     marker = "// JAX_MPK_ELEMENT_LOADS_FIRST: the operands first, then the arithmetic"
     elements = [part.split("ops::store")[0] for part in source.text.split(marker)[1:]]
@@ -218,7 +219,7 @@ def test_batched_weight_products_share_the_weight_tile(tmp_path, monkeypatch):
         if kernel.dot is not None:
             rows = {t.hi[-2] - t.lo[-2] for t in kernel_tasks}
             assert rows == {8}, (kernel, rows)
-    assert source.text.count("dot::columns_ring_mma<__nv_bfloat16, 8>") == 2
+    assert source.text.count("dot::columns_ring_mma<__nv_bfloat16, 8") == 2
     assert source.text.count("dot::ring_begin<__nv_bfloat16, true>") == 2  # the ring laid out for ldmatrix
     compile_cubin(source.text, "9.0")
 
@@ -245,7 +246,7 @@ def test_batch_rows_too_long_for_the_ring_are_split_along_k(tmp_path, monkeypatc
         assert max(t.hi[-1] - t.lo[-1] for t in kernel_tasks) <= 512
     head = max(products, key=lambda p: p[0].domain[-1])
     assert len(head[1]) > H100_SMS
-    assert "dot::columns_ring_mma<__nv_bfloat16, 8>" in source.text  # (gate and up share one device function)
+    assert "dot::columns_ring_mma<__nv_bfloat16, 8" in source.text  # (gate and up share one device function)
     assert "dot::columns_vec(" not in source.text  # no row streams a weight tile on its own
     compile_cubin(source.text, "9.0")
 
@@ -322,9 +323,9 @@ def test_row_reductions_read_at_other_rows_are_reduced_once_per_row(fn, shape):
 @pytest.mark.parametrize(
     "shapes,dtypes,dot",
     [
-        ([(8, 256), (256, 512)], ("float32", "float32"), "dot::columns_warp_ring<float, 8>"),  # no f32 tensor cores
-        ([(8, 256), (256, 512)], ("float32", "bfloat16"), "dot::columns_warp_ring<__nv_bfloat16, 8>"),  # f32 rows
-        ([(3, 256), (256, 512)], ("float16", "float16"), "dot::columns_ring_mma<__half, 3>"),
+        ([(8, 256), (256, 512)], ("float32", "float32"), "dot::columns_warp_ring<float, 8"),  # no f32 tensor cores
+        ([(8, 256), (256, 512)], ("float32", "bfloat16"), "dot::columns_warp_ring<__nv_bfloat16, 8"),  # f32 rows
+        ([(3, 256), (256, 512)], ("float16", "float16"), "dot::columns_ring_mma<__half, 3"),
     ],
 )
 def test_tensor_core_rows_only_where_exact(shapes, dtypes, dot, tmp_path, monkeypatch):
@@ -350,7 +351,7 @@ def test_query_heads_share_their_kv_heads_pass(tmp_path, monkeypatch):
         if kernel.dot is not None and len(kernel.domain) == 5:  # scores [b, kv, 1, q, keys], P.V [b, kv, q, 1, d]
             assert {math.prod(t.hi[d] - t.lo[d] for d in range(4)) for t in kernel_tasks} == {4}, kernel
     assert "dot::rows_shared<__nv_bfloat16, 4>" in source.text
-    assert "dot::columns_ring_mma<__nv_bfloat16, 4>" in source.text  # P.V on tensor cores
+    assert "dot::columns_ring_mma<__nv_bfloat16, 4" in source.text  # P.V on tensor cores
     assert source.text.count("streams while the rows are staged") == 1
     assert "reduce::block_reduce_rows<reduce::Max<float>, float, 4>" in source.text  # the softmax rows together
     compile_cubin(source.text, "9.0")

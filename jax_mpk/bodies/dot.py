@@ -26,6 +26,8 @@ RING_SLOT_BYTES = 32 * 1024
 RING_BYTES = RING_SLOTS * RING_SLOT_BYTES
 WARP_SLOT_BYTES = RING_SLOT_BYTES // (THREADS // 32)  # a warp's part of a slot in the warp ring (kWarpSlotBytes)
 MMA_MAX_COLUMNS = 512  # the widest column tile of the tensor-core dot (its accumulators are registers)
+# a ring product's call per tile width, its shape as template arguments, up to this many widths in a kernel
+STATIC_TILE_WIDTHS = 2
 # Output columns are tiled in multiples of this, so weight rows load as whole 32-byte sectors of bf16 weights.
 COLUMN_ALIGN = 16
 
@@ -134,8 +136,22 @@ def render_together(body: KernelBody, plan: DotPlan):
         ring_dot = "columns_ring_mma" if plan.mma else "columns_warp_ring" if uses_warp_ring(body, plan) else "columns_ring"
         if ring_dot == "columns_warp_ring":  # uses_warp_ring's test, checked against dot.cuh's own
             em.emit(f"static_assert(dot::warp_ring_fits<{w_type}>({plan.max_n}), \"bodies/dot.py: uses_warp_ring\");")
-        em.emit(f"dot::{ring_dot}<{w_type}, {R}>(xs, {x_stride}, smem + kRingOffset, {w}, {plan.rhs_k}, {plan.K}, "
-                f"static_cast<int>(n_len), acc, {n_pad});")
+        # the tile's shape as template arguments (dot.cuh's static_or): a call per tile width where the tasks have
+        # at most STATIC_TILE_WIDTHS of them (a balanced split has two), else the shape read at run time
+        def ring_call(n: int | None) -> str:
+            shape = f", {plan.K}, {n}" if n else ""
+            return (f"dot::{ring_dot}<{w_type}, {R}{shape}>(xs, {x_stride}, smem + kRingOffset, {w}, {plan.rhs_k}, "
+                    f"{plan.K}, static_cast<int>(n_len), acc, {n_pad});")
+
+        widths = sorted({t.hi[rank - 1] - t.lo[rank - 1] for t in body.tasks}, reverse=True)
+        if len(widths) == 1 or len(widths) > STATIC_TILE_WIDTHS:
+            em.emit(ring_call(widths[0] if len(widths) == 1 else None))
+        else:
+            for i, n in enumerate(widths):
+                test = "" if i == len(widths) - 1 else f"if (n_len == {n}) "
+                em.emit(f"{'} else ' if i else ''}{test}{{")
+                em.emit("  " + ring_call(n))
+            em.emit("}")
     else:
         em.emit(f"dot::rows_shared<{w_type}, {R}>(xs, {x_stride}, {w}, {plan.rhs_n}, {plan.K}, "
                 f"static_cast<int>(n_len), acc, {n_pad});")

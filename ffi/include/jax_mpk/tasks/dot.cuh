@@ -41,12 +41,11 @@ __device__ __forceinline__ void unpack8(const uint4& v, const __half*, float out
 // With JAX_MPK_STREAM_EVICT_FIRST (the default, as the knob's: on an H200 Qwen3-0.6B b1 1.336 -> 1.225 ms, Llama-1B
 // b1 1.181 -> 1.131, only Qwen3-8B b1 slower, +0.6%; 0 turns it off) the stream's loads and copies carry an
 // evict-first policy, so that they replace one another before anything else.
-// With JAX_MPK_SHARED_CODE (a measuring knob, default 0), the ring products and the ring's first copies are
-// functions of their own that every task of the same weight type calls, instead of a copy inlined into every
-// variant and into every case of Dispatch::prefetch (the megakernel's own function held ~40K instructions, most
-// of them 368 inlined copies of warp_ring_begin: ~20K with the knob). Built to test whether a third of the task
-// bodies' warps sampled stalled on instruction fetch (ncu, Qwen3-0.6B b1) were instruction-cache misses: on an
-// H200 the step time did not change (Llama-1B and Qwen3-0.6B b1), but nvcc runs in about half the time.
+// With JAX_MPK_SHARED_CODE (codegen's default; 0 inlines them), the ring products and the ring's first copies
+// are functions of their own that every task of the same weight type and tile shape calls, instead of a copy
+// inlined into every variant and into every case of Dispatch::prefetch (the megakernel's own function held ~40K
+// instructions, most of them 368 inlined copies of warp_ring_begin: ~20K shared). On an H200 the step time did not
+// change (Llama-1B and Qwen3-0.6B b1), but nvcc runs in about half the time.
 #ifndef JAX_MPK_SHARED_CODE
 #define JAX_MPK_SHARED_CODE 0
 #endif
@@ -58,13 +57,10 @@ __device__ __forceinline__ void unpack8(const uint4& v, const __half*, float out
 #define JAX_MPK_RING_BEGIN __forceinline__
 #endif
 
-// With JAX_MPK_WARP_PARTIALS (a measuring knob, default 0), a product's partial sums are added by all threads,
-// a few lanes per output finishing with shuffles, instead of one thread per output adding all of them while the
-// other warps wait at the barrier (a 64 KB warp-ring product summed 32 partials in 4 of its 16 warps); the warp
-// ring also adds its lanes' sums of the same columns with shuffles first, as the block ring does (32 -> 16
-// partials). Sums in another order: not bit-identical to the knob's 0.
-#ifndef JAX_MPK_WARP_PARTIALS
-#define JAX_MPK_WARP_PARTIALS 0
+// With JAX_MPK_STATIC_TILES (default 1; 0 for measuring), the ring products take their tile's shape from their
+// template arguments where the planner gives it (static_or below), else from their run-time arguments.
+#ifndef JAX_MPK_STATIC_TILES
+#define JAX_MPK_STATIC_TILES 1
 #endif
 
 #ifndef JAX_MPK_STREAM_EVICT_FIRST
@@ -496,23 +492,6 @@ __device__ __forceinline__ void add_lane_groups(float (&sum)[R][8], int vectors)
 // every thread of the block.
 template <int R>
 __device__ __forceinline__ void sum_partials(const float* part, int partials, int n_len, float* acc, int acc_stride) {
-  if constexpr (JAX_MPK_WARP_PARTIALS) {
-    // `lanes` neighbouring lanes per output (a power of two: their shuffles stay within a warp), as many as the
-    // block's threads and the partials allow
-    const int outputs = R * n_len;
-    int lanes = 1;
-    while (lanes < 32 && 2 * lanes <= partials && 2 * lanes * outputs <= kBlockThreads) lanes *= 2;
-    if (lanes > 1) {
-      const int o = threadIdx.x / lanes, first = threadIdx.x % lanes, r = o / n_len, n = o - r * n_len;
-      float total = 0.0f;
-      if (o < outputs) {
-        for (int p = first; p < partials; p += lanes) total += part[(r * partials + p) * n_len + n];
-      }
-      for (int offset = lanes / 2; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
-      if (o < outputs && first == 0) acc[r * acc_stride + n] = total;
-      return;
-    }
-  }
   for (int o = threadIdx.x; o < R * n_len; o += kBlockThreads) {
     const int r = o / n_len, n = o - r * n_len;
     float total = 0.0f;
@@ -532,12 +511,12 @@ template <class W> __device__ __forceinline__ void load8_shared(uint32_t address
 }
 
 // sum[r][j] += xs[r * x_stride + k0 + k] * (the 8 weights at `slot` + k * row_bytes)[j] for k = first, first + step,
-// ... < rows: a thread's share of a ring slot, for its 8 columns.
-template <class W, int R>
+// ... < rows: a thread's share of a ring slot, for its 8 columns. kCount > 0: exactly kCount rows from first (rows
+// unused), a loop the compiler unrolls whole, every row's loads issued before the first multiply.
+template <class W, int R, int kCount = 0>
 __device__ __forceinline__ void multiply_slot_rows(uint32_t slot, int row_bytes, int first, int rows, int step,
                                                    const float* xs, int x_stride, int k0, float (&sum)[R][8]) {
-#pragma unroll 4
-  for (int k = first; k < rows; k += step) {
+  auto multiply_row = [&](int k) {
     float wv[8];
     load8_shared(slot + k * row_bytes, static_cast<const W*>(nullptr), wv);
 #pragma unroll
@@ -546,8 +525,22 @@ __device__ __forceinline__ void multiply_slot_rows(uint32_t slot, int row_bytes,
 #pragma unroll
       for (int j = 0; j < 8; ++j) sum[r][j] += xk * wv[j];
     }
+  };
+  if constexpr (kCount > 0) {
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) multiply_row(first + i * step);
+  } else {
+#pragma unroll 4
+    for (int k = first; k < rows; k += step) multiply_row(k);
   }
 }
+
+// The ring products' tile shape, K x n_len, is known to the planner when every task of a kernel has the same
+// (template arguments kK and kN; 0: the run-time arguments K and n_len, which must then equal them): the index
+// arithmetic then folds to shifts and constants. With run-time shapes a 64 KB warp-ring product's prologue and
+// partial sums were chains of integer divisions, ~1,000 of its ~3,500 cycles (benchmarks/micro/product_body.cu).
+template <int kStatic>
+__device__ __forceinline__ int static_or(int value) { return JAX_MPK_STATIC_TILES && kStatic ? kStatic : value; }
 
 // acc[r * acc_stride + n] = sum_k xs[r * x_stride + k] * w[k * k_stride + n] for r < R, n < n_len, after
 // ring_begin(ring, w, k_stride, K, n_len). n_len % 8 == 0, n_len / 8 <= kBlockThreads.
@@ -555,10 +548,12 @@ __device__ __forceinline__ void multiply_slot_rows(uint32_t slot, int row_bytes,
 // stage (threads past groups * vectors idle); when a warp holds several groups of the same columns
 // (n_len / 8 a power of two below 32) they are summed with shuffles first; the partial sums, written over
 // the (by then idle) ring, are then added up per output.
-template <class W, int R>
+template <class W, int R, int kK = 0, int kN = 0>
 __device__ JAX_MPK_RING_FUNCTION void columns_ring(const float* xs, int x_stride, char* ring, const W* w,
-                                                  int64_t k_stride, int K, int n_len, float* acc, int acc_stride) {
+                                                  int64_t k_stride, int K_run, int n_len_run, float* acc,
+                                                  int acc_stride) {
   static_assert(R >= 1 && R <= kRingMaxRows, "rows per task");
+  const int K = static_or<kK>(K_run), n_len = static_or<kN>(n_len_run);
   const int vectors = n_len / 8;
   const int groups = kBlockThreads / vectors;
   const int v = threadIdx.x % vectors, group = threadIdx.x / vectors;
@@ -611,7 +606,7 @@ inline constexpr int kRingWarps = kBlockThreads / 32;
 inline constexpr int kWarpSlotBytes = kRingSlotBytes / kRingWarps;
 static_assert(kRingSlotBytes % (16 * kRingWarps) == 0, "a warp's part of a slot holds whole 16-byte chunks");
 
-template <class W> __device__ __forceinline__ int warp_ring_rows(int n_len) {  // a warp's k-rows of a stage
+template <class W> __host__ __device__ constexpr int warp_ring_rows(int n_len) {  // a warp's k-rows of a stage
   return kWarpSlotBytes / (n_len * static_cast<int>(sizeof(W)));
 }
 template <class W> __host__ __device__ constexpr bool warp_ring_fits(int n_len) {
@@ -644,15 +639,23 @@ __device__ JAX_MPK_RING_BEGIN void warp_ring_begin(char* ring, const W* w, int64
 
 // columns_ring's product through the warp ring: acc[r * acc_stride + n] = sum_k xs[r * x_stride + k] * w[k, n],
 // after warp_ring_begin(ring, w, k_stride, K, n_len); warp_ring_fits<W>(n_len).
-template <class W, int R>
+template <class W, int R, int kK = 0, int kN = 0>
 __device__ JAX_MPK_RING_FUNCTION void columns_warp_ring(const float* xs, int x_stride, char* ring, const W* w,
-                                                       int64_t k_stride, int K, int n_len, float* acc, int acc_stride) {
+                                                       int64_t k_stride, int K_run, int n_len_run, float* acc,
+                                                       int acc_stride) {
   static_assert(R >= 1 && R <= kRingMaxRows, "rows per task");
+  const int K = static_or<kK>(K_run), n_len = static_or<kN>(n_len_run);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int vectors = n_len / 8, at_once = 32 / vectors;  // lanes past at_once * vectors idle
   const int v = lane % vectors, sub = lane / vectors;
   const int per_warp = warp_ring_rows<W>(n_len), row_bytes = n_len * static_cast<int>(sizeof(W));
   const int stages = (K + per_warp * kRingWarps - 1) / (per_warp * kRingWarps);
+  // A static tile of whole stages, whose rows the lanes of a column share evenly: every lane multiplies the same
+  // constant number of rows a stage (0: counted at run time).
+  constexpr bool kStatic = JAX_MPK_STATIC_TILES && kK && kN;
+  constexpr int kPerWarp = kStatic ? warp_ring_rows<W>(kN) : 1, kAtOnce = kStatic ? 32 / (kN / 8) : 1;
+  constexpr int kRowsPerLane =
+      kStatic && kK % (kPerWarp * kRingWarps) == 0 && kPerWarp % kAtOnce == 0 ? kPerWarp / kAtOnce : 0;
   const uint32_t base = shared_address(ring) + warp * kWarpSlotBytes + v * 8 * static_cast<int>(sizeof(W));
   float sum[R][8] = {};
 #pragma unroll 1
@@ -661,15 +664,20 @@ __device__ JAX_MPK_RING_FUNCTION void columns_warp_ring(const float* xs, int x_s
     __syncwarp();  // the warp's copies of stage s are visible to all its lanes, and its reads of stage s - 1 done
     warp_ring_issue<W>(ring, w, k_stride, K, n_len, s + kRingSlots - 1);
     const int k0 = s * per_warp * kRingWarps + warp * per_warp;
-    const int rows = sub < at_once ? min(K - k0, per_warp) : 0;
     const uint32_t slot = base + (s % kRingSlots) * kRingSlotBytes;
-    multiply_slot_rows<W, R>(slot, row_bytes, sub, rows, at_once, xs, x_stride, k0, sum);
+    if constexpr (kRowsPerLane > 0) {
+      if (sub < at_once) {
+        multiply_slot_rows<W, R, kRowsPerLane>(slot, row_bytes, sub, 0, at_once, xs, x_stride, k0, sum);
+      }
+    } else {
+      const int rows = sub < at_once ? min(K - k0, per_warp) : 0;
+      multiply_slot_rows<W, R>(slot, row_bytes, sub, rows, at_once, xs, x_stride, k0, sum);
+    }
   }
-  // Every (warp, sub) holds partial sums of its columns (with JAX_MPK_WARP_PARTIALS, when the warp's lanes hold
-  // whole groups, added across its subs first): written over the ring once every warp is done with it.
-  const bool shuffle = JAX_MPK_WARP_PARTIALS && at_once > 1 && 32 % vectors == 0;
-  if (shuffle) add_lane_groups<R>(sum, vectors);
-  const int sums_per_warp = shuffle ? 1 : at_once, partials = kRingWarps * sums_per_warp;
+  // Every (warp, sub) holds partial sums of its columns: written over the ring once every warp is done with it.
+  // (Adding a warp's subs with shuffles first, and the partials with a few lanes an output, measured slower:
+  // benchmarks/micro/product_body.cu, session 18.)
+  const int sums_per_warp = at_once, partials = kRingWarps * sums_per_warp;
   __syncthreads();
   float* part = reinterpret_cast<float*>(ring);
   if (sub < sums_per_warp) {
@@ -719,10 +727,12 @@ __device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4
 }
 #undef JAX_MPK_MMA_16X8X16
 
-template <class W, int R>
+template <class W, int R, int kK = 0, int kN = 0>
 __device__ JAX_MPK_RING_FUNCTION void columns_ring_mma(const float* xs, int x_stride, char* ring, const W* w,
-                                                      int64_t k_stride, int K, int n_len, float* acc, int acc_stride) {
-  static_assert(R >= 2 && R <= 8, "rows per task: the 8 columns of B");
+                                                      int64_t k_stride, int K_run, int n_len_run, float* acc,
+                                                      int acc_stride) {
+  static_assert(R >= 1 && R <= 8, "rows per task: the 8 columns of B");
+  const int K = static_or<kK>(K_run), n_len = static_or<kN>(n_len_run);
   constexpr int kWarps = kBlockThreads / 32;
   constexpr int kBlocksPerWarp = (kMmaMaxColumns / 16 + kWarps - 1) / kWarps;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
