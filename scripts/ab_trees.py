@@ -40,15 +40,13 @@ EXPERIMENTS: dict[str, list[tuple[str, str, str]]] = {
     )],
     "twice": [(
         "jax_mpk/bodies/dot.py",
-        """        em.emit(f"dot::{ring_dot}<{w_type}, {R}{shape}>(xs, {x_stride}, smem + kRingOffset, {w}, {plan.rhs_k}, "
-                f"{plan.K}, static_cast<int>(n_len), acc, {n_pad});")
+        """            return (f"dot::{ring_dot}<{w_type}, {R}{shape}>(xs, {x_stride}, smem + kRingOffset, {w}, {plan.rhs_k}, "
+                    f"{plan.K}, static_cast<int>(n_len), acc, {n_pad});")
 """,
-        """        call = (f"dot::{ring_dot}<{w_type}, {R}{shape}>(xs, {x_stride}, smem + kRingOffset, {w}, {plan.rhs_k}, "
-                f"{plan.K}, static_cast<int>(n_len), acc, {n_pad});")
-        em.emit(call)
-        em.emit("__syncthreads();  // EXPERIMENT twice: the product again, its code warm, the phase stamped between")
-        body.mark_phase(em, "staged")
-        em.emit(call)
+        """            call = (f"dot::{ring_dot}<{w_type}, {R}{shape}>(xs, {x_stride}, smem + kRingOffset, {w}, "
+                    f"{plan.rhs_k}, {plan.K}, static_cast<int>(n_len), acc, {n_pad});")
+            # EXPERIMENT twice: the product again, its code warm, the phase stamped between
+            return f"{call} __syncthreads(); {'mark_phase(layout::kStampStaged); ' if body.profile else ''}{call}"
 """,
     )],
 }

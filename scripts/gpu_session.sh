@@ -136,7 +136,8 @@ if has micro; then
     sed -n '/^\/\/   nvcc /,/\.cu /p' "$1" | sed -e 's|^//[[:space:]]*||' -e 's|\\$||' | tr '\n' ' ' \
       | sed -e 's|^nvcc ||' -e 's| benchmarks/micro/.*||'
   }
-  for variant in ${MICROS:-attention_chunk weight_stream weight_stream:-DJAX_MPK_READ_DEPTH=16 chain_under_stream l2_stage icache product_body}; do
+  all_micros="attention_chunk weight_stream weight_stream:-DJAX_MPK_READ_DEPTH=16 chain_under_stream l2_stage icache"
+  for variant in ${MICROS:-$all_micros product_body}; do
     name=${variant%%:*} extra=${variant#"$name"} suffix=${variant#"$name":-D}
     log="$OUT/micro_${name}${extra:+_${suffix//[^A-Za-z0-9]/_}}.txt"
     # shellcheck disable=SC2046,SC2086

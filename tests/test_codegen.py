@@ -71,7 +71,8 @@ def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
     assert len(cubin) > 10_000
 
 
-@pytest.mark.parametrize("name", ["attention_chunk", "weight_stream", "chain_under_stream", "l2_stage", "icache", "product_body"])
+@pytest.mark.parametrize("name", ["attention_chunk", "weight_stream", "chain_under_stream", "l2_stage", "icache",
+                                  "product_body"])
 def test_microbenchmarks_compile(name, tmp_path):
     """benchmarks/micro/*.cu (attention.cuh, dot.cuh's weight ring, alone with their checks) build against the
     headers as they are, with the flags their header comment gives."""
