@@ -99,6 +99,10 @@ class Config:
     # so that their index arithmetic folds (dot.cuh's JAX_MPK_STATIC_TILES, default on: a 64 KB product's body
     # 3,400 -> 1,700 cycles, benchmarks/micro/product_body.cu; 0 for measuring)
     static_tiles: bool
+    # CUDA, measuring: a product staging a normalized row issues the row's loads of its own positions before the
+    # row's block reduction, so that they are in flight while the block reduces (one L2 round trip before the
+    # product, not two; JAX_MPK_STAGING_LOADS_FIRST, default off until measured)
+    staging_loads_first: bool
 
 
 @contextlib.contextmanager
@@ -148,4 +152,5 @@ def load() -> Config:
         element_loads_first=_env_flag("JAX_MPK_ELEMENT_LOADS_FIRST", True),
         shared_code=_env_flag("JAX_MPK_SHARED_CODE", True),
         static_tiles=_env_flag("JAX_MPK_STATIC_TILES", True),
+        staging_loads_first=_env_flag("JAX_MPK_STAGING_LOADS_FIRST", False),
     )

@@ -77,11 +77,14 @@ class KernelBody:
 
     def __init__(self, kernel: Kernel, tasks, shared_memory_bytes: int, merge_counter: int = -1,
                  profile: bool = False, comm_copies: bool = False, warp_ring: bool = False,
-                 element_loads_first: bool = True):  # fmt: skip
+                 element_loads_first: bool = True, staging_loads_first: bool = False):  # fmt: skip
         self.kernel, self.tasks = kernel, tasks
         self.warp_ring = warp_ring  # CUDA-core ring products through dot.cuh's warp ring (Target.warp_ring)
         # pointwise elements compute their operands before their arithmetic (Target.element_loads_first)
         self.element_loads_first = element_loads_first
+        # a product staging a normalized row loads its positions before the row's reduction
+        # (Target.staging_loads_first)
+        self.staging_loads_first = staging_loads_first
         # every rank keeps a copy of every rank's slot of a COMM tensor (Target.comm_copies): stores go to all
         # ranks' copies and reads are local; else slot r lives on rank r only and is read there
         self.comm_copies = comm_copies
@@ -260,6 +263,8 @@ class Emitter:
 
     # ----------------------------------------------------------------------------------------- values
     def value(self, node: Node, idx: list[str]) -> str:
+        if node.uid in self.preloaded:  # (preload_row_loads) computed before this loop, with all it reads
+            return self.preloaded[node.uid]
         name = self._known(node, idx)
         if name is None:
             # elementwise operands first, deepest first, so that a chain of hundreds of fused operations
@@ -289,7 +294,8 @@ class Emitter:
                 continue
             stack.append((current, True))
             for child in reversed(current.children if isinstance(current, Elementwise) else ()):
-                if isinstance(child, Elementwise) and child.uid not in seen and self._known(child, idx) is None:
+                fresh = child.uid not in seen and child.uid not in self.preloaded
+                if isinstance(child, Elementwise) and fresh and self._known(child, idx) is None:
                     seen.add(child.uid)
                     stack.append((child, False))
         return order[:-1]  # node itself last
@@ -336,8 +342,6 @@ class Emitter:
         code = dtype_code(node.dtype)
         vt = VALUE[code]
         if isinstance(node, Load):
-            if node.uid in self.preloaded:
-                return self.preloaded[node.uid]
             dyn = [(d, self.value(c, idx), hi) for d, c, hi in zip(node.dims, node.children, node.his)]
             return self.load_value(node.tensor, node.map, idx, node.dtype, dyn)
         if isinstance(node, Acc):
@@ -490,35 +494,43 @@ class Emitter:
         self.reductions[node.uid] = f"{fold.acc}[row]"  # read inside a loop over the rows named `row`
         self.reduction_rows[node.uid] = list(fold.outer)
 
-    def preload_row_loads(self, root: Node, row_index, rows: int, var: str = "row") -> None:
+    def preload_row_loads(self, root: Node, row_index, rows: int, var: str = "row",
+                          reduced_first: frozenset[int] = frozenset()) -> None:
         """Emits a loop over a task's ``rows`` that issues every load ``root`` reads at ``row_index()`` (the
         row's index, emitted inside a loop over ``row``) through elementwise operations and views, into one
         register array per load, so that the loop computing the rows' values next reads them there
         (``preloaded``, until the caller resets it). A branch in a row's value (a NaN-propagating max, a
         division's slow path) kept the next row's load waiting for it, as ptxas moves no load across a branch:
         P.V's softmax staging at batch 8 made 3 passes of 8 serial L2 round trips (~12 us a task). Only loads
-        read at one index, and nowhere else that the values' loop computes (folds, gathers), are preloaded."""
+        read at one index, and nowhere else that the values' loop computes (folds, gathers), are preloaded.
+        ``reduced_first``: row reductions the caller computes between this preload and the values' loop (they
+        are looked up there, as computed ones are); then every largest part of ``root`` that reads none of them
+        and loads something (a residual plus its split-K partials, a gather) is computed here, not only the
+        loads, so that all of the values' loads are in flight while the block reduces. The caller must not let
+        ``value`` see ``preloaded`` while it folds them."""
         saved, self.lines = self.lines, []
         self.emit("#pragma unroll")
         self.emit(f"for (int {var} = 0; {var} < {rows}; ++{var}) {{")
         self.push()
-        found: dict[int, tuple[Load, list[tuple]]] = {}
+        found: dict[int, tuple[Node, list[tuple]]] = {}
+        waits = self._reads_reductions(root, reduced_first)  # computable only after reduced_first
         stack, seen = [(root, tuple(row_index()))], set()
         while stack:
             node, at = stack.pop()
             if (node.uid, at) in seen:
                 continue
             seen.add((node.uid, at))
-            if isinstance(node, Load) and not node.children:
+            early = reduced_first and node.uid not in waits and self._loads_below(node)
+            if (isinstance(node, Load) and not node.children) or early:
                 found.setdefault(node.uid, (node, []))[1].append(at)
             elif isinstance(node, Reindex):
                 stack.append((node.children[0], tuple(self.map_index(node.map, list(at)))))
             elif isinstance(node, Elementwise):
                 stack.extend((c, at) for c in reversed(node.children))
-        arrays, elsewhere = [], self._loads_read_elsewhere(root)
-        for uid, (load, ats) in found.items():
+        arrays, elsewhere = [], self._read_elsewhere(root, reduced_first)
+        for uid, (node, ats) in found.items():
             if len(ats) == 1 and uid not in elsewhere:
-                arrays.append((uid, self.fresh("pre"), VALUE[dtype_code(load.dtype)], self.value(load, list(ats[0]))))
+                arrays.append((uid, self.fresh("pre"), VALUE[dtype_code(node.dtype)], self.value(node, list(ats[0]))))
         for _, array, _, name in arrays:
             self.emit(f"{array}[{var}] = {name};")
         self.pop()
@@ -531,21 +543,43 @@ class Emitter:
             self.preloaded[uid] = f"{array}[{var}]"
         self.lines += loop
 
-    def _loads_read_elsewhere(self, root: Node) -> set[int]:
-        """Loads below ``root`` that computing it reads through anything but elementwise operations and views:
-        inside a fold, a concatenation, a gather's operand or index (row reductions already computed are only
-        looked up)."""
+    def _read_elsewhere(self, root: Node, reduced_first: frozenset[int] = frozenset()) -> set[int]:
+        """Nodes below ``root`` that computing it reads through anything but elementwise operations and views:
+        inside a fold, a concatenation, a gather's operand or index (row reductions already computed, or in
+        ``reduced_first``, are only looked up)."""
         elsewhere, stack, seen = set(), [(root, False)], set()
         while stack:
             node, opaque = stack.pop()
-            if (node.uid, opaque) in seen or (isinstance(node, Reduce) and node.uid in self.reductions):
+            looked_up = isinstance(node, Reduce) and (node.uid in self.reductions or node.uid in reduced_first)
+            if (node.uid, opaque) in seen or looked_up:
                 continue
             seen.add((node.uid, opaque))
-            if isinstance(node, Load) and opaque:
+            if opaque:
                 elsewhere.add(node.uid)
             inside = opaque or not isinstance(node, (Elementwise, Reindex))
             stack.extend((c, inside) for c in node.children)
         return elsewhere
+
+    def _reads_reductions(self, root: Node, reductions: frozenset[int]) -> set[int]:
+        """The nodes below ``root`` whose value reads one of the row ``reductions`` (not yet computed)."""
+        waits: set[int] = set()
+        for node in topological([root]):
+            if node.uid in reductions or any(c.uid in waits for c in node.children if c.uid not in self.reductions):
+                waits.add(node.uid)
+        return waits
+
+    def _loads_below(self, node: Node) -> bool:
+        """Whether computing ``node`` loads anything (a row reduction already computed is looked up)."""
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if n.uid in seen or n.uid in self.reductions:
+                continue
+            seen.add(n.uid)
+            if isinstance(n, Load):
+                return True
+            stack.extend(n.children)
+        return False
 
     def _fold(self, node: Reduce, outer: list[str], cooperative: bool, rows: int = 0, row_outer=None) -> _Fold:
         """Emit an accumulator and the loop folding ``node``'s child over its inner positions: all of them,
@@ -688,7 +722,7 @@ class Emitter:
         operands, seen, stack = [], set(), [(root, tuple(idx)) for root in reversed(roots)]
         while stack:
             node, at = stack.pop()
-            if (node.uid, at) in seen or self._known(node, list(at)) is not None:
+            if (node.uid, at) in seen or self._known(node, list(at)) is not None or node.uid in self.preloaded:
                 continue
             seen.add((node.uid, at))
             if isinstance(node, Elementwise):

@@ -57,6 +57,8 @@ class Target:
     shared_code: bool = True
     # CUDA: the ring products' tile shapes as template arguments (JAX_MPK_STATIC_TILES, which defaults to on)
     static_tiles: bool = True
+    # CUDA, measuring: a normalized row's loads issued before its block reduction (JAX_MPK_STAGING_LOADS_FIRST)
+    staging_loads_first: bool = False
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False
@@ -73,7 +75,7 @@ class Target:
                       comm_copies=knobs.comm_copies, stream_evict_first=knobs.stream_evict_first,
                       warp_ring=knobs.warp_ring,
                       element_loads_first=knobs.element_loads_first, shared_code=knobs.shared_code,
-                      static_tiles=knobs.static_tiles)  # fmt: skip
+                      static_tiles=knobs.static_tiles, staging_loads_first=knobs.staging_loads_first)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:

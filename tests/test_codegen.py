@@ -104,11 +104,11 @@ def test_experiment_trees_apply_to_this_tree():
             assert old != new
 
 
-@pytest.mark.parametrize("head_dim,batch,evict_first,warp_ring,loads_first,shared_code,static_tiles",
-                         [(64, 1, True, True, False, True, True), (128, 8, True, True, True, False, True),
-                          (64, 1, False, False, True, True, False)])
+@pytest.mark.parametrize("head_dim,batch,evict_first,warp_ring,loads_first,shared_code,static_tiles,staging_first",
+                         [(64, 1, True, True, False, True, True, True), (128, 8, True, True, True, False, True, False),
+                          (64, 1, False, False, True, True, False, False)])
 def test_split_attention_decode_step_compiles(head_dim, batch, evict_first, warp_ring, loads_first, shared_code,
-                                              static_tiles):
+                                              static_tiles, staging_first):
     """attention.cuh instantiated by a decode step (Llama's 64-wide heads at batch 1 with their RoPE staged in one
     pass; Qwen3's 128-wide heads with QK-norm at batch 8), compiled for sm_90; also without the streams' L2
     evict-first policy (JAX_MPK_STREAM_EVICT_FIRST=0: plain copies and loads instead of cache-hinted ones) and the
@@ -116,15 +116,17 @@ def test_split_attention_decode_step_compiles(head_dim, batch, evict_first, warp
     without pointwise elements loading their operands before their arithmetic (JAX_MPK_ELEMENT_LOADS_FIRST, on by
     default); with and without the ring products' code shared by their variants (JAX_MPK_SHARED_CODE: dot.cuh's
     ring functions not inlined) and their tile shapes as template arguments (JAX_MPK_STATIC_TILES), both on by
-    default."""
+    default; and with a normalized row's loads issued before its block reduction (JAX_MPK_STAGING_LOADS_FIRST)."""
     cfg = TinyConfig(layers=2, hidden=2048, heads=2048 // head_dim, kv_heads=8, head_dim=head_dim, mlp=4096,
                      vocab=4096, max_seq=1024, batch=batch, dtype="bfloat16", qk_norm=head_dim == 128)  # fmt: skip
     tasks, source = _generate_decode_step(cfg, validate_graph=True, split_attention=True,
                                           stream_evict_first=evict_first, warp_ring=warp_ring,
                                           element_loads_first=loads_first, shared_code=shared_code,
-                                          static_tiles=static_tiles)  # fmt: skip
+                                          static_tiles=static_tiles, staging_loads_first=staging_first)  # fmt: skip
     assert f"#define JAX_MPK_SHARED_CODE {int(shared_code)}" in source.text
     assert f"#define JAX_MPK_STATIC_TILES {int(static_tiles)}" in source.text
+    # the norm before Q/K/V and the one before gate/up: their reductions after the loads of the values' pass
+    assert (source.text.count("// JAX_MPK_STAGING_LOADS_FIRST") >= 2) == staging_first
     # the key append and the queries: RoPE's cos and sin after every load of the element (the split-K partials')
     marker = "// JAX_MPK_ELEMENT_LOADS_FIRST: the operands first, then the arithmetic"
     elements = [part.split("ops::store")[0] for part in source.text.split(marker)[1:]]
@@ -220,7 +222,8 @@ def test_batched_weight_products_share_the_weight_tile(tmp_path, monkeypatch):
         if kernel.dot is not None:
             rows = {t.hi[-2] - t.lo[-2] for t in kernel_tasks}
             assert rows == {8}, (kernel, rows)
-    assert source.text.count("dot::columns_ring_mma<__nv_bfloat16, 8") == 2
+    # both products on tensor cores (a call per tile width: one of them has two), none on CUDA cores
+    assert source.text.count("dot::columns_ring_mma<__nv_bfloat16, 8") >= 2 and "dot::columns_warp_ring" not in source.text
     assert source.text.count("dot::ring_begin<__nv_bfloat16, true>") == 2  # the ring laid out for ldmatrix
     compile_cubin(source.text, "9.0")
 

@@ -8,8 +8,11 @@
 // (from L2), the median of the others warm. Tiles are those of Llama-1B and Qwen3-0.6B at batch 1 (K x n_len, 2-byte
 // weights), the products the ones the planner picks at b1 (the warp ring, columns_warp_ring), the block ring
 // (columns_ring) and the tensor-core ring (columns_ring_mma) at 1 and 8 rows. Every product's outputs are checked
-// against the host. Reports, per tile and product: cycles and ns (median over the blocks) cold and warm, the sum
-// alone warm, and the SM clock they imply.
+// against the host. Each product runs with its tile's shape read at run time (`run`) and given as template
+// arguments (`static`: the planner's, dot.cuh's static_or). Reports, per tile and product: cycles and ns (median
+// over the blocks) cold and warm; the warm phases from dot.cuh's JAX_MPK_PRODUCT_MARK seam (the fastest and the
+// slowest warp's ring loop, the partials' stores between their barriers, the partial sums and the last barrier);
+// the sum alone; and the SM clock they imply.
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I ffi/include -DJAX_MPK_BLOCK_THREADS=512 \
 //        -DJAX_MPK_RING_SLOTS=4 -DJAX_MPK_RING_SLOT_BYTES=32768 -DJAX_MPK_RING_MAX_ROWS=8 -DJAX_MPK_MMA_MAX_COLUMNS=512 \
 //        benchmarks/micro/product_body.cu -o /tmp/product_body && /tmp/product_body
@@ -24,6 +27,11 @@
 #include <type_traits>
 #include <vector>
 
+// dot.cuh's measuring seam: each warp's clock where the product's phases meet (thread 0 of the warp)
+__shared__ long long product_marks[3][JAX_MPK_BLOCK_THREADS / 32];
+#define JAX_MPK_PRODUCT_MARK(point) \
+  if (threadIdx.x % 32 == 0) product_marks[point][threadIdx.x / 32] = clock64()
+
 #include "jax_mpk/runtime/megakernel.cuh"
 #include "jax_mpk/tasks/dot.cuh"
 #include "micro.cuh"
@@ -37,9 +45,15 @@ constexpr int kMaxRows = 8;
 enum Product { kWarpRing, kBlockRing, kMmaRing };
 const char* const kProductNames[] = {"warp ring", "block ring", "mma ring"};
 
+// The product's phases (cycles, from product_marks): its fastest and slowest warp's ring loop, the partials'
+// stores with the barriers around them, and the partial sums with the barrier after them.
+enum Phase { kLoopFastest, kLoopSlowest, kStores, kSums, kPhases };
+const char* const kPhaseNames[] = {"loop min", "loop max", "stores", "sums"};
+
 struct Times {
   long long cycles[kReps];
   unsigned long long ns[kReps];
+  long long phases[kReps][kPhases];
   long long sum_cycles;  // the partial sums alone (warm)
 };
 
@@ -76,8 +90,20 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-      times[blockIdx.x].cycles[rep] = clock_now() - c0;
+      const long long end = clock_now();
+      times[blockIdx.x].cycles[rep] = end - c0;
       times[blockIdx.x].ns[rep] = now_ns() - t0;
+      long long fastest = product_marks[0][0], slowest = fastest, stored = product_marks[2][0];
+      for (int w = 1; w < kBlockThreads / 32; ++w) {
+        fastest = min(fastest, product_marks[0][w]);
+        slowest = max(slowest, product_marks[0][w]);
+        stored = max(stored, product_marks[2][w]);
+      }
+      long long* phases = times[blockIdx.x].phases[rep];
+      phases[kLoopFastest] = fastest - c0;
+      phases[kLoopSlowest] = slowest - c0;
+      phases[kStores] = stored - slowest;
+      phases[kSums] = end - stored;
     }
     if (rep == 0 && blockIdx.x == 0) {
       for (int i = threadIdx.x; i < R * n_len; i += kBlockThreads) out[i] = acc[i];
@@ -151,9 +177,19 @@ void run(int sms, int K, int n_len, const std::vector<W>& w_host, const std::vec
     return v[v.size() / 2];
   });
   const double sum_cycles = median([](const Times& b) { return b.sum_cycles; });
-  std::printf("%5d x %-4d %3d KB | %-10s %d %-6s | %8.0f %7.0f | %8.0f %7.0f | %8d %9.0f | %6.2f\n", K, n_len,
-              K * n_len * 2 / 1024, kProductNames[P], R, kK ? "static" : "run", cold_cycles, cold_ns, warm_cycles, warm_ns, partials,
-              sum_cycles, warm_cycles / std::max(warm_ns, 1.0));
+  double phases[kPhases];  // warm: the median over the blocks of each block's median over reps 2..
+  for (int f = 0; f < kPhases; ++f) {
+    phases[f] = median([f](const Times& b) {
+      std::vector<long long> v;
+      for (int rep = 1; rep < kReps; ++rep) v.push_back(b.phases[rep][f]);
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    });
+  }
+  std::printf("%5d x %-4d %3d KB | %-10s %d %-6s | %8.0f %7.0f | %8.0f %7.0f | %8.0f %8.0f %6.0f %6.0f | %8d %9.0f | "
+              "%6.2f\n", K, n_len, K * n_len * 2 / 1024, kProductNames[P], R, kK ? "static" : "run", cold_cycles,
+              cold_ns, warm_cycles, warm_ns, phases[kLoopFastest], phases[kLoopSlowest], phases[kStores],
+              phases[kSums], partials, sum_cycles, warm_cycles / std::max(warm_ns, 1.0));
 }
 
 int main() {
@@ -177,8 +213,9 @@ int main() {
   CHECK(cudaMemcpy(w, w_host.data(), sizeof(W) * kMaxElems, cudaMemcpyHostToDevice));
   std::printf("one %d-thread block per SM (%d), the tile in shared memory; medians over the blocks; warm: median of "
               "reps 2-%d; static: the shape as template arguments\n", kBlockThreads, sms, kReps);
-  std::printf("%-17s | %-19s | %8s %7s | %8s %7s | %8s %9s | %6s\n", "tile (K x n)", "product R shape", "cold cyc",
-              "cold ns", "warm cyc", "warm ns", "partials", "sum cyc", "GHz");
+  std::printf("%-17s | %-19s | %8s %7s | %8s %7s | %8s %8s %6s %6s | %8s %9s | %6s\n", "tile (K x n)",
+              "product R shape", "cold cyc", "cold ns", "warm cyc", "warm ns", kPhaseNames[0], kPhaseNames[1],
+              kPhaseNames[2], kPhaseNames[3], "partials", "sum cyc", "GHz");
   // every product of one tile, with the shape read at run time and as template arguments
   auto tile = [&](auto k_tag, auto n_tag) {
     constexpr int K = decltype(k_tag)::value, N = decltype(n_tag)::value;

@@ -10,8 +10,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..emit import (STORAGE, THREADS, Emitter, KernelBody, Tiling, folds_side_by_side, is_row_reduction, linear,
-                    read_only)
+from ..emit import (FOLD_UNROLL, STORAGE, THREADS, Emitter, KernelBody, Tiling, folds_side_by_side, is_row_reduction,
+                    linear, read_only)
 from ..dot_staging import MAX_SHARED_WEIGHT_ROWS, ROW_STAGING_MAX_INLINE, shared_weight_dims
 from ..graph import topological
 from ..indexmap import linear_form
@@ -256,10 +256,14 @@ def stage_computed_row(body: KernelBody, em: Emitter, ridx: list[str], K: int, x
     value, lhs_map, prefix, zeros = computed_lhs(dot)
     rows = em.map_index(lhs_map, list(ridx) + zeros)[:prefix]
     em.rows_prefix, em.scratch, em.row_reduction_min = rows, "reinterpret_cast<char*>(scratch)", ROW_STAGING_MAX_INLINE + 1
-    for node in topological([value]):
-        if em.is_row_reduction(node):
+    reductions = [node for node in topological([value]) if em.is_row_reduction(node)]
+    # (Target.staging_loads_first) a thread's positions in one group: their loads, then the row's reductions
+    # while they are in flight, then their values
+    loads_first = body.staging_loads_first and bool(reductions) and K <= FOLD_UNROLL * THREADS
+    if not loads_first:
+        for node in reductions:
             em.row_reduction(node, rows)
-    if K <= THREADS:
+    if K <= THREADS and not loads_first:
         em.emit(f"for (index_t k = threadIdx.x; k < {K}; k += {THREADS}) {{")
         em.push()
         kidx = em.delinearize("k", [str(s) for s in dot.k_shape], ["0"] * len(dot.k_shape))
@@ -276,7 +280,14 @@ def stage_computed_row(body: KernelBody, em: Emitter, ridx: list[str], K: int, x
         kidx = em.delinearize(position(), [str(s) for s in dot.k_shape], ["0"] * len(dot.k_shape))
         return rows + em.map_index(lhs_map, list(ridx) + ["0"] + kidx)[prefix:]
 
-    em.preload_row_loads(value, index, group, var="u")
+    reduced_first = frozenset(n.uid for n in reductions) if loads_first else frozenset()
+    em.preload_row_loads(value, index, group, var="u", reduced_first=reduced_first)
+    if loads_first:  # the fold reads its own positions: not the preloaded ones
+        em.emit("// JAX_MPK_STAGING_LOADS_FIRST: the row's loads above, its reductions while they fly")
+        preloaded, em.preloaded = em.preloaded, {}
+        for node in reductions:
+            em.row_reduction(node, rows)
+        em.preloaded = preloaded
     em.emit("#pragma unroll")
     em.emit(f"for (int u = 0; u < {group}; ++u) {{")
     em.push()

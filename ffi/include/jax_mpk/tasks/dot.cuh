@@ -63,6 +63,13 @@ __device__ __forceinline__ void unpack8(const uint4& v, const __half*, float out
 #define JAX_MPK_STATIC_TILES 1
 #endif
 
+// A measuring seam: the ring products call JAX_MPK_PRODUCT_MARK(point) where their phases meet (0: this warp's
+// ring loop is done; 1: every warp's is, after the barrier; 2: the partial sums are stored, after the barrier).
+// Nothing by default; benchmarks/micro/product_body.cu defines it to time the phases with clock64.
+#ifndef JAX_MPK_PRODUCT_MARK
+#define JAX_MPK_PRODUCT_MARK(point)
+#endif
+
 #ifndef JAX_MPK_STREAM_EVICT_FIRST
 #define JAX_MPK_STREAM_EVICT_FIRST 1
 #endif
@@ -580,7 +587,9 @@ __device__ JAX_MPK_RING_FUNCTION void columns_ring(const float* xs, int x_stride
   if (shuffle) add_lane_groups<R>(sum, vectors);
   const int partials = shuffle ? kBlockThreads / 32 : groups;
   const int slot_of = shuffle ? warp : group;
+  JAX_MPK_PRODUCT_MARK(0);
   __syncthreads();  // every thread is done reading the ring: it now holds the partial sums
+  JAX_MPK_PRODUCT_MARK(1);
   float* part = reinterpret_cast<float*>(ring);
   if (shuffle ? lane < vectors : group < groups) {
 #pragma unroll
@@ -589,6 +598,7 @@ __device__ JAX_MPK_RING_FUNCTION void columns_ring(const float* xs, int x_stride
       for (int j = 0; j < 8; ++j) part[(r * partials + slot_of) * n_len + v * 8 + j] = sum[r][j];
   }
   __syncthreads();
+  JAX_MPK_PRODUCT_MARK(2);
   sum_partials<R>(part, partials, n_len, acc, acc_stride);
 }
 
@@ -678,7 +688,9 @@ __device__ JAX_MPK_RING_FUNCTION void columns_warp_ring(const float* xs, int x_s
   // (Adding a warp's subs with shuffles first, and the partials with a few lanes an output, measured slower:
   // benchmarks/micro/product_body.cu, session 18.)
   const int sums_per_warp = at_once, partials = kRingWarps * sums_per_warp;
+  JAX_MPK_PRODUCT_MARK(0);
   __syncthreads();
+  JAX_MPK_PRODUCT_MARK(1);
   float* part = reinterpret_cast<float*>(ring);
   if (sub < sums_per_warp) {
 #pragma unroll
@@ -687,6 +699,7 @@ __device__ JAX_MPK_RING_FUNCTION void columns_warp_ring(const float* xs, int x_s
       for (int j = 0; j < 8; ++j) part[(r * partials + warp * sums_per_warp + sub) * n_len + v * 8 + j] = sum[r][j];
   }
   __syncthreads();
+  JAX_MPK_PRODUCT_MARK(2);
   sum_partials<R>(part, partials, n_len, acc, acc_stride);
 }
 
@@ -776,7 +789,9 @@ __device__ JAX_MPK_RING_FUNCTION void columns_ring_mma(const float* xs, int x_st
     }
   }
   // c[j]: columns 16 * block + g (c[j][0..1]) and + 8 (c[j][2..3]), rows 2q and 2q + 1
+  JAX_MPK_PRODUCT_MARK(0);
   __syncthreads();  // every warp is done reading the ring: it now holds the k-groups' partial sums
+  JAX_MPK_PRODUCT_MARK(1);
   float* part = reinterpret_cast<float*>(ring);  // part[(row * k_groups + k_group) * n_len + column]
   if (k_group < k_groups) {
 #pragma unroll
@@ -792,6 +807,7 @@ __device__ JAX_MPK_RING_FUNCTION void columns_ring_mma(const float* xs, int x_st
     }
   }
   __syncthreads();
+  JAX_MPK_PRODUCT_MARK(2);
   sum_partials<R>(part, k_groups, n_len, acc, acc_stride);
 }
 
