@@ -12,7 +12,8 @@
 #   JAX_MPK_COMMIT=<sha> bash scripts/gpu_session.sh [all | tests,decode,trace,bench,host,warm,taskcost,knob,fuzz,ab,abprofile,micro] [pytest -k expression]
 # micro: the microbenchmarks of benchmarks/micro/ built with the flags their header gives (weight_stream also with
 # JAX_MPK_READ_DEPTH=16, MICRO_FLAGS added to every build), run one after the other, a log each; MICROS
-# (space-separated names, default all) picks some.
+# (space-separated names, default all; name:-DFLAG=1 builds a variant) picks some; MICRO_NCU=N also profiles each
+# one's first N kernels with ncu (its SASS export and scripts/ncu_summary.py's regions and top instructions).
 # decode and knob: DECODE_MODELS (default llama-3.2-1b,qwen3-0.6b,qwen3-8b), DECODE_BATCH (1,8), DECODE_CTX
 # (1024), DECODE_ARGS (extra arguments); trace: TRACE_ARGS (e.g. "--model llama-3.2-1b --batch 8"); warm: WARM_MODEL (qwen3-8b). "all" leaves out host, warm, taskcost, knob,
 # fuzz, ab, abprofile.
@@ -141,9 +142,17 @@ if has micro; then
     name=${variant%%:*} extra=${variant#"$name"} suffix=${variant#"$name":-D}
     log="$OUT/micro_${name}${extra:+_${suffix//[^A-Za-z0-9]/_}}.txt"
     # shellcheck disable=SC2046,SC2086
-    if nvcc $(header_flags "benchmarks/micro/$name.cu") ${extra#:} ${MICRO_FLAGS:-} "benchmarks/micro/$name.cu" \
-      -o "/tmp/micro_$name" > "$log" 2>&1; then
+    if nvcc $(header_flags "benchmarks/micro/$name.cu") ${extra#:} ${MICRO_FLAGS:-} ${MICRO_NCU:+-lineinfo} \
+      "benchmarks/micro/$name.cu" -o "/tmp/micro_$name" > "$log" 2>&1; then
       timeout 150 "/tmp/micro_$name" >> "$log" 2>&1 || echo "$name: exit $?" >> "$log"
+      if [[ -n ${MICRO_NCU:-} ]]; then  # stall samples of its first MICRO_NCU kernels, by timed region
+        report="/tmp/ncu_${log##*/}"
+        timeout 300 ncu --clock-control none --launch-count "$MICRO_NCU" --section WarpStateStats \
+          --section SourceCounters -f -o "${report%.txt}" "/tmp/micro_$name" > /dev/null 2>&1
+        ncu --import "${report%.txt}.ncu-rep" --page source --csv --print-source sass 2> /dev/null \
+          | gzip > "${log%.txt}_sass.csv.gz"
+        python3 scripts/ncu_summary.py "${log%.txt}_sass.csv.gz" > "${log%.txt}_ncu.txt" 2>&1
+      fi
     fi
     echo "$log:"; grep -cE "TB/s|us \(|^pause|^none" "$log"
   done

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import pathlib
@@ -425,3 +426,23 @@ def test_a_knob_that_only_codegen_reads_gives_another_plan_key(monkeypatch):
         plans.append(plan_stages(closed, None, Target.cuda(H100_SMS, "9.0", knobs), knobs).plan)
     assert (plans[0].words == plans[1].words).all() and plans[0].source.text != plans[1].source.text
     assert plans[0].key != plans[1].key
+
+
+def test_ncu_summary_splits_a_session_export_at_its_clock_reads():
+    """scripts/ncu_summary.py on session 18's ncu export of product_body (the first three products): a region
+    between clock reads per timed phase, the product's own region holding most of its samples."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "scripts"))
+    try:
+        import ncu_summary
+    finally:
+        sys.path.remove(str(root / "scripts"))
+    export = root / "benchmarks/results/session18/ncu_product_body/sass_product_body_76f0925.csv.gz"
+    kernels = ncu_summary.read_kernels(gzip.decompress(export.read_bytes()).decode())
+    assert len(kernels) == 3 and all(name.startswith("void product<") for name in kernels)
+    for instructions in kernels.values():
+        total = sum(i.samples for i in instructions)
+        timed = ncu_summary.regions(instructions)[0][2]  # from the clock read before the product to the one after
+        assert sum(i.samples for i in timed) > total / 2
+        assert any("BAR.SYNC" in i.text for i in timed)
+    assert "region" in ncu_summary.summarize(kernels, top=5)
