@@ -13,7 +13,10 @@
 // into shared memory; (5) each after another flush, as many bytes never prefetched (HBM) read both ways. Every
 // read is timed inside its kernel (first start to last end on the global timer). Reports the chain's median step
 // time over its first 16 steps (under the prefetch) and over the rest, how long the prefetchers took to issue, and
-// the four reads' TB/s; the chain's last row and every read's fold checked on the host.
+// the four reads' TB/s; the chain's last row and every read's fold checked on the host. Session 18 found staged
+// reads only 5-10% faster than cold ones; the control added then, per size, reads the same bytes twice with plain
+// loads and times the second (`hot`): if that is well above the cold reads, L2 can serve them faster and the
+// prefetches did not stay; if not, a read of this size is no faster from L2 on this GPU.
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I ffi/include -DJAX_MPK_BLOCK_THREADS=512 \
 //        -DJAX_MPK_RING_SLOTS=4 -DJAX_MPK_RING_SLOT_BYTES=32768 -DJAX_MPK_RING_MAX_ROWS=8 -DJAX_MPK_MMA_MAX_COLUMNS=512 \
 //        benchmarks/micro/l2_stage.cu -o /tmp/l2_stage && /tmp/l2_stage
@@ -90,7 +93,9 @@ __device__ void read_finished(unsigned long long start, unsigned long long* span
   atomicAdd(sink, sum);
 }
 
-// Every CTA reads its share of [data, data + bytes) with evict-first 16-byte loads.
+// Every CTA reads its share of [data, data + bytes) with evict-first 16-byte loads (kStreamed, the weight
+// stream's), or plain L2 loads that leave the lines there (the control: the same bytes read twice).
+template <bool kStreamed>
 __global__ void __launch_bounds__(JAX_MPK_BLOCK_THREADS, 1)
     consume(const uint4* data, int64_t chunks, uint32_t* sink, unsigned long long* span) {
   const unsigned long long start = read_started();
@@ -102,7 +107,8 @@ __global__ void __launch_bounds__(JAX_MPK_BLOCK_THREADS, 1)
 #pragma unroll
     for (int d = 0; d < kReadDepth; ++d) {
       const int64_t chunk = base + d * stride;
-      v[d] = chunk < chunks ? dot::load16_streamed(data + chunk) : make_uint4(0, 0, 0, 0);
+      const uint4 zero = make_uint4(0, 0, 0, 0);
+      v[d] = chunk >= chunks ? zero : kStreamed ? dot::load16_streamed(data + chunk) : __ldcg(data + chunk);
     }
 #pragma unroll
     for (int d = 0; d < kReadDepth; ++d) sum += v[d].x ^ v[d].w;
@@ -198,17 +204,19 @@ int main() {
   };
   const int copies_smem = 2 * kReadDepth * kBlockThreads * 16;
   CHECK(cudaFuncSetAttribute(consume_copies, cudaFuncAttributeMaxDynamicSharedMemorySize, copies_smem));
-  // One consumer read of [offset, offset + bytes), with loads or with cp.async copies: TB/s inside the kernel,
-  // the fold checked.
-  auto consume_region = [&](int64_t offset, int64_t bytes, bool copies) {
+  // One consumer read of [offset, offset + bytes), with loads or with cp.async copies (or plain loads: the hot
+  // control): TB/s inside the kernel, the fold checked.
+  auto consume_region = [&](int64_t offset, int64_t bytes, bool copies, bool plain = false) {
     const unsigned long long initial[2] = {~0ull, 0ull};
     CHECK(cudaMemcpy(span, initial, sizeof(initial), cudaMemcpyHostToDevice));
     CHECK(cudaMemset(sink, 0, sizeof(uint32_t)));
     const uint4* region = reinterpret_cast<const uint4*>(weights + offset);
     if (copies) {
       consume_copies<<<sms, kBlockThreads, copies_smem>>>(region, bytes / 16, sink, span);
+    } else if (plain) {
+      consume<false><<<sms, kBlockThreads>>>(region, bytes / 16, sink, span);
     } else {
-      consume<<<sms, kBlockThreads>>>(region, bytes / 16, sink, span);
+      consume<true><<<sms, kBlockThreads>>>(region, bytes / 16, sink, span);
     }
     CHECK(cudaGetLastError());
     CHECK(cudaDeviceSynchronize());
@@ -264,6 +272,11 @@ int main() {
   const int prefetcher_counts[] = {4, 16, 130};
   const unsigned pauses[] = {0, 1000};
   for (int64_t mb : staged_mb) {
+    // the control: what a read of bytes L2 holds gives here (plain loads, the second of two reads timed)
+    flush_l2();
+    consume_region(0, mb << 20, false, true);
+    std::printf("%-9lld hot: read twice with plain loads, the second at %.2f TB/s\n", static_cast<long long>(mb),
+                consume_region(0, mb << 20, false, true));
     for (int prefetchers : prefetcher_counts) {
       for (unsigned pause : pauses) {
         for (int evict_last = 0; evict_last <= 1; ++evict_last) {
