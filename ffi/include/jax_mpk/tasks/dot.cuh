@@ -544,8 +544,9 @@ __device__ __forceinline__ void multiply_slot_rows(uint32_t slot, int row_bytes,
 
 // The ring products' tile shape, K x n_len, is known to the planner when every task of a kernel has the same
 // (template arguments kK and kN; 0: the run-time arguments K and n_len, which must then equal them): the index
-// arithmetic then folds to shifts and constants. With run-time shapes a 64 KB warp-ring product's prologue and
-// partial sums were chains of integer divisions, ~1,000 of its ~3,500 cycles (benchmarks/micro/product_body.cu).
+// arithmetic then folds to shifts and constants, and the warp ring's row loop unrolls whole. With run-time shapes
+// a 64 KB warp-ring product began with a chain of integer divisions and loaded its rows one after another: 3,424
+// cycles alone on an H200, 1,680 static (benchmarks/micro/product_body.cu, session 18).
 template <int kStatic>
 __device__ __forceinline__ int static_or(int value) { return JAX_MPK_STATIC_TILES && kStatic ? kStatic : value; }
 
@@ -703,7 +704,8 @@ __device__ JAX_MPK_RING_FUNCTION void columns_warp_ring(const float* xs, int x_s
   sum_partials<R>(part, partials, n_len, acc, acc_stride);
 }
 
-// The tensor-core form of columns_ring, for 2 .. 8 rows whose staged values are exactly W's values (a bf16 or f16
+// The tensor-core form of columns_ring, for 2 .. 8 rows (1 works too: the microbenchmark times it; the planner
+// keeps one row on CUDA cores, faster there) whose staged values are exactly W's values (a bf16 or f16
 // activation times a weight of the same type; CUDA-core FMAs cannot keep up with the weight stream at 8 rows: 64
 // FMAs per 16 bytes). One mma.sync m16n8k16 per 16 output columns x 16 k: the weight tile is A (read from the ring
 // with ldmatrix.trans, the ring's k-rows being A's columns), the rows are B (k x 8, rows past R zero), float
