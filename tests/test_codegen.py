@@ -72,18 +72,21 @@ def test_llama_1b_shaped_decode_step_compiles(tmp_path, monkeypatch):
     assert len(cubin) > 10_000
 
 
-@pytest.mark.parametrize("name", ["attention_chunk", "weight_stream", "chain_under_stream", "l2_stage", "icache",
-                                  "product_body"])
-def test_microbenchmarks_compile(name, tmp_path):
+@pytest.mark.parametrize("variant", ["attention_chunk", "weight_stream", "chain_under_stream", "l2_stage", "icache",
+                                     "product_body", "product_body:-DJAX_MPK_VECTOR_PARTIALS=1"])
+def test_microbenchmarks_compile(variant, tmp_path):
     """benchmarks/micro/*.cu (attention.cuh, dot.cuh's weight ring, alone with their checks) build against the
-    headers as they are, with the flags their header comment gives."""
+    headers as they are, with the flags their header comment gives (and a variant's, as `gpu_session.sh micro`
+    builds MICROS="name:-DFLAG=1")."""
     from jax_mpk.toolchain import nvcc
 
+    name, _, extra = variant.partition(":")
     root = pathlib.Path(__file__).resolve().parents[1]
     source = root / "benchmarks" / "micro" / f"{name}.cu"
     flags = re.search(r"//   nvcc (.*?) \\\n//\s+(.*?) \\\n", source.read_text())
     assert flags, "the build command in the header comment"
-    command = [nvcc(), *flags.group(1).split(), *flags.group(2).split(), str(source), "-o", str(tmp_path / "bench")]
+    command = [nvcc(), *flags.group(1).split(), *flags.group(2).split(), *extra.split(), str(source), "-o",
+               str(tmp_path / "bench")]
     command = [f"-I{root / 'ffi' / 'include'}" if c == "-I" else c for c in command if c != "ffi/include"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -63,6 +63,12 @@ __device__ __forceinline__ void unpack8(const uint4& v, const __half*, float out
 #define JAX_MPK_STATIC_TILES 1
 #endif
 
+// With JAX_MPK_VECTOR_PARTIALS (a measuring macro, default 0, for benchmarks/micro/product_body.cu; codegen does not
+// set it), a static one-row warp-ring product adds its partial sums another way: see columns_warp_ring.
+#ifndef JAX_MPK_VECTOR_PARTIALS
+#define JAX_MPK_VECTOR_PARTIALS 0
+#endif
+
 // A measuring seam: the ring products call JAX_MPK_PRODUCT_MARK(point) where their phases meet (0: this warp's
 // ring loop is done; 1: every warp's is, after the barrier; 2: the partial sums are stored, after the barrier).
 // Nothing by default; benchmarks/micro/product_body.cu defines it to time the phases with clock64.
@@ -684,6 +690,48 @@ __device__ JAX_MPK_RING_FUNCTION void columns_warp_ring(const float* xs, int x_s
       const int rows = sub < at_once ? min(K - k0, per_warp) : 0;
       multiply_slot_rows<W, R>(slot, row_bytes, sub, rows, at_once, xs, x_stride, k0, sum);
     }
+  }
+  // JAX_MPK_VECTOR_PARTIALS: a warp's subs add up with shuffles, each then stores its share of the warp's sums
+  // with one vector store into a row per warp padded so that the readers' banks differ, and every thread adds
+  // kRingWarps / kShare rows of one output, kShare lanes an output finishing with shuffles (no scalar stores with
+  // 8-way bank conflicts, no 4 of 16 warps adding 32 partials each while the others wait).
+  constexpr int kShare = kN ? kBlockThreads / kN : 0;  // threads an output
+  if constexpr (JAX_MPK_VECTOR_PARTIALS && kStatic && R == 1 && 32 % (kN / 8) == 0 && kN / 8 >= 4 &&
+                kBlockThreads % kN == 0 && kShare <= kRingWarps && (kShare & (kShare - 1)) == 0) {
+    constexpr int kVectors = kN / 8, kSubs = 32 / kVectors, kChunk = 8 / kSubs, kOutputsPerWarp = 32 / kShare;
+    constexpr int kRow = kN + (kOutputsPerWarp - kN % 32 + 32) % 32;  // % 32 == kOutputsPerWarp
+    add_lane_groups<R>(sum, kVectors);
+    float mine[kChunk] = {};  // this sub's share of the warp's 8 sums: columns v * 8 + sub * kChunk ..
+#pragma unroll
+    for (int s = 0; s < kSubs; ++s)
+#pragma unroll
+      for (int c = 0; c < kChunk; ++c) mine[c] = sub == s ? sum[0][s * kChunk + c] : mine[c];
+    JAX_MPK_PRODUCT_MARK(0);
+    __syncthreads();
+    JAX_MPK_PRODUCT_MARK(1);
+    float* part = reinterpret_cast<float*>(ring) + warp * kRow + v * 8 + sub * kChunk;
+    if constexpr (kChunk % 4 == 0) {
+#pragma unroll
+      for (int c = 0; c < kChunk; c += 4) {
+        *reinterpret_cast<float4*>(part + c) = make_float4(mine[c], mine[c + 1], mine[c + 2], mine[c + 3]);
+      }
+    } else if constexpr (kChunk == 2) {
+      *reinterpret_cast<float2*>(part) = make_float2(mine[0], mine[1]);
+    } else {
+#pragma unroll
+      for (int c = 0; c < kChunk; ++c) part[c] = mine[c];
+    }
+    __syncthreads();
+    JAX_MPK_PRODUCT_MARK(2);
+    const int output = warp * kOutputsPerWarp + lane % kOutputsPerWarp, share = lane / kOutputsPerWarp;
+    const float* rows = reinterpret_cast<const float*>(ring) + output;
+    float total = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kRingWarps / kShare; ++i) total += rows[(share + i * kShare) * kRow];
+#pragma unroll
+    for (int offset = kOutputsPerWarp; offset < 32; offset *= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
+    if (share == 0) acc[output] = total;
+    return;
   }
   // Every (warp, sub) holds partial sums of its columns: written over the ring once every warp is done with it.
   // (Adding a warp's subs with shuffles first, and the partials with a few lanes an output, measured slower:
