@@ -162,17 +162,27 @@ def test_batch_products_computing_their_rows_match_jit(batch, monkeypatch):
     ("JAX_MPK_ELEMENT_LOADS_FIRST", "0", "// JAX_MPK_ELEMENT_LOADS_FIRST", False),  # operations as written
     ("JAX_MPK_SHARED_CODE", "0", "#define JAX_MPK_SHARED_CODE 0", True),  # ring products inlined
     ("JAX_MPK_STATIC_TILES", "0", "#define JAX_MPK_STATIC_TILES 0", True),  # tile shapes read at run time
-    ("JAX_MPK_STAGING_LOADS_FIRST", "1", "// JAX_MPK_STAGING_LOADS_FIRST", True),  # norms' loads before reducing
 ])  # fmt: skip
 def test_decode_steps_with_codegen_knobs_match_jit(batch, knob, value, marker, present, monkeypatch):
     """The knobs codegen reads, set against their defaults (the warp ring and evict-first off, pointwise elements
     computing their operations in the order their expression reads, the ring products' code inlined into their
-    variants, their tile shapes read at run time, a normalized row's loads before its reduction): the steps still agree with jax.jit (at batch 8 the bf16
+    variants, their tile shapes read at run time): the steps still agree with jax.jit (at batch 8 the bf16
     products are on tensor cores: the warp ring's knob changes the float32 model's)."""
     monkeypatch.setenv(knob, value)
     cfg = TinyConfig(qk_norm=True, dtype="float32" if knob == "JAX_MPK_WARP_RING" else "bfloat16", batch=batch)
     fast = _check_decode_steps(cfg)
     assert (marker in _plan(fast).source.text) == present
+
+
+def test_decode_step_with_staging_loads_first_matches_jit(monkeypatch):
+    """JAX_MPK_STAGING_LOADS_FIRST: at batch 1 a product staging an RMSNorm computes the parts of its values that
+    need no norm, loads included, before the norm's block reduction. A model wide enough that its norms are
+    staged in the products (hidden 512; the default tiny model's are not); at batch 8 its rows are staged side by
+    side, which the knob leaves alone."""
+    monkeypatch.setenv("JAX_MPK_STAGING_LOADS_FIRST", "1")
+    cfg = TinyConfig(qk_norm=True, dtype="bfloat16", hidden=512, heads=8, kv_heads=4, head_dim=64, mlp=1024)
+    fast = _check_decode_steps(cfg)
+    assert "// JAX_MPK_STAGING_LOADS_FIRST" in _plan(fast).source.text
 
 
 def _check_decode_steps(cfg: TinyConfig) -> Callable:
