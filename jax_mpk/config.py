@@ -99,9 +99,9 @@ class Config:
     # so that their index arithmetic folds (dot.cuh's JAX_MPK_STATIC_TILES, default on: a 64 KB product's body
     # 3,400 -> 1,700 cycles, benchmarks/micro/product_body.cu; 0 for measuring)
     static_tiles: bool
-    # CUDA, measuring: a product staging a normalized row issues the row's loads of its own positions before the
-    # row's block reduction, so that they are in flight while the block reduces (one L2 round trip before the
-    # product, not two; JAX_MPK_STAGING_LOADS_FIRST, default off until measured)
+    # CUDA, measuring: a product staging a normalized row computes the parts of its values that need no norm,
+    # loads included, before the row's block reduction, so that they are in flight while the block reduces (one L2
+    # round trip before the product, not two; JAX_MPK_STAGING_LOADS_FIRST, default off until measured)
     staging_loads_first: bool
 
 

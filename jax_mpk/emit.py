@@ -513,7 +513,7 @@ class Emitter:
         self.emit(f"for (int {var} = 0; {var} < {rows}; ++{var}) {{")
         self.push()
         found: dict[int, tuple[Node, list[tuple]]] = {}
-        waits = self._reads_reductions(root, reduced_first)  # computable only after reduced_first
+        waits = self._reads_reductions(root, reduced_first) if reduced_first else set()  # only after them
         stack, seen = [(root, tuple(row_index()))], set()
         while stack:
             node, at = stack.pop()

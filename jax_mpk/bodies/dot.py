@@ -143,9 +143,11 @@ def render_together(body: KernelBody, plan: DotPlan):
             return (f"dot::{ring_dot}<{w_type}, {R}{shape}>(xs, {x_stride}, smem + kRingOffset, {w}, {plan.rhs_k}, "
                     f"{plan.K}, static_cast<int>(n_len), acc, {n_pad});")
 
-        widths = sorted({t.hi[rank - 1] - t.lo[rank - 1] for t in body.tasks}, reverse=True)
-        if len(widths) == 1 or len(widths) > STATIC_TILE_WIDTHS:
-            em.emit(ring_call(widths[0] if len(widths) == 1 else None))
+        widths: list[int | None] = sorted({t.hi[rank - 1] - t.lo[rank - 1] for t in body.tasks}, reverse=True)
+        if len(widths) > STATIC_TILE_WIDTHS:
+            widths = [None]
+        if len(widths) == 1:
+            em.emit(ring_call(widths[0]))
         else:
             for i, n in enumerate(widths):
                 test = "" if i == len(widths) - 1 else f"if (n_len == {n}) "
