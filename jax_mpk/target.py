@@ -57,8 +57,9 @@ class Target:
     shared_code: bool = True
     # CUDA: the ring products' tile shapes as template arguments (JAX_MPK_STATIC_TILES, which defaults to on)
     static_tiles: bool = True
-    # CUDA, measuring: a normalized row's loads issued before its block reduction (JAX_MPK_STAGING_LOADS_FIRST)
-    staging_loads_first: bool = False
+    # CUDA: a normalized row's loads issued before its block reduction (JAX_MPK_STAGING_LOADS_FIRST, which
+    # defaults to on)
+    staging_loads_first: bool = True
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False

@@ -174,15 +174,16 @@ def test_decode_steps_with_codegen_knobs_match_jit(batch, knob, value, marker, p
     assert (marker in _plan(fast).source.text) == present
 
 
-def test_decode_step_with_staging_loads_first_matches_jit(monkeypatch):
-    """JAX_MPK_STAGING_LOADS_FIRST: at batch 1 a product staging an RMSNorm computes the parts of its values that
-    need no norm, loads included, before the norm's block reduction. A model wide enough that its norms are
-    staged in the products (hidden 512; the default tiny model's are not); at batch 8 its rows are staged side by
-    side, which the knob leaves alone."""
-    monkeypatch.setenv("JAX_MPK_STAGING_LOADS_FIRST", "1")
+@pytest.mark.parametrize("value", ["1", "0"])
+def test_decode_step_staging_loads_first_on_and_off_matches_jit(monkeypatch, value):
+    """JAX_MPK_STAGING_LOADS_FIRST (on by default): at batch 1 a product staging an RMSNorm computes the parts of
+    its values that need no norm, loads included, before the norm's block reduction; 0 reduces first. A model wide
+    enough that its norms are staged in the products (hidden 512; the default tiny model's are not); at batch 8 its
+    rows are staged side by side, which the knob leaves alone."""
+    monkeypatch.setenv("JAX_MPK_STAGING_LOADS_FIRST", value)
     cfg = TinyConfig(qk_norm=True, dtype="bfloat16", hidden=512, heads=8, kv_heads=4, head_dim=64, mlp=1024)
     fast = _check_decode_steps(cfg)
-    assert "// JAX_MPK_STAGING_LOADS_FIRST" in _plan(fast).source.text
+    assert ("// JAX_MPK_STAGING_LOADS_FIRST" in _plan(fast).source.text) == (value == "1")
 
 
 def _check_decode_steps(cfg: TinyConfig) -> Callable:
