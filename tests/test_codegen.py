@@ -370,7 +370,9 @@ def test_softmax_passes_issue_their_loads_before_computing(batch, group, tmp_pat
     """P.V's softmax staged by each task: in each of its three passes (max, sum, the staged row) a loop of loads
     alone fills a register array for the group, before any value, fold or division is computed -- the four
     rows side by side at batch 8, a thread's two positions of the one row at batch 1. (A branch between two
-    loads kept the second waiting for the first: 24 serial L2 round trips a task at batch 8, 6 at batch 1.)"""
+    loads kept the second waiting for the first: 24 serial L2 round trips a task at batch 8, 6 at batch 1.)
+    At batch 1 the staged row's values that need no reduction (the scaled, masked scores) are computed before
+    the first pass (JAX_MPK_STAGING_LOADS_FIRST, on by default), with nothing that needs the max or the sum."""
     monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
     cfg = TinyConfig(layers=1, hidden=2048, heads=32, kv_heads=8, head_dim=64, mlp=512, vocab=512, max_seq=1024,
                      batch=batch, dtype="bfloat16", theta=500000.0)  # fmt: skip
@@ -379,6 +381,14 @@ def test_softmax_passes_issue_their_loads_before_computing(batch, group, tmp_pat
     passes = body.split("reduce::block_reduce")
     assert len(passes) == 3  # max, sum, then the pass that stages the row(s)
     computing = r"ops::(exp|div|sub|mul)\(|::combine\("
+    early, marker, passes[0] = passes[0].rpartition("// JAX_MPK_STAGING_LOADS_FIRST")
+    assert bool(marker) == (batch == 1)
+    if marker:
+        assert "ops::load<__nv_bfloat16>" in early and "ops::mul(" in early  # the scaled scores
+        assert not re.search(r"ops::(exp|div|sub)\(|::combine\(", early), early
+        # the staged row's pass loads nothing more: it reads the early values
+        assert "ops::load" not in passes[2] and re.search(r"ops::sub\(pre\d+\[u\]", passes[2]), passes[2]
+        passes = passes[:2]
     for code in passes:
         arrays = re.search(rf"float pre\d+\[{group}\];", code)  # the loads' loop: its arrays to their last fill
         assert arrays, code
