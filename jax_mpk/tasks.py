@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import bodies
-from .emit import Tiling
+from .emit import THREADS, Tiling, is_row_reduction
 from .kernels import Kernel, KernelGraph, Tensor
 from .layout import TensorKind
 from .graph import Acc, Load, Node, Piecewise, Reduce, Reindex
@@ -100,7 +100,9 @@ def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 
     tasks: list[Task] = []
     accesses: list[Accesses] = []
     per_element = {k.index: _cost_per_element(k) for k in graph.kernels}
-    tilings = _level_tilings(graph.kernels, per_element, num_workers, min_task_work)
+    # the CUDA bodies give a pointwise kernel's elements to the block's threads, one each per pass
+    threads = THREADS if graph.target is not None and graph.target.platform == "cuda" else 0
+    tilings = _level_tilings(graph.kernels, per_element, num_workers, min_task_work, threads)
     for kernel in graph.kernels:
         tiles = tilings[kernel.index]
         first = len(tasks)
@@ -125,10 +127,11 @@ def build_task_graph(graph: KernelGraph, num_workers: int, min_task_work: int = 
 
 
 def _level_tilings(kernels: list[Kernel], per_element: dict[int, float], num_workers: int,
-                   min_task_work: int) -> dict[int, list[tuple[tuple, tuple]]]:
+                   min_task_work: int, threads: int = 0) -> dict[int, list[tuple[tuple, tuple]]]:
     """The tiles of every kernel. Kernels of one level run side by side: they share the workers in proportion
     to their work; then the workers their tilings leave idle (a split-K product tiles in whole slices) go,
-    one kernel at a time, to the kernel with the most work per task whose tiling grows with them."""
+    one kernel at a time, to the kernel with the most work per task whose tiling grows with them. ``threads``
+    (> 0): a pointwise kernel's tasks hold at most that many elements where the workers allow (tile_domain)."""
     levels: dict[int, list[Kernel]] = {}
     for k in kernels:
         levels.setdefault(k.level, []).append(k)
@@ -139,23 +142,24 @@ def _level_tilings(kernels: list[Kernel], per_element: dict[int, float], num_wor
         share = {i: max(1, int(num_workers * w / total)) if w else 1 for i, w in work.items()}
         # each kind's rule once per kernel (the rows kind's renders the kernel to find its rows)
         rules = {k.index: bodies.tiling(k) for k in level_kernels}
-        tiles = {k.index: tile_domain(k, rules[k.index], share[k.index], per_element[k.index], min_task_work)
-                 for k in level_kernels}  # fmt: skip
+        tiles = {k.index: tile_domain(k, rules[k.index], share[k.index], per_element[k.index], min_task_work,
+                                      threads) for k in level_kernels}  # fmt: skip
         while (free := num_workers - sum(len(t) for t in tiles.values())) > 0:
             for k in sorted(level_kernels, key=lambda k: -work[k.index] / max(len(tiles[k.index]), 1)):
-                wider = tile_domain(k, rules[k.index], len(tiles[k.index]) + free, per_element[k.index], min_task_work)
+                wider = tile_domain(k, rules[k.index], len(tiles[k.index]) + free, per_element[k.index], min_task_work,
+                                    threads)  # fmt: skip
                 if len(wider) > len(tiles[k.index]):
                     tiles[k.index] = wider
                     break
             else:
                 break  # no kernel's tiling grows with the idle workers
-        _relieve_busiest(level_kernels, tiles, rules, per_element, num_workers, min_task_work)
+        _relieve_busiest(level_kernels, tiles, rules, per_element, num_workers, min_task_work, threads)
         tilings.update(tiles)
     return tilings
 
 
 def _relieve_busiest(level_kernels: list[Kernel], tiles: dict, rules: dict, per_element: dict, num_workers: int,
-                     min_task_work: int) -> None:
+                     min_task_work: int, threads: int = 0) -> None:
     """A level lasts as long as its largest task. While the kernel with the largest task can take its next tiling
     only with workers another kernel gives up, and that lowers the level's largest task, move them (Qwen3-8B's
     Q/K/V: V's split-K tiles, in steps of 8, were left at 16 tasks of 4.2 M work next to Q's 92 of 3.2 M; now V
@@ -170,7 +174,7 @@ def _relieve_busiest(level_kernels: list[Kernel], tiles: dict, rules: dict, per_
         n, free = len(tiles[busiest.index]), num_workers - sum(len(t) for t in tiles.values())
         grown = next((t for m in range(n + 1, num_workers + 1)
                       if len(t := tile_domain(busiest, rules[busiest.index], m, per_element[busiest.index],
-                                              min_task_work)) > n), None)  # fmt: skip
+                                              min_task_work, threads)) > n), None)  # fmt: skip
         if grown is None or len(grown) > num_workers:
             return
         need = len(grown) - n - max(free, 0)
@@ -178,7 +182,7 @@ def _relieve_busiest(level_kernels: list[Kernel], tiles: dict, rules: dict, per_
             left = len(tiles[donor.index]) - need
             if left < 1:
                 continue
-            fewer = tile_domain(donor, rules[donor.index], left, per_element[donor.index], min_task_work)
+            fewer = tile_domain(donor, rules[donor.index], left, per_element[donor.index], min_task_work, threads)
             if len(fewer) <= left and max(largest(donor, fewer), largest(busiest, grown)) < largest(busiest):
                 tiles[donor.index], tiles[busiest.index] = fewer, grown
                 break
@@ -202,20 +206,23 @@ def _cost_per_element(kernel: Kernel) -> float:
 
 
 def tile_domain(kernel: Kernel, rule: Tiling, max_tiles: int, per_element: float,
-                min_task_work: int) -> list[tuple[tuple, tuple]]:
+                min_task_work: int, threads: int = 0) -> list[tuple[tuple, tuple]]:
     """Tiles as (lo, hi): single indices on leading dims, a range on one dim, whole trailing dims, within
     ``rule``, that of the body kind that takes the kernel (``bodies.tiling``: dims kept whole or single, the unit
     of the last dim's ranges). A reduction indexed by a prefix of the domain (its shape is that prefix) is
     computed once per row of those dims; the dims after that prefix, over which its value is broadcast, stay
     whole. A reduction of another shape (reached through a reshape, as a cache append's normalized key heads in
     a [layer, batch, position, head, dim] update are) leaves the tiles to the kind's rule: the rows kind keeps
-    whole the dims after those it is read at."""
+    whole the dims after those it is read at. ``threads`` (> 0): a kernel without products or row reductions gets
+    at least one task per ``threads`` elements (within ``max_tiles``), however little its work: a thread's second
+    element waits for its first one's loads (a store between them may alias them), a memory round trip more on
+    the dependency chain (Llama-1B's queries, 2048 RoPE'd elements on 3 tasks: ~0.5 us a layer)."""
     domain = kernel.domain
     if math.prod(domain) == 0:
         return []
     if rule.whole_if_busy:
         held = tile_domain(kernel, replace(rule, whole=rule.whole | rule.whole_if_busy, whole_if_busy=frozenset()),
-                           max_tiles, per_element, min_task_work)  # fmt: skip
+                           max_tiles, per_element, min_task_work, threads)  # fmt: skip
         if 2 * len(held) >= max_tiles:
             return held
         rule = replace(rule, whole_if_busy=frozenset())
@@ -225,6 +232,8 @@ def tile_domain(kernel: Kernel, rule: Tiling, max_tiles: int, per_element: float
     # larger tiles stream weights better.
     wanted = int(min(max(work // max(min_task_work, 1), 1), max_tiles))
     reductions = [n for n in kernel.output_nodes() if isinstance(n, Reduce) and n.shape == domain[: len(n.shape)]]
+    if threads and kernel.dot is None and not any(is_row_reduction(n) for n in kernel.nodes()):
+        wanted = max(wanted, min(-(-math.prod(domain) // threads), max_tiles))
     splittable = min([len(r.shape) for r in reductions] + [len(domain)])
     if reductions:
         # a task reduces its rows one after the other, each a chain of block-wide steps that latency, not
