@@ -23,10 +23,6 @@ THREADS = 512
 # of the GEMV variants, which share it (again on branch elements-in-flight: the tied LM head 124 -> 227 us).
 FOLD_UNROLL = 4
 ROW_REDUCTION = 256  # reductions at least this long are done by the whole block, row by row; shorter inline
-# Positions of a thread's own (short) fold whose loads it issues together before combining any: a combine with a
-# branch (argmax's NaN and tie rules) kept each position's load waiting for the previous combine, so the greedy
-# token's fold over 32 partial maxima made 32 round trips to L2 one after another (~7 us on the step's tail)
-SHORT_FOLD_GROUP = 16
 # A concatenation whose pieces are this small is computed piece by piece at clamped indices and selected, without
 # a branch (Emitter._piecewise_selected); larger ones branch, so that only the piece an element lies in is computed.
 SELECTED_PIECES_MAX_NODES = 64
@@ -615,8 +611,6 @@ class Emitter:
         per_thread = -(-length // THREADS)
         if cooperative and not rows and per_thread > 1:
             return self._fold_positions_together(node, child, inner, acc, acc_t, reducer, arg, outer)
-        if not cooperative and length > 1:
-            return self._fold_positions_together(node, child, inner, acc, acc_t, reducer, arg, outer, alone=True)
         if cooperative:
             self.emit(f"#pragma unroll {min(FOLD_UNROLL, per_thread)}")
             self.emit(f"for (index_t j0 = 0; j0 < {length}; j0 += {THREADS}) {{")
@@ -675,30 +669,13 @@ class Emitter:
 
         return group, position, None if length % step == 0 else f"{at} < {length}"
 
-    def open_serial_groups(self, name: str, length: int):
-        """open_position_groups for a thread's own fold of all ``length`` positions, SHORT_FOLD_GROUP of them at a
-        time, one after another."""
-        group = min(SHORT_FOLD_GROUP, length)
-        self.emit(f"for (index_t {name}0 = 0; {name}0 < {length}; {name}0 += {group}) {{")
-        self.push()
-
-        def position() -> str:
-            at = f"{name}0 + u" if length % group == 0 else f"min({name}0 + u, (index_t){length - 1})"
-            self.emit(f"const index_t {name} = {at};")
-            return name
-
-        return group, position, None if length % group == 0 else f"{name}0 + u < {length}"
-
     def _fold_positions_together(self, node: Reduce, child: Node, inner, acc: str, acc_t: str, reducer: str,
-                                 arg: bool, outer: list[str], alone: bool = False) -> _Fold:
+                                 arg: bool, outer: list[str]) -> _Fold:
         """A block's fold of one row, a group of a thread's positions at a time (open_position_groups): first
         every position's loads, then their values, then the folds in position order (the bits of the
         one-position loop). One at a time, a fold or a value's branch (a NaN-propagating max) between two
-        positions' loads kept the second waiting. ``alone``: a thread's own fold of all the positions
-        (open_serial_groups), which may sit inside another fold's values: its preloads are its own."""
-        length = math.prod(inner)
-        group, position, guard = self.open_serial_groups("j", length) if alone else self.open_position_groups("j", length)
-        enclosing, self.preloaded = self.preloaded, dict(self.preloaded)
+        positions' loads kept the second waiting."""
+        group, position, guard = self.open_position_groups("j", math.prod(inner))
 
         def index() -> list[str]:
             return list(outer) + self.delinearize(position(), [str(s) for s in inner], ["0"] * len(inner))
@@ -714,7 +691,7 @@ class Emitter:
                   else f"{items}[u] = static_cast<{acc_t}>({v});")  # fmt: skip
         self.pop()
         self.emit("}")
-        self.preloaded = enclosing
+        self.preloaded = {}
         fold = f"{acc} = {reducer}::combine({acc}, {items}[u]);"
         self.emit("#pragma unroll")
         self.emit(f"for (int u = 0; u < {group}; ++u) {fold if guard is None else f'if ({guard}) {fold}'}")

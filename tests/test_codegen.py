@@ -311,24 +311,6 @@ def test_a_stacked_cache_append_spreads_its_heads_over_workers():
     compile_cubin(source.text, "9.0")
 
 
-def test_a_threads_own_fold_loads_its_positions_before_combining():
-    """The greedy token's last fold (argmax over 32 chunks' maxima, then a gather of the winner's index): a thread's
-    own fold issues the loads of a group of positions (16) before combining any, so argmax's branchy combine
-    does not make 32 memory round trips one after another (~7 us on the step's tail, H200)."""
-
-    def greedy(maxima, indices):
-        best = jnp.argmax(maxima).astype(jnp.int32)
-        return best * 4748 + jax.lax.dynamic_index_in_dim(indices, best, keepdims=False)
-
-    shapes = [jax.ShapeDtypeStruct((32,), jnp.float32), jax.ShapeDtypeStruct((32,), jnp.int32)]
-    _, source = _generate(greedy, *shapes, validate_graph=True)
-    body = next(b for b in source.text.split("__device__ __noinline__") if "ArgBest<true, float>::combine" in b)
-    loads, combine = re.search(r"ops::load\w*<float>", body).start(), body.index("ArgBest<true, float>::combine")
-    assert re.search(r"float pre\d+\[16\];", body[:loads]) and "j0 += 16" in body, body
-    assert loads < combine and "::combine" not in body[body.index("float pre") : loads], body
-    compile_cubin(source.text, "9.0")
-
-
 def test_pointwise_tasks_hold_one_element_a_thread():
     """A kernel without products or row reductions gets a task per 512 elements (a block's threads) even when its
     work would fit one task: a thread's second element waits for its first one's loads. Llama-1B's queries
