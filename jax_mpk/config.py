@@ -104,6 +104,10 @@ class Config:
     # trip before the product, not two; JAX_MPK_STAGING_LOADS_FIRST, default on: H200 b1 Llama-1B -1.5%, Qwen3-0.6B
     # -0.6%)
     staging_loads_first: bool
+    # CUDA, measuring: a rows kernel (a norm, then pointwise) whose row has at most a block's worth of elements
+    # computes each thread's element operands -- loads, short folds, every piece of a concatenation -- before
+    # the row's block reduction (JAX_MPK_ROWS_LOADS_FIRST, default off until measured)
+    rows_loads_first: bool
 
 
 @contextlib.contextmanager
@@ -154,4 +158,5 @@ def load() -> Config:
         shared_code=_env_flag("JAX_MPK_SHARED_CODE", True),
         static_tiles=_env_flag("JAX_MPK_STATIC_TILES", True),
         staging_loads_first=_env_flag("JAX_MPK_STAGING_LOADS_FIRST", True),
+        rows_loads_first=_env_flag("JAX_MPK_ROWS_LOADS_FIRST", False),
     )

@@ -77,7 +77,8 @@ class KernelBody:
 
     def __init__(self, kernel: Kernel, tasks, shared_memory_bytes: int, merge_counter: int = -1,
                  profile: bool = False, comm_copies: bool = False, warp_ring: bool = False,
-                 element_loads_first: bool = True, staging_loads_first: bool = False):  # fmt: skip
+                 element_loads_first: bool = True, staging_loads_first: bool = False,
+                 rows_loads_first: bool = False):  # fmt: skip
         self.kernel, self.tasks = kernel, tasks
         self.warp_ring = warp_ring  # CUDA-core ring products through dot.cuh's warp ring (Target.warp_ring)
         # pointwise elements compute their operands before their arithmetic (Target.element_loads_first)
@@ -85,6 +86,8 @@ class KernelBody:
         # a product staging a normalized row loads its positions before the row's reduction
         # (Target.staging_loads_first)
         self.staging_loads_first = staging_loads_first
+        # a rows kernel's element operands before its row's block reduction (Target.rows_loads_first)
+        self.rows_loads_first = rows_loads_first
         # every rank keeps a copy of every rank's slot of a COMM tensor (Target.comm_copies): stores go to all
         # ranks' copies and reads are local; else slot r lives on rank r only and is read there
         self.comm_copies = comm_copies
@@ -189,6 +192,10 @@ class Emitter:
         # Load uid -> the array element a loop over a task's rows preloaded it into (preload_row_loads), read
         # in place of the load while the loop that computes the rows' values is emitted
         self.preloaded: dict[int, str] = {}
+        # Row reductions that this body computes before the values but after their operands (a rows body's norm
+        # with Target.rows_loads_first): operands_first passes them by, and a concatenation that reads them is
+        # still cheap to compute piece by piece (reading one is a lookup)
+        self.reduced_later: frozenset[int] = frozenset()
 
     def is_row_reduction(self, node: Node) -> bool:
         return is_row_reduction(node, self.row_reduction_min)
@@ -437,7 +444,7 @@ class Emitter:
         seen, stack = set(), list(node.children)
         while stack:
             current = stack.pop()
-            if current.uid in seen:
+            if current.uid in seen or current.uid in self.reduced_later:
                 continue
             seen.add(current.uid)
             if len(seen) > SELECTED_PIECES_MAX_NODES:
@@ -734,7 +741,7 @@ class Emitter:
             elif isinstance(node, Piecewise) and self._pieces_cheap(node):  # through every piece, as selected
                 for k, child, lo, hi in reversed(_pieces(node)):
                     stack.append((child, tuple(self._piece_index(node, list(at), k, lo, hi))))
-            elif not isinstance(node, Acc):
+            elif not isinstance(node, Acc) and node.uid not in self.reduced_later:
                 operands.append((node, at))
         if operands:
             self.emit("// JAX_MPK_ELEMENT_LOADS_FIRST: the operands first, then the arithmetic")
@@ -755,8 +762,17 @@ class Emitter:
         self.push()
         idx = element("e")
         if self.body.element_loads_first:
-            roots = [root for out in self.body.kernel.outputs for root in (out.node, *(n for _, n, _ in out.dyn))]
-            self.operands_first(roots, idx)
+            self.operands_first(self.output_roots(), idx)
+        self.store_outputs(idx)
+        self.pop()
+        self.emit("}")
+
+    def output_roots(self) -> list[Node]:
+        """The expressions an element of the kernel stores: its outputs' values and dynamic offsets."""
+        return [root for out in self.body.kernel.outputs for root in (out.node, *(n for _, n, _ in out.dyn))]
+
+    def store_outputs(self, idx: list[str]) -> None:
+        """Computes every output's value at domain index ``idx``, then stores them (see ``elements``)."""
         stores = []
         for out in self.body.kernel.outputs:
             value = self.value(out.node, idx)
@@ -765,8 +781,6 @@ class Emitter:
             stores.append(self.store(out.tensor, ptr, offset, value))
         for line in stores:
             self.emit(line)
-        self.pop()
-        self.emit("}")
 
 
 def _pieces(node: Piecewise) -> list[tuple[int, Node, int, int]]:

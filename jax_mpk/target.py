@@ -60,6 +60,8 @@ class Target:
     # CUDA: a normalized row's loads issued before its block reduction (JAX_MPK_STAGING_LOADS_FIRST, which
     # defaults to on)
     staging_loads_first: bool = True
+    # CUDA, measuring: a rows kernel's element operands before its row's block reduction (JAX_MPK_ROWS_LOADS_FIRST)
+    rows_loads_first: bool = False
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False
@@ -76,7 +78,8 @@ class Target:
                       comm_copies=knobs.comm_copies, stream_evict_first=knobs.stream_evict_first,
                       warp_ring=knobs.warp_ring,
                       element_loads_first=knobs.element_loads_first, shared_code=knobs.shared_code,
-                      static_tiles=knobs.static_tiles, staging_loads_first=knobs.staging_loads_first)  # fmt: skip
+                      static_tiles=knobs.static_tiles, staging_loads_first=knobs.staging_loads_first,
+                      rows_loads_first=knobs.rows_loads_first)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:

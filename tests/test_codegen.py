@@ -311,6 +311,29 @@ def test_a_stacked_cache_append_spreads_its_heads_over_workers():
     compile_cubin(source.text, "9.0")
 
 
+@pytest.mark.parametrize("batch", [1, 8])
+def test_rows_loads_first_issues_every_operand_before_the_norm(batch, tmp_path, monkeypatch):
+    """JAX_MPK_ROWS_LOADS_FIRST (measuring, off by default): Qwen3's key append and queries (a per-head RMSNorm,
+    then RoPE) load every operand of their element -- the split-K partials' sums, their rotate-half partner's at
+    both pieces' clamped positions, the norm's weight, the position, the frequencies -- before the norm's block
+    reduction, and select between the pieces without a branch: one memory round trip while the block reduces,
+    where the default made three (the fold's, then the element's, then the partner's inside the branch)."""
+    monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
+    cfg = TinyConfig(layers=1, hidden=1024, heads=16, kv_heads=8, head_dim=128, mlp=512, vocab=512, max_seq=1024,
+                     batch=batch, dtype="bfloat16", qk_norm=True)  # fmt: skip
+    _, default = _generate_decode_step(cfg, split_attention=True)
+    assert "JAX_MPK_ROWS_LOADS_FIRST" not in default.text
+    _, source = _generate_decode_step(cfg, split_attention=True, rows_loads_first=True)
+    bodies = [b for b in source.text.split("__device__ __noinline__") if "// JAX_MPK_ROWS_LOADS_FIRST" in b]
+    roped = [b for b in bodies if "ops::cos(" in b and "reduce::block_reduce" in b]
+    assert len(roped) >= 2, len(roped)  # the key append and the queries
+    for body in roped:
+        before, _, after = body.partition("reduce::block_reduce")
+        assert "ops::load" not in after and " else if (" not in body, body
+        assert before.index("ops::load_readonly<int32_t>") < before.index("#pragma unroll 1")  # the position
+    compile_cubin(source.text, "9.0")
+
+
 def test_pointwise_tasks_hold_one_element_a_thread():
     """A kernel without products or row reductions gets a task per 512 elements (a block's threads) even when its
     work would fit one task: a thread's second element waits for its first one's loads. Llama-1B's queries

@@ -4,6 +4,7 @@ the row's outputs."""
 
 from __future__ import annotations
 
+import math
 import re
 
 from ..emit import THREADS, Emitter, KernelBody, NotRowForm, Tiling, is_row_reduction
@@ -83,11 +84,28 @@ def render_rows(body: KernelBody, rows: int | None = None, reads: dict[int, list
     rows_idx = em.tile_index("row", range(prefix))
     for d, name in enumerate(rows_idx):
         em.emit(f"const index_t r{d} = {name};")
+    trailing = [body.tile_size(d) for d in range(prefix, rank)]
+    count = f"const index_t count = {' * '.join(trailing) if trailing else '1'};"
+    widest = max(math.prod(t.hi[d] - t.lo[d] for d in range(prefix, rank)) for t in body.tasks)
+    if body.rows_loads_first and body.element_loads_first and widest <= THREADS:
+        em.emit(count)
+        # one element a thread: its operands (at the last element for threads past the row's end, so that
+        # every load is in bounds), then the row's reductions while they are in flight, then its values
+        em.emit("const index_t e = min((index_t)threadIdx.x, count - 1);  // JAX_MPK_ROWS_LOADS_FIRST")
+        idx = [f"r{d}" for d in range(prefix)] + em.tile_index("e", range(prefix, rank))
+        em.reduced_later = frozenset(r.uid for r in reduces)
+        em.operands_first(em.output_roots(), idx)
     for r in reduces:
         em.row_reduction(r, [f"r{d}" for d in range(prefix)][: len(r.shape)] if reads is None else reads[r.uid])
-    trailing = [body.tile_size(d) for d in range(prefix, rank)]
-    em.emit(f"const index_t count = {' * '.join(trailing) if trailing else '1'};")
-    em.elements("count", lambda e: [f"r{d}" for d in range(prefix)] + em.tile_index(e, range(prefix, rank)))
+    if em.reduced_later:
+        em.emit("if (threadIdx.x < count) {")
+        em.push()
+        em.store_outputs(idx)
+        em.pop()
+        em.emit("}")
+    else:
+        em.emit(count)
+        em.elements("count", lambda e: [f"r{d}" for d in range(prefix)] + em.tile_index(e, range(prefix, rank)))
     em.pop()
     em.emit("}")
     return body.finish(em, smem=8 * THREADS, prefetch=None)
