@@ -108,6 +108,10 @@ class Config:
     # computes each thread's element operands -- loads, short folds, every piece of a concatenation -- before
     # the row's block reduction (JAX_MPK_ROWS_LOADS_FIRST, default off until measured)
     rows_loads_first: bool
+    # CUDA, measuring: a static one-row warp-ring product adds its partial sums with shuffles and vector stores
+    # into padded rows (dot.cuh's JAX_MPK_VECTOR_PARTIALS: its body -2 to -11% in benchmarks/micro/product_body.cu;
+    # JAX_MPK_VECTOR_PARTIALS, default off until measured in a step)
+    vector_partials: bool
 
 
 @contextlib.contextmanager
@@ -159,4 +163,5 @@ def load() -> Config:
         static_tiles=_env_flag("JAX_MPK_STATIC_TILES", True),
         staging_loads_first=_env_flag("JAX_MPK_STAGING_LOADS_FIRST", True),
         rows_loads_first=_env_flag("JAX_MPK_ROWS_LOADS_FIRST", False),
+        vector_partials=_env_flag("JAX_MPK_VECTOR_PARTIALS", False),
     )
