@@ -93,6 +93,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         f"#define JAX_MPK_SHARED_CODE {int(target.shared_code)}",
         f"#define JAX_MPK_STATIC_TILES {int(target.static_tiles)}",
         *(["#define JAX_MPK_VECTOR_PARTIALS 1"] if target.vector_partials else []),  # dot.cuh's default: 0
+        *([f"#define JAX_MPK_POLLERS {target.pollers}"] if target.pollers != 1 else []),  # megakernel.cuh's: 1
         '#include "jax_mpk/runtime/megakernel.cuh"',
         *[f'#include "jax_mpk/tasks/{header}.cuh"' for header in bodies.HEADERS],
         "",

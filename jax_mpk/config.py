@@ -112,6 +112,9 @@ class Config:
     # into padded rows (dot.cuh's JAX_MPK_VECTOR_PARTIALS: its body -2 to -11% in benchmarks/micro/product_body.cu;
     # JAX_MPK_VECTOR_PARTIALS, default off until measured in a step)
     vector_partials: bool
+    # CUDA, measuring: threads that poll a task's dependency event, at staggered moments (megakernel.cuh's
+    # JAX_MPK_POLLERS; default 1 until measured: a hop is ~0.45 us median, ~0.26 at its 10th percentile)
+    pollers: int
 
 
 @contextlib.contextmanager
@@ -164,4 +167,5 @@ def load() -> Config:
         staging_loads_first=_env_flag("JAX_MPK_STAGING_LOADS_FIRST", True),
         rows_loads_first=_env_flag("JAX_MPK_ROWS_LOADS_FIRST", False),
         vector_partials=_env_flag("JAX_MPK_VECTOR_PARTIALS", False),
+        pollers=_env("JAX_MPK_POLLERS", 1, int, lambda v: 1 <= v <= 16, "an integer from 1 to 16"),
     )

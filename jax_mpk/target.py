@@ -64,6 +64,8 @@ class Target:
     rows_loads_first: bool = False
     # CUDA, measuring: the one-row warp ring's partial sums by shuffles and vector stores (JAX_MPK_VECTOR_PARTIALS)
     vector_partials: bool = False
+    # CUDA, measuring: threads polling a task's dependency event (JAX_MPK_POLLERS, lane 0 of that many warps)
+    pollers: int = 1
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False
@@ -81,7 +83,8 @@ class Target:
                       warp_ring=knobs.warp_ring,
                       element_loads_first=knobs.element_loads_first, shared_code=knobs.shared_code,
                       static_tiles=knobs.static_tiles, staging_loads_first=knobs.staging_loads_first,
-                      rows_loads_first=knobs.rows_loads_first, vector_partials=knobs.vector_partials)  # fmt: skip
+                      rows_loads_first=knobs.rows_loads_first, vector_partials=knobs.vector_partials,
+                      pollers=knobs.pollers)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:

@@ -334,17 +334,20 @@ def test_rows_loads_first_issues_every_operand_before_the_norm(batch, tmp_path, 
     compile_cubin(source.text, "9.0")
 
 
-def test_vector_partials_knob_compiles(tmp_path, monkeypatch):
-    """JAX_MPK_VECTOR_PARTIALS (measuring, off by default): codegen defines dot.cuh's macro of that name, so that the
-    static one-row warp ring's partial sums go through shuffles and vector stores (its index arithmetic: the
-    microbenchmark's host simulation); a batch-1 step with 128- and 256-wide tiles compiles with it."""
+def test_vector_partials_and_pollers_knobs_compile(tmp_path, monkeypatch):
+    """Two measuring knobs whose defaults leave the source as it was: JAX_MPK_VECTOR_PARTIALS, for which codegen
+    defines dot.cuh's macro of that name (the static one-row warp ring's partial sums through shuffles and vector
+    stores; its index arithmetic: the microbenchmark's host simulation), and JAX_MPK_POLLERS, megakernel.cuh's
+    number of threads polling a task's dependency event; a batch-1 step with 128- and 256-wide tiles compiles
+    with both."""
     monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
     cfg = TinyConfig(layers=1, hidden=1024, heads=16, kv_heads=8, head_dim=128, mlp=512, vocab=512, max_seq=1024,
                      batch=1, dtype="bfloat16", qk_norm=True)  # fmt: skip
     _, default = _generate_decode_step(cfg, split_attention=True)
-    assert "JAX_MPK_VECTOR_PARTIALS" not in default.text
-    _, source = _generate_decode_step(cfg, split_attention=True, vector_partials=True)
+    assert "JAX_MPK_VECTOR_PARTIALS" not in default.text and "JAX_MPK_POLLERS" not in default.text
+    _, source = _generate_decode_step(cfg, split_attention=True, vector_partials=True, pollers=4)
     assert "#define JAX_MPK_VECTOR_PARTIALS 1" in source.text and "dot::columns_warp_ring" in source.text
+    assert "#define JAX_MPK_POLLERS 4" in source.text
     compile_cubin(source.text, "9.0")
 
 

@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "jax_mpk/layout.h"
+#include "jax_mpk/runtime/block.cuh"
 #include "jax_mpk/runtime/comm.cuh"
 #include "jax_mpk/runtime/params.h"
 
@@ -79,16 +80,49 @@ __device__ inline void report_failure(const MegakernelParams& p, int32_t code, i
   }
 }
 
+// JAX_MPK_POLLERS (measuring, default 1): how many threads poll a task's local event, lane 0 of warps 0 .. N-1.
+// One poller sees a completed event up to a round trip to L2 (plus its sleep) after it lands; N pollers started
+// at staggered moments see it sooner, the others' loads being in flight when one's is not.
+#ifndef JAX_MPK_POLLERS
+#define JAX_MPK_POLLERS 1
+#endif
+static_assert(JAX_MPK_POLLERS >= 1 && JAX_MPK_POLLERS <= kBlockThreads / 32, "lane 0 of some of the block's warps");
+
+#if JAX_MPK_POLLERS > 1
+// Set by whichever poller sees the task's local event complete (thread 0 included); reset after each wait.
+__shared__ volatile int32_t event_seen;
+
+// Lane 0 of warp `helper` (1 .. JAX_MPK_POLLERS - 1): polls beside thread 0 until someone sees the event complete
+// or the call aborts (thread 0 keeps the watchdog). Its acquire, then the block barrier after the wait, orders
+// every thread's reads after the producers' stores, as thread 0's does.
+__device__ inline void help_poll(const MegakernelParams& p, const uint64_t* counter, uint64_t target, int helper) {
+  __nanosleep(64 * helper);  // staggered: the pollers' loads spread over a round trip
+  while (!event_seen) {
+    if (load_acquire(counter) >= target) {
+      event_seen = 1;
+      return;
+    }
+    if (*reinterpret_cast<volatile int32_t*>(&p.control->abort)) return;
+    __nanosleep(32);
+  }
+}
+#endif
+
 // Thread 0 only: waits until `*counter >= target` (an acquire at system scope for another rank's counter).
 // Returns false when the call is being aborted (watchdog here or elsewhere); `event` names the counter in
-// the error record.
-template <bool kSystem>
+// the error record. kHelped: other pollers may see the (local) event first (JAX_MPK_POLLERS).
+template <bool kSystem, bool kHelped = false>
 __device__ inline bool wait_until(const MegakernelParams& p, const uint64_t* counter, uint64_t target,
                                   int32_t task_index, int32_t kernel, int32_t event) {
   if (load_acquire<kSystem>(counter) >= target) return true;
   const uint64_t start = global_timer_ns();
   unsigned sleep_ns = 16;  // short: a dependency usually completes within a few microseconds
   while (true) {
+#if JAX_MPK_POLLERS > 1
+    if constexpr (kHelped) {
+      if (event_seen) return true;
+    }
+#endif
     const uint64_t value = load_acquire<kSystem>(counter);
     if (value >= target) return true;
     if (*reinterpret_cast<volatile int32_t*>(&p.control->abort)) return false;
@@ -106,10 +140,14 @@ __device__ inline bool wait_until(const MegakernelParams& p, const uint64_t* cou
 __device__ inline bool wait_for_task(const MegakernelParams& p, const TaskRecord& task, int32_t task_index,
                                      uint64_t epoch) {
   if (task.wait_event >= 0 &&
-      !wait_until<false>(p, p.counters + task.wait_event, static_cast<uint64_t>(task.wait_count) * epoch,
-                         task_index, task.kernel, task.wait_event)) {
+      !wait_until<false, (JAX_MPK_POLLERS > 1)>(p, p.counters + task.wait_event,
+                                                static_cast<uint64_t>(task.wait_count) * epoch, task_index,
+                                                task.kernel, task.wait_event)) {
     return false;
   }
+#if JAX_MPK_POLLERS > 1
+  event_seen = 1;  // the helpers stop polling
+#endif
   for (int32_t rank = 0; task.remote_wait_event >= 0 && rank < p.comm.num_ranks; ++rank) {
     if (!wait_until<true>(p, p.comm.counters[rank] + task.remote_wait_event,
                           static_cast<uint64_t>(task.remote_wait_count) * epoch, task_index, task.kernel,
@@ -163,6 +201,9 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x == 0) {
     call_epoch = load_acquire(&p.control->epoch) + 1;
+#if JAX_MPK_POLLERS > 1
+    event_seen = 0;
+#endif
     profiling = profile != nullptr;
     if (profile_sms != nullptr) {  // which physical SM this worker runs on in this call (are slow SMs physical?)
       uint32_t sm;
@@ -188,8 +229,16 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
       shared_go = wait_for_task(p, task, task_index, epoch);
       if (profile) task_stamps[layout::kStampStart] = global_timer_ns();
     }
+#if JAX_MPK_POLLERS > 1
+    else if (lane == 0 && warp < JAX_MPK_POLLERS && task.wait_event >= 0) {
+      help_poll(p, p.counters + task.wait_event, static_cast<uint64_t>(task.wait_count) * epoch, warp);
+    }
+#endif
     __syncthreads();
     if (!shared_go) break;
+#if JAX_MPK_POLLERS > 1
+    if (threadIdx.x == 0) event_seen = 0;  // every poller has stopped (the barrier): ready for the next wait
+#endif
     dispatch.run(task, smem);
     __syncthreads();
     if (profile) mark_phase(layout::kStampBodyEnd);
