@@ -86,7 +86,7 @@ def render_rows(body: KernelBody, rows: int | None = None, reads: dict[int, list
         em.emit(f"const index_t r{d} = {name};")
     trailing = [body.tile_size(d) for d in range(prefix, rank)]
     count = f"const index_t count = {' * '.join(trailing) if trailing else '1'};"
-    widest = max(math.prod(t.hi[d] - t.lo[d] for d in range(prefix, rank)) for t in body.tasks)
+    widest = max((math.prod(t.hi[d] - t.lo[d] for d in range(prefix, rank)) for t in body.tasks), default=0)
     if body.rows_loads_first and body.element_loads_first and widest <= THREADS:
         em.emit(count)
         # one element a thread: its operands (at the last element for threads past the row's end, so that
