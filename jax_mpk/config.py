@@ -115,6 +115,9 @@ class Config:
     # CUDA, measuring: threads that poll a task's dependency event, at staggered moments (megakernel.cuh's
     # JAX_MPK_POLLERS; default 1 until measured: a hop is ~0.45 us median, ~0.26 at its 10th percentile)
     pollers: int
+    # CUDA, measuring: a task whose one dependency event has several producers and no other waiter is run by the
+    # last of those producers, right after its own body (megakernel.cuh's JAX_MPK_TAIL_TASKS; default off)
+    tail_tasks: bool
 
 
 @contextlib.contextmanager
@@ -168,4 +171,5 @@ def load() -> Config:
         rows_loads_first=_env_flag("JAX_MPK_ROWS_LOADS_FIRST", False),
         vector_partials=_env_flag("JAX_MPK_VECTOR_PARTIALS", False),
         pollers=_env("JAX_MPK_POLLERS", 1, int, lambda v: 1 <= v <= 16, "an integer from 1 to 16"),
+        tail_tasks=_env_flag("JAX_MPK_TAIL_TASKS", False),
     )

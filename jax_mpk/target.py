@@ -66,6 +66,8 @@ class Target:
     vector_partials: bool = False
     # CUDA, measuring: threads polling a task's dependency event (JAX_MPK_POLLERS, lane 0 of that many warps)
     pollers: int = 1
+    # CUDA, measuring: tasks run by the last of their producers (JAX_MPK_TAIL_TASKS; codegen.tail_tasks)
+    tail_tasks: bool = False
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False
@@ -84,7 +86,7 @@ class Target:
                       element_loads_first=knobs.element_loads_first, shared_code=knobs.shared_code,
                       static_tiles=knobs.static_tiles, staging_loads_first=knobs.staging_loads_first,
                       rows_loads_first=knobs.rows_loads_first, vector_partials=knobs.vector_partials,
-                      pollers=knobs.pollers)  # fmt: skip
+                      pollers=knobs.pollers, tail_tasks=knobs.tail_tasks)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:

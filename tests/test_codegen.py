@@ -351,6 +351,34 @@ def test_vector_partials_and_pollers_knobs_compile(tmp_path, monkeypatch):
     compile_cubin(source.text, "9.0")
 
 
+def test_tail_tasks_are_run_by_their_last_producer(tmp_path, monkeypatch):
+    """JAX_MPK_TAIL_TASKS (measuring, off by default): at batch 1 the cache appends and the queries (each waiting on
+    the split-K product tasks of its heads, and waited on by nobody else) are run by the last of their producers;
+    every tail's event has several producers and one waiter, a producer feeds at most one tail, no tail feeds
+    another; the tables and the runtime's path compile, and the default source has neither."""
+    from jax_mpk.codegen import tail_tasks
+
+    monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
+    cfg = TinyConfig(layers=2, hidden=1024, heads=16, kv_heads=8, head_dim=128, mlp=512, vocab=512, max_seq=1024,
+                     batch=1, dtype="bfloat16", qk_norm=True)  # fmt: skip
+    _, default = _generate_decode_step(cfg, split_attention=True)
+    assert "JAX_MPK_TAIL_TASKS" not in default.text and "kIsTail" not in default.text
+    tasks, source = _generate_decode_step(cfg, split_attention=True, tail_tasks=True)
+    tails = tail_tasks(tasks)
+    kernels = tasks.kernels.kernels
+    names = {kernels[tasks.tasks[t].kernel].name for t in tails}
+    assert "queries" in names and any(n.startswith("update_slice") for n in names), names
+    fed: dict[int, int] = {}
+    for tail, event in tails.items():
+        task = tasks.tasks[tail]
+        assert task.wait_event == event and task.wait_count == len(task.deps) >= 2
+        assert sum(t.wait_event == event for t in tasks.tasks) == 1
+        for producer in task.deps:
+            assert producer not in tails and fed.setdefault(producer, tail) == tail
+    assert "#define JAX_MPK_TAIL_TASKS 1" in source.text and "__device__ const bool kIsTail[]" in source.text
+    compile_cubin(source.text, "9.0")
+
+
 def test_pointwise_tasks_hold_one_element_a_thread():
     """A kernel without products or row reductions gets a task per 512 elements (a block's threads) even when its
     work would fit one task: a thread's second element waits for its first one's loads. Llama-1B's queries

@@ -165,12 +165,13 @@ def test_batch_products_computing_their_rows_match_jit(batch, monkeypatch):
     ("JAX_MPK_ROWS_LOADS_FIRST", "1", "// JAX_MPK_ROWS_LOADS_FIRST", True),  # the appends' operands, then norms
     ("JAX_MPK_VECTOR_PARTIALS", "1", "#define JAX_MPK_VECTOR_PARTIALS 1", True),  # partial sums by shuffles
     ("JAX_MPK_POLLERS", "4", "#define JAX_MPK_POLLERS 4", True),  # four threads poll each dependency
+    ("JAX_MPK_TAIL_TASKS", "1", "#define JAX_MPK_TAIL_TASKS 1", True),  # appends run by their last producer
 ])  # fmt: skip
 def test_decode_steps_with_codegen_knobs_match_jit(batch, knob, value, marker, present, monkeypatch):
     """The knobs codegen reads, set against their defaults (the warp ring and evict-first off, pointwise elements
     computing their operations in the order their expression reads, the ring products' code inlined into their
     variants, their tile shapes read at run time, a rows kernel's operands before its norm, the warp ring's partial
-    sums by shuffles, four pollers of each dependency): the steps still agree with jax.jit (at batch 8 the bf16 products are on tensor cores: the
+    sums by shuffles, four pollers of each dependency, tasks run by their last producer): the steps still agree with jax.jit (at batch 8 the bf16 products are on tensor cores: the
     warp ring's knob changes the float32 model's)."""
     monkeypatch.setenv(knob, value)
     cfg = TinyConfig(qk_norm=True, dtype="float32" if knob == "JAX_MPK_WARP_RING" else "bfloat16", batch=batch)

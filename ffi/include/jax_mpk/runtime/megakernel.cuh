@@ -164,6 +164,15 @@ __device__ __forceinline__ void copy_record(TaskRecord* to, const TaskRecord* fr
   if (lane < kWords) reinterpret_cast<int32_t*>(to)[lane] = __ldg(reinterpret_cast<const int32_t*>(from) + lane);
 }
 
+// JAX_MPK_TAIL_TASKS (measuring, default 0): a task whose one dependency event has several producers and no other
+// waiter may be run by the last of those producers, right after its own body (codegen marks them: Dispatch's
+// is_tail and tail_of), instead of by its own worker after a hop; its worker skips it. The producers add to that
+// event with one acq_rel atomic, which tells the last one it is last and orders the others' stores before the
+// tail's reads, as split attention's merge does.
+#ifndef JAX_MPK_TAIL_TASKS
+#define JAX_MPK_TAIL_TASKS 0
+#endif
+
 // This call's epoch (calls completed before it, plus one: every event target of the call is a multiple of it), set
 // by run_worker before the first task, so that a body that needs it (a merge counter's target) reads shared
 // memory instead of Control in global memory.
@@ -195,7 +204,12 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
   // thread 0 waits for task i, warp 1 copies the record of task i + 1 into shared memory (three slots:
   // warp 0 still reads record i while it signals, after the other warps may have moved on to i + 1), and
   // warp 0's lanes load the first events task i will signal.
+#if JAX_MPK_TAIL_TASKS
+  __shared__ TaskRecord records[4];  // the fourth: a tail task's
+  __shared__ bool tail_go;
+#else
   __shared__ TaskRecord records[3];
+#endif
   __shared__ int32_t shared_go;
   const int32_t begin = worker_begin[blockIdx.x], end = worker_begin[blockIdx.x + 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -217,6 +231,14 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
   for (int32_t i = begin, slot = 0; i < end; ++i) {
     const int32_t task_index = worker_tasks[i], next_slot = slot == 2 ? 0 : slot + 1;
     const TaskRecord& task = records[slot];
+#if JAX_MPK_TAIL_TASKS
+    if (dispatch.is_tail(task_index)) {  // the last of its producers runs it
+      if (warp == 1 && i + 1 < end) copy_record(&records[next_slot], tasks + worker_tasks[i + 1], lane);
+      __syncthreads();
+      slot = next_slot;
+      continue;
+    }
+#endif
     dispatch.prefetch(task, smem);  // weights start streaming while we wait
     const int32_t first_signal =
         warp == 0 && lane < task.signal_count ? __ldg(signals + task.signal_begin + lane) : -1;
@@ -245,12 +267,23 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
     // Signal: each lane of warp 0 fences (making the block's stores, ordered before it by the barrier,
     // visible at GPU scope: release), then adds to its share of the events. One release per event would
     // serialize a fence per event, and a task can feed a hundred events.
+#if JAX_MPK_TAIL_TASKS
+    const int32_t tail_event = dispatch.tail_event(task_index);  // added below, with an acq_rel atomic
+#endif
     if (threadIdx.x < 32) {
       fence_release();
+#if JAX_MPK_TAIL_TASKS
+      if (first_signal >= 0 && first_signal != tail_event) add_relaxed(p.counters + first_signal, 1);
+      for (int32_t s = threadIdx.x + 32; s < task.signal_count; s += 32) {
+        const int32_t event = signals[task.signal_begin + s];
+        if (event != tail_event) add_relaxed(p.counters + event, 1);
+      }
+#else
       if (first_signal >= 0) add_relaxed(p.counters + first_signal, 1);
       for (int32_t s = threadIdx.x + 32; s < task.signal_count; s += 32) {
         add_relaxed(p.counters + signals[task.signal_begin + s], 1);
       }
+#endif
       if (task.remote_signal_count > 0) {  // other ranks read what this task stored
         asm volatile("fence.acq_rel.sys;" ::: "memory");
         for (int32_t s = threadIdx.x; s < task.remote_signal_count; s += 32) {
@@ -264,6 +297,40 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
         for (int stamp = 0; stamp < layout::kProfileStamps; ++stamp) record[stamp] = task_stamps[stamp];
       }
     }
+#if JAX_MPK_TAIL_TASKS
+    if (tail_event >= 0) {
+      const int32_t tail_index = dispatch.tail_task(task_index);
+      if (threadIdx.x == 0) {  // after its release fence above
+        const uint64_t arrived = add_acq_rel(p.counters + tail_event, 1) + 1;
+        tail_go = arrived == static_cast<uint64_t>(__ldg(&tasks[tail_index].wait_count)) * epoch;
+        if (tail_go && profile) {  // its wait: none, from the moment its last producer learns it is last
+          task_stamps[layout::kStampWait] = global_timer_ns();
+          task_stamps[layout::kStampStaged] = task_stamps[layout::kStampComputed] = 0;
+        }
+      }
+      if (warp == 1) copy_record(&records[3], tasks + tail_index, lane);
+      __syncthreads();
+      if (tail_go) {
+        const TaskRecord& tail = records[3];
+        if (profile) mark_phase(layout::kStampStart);
+        dispatch.run(tail, smem);
+        __syncthreads();
+        if (profile) mark_phase(layout::kStampBodyEnd);
+        if (threadIdx.x < 32) {  // a tail signals no tail event (codegen): plain adds after the release
+          fence_release();
+          for (int32_t s = threadIdx.x; s < tail.signal_count; s += 32) {
+            add_relaxed(p.counters + signals[tail.signal_begin + s], 1);
+          }
+          if (profile && threadIdx.x == 0) {
+            task_stamps[layout::kStampSignalled] = global_timer_ns();
+            uint64_t* record = profile + layout::kProfileStamps * tail_index;
+#pragma unroll
+            for (int stamp = 0; stamp < layout::kProfileStamps; ++stamp) record[stamp] = task_stamps[stamp];
+          }
+        }
+      }
+    }
+#endif
     slot = next_slot;
   }
   // A task given up (watchdog, abort) may leave weight copies in flight into shared memory.
