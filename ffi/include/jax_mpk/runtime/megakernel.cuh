@@ -207,12 +207,24 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
 #if JAX_MPK_TAIL_TASKS
   __shared__ TaskRecord records[4];  // the fourth: a tail task's
   __shared__ bool tail_go;
+  // Beside each of the first three slots, copied with its record (the tables are not read on the chain): whether
+  // that task is a tail, and the tail event it adds to and the tail it runs when last (-1: none).
+  __shared__ int32_t tail_info[3][3];
 #else
   __shared__ TaskRecord records[3];
 #endif
   __shared__ int32_t shared_go;
   const int32_t begin = worker_begin[blockIdx.x], end = worker_begin[blockIdx.x + 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#if JAX_MPK_TAIL_TASKS
+  const auto copy_tail_info = [&](int to, int32_t task_index) {
+    if (lane == 31) {  // copy_record's lanes are 0 .. 24
+      tail_info[to][0] = dispatch.is_tail(task_index);
+      tail_info[to][1] = dispatch.tail_event(task_index);
+      tail_info[to][2] = dispatch.tail_task(task_index);
+    }
+  };
+#endif
   if (threadIdx.x == 0) {
     call_epoch = load_acquire(&p.control->epoch) + 1;
 #if JAX_MPK_POLLERS > 1
@@ -226,14 +238,20 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
     }
   }
   if (warp == 1 && begin < end) copy_record(&records[0], tasks + worker_tasks[begin], lane);
+#if JAX_MPK_TAIL_TASKS
+  if (warp == 1 && begin < end) copy_tail_info(0, worker_tasks[begin]);
+#endif
   __syncthreads();
   const uint64_t epoch = call_epoch;
   for (int32_t i = begin, slot = 0; i < end; ++i) {
     const int32_t task_index = worker_tasks[i], next_slot = slot == 2 ? 0 : slot + 1;
     const TaskRecord& task = records[slot];
 #if JAX_MPK_TAIL_TASKS
-    if (dispatch.is_tail(task_index)) {  // the last of its producers runs it
-      if (warp == 1 && i + 1 < end) copy_record(&records[next_slot], tasks + worker_tasks[i + 1], lane);
+    if (tail_info[slot][0]) {  // the last of its producers runs it
+      if (warp == 1 && i + 1 < end) {
+        copy_record(&records[next_slot], tasks + worker_tasks[i + 1], lane);
+        copy_tail_info(next_slot, worker_tasks[i + 1]);
+      }
       __syncthreads();
       slot = next_slot;
       continue;
@@ -243,6 +261,9 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
     const int32_t first_signal =
         warp == 0 && lane < task.signal_count ? __ldg(signals + task.signal_begin + lane) : -1;
     if (warp == 1 && i + 1 < end) copy_record(&records[next_slot], tasks + worker_tasks[i + 1], lane);
+#if JAX_MPK_TAIL_TASKS
+    if (warp == 1 && i + 1 < end) copy_tail_info(next_slot, worker_tasks[i + 1]);
+#endif
     if (threadIdx.x == 0) {
       if (profile) {  // a phase this body does not mark stays 0
         task_stamps[layout::kStampWait] = global_timer_ns();
@@ -268,7 +289,7 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
     // visible at GPU scope: release), then adds to its share of the events. One release per event would
     // serialize a fence per event, and a task can feed a hundred events.
 #if JAX_MPK_TAIL_TASKS
-    const int32_t tail_event = dispatch.tail_event(task_index);  // added below, with an acq_rel atomic
+    const int32_t tail_event = tail_info[slot][1];  // added below, with an acq_rel atomic
 #endif
     if (threadIdx.x < 32) {
       fence_release();
@@ -299,7 +320,7 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
     }
 #if JAX_MPK_TAIL_TASKS
     if (tail_event >= 0) {
-      const int32_t tail_index = dispatch.tail_task(task_index);
+      const int32_t tail_index = tail_info[slot][2];
       if (threadIdx.x == 0) {  // after its release fence above
         const uint64_t arrived = add_acq_rel(p.counters + tail_event, 1) + 1;
         tail_go = arrived == static_cast<uint64_t>(__ldg(&tasks[tail_index].wait_count)) * epoch;
