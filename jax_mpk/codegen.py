@@ -11,7 +11,7 @@ the buffers they touch (the same layer repeated) share one device function, a *v
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -50,6 +50,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
     byte offset."""
     kg = graph.kernels
     target = kg.target or Target("cuda", 1)
+    tails = tail_tasks(graph) if target.tail_tasks else {}
     budget = target.shared_memory_bytes
     slots = _BufferSlots(len(kg.input_specs), len(kg.output_specs))
     variants: dict[str, int] = {}
@@ -103,8 +104,8 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         f"using index_t = {'int64_t' if wide else 'int32_t'};",
         f"constexpr int kRingOffset = {ring_offset or 0};  // byte offset of the weight ring in shared memory",
         "",
-        *_task_tables(graph, sched),
-        *(_tail_tables(graph) if target.tail_tasks else []),
+        *_task_tables(graph, sched, tails),
+        *(_tail_tables(graph, tails) if target.tail_tasks else []),
         "",
         *variant_texts,
         f"using Params = KernelParams<{slots.num_buffers}>;  // the operands, the results, the workspace",
@@ -191,10 +192,9 @@ def tail_tasks(graph: TaskGraph) -> dict[int, int]:
     return tails
 
 
-def _tail_tables(graph: TaskGraph) -> list[str]:
+def _tail_tables(graph: TaskGraph, tails: dict[int, int]) -> list[str]:
     """Per task: whether a producer runs it (its worker skips it), and the tail event it adds to and the task it
     runs when it is that event's last producer (-1: none)."""
-    tails = tail_tasks(graph)
     n = len(graph.tasks)
     is_tail, tail_event, tail_task = [0] * n, [-1] * n, [-1] * n
     for tail, event in tails.items():
@@ -208,8 +208,9 @@ def _tail_tables(graph: TaskGraph) -> list[str]:
     ]
 
 
-def _task_tables(graph: TaskGraph, sched: Schedule) -> list[str]:
-    """The plan's task records as TaskRecord initializers (megakernel.cuh mirrors layout.TaskField)."""
+def _task_tables(graph: TaskGraph, sched: Schedule, tails: dict[int, int]) -> list[str]:
+    """The plan's task records as TaskRecord initializers (megakernel.cuh mirrors layout.TaskField). A ``tails``
+    event is left out of its producers' signal lists: they add to it on their own, with an acq_rel atomic."""
 
     def record(words: list[int]) -> str:
         def join(values):
@@ -219,7 +220,10 @@ def _task_tables(graph: TaskGraph, sched: Schedule) -> list[str]:
         remote = words[TaskField.REMOTE_WAIT_EVENT :]
         return f"{{{join(scalars)},{{{join(lo)}}},{{{join(hi)}}},{join(remote)}}}"
 
-    records, signals, remote_signals = task_records(graph.tasks)
+    fed = {producer: event for tail, event in tails.items() for producer in graph.tasks[tail].deps}
+    tasks = [replace(t, signals=[e for e in t.signals if e != fed[t.index]]) if t.index in fed else t
+             for t in graph.tasks]  # fmt: skip
+    records, signals, remote_signals = task_records(tasks)
     begin, flat = [0], []
     for worker in sched.workers:
         flat += worker

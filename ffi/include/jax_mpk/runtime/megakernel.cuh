@@ -190,6 +190,14 @@ __device__ __forceinline__ void mark_phase(int stamp) {
   if (threadIdx.x == 0 && profiling) task_stamps[stamp] = global_timer_ns();
 }
 
+// Thread 0, once the task has signalled: the moment, then all of its stamps to its record.
+__device__ __forceinline__ void store_stamps(uint64_t* profile, int32_t task_index) {
+  task_stamps[layout::kStampSignalled] = global_timer_ns();
+  uint64_t* record = profile + layout::kProfileStamps * task_index;
+#pragma unroll
+  for (int stamp = 0; stamp < layout::kProfileStamps; ++stamp) record[stamp] = task_stamps[stamp];
+}
+
 // When `profile` is not null (JAX_MPK_PROFILE builds), thread 0 records for every task the global timer at the
 // layout::kProfileStamps moments (the wait begins, the body begins, the body's own phases, the body ends, the
 // task has signalled); a phase the body does not mark stays 0. A task given up (watchdog, abort) leaves its
@@ -216,15 +224,17 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
   __shared__ int32_t shared_go;
   const int32_t begin = worker_begin[blockIdx.x], end = worker_begin[blockIdx.x + 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // Warp 1: task `index`'s record into slot `to` (and with tail tasks, its tail facts beside it).
+  const auto copy_ahead = [&](int to, int32_t index) {
+    copy_record(&records[to], tasks + index, lane);
 #if JAX_MPK_TAIL_TASKS
-  const auto copy_tail_info = [&](int to, int32_t task_index) {
     if (lane == 31) {  // copy_record's lanes are 0 .. 24
-      tail_info[to][0] = dispatch.is_tail(task_index);
-      tail_info[to][1] = dispatch.tail_event(task_index);
-      tail_info[to][2] = dispatch.tail_task(task_index);
+      tail_info[to][0] = dispatch.is_tail(index);
+      tail_info[to][1] = dispatch.tail_event(index);
+      tail_info[to][2] = dispatch.tail_task(index);
     }
-  };
 #endif
+  };
   if (threadIdx.x == 0) {
     call_epoch = load_acquire(&p.control->epoch) + 1;
 #if JAX_MPK_POLLERS > 1
@@ -237,10 +247,7 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
       profile_sms[blockIdx.x] = sm;
     }
   }
-  if (warp == 1 && begin < end) copy_record(&records[0], tasks + worker_tasks[begin], lane);
-#if JAX_MPK_TAIL_TASKS
-  if (warp == 1 && begin < end) copy_tail_info(0, worker_tasks[begin]);
-#endif
+  if (warp == 1 && begin < end) copy_ahead(0, worker_tasks[begin]);
   __syncthreads();
   const uint64_t epoch = call_epoch;
   for (int32_t i = begin, slot = 0; i < end; ++i) {
@@ -248,10 +255,7 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
     const TaskRecord& task = records[slot];
 #if JAX_MPK_TAIL_TASKS
     if (tail_info[slot][0]) {  // the last of its producers runs it
-      if (warp == 1 && i + 1 < end) {
-        copy_record(&records[next_slot], tasks + worker_tasks[i + 1], lane);
-        copy_tail_info(next_slot, worker_tasks[i + 1]);
-      }
+      if (warp == 1 && i + 1 < end) copy_ahead(next_slot, worker_tasks[i + 1]);
       __syncthreads();
       slot = next_slot;
       continue;
@@ -260,10 +264,7 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
     dispatch.prefetch(task, smem);  // weights start streaming while we wait
     const int32_t first_signal =
         warp == 0 && lane < task.signal_count ? __ldg(signals + task.signal_begin + lane) : -1;
-    if (warp == 1 && i + 1 < end) copy_record(&records[next_slot], tasks + worker_tasks[i + 1], lane);
-#if JAX_MPK_TAIL_TASKS
-    if (warp == 1 && i + 1 < end) copy_tail_info(next_slot, worker_tasks[i + 1]);
-#endif
+    if (warp == 1 && i + 1 < end) copy_ahead(next_slot, worker_tasks[i + 1]);
     if (threadIdx.x == 0) {
       if (profile) {  // a phase this body does not mark stays 0
         task_stamps[layout::kStampWait] = global_timer_ns();
@@ -288,38 +289,23 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
     // Signal: each lane of warp 0 fences (making the block's stores, ordered before it by the barrier,
     // visible at GPU scope: release), then adds to its share of the events. One release per event would
     // serialize a fence per event, and a task can feed a hundred events.
-#if JAX_MPK_TAIL_TASKS
-    const int32_t tail_event = tail_info[slot][1];  // added below, with an acq_rel atomic
-#endif
     if (threadIdx.x < 32) {
       fence_release();
-#if JAX_MPK_TAIL_TASKS
-      if (first_signal >= 0 && first_signal != tail_event) add_relaxed(p.counters + first_signal, 1);
-      for (int32_t s = threadIdx.x + 32; s < task.signal_count; s += 32) {
-        const int32_t event = signals[task.signal_begin + s];
-        if (event != tail_event) add_relaxed(p.counters + event, 1);
-      }
-#else
       if (first_signal >= 0) add_relaxed(p.counters + first_signal, 1);
       for (int32_t s = threadIdx.x + 32; s < task.signal_count; s += 32) {
         add_relaxed(p.counters + signals[task.signal_begin + s], 1);
       }
-#endif
       if (task.remote_signal_count > 0) {  // other ranks read what this task stored
         asm volatile("fence.acq_rel.sys;" ::: "memory");
         for (int32_t s = threadIdx.x; s < task.remote_signal_count; s += 32) {
           add_relaxed<true>(p.comm.counters[p.comm.rank] + remote_signals[task.remote_signal_begin + s], 1);
         }
       }
-      if (profile && threadIdx.x == 0) {
-        task_stamps[layout::kStampSignalled] = global_timer_ns();
-        uint64_t* record = profile + layout::kProfileStamps * task_index;
-#pragma unroll
-        for (int stamp = 0; stamp < layout::kProfileStamps; ++stamp) record[stamp] = task_stamps[stamp];
-      }
+      if (profile && threadIdx.x == 0) store_stamps(profile, task_index);
     }
 #if JAX_MPK_TAIL_TASKS
-    if (tail_event >= 0) {
+    // a tail event is not in its producers' signal lists (codegen): they add to it here, with an acq_rel atomic
+    if (const int32_t tail_event = tail_info[slot][1]; tail_event >= 0) {
       const int32_t tail_index = tail_info[slot][2];
       if (threadIdx.x == 0) {  // after its release fence above
         const uint64_t arrived = add_acq_rel(p.counters + tail_event, 1) + 1;
@@ -342,12 +328,7 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
           for (int32_t s = threadIdx.x; s < tail.signal_count; s += 32) {
             add_relaxed(p.counters + signals[tail.signal_begin + s], 1);
           }
-          if (profile && threadIdx.x == 0) {
-            task_stamps[layout::kStampSignalled] = global_timer_ns();
-            uint64_t* record = profile + layout::kProfileStamps * tail_index;
-#pragma unroll
-            for (int stamp = 0; stamp < layout::kProfileStamps; ++stamp) record[stamp] = task_stamps[stamp];
-          }
+          if (profile && threadIdx.x == 0) store_stamps(profile, tail_index);
         }
       }
     }
