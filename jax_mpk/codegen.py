@@ -11,7 +11,7 @@ the buffers they touch (the same layer repeated) share one device function, a *v
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,7 +50,6 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
     byte offset."""
     kg = graph.kernels
     target = kg.target or Target("cuda", 1)
-    tails = tail_tasks(graph) if target.tail_tasks else {}
     budget = target.shared_memory_bytes
     slots = _BufferSlots(len(kg.input_specs), len(kg.output_specs))
     variants: dict[str, int] = {}
@@ -93,9 +92,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         f"#define JAX_MPK_STREAM_EVICT_FIRST {int(target.stream_evict_first)}",
         f"#define JAX_MPK_SHARED_CODE {int(target.shared_code)}",
         f"#define JAX_MPK_STATIC_TILES {int(target.static_tiles)}",
-        *(["#define JAX_MPK_VECTOR_PARTIALS 1"] if target.vector_partials else []),  # dot.cuh's default: 0
-        *([f"#define JAX_MPK_POLLERS {target.pollers}"] if target.pollers != 1 else []),  # megakernel.cuh's: 1
-        *(["#define JAX_MPK_TAIL_TASKS 1"] if target.tail_tasks else []),  # megakernel.cuh's: 0
+        f"#define JAX_MPK_VECTOR_PARTIALS {int(target.vector_partials)}",
         '#include "jax_mpk/runtime/megakernel.cuh"',
         *[f'#include "jax_mpk/tasks/{header}.cuh"' for header in bodies.HEADERS],
         "",
@@ -104,14 +101,12 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         f"using index_t = {'int64_t' if wide else 'int32_t'};",
         f"constexpr int kRingOffset = {ring_offset or 0};  // byte offset of the weight ring in shared memory",
         "",
-        *_task_tables(graph, sched, tails),
-        *(_tail_tables(graph, tails) if target.tail_tasks else []),
+        *_task_tables(graph, sched),
         "",
         *variant_texts,
         f"using Params = KernelParams<{slots.num_buffers}>;  // the operands, the results, the workspace",
         "struct Dispatch {",
         "  const Params& p;",
-        *(_TAIL_LOOKUPS if target.tail_tasks else []),
         "  __device__ void prefetch(const TaskRecord& t, char* smem) {",
         "    switch (t.kernel) {",
         *prefetches,
@@ -159,58 +154,8 @@ class _BufferSlots:
         return f"(p.buffers[{slot}] + {byte_offset})" if byte_offset else f"p.buffers[{slot}]"
 
 
-_TAIL_LOOKUPS = [
-    "  __device__ bool is_tail(int32_t task) const { return kIsTail[task]; }",
-    "  __device__ int32_t tail_event(int32_t task) const { return kTailEvent[task]; }",
-    "  __device__ int32_t tail_task(int32_t task) const { return kTailTask[task]; }",
-]
-
-
-def tail_tasks(graph: TaskGraph) -> dict[int, int]:
-    """Tasks that the last of their producers runs (Target.tail_tasks): tail task -> its one dependency event. A
-    task qualifies when that event has at least two producers and no other waiter, it waits on no other rank and
-    signals none, it streams no weights (no product: its prefetch runs before a wait it would not have), and it is
-    no split attention (its merge counter). No chains: a tail produces no other tail's event, and a producer adds
-    to at most one tail event (its one acq_rel atomic)."""
-    waiters: dict[int, int] = {}
-    for task in graph.tasks:
-        if task.wait_event >= 0:
-            waiters[task.wait_event] = waiters.get(task.wait_event, 0) + 1
-    kernels = graph.kernels.kernels
-    tails: dict[int, int] = {}
-    busy: set[int] = set()  # producers of a chosen tail, and the tails themselves
-    for task in graph.tasks:
-        kernel = kernels[task.kernel]
-        if (task.wait_event < 0 or task.wait_count < 2 or waiters[task.wait_event] != 1 or task.remote_wait_event >= 0
-                or task.remote_signals or kernel.dot is not None or kernel.attention is not None):  # fmt: skip
-            continue
-        if task.index in busy or any(p in busy or p in tails for p in task.deps):
-            continue
-        tails[task.index] = task.wait_event
-        busy.add(task.index)
-        busy.update(task.deps)
-    return tails
-
-
-def _tail_tables(graph: TaskGraph, tails: dict[int, int]) -> list[str]:
-    """Per task: whether a producer runs it (its worker skips it), and the tail event it adds to and the task it
-    runs when it is that event's last producer (-1: none)."""
-    n = len(graph.tasks)
-    is_tail, tail_event, tail_task = [0] * n, [-1] * n, [-1] * n
-    for tail, event in tails.items():
-        is_tail[tail] = 1
-        for producer in graph.tasks[tail].deps:
-            tail_event[producer], tail_task[producer] = event, tail
-    return [
-        f"__device__ const bool kIsTail[] = {{{','.join(map(str, is_tail or [0]))}}};",
-        f"__device__ const int32_t kTailEvent[] = {{{','.join(map(str, tail_event or [-1]))}}};",
-        f"__device__ const int32_t kTailTask[] = {{{','.join(map(str, tail_task or [-1]))}}};",
-    ]
-
-
-def _task_tables(graph: TaskGraph, sched: Schedule, tails: dict[int, int]) -> list[str]:
-    """The plan's task records as TaskRecord initializers (megakernel.cuh mirrors layout.TaskField). A ``tails``
-    event is left out of its producers' signal lists: they add to it on their own, with an acq_rel atomic."""
+def _task_tables(graph: TaskGraph, sched: Schedule) -> list[str]:
+    """The plan's task records as TaskRecord initializers (megakernel.cuh mirrors layout.TaskField)."""
 
     def record(words: list[int]) -> str:
         def join(values):
@@ -220,10 +165,7 @@ def _task_tables(graph: TaskGraph, sched: Schedule, tails: dict[int, int]) -> li
         remote = words[TaskField.REMOTE_WAIT_EVENT :]
         return f"{{{join(scalars)},{{{join(lo)}}},{{{join(hi)}}},{join(remote)}}}"
 
-    fed = {producer: event for tail, event in tails.items() for producer in graph.tasks[tail].deps}
-    tasks = [replace(t, signals=[e for e in t.signals if e != fed[t.index]]) if t.index in fed else t
-             for t in graph.tasks]  # fmt: skip
-    records, signals, remote_signals = task_records(tasks)
+    records, signals, remote_signals = task_records(graph.tasks)
     begin, flat = [0], []
     for worker in sched.workers:
         flat += worker

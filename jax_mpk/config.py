@@ -104,20 +104,14 @@ class Config:
     # trip before the product, not two; JAX_MPK_STAGING_LOADS_FIRST, default on: H200 b1 Llama-1B -1.5%, Qwen3-0.6B
     # -0.6%)
     staging_loads_first: bool
-    # CUDA, measuring: a rows kernel (a norm, then pointwise) whose row has at most a block's worth of elements
-    # computes each thread's element operands -- loads, short folds, every piece of a concatenation -- before
-    # the row's block reduction (JAX_MPK_ROWS_LOADS_FIRST, default off until measured)
+    # CUDA: a rows kernel (a norm, then pointwise) whose row has at most a block's worth of elements computes each
+    # thread's element operands -- loads, short folds, every piece of a concatenation -- before the row's block
+    # reduction (JAX_MPK_ROWS_LOADS_FIRST, default on: H200 b1 same process Llama-1B -0.5%, Qwen3-0.6B -0.8%)
     rows_loads_first: bool
-    # CUDA, measuring: a static one-row warp-ring product adds its partial sums with shuffles and vector stores
-    # into padded rows (dot.cuh's JAX_MPK_VECTOR_PARTIALS: its body -2 to -11% in benchmarks/micro/product_body.cu;
-    # JAX_MPK_VECTOR_PARTIALS, default off until measured in a step)
+    # CUDA: a static one-row warp-ring product adds its partial sums with shuffles and vector stores into padded
+    # rows (dot.cuh's JAX_MPK_VECTOR_PARTIALS: its body -2 to -11% in benchmarks/micro/product_body.cu; default on:
+    # H200 b1 same process Llama-1B -0.7%, Qwen3-0.6B -0.7%)
     vector_partials: bool
-    # CUDA, measuring: threads that poll a task's dependency event, at staggered moments (megakernel.cuh's
-    # JAX_MPK_POLLERS; default 1 until measured: a hop is ~0.45 us median, ~0.26 at its 10th percentile)
-    pollers: int
-    # CUDA, measuring: a task whose one dependency event has several producers and no other waiter is run by the
-    # last of those producers, right after its own body (megakernel.cuh's JAX_MPK_TAIL_TASKS; default off)
-    tail_tasks: bool
 
 
 @contextlib.contextmanager
@@ -168,8 +162,6 @@ def load() -> Config:
         shared_code=_env_flag("JAX_MPK_SHARED_CODE", True),
         static_tiles=_env_flag("JAX_MPK_STATIC_TILES", True),
         staging_loads_first=_env_flag("JAX_MPK_STAGING_LOADS_FIRST", True),
-        rows_loads_first=_env_flag("JAX_MPK_ROWS_LOADS_FIRST", False),
-        vector_partials=_env_flag("JAX_MPK_VECTOR_PARTIALS", False),
-        pollers=_env("JAX_MPK_POLLERS", 1, int, lambda v: 1 <= v <= 16, "an integer from 1 to 16"),
-        tail_tasks=_env_flag("JAX_MPK_TAIL_TASKS", False),
+        rows_loads_first=_env_flag("JAX_MPK_ROWS_LOADS_FIRST", True),
+        vector_partials=_env_flag("JAX_MPK_VECTOR_PARTIALS", True),
     )

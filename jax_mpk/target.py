@@ -60,14 +60,12 @@ class Target:
     # CUDA: a normalized row's loads issued before its block reduction (JAX_MPK_STAGING_LOADS_FIRST, which
     # defaults to on)
     staging_loads_first: bool = True
-    # CUDA, measuring: a rows kernel's element operands before its row's block reduction (JAX_MPK_ROWS_LOADS_FIRST)
-    rows_loads_first: bool = False
-    # CUDA, measuring: the one-row warp ring's partial sums by shuffles and vector stores (JAX_MPK_VECTOR_PARTIALS)
-    vector_partials: bool = False
-    # CUDA, measuring: threads polling a task's dependency event (JAX_MPK_POLLERS, lane 0 of that many warps)
-    pollers: int = 1
-    # CUDA, measuring: tasks run by the last of their producers (JAX_MPK_TAIL_TASKS; codegen.tail_tasks)
-    tail_tasks: bool = False
+    # CUDA: a rows kernel's element operands before its row's block reduction (JAX_MPK_ROWS_LOADS_FIRST, which
+    # defaults to on)
+    rows_loads_first: bool = True
+    # CUDA: the one-row warp ring's partial sums by shuffles and vector stores (JAX_MPK_VECTOR_PARTIALS, which
+    # defaults to on)
+    vector_partials: bool = True
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False
@@ -85,8 +83,7 @@ class Target:
                       warp_ring=knobs.warp_ring,
                       element_loads_first=knobs.element_loads_first, shared_code=knobs.shared_code,
                       static_tiles=knobs.static_tiles, staging_loads_first=knobs.staging_loads_first,
-                      rows_loads_first=knobs.rows_loads_first, vector_partials=knobs.vector_partials,
-                      pollers=knobs.pollers, tail_tasks=knobs.tail_tasks)  # fmt: skip
+                      rows_loads_first=knobs.rows_loads_first, vector_partials=knobs.vector_partials)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:

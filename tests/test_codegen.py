@@ -313,17 +313,18 @@ def test_a_stacked_cache_append_spreads_its_heads_over_workers():
 
 @pytest.mark.parametrize("batch", [1, 8])
 def test_rows_loads_first_issues_every_operand_before_the_norm(batch, tmp_path, monkeypatch):
-    """JAX_MPK_ROWS_LOADS_FIRST (measuring, off by default): Qwen3's key append and queries (a per-head RMSNorm,
-    then RoPE) load every operand of their element -- the split-K partials' sums, their rotate-half partner's at
-    both pieces' clamped positions, the norm's weight, the position, the frequencies -- before the norm's block
-    reduction, and select between the pieces without a branch: one memory round trip while the block reduces,
-    where the default made three (the fold's, then the element's, then the partner's inside the branch)."""
+    """JAX_MPK_ROWS_LOADS_FIRST (on by default): Qwen3's key append and queries (a per-head RMSNorm, then RoPE)
+    load every operand of their element -- the split-K partials' sums, their rotate-half partner's at both pieces'
+    clamped positions, the norm's weight, the position, the frequencies -- before the norm's block reduction, and
+    select between the pieces without a branch: one memory round trip while the block reduces, where the knob's 0
+    makes three (the fold's, then the element's, then the partner's inside the branch); both forms compile."""
     monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
     cfg = TinyConfig(layers=1, hidden=1024, heads=16, kv_heads=8, head_dim=128, mlp=512, vocab=512, max_seq=1024,
                      batch=batch, dtype="bfloat16", qk_norm=True)  # fmt: skip
-    _, default = _generate_decode_step(cfg, split_attention=True)
-    assert "JAX_MPK_ROWS_LOADS_FIRST" not in default.text
-    _, source = _generate_decode_step(cfg, split_attention=True, rows_loads_first=True)
+    _, three_trips = _generate_decode_step(cfg, split_attention=True, rows_loads_first=False)
+    assert "JAX_MPK_ROWS_LOADS_FIRST" not in three_trips.text
+    compile_cubin(three_trips.text, "9.0")
+    _, source = _generate_decode_step(cfg, split_attention=True)
     bodies = [b for b in source.text.split("__device__ __noinline__") if "// JAX_MPK_ROWS_LOADS_FIRST" in b]
     roped = [b for b in bodies if "ops::cos(" in b and "reduce::block_reduce" in b]
     assert len(roped) >= 2, len(roped)  # the key append and the queries
@@ -334,49 +335,19 @@ def test_rows_loads_first_issues_every_operand_before_the_norm(batch, tmp_path, 
     compile_cubin(source.text, "9.0")
 
 
-def test_vector_partials_and_pollers_knobs_compile(tmp_path, monkeypatch):
-    """Two measuring knobs whose defaults leave the source as it was: JAX_MPK_VECTOR_PARTIALS, for which codegen
-    defines dot.cuh's macro of that name (the static one-row warp ring's partial sums through shuffles and vector
-    stores; its index arithmetic: the microbenchmark's host simulation), and JAX_MPK_POLLERS, megakernel.cuh's
-    number of threads polling a task's dependency event; a batch-1 step with 128- and 256-wide tiles compiles
-    with both."""
+def test_vector_partials_knob_compiles(tmp_path, monkeypatch):
+    """JAX_MPK_VECTOR_PARTIALS (on by default): codegen defines dot.cuh's macro of that name, so that the static
+    one-row warp ring's partial sums go through shuffles and vector stores (its index arithmetic: the
+    microbenchmark's host simulation); a batch-1 step with 128- and 256-wide tiles compiles with the knob's 0 (the
+    default form compiles in every other codegen test)."""
     monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
     cfg = TinyConfig(layers=1, hidden=1024, heads=16, kv_heads=8, head_dim=128, mlp=512, vocab=512, max_seq=1024,
                      batch=1, dtype="bfloat16", qk_norm=True)  # fmt: skip
     _, default = _generate_decode_step(cfg, split_attention=True)
-    assert "JAX_MPK_VECTOR_PARTIALS" not in default.text and "JAX_MPK_POLLERS" not in default.text
-    _, source = _generate_decode_step(cfg, split_attention=True, vector_partials=True, pollers=4)
-    assert "#define JAX_MPK_VECTOR_PARTIALS 1" in source.text and "dot::columns_warp_ring" in source.text
-    assert "#define JAX_MPK_POLLERS 4" in source.text
-    compile_cubin(source.text, "9.0")
-
-
-def test_tail_tasks_are_run_by_their_last_producer(tmp_path, monkeypatch):
-    """JAX_MPK_TAIL_TASKS (measuring, off by default): at batch 1 the cache appends and the queries (each waiting on
-    the split-K product tasks of its heads, and waited on by nobody else) are run by the last of their producers;
-    every tail's event has several producers and one waiter, a producer feeds at most one tail, no tail feeds
-    another; the tables and the runtime's path compile, and the default source has neither."""
-    from jax_mpk.codegen import tail_tasks
-
-    monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
-    cfg = TinyConfig(layers=2, hidden=1024, heads=16, kv_heads=8, head_dim=128, mlp=512, vocab=512, max_seq=1024,
-                     batch=1, dtype="bfloat16", qk_norm=True)  # fmt: skip
-    _, default = _generate_decode_step(cfg, split_attention=True)
-    assert "JAX_MPK_TAIL_TASKS" not in default.text and "kIsTail" not in default.text
-    tasks, source = _generate_decode_step(cfg, split_attention=True, tail_tasks=True)
-    tails = tail_tasks(tasks)
-    kernels = tasks.kernels.kernels
-    names = {kernels[tasks.tasks[t].kernel].name for t in tails}
-    assert "queries" in names and any(n.startswith("update_slice") for n in names), names
-    fed: dict[int, int] = {}
-    for tail, event in tails.items():
-        task = tasks.tasks[tail]
-        assert task.wait_event == event and task.wait_count == len(task.deps) >= 2
-        assert sum(t.wait_event == event for t in tasks.tasks) == 1
-        for producer in task.deps:
-            assert producer not in tails and fed.setdefault(producer, tail) == tail
-    assert "#define JAX_MPK_TAIL_TASKS 1" in source.text and "__device__ const bool kIsTail[]" in source.text
-    compile_cubin(source.text, "9.0")
+    assert "#define JAX_MPK_VECTOR_PARTIALS 1" in default.text and "dot::columns_warp_ring" in default.text
+    _, stored = _generate_decode_step(cfg, split_attention=True, vector_partials=False)
+    assert "#define JAX_MPK_VECTOR_PARTIALS 0" in stored.text
+    compile_cubin(stored.text, "9.0")
 
 
 def test_pointwise_tasks_hold_one_element_a_thread():

@@ -162,16 +162,13 @@ def test_batch_products_computing_their_rows_match_jit(batch, monkeypatch):
     ("JAX_MPK_ELEMENT_LOADS_FIRST", "0", "// JAX_MPK_ELEMENT_LOADS_FIRST", False),  # operations as written
     ("JAX_MPK_SHARED_CODE", "0", "#define JAX_MPK_SHARED_CODE 0", True),  # ring products inlined
     ("JAX_MPK_STATIC_TILES", "0", "#define JAX_MPK_STATIC_TILES 0", True),  # tile shapes read at run time
-    ("JAX_MPK_ROWS_LOADS_FIRST", "1", "// JAX_MPK_ROWS_LOADS_FIRST", True),  # the appends' operands, then norms
-    ("JAX_MPK_VECTOR_PARTIALS", "1", "#define JAX_MPK_VECTOR_PARTIALS 1", True),  # partial sums by shuffles
-    ("JAX_MPK_POLLERS", "4", "#define JAX_MPK_POLLERS 4", True),  # four threads poll each dependency
-    ("JAX_MPK_TAIL_TASKS", "1", "#define JAX_MPK_TAIL_TASKS 1", True),  # appends run by their last producer
+    ("JAX_MPK_VECTOR_PARTIALS", "0", "#define JAX_MPK_VECTOR_PARTIALS 0", True),  # partials stored, then summed
 ])  # fmt: skip
 def test_decode_steps_with_codegen_knobs_match_jit(batch, knob, value, marker, present, monkeypatch):
     """The knobs codegen reads, set against their defaults (the warp ring and evict-first off, pointwise elements
     computing their operations in the order their expression reads, the ring products' code inlined into their
-    variants, their tile shapes read at run time, a rows kernel's operands before its norm, the warp ring's partial
-    sums by shuffles, four pollers of each dependency, tasks run by their last producer): the steps still agree with jax.jit (at batch 8 the bf16 products are on tensor cores: the
+    variants, their tile shapes read at run time, the warp ring's partial sums stored and then summed by a quarter of
+    its warps): the steps still agree with jax.jit (at batch 8 the bf16 products are on tensor cores: the
     warp ring's knob changes the float32 model's)."""
     monkeypatch.setenv(knob, value)
     cfg = TinyConfig(qk_norm=True, dtype="float32" if knob == "JAX_MPK_WARP_RING" else "bfloat16", batch=batch)
@@ -189,6 +186,20 @@ def test_decode_step_staging_loads_first_on_and_off_matches_jit(monkeypatch, val
     cfg = TinyConfig(qk_norm=True, dtype="bfloat16", hidden=512, heads=8, kv_heads=4, head_dim=64, mlp=1024)
     fast = _check_decode_steps(cfg)
     assert ("// JAX_MPK_STAGING_LOADS_FIRST" in _plan(fast).source.text) == (value == "1")
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("value", ["1", "0"])
+def test_rows_loads_first_matches_jit(value, batch, monkeypatch):
+    """JAX_MPK_ROWS_LOADS_FIRST (default 1): a rows kernel of at most 512 elements a row -- Qwen3's key append and
+    queries, a per-head RMSNorm then RoPE -- loads its element's operands, both rotate-half pieces included, before
+    the row's block reduction; 0 makes the norm's, the element's and the partner's round trips one after another.
+    Heads of 128 (the default tiny model's 16-wide heads are not rendered as rows)."""
+    monkeypatch.setenv("JAX_MPK_ROWS_LOADS_FIRST", value)
+    cfg = TinyConfig(layers=1, hidden=1024, heads=16, kv_heads=8, head_dim=128, mlp=512, vocab=512, max_seq=1024,
+                     batch=batch, dtype="bfloat16", qk_norm=True)  # fmt: skip
+    fast = _check_decode_steps(cfg)
+    assert ("// JAX_MPK_ROWS_LOADS_FIRST" in _plan(fast).source.text) == (value == "1")
 
 
 def _check_decode_steps(cfg: TinyConfig) -> Callable:

@@ -17,7 +17,6 @@
 #include <cstdint>
 
 #include "jax_mpk/layout.h"
-#include "jax_mpk/runtime/block.cuh"
 #include "jax_mpk/runtime/comm.cuh"
 #include "jax_mpk/runtime/params.h"
 
@@ -80,49 +79,16 @@ __device__ inline void report_failure(const MegakernelParams& p, int32_t code, i
   }
 }
 
-// JAX_MPK_POLLERS (measuring, default 1): how many threads poll a task's local event, lane 0 of warps 0 .. N-1.
-// One poller sees a completed event up to a round trip to L2 (plus its sleep) after it lands; N pollers started
-// at staggered moments see it sooner, the others' loads being in flight when one's is not.
-#ifndef JAX_MPK_POLLERS
-#define JAX_MPK_POLLERS 1
-#endif
-static_assert(JAX_MPK_POLLERS >= 1 && JAX_MPK_POLLERS <= kBlockThreads / 32, "lane 0 of some of the block's warps");
-
-#if JAX_MPK_POLLERS > 1
-// Set by whichever poller sees the task's local event complete (thread 0 included); reset after each wait.
-__shared__ volatile int32_t event_seen;
-
-// Lane 0 of warp `helper` (1 .. JAX_MPK_POLLERS - 1): polls beside thread 0 until someone sees the event complete
-// or the call aborts (thread 0 keeps the watchdog). Its acquire, then the block barrier after the wait, orders
-// every thread's reads after the producers' stores, as thread 0's does.
-__device__ inline void help_poll(const MegakernelParams& p, const uint64_t* counter, uint64_t target, int helper) {
-  __nanosleep(64 * helper);  // staggered: the pollers' loads spread over a round trip
-  while (!event_seen) {
-    if (load_acquire(counter) >= target) {
-      event_seen = 1;
-      return;
-    }
-    if (*reinterpret_cast<volatile int32_t*>(&p.control->abort)) return;
-    __nanosleep(32);
-  }
-}
-#endif
-
 // Thread 0 only: waits until `*counter >= target` (an acquire at system scope for another rank's counter).
 // Returns false when the call is being aborted (watchdog here or elsewhere); `event` names the counter in
-// the error record. kHelped: other pollers may see the (local) event first (JAX_MPK_POLLERS).
-template <bool kSystem, bool kHelped = false>
+// the error record.
+template <bool kSystem>
 __device__ inline bool wait_until(const MegakernelParams& p, const uint64_t* counter, uint64_t target,
                                   int32_t task_index, int32_t kernel, int32_t event) {
   if (load_acquire<kSystem>(counter) >= target) return true;
   const uint64_t start = global_timer_ns();
   unsigned sleep_ns = 16;  // short: a dependency usually completes within a few microseconds
   while (true) {
-#if JAX_MPK_POLLERS > 1
-    if constexpr (kHelped) {
-      if (event_seen) return true;
-    }
-#endif
     const uint64_t value = load_acquire<kSystem>(counter);
     if (value >= target) return true;
     if (*reinterpret_cast<volatile int32_t*>(&p.control->abort)) return false;
@@ -140,14 +106,10 @@ __device__ inline bool wait_until(const MegakernelParams& p, const uint64_t* cou
 __device__ inline bool wait_for_task(const MegakernelParams& p, const TaskRecord& task, int32_t task_index,
                                      uint64_t epoch) {
   if (task.wait_event >= 0 &&
-      !wait_until<false, (JAX_MPK_POLLERS > 1)>(p, p.counters + task.wait_event,
-                                                static_cast<uint64_t>(task.wait_count) * epoch, task_index,
-                                                task.kernel, task.wait_event)) {
+      !wait_until<false>(p, p.counters + task.wait_event, static_cast<uint64_t>(task.wait_count) * epoch,
+                         task_index, task.kernel, task.wait_event)) {
     return false;
   }
-#if JAX_MPK_POLLERS > 1
-  event_seen = 1;  // the helpers stop polling
-#endif
   for (int32_t rank = 0; task.remote_wait_event >= 0 && rank < p.comm.num_ranks; ++rank) {
     if (!wait_until<true>(p, p.comm.counters[rank] + task.remote_wait_event,
                           static_cast<uint64_t>(task.remote_wait_count) * epoch, task_index, task.kernel,
@@ -163,15 +125,6 @@ __device__ __forceinline__ void copy_record(TaskRecord* to, const TaskRecord* fr
   constexpr int kWords = sizeof(TaskRecord) / sizeof(int32_t);
   if (lane < kWords) reinterpret_cast<int32_t*>(to)[lane] = __ldg(reinterpret_cast<const int32_t*>(from) + lane);
 }
-
-// JAX_MPK_TAIL_TASKS (measuring, default 0): a task whose one dependency event has several producers and no other
-// waiter may be run by the last of those producers, right after its own body (codegen marks them: Dispatch's
-// is_tail and tail_of), instead of by its own worker after a hop; its worker skips it. The producers add to that
-// event with one acq_rel atomic, which tells the last one it is last and orders the others' stores before the
-// tail's reads, as split attention's merge does.
-#ifndef JAX_MPK_TAIL_TASKS
-#define JAX_MPK_TAIL_TASKS 0
-#endif
 
 // This call's epoch (calls completed before it, plus one: every event target of the call is a multiple of it), set
 // by run_worker before the first task, so that a body that needs it (a merge counter's target) reads shared
@@ -190,14 +143,6 @@ __device__ __forceinline__ void mark_phase(int stamp) {
   if (threadIdx.x == 0 && profiling) task_stamps[stamp] = global_timer_ns();
 }
 
-// Thread 0, once the task has signalled: the moment, then all of its stamps to its record.
-__device__ __forceinline__ void store_stamps(uint64_t* profile, int32_t task_index) {
-  task_stamps[layout::kStampSignalled] = global_timer_ns();
-  uint64_t* record = profile + layout::kProfileStamps * task_index;
-#pragma unroll
-  for (int stamp = 0; stamp < layout::kProfileStamps; ++stamp) record[stamp] = task_stamps[stamp];
-}
-
 // When `profile` is not null (JAX_MPK_PROFILE builds), thread 0 records for every task the global timer at the
 // layout::kProfileStamps moments (the wait begins, the body begins, the body's own phases, the body ends, the
 // task has signalled); a phase the body does not mark stays 0. A task given up (watchdog, abort) leaves its
@@ -212,34 +157,12 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
   // thread 0 waits for task i, warp 1 copies the record of task i + 1 into shared memory (three slots:
   // warp 0 still reads record i while it signals, after the other warps may have moved on to i + 1), and
   // warp 0's lanes load the first events task i will signal.
-#if JAX_MPK_TAIL_TASKS
-  __shared__ TaskRecord records[4];  // the fourth: a tail task's
-  __shared__ bool tail_go;
-  // Beside each of the first three slots, copied with its record (the tables are not read on the chain): whether
-  // that task is a tail, and the tail event it adds to and the tail it runs when last (-1: none).
-  __shared__ int32_t tail_info[3][3];
-#else
   __shared__ TaskRecord records[3];
-#endif
   __shared__ int32_t shared_go;
   const int32_t begin = worker_begin[blockIdx.x], end = worker_begin[blockIdx.x + 1];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  // Warp 1: task `index`'s record into slot `to` (and with tail tasks, its tail facts beside it).
-  const auto copy_ahead = [&](int to, int32_t index) {
-    copy_record(&records[to], tasks + index, lane);
-#if JAX_MPK_TAIL_TASKS
-    if (lane == 31) {  // copy_record's lanes are 0 .. 24
-      tail_info[to][0] = dispatch.is_tail(index);
-      tail_info[to][1] = dispatch.tail_event(index);
-      tail_info[to][2] = dispatch.tail_task(index);
-    }
-#endif
-  };
   if (threadIdx.x == 0) {
     call_epoch = load_acquire(&p.control->epoch) + 1;
-#if JAX_MPK_POLLERS > 1
-    event_seen = 0;
-#endif
     profiling = profile != nullptr;
     if (profile_sms != nullptr) {  // which physical SM this worker runs on in this call (are slow SMs physical?)
       uint32_t sm;
@@ -247,24 +170,16 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
       profile_sms[blockIdx.x] = sm;
     }
   }
-  if (warp == 1 && begin < end) copy_ahead(0, worker_tasks[begin]);
+  if (warp == 1 && begin < end) copy_record(&records[0], tasks + worker_tasks[begin], lane);
   __syncthreads();
   const uint64_t epoch = call_epoch;
   for (int32_t i = begin, slot = 0; i < end; ++i) {
     const int32_t task_index = worker_tasks[i], next_slot = slot == 2 ? 0 : slot + 1;
     const TaskRecord& task = records[slot];
-#if JAX_MPK_TAIL_TASKS
-    if (tail_info[slot][0]) {  // the last of its producers runs it
-      if (warp == 1 && i + 1 < end) copy_ahead(next_slot, worker_tasks[i + 1]);
-      __syncthreads();
-      slot = next_slot;
-      continue;
-    }
-#endif
     dispatch.prefetch(task, smem);  // weights start streaming while we wait
     const int32_t first_signal =
         warp == 0 && lane < task.signal_count ? __ldg(signals + task.signal_begin + lane) : -1;
-    if (warp == 1 && i + 1 < end) copy_ahead(next_slot, worker_tasks[i + 1]);
+    if (warp == 1 && i + 1 < end) copy_record(&records[next_slot], tasks + worker_tasks[i + 1], lane);
     if (threadIdx.x == 0) {
       if (profile) {  // a phase this body does not mark stays 0
         task_stamps[layout::kStampWait] = global_timer_ns();
@@ -273,16 +188,8 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
       shared_go = wait_for_task(p, task, task_index, epoch);
       if (profile) task_stamps[layout::kStampStart] = global_timer_ns();
     }
-#if JAX_MPK_POLLERS > 1
-    else if (lane == 0 && warp < JAX_MPK_POLLERS && task.wait_event >= 0) {
-      help_poll(p, p.counters + task.wait_event, static_cast<uint64_t>(task.wait_count) * epoch, warp);
-    }
-#endif
     __syncthreads();
     if (!shared_go) break;
-#if JAX_MPK_POLLERS > 1
-    if (threadIdx.x == 0) event_seen = 0;  // every poller has stopped (the barrier): ready for the next wait
-#endif
     dispatch.run(task, smem);
     __syncthreads();
     if (profile) mark_phase(layout::kStampBodyEnd);
@@ -301,38 +208,13 @@ __device__ void run_worker(const MegakernelParams& p, const TaskRecord* tasks, c
           add_relaxed<true>(p.comm.counters[p.comm.rank] + remote_signals[task.remote_signal_begin + s], 1);
         }
       }
-      if (profile && threadIdx.x == 0) store_stamps(profile, task_index);
-    }
-#if JAX_MPK_TAIL_TASKS
-    // a tail event is not in its producers' signal lists (codegen): they add to it here, with an acq_rel atomic
-    if (const int32_t tail_event = tail_info[slot][1]; tail_event >= 0) {
-      const int32_t tail_index = tail_info[slot][2];
-      if (threadIdx.x == 0) {  // after its release fence above
-        const uint64_t arrived = add_acq_rel(p.counters + tail_event, 1) + 1;
-        tail_go = arrived == static_cast<uint64_t>(__ldg(&tasks[tail_index].wait_count)) * epoch;
-        if (tail_go && profile) {  // its wait: none, from the moment its last producer learns it is last
-          task_stamps[layout::kStampWait] = global_timer_ns();
-          task_stamps[layout::kStampStaged] = task_stamps[layout::kStampComputed] = 0;
-        }
-      }
-      if (warp == 1) copy_record(&records[3], tasks + tail_index, lane);
-      __syncthreads();
-      if (tail_go) {
-        const TaskRecord& tail = records[3];
-        if (profile) mark_phase(layout::kStampStart);
-        dispatch.run(tail, smem);
-        __syncthreads();
-        if (profile) mark_phase(layout::kStampBodyEnd);
-        if (threadIdx.x < 32) {  // a tail signals no tail event (codegen): plain adds after the release
-          fence_release();
-          for (int32_t s = threadIdx.x; s < tail.signal_count; s += 32) {
-            add_relaxed(p.counters + signals[tail.signal_begin + s], 1);
-          }
-          if (profile && threadIdx.x == 0) store_stamps(profile, tail_index);
-        }
+      if (profile && threadIdx.x == 0) {
+        task_stamps[layout::kStampSignalled] = global_timer_ns();
+        uint64_t* record = profile + layout::kProfileStamps * task_index;
+#pragma unroll
+        for (int stamp = 0; stamp < layout::kProfileStamps; ++stamp) record[stamp] = task_stamps[stamp];
       }
     }
-#endif
     slot = next_slot;
   }
   // A task given up (watchdog, abort) may leave weight copies in flight into shared memory.

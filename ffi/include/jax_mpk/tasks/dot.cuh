@@ -63,8 +63,8 @@ __device__ __forceinline__ void unpack8(const uint4& v, const __half*, float out
 #define JAX_MPK_STATIC_TILES 1
 #endif
 
-// With JAX_MPK_VECTOR_PARTIALS (measuring, default 0: benchmarks/micro/product_body.cu, and codegen's knob of the
-// same name), a static one-row warp-ring product adds its partial sums another way: see columns_warp_ring.
+// With JAX_MPK_VECTOR_PARTIALS (codegen's default 1, its knob of the same name; 0 here for
+// benchmarks/micro/product_body.cu to build both), a static one-row warp-ring product adds its partial sums another way: see columns_warp_ring.
 #ifndef JAX_MPK_VECTOR_PARTIALS
 #define JAX_MPK_VECTOR_PARTIALS 0
 #endif
