@@ -19,7 +19,7 @@ from . import bodies
 from .bodies.dot import MMA_MAX_COLUMNS, RING_BYTES, RING_SLOT_BYTES, RING_SLOTS
 from .dot_staging import MAX_SHARED_WEIGHT_ROWS
 from .emit import THREADS, KernelBody
-from .kernels import Kernel, KernelOutput, Tensor
+from .kernels import Tensor
 from .layout import TaskField, TensorKind, profile_sm_words
 from .plan import task_records
 from .schedule import Schedule
@@ -55,12 +55,11 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
     variants: dict[str, int] = {}
     variant_texts: list[str] = []
     calls, prefetches = [], []
-    writers = _writers(kg.kernels) if target.attention_kv_first else None
     smem, ring_offset = 0, None  # the ring sits above the shared memory of every task that uses one
     for kernel, tasks in zip(kg.kernels, graph.tasks_by_kernel()):
         body = KernelBody(kernel, tasks, budget, graph.merge_counters.get(kernel.index, -1), profile_offset is not None,
                           target.comm_copies, target.warp_ring, target.element_loads_first,
-                          target.staging_loads_first, target.rows_loads_first, writers)  # fmt: skip
+                          target.staging_loads_first, target.rows_loads_first)  # fmt: skip
         text, kernel_smem, prefetch = bodies.render(body)
         smem = max(smem, kernel_smem)
         if body.uses_ring:
@@ -132,15 +131,6 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
         "",
     ]
     return GeneratedSource("\n".join(lines), THREADS, smem, KERNEL_NAME, len(variants))
-
-
-def _writers(kernels: list[Kernel]) -> dict[int, list[tuple[Kernel, KernelOutput]]]:
-    """Every kernel's outputs by id of the buffer they store into (KernelBody.writers)."""
-    writers: dict[int, list[tuple[Kernel, KernelOutput]]] = {}
-    for kernel in kernels:
-        for out in kernel.outputs:
-            writers.setdefault(id(out.tensor.buffer), []).append((kernel, out))
-    return writers
 
 
 class _BufferSlots:

@@ -112,10 +112,6 @@ class Config:
     # rows (dot.cuh's JAX_MPK_VECTOR_PARTIALS: its body -2 to -11% in benchmarks/micro/product_body.cu; default on:
     # H200 b1 same process Llama-1B -0.7%, Qwen3-0.6B -0.7%)
     vector_partials: bool
-    # CUDA, measuring: a split-attention task issues its first chunk's key and value copies into shared memory
-    # before its wait, and after it reads again only the rows this call stored (the appended ones)
-    # (JAX_MPK_ATTENTION_KV_FIRST, default off until measured)
-    attention_kv_first: bool
 
 
 @contextlib.contextmanager
@@ -168,5 +164,4 @@ def load() -> Config:
         staging_loads_first=_env_flag("JAX_MPK_STAGING_LOADS_FIRST", True),
         rows_loads_first=_env_flag("JAX_MPK_ROWS_LOADS_FIRST", True),
         vector_partials=_env_flag("JAX_MPK_VECTOR_PARTIALS", True),
-        attention_kv_first=_env_flag("JAX_MPK_ATTENTION_KV_FIRST", False),
     )

@@ -13,7 +13,7 @@ import numpy as np
 
 from .graph import Acc, Elementwise, Load, Node, Piecewise, Reduce, Reindex, fold_loads, topological
 from .indexmap import Affine, IndexMap, linear_form
-from .kernels import Kernel, KernelOutput, Tensor
+from .kernels import Kernel, Tensor
 from .layout import DTYPES, PROFILE_STAMPS, SCALAR_OP_OF, DType, NodeOp, ReduceKind, TensorKind, dtype_code
 
 THREADS = 512
@@ -78,11 +78,8 @@ class KernelBody:
     def __init__(self, kernel: Kernel, tasks, shared_memory_bytes: int, merge_counter: int = -1,
                  profile: bool = False, comm_copies: bool = False, warp_ring: bool = False,
                  element_loads_first: bool = True, staging_loads_first: bool = True,
-                 rows_loads_first: bool = True, writers: dict[int, list[tuple[Kernel, KernelOutput]]] | None = None):  # fmt: skip
+                 rows_loads_first: bool = True):  # fmt: skip
         self.kernel, self.tasks = kernel, tasks
-        # Target.attention_kv_first: every kernel's stored outputs by id of their buffer (codegen's), from which a
-        # split attention learns which of its keys and values this call stores; None when the knob is off
-        self.writers = writers
         self.warp_ring = warp_ring  # CUDA-core ring products through dot.cuh's warp ring (Target.warp_ring)
         # pointwise elements compute their operands before their arithmetic (Target.element_loads_first)
         self.element_loads_first = element_loads_first

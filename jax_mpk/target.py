@@ -66,8 +66,6 @@ class Target:
     # CUDA: the one-row warp ring's partial sums by shuffles and vector stores (JAX_MPK_VECTOR_PARTIALS, which
     # defaults to on)
     vector_partials: bool = True
-    # CUDA, measuring: split attention's first chunk copied before the task's wait (JAX_MPK_ATTENTION_KV_FIRST)
-    attention_kv_first: bool = False
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False
@@ -85,8 +83,7 @@ class Target:
                       warp_ring=knobs.warp_ring,
                       element_loads_first=knobs.element_loads_first, shared_code=knobs.shared_code,
                       static_tiles=knobs.static_tiles, staging_loads_first=knobs.staging_loads_first,
-                      rows_loads_first=knobs.rows_loads_first, vector_partials=knobs.vector_partials,
-                      attention_kv_first=knobs.attention_kv_first)  # fmt: skip
+                      rows_loads_first=knobs.rows_loads_first, vector_partials=knobs.vector_partials)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:

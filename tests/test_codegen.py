@@ -350,51 +350,6 @@ def test_vector_partials_knob_compiles(tmp_path, monkeypatch):
     compile_cubin(stored.text, "9.0")
 
 
-@pytest.mark.parametrize("batch", [1, 8])
-def test_attention_kv_first_issues_the_first_chunk_before_the_wait(batch, tmp_path, monkeypatch):
-    """JAX_MPK_ATTENTION_KV_FIRST (measuring, off by default): a split-attention task issues its first chunk's key
-    and value copies in Dispatch::prefetch, before its wait, and after it reads again the rows the step's cache
-    appends store: one row a sequence at the position the step reads from its input (clamped as XLA clamps)."""
-    monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
-    cfg = TinyConfig(layers=2, hidden=1024, heads=16, kv_heads=8, head_dim=128, mlp=512, vocab=512, max_seq=1024,
-                     batch=batch, dtype="bfloat16", qk_norm=True)  # fmt: skip
-    _, default = _generate_decode_step(cfg, split_attention=True)
-    assert "issue_first_chunk" not in default.text
-    tasks, source = _generate_decode_step(cfg, split_attention=True, attention_kv_first=True)
-    attention = [k for k in tasks.kernels.kernels if k.attention is not None]
-    prefetch = source.text[source.text.index("void prefetch(") : source.text.index("void run(")]
-    assert prefetch.count("attention::issue_first_chunk<") == len(attention) == 2
-    call = re.search(r"keys_in_chunks<[^>]*, true>\(.*\);", source.text)
-    assert call is not None and call.group(0).endswith(
-        "int2{written1, written1 + 1}, int2{written6, written6 + 1});"), call  # the key row, the value row
-    assert "ops::dynamic_offset(" in source.text[: call.start()].rsplit("__device__ __noinline__", 1)[1]
-    compile_cubin(source.text, "9.0")
-
-
-def test_attention_kv_first_rereads_nothing_of_inputs_and_leaves_computed_keys_alone():
-    """Keys and values that the call only reads are copied before the wait with nothing read again (empty
-    windows); keys the call computes (no cache: a workspace tensor) are copied after the wait, as by default."""
-    def attend(q, keys, values, wo, pos):  # as test_gpu's split attention tests write it
-        scores = jnp.einsum("bgrd,bsgd->bgrs", q, keys).astype(jnp.float32) * 64**-0.5
-        scores = jnp.where(jnp.arange(keys.shape[1]) <= pos, scores, -1e30)
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-        return jnp.einsum("bgrs,bsgd->bgrd", probs, values).reshape(1, -1) @ wo
-
-    def attend_scaled(q, keys, values, wo, pos, scale):
-        return attend(q, keys * scale, values, wo, pos)
-
-    q, kv = jax.ShapeDtypeStruct((1, 8, 4, 64), jnp.bfloat16), jax.ShapeDtypeStruct((1, 1024, 8, 64), jnp.bfloat16)
-    wo, pos = jax.ShapeDtypeStruct((2048, 256), jnp.bfloat16), jax.ShapeDtypeStruct((), jnp.int32)
-    scale = jax.ShapeDtypeStruct((1, 1024, 8, 64), jnp.bfloat16)
-    for fn, issued in ((lambda q, k, v, w, p, s: attend(q, k, v, w, p), True), (attend_scaled, False)):
-        tasks, source = _generate(fn, q, kv, kv, wo, pos, scale, split_attention=True, attention_kv_first=True)
-        assert any(k.attention is not None for k in tasks.kernels.kernels)
-        assert ("attention::issue_first_chunk<" in source.text) == issued
-        if issued:
-            assert "score, store, int2{0, 0}, int2{0, 0});" in source.text
-        compile_cubin(source.text, "9.0")
-
-
 def test_pointwise_tasks_hold_one_element_a_thread():
     """A kernel without products or row reductions gets a task per 512 elements (a block's threads) even when its
     work would fit one task: a thread's second element waits for its first one's loads. Llama-1B's queries

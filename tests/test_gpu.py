@@ -202,38 +202,6 @@ def test_rows_loads_first_matches_jit(value, batch, monkeypatch):
     assert ("// JAX_MPK_ROWS_LOADS_FIRST" in _plan(fast).source.text) == (value == "1")
 
 
-@pytest.mark.parametrize("batch", [1, 8])
-def test_attention_kv_first_matches_jit(batch, monkeypatch):
-    """JAX_MPK_ATTENTION_KV_FIRST=1: a split-attention task's first chunk of keys and values copied before its
-    wait, the rows the step appends read again after it: five chained steps at positions 0-4 (the appended row
-    in the tasks' first chunk, read again), then one at 700 (in another task's chunk), against jax.jit."""
-    monkeypatch.setenv("JAX_MPK_ATTENTION_KV_FIRST", "1")
-    cfg = TinyConfig(layers=2, hidden=1024, heads=16, kv_heads=8, head_dim=128, mlp=512, vocab=512, max_seq=1024,
-                     batch=batch, dtype="bfloat16", qk_norm=True)  # fmt: skip
-    fast = _check_decode_steps(cfg)
-    assert "attention::issue_first_chunk<" in _plan(fast).source.text
-    params, cache = init_params(cfg, jax.random.PRNGKey(5)), init_cache(cfg, jax.random.PRNGKey(6))
-    args = (params, random_tokens(cfg, 5), jnp.int32(700), *cache)
-    with jax.default_matmul_precision("float32"):
-        expected = jax.jit(make_decode_step(cfg))(*args)
-    assert_model_outputs_close(fast(*args)[1:], expected[1:], cfg.dtype)
-
-
-def test_attention_kv_first_over_inputs_matches_jit(rng, monkeypatch):
-    """JAX_MPK_ATTENTION_KV_FIRST=1 where the call only reads the keys and values: copied before the wait, nothing
-    read again."""
-    monkeypatch.setenv("JAX_MPK_SPLIT_ATTENTION", "1")
-    monkeypatch.setenv("JAX_MPK_ATTENTION_KV_FIRST", "1")
-    args = [random_array(rng, (1, 8, 4, 64), "bfloat16"), random_array(rng, (1, 1024, 8, 64), "bfloat16"),
-            random_array(rng, (1, 1024, 8, 64), "bfloat16"), random_array(rng, (2048, 256), "bfloat16")]  # fmt: skip
-    with jax.default_matmul_precision("float32"):
-        expected = jax.jit(_attend)(*args, jnp.int32(700))
-    fast = jax_mpk.megakernelize(_attend)
-    actual = fast(*args, jnp.int32(700))
-    assert "score, store, int2{0, 0}, int2{0, 0});" in _plan(fast).source.text
-    assert_model_outputs_close(actual, expected, "bfloat16")
-
-
 def _check_decode_steps(cfg: TinyConfig) -> Callable:
     """Five chained decode steps of ``cfg`` through the megakernel against jax.jit's; returns the megakernel."""
     params = init_params(cfg, jax.random.PRNGKey(11))

@@ -9,10 +9,10 @@ import math
 
 from ..emit import STORAGE, THREADS, Emitter, KernelBody, Tiling, is_row_reduction, linear, read_only
 from ..dot_staging import ROW_STAGING_MAX_INLINE
-from ..graph import Acc, Load, Node, Reindex, topological
+from ..graph import topological
 from ..indexmap import IndexMap, linear_form
 from ..kernels import Kernel, Tensor
-from ..layout import TensorKind, dtype_code
+from ..layout import dtype_code
 from .dot import DotPlan, stage_lhs, uniform_row_stride
 
 # Chunks whose partials the merge loads before combining any (3 floats each in registers): the loads of a batch
@@ -77,11 +77,6 @@ def render_attention(body: KernelBody):
     kv_type = STORAGE[dtype_code(dot.rhs.buffer.dtype)]
     scratch_bytes = _scratch_bytes(rows, head_dim, chunk)
     em = Emitter(body, rows_prefix=None)
-    row_stride = uniform_row_stride(body, plan) if dot.lhs_expr is None else None
-    # the first chunk's copies, issued before the wait, land in scratch, which a staging's block reduction uses
-    written = (_written_keys(body) if body.writers is not None and (row_stride is not None or _rows_at_once(body))
-               else None)  # fmt: skip
-    ranges = [_written_range(em, w) for w in written] if written is not None else []
     em.emit(f"static_assert(attention::scratch_bytes<{kv_type}, {rows}, {head_dim}>({chunk}) <= {scratch_bytes} && "
             f"attention::scores_stride({chunk}) == {chunk_pad}, \"bodies/attention.py lays out what attention.cuh uses\");")
     em.emit("float* xs = reinterpret_cast<float*>(smem);")
@@ -89,6 +84,7 @@ def render_attention(body: KernelBody):
     em.emit(f"float* scratch = scores + {rows * chunk_pad};")
     em.emit(f"float* out = scratch + {scratch_bytes // 4};")
     smem = shared_memory_bytes(rows, head_dim, chunk)
+    row_stride = uniform_row_stride(body, plan) if dot.lhs_expr is None else None
     if row_stride is not None:  # stored query rows (attention.py stores them when that costs no level)
         lhs = body.pointer_name(dot.lhs, plan.lhs_const)
         first = linear(0, plan.lhs_coefs[: rank - 1], [f"t.lo[{d}]" for d in range(rank - 1)])
@@ -105,14 +101,10 @@ def render_attention(body: KernelBody):
     body.mark_phase(em, "staged")
     lead = [f"t.lo[{d}]" for d in range(rank - 1)]
     (key_const, key_coefs), (value_const, value_coefs) = key_form, value_form
-
-    def key_and_value_bases(pointer) -> tuple[str, str]:
-        return (f"reinterpret_cast<const {kv_type}*>({pointer(dot.rhs, key_const)}) + {linear(0, key_coefs[: rank - 1], lead)}",
-                f"reinterpret_cast<const {kv_type}*>({pointer(spec.values, value_const)}) + {linear(0, value_coefs[: rank - 1], lead)}")  # fmt: skip
-
-    keys, values = key_and_value_bases(body.pointer_name)
-    em.emit(f"const {kv_type}* keys = {keys};")
-    em.emit(f"const {kv_type}* values = {values};")
+    keys = body.pointer_name(dot.rhs, key_const)
+    values = body.pointer_name(spec.values, value_const)
+    em.emit(f"const {kv_type}* keys = reinterpret_cast<const {kv_type}*>({keys}) + {linear(0, key_coefs[: rank - 1], lead)};")
+    em.emit(f"const {kv_type}* values = reinterpret_cast<const {kv_type}*>({values}) + {linear(0, value_coefs[: rank - 1], lead)};")
     em.emit("auto score = [&](int row, index_t key, float qk) -> float {")
     em.push()
     idx = em.tile_index("row", range(rank - 1), extents) + ["key"]
@@ -135,111 +127,12 @@ def render_attention(body: KernelBody):
         em.emit("}")
     em.pop()
     em.emit("};")
-    issued = ", true" if ranges else ""
-    em.emit(f"attention::keys_in_chunks<{kv_type}, {rows}, {head_dim}, {chunk}{issued}>(xs, {x_stride}, keys, {key_coefs[rank - 1]}, "
+    em.emit(f"attention::keys_in_chunks<{kv_type}, {rows}, {head_dim}, {chunk}>(xs, {x_stride}, keys, {key_coefs[rank - 1]}, "
             f"values, {value_coefs[rank]}, t.lo[{rank - 1}], t.hi[{rank - 1}], scores, reinterpret_cast<char*>(scratch), "
-            f"out, score, store{''.join(', ' + r for r in ranges)});")
+            f"out, score, store);")
     body.mark_phase(em, "computed")
     merge_if_last(body, em, rows, extents, f"reinterpret_cast<int*>(out + {rows * head_dim + 2 * rows})")
-    if not ranges:
-        return body.finish(em, smem=smem, prefetch=None)
-    scratch_offset = 4 * rows * (x_stride + chunk_pad)  # bytes: after xs and the scores, as laid out above
-
-    def issue_first_chunk(slots) -> str:
-        keys, values = key_and_value_bases(slots.pointer)
-        return (f"attention::issue_first_chunk<{kv_type}, {head_dim}, {chunk}>(smem + {scratch_offset}, {keys}, "
-                f"{key_coefs[rank - 1]}, {values}, {value_coefs[rank]}, t.lo[{rank - 1}]);")
-
-    return body.finish(em, smem=smem, prefetch=issue_first_chunk)
-
-
-# A cache row this call stores, as the attention's keys or values see it: the key index of its first row is
-# ops::dynamic_offset(start at the writer's domain origin, clamp) + offset, and `rows` rows follow (start None: a
-# static window)
-Written = tuple[Node | None, int, int, int, int]  # (start, clamp, offset, rows, writer's domain rank)
-
-
-def _written_keys(body: KernelBody) -> tuple[Written | None, Written | None] | None:
-    """Target.attention_kv_first: which keys and which values (each None: none) the kernels before this one store
-    during the call, when each is at most one window of rows found before the task's wait; else None (the
-    chunk is then copied after the wait). Rows nobody stores hold what they held before the call, so a copy
-    issued before the wait reads them right; the window is read again after it."""
-    k = body.kernel
-    dot, spec, rank = k.dot, k.attention, len(k.domain)
-    found = []
-    for tensor, index_map, key_axis in ((dot.rhs, dot.rhs_map, rank - 1), (spec.values, spec.values_map, rank)):
-        along = _key_dim(index_map, key_axis)
-        if along is None or tensor.buffer.kind not in (TensorKind.INPUT, TensorKind.OUTPUT):
-            return None
-        dim, first_row = along
-        read = index_map.rect_image(tuple((0, n) for n in index_map.in_shape))
-        stores = [(w, out) for w, out in body.writers.get(id(tensor.buffer), [])
-                  if w.index < k.index and _overlaps(_stored_rect(w, out), read)]  # fmt: skip
-        if not stores:
-            found.append(None)
-            continue
-        if len(stores) > 1:
-            return None
-        writer, out = stores[0]
-        stored = out.map.rect_image(tuple((0, n) for n in writer.domain))
-        starts = [(node, hi) for d, node, hi in out.dyn if d == dim]
-        if tensor.buffer.kind != TensorKind.OUTPUT or not out.dyn:
-            return None  # rows before the call are the cache's only when the writer updates it in place
-        if starts and not _uniform_of_inputs(starts[0][0]):
-            return None
-        start, clamp = starts[0] if starts else (None, 0)
-        found.append((start, clamp, stored[dim][0] - first_row, stored[dim][1] - stored[dim][0], len(writer.domain)))
-    return found[0], found[1]
-
-
-def _written_range(em: Emitter, written: Written | None) -> str:
-    """The int2 [first, end) of the key indices ``written`` names, its start computed by ``em``."""
-    if written is None:
-        return "int2{0, 0}"
-    start, clamp, offset, count, writer_rank = written
-    first = em.fresh("written")
-    value = "0" if start is None else f"static_cast<int>(ops::dynamic_offset({em.value(start, ['0'] * writer_rank)}, {clamp}))"
-    em.emit(f"const int {first} = {value} + {offset};")
-    return f"int2{{{first}, {first} + {count}}}"
-
-
-def _key_dim(index_map: IndexMap, key_axis: int) -> tuple[int, int] | None:
-    """(dim, row of key 0) when ``index_map`` sends key s to row s of one tensor dim, which no other axis
-    moves; else None."""
-    shape = index_map.in_shape
-    origin = index_map.apply([0] * len(shape))
-
-    def at(axis: int, i: int) -> tuple[int, ...]:
-        return index_map.apply([i if a == axis else 0 for a in range(len(shape))])
-
-    moved = [d for d, (a, b) in enumerate(zip(origin, at(key_axis, 1))) if a != b] if shape[key_axis] > 1 else []
-    if len(moved) != 1:
-        return None
-    dim, last = moved[0], shape[key_axis] - 1
-    if at(key_axis, 1)[dim] != origin[dim] + 1 or at(key_axis, last)[dim] != origin[dim] + last:
-        return None
-    if any(at(axis, n - 1)[dim] != origin[dim] for axis, n in enumerate(shape) if axis != key_axis and n > 1):
-        return None
-    return dim, origin[dim]
-
-
-def _stored_rect(writer: Kernel, out) -> tuple[tuple[int, int], ...]:
-    """What ``out`` may store: its map's image of the writer's domain, its dynamic dims whole."""
-    rect = out.map.rect_image(tuple((0, n) for n in writer.domain))
-    dynamic = {d for d, _, _ in out.dyn}
-    return tuple((0, out.tensor.shape[d]) if d in dynamic else r for d, r in enumerate(rect))
-
-
-def _overlaps(a, b) -> bool:
-    return all(max(lo, lo2) < min(hi, hi2) for (lo, hi), (lo2, hi2) in zip(a, b))
-
-
-def _uniform_of_inputs(node: Node) -> bool:
-    """Whether ``node`` is one value over its domain (a scalar broadcast) computed from the call's inputs alone."""
-    if not isinstance(node, Reindex) or tuple(node.children[0].shape) != ():
-        return False
-    return all(not isinstance(n, Acc) and (not isinstance(n, Load) or n.tensor.buffer.kind == TensorKind.INPUT)
-               for n in topological([node]))  # fmt: skip
+    return body.finish(em, smem=smem, prefetch=None)
 
 
 def merge_if_last(body: KernelBody, em: Emitter, rows: int, extents: list[int], flag: str) -> None:
@@ -310,13 +203,6 @@ def _element(em: Emitter, tensor: Tensor, index: list[str]) -> tuple[str, str]:
     return em.element_offset(tensor, IndexMap.identity(tensor.shape), index, ())
 
 
-def _rows_at_once(body: KernelBody) -> bool:
-    """Whether stage_computed_rows_at_once stages the task's computed rows (no block reductions among them)."""
-    dot = body.kernel.dot
-    return dot.lhs_expr is not None and not any(
-        is_row_reduction(n, ROW_STAGING_MAX_INLINE + 1) for n in topological([dot.lhs_expr.children[0]]))
-
-
 def stage_computed_rows_at_once(body: KernelBody, em: Emitter, rows: int, K: int, x_stride: int,
                                 extents: list[int]) -> bool:
     """xs[row * x_stride + k] = the computed lhs for all the task's rows in one loop, so that every thread's
@@ -324,9 +210,11 @@ def stage_computed_rows_at_once(body: KernelBody, em: Emitter, rows: int, K: int
     q rows with RoPE of a key/value head's query heads). Only without block reductions (they go row by
     row); returns whether it staged them."""
     dot, rank = body.kernel.dot, len(body.kernel.domain)
-    if not _rows_at_once(body):
+    if dot.lhs_expr is None:
         return False
     value, lhs_map = dot.lhs_expr.children[0], dot.lhs_expr.map
+    if any(is_row_reduction(n, ROW_STAGING_MAX_INLINE + 1) for n in topological([value])):
+        return False
     em.emit(f"for (index_t e = threadIdx.x; e < {rows * K}; e += {THREADS}) {{")
     em.push()
     em.emit(f"const index_t row = e / {K}, k = e - row * {K};")

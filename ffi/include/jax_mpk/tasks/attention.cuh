@@ -74,30 +74,6 @@ __device__ __forceinline__ void commit_empty() { asm volatile("cp.async.commit_g
 // Every copy group but the newest one has landed (this thread's; a barrier makes it everyone's).
 __device__ __forceinline__ void wait_all_but_newest() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 
-// The copies of the task's first chunk of keys and of values into scratch (keys_in_chunks' layout), as
-// keys_in_chunks issues them: called before the task's wait (JAX_MPK_ATTENTION_KV_FIRST), so that the chunk streams
-// while the task waits for its queries, and keys_in_chunks<..., kIssued = true> then reads it again only where this
-// call wrote it (the appended rows).
-template <class T, int D, int kChunk>
-__device__ __forceinline__ void issue_first_chunk(char* scratch, const T* keys, int64_t key_stride, const T* values,
-                                                  int64_t value_stride, int first) {
-  T* key_tile = reinterpret_cast<T*>(scratch);
-  copy_async<T, D, kChunk>(key_tile, keys + first * key_stride, key_stride);
-  copy_async<T, D, kChunk>(key_tile + kChunk * D, values + first * value_stride, value_stride);
-}
-
-// Keys [lo, hi) of the tile that holds keys [first, first + kChunk) loaded again from src (key s at src + s *
-// stride), through L2: another task stored them during this call, after the tile's copies may have read them.
-template <class T, int D>
-__device__ __forceinline__ void reload_keys(T* tile, const T* src, int64_t stride, int first, int lo, int hi) {
-  constexpr int kVectors = Geometry<D>::kVectors;
-  for (int v = threadIdx.x; v < (hi - lo) * kVectors; v += kBlockThreads) {
-    const int s = lo + v / kVectors, c = v % kVectors;
-    const uint4 vector = __ldcg(reinterpret_cast<const uint4*>(src + s * stride + c * 8));
-    *reinterpret_cast<uint4*>(reinterpret_cast<char*>(tile) + tile_offset<D>(s - first, c)) = vector;
-  }
-}
-
 // q: R rows of D floats (row stride q_stride) in shared memory, values of T. keys/values: key s of the task's KV
 // head at keys + s * key_stride, values + s * value_stride (D contiguous two-byte elements, 16-byte aligned).
 // The task takes keys [first, last), whole chunks of kChunk (a multiple of 16). scores: R rows of
@@ -105,12 +81,10 @@ __device__ __forceinline__ void reload_keys(T* tile, const T* src, int64_t strid
 // floats. score(r, s, dot) is the softmax's input for row r and key s given q . k (the user's scaling and
 // masking). Per chunk, store(part) is called by every thread with out[r * D + d] = o, out[R * D + r] = m,
 // out[R * D + R + r] = l (part = first key / kChunk). Ends with a barrier; no copy is left in flight.
-// kIssued: issue_first_chunk issued the first chunk's copies before the task's wait; keys [written_keys[0],
-// written_keys[1]) and values [written_values[0], written_values[1]) are what this call stored since (read again).
-template <class T, int R, int D, int kChunk, bool kIssued = false, class Score, class Store>
+template <class T, int R, int D, int kChunk, class Score, class Store>
 __device__ void keys_in_chunks(const float* q, int q_stride, const T* keys, int64_t key_stride, const T* values,
                                int64_t value_stride, int first, int last, float* scores, char* scratch, float* out,
-                               Score score, Store store, int2 written_keys = {0, 0}, int2 written_values = {0, 0}) {
+                               Score score, Store store) {
   using G = Geometry<D>;
   static_assert(R >= 1 && R <= 8, "query rows per task: the 8 columns of B");
   static_assert(kChunk % 16 == 0, "whole 16-key mma tiles");
@@ -122,20 +96,8 @@ __device__ void keys_in_chunks(const float* q, int q_stride, const T* keys, int6
   float* partial_o = reinterpret_cast<float*>(value_tile + kChunk * D);  // [key group][row][D]
   const uint32_t key_base = dot::shared_address(key_tile), value_base = dot::shared_address(value_tile);
 
-  if constexpr (kIssued) {
-    const int end = first + kChunk;
-    const int keys_lo = max(written_keys.x, first), keys_hi = min(written_keys.y, end);
-    const int values_lo = max(written_values.x, first), values_hi = min(written_values.y, end);
-    if (keys_lo < keys_hi || values_lo < values_hi) {  // the same for every thread
-      asm volatile("cp.async.wait_all;" ::: "memory");
-      __syncthreads();  // every thread's copies have landed: none lands over a row read again below
-      reload_keys<T, D>(key_tile, keys, key_stride, first, keys_lo, keys_hi);
-      reload_keys<T, D>(value_tile, values, value_stride, first, values_lo, values_hi);
-    }  // (the chunk loop's barrier orders these stores before the reads)
-  } else {
-    copy_async<T, D, kChunk>(key_tile, keys + first * key_stride, key_stride);
-    copy_async<T, D, kChunk>(value_tile, values + first * value_stride, value_stride);
-  }
+  copy_async<T, D, kChunk>(key_tile, keys + first * key_stride, key_stride);
+  copy_async<T, D, kChunk>(value_tile, values + first * value_stride, value_stride);
   // the query rows as B fragments, once per task: q[g][16 step + 2 q4 (+1)] and 8 further
   uint32_t qb[kHeadSteps][2];
 #pragma unroll
