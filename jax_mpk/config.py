@@ -112,6 +112,11 @@ class Config:
     # rows (dot.cuh's JAX_MPK_VECTOR_PARTIALS: its body -2 to -11% in benchmarks/micro/product_body.cu; default on:
     # H200 b1 same process Llama-1B -0.7%, Qwen3-0.6B -0.7%)
     vector_partials: bool
+    # CUDA, measuring: a split-attention task of a few keys a warp (batch 1) runs attention.cuh's keys_by_warps
+    # (each warp its keys' scores, softmax and values in registers; one barrier a chunk) and issues its score's
+    # loads of the call's scalars (the position) before staging its queries (JAX_MPK_ATTENTION_WARPS, default off
+    # until measured)
+    attention_warps: bool
 
 
 @contextlib.contextmanager
@@ -164,4 +169,5 @@ def load() -> Config:
         staging_loads_first=_env_flag("JAX_MPK_STAGING_LOADS_FIRST", True),
         rows_loads_first=_env_flag("JAX_MPK_ROWS_LOADS_FIRST", True),
         vector_partials=_env_flag("JAX_MPK_VECTOR_PARTIALS", True),
+        attention_warps=_env_flag("JAX_MPK_ATTENTION_WARPS", False),
     )

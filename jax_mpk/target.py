@@ -66,6 +66,8 @@ class Target:
     # CUDA: the one-row warp ring's partial sums by shuffles and vector stores (JAX_MPK_VECTOR_PARTIALS, which
     # defaults to on)
     vector_partials: bool = True
+    # CUDA, measuring: batch-1 split attention by warps (attention.cuh's keys_by_warps; JAX_MPK_ATTENTION_WARPS)
+    attention_warps: bool = False
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False
@@ -83,7 +85,8 @@ class Target:
                       warp_ring=knobs.warp_ring,
                       element_loads_first=knobs.element_loads_first, shared_code=knobs.shared_code,
                       static_tiles=knobs.static_tiles, staging_loads_first=knobs.staging_loads_first,
-                      rows_loads_first=knobs.rows_loads_first, vector_partials=knobs.vector_partials)  # fmt: skip
+                      rows_loads_first=knobs.rows_loads_first, vector_partials=knobs.vector_partials,
+                      attention_warps=knobs.attention_warps)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:

@@ -105,6 +105,11 @@ def _attend(q, keys, values, wo, pos, masked=-1e30):
     ],
 )
 def test_split_attention_matches_jit(batch, kv_heads, group, head_dim, seq, pos, masked, dtype, rng, monkeypatch):
+    _check_split_attention(batch, kv_heads, group, head_dim, seq, pos, masked, dtype, rng, monkeypatch)
+
+
+def _check_split_attention(batch, kv_heads, group, head_dim, seq, pos, masked, dtype, rng, monkeypatch) -> Callable:
+    """_attend through split attention against jax.jit; returns the megakernel."""
     monkeypatch.setenv("JAX_MPK_SPLIT_ATTENTION", "1")
     args = [random_array(rng, (batch, kv_heads, group, head_dim), dtype),
             random_array(rng, (batch, seq, kv_heads, head_dim), dtype),
@@ -118,6 +123,7 @@ def test_split_attention_matches_jit(batch, kv_heads, group, head_dim, seq, pos,
     assert any(k.attention is not None for k in _plan(fast).graph.kernels)
     # the split form keeps the probabilities in float32 where the unsplit one rounds them to bf16 first
     assert_model_outputs_close(actual, expected, dtype)
+    return fast
 
 
 def test_gather_and_update(rng):
@@ -200,6 +206,37 @@ def test_rows_loads_first_matches_jit(value, batch, monkeypatch):
                      batch=batch, dtype="bfloat16", qk_norm=True)  # fmt: skip
     fast = _check_decode_steps(cfg)
     assert ("// JAX_MPK_ROWS_LOADS_FIRST" in _plan(fast).source.text) == (value == "1")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_attention_by_warps_matches_jit(head_dim, monkeypatch):
+    """JAX_MPK_ATTENTION_WARPS=1: batch-1 split attention by warps (attention.cuh's keys_by_warps), Llama's 64-wide
+    heads (4 query rows a task) and Qwen3's 128-wide (2): five chained steps at positions 0-4 (all but a few keys of
+    every chunk masked: warps of masked keys only) and one at 700, against jax.jit."""
+    monkeypatch.setenv("JAX_MPK_ATTENTION_WARPS", "1")
+    cfg = TinyConfig(layers=2, hidden=2048 // (head_dim // 64), heads=2048 // head_dim, kv_heads=8, head_dim=head_dim,
+                     mlp=512, vocab=512, max_seq=1024, dtype="bfloat16", qk_norm=head_dim == 128)  # fmt: skip
+    fast = _check_decode_steps(cfg)
+    assert "attention::keys_by_warps<" in _plan(fast).source.text
+    params, cache = init_params(cfg, jax.random.PRNGKey(5)), init_cache(cfg, jax.random.PRNGKey(6))
+    args = (params, random_tokens(cfg, 5), jnp.int32(700), *cache)
+    with jax.default_matmul_precision("float32"):
+        expected = jax.jit(make_decode_step(cfg))(*args)
+    assert_model_outputs_close(fast(*args)[1:], expected[1:], cfg.dtype)
+
+
+@pytest.mark.parametrize("batch,kv_heads,group,head_dim,seq,pos,masked,dtype", [
+    (1, 8, 4, 64, 1024, 700, -1e30, "bfloat16"),  # Llama-3.2-1B's heads
+    (2, 2, 2, 128, 384, 5, -jnp.inf, "bfloat16"),  # most chunks wholly masked with -inf
+    (1, 4, 2, 128, 512, 300, -jnp.inf, "float16"),
+])  # fmt: skip
+def test_split_attention_by_warps_matches_jit(batch, kv_heads, group, head_dim, seq, pos, masked, dtype, rng,
+                                              monkeypatch):
+    """JAX_MPK_ATTENTION_WARPS=1 on attention alone, where its chunks are of at most 8 keys a warp: masked keys by
+    -1e30 and by -inf (whole warps and chunks of them), bf16 and f16 caches."""
+    monkeypatch.setenv("JAX_MPK_ATTENTION_WARPS", "1")
+    fast = _check_split_attention(batch, kv_heads, group, head_dim, seq, pos, masked, dtype, rng, monkeypatch)
+    assert "attention::keys_by_warps<" in _plan(fast).source.text
 
 
 def _check_decode_steps(cfg: TinyConfig) -> Callable:

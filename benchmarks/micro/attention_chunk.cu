@@ -21,11 +21,13 @@ using namespace jax_mpk;
 using T = __nv_bfloat16;
 
 // mode 0: the whole call; 1: the copies alone (both tiles, waited); 2: the whole call with every block reading
-// the same keys and values (from L2 after the first: the arithmetic, barriers and stores at L2 latency)
-template <int R, int D, int kChunk>
+// the same keys and values (from L2 after the first: the arithmetic, barriers and stores at L2 latency). kByWarps:
+// attention::keys_by_warps instead of keys_in_chunks (the batch-1 form of JAX_MPK_ATTENTION_WARPS).
+template <int R, int D, int kChunk, bool kByWarps>
 __global__ void __launch_bounds__(JAX_MPK_BLOCK_THREADS, 1)
     run(const T* keys, const T* values, const int* pos, float* partials, int kv_heads, int keys_per_task,
         int mode, unsigned long long* elapsed) {
+  static_assert(!kByWarps || attention::warp_partials_bytes<R, D>() <= attention::scratch_bytes<T, R, D>(kChunk));
   extern __shared__ __align__(128) char smem[];
   float* q = reinterpret_cast<float*>(smem);
   float* scores = q + R * D;
@@ -42,8 +44,16 @@ __global__ void __launch_bounds__(JAX_MPK_BLOCK_THREADS, 1)
   auto store = [&](int part) {
     for (int e = threadIdx.x; e < R * D + 2 * R; e += kBlockThreads) partials[(group * 64 + part) * (R * D + 2 * R) + e] = out[e];
   };
+  auto body = [&](const T* keys, const T* values) {
+    if constexpr (kByWarps) {
+      attention::keys_by_warps<T, R, D, kChunk>(q, D, keys, stride, values, stride, 0, keys_per_task, scores, scratch, out, score, store,
+                                                [] { __syncthreads(); });  // q is in place
+    } else {
+      attention::keys_in_chunks<T, R, D, kChunk>(q, D, keys, stride, values, stride, 0, keys_per_task, scores, scratch, out, score, store);
+    }
+  };
   if (mode == 0) {
-    attention::keys_in_chunks<T, R, D, kChunk>(q, D, k, stride, v, stride, 0, keys_per_task, scores, scratch, out, score, store);
+    body(k, v);
   } else if (mode == 1) {
     for (int first = 0; first < keys_per_task; first += kChunk) {
       attention::copy_async<T, D, kChunk>(reinterpret_cast<T*>(scratch), k + first * stride, stride);
@@ -52,13 +62,13 @@ __global__ void __launch_bounds__(JAX_MPK_BLOCK_THREADS, 1)
       __syncthreads();
     }
   } else {
-    attention::keys_in_chunks<T, R, D, kChunk>(q, D, keys, stride, values, stride, 0, keys_per_task, scores, scratch, out, score, store);
+    body(keys, values);
   }
   __syncthreads();
   if (threadIdx.x == 0) elapsed[blockIdx.x] = now_ns() - start;
 }
 
-template <int R, int D, int kChunk>
+template <int R, int D, int kChunk, bool kByWarps = false>
 void measure(const char* name, int batch, int kv_heads, int ctx, int keys_per_task) {
   // kCopies caches, one per repetition in turn, together far larger than L2 (50 MB on an H200): the copies read
   // HBM as the megakernel's do
@@ -87,11 +97,11 @@ void measure(const char* name, int batch, int kv_heads, int ctx, int keys_per_ta
   const int p = ctx - 1;
   CHECK(cudaMemcpy(pos, &p, sizeof(int), cudaMemcpyHostToDevice));
   const int smem = 4 * (R * D + R * attention::scores_stride(kChunk) + R * D + 2 * R) + attention::scratch_bytes<T, R, D>(kChunk) + 16;
-  CHECK(cudaFuncSetAttribute(run<R, D, kChunk>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  CHECK(cudaFuncSetAttribute(run<R, D, kChunk, kByWarps>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   std::vector<unsigned long long> times(groups);
   // the whole call's partials against a float reference on the host (a few groups; the tensor-core form rounds q
   // and the probabilities to bf16, hence the tolerance)
-  run<R, D, kChunk><<<groups, kBlockThreads, smem>>>(keys, values, pos, partials, kv_heads, keys_per_task, 0, elapsed);
+  run<R, D, kChunk, kByWarps><<<groups, kBlockThreads, smem>>>(keys, values, pos, partials, kv_heads, keys_per_task, 0, elapsed);
   CHECK(cudaGetLastError());
   CHECK(cudaDeviceSynchronize());
   const int record = R * D + 2 * R, parts = keys_per_task / kChunk;
@@ -137,7 +147,7 @@ void measure(const char* name, int batch, int kv_heads, int ctx, int keys_per_ta
       CHECK(cudaMemset(partials, 0, 4));  // a kernel between repetitions; the cache stays where it is
       CHECK(cudaEventRecord(a));
       const size_t copy = mode == 2 ? 0 : (rep % kCopies) * elements;
-      run<R, D, kChunk><<<groups, kBlockThreads, smem>>>(keys + copy, values + copy, pos, partials, kv_heads,
+      run<R, D, kChunk, kByWarps><<<groups, kBlockThreads, smem>>>(keys + copy, values + copy, pos, partials, kv_heads,
                                                          keys_per_task, mode, elapsed);
       CHECK(cudaEventRecord(b));
       CHECK(cudaGetLastError());
@@ -171,5 +181,8 @@ int main() {
   measure<4, 64, 256>("llama-1b b8 (chunk 256)", 16, 8, 512, 512);
   measure<4, 64, 64>("llama-1b b1", 16, 8, 64, 64);
   measure<2, 128, 256>("qwen3-0.6b b8", 16, 8, 512, 512);
+  measure<4, 64, 64, true>("llama-1b b1, by warps", 16, 8, 64, 64);
+  measure<2, 128, 64>("qwen3-0.6b b1", 16, 8, 64, 64);
+  measure<2, 128, 64, true>("qwen3-0.6b b1, by warps", 16, 8, 64, 64);
   return 0;
 }

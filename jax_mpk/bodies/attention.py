@@ -9,7 +9,7 @@ import math
 
 from ..emit import STORAGE, THREADS, Emitter, KernelBody, Tiling, is_row_reduction, linear, read_only
 from ..dot_staging import ROW_STAGING_MAX_INLINE
-from ..graph import topological
+from ..graph import Load, Node, topological
 from ..indexmap import IndexMap, linear_form
 from ..kernels import Kernel, Tensor
 from ..layout import dtype_code
@@ -77,14 +77,26 @@ def render_attention(body: KernelBody):
     kv_type = STORAGE[dtype_code(dot.rhs.buffer.dtype)]
     scratch_bytes = _scratch_bytes(rows, head_dim, chunk)
     em = Emitter(body, rows_prefix=None)
+    by_warps = body.attention_warps and _by_warps_fits(rows, head_dim, chunk, scratch_bytes)
+    if by_warps:
+        # the score's loads at no index (the position: an L2 round trip after the scores' sums otherwise)
+        # issued now, in flight while the queries are staged
+        for load in _scalar_loads(spec.score):
+            em.preloaded[load.uid] = em.value(load, ["0"] * len(load.shape))
     em.emit(f"static_assert(attention::scratch_bytes<{kv_type}, {rows}, {head_dim}>({chunk}) <= {scratch_bytes} && "
             f"attention::scores_stride({chunk}) == {chunk_pad}, \"bodies/attention.py lays out what attention.cuh uses\");")
+    if by_warps:
+        em.emit(f"static_assert(attention::warp_partials_bytes<{rows}, {head_dim}>() <= {scratch_bytes}, "
+                f"\"bodies/attention.py checked that keys_by_warps fits\");")
     em.emit("float* xs = reinterpret_cast<float*>(smem);")
     em.emit(f"float* scores = xs + {rows * x_stride};")
     em.emit(f"float* scratch = scores + {rows * chunk_pad};")
     em.emit(f"float* out = scratch + {scratch_bytes // 4};")
     smem = shared_memory_bytes(rows, head_dim, chunk)
     row_stride = uniform_row_stride(body, plan) if dot.lhs_expr is None else None
+    if by_warps:  # keys_by_warps stages the queries once it has issued its first keys' loads
+        em.emit("auto stage = [&]() {")
+        em.push()
     if row_stride is not None:  # stored query rows (attention.py stores them when that costs no level)
         lhs = body.pointer_name(dot.lhs, plan.lhs_const)
         first = linear(0, plan.lhs_coefs[: rank - 1], [f"t.lo[{d}]" for d in range(rank - 1)])
@@ -99,6 +111,9 @@ def render_attention(body: KernelBody):
         em.emit("}")
     em.emit("__syncthreads();")
     body.mark_phase(em, "staged")
+    if by_warps:
+        em.pop()
+        em.emit("};")
     lead = [f"t.lo[{d}]" for d in range(rank - 1)]
     (key_const, key_coefs), (value_const, value_coefs) = key_form, value_form
     keys = body.pointer_name(dot.rhs, key_const)
@@ -127,12 +142,27 @@ def render_attention(body: KernelBody):
         em.emit("}")
     em.pop()
     em.emit("};")
-    em.emit(f"attention::keys_in_chunks<{kv_type}, {rows}, {head_dim}, {chunk}>(xs, {x_stride}, keys, {key_coefs[rank - 1]}, "
+    body_fn = "keys_by_warps" if by_warps else "keys_in_chunks"
+    em.emit(f"attention::{body_fn}<{kv_type}, {rows}, {head_dim}, {chunk}>(xs, {x_stride}, keys, {key_coefs[rank - 1]}, "
             f"values, {value_coefs[rank]}, t.lo[{rank - 1}], t.hi[{rank - 1}], scores, reinterpret_cast<char*>(scratch), "
-            f"out, score, store);")
+            f"out, score, store{', stage' if by_warps else ''});")
     body.mark_phase(em, "computed")
     merge_if_last(body, em, rows, extents, f"reinterpret_cast<int*>(out + {rows * head_dim + 2 * rows})")
     return body.finish(em, smem=smem, prefetch=None)
+
+
+def _by_warps_fits(rows: int, head_dim: int, chunk: int, scratch_bytes: int) -> bool:
+    """Whether attention.cuh's keys_by_warps takes this task shape: at most 8 keys a warp and 8 rows, a lane's slice
+    of a row 4, 8 or 16 bytes, the warps' partials within the scratch (warp_partials_bytes)."""
+    warps = THREADS // 32
+    return (chunk % warps == 0 and chunk // warps <= 8 and rows <= 8 and head_dim // 32 in (2, 4, 8)
+            and head_dim % 32 == 0 and warps * rows * (head_dim + 2) * 4 <= scratch_bytes)  # fmt: skip
+
+
+def _scalar_loads(node: Node) -> list[Load]:
+    """The loads under ``node`` of one element whatever the index (a scalar of the call: the position)."""
+    return [n for n in topological([node]) if isinstance(n, Load) and not n.children
+            and all(hi - lo <= 1 for lo, hi in n.map.rect_image(tuple((0, s) for s in n.shape)))]  # fmt: skip
 
 
 def merge_if_last(body: KernelBody, em: Emitter, rows: int, extents: list[int], flag: str) -> None:

@@ -22,6 +22,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "jax_mpk/runtime/block.cuh"
 #include "jax_mpk/tasks/dot.cuh"
@@ -206,6 +207,149 @@ __device__ void keys_in_chunks(const float* q, int q_stride, const T* keys, int6
     __syncthreads();  // out, the scores and the groups' sums are the next chunk's
   }
   asm volatile("cp.async.wait_all;" ::: "memory");  // only empty groups remain; leave none behind
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// keys_by_warps (JAX_MPK_ATTENTION_WARPS): the batch-1 form of keys_in_chunks, for chunks of a few keys a warp. A
+// chunk of 64 keys at batch 1 gives keys_in_chunks' tensor cores almost nothing to do, while its phases (scores on
+// 4 of 16 warps, a softmax on R warps, the values' products, the key groups' sums, the store) are each a block
+// barrier: ~2.4 us of a 64-key task with its keys already in shared memory (session 20's trace). Here each warp
+// takes kChunk / 16 keys for all R rows: its lanes load their slices of those keys and values straight into
+// registers (lane l: elements [l, l + 1) * D / 32 of a row, through L2: the step's append stores one row during
+// the call), compute the scores (a warp sum each), the softmax and o over the warp's keys, and the warps' partials
+// merge through shared memory: one barrier a chunk before the store. The probabilities are rounded to the values'
+// type relative to the warp's largest score (keys_in_chunks: relative to the chunk's), then rescaled in float.
+
+// Shared memory (bytes) keys_by_warps uses of scratch: every warp's o, largest score and sum, per row.
+template <int R, int D>
+__host__ __device__ constexpr int warp_partials_bytes() {
+  return (kBlockThreads / 32) * R * (D + 2) * 4;
+}
+
+// kSlice two-byte values from global memory through L2 (not the read-only path), as floats.
+template <class T, int kSlice>
+__device__ __forceinline__ void load_slice(const T* from, float out[kSlice]) {
+  static_assert(sizeof(T) == 2 && (kSlice == 2 || kSlice == 4 || kSlice == 8), "4, 8 or 16 bytes of two-byte values");
+  uint32_t words[kSlice / 2];
+  if constexpr (kSlice == 2) {
+    if constexpr (JAX_MPK_STREAM_EVICT_FIRST) {
+      asm volatile("ld.global.cg.L2::cache_hint.u32 %0, [%1], %2;" : "=r"(words[0]) : "l"(from), "l"(dot::stream_policy()));
+    } else {
+      asm volatile("ld.global.cg.u32 %0, [%1];" : "=r"(words[0]) : "l"(from));
+    }
+  } else if constexpr (kSlice == 4) {
+    if constexpr (JAX_MPK_STREAM_EVICT_FIRST) {
+      asm volatile("ld.global.cg.L2::cache_hint.v2.u32 {%0, %1}, [%2], %3;"
+                   : "=r"(words[0]), "=r"(words[1]) : "l"(from), "l"(dot::stream_policy()));
+    } else {
+      asm volatile("ld.global.cg.v2.u32 {%0, %1}, [%2];" : "=r"(words[0]), "=r"(words[1]) : "l"(from));
+    }
+  } else {
+    if constexpr (JAX_MPK_STREAM_EVICT_FIRST) {
+      asm volatile("ld.global.cg.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+                   : "=r"(words[0]), "=r"(words[1]), "=r"(words[2]), "=r"(words[3])
+                   : "l"(from), "l"(dot::stream_policy()));
+    } else {
+      asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(words[0]), "=r"(words[1]), "=r"(words[2]), "=r"(words[3]) : "l"(from));
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kSlice / 2; ++i) {
+    if constexpr (std::is_same_v<T, __half>) {
+      const float2 pair = __half22float2(*reinterpret_cast<const __half2*>(&words[i]));
+      out[2 * i] = pair.x, out[2 * i + 1] = pair.y;
+    } else {
+      out[2 * i] = __uint_as_float(words[i] << 16), out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+    }
+  }
+}
+
+// keys_in_chunks' contract (q, keys, values, first, last, out, score, store; scores unused), scratch:
+// warp_partials_bytes<R, D>(), and stage(): called by every thread once the first chunk's loads are issued, it
+// fills q and ends with a barrier (the queries' staging, an L2 round trip, overlaps the keys').
+template <class T, int R, int D, int kChunk, class Score, class Store, class Stage>
+__device__ void keys_by_warps(const float* q, int q_stride, const T* keys, int64_t key_stride, const T* values,
+                              int64_t value_stride, int first, int last, float* /*scores*/, char* scratch, float* out,
+                              Score score, Store store, Stage stage) {
+  constexpr int kWarps = kBlockThreads / 32, kKeys = kChunk / kWarps, kSlice = D / 32;
+  static_assert(R >= 1 && R <= 8 && kChunk % kWarps == 0 && kKeys >= 1 && kKeys <= 8, "a few keys a warp");
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* partial_o = reinterpret_cast<float*>(scratch);  // [warp][row][D]
+  float* partial_m = partial_o + kWarps * R * D;          // [warp][row]
+  float* partial_l = partial_m + kWarps * R;              // [warp][row]
+  float k[kKeys][kSlice], v[kKeys][kSlice];
+  auto issue = [&](int begin) {  // this warp's keys and values of the chunk from `begin`
+#pragma unroll
+    for (int i = 0; i < kKeys; ++i) {
+      load_slice<T, kSlice>(keys + (begin + warp * kKeys + i) * key_stride + lane * kSlice, k[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < kKeys; ++i) {
+      load_slice<T, kSlice>(values + (begin + warp * kKeys + i) * value_stride + lane * kSlice, v[i]);
+    }
+  };
+  if (first < last) issue(first);
+  stage();
+  float qs[R][kSlice];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int j = 0; j < kSlice; ++j) qs[r][j] = q[r * q_stride + lane * kSlice + j];
+  }
+#pragma unroll 1
+  for (int begin = first; begin < last; begin += kChunk) {
+    const int key0 = begin + warp * kKeys;
+    if (begin != first) issue(begin);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float s[kKeys];
+#pragma unroll
+      for (int i = 0; i < kKeys; ++i) {
+        float dot_qk = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kSlice; ++j) dot_qk += qs[r][j] * k[i][j];
+        s[i] = score(r, key0 + i, dot::warp_sum(dot_qk));
+      }
+      float m = s[0];
+#pragma unroll
+      for (int i = 1; i < kKeys; ++i) m = fmaxf(m, s[i]);
+      // keys all masked (-inf) contribute nothing, not exp(-inf - -inf) = NaN
+      const float reference = m == -INFINITY ? 0.0f : m;
+      float l = 0.0f, o[kSlice] = {};
+#pragma unroll
+      for (int i = 0; i < kKeys; ++i) {
+        const float p = expf(s[i] - reference);
+        const float rounded = static_cast<float>(static_cast<T>(p));  // as keys_in_chunks' B operand
+        l += p;
+#pragma unroll
+        for (int j = 0; j < kSlice; ++j) o[j] += rounded * v[i][j];
+      }
+#pragma unroll
+      for (int j = 0; j < kSlice; ++j) partial_o[(warp * R + r) * D + lane * kSlice + j] = o[j];
+      if (lane == 0) partial_m[warp * R + r] = m, partial_l[warp * R + r] = l;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < R * D; e += kBlockThreads) {
+      const int r = e / D;
+      float m = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) m = fmaxf(m, partial_m[w * R + r]);
+      float o = 0.0f, l = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float mw = partial_m[w * R + r];
+        const float scale = mw == -INFINITY ? 0.0f : expf(mw - m);  // a warp of masked keys adds nothing
+        o += scale * partial_o[(w * R + r) * D + e % D];
+        l += scale * partial_l[w * R + r];
+      }
+      out[e] = o;
+      if (e % D == 0) out[R * D + r] = m, out[R * D + R + r] = l;
+    }
+    __syncthreads();
+    store(begin / kChunk);
+    __syncthreads();  // out and the partials are the next chunk's
+  }
 }
 
 }  // namespace jax_mpk::attention
