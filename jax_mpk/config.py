@@ -113,10 +113,12 @@ class Config:
     # H200 b1 same process Llama-1B -0.7%, Qwen3-0.6B -0.7%)
     vector_partials: bool
     # CUDA, measuring: a split-attention task of a few keys a warp (batch 1) runs attention.cuh's keys_by_warps
-    # (each warp its keys' scores, softmax and values in registers; one barrier a chunk) and issues its score's
-    # loads of the call's scalars (the position) before staging its queries (JAX_MPK_ATTENTION_WARPS, default off
-    # until measured)
+    # (each warp its keys' scores, softmax and values in registers; one barrier a chunk; JAX_MPK_ATTENTION_WARPS,
+    # default off until measured)
     attention_warps: bool
+    # CUDA, measuring: a split-attention task issues its score's loads of the call's scalars (the position) at its
+    # start, not after the scores' products (JAX_MPK_SCORE_LOADS_FIRST, default off until measured)
+    score_loads_first: bool
 
 
 @contextlib.contextmanager
@@ -170,4 +172,5 @@ def load() -> Config:
         rows_loads_first=_env_flag("JAX_MPK_ROWS_LOADS_FIRST", True),
         vector_partials=_env_flag("JAX_MPK_VECTOR_PARTIALS", True),
         attention_warps=_env_flag("JAX_MPK_ATTENTION_WARPS", False),
+        score_loads_first=_env_flag("JAX_MPK_SCORE_LOADS_FIRST", False),
     )

@@ -78,10 +78,12 @@ class KernelBody:
     def __init__(self, kernel: Kernel, tasks, shared_memory_bytes: int, merge_counter: int = -1,
                  profile: bool = False, comm_copies: bool = False, warp_ring: bool = False,
                  element_loads_first: bool = True, staging_loads_first: bool = True,
-                 rows_loads_first: bool = True, attention_warps: bool = False):  # fmt: skip
+                 rows_loads_first: bool = True, attention_warps: bool = False,
+                 score_loads_first: bool = False):  # fmt: skip
         self.kernel, self.tasks = kernel, tasks
-        # a batch-1 split attention by warps, its score's scalar loads first (Target.attention_warps)
-        self.attention_warps = attention_warps
+        self.attention_warps = attention_warps  # a batch-1 split attention by warps (Target.attention_warps)
+        # split attention's scalar score loads at the task's start (Target.score_loads_first)
+        self.score_loads_first = score_loads_first
         self.warp_ring = warp_ring  # CUDA-core ring products through dot.cuh's warp ring (Target.warp_ring)
         # pointwise elements compute their operands before their arithmetic (Target.element_loads_first)
         self.element_loads_first = element_loads_first

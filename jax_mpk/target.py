@@ -68,6 +68,8 @@ class Target:
     vector_partials: bool = True
     # CUDA, measuring: batch-1 split attention by warps (attention.cuh's keys_by_warps; JAX_MPK_ATTENTION_WARPS)
     attention_warps: bool = False
+    # CUDA, measuring: split attention's scalar score loads at the task's start (JAX_MPK_SCORE_LOADS_FIRST)
+    score_loads_first: bool = False
     # CPU, testing: fused and tiled as for a GPU (its passes, split-K products, epilogue rules), but for the
     # split attention, which only the CUDA megakernel runs
     gpu_fusion: bool = False
@@ -86,7 +88,7 @@ class Target:
                       element_loads_first=knobs.element_loads_first, shared_code=knobs.shared_code,
                       static_tiles=knobs.static_tiles, staging_loads_first=knobs.staging_loads_first,
                       rows_loads_first=knobs.rows_loads_first, vector_partials=knobs.vector_partials,
-                      attention_warps=knobs.attention_warps)  # fmt: skip
+                      attention_warps=knobs.attention_warps, score_loads_first=knobs.score_loads_first)  # fmt: skip
 
     @property
     def shared_memory_bytes(self) -> int:

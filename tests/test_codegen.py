@@ -350,12 +350,18 @@ def test_vector_partials_knob_compiles(tmp_path, monkeypatch):
     compile_cubin(stored.text, "9.0")
 
 
+def _attention_variant(text: str) -> str:
+    variants = [v for v in text.split("__device__ __noinline__") if "attention::keys_" in v]
+    assert len(variants) == 1  # the layers share one
+    return variants[0]
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_attention_warps_knob_renders_keys_by_warps_at_batch_1(head_dim, tmp_path, monkeypatch):
     """JAX_MPK_ATTENTION_WARPS (measuring, off by default): batch-1 split attention (64-key chunks: 4 keys a warp)
     runs attention.cuh's keys_by_warps, which stages the queries (the `stage` it is given) once it has issued its
-    first keys' loads; the score's load of the position is issued before both. Batch 8's chunks (16 keys a warp and
-    more) keep keys_in_chunks. Llama's 64-wide heads (4 query rows a task) and Qwen3's 128-wide (2 rows)."""
+    first keys' loads. Batch 8's chunks (16 keys a warp and more) keep keys_in_chunks. Llama's 64-wide heads (4
+    query rows a task) and Qwen3's 128-wide (2 rows)."""
     monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
     for batch in (1, 8):
         cfg = TinyConfig(layers=2, hidden=2048 // (head_dim // 64), heads=2048 // head_dim, kv_heads=8,
@@ -364,17 +370,34 @@ def test_attention_warps_knob_renders_keys_by_warps_at_batch_1(head_dim, tmp_pat
         _, default = _generate_decode_step(cfg, split_attention=True)
         assert "keys_by_warps" not in default.text
         _, source = _generate_decode_step(cfg, split_attention=True, attention_warps=True)
-        variants = [v for v in source.text.split("__device__ __noinline__") if "attention::keys_" in v]
-        assert len(variants) == 1  # the layers share one
+        body = _attention_variant(source.text)
         if batch == 8:
-            assert "attention::keys_in_chunks<" in variants[0]
+            assert "attention::keys_in_chunks<" in body
             continue
-        body = variants[0]
         assert "attention::keys_by_warps<" in body and body.rstrip().count("score, store, stage);") == 1
-        position = re.search(r"const int32_t (x\d+) = ops::load_readonly<int32_t>\(b\d+, 0\);", body)
-        assert position is not None and body.index(position.group(0)) < body.index("auto stage = [&]() {")
+        assert body.index("auto stage = [&]() {") < body.index("dot::stage_rows<") < body.index("auto score")
+        compile_cubin(source.text, "9.0")
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_score_loads_first_issues_the_position_at_the_tasks_start(batch, tmp_path, monkeypatch):
+    """JAX_MPK_SCORE_LOADS_FIRST (measuring, off by default): a split-attention task's score reads the position (its
+    mask); the knob issues that load at the body's start, in flight while the queries are staged, where by default
+    it waits until after the scores' products (an L2 round trip at the end of the chain); with either body."""
+    monkeypatch.setenv("JAX_MPK_CACHE_DIR", str(tmp_path))
+    cfg = TinyConfig(layers=2, hidden=1024, heads=16, kv_heads=8, head_dim=128, mlp=512, vocab=512, max_seq=1024,
+                     batch=batch, dtype="bfloat16", qk_norm=True)  # fmt: skip
+    position = r"const int32_t (x\d+) = ops::load_readonly<int32_t>\(b\d+, 0\);"
+    _, default = _generate_decode_step(cfg, split_attention=True)
+    score = _attention_variant(default.text).split("auto score", 1)[1].split("auto store", 1)[0]
+    assert re.search(position, score)  # by default inside the score
+    for warps in (False, True):
+        _, source = _generate_decode_step(cfg, split_attention=True, score_loads_first=True, attention_warps=warps)
+        body = _attention_variant(source.text)
+        first = re.search(position, body)
+        assert first is not None and body.index(first.group(0)) < body.index("dot::stage_rows<")
         score = body[body.index("auto score") : body.index("auto store")]
-        assert "ops::load" not in score and f"ops::le(v8, {position.group(1)})" in score
+        assert "ops::load" not in score and f"ops::le(v8, {first.group(1)})" in score
         compile_cubin(source.text, "9.0")
 
 

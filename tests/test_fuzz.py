@@ -170,7 +170,8 @@ def test_a_chain_of_1000_fused_elementwise_operations(rng):
      ("JAX_MPK_STAGE_SHARED_POINTWISE", "yes"), ("JAX_MPK_ELEMENT_LOADS_FIRST", "yes"),
      ("JAX_MPK_SHARED_CODE", "2"), ("JAX_MPK_STATIC_TILES", "x"),
      ("JAX_MPK_STAGING_LOADS_FIRST", "2"), ("JAX_MPK_ROWS_LOADS_FIRST", "yes"),
-     ("JAX_MPK_VECTOR_PARTIALS", "2"), ("JAX_MPK_ATTENTION_WARPS", "on")],
+     ("JAX_MPK_VECTOR_PARTIALS", "2"), ("JAX_MPK_ATTENTION_WARPS", "on"),
+     ("JAX_MPK_SCORE_LOADS_FIRST", "2")],
 )  # fmt: skip
 def test_invalid_knobs_are_refused_at_trace_time_naming_variable_and_value(monkeypatch, name, value):
     monkeypatch.setenv(name, value)

@@ -208,16 +208,20 @@ def test_rows_loads_first_matches_jit(value, batch, monkeypatch):
     assert ("// JAX_MPK_ROWS_LOADS_FIRST" in _plan(fast).source.text) == (value == "1")
 
 
+@pytest.mark.parametrize("knobs", ["JAX_MPK_ATTENTION_WARPS", "JAX_MPK_SCORE_LOADS_FIRST",
+                                   "JAX_MPK_ATTENTION_WARPS,JAX_MPK_SCORE_LOADS_FIRST"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_attention_by_warps_matches_jit(head_dim, monkeypatch):
-    """JAX_MPK_ATTENTION_WARPS=1: batch-1 split attention by warps (attention.cuh's keys_by_warps), Llama's 64-wide
-    heads (4 query rows a task) and Qwen3's 128-wide (2): five chained steps at positions 0-4 (all but a few keys of
-    every chunk masked: warps of masked keys only) and one at 700, against jax.jit."""
-    monkeypatch.setenv("JAX_MPK_ATTENTION_WARPS", "1")
+def test_attention_by_warps_matches_jit(head_dim, knobs, monkeypatch):
+    """JAX_MPK_ATTENTION_WARPS=1 (batch-1 split attention by warps: attention.cuh's keys_by_warps) and
+    JAX_MPK_SCORE_LOADS_FIRST=1 (the position's load at the task's start), alone and together; Llama's 64-wide heads
+    (4 query rows a task) and Qwen3's 128-wide (2): five chained steps at positions 0-4 (all but a few keys of every
+    chunk masked: warps of masked keys only) and one at 700, against jax.jit."""
+    for knob in knobs.split(","):
+        monkeypatch.setenv(knob, "1")
     cfg = TinyConfig(layers=2, hidden=2048 // (head_dim // 64), heads=2048 // head_dim, kv_heads=8, head_dim=head_dim,
                      mlp=512, vocab=512, max_seq=1024, dtype="bfloat16", qk_norm=head_dim == 128)  # fmt: skip
     fast = _check_decode_steps(cfg)
-    assert "attention::keys_by_warps<" in _plan(fast).source.text
+    assert ("attention::keys_by_warps<" in _plan(fast).source.text) == ("JAX_MPK_ATTENTION_WARPS" in knobs)
     params, cache = init_params(cfg, jax.random.PRNGKey(5)), init_cache(cfg, jax.random.PRNGKey(6))
     args = (params, random_tokens(cfg, 5), jnp.int32(700), *cache)
     with jax.default_matmul_precision("float32"):

@@ -78,8 +78,8 @@ def render_attention(body: KernelBody):
     scratch_bytes = _scratch_bytes(rows, head_dim, chunk)
     em = Emitter(body, rows_prefix=None)
     by_warps = body.attention_warps and _by_warps_fits(rows, head_dim, chunk, scratch_bytes)
-    if by_warps:
-        # the score's loads at no index (the position: an L2 round trip after the scores' sums otherwise)
+    if body.score_loads_first:
+        # the score's loads at no index (the position: an L2 round trip after the scores' products otherwise)
         # issued now, in flight while the queries are staged
         for load in _scalar_loads(spec.score):
             em.preloaded[load.uid] = em.value(load, ["0"] * len(load.shape))
