@@ -57,10 +57,7 @@ def generate(graph: TaskGraph, sched: Schedule, profile_offset: int | None = Non
     calls, prefetches = [], []
     smem, ring_offset = 0, None  # the ring sits above the shared memory of every task that uses one
     for kernel, tasks in zip(kg.kernels, graph.tasks_by_kernel()):
-        body = KernelBody(kernel, tasks, budget, graph.merge_counters.get(kernel.index, -1), profile_offset is not None,
-                          target.comm_copies, target.warp_ring, target.element_loads_first,
-                          target.staging_loads_first, target.rows_loads_first, target.attention_warps,
-                          target.score_loads_first)  # fmt: skip
+        body = KernelBody(kernel, tasks, target, graph.merge_counters.get(kernel.index, -1), profile_offset is not None)
         text, kernel_smem, prefetch = bodies.render(body)
         smem = max(smem, kernel_smem)
         if body.uses_ring:

@@ -15,6 +15,7 @@ from .graph import Acc, Elementwise, Load, Node, Piecewise, Reduce, Reindex, fol
 from .indexmap import Affine, IndexMap, linear_form
 from .kernels import Kernel, Tensor
 from .layout import DTYPES, PROFILE_STAMPS, SCALAR_OP_OF, DType, NodeOp, ReduceKind, TensorKind, dtype_code
+from .target import Target
 
 THREADS = 512
 # Strided positions of a row whose loads a thread issues together before using any (a cooperative reduction,
@@ -75,28 +76,13 @@ class KernelBody:
     """One kernel being rendered as a device function of (params, task, smem, tensor pointers...): what a body
     kind renders into."""
 
-    def __init__(self, kernel: Kernel, tasks, shared_memory_bytes: int, merge_counter: int = -1,
-                 profile: bool = False, comm_copies: bool = False, warp_ring: bool = False,
-                 element_loads_first: bool = True, staging_loads_first: bool = True,
-                 rows_loads_first: bool = True, attention_warps: bool = False,
-                 score_loads_first: bool = False):  # fmt: skip
+    def __init__(self, kernel: Kernel, tasks, target: Target, merge_counter: int = -1, profile: bool = False):
         self.kernel, self.tasks = kernel, tasks
-        self.attention_warps = attention_warps  # a batch-1 split attention by warps (Target.attention_warps)
-        # split attention's scalar score loads at the task's start (Target.score_loads_first)
-        self.score_loads_first = score_loads_first
-        self.warp_ring = warp_ring  # CUDA-core ring products through dot.cuh's warp ring (Target.warp_ring)
-        # pointwise elements compute their operands before their arithmetic (Target.element_loads_first)
-        self.element_loads_first = element_loads_first
-        # a product staging a normalized row loads its positions before the row's reduction
-        # (Target.staging_loads_first)
-        self.staging_loads_first = staging_loads_first
-        # a rows kernel's element operands before its row's block reduction (Target.rows_loads_first)
-        self.rows_loads_first = rows_loads_first
-        # every rank keeps a copy of every rank's slot of a COMM tensor (Target.comm_copies): stores go to all
-        # ranks' copies and reads are local; else slot r lives on rank r only and is read there
-        self.comm_copies = comm_copies
+        # what the kinds render for: its shared memory budget and the knobs that choose between their forms
+        # (warp_ring, element_loads_first, staging_loads_first, rows_loads_first, comm_copies, attention_warps,
+        # score_loads_first)
+        self.target = target
         self.profile = profile  # a JAX_MPK_PROFILE build: the body stamps its phases (mark_phase)
-        self.shared_memory_bytes = shared_memory_bytes  # the target's budget (Target.shared_memory_bytes)
         self.merge_counter = merge_counter  # split attention: the event of its first group's merge counter
         # Pointer parameters: (tensor, constant element offset). Constant offsets (the layer index into
         # stacked weights, a static cache slot) travel in the pointer, so that repeated layers render the
@@ -323,7 +309,7 @@ class Emitter:
         for dim, value, hi in dyn:
             offset = f"{offset} + {strides[dim]} * static_cast<index_t>(ops::dynamic_offset({value}, {hi}))"
         pointer = self.body.pointer_name(tensor, const)
-        if tensor.buffer.kind == TensorKind.COMM and not self.body.comm_copies:  # slot r only on rank r
+        if tensor.buffer.kind == TensorKind.COMM and not self.body.target.comm_copies:  # slot r only on rank r
             slot = math.prod(tensor.buffer.shape) // tensor.buffer.shape[0]
             element = self.fresh("c")
             self.emit(f"const index_t {element} = {offset};")
@@ -334,7 +320,7 @@ class Emitter:
         """The statement storing ``value`` at ``tensor``'s ``pointer[offset]``: with comm_copies, a
         communication buffer's slot goes to every rank's copy (reads of it are local)."""
         storage = STORAGE[dtype_code(tensor.buffer.dtype)]
-        if tensor.buffer.kind == TensorKind.COMM and self.body.comm_copies:
+        if tensor.buffer.kind == TensorKind.COMM and self.body.target.comm_copies:
             return f"comm::store_everywhere<{storage}>(p, {pointer}, {offset}, {value});"
         return f"ops::store<{storage}>({pointer}, {offset}, {value});"
 
@@ -765,7 +751,7 @@ class Emitter:
         self.emit(f"for (index_t e = threadIdx.x; e < {count}; e += {THREADS}) {{")
         self.push()
         idx = element("e")
-        if self.body.element_loads_first:
+        if self.body.target.element_loads_first:
             self.operands_first(self.output_roots(), idx)
         self.store_outputs(idx)
         self.pop()

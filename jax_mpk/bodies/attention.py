@@ -65,7 +65,7 @@ def render_attention(body: KernelBody):
     scores, their softmax's partial sums and the chunk's share of the output, stored as the chunk's partials."""
     k = body.kernel
     dot, spec, rank = k.dot, k.attention, len(k.domain)
-    plan = DotPlan.of(k, body.tasks, body.shared_memory_bytes, body.comm_copies)
+    plan = DotPlan.of(k, body.tasks, body.target.shared_memory_bytes, body.target.comm_copies)
     key_form, value_form = linear_form(dot.rhs_map, dot.rhs.shape), linear_form(spec.values_map, spec.values.shape)
     assert plan is not None and key_form is not None and value_form is not None, "checked by attention.py"
     rows = math.prod(k.domain[d] for d in spec.rows_dims)
@@ -77,8 +77,8 @@ def render_attention(body: KernelBody):
     kv_type = STORAGE[dtype_code(dot.rhs.buffer.dtype)]
     scratch_bytes = _scratch_bytes(rows, head_dim, chunk)
     em = Emitter(body, rows_prefix=None)
-    by_warps = body.attention_warps and _by_warps_fits(rows, head_dim, chunk, scratch_bytes)
-    if body.score_loads_first:
+    by_warps = body.target.attention_warps and _by_warps_fits(rows, head_dim, chunk, scratch_bytes)
+    if body.target.score_loads_first:
         # the score's loads at no index (the position: an L2 round trip after the scores' products otherwise)
         # issued now, in flight while the queries are staged
         for load in _scalar_loads(spec.score):

@@ -53,7 +53,7 @@ def render(body: KernelBody):
     """This kind's rendering of the body's kernel, or None when it is not a product with linear layouts."""
     if body.kernel.dot is None or body.kernel.attention is not None:
         return None
-    plan = DotPlan.of(body.kernel, body.tasks, body.shared_memory_bytes, body.comm_copies)
+    plan = DotPlan.of(body.kernel, body.tasks, body.target.shared_memory_bytes, body.target.comm_copies)
     if plan is None:
         return None
     return render_together(body, plan) if plan.together else render_columns_or_rows(body, plan)
@@ -209,7 +209,7 @@ def uses_warp_ring(body: KernelBody, plan: DotPlan) -> bool:
     """Whether the product streams through dot.cuh's warp ring (JAX_MPK_WARP_RING; CUDA-core dots whose widest tile
     a warp covers, as warp_ring_fits)."""
     elt = np.dtype(body.kernel.dot.rhs.buffer.dtype).itemsize
-    return (body.warp_ring and not plan.mma and plan.max_n % 8 == 0 and plan.max_n // 8 <= 32
+    return (body.target.warp_ring and not plan.mma and plan.max_n % 8 == 0 and plan.max_n // 8 <= 32
             and plan.max_n * elt <= WARP_SLOT_BYTES)  # fmt: skip
 
 
@@ -261,7 +261,7 @@ def stage_computed_row(body: KernelBody, em: Emitter, ridx: list[str], K: int, x
     reductions = [node for node in topological([value]) if em.is_row_reduction(node)]
     # (Target.staging_loads_first) a thread's positions in one group: their loads, then the row's reductions
     # while they are in flight, then their values
-    loads_first = body.staging_loads_first and bool(reductions) and K <= FOLD_UNROLL * THREADS
+    loads_first = body.target.staging_loads_first and bool(reductions) and K <= FOLD_UNROLL * THREADS
     if not loads_first:
         for node in reductions:
             em.row_reduction(node, rows)

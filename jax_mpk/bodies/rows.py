@@ -9,6 +9,7 @@ import re
 
 from ..emit import THREADS, Emitter, KernelBody, NotRowForm, Tiling, is_row_reduction
 from ..kernels import Kernel
+from ..target import Target
 
 
 def tiling(kernel: Kernel) -> Tiling | None:
@@ -50,7 +51,7 @@ def _probe_rows(kernel: Kernel) -> tuple[int, dict[int, list[str]]] | None:
     """(rows, where each row reduction is read) when every row reduction is read at one index made of the
     domain's first ``rows`` dims only, found by rendering the outputs once with every dim a row; else None."""
     names = [f"r{d}" for d in range(len(kernel.domain))]
-    probe = Emitter(KernelBody(kernel, None, 0), rows_prefix=names)
+    probe = Emitter(KernelBody(kernel, None, Target("cuda", 1)), rows_prefix=names)  # values only: as the default target renders them
     probe.row_reads = {}
     try:
         for out in kernel.outputs:
@@ -87,7 +88,8 @@ def render_rows(body: KernelBody, rows: int | None = None, reads: dict[int, list
     trailing = [body.tile_size(d) for d in range(prefix, rank)]
     count = f"const index_t count = {' * '.join(trailing) if trailing else '1'};"
     widest = max((math.prod(t.hi[d] - t.lo[d] for d in range(prefix, rank)) for t in body.tasks), default=0)
-    if body.rows_loads_first and body.element_loads_first and widest <= THREADS:
+    one_pass = body.target.rows_loads_first and body.target.element_loads_first and widest <= THREADS
+    if one_pass:
         em.emit(count)
         # one element a thread: its operands (at the last element for threads past the row's end, so that
         # every load is in bounds), then the row's reductions while they are in flight, then its values
@@ -97,7 +99,7 @@ def render_rows(body: KernelBody, rows: int | None = None, reads: dict[int, list
         em.operands_first(em.output_roots(), idx)
     for r in reduces:
         em.row_reduction(r, [f"r{d}" for d in range(prefix)][: len(r.shape)] if reads is None else reads[r.uid])
-    if em.reduced_later:
+    if one_pass:
         em.emit("if (threadIdx.x < count) {")
         em.push()
         em.store_outputs(idx)

@@ -64,7 +64,8 @@ __device__ __forceinline__ void unpack8(const uint4& v, const __half*, float out
 #endif
 
 // With JAX_MPK_VECTOR_PARTIALS (codegen's default 1, its knob of the same name; 0 here for
-// benchmarks/micro/product_body.cu to build both), a static one-row warp-ring product adds its partial sums another way: see columns_warp_ring.
+// benchmarks/micro/product_body.cu to build both), a static one-row warp-ring product adds its partial sums
+// another way: see columns_warp_ring.
 #ifndef JAX_MPK_VECTOR_PARTIALS
 #define JAX_MPK_VECTOR_PARTIALS 0
 #endif
